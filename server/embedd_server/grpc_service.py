@@ -1,0 +1,152 @@
+"""The native ``embedd.v1.Embedder`` RPCs: translate protobuf <-> the core, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd_server.errors import EmbeddError, InvalidInput
+from embedd_server.grpc_context import Context, deadline_of
+from embedd_server.grpc_errors import translate_errors, translate_stream_errors
+from embedd_server.rest_mapping import RestRoutes
+from embedd_server.service import EmbeddingService, EmbedOutcome, EmbedParams, ModelStatus
+
+
+def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
+    """An EmbedRequest as the core's EmbedParams."""
+    return EmbedParams(
+        model=request.model,
+        texts=list(request.texts),
+        token_ids=[list(sequence.ids) for sequence in request.token_ids],
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        normalize=request.normalize if request.HasField("normalize") else True,
+        truncate=request.truncation != pb.TRUNCATION_NONE,
+    )
+
+
+def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedResponse:
+    """The core's EmbedOutcome as an EmbedResponse."""
+    return pb.EmbedResponse(
+        model=outcome.model,
+        embeddings=[
+            pb.Embedding(index=index, values=row)
+            for index, row in enumerate(outcome.vectors.tolist())
+        ],
+        usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
+        request_id=request_id,
+    )
+
+
+def model_message(status: ModelStatus) -> pb.Model:
+    """A catalogue entry as the Model message (OpenAI's model object plus our fields)."""
+    info = status.info
+    return pb.Model(
+        id=info.name,
+        object="model",
+        created=info.created,
+        owned_by="embedd",
+        name=info.name,
+        dimensions=info.dimensions,
+        max_input_tokens=info.max_input_tokens,
+        pooling=info.pooling,
+        quantization=info.quantization,
+        loaded=status.loaded,
+        file_size_bytes=info.file_size_bytes,
+        embedding=info.embedding,
+        normalizes=info.normalizes,
+    )
+
+
+class EmbedderServicer(RestRoutes):
+    """embedd.v1.Embedder over one EmbeddingService."""
+
+    def __init__(self, service: EmbeddingService, stream_window: int) -> None:
+        super().__init__(service)
+        self._service = service
+        self._stream_window = stream_window
+
+    @translate_errors()
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        outcome = await self._service.embed(params_from_request(request), deadline_of(context))
+        return response_from_outcome(outcome, request.request_id)
+
+    @translate_stream_errors
+    async def EmbedStream(
+        self, requests: AsyncIterator[pb.EmbedRequest], context: Context
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        # A bounded window of batches in flight: when it is full the reader stops reading,
+        # so HTTP/2 flow control pushes back on the client instead of the server buffering.
+        window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue(
+            self._stream_window
+        )
+        deadline = deadline_of(context)
+        reader = asyncio.create_task(self._read_stream(requests, window, deadline))
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+            await reader  # re-raises a failure to read the stream
+        finally:
+            reader.cancel()
+            _cancel_queued(window)
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.EmbedRequest],
+        window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None],
+        deadline: float | None,
+    ) -> None:
+        try:
+            async for request in requests:
+                await window.put(asyncio.create_task(self._embed_batch(request, deadline)))
+        except Exception as exc:  # reading failed: the answer loop raises it in order
+            await window.put(asyncio.create_task(_raise(exc)))
+        await window.put(None)
+
+    async def _embed_batch(
+        self, request: pb.EmbedRequest, deadline: float | None
+    ) -> pb.EmbedResponse:
+        try:
+            outcome = await self._service.embed(params_from_request(request), deadline)
+        except EmbeddError as error:
+            if request.request_id:
+                error.message = f"Batch '{request.request_id}': {error.message}"
+            raise
+        return response_from_outcome(outcome, request.request_id)
+
+    @translate_errors()
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        if not request.text:
+            raise InvalidInput("text is empty; give the text to tokenize.", param="text")
+        outcome = await self._service.tokenize(request.model, request.text)
+        return pb.TokenizeResponse(
+            model=outcome.model,
+            ids=outcome.ids,
+            count=len(outcome.ids),
+            tokens=outcome.tokens,
+            max_input_tokens=outcome.max_input_tokens,
+        )
+
+    @translate_errors()
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        models = [model_message(status) for status in self._service.list_models()]
+        return pb.ListModelsResponse(object="list", data=models)
+
+    @translate_errors()
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
+        return model_message(self._service.get_model(request.model))
+
+
+async def _raise(exc: Exception) -> pb.EmbedResponse:
+    raise exc
+
+
+def _cancel_queued(window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None]) -> None:
+    with contextlib.suppress(asyncio.QueueEmpty):
+        while True:
+            task = window.get_nowait()
+            if task is not None:
+                task.cancel()

@@ -1,0 +1,54 @@
+"""Ollama's keep_alive: how long a model stays loaded after a request.
+
+A duration string ("30s", "5m", "1h30m", "250ms"), a number of seconds, 0 (unload right after
+the request) or a negative value (keep loaded forever).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from google.protobuf import struct_pb2
+
+from embedd_server.errors import InvalidInput
+
+FOREVER = math.inf
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a Go-style duration ("1h30m", "-1m", "45s"); a bare number is seconds."""
+    stripped = text.strip()
+    sign = -1.0 if stripped.startswith("-") else 1.0
+    body = stripped.lstrip("+-")
+    try:
+        return sign * float(body)
+    except ValueError:
+        pass
+    parts = _PART.findall(body)
+    if not body or "".join(number + unit for number, unit in parts) != body:
+        raise InvalidInput(
+            f'keep_alive \'{text}\' is not a duration; use e.g. "5m", "1h", "30s", 0 or -1.',
+            param="keep_alive",
+        )
+    return sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def parse_keep_alive(value: struct_pb2.Value) -> float | None:
+    """Seconds to keep the model loaded (inf: forever), or None when not given (null)."""
+    kind = value.WhichOneof("kind")
+    if kind in (None, "null_value"):
+        return None
+    if kind == "number_value":
+        seconds = value.number_value
+    elif kind == "string_value":
+        seconds = parse_duration(value.string_value)
+    else:
+        raise InvalidInput(
+            "keep_alive must be a duration string or a number of seconds.", param="keep_alive"
+        )
+    if math.isnan(seconds):
+        raise InvalidInput("keep_alive must be a number.", param="keep_alive")
+    return FOREVER if seconds < 0 else seconds

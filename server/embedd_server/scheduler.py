@@ -1,0 +1,194 @@
+"""The scheduler between callers (asyncio) and workers (threads).
+
+A request becomes a :class:`Job` of one work item per input. Workers take items from a
+:class:`FairQueue` that rotates between jobs item by item, so a one-text request never waits
+behind another caller's whole 2048-text batch: it is served as soon as a worker finishes its
+current item. The queue is bounded in items; a job that does not fit is refused at once
+(:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
+their remaining items cost compute.
+
+Every job ends exactly once: with its vectors, or with an error delivered to its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from embedd_server.errors import Cancelled, DeadlineExceeded, EmbeddError, Overloaded, Unavailable
+
+FloatMatrix = npt.NDArray[np.float32]
+
+
+class Job:
+    """One request's inputs, its result matrix and the future its caller awaits.
+
+    Created on the event loop; items are delivered from worker threads, and the future is
+    resolved on the loop through ``call_soon_threadsafe`` once, when the last item lands or
+    the first error happens.
+    """
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]],
+        dimensions: int,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+    ) -> None:
+        self.sequences = sequences
+        self.deadline = deadline
+        self.result: FloatMatrix = np.empty((len(sequences), dimensions), dtype=np.float32)
+        self.future: asyncio.Future[FloatMatrix] = loop.create_future()
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._remaining = len(sequences)
+        self._next_index = 0
+        self._done = False
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def take_index(self) -> int | None:
+        """The next input to compute, or None when all were handed out (queue lock held)."""
+        if self._next_index >= len(self.sequences):
+            return None
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    @property
+    def untaken(self) -> int:
+        return len(self.sequences) - self._next_index
+
+    def deliver(self, index: int, vector: npt.NDArray[np.float32]) -> None:
+        """Stores one input's vector (worker thread); resolves the future after the last."""
+        with self._lock:
+            if self._done:
+                return
+            self.result[index] = vector
+            self._remaining -= 1
+            if self._remaining:
+                return
+            self._done = True
+        self._loop.call_soon_threadsafe(_set_result, self.future, self.result)
+
+    def fail(self, error: EmbeddError) -> None:
+        """Ends the job with an error (any thread); later deliveries are ignored."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._loop.call_soon_threadsafe(_set_exception, self.future, error)
+
+    def cancel(self) -> None:
+        """The caller went away: drop what has not run yet (any thread)."""
+        self.fail(Cancelled("The caller cancelled the request."))
+
+
+def _set_result(future: asyncio.Future[FloatMatrix], value: FloatMatrix) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[FloatMatrix], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One input of one job, handed to one worker."""
+
+    job: Job
+    index: int
+
+    @property
+    def token_ids(self) -> Sequence[int]:
+        return self.job.sequences[self.index]
+
+
+class FairQueue:
+    """Bounded, round-robin queue of jobs, shared by the workers of one model."""
+
+    def __init__(self, max_items: int) -> None:
+        self._max_items = max_items
+        self._jobs: deque[Job] = deque()
+        self._queued_items = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    @property
+    def queued_items(self) -> int:
+        """Inputs waiting for a worker (for metrics and tests)."""
+        return self._queued_items
+
+    def submit(self, job: Job) -> None:
+        """Queues a job, or raises Overloaded/Unavailable at once."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable("The model is shutting down; retry on another replica.")
+            if self._queued_items + len(job) > self._max_items:
+                raise Overloaded(
+                    f"The server's queue is full ({self._queued_items} of {self._max_items} "
+                    f"inputs waiting); retry later or send fewer inputs per request."
+                )
+            self._jobs.append(job)
+            self._queued_items += len(job)
+            self._cond.notify(len(job))
+
+    def take(self) -> WorkItem | None:
+        """Blocks until an item is ready; None once the queue is closed and empty."""
+        with self._cond:
+            while True:
+                item = self._pop_item()
+                if item is not None:
+                    return item
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def _pop_item(self) -> WorkItem | None:
+        now = time.monotonic()
+        while self._jobs:
+            job = self._jobs.popleft()
+            if job.done or job.expired(now):
+                self._queued_items -= job.untaken
+                if not job.done:
+                    job.fail(DeadlineExceeded("The request's deadline passed while it waited."))
+                continue
+            index = job.take_index()
+            if index is None:
+                continue
+            self._queued_items -= 1
+            if job.untaken:
+                self._jobs.append(job)  # rotate: the next item goes to another job
+            return WorkItem(job, index)
+        return None
+
+    def close(self) -> None:
+        """Stops taking jobs; workers drain what is queued, then get None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail_all(self, error: EmbeddError) -> None:
+        """Ends every queued job with ``error`` (e.g. when the last worker died)."""
+        with self._cond:
+            jobs, self._jobs = list(self._jobs), deque()
+            self._queued_items = 0
+        for job in jobs:
+            job.fail(error)

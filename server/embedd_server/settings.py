@@ -1,0 +1,211 @@
+"""The one typed settings object.
+
+Every option is a field of :class:`Settings`; the same field is a command-line flag
+(``--grpc-port``), an environment variable (``EMBEDD_GRPC_PORT``) and a key of the optional
+TOML config file (``grpc_port = 50051``). Precedence: flag > environment > config file >
+default. This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EMBEDD_"
+CONFIG_ENV = "EMBEDD_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _opt(help_text: str, default: Any) -> Any:
+    """A settings field: its help text is the ``--help`` line of the flag."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server, Envoy and the CLI can be told."""
+
+    grpc_host: str = _opt("Address the gRPC server listens on.", "127.0.0.1")
+    grpc_port: int = _opt("gRPC port (0 picks a free one).", 50051)
+    http_port: int = _opt("Port of Envoy's REST listener (OpenAI and Ollama routes).", 8080)
+    envoy_admin_port: int = _opt("Port of Envoy's admin interface (loopback only).", 9901)
+    models_dir: Path = _opt(
+        "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
+    )
+    default_model: str = _opt(
+        "Model used when a request names none; loaded at start-up.", "all-minilm-l6-v2"
+    )
+    workers: int = _opt(
+        "Worker threads, each owning its own llama.cpp context. On CPU, one worker per core "
+        "with one thread each was fastest (two single-thread contexts beat one two-thread "
+        "context by ~15%).",
+        2,
+    )
+    threads_per_worker: int = _opt(
+        "CPU threads each worker's llama.cpp context uses. workers x threads should not "
+        "exceed the cores.",
+        1,
+    )
+    n_gpu_layers: int = _opt(
+        "Layers offloaded to the GPU when llama.cpp is built with CUDA (-1: all, 0: CPU only).",
+        0,
+    )
+    max_inputs_per_request: int = _opt("Most inputs one request may carry.", 2048)
+    max_queued_texts: int = _opt(
+        "Bound of the scheduler's queue, in inputs. A request that does not fit is refused "
+        "with RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting without bound.",
+        16384,
+    )
+    stream_window: int = _opt(
+        "Batches of one EmbedStream the server reads ahead of its answers (flow control).", 4
+    )
+    max_message_mb: int = _opt("Largest gRPC message, in MiB, either way.", 64)
+    shutdown_grace_s: float = _opt(
+        "On SIGTERM/SIGINT, seconds calls in flight get to finish before the server exits.",
+        30.0,
+    )
+    log_level: str = _opt("Log level: debug, info, warning or error.", "info")
+    log_json: bool = _opt("Write logs as one JSON object per line.", False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.workers >= 1, "workers must be at least 1"),
+            (self.threads_per_worker >= 1, "threads_per_worker must be at least 1"),
+            (0 <= self.grpc_port <= 65535, "grpc_port must be 0..65535"),
+            (0 <= self.http_port <= 65535, "http_port must be 0..65535"),
+            (0 <= self.envoy_admin_port <= 65535, "envoy_admin_port must be 0..65535"),
+            (self.max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1"),
+            (self.max_queued_texts >= 1, "max_queued_texts must be at least 1"),
+            (self.stream_window >= 1, "stream_window must be at least 1"),
+            (self.max_message_mb >= 1, "max_message_mb must be at least 1"),
+            (self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
+            (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class SettingsError(ValueError):
+    """A setting has a value it cannot take; the message names it."""
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    """Turns a string (flag, env) or TOML value into the field's type."""
+    try:
+        if kind in (bool, "bool"):
+            return raw if isinstance(raw, bool) else _parse_bool(str(raw))
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (Path, "Path"):
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per settings field; --help shows the default and the env variable."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"TOML file with settings (keys are the option names with '_'). Env: {CONFIG_ENV}.",
+    )
+    defaults = Settings()
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} Default: {default}. Env: {env_name(f.name)}."
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if f.type in (bool, "bool"):
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(_flag(f.name), default=argparse.SUPPRESS, help=help_text)
+
+
+def _from_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    return data
+
+
+def load_settings(
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> Settings:
+    """Builds Settings from flags, the environment and the config file (in that precedence)."""
+    environ = os.environ if environ is None else environ
+    given = vars(args) if args is not None else {}
+    config = given.get("config") or config_path or environ.get(CONFIG_ENV)
+    from_env = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    from_file = _from_config_file(Path(config)) if config else {}
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        for source in (given, from_env, from_file):
+            if f.name in source:
+                values[f.name] = _convert(f.name, f.type, source[f.name])
+                break
+    return Settings(**values)
+
+
+def settings_from_argv(argv: Sequence[str]) -> Settings:
+    """Convenience for tests and tools: parse flags only (no environment)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_settings(parser.parse_args(list(argv)), environ={})

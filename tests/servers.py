@@ -1,0 +1,156 @@
+"""Servers for tests: in-process on the fake engine, or the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedd_server.app import EmbeddServer
+from embedd_server.settings import Settings
+from tests.fakes import FakeRuntime, write_fake_gguf
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_serving(
+    target: str, timeout: float = 120.0, process: subprocess.Popen[Any] | None = None
+) -> None:
+    """Polls the gRPC health service until SERVING (or fails the test)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode} before serving")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{target} did not report SERVING within {timeout}s")
+
+
+class ServerThread:
+    """An EmbeddServer on its own event loop in a thread; port 0."""
+
+    def __init__(self, settings: Settings, loader: Any = FakeRuntime) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = EmbeddServer(settings, loader)
+        self.port = self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def with_fake_models(cls, models_dir: Path, **overrides: Any) -> ServerThread:
+        write_fake_gguf(models_dir / "fake.gguf")
+        write_fake_gguf(models_dir / "other.gguf", dimensions=4)
+        FakeRuntime.instances.clear()
+        settings = Settings(
+            grpc_port=0, models_dir=models_dir, default_model="fake", workers=2, **overrides
+        )
+        return cls(settings)
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    @property
+    def runtime(self) -> FakeRuntime:
+        """The fake runtime of the default model."""
+        return FakeRuntime.instances[0]
+
+    def stop(self, grace: float = 5) -> None:
+        if self.loop.is_running():
+            self.call(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """`python -m embedd_server.cli serve` as a subprocess on a free port."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        self.log_path = log_path
+
+    @classmethod
+    def start(
+        cls, models_dir: Path, extra_args: Sequence[str] = (), timeout: float = 180
+    ) -> ServerProcess:
+        port = free_port()
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"embedd-test-{port}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "embedd_server.cli",
+            "serve",
+            "--grpc-port",
+            str(port),
+            "--models-dir",
+            str(models_dir),
+            *extra_args,
+        ]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = cls(process, port, log_path)
+        try:
+            wait_serving(server.target, timeout, process)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
