@@ -64,6 +64,10 @@ def fake_vector(token_ids: Sequence[int], dimensions: int) -> npt.NDArray[np.flo
     return (np.random.default_rng(seed).standard_normal(dimensions) * 3).astype(np.float32)
 
 
+class WorkerKilled(BaseException):
+    """Not an Exception: ends the worker thread, like a crash would."""
+
+
 class FakeEngine:
     def __init__(self, runtime: FakeRuntime) -> None:
         self._runtime = runtime
@@ -81,7 +85,9 @@ class FakeEngine:
             time.sleep(runtime.delay)
         runtime.release.wait()
         if runtime.fail_on is not None and runtime.fail_on in token_ids:
-            raise RuntimeError("fake engine failure")
+            raise RuntimeError("fake engine failure: secret internals")
+        if runtime.die_on is not None and runtime.die_on in token_ids:
+            raise WorkerKilled("the worker thread dies")
         return fake_vector(token_ids, runtime.dimensions)
 
     def close(self) -> None:
@@ -101,6 +107,7 @@ class FakeRuntime:
         self.lock = threading.Lock()
         self.delay = 0.0
         self.fail_on: int | None = None
+        self.die_on: int | None = None
         self.started = threading.Event()
         self.release = threading.Event()
         self.release.set()

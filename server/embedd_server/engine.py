@@ -59,6 +59,10 @@ class LlamaModelWeights:
 
         params = llama_cpp.llama_model_default_params()  # type: ignore[attr-defined]
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        # llama.cpp's "extra" CPU buffer types (AMX, repacked weights) are chosen from what
+        # the CPU advertises; on these machines it advertises AMX, and a q8_0 model then
+        # crashes the process (SIGSEGV inside ggml_backend_amx_mul_mat, seen in gdb).
+        params.use_extra_bufts = False
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=True)
         except ValueError as exc:

@@ -76,33 +76,41 @@ class EmbedderServicer(RestRoutes):
     async def EmbedStream(
         self, requests: AsyncIterator[pb.EmbedRequest], context: Context
     ) -> AsyncIterator[pb.EmbedResponse]:
-        # A bounded window of batches in flight: when it is full the reader stops reading,
-        # so HTTP/2 flow control pushes back on the client instead of the server buffering.
-        window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue(
-            self._stream_window
+        # At most `stream_window` batches are read and not yet answered: the reader takes a
+        # slot BEFORE reading the next message, so when the window is full nothing more is
+        # read and HTTP/2 flow control pushes back on the client.
+        slots = asyncio.Semaphore(self._stream_window)
+        answers: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
+        reader = asyncio.create_task(
+            self._read_stream(requests, slots, answers, deadline_of(context))
         )
-        deadline = deadline_of(context)
-        reader = asyncio.create_task(self._read_stream(requests, window, deadline))
         try:
-            while (task := await window.get()) is not None:
-                yield await task
-            await reader  # re-raises a failure to read the stream
+            while (task := await answers.get()) is not None:
+                response = await task
+                slots.release()
+                yield response
         finally:
             reader.cancel()
-            _cancel_queued(window)
+            _cancel_queued(answers)
 
     async def _read_stream(
         self,
         requests: AsyncIterator[pb.EmbedRequest],
-        window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None],
+        slots: asyncio.Semaphore,
+        answers: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None],
         deadline: float | None,
     ) -> None:
+        iterator = aiter(requests)
         try:
-            async for request in requests:
-                await window.put(asyncio.create_task(self._embed_batch(request, deadline)))
+            while True:
+                await slots.acquire()
+                request = await anext(iterator, None)
+                if request is None:
+                    break
+                answers.put_nowait(asyncio.create_task(self._embed_batch(request, deadline)))
         except Exception as exc:  # reading failed: the answer loop raises it in order
-            await window.put(asyncio.create_task(_raise(exc)))
-        await window.put(None)
+            answers.put_nowait(asyncio.create_task(_raise(exc)))
+        answers.put_nowait(None)
 
     async def _embed_batch(
         self, request: pb.EmbedRequest, deadline: float | None

@@ -1,10 +1,10 @@
 """The scheduler between callers (asyncio) and workers (threads).
 
 A request becomes a :class:`Job` of one work item per input. Workers take items from a
-:class:`FairQueue` that rotates between jobs item by item, so a one-text request never waits
-behind another caller's whole 2048-text batch: it is served as soon as a worker finishes its
-current item. The queue is bounded in items; a job that does not fit is refused at once
-(:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
+:class:`FairQueue` that rotates between jobs item by item, and a new job's first item runs
+next, so a one-text request never waits behind another caller's 2048-text batch: it is
+served as soon as a worker finishes its current item. The queue is bounded in items; a job
+that does not fit is refused at once (:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
 their remaining items cost compute.
 
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
@@ -128,7 +128,7 @@ class FairQueue:
         self._max_items = max_items
         self._jobs: deque[Job] = deque()
         self._queued_items = 0
-        self._closed = False
+        self._closed: EmbeddError | None = None  # the error new jobs get once closed
         self._cond = threading.Condition()
 
     @property
@@ -139,14 +139,16 @@ class FairQueue:
     def submit(self, job: Job) -> None:
         """Queues a job, or raises Overloaded/Unavailable at once."""
         with self._cond:
-            if self._closed:
-                raise Unavailable("The model is shutting down; retry on another replica.")
+            if self._closed is not None:
+                raise self._closed
             if self._queued_items + len(job) > self._max_items:
                 raise Overloaded(
                     f"The server's queue is full ({self._queued_items} of {self._max_items} "
                     f"inputs waiting); retry later or send fewer inputs per request."
                 )
-            self._jobs.append(job)
+            # A new job goes first: its first input runs next, whatever is queued. Then it
+            # rotates with the others, one input each, so nobody starves.
+            self._jobs.appendleft(job)
             self._queued_items += len(job)
             self._cond.notify(len(job))
 
@@ -157,7 +159,7 @@ class FairQueue:
                 item = self._pop_item()
                 if item is not None:
                     return item
-                if self._closed:
+                if self._closed is not None:
                     return None
                 self._cond.wait()
 
@@ -179,10 +181,12 @@ class FairQueue:
             return WorkItem(job, index)
         return None
 
-    def close(self) -> None:
-        """Stops taking jobs; workers drain what is queued, then get None."""
+    def close(self, reason: EmbeddError | None = None) -> None:
+        """Refuses new jobs (with ``reason``); workers drain what is queued, then get None."""
         with self._cond:
-            self._closed = True
+            self._closed = reason or Unavailable(
+                "The model is shutting down; retry on another replica."
+            )
             self._cond.notify_all()
 
     def fail_all(self, error: EmbeddError) -> None:

@@ -67,12 +67,14 @@ class WorkerPool:
             thread.join(timeout)
 
     def _run(self, engine: Engine) -> None:
+        item: WorkItem | None = None
         try:
             while (item := self._queue.take()) is not None:
                 self._compute(engine, item)
-        except BaseException:
+        except BaseException:  # the thread ends here either way; say so loudly
             log.exception("worker of %s died", self._model_name)
-            raise
+            if item is not None:
+                item.job.fail(Unavailable("The worker computing this request died; retry it."))
         finally:
             engine.close()
             self._worker_ended()
@@ -92,8 +94,10 @@ class WorkerPool:
         with self._lock:
             self._alive -= 1
             last = self._alive == 0
-        if last:
-            # Nobody is left to run queued work: answer every waiting caller now.
-            self._queue.fail_all(Unavailable(f"No worker of model {self._model_name} is running."))
-            if self._on_all_dead is not None and not self._stopping:
+        if last and not self._stopping:
+            # Nobody is left to run queued work: refuse new work, answer every waiting caller.
+            error = Unavailable(f"No worker of model {self._model_name} is running; retry later.")
+            self._queue.close(error)
+            self._queue.fail_all(error)
+            if self._on_all_dead is not None:
                 self._on_all_dead()

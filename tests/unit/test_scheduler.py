@@ -1,0 +1,113 @@
+"""The fair queue: round-robin between jobs, bounds, cancellation, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from embedd_server.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
+from embedd_server.scheduler import FairQueue, Job
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.close()
+
+
+def _job(loop: asyncio.AbstractEventLoop, count: int, deadline: float | None = None) -> Job:
+    return Job([[index] for index in range(count)], 2, loop, deadline)
+
+
+def _drain(queue: FairQueue, count: int) -> list[tuple[Job, int]]:
+    taken = []
+    for _ in range(count):
+        item = queue.take()
+        assert item is not None
+        taken.append((item.job, item.index))
+    return taken
+
+
+def test_small_job_is_served_right_after_the_current_item_of_a_big_one(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    queue = FairQueue(max_items=10_000)
+    big, small = _job(loop, 2048), _job(loop, 1)
+    queue.submit(big)
+    first = queue.take()
+    assert first is not None and first.job is big
+    queue.submit(small)
+    order = _drain(queue, 3)
+    assert [job for job, _ in order] == [small, big, big]
+    assert queue.queued_items == 2048 - 3
+
+
+def test_items_of_one_job_keep_their_order_and_indexes(loop: asyncio.AbstractEventLoop) -> None:
+    queue = FairQueue(max_items=100)
+    jobs = [_job(loop, 3) for _ in range(3)]
+    for job in jobs:
+        queue.submit(job)
+    taken = _drain(queue, 9)
+    for job in jobs:
+        assert [index for owner, index in taken if owner is job] == [0, 1, 2]
+    assert queue.queued_items == 0
+
+
+def test_a_job_that_does_not_fit_is_refused_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    queue = FairQueue(max_items=5)
+    queue.submit(_job(loop, 4))
+    with pytest.raises(Overloaded, match="queue is full"):
+        queue.submit(_job(loop, 2))
+    queue.submit(_job(loop, 1))  # what fits still goes in
+
+
+def test_cancelled_and_expired_jobs_are_dropped_before_compute(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    queue = FairQueue(max_items=100)
+    cancelled = _job(loop, 5)
+    expired = _job(loop, 5, deadline=time.monotonic() - 1)
+    live = _job(loop, 2)
+    for job in (cancelled, expired, live):
+        queue.submit(job)
+    cancelled.cancel()
+    taken = _drain(queue, 2)
+    assert {job for job, _ in taken} == {live}
+    assert queue.queued_items == 0
+    loop.run_until_complete(asyncio.sleep(0))
+    with pytest.raises(Cancelled):
+        cancelled.future.result()
+    with pytest.raises(DeadlineExceeded):
+        expired.future.result()
+
+
+def test_job_resolves_once_with_every_row_in_place(loop: asyncio.AbstractEventLoop) -> None:
+    job = _job(loop, 3)
+    for index in (2, 0, 1):
+        job.deliver(index, np.full(2, index, dtype=np.float32))
+    job.fail(Unavailable("late failure is ignored"))
+    result = loop.run_until_complete(job.future)
+    assert result.tolist() == [[0, 0], [1, 1], [2, 2]]
+
+
+def test_fail_all_answers_every_waiting_caller_and_close_releases_workers(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    queue = FairQueue(max_items=100)
+    jobs = [_job(loop, 2) for _ in range(3)]
+    for job in jobs:
+        queue.submit(job)
+    queue.fail_all(Unavailable("no worker"))
+    queue.close()
+    assert queue.take() is None
+    loop.run_until_complete(asyncio.sleep(0))
+    for job in jobs:
+        with pytest.raises(Unavailable):
+            job.future.result()
+    with pytest.raises(Unavailable, match="shutting down"):
+        queue.submit(_job(loop, 1))

@@ -1,0 +1,255 @@
+"""The gRPC server over the fake engine, through a real channel: errors, scheduling, lifecycle."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from tests.fakes import fake_vector
+from tests.servers import ServerThread
+
+HELLO, CAT, DOG = 4, 7, 12
+
+
+@pytest.fixture
+def stub(fake_server: ServerThread) -> Iterator[pb_grpc.EmbedderStub]:
+    with grpc.insecure_channel(fake_server.target) as channel:
+        yield pb_grpc.EmbedderStub(channel)
+
+
+def _error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value
+
+
+def _vectors(response: pb.EmbedResponse) -> np.ndarray:
+    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+
+
+def test_embed_returns_normalized_vectors_in_order_with_usage(stub: pb_grpc.EmbedderStub) -> None:
+    response = stub.Embed(pb.EmbedRequest(texts=["hello cat", "dog"], request_id="r1"))
+    assert response.model == "fake" and response.request_id == "r1"
+    assert [e.index for e in response.embeddings] == [0, 1]
+    expected = fake_vector([2, HELLO, CAT, 3], 8)
+    np.testing.assert_allclose(_vectors(response)[0], expected / np.linalg.norm(expected), 1e-6)
+    assert response.usage.prompt_tokens == 4 + 3 == response.usage.total_tokens
+
+
+def test_dimensions_normalize_and_token_ids(stub: pb_grpc.EmbedderStub) -> None:
+    raw = stub.Embed(pb.EmbedRequest(texts=["hello"], normalize=False))
+    np.testing.assert_allclose(_vectors(raw)[0], fake_vector([2, HELLO, 3], 8), 1e-6)
+    cut = _vectors(stub.Embed(pb.EmbedRequest(texts=["hello"], dimensions=3)))[0]
+    head = fake_vector([2, HELLO, 3], 8)[:3]
+    np.testing.assert_allclose(cut, head / np.linalg.norm(head), 1e-6)
+    by_ids = stub.Embed(pb.EmbedRequest(token_ids=[pb.TokenIds(ids=[2, HELLO, 3])]))
+    np.testing.assert_allclose(
+        _vectors(by_ids), _vectors(stub.Embed(pb.EmbedRequest(texts=["hello"])))
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (pb.EmbedRequest(texts=["hello"], model="nope"), "NOT_FOUND", ["nope", "fake, other"]),
+        (pb.EmbedRequest(), "INVALID_ARGUMENT", ["no input"]),
+        (pb.EmbedRequest(texts=["hello", ""]), "INVALID_ARGUMENT", ["Input 1", "empty"]),
+        (pb.EmbedRequest(texts=["hello"], dimensions=0), "INVALID_ARGUMENT", ["dimensions", "8"]),
+        (pb.EmbedRequest(texts=["hello"], dimensions=9), "INVALID_ARGUMENT", ["between 1 and 8"]),
+        (
+            pb.EmbedRequest(texts=["hello"], token_ids=[pb.TokenIds(ids=[2])]),
+            "INVALID_ARGUMENT",
+            ["either texts or token ids"],
+        ),
+        (
+            pb.EmbedRequest(token_ids=[pb.TokenIds(ids=[2, 99, 3])]),
+            "INVALID_ARGUMENT",
+            ["token id 99", "vocabulary"],
+        ),
+        (
+            pb.EmbedRequest(texts=["ok", "hello " * 20], truncation=pb.TRUNCATION_NONE),
+            "INVALID_ARGUMENT",
+            ["Input 1", "22 tokens", "limit of 16"],
+        ),
+    ],
+)
+def test_bad_requests_get_a_status_and_a_message_to_act_on(
+    stub: pb_grpc.EmbedderStub, request_: pb.EmbedRequest, code: str, words: list[str]
+) -> None:
+    error = _error(lambda: stub.Embed(request_))
+    assert error.code() == getattr(grpc.StatusCode, code)
+    for word in words:
+        assert word in error.details()
+
+
+def test_too_many_inputs_names_the_limit(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(tmp_path, max_inputs_per_request=3) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["a"] * 4)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "4 inputs" in error.details() and "at most 3" in error.details()
+
+
+def test_truncation_is_the_default(stub: pb_grpc.EmbedderStub) -> None:
+    response = stub.Embed(pb.EmbedRequest(texts=["hello " * 20]))
+    assert response.usage.prompt_tokens == 16
+
+
+def test_engine_failure_is_internal_without_internals(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    fake_server.runtime.fail_on = DOG
+    error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello", "dog"])))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "Traceback" not in error.details()
+    # The worker survives an engine error and serves the next request.
+    assert stub.Embed(pb.EmbedRequest(texts=["hello"])).embeddings
+
+
+def test_a_small_request_does_not_wait_for_a_big_batch(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    fake_server.runtime.delay = 0.005
+    big = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 400))
+    time.sleep(0.05)
+    started = time.perf_counter()
+    stub.Embed(pb.EmbedRequest(texts=["dog"]))
+    small_seconds = time.perf_counter() - started
+    assert not big.done(), "the big batch should still be running"
+    assert small_seconds < 0.5
+    assert len(big.result().embeddings) == 400
+
+
+def test_deadline_and_cancellation_drop_queued_work(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    runtime = fake_server.runtime
+    runtime.release.clear()  # workers block: everything queues
+    error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["cat"] * 50), timeout=0.3))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    cancelled = stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 50))
+    time.sleep(0.2)
+    cancelled.cancel()
+    time.sleep(0.2)
+    runtime.release.set()
+    stub.Embed(pb.EmbedRequest(texts=["hello"]))
+    computed = [ids for ids in runtime.calls if ids[1] in (CAT, DOG)]
+    assert len(computed) <= 4, f"{len(computed)} inputs of abandoned requests were computed"
+
+
+def test_a_full_queue_is_refused_at_once(tmp_path: Path) -> None:
+    with ServerThread.with_fake_models(tmp_path, max_queued_texts=10) as server:
+        server.runtime.release.clear()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            waiting = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 8))
+            time.sleep(0.2)
+            started = time.perf_counter()
+            error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"] * 5)))
+            assert time.perf_counter() - started < 1
+            server.runtime.release.set()
+            assert len(waiting.result(timeout=10).embeddings) == 8
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full" in error.details()
+
+
+def test_embed_stream_answers_in_order_with_bounded_read_ahead(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    runtime = fake_server.runtime
+    runtime.release.clear()
+    pulled = 0
+
+    def batches() -> Iterator[pb.EmbedRequest]:
+        nonlocal pulled
+        for number in range(200):
+            pulled += 1
+            yield pb.EmbedRequest(texts=["hello cat dog"] * 10, request_id=str(number))
+
+    responses = stub.EmbedStream(batches())
+    time.sleep(0.5)
+    window = fake_server.settings.stream_window
+    queued = fake_server.server.registry.loaded_models()[0].queue.queued_items
+    assert queued <= window * 10, f"{queued} inputs queued for one stream"
+    runtime.release.set()
+    ids = [response.request_id for response in responses]
+    assert ids == [str(number) for number in range(200)] and pulled == 200
+
+
+def test_stream_batch_error_names_the_batch(stub: pb_grpc.EmbedderStub) -> None:
+    batches = [pb.EmbedRequest(texts=["hello"], request_id="a"), pb.EmbedRequest(request_id="b")]
+    responses = stub.EmbedStream(iter(batches))
+    assert next(responses).request_id == "a"
+    error = _error(lambda: next(responses))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Batch 'b'" in error.details()
+
+
+def test_tokenize_and_models(stub: pb_grpc.EmbedderStub) -> None:
+    tokens = stub.Tokenize(pb.TokenizeRequest(text="hello zebra"))
+    assert list(tokens.ids) == [2, HELLO, 1, 3] and tokens.count == 4
+    assert list(tokens.tokens) == ["[CLS]", "hello", "[UNK]", "[SEP]"]
+    models = stub.ListModels(pb.ListModelsRequest())
+    assert models.object == "list"
+    assert [(m.id, m.dimensions, m.loaded) for m in models.data] == [
+        ("fake", 8, True),
+        ("other", 4, False),
+    ]
+    assert stub.GetModel(pb.GetModelRequest(model="other")).max_input_tokens == 16
+    assert _error(lambda: stub.GetModel(pb.GetModelRequest(model="x"))).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_other_models_load_on_demand_once(stub: pb_grpc.EmbedderStub) -> None:
+    futures = [stub.Embed.future(pb.EmbedRequest(texts=["hello"], model="other")) for _ in range(8)]
+    assert {len(f.result().embeddings[0].values) for f in futures} == {4}
+    assert stub.GetModel(pb.GetModelRequest(model="other")).loaded
+
+
+def test_when_every_worker_dies_callers_are_answered_and_health_drops(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    fake_server.runtime.die_on = DOG
+    results = [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]
+    for future in results:
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=10)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    with grpc.insecure_channel(fake_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            status = health.Check(health_pb2.HealthCheckRequest()).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
+    server = ServerThread.with_fake_models(tmp_path)
+    server.runtime.delay = 0.01
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        in_flight = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 100))
+        time.sleep(0.1)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
+        stopper.start()
+        assert len(in_flight.result(timeout=10).embeddings) == 100
+        stopper.join(15)
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello"]), timeout=2))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.runtime.closed, "the model is freed after the drain"
