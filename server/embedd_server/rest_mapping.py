@@ -85,7 +85,7 @@ class RestRoutes:
         outcome = await self._rest_service.embed(params, deadline_of(context))
         embeddings = struct_pb2.ListValue()
         for row in shortest_float32(outcome.vectors):
-            embeddings.add().list_value.extend(row)
+            embeddings.add_list().extend(row)
         return pb.OllamaEmbedResponse(
             model=outcome.model,
             embeddings=embeddings,
@@ -154,7 +154,7 @@ def _token_ids(items: Sequence[struct_pb2.Value], param: str) -> list[int]:
         number = item.number_value
         if not (math.isfinite(number) and number.is_integer() and number >= 0):
             raise InvalidInput(
-                f"{param} holds {number!r}, not a token id (a non-negative integer).",
+                f"{param} holds {number:g}, not a token id (a non-negative integer).",
                 param="input",
             )
         ids.append(int(number))
@@ -163,7 +163,8 @@ def _token_ids(items: Sequence[struct_pb2.Value], param: str) -> list[int]:
     return ids
 
 
-def _json_kind(kind: str) -> str:
+def _json_kind(kind: str | None) -> str:
+    """A Value's kind in JSON words; an unset Value (no kind) reads as null."""
     return {
         "null_value": "null",
         "number_value": "a number",
@@ -171,7 +172,7 @@ def _json_kind(kind: str) -> str:
         "bool_value": "a boolean",
         "struct_value": "an object",
         "list_value": "an array",
-    }.get(kind, kind)
+    }.get(kind or "null_value", str(kind))
 
 
 def shortest_float32(vectors: FloatMatrix) -> list[list[float]]:

@@ -4,8 +4,8 @@ A request becomes a :class:`Job` of one work item per input. Workers take items 
 :class:`FairQueue` that rotates between jobs item by item, and a new job's first item runs
 next, so a one-text request never waits behind another caller's 2048-text batch: it is
 served as soon as a worker finishes its current item. The queue is bounded in items; a job
-that does not fit is refused at once (:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
-their remaining items cost compute.
+that does not fit is refused at once (:class:`~embedd_server.errors.Overloaded`). Cancelled
+and expired jobs are dropped before their remaining items cost compute.
 
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
 """
