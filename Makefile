@@ -34,8 +34,10 @@ deps: $(STAMP)
 protos: $(STAMP)
 	$(eval GOOGLE_PROTOS := $(shell $(PY) -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parents[1])'))
 	$(eval WKT_PROTOS := $(shell $(PY) -c 'import grpc_tools, pathlib; print(pathlib.Path(grpc_tools.__file__).parent / "_proto")'))
-	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLE_PROTOS) -I$(WKT_PROTOS) \
-	  --python_out=$(STUB_DIR) --pyi_out=$(STUB_DIR) --grpc_python_out=$(STUB_DIR) $(PROTO_SRC)
+	# mypy-protobuf's plugins write typed .pyi stubs for the messages and the gRPC stubs.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLE_PROTOS) -I$(WKT_PROTOS) \
+	  --python_out=$(STUB_DIR) --grpc_python_out=$(STUB_DIR) \
+	  --mypy_out=$(STUB_DIR) --mypy_grpc_out=$(STUB_DIR) $(PROTO_SRC)
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLE_PROTOS) -I$(WKT_PROTOS) \
 	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTO_SRC)
 	@echo "generated stubs in $(STUB_DIR)/embedd/v1 and $(DESCRIPTOR)"

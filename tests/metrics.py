@@ -70,6 +70,7 @@ def read_reference(directory: Path) -> tuple[list[dict[str, Any]], Matrix]:
 def row_cosines(a: Matrix, b: Matrix) -> npt.NDArray[np.float64]:
     """Cosine similarity of each row of a with the same row of b."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    dots = (a64 * b64).sum(axis=1)
+    dots: npt.NDArray[np.float64] = (a64 * b64).sum(axis=1)
     norms: npt.NDArray[np.float64] = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return dots / norms
+    cosines: npt.NDArray[np.float64] = dots / norms
+    return cosines

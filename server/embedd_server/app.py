@@ -8,6 +8,7 @@ import signal
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from embedd.v1 import embedder_pb2, embedder_pb2_grpc
@@ -38,10 +39,10 @@ class EmbeddServer:
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # grpc.aio objects belong to the event loop they are made on: created in start().
-        self.health: health.aio.HealthServicer | None = None
+        self.health: health_aio.HealthServicer | None = None
         self._server: aio.Server | None = None
 
-    def _build_server(self, health_servicer: health.aio.HealthServicer) -> aio.Server:
+    def _build_server(self, health_servicer: health_aio.HealthServicer) -> aio.Server:
         limit = self.settings.max_message_bytes
         server = aio.server(
             options=[
@@ -61,7 +62,7 @@ class EmbeddServer:
     async def start(self) -> int:
         """Binds the port, loads the default model, then reports SERVING. Returns the port."""
         self._loop = asyncio.get_running_loop()
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self._server = server = self._build_server(self.health)
         try:
             self.port = server.add_insecure_port(self.settings.grpc_address)

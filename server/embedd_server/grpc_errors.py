@@ -55,7 +55,8 @@ def _as_embedd_error(exc: BaseException) -> EmbeddError:
 
 
 def _trailers(error: EmbeddError, shape: BodyShape) -> tuple[tuple[str, str], ...]:
-    body = json.dumps(shape(error), ensure_ascii=False, separators=(",", ":"))
+    # gRPC metadata values must be ASCII: non-ASCII text travels \u-escaped in the JSON.
+    body = json.dumps(shape(error), ensure_ascii=True, separators=(",", ":"))
     return (
         (HTTP_ERROR_KEY, body),
         ("x-http-status", str(error.http_status)),

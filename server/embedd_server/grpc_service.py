@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.errors import EmbeddError, InvalidInput
 from embedd_server.grpc_context import Context, deadline_of
 from embedd_server.grpc_errors import translate_errors, translate_stream_errors
@@ -59,7 +60,7 @@ def model_message(status: ModelStatus) -> pb.Model:
     )
 
 
-class EmbedderServicer(RestRoutes):
+class EmbedderServicer(RestRoutes, pb_grpc.EmbedderServicer):
     """embedd.v1.Embedder over one EmbeddingService."""
 
     def __init__(self, service: EmbeddingService, stream_window: int) -> None:

@@ -159,7 +159,9 @@ def test_long_input_truncates_by_default_and_errors_when_asked(stub: Any) -> Non
     with pytest.raises(grpc.RpcError) as info:
         stub.Embed(pb.EmbedRequest(texts=["short", long_text], truncation=pb.TRUNCATION_NONE))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Input 1 has 402 tokens" in info.value.details() and "256" in info.value.details()
+    assert "Input 1 has 402 tokens" in str(info.value.details()) and "256" in str(
+        info.value.details()
+    )
 
 
 def test_dimensions_keep_the_first_components_renormalized(stub: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -88,7 +89,7 @@ def test_bad_requests_get_a_status_and_a_message_to_act_on(
     error = _error(lambda: stub.Embed(request_))
     assert error.code() == getattr(grpc.StatusCode, code)
     for word in words:
-        assert word in error.details()
+        assert word in str(error.details())
 
 
 def test_too_many_inputs_names_the_limit(tmp_path: Path) -> None:
@@ -99,7 +100,7 @@ def test_too_many_inputs_names_the_limit(tmp_path: Path) -> None:
         stub = pb_grpc.EmbedderStub(channel)
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["a"] * 4)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "4 inputs" in error.details() and "at most 3" in error.details()
+    assert "4 inputs" in str(error.details()) and "at most 3" in str(error.details())
 
 
 def test_truncation_is_the_default(stub: pb_grpc.EmbedderStub) -> None:
@@ -113,7 +114,7 @@ def test_engine_failure_is_internal_without_internals(
     fake_server.runtime.fail_on = DOG
     error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello", "dog"])))
     assert error.code() == grpc.StatusCode.INTERNAL
-    assert "secret" not in error.details() and "Traceback" not in error.details()
+    assert "secret" not in str(error.details()) and "Traceback" not in str(error.details())
     # The worker survives an engine error and serves the next request.
     assert stub.Embed(pb.EmbedRequest(texts=["hello"])).embeddings
 
@@ -162,7 +163,7 @@ def test_a_full_queue_is_refused_at_once(tmp_path: Path) -> None:
             server.runtime.release.set()
             assert len(waiting.result(timeout=10).embeddings) == 8
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "queue is full" in error.details()
+    assert "queue is full" in str(error.details())
 
 
 def test_embed_stream_answers_in_order_with_bounded_read_ahead(
@@ -194,7 +195,7 @@ def test_stream_batch_error_names_the_batch(stub: pb_grpc.EmbedderStub) -> None:
     assert next(responses).request_id == "a"
     error = _error(lambda: next(responses))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Batch 'b'" in error.details()
+    assert "Batch 'b'" in str(error.details())
 
 
 def test_tokenize_and_models(stub: pb_grpc.EmbedderStub) -> None:
@@ -253,3 +254,11 @@ def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) 
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello"]), timeout=2))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert server.runtime.closed, "the model is freed after the drain"
+
+
+def test_errors_echoing_non_ascii_text_keep_their_status(stub: pb_grpc.EmbedderStub) -> None:
+    error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["x"], model="modèle")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "modèle" in str(error.details())
+    trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+    assert json.loads(trailers["x-http-error-body"])["error"]["code"] == "model_not_found"

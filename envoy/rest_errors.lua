@@ -1,0 +1,106 @@
+-- REST error bodies for the gRPC-JSON transcoder.
+--
+-- Placed BEFORE the transcoder in the filter chain, so on the response path it sees what the
+-- transcoder made of the server's reply. On an error the embedd server attaches the complete
+-- HTTP error JSON (OpenAI's or Ollama's shape, chosen by the route) as trailing metadata
+-- `x-http-error-body`, and the HTTP status as `x-http-status`; a unary error is a trailers-only
+-- reply, so both arrive here as response headers. This filter turns them into the body.
+--
+-- Native gRPC calls through the same listener are left alone: that is decided from the REQUEST's
+-- content-type (an errored REST reply also carries content-type application/grpc).
+
+local NAMESPACE = "embedd"
+
+function envoy_on_request(request_handle)
+  local content_type = request_handle:headers():get("content-type") or ""
+  local path = request_handle:headers():get(":path") or ""
+  local metadata = request_handle:streamInfo():dynamicMetadata()
+  if content_type:sub(1, 16) == "application/grpc" then
+    metadata:set(NAMESPACE, "native_grpc", true)
+  elseif path:sub(1, 5) == "/api/" then
+    metadata:set(NAMESPACE, "ollama", true)
+  end
+end
+
+-- grpc-status -> OpenAI error code, for errors that came without a prepared body.
+local GRPC_CODES = {
+  ["1"] = "cancelled", ["2"] = "internal_error", ["3"] = "invalid_request_error",
+  ["4"] = "timeout", ["5"] = "not_found", ["8"] = "rate_limit_exceeded",
+  ["12"] = "not_implemented", ["13"] = "internal_error", ["14"] = "service_unavailable",
+  ["16"] = "invalid_api_key",
+}
+
+local function json_string(text)
+  local escaped = text:gsub('[%c"\\]', function(char)
+    if char == '"' then return '\\"' end
+    if char == "\\" then return "\\\\" end
+    return string.format("\\u%04x", char:byte())
+  end)
+  return '"' .. escaped .. '"'
+end
+
+local function percent_decode(text)
+  return (text:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- A body for a gRPC error that carries no x-http-error-body (one not raised by our handlers,
+-- e.g. grpcio's own message-size or unimplemented errors). Details stay out of 5xx bodies.
+-- Returns the body and the HTTP status.
+local function fallback_body(headers, ollama)
+  local status = tonumber(headers:get(":status")) or 500
+  local message = percent_decode(headers:get("grpc-message") or "")
+  local code = GRPC_CODES[headers:get("grpc-status")] or "internal_error"
+  if headers:get("grpc-status") == "8" then
+    -- Our own overload errors carry a body; a bare RESOURCE_EXHAUSTED is grpcio's message-size
+    -- limit (max_message_mb), which the transcoder would otherwise report as a misleading 429.
+    status = 413
+    code = "request_too_large"
+    message = "The request or its response is larger than the server's limit (" .. message .. ")."
+  elseif status >= 500 or message == "" then
+    message = "Internal server error; the details are in the server log."
+    if status == 503 then message = "The service is unavailable; retry later." end
+  end
+  if ollama then
+    return '{"error":' .. json_string(message) .. "}", status
+  end
+  local kind = "invalid_request_error"
+  if status >= 500 then kind = "server_error" end
+  return '{"error":{"message":' .. json_string(message) .. ',"type":"' .. kind ..
+    '","param":null,"code":"' .. code .. '"}}', status
+end
+
+local function strip_grpc_headers(headers)
+  local names = {}
+  for name, _ in pairs(headers) do
+    if name:sub(1, 5) == "grpc-" or name:sub(1, 7) == "x-http-" then
+      names[#names + 1] = name
+    end
+  end
+  for _, name in ipairs(names) do
+    headers:remove(name)
+  end
+end
+
+function envoy_on_response(response_handle)
+  local metadata = response_handle:streamInfo():dynamicMetadata():get(NAMESPACE) or {}
+  if metadata["native_grpc"] then
+    return
+  end
+  local headers = response_handle:headers()
+  local body = headers:get("x-http-error-body")
+  local grpc_status = headers:get("grpc-status")
+  if body == nil and (grpc_status == nil or grpc_status == "0") then
+    strip_grpc_headers(headers)
+    return
+  end
+  local http_status = headers:get("x-http-status")
+  if body == nil then
+    body, http_status = fallback_body(headers, metadata["ollama"])
+  end
+  if http_status ~= nil then
+    headers:replace(":status", tostring(http_status))
+  end
+  strip_grpc_headers(headers)
+  headers:replace("content-type", "application/json")
+  response_handle:body(true):setBytes(body)
+end
