@@ -1,0 +1,291 @@
+"""What the sync and the asyncio clients share: the result types and the conversions between
+Python values and the ``embedd.v1`` messages, so neither client builds a message itself."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2
+
+from embedd.errors import EmbeddClientError, InternalServerError, from_rpc_error
+from embedd.v1 import embedder_pb2 as pb
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+
+FloatMatrix = npt.NDArray[np.float32]
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """The answer of one embedding call: the vectors and what they cost."""
+
+    #: One float32 row per input, in input order: shape (inputs, dimensions).
+    vectors: FloatMatrix
+    #: The model that computed them (the server's default when none was named).
+    model: str
+    #: Tokens the inputs took, after truncation.
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """A text as the model's tokens (special tokens included, untruncated)."""
+
+    model: str
+    ids: list[int]
+    tokens: list[str]
+    count: int
+    #: The model's input limit: embedding a text with more tokens truncates (or fails).
+    max_input_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model of the server's catalogue (the fields of ``embedd.v1.Model``)."""
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    name: str
+    dimensions: int
+    max_input_tokens: int
+    pooling: str
+    quantization: str
+    loaded: bool
+    file_size_bytes: int
+    embedding: bool
+    normalizes: bool
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """The per-call options of an embedding request."""
+
+    model: str = ""
+    dimensions: int | None = None
+    normalize: bool = True
+    truncate: bool = True
+
+    def request(
+        self,
+        texts: Sequence[str] = (),
+        token_ids: Sequence[Sequence[int]] = (),
+        request_id: str = "",
+    ) -> pb.EmbedRequest:
+        """An EmbedRequest carrying these options and the given inputs."""
+        request = pb.EmbedRequest(
+            model=self.model,
+            texts=texts,
+            token_ids=[pb.TokenIds(ids=ids) for ids in token_ids],
+            normalize=self.normalize,
+            truncation=pb.TRUNCATION_END if self.truncate else pb.TRUNCATION_NONE,
+            request_id=request_id,
+        )
+        if self.dimensions is not None:
+            request.dimensions = self.dimensions
+        return request
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """gRPC channel options: the message size limit, both ways."""
+    if max_message_mb < 1:
+        raise ValueError(f"max_message_mb must be at least 1; got {max_message_mb}")
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+
+
+def call_metadata(metadata: Iterable[tuple[str, str]], api_key: str | None) -> Metadata:
+    """The metadata sent with every call; an API key becomes ``authorization: Bearer``."""
+    pairs = tuple((str(key).lower(), str(value)) for key, value in metadata)
+    if api_key:
+        pairs += (("authorization", f"Bearer {api_key}"),)
+    return pairs
+
+
+def as_texts(texts: str | Iterable[str]) -> list[str]:
+    """One text or many as a list of str (a single str is one input, not its characters)."""
+    if isinstance(texts, str):
+        return [texts]
+    items = list(texts)
+    for index, text in enumerate(items):
+        check_text(text, index)
+    return items
+
+
+def check_text(text: object, index: int) -> str:
+    """The text itself, or TypeError naming the position of the non-str input."""
+    if not isinstance(text, str):
+        raise TypeError(f"input {index} is a {type(text).__name__}, not a str")
+    return text
+
+
+def as_token_ids(sequences: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Pre-tokenized inputs as lists of int (numpy arrays of ids welcome)."""
+    return [[int(token) for token in sequence] for sequence in sequences]
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+
+
+def vectors_of(response: pb.EmbedResponse, expected: int | None = None) -> FloatMatrix:
+    """The response's vectors as an (n, d) float32 matrix, rows placed by their index."""
+    rows = response.embeddings
+    count = len(rows)
+    if expected is not None and count != expected:
+        raise InternalServerError(f"the server returned {count} vectors for {expected} inputs")
+    if count == 0:
+        return np.empty((0, 0), dtype=np.float32)
+    width = len(rows[0].values)
+    vectors = np.empty((count, width), dtype=np.float32)
+    placed = np.zeros(count, dtype=bool)
+    for row in rows:
+        if row.index >= count or placed[row.index] or len(row.values) != width:
+            raise InternalServerError("the server returned malformed vectors")
+        vectors[row.index] = row.values  # numpy copies a repeated field in one C loop
+        placed[row.index] = True
+    return vectors
+
+
+def embed_result(response: pb.EmbedResponse, expected: int | None = None) -> EmbedResult:
+    """An EmbedResponse as an :class:`EmbedResult`."""
+    return EmbedResult(
+        vectors=vectors_of(response, expected),
+        model=response.model,
+        prompt_tokens=response.usage.prompt_tokens,
+    )
+
+
+def tokenize_result(response: pb.TokenizeResponse) -> TokenizeResult:
+    """A TokenizeResponse as a :class:`TokenizeResult`."""
+    return TokenizeResult(
+        model=response.model,
+        ids=list(response.ids),
+        tokens=list(response.tokens),
+        count=response.count,
+        max_input_tokens=response.max_input_tokens,
+    )
+
+
+_MODEL_FIELDS: Final = tuple(field.name for field in dataclasses.fields(ModelInfo))
+
+
+def model_info(message: pb.Model) -> ModelInfo:
+    """A Model message as a :class:`ModelInfo`."""
+    return ModelInfo(**{name: getattr(message, name) for name in _MODEL_FIELDS})
+
+
+def health_request() -> health_pb2.HealthCheckRequest:
+    """The health check of the whole server (service "")."""
+    return health_pb2.HealthCheckRequest(service="")
+
+
+def is_serving(response: health_pb2.HealthCheckResponse) -> bool:
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Turns a grpc.RpcError raised inside the block into an :class:`EmbeddClientError`."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from err
+
+
+class StreamState:
+    """Bookkeeping of one EmbedStream: the batches sent and the answers due, in order.
+
+    The request side (a thread of grpc's, or a task) records each batch's size before sending
+    it; the response side checks each answer against the oldest batch still due. A failure of
+    the caller's iterable is kept and raised after the batches sent before it are answered.
+    """
+
+    def __init__(self, batch_size: int, options: EmbedOptions) -> None:
+        self.batch_size = batch_size
+        self.options = options
+        self.sent = 0
+        self.answered = 0
+        self.error: BaseException | None = None
+        self._due: deque[int] = deque()
+
+    def request(self, batch: list[str]) -> pb.EmbedRequest:
+        """The request of the next batch, recorded as due."""
+        request = self.options.request(texts=batch, request_id=str(self.sent))
+        self._due.append(len(batch))
+        self.sent += 1
+        return request
+
+    def answer(self, response: pb.EmbedResponse) -> FloatMatrix:
+        """The vectors of the next due batch, after checking the answer is that batch's."""
+        expected_id = str(self.answered)
+        if response.request_id != expected_id:
+            raise InternalServerError(
+                f"EmbedStream answered batch {response.request_id!r} when batch "
+                f"{expected_id!r} was due"
+            )
+        if not self._due:
+            raise InternalServerError("EmbedStream answered a batch that was never sent")
+        vectors = vectors_of(response, self._due.popleft())
+        self.answered += 1
+        return vectors
+
+    def finish(self) -> None:
+        """At the end of the stream: raise the iterable's failure, or a missing answer."""
+        if self.error is not None:
+            raise self.error
+        if self.answered != self.sent:
+            raise InternalServerError(
+                f"EmbedStream ended after {self.answered} of {self.sent} batches"
+            )
+
+    def failed(self, err: grpc.RpcError) -> BaseException:
+        """What to raise when the call failed: the iterable's own error comes first."""
+        return self.error if self.error is not None else from_rpc_error(err)
+
+
+def stream_requests(texts: Iterable[str], state: StreamState) -> Iterator[pb.EmbedRequest]:
+    """Pulls texts lazily, batch by batch, and yields one request per batch.
+
+    An exception of the iterable is recorded in ``state`` (grpc would only log it): the texts
+    read before it are still sent, then the request stream ends normally.
+    """
+    batch: list[str] = []
+    index = 0
+    try:
+        for text in texts:
+            batch.append(check_text(text, index))
+            index += 1
+            if len(batch) == state.batch_size:
+                yield state.request(batch)
+                batch = []
+    except Exception as exc:
+        state.error = exc
+    if batch:
+        yield state.request(batch)
+
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "EmbedOptions",
+    "EmbedResult",
+    "EmbeddClientError",
+    "FloatMatrix",
+    "ModelInfo",
+    "StreamState",
+    "TokenizeResult",
+]

@@ -1,0 +1,235 @@
+"""The asyncio client of an embedd server: :class:`AsyncClient`, the API of
+:class:`embedd.Client` with ``async def`` methods."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from types import TracebackType
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2_grpc
+
+from embedd._convert import (
+    DEFAULT_TARGET,
+    EmbedOptions,
+    EmbedResult,
+    FloatMatrix,
+    ModelInfo,
+    StreamState,
+    TokenizeResult,
+    as_texts,
+    as_token_ids,
+    call_metadata,
+    channel_options,
+    check_batch_size,
+    check_text,
+    embed_result,
+    health_request,
+    is_serving,
+    model_info,
+    rpc_errors,
+    stream_requests,
+    tokenize_result,
+)
+from embedd.errors import DeadlineExceeded, Unavailable
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc
+
+
+class AsyncClient:
+    """A non-blocking client of an embedd server, for asyncio.
+
+    The arguments are those of :class:`embedd.Client`. Create it inside a running event
+    loop, and close it with ``await client.close()`` or ``async with``::
+
+        async with AsyncClient("127.0.0.1:50051") as client:
+            vectors = await client.embed(["hello world", "the cat sat"])
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        api_key: str | None = None,
+        max_message_mb: int = 64,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = call_metadata(metadata, api_key)
+        self._channel = aio.insecure_channel(target, options=channel_options(max_message_mb))
+        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> FloatMatrix:
+        """Embeds texts: an (n, d) float32 matrix, one row per text (see Client.embed)."""
+        result = await self.embed_with_usage(
+            texts, model=model, dimensions=dimensions, normalize=normalize, truncate=truncate
+        )
+        return result.vectors
+
+    async def embed_with_usage(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> EmbedResult:
+        """Like :meth:`embed`, also telling the model used and the tokens counted."""
+        inputs = as_texts(texts)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(texts=inputs)
+        return await self._embed(request, len(inputs))
+
+    async def embed_tokens(
+        self,
+        sequences: Iterable[Iterable[int]],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> FloatMatrix:
+        """Embeds pre-tokenized inputs (the model's token ids, special tokens included).
+
+        Each sequence is a list (or numpy array) of ids, e.g. :meth:`tokenize`'s ``ids``.
+        """
+        ids = as_token_ids(sequences)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(token_ids=ids)
+        return (await self._embed(request, len(ids))).vectors
+
+    async def _embed(self, request: pb.EmbedRequest, count: int) -> EmbedResult:
+        with rpc_errors():
+            response = await self._stub.Embed(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        return embed_result(response, count)
+
+    def embed_stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        batch_size: int = 64,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[FloatMatrix, None]:
+        """Embeds any number of texts over one EmbedStream: ``async for`` one matrix per batch.
+
+        ``texts`` may be an iterable or an async iterable; it is read lazily, ``batch_size``
+        at a time. Otherwise as :meth:`embedd.Client.embed_stream`.
+        """
+        check_batch_size(batch_size)
+        if isinstance(texts, str):
+            raise TypeError("embed_stream takes an iterable of texts, not one str")
+        state = StreamState(batch_size, EmbedOptions(model, dimensions, normalize, truncate))
+        return self._stream(texts, state, timeout)
+
+    async def _stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        state: StreamState,
+        timeout: float | None,
+    ) -> AsyncGenerator[FloatMatrix, None]:
+        requests = (
+            _async_stream_requests(texts, state)
+            if isinstance(texts, AsyncIterable)
+            else stream_requests(texts, state)
+        )
+        call = self._stub.EmbedStream(requests, timeout=timeout, metadata=self._metadata)
+        try:
+            try:
+                async for response in call:
+                    yield state.answer(response)
+            except grpc.RpcError as err:
+                raise state.failed(err) from err
+            state.finish()
+        finally:
+            call.cancel()  # a no-op once the stream is done; stops it when abandoned
+
+    async def tokenize(self, text: str, *, model: str = "") -> TokenizeResult:
+        """The token ids and token strings of a text with the model's tokenizer."""
+        with rpc_errors():
+            response = await self._stub.Tokenize(
+                pb.TokenizeRequest(model=model, text=text),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        return tokenize_result(response)
+
+    async def models(self) -> list[ModelInfo]:
+        """The server's model catalogue (loaded or not)."""
+        with rpc_errors():
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        return [model_info(model) for model in response.data]
+
+    async def get_model(self, name: str) -> ModelInfo:
+        """One model of the catalogue; :class:`embedd.NotFound` when there is none."""
+        with rpc_errors():
+            response = await self._stub.GetModel(
+                pb.GetModelRequest(model=name), timeout=self.timeout, metadata=self._metadata
+            )
+        return model_info(response)
+
+    async def health(self) -> bool:
+        """Whether the server reports SERVING; an unreachable server gives False."""
+        try:
+            with rpc_errors():
+                response = await self._health.Check(
+                    health_request(), timeout=self.timeout, metadata=self._metadata
+                )
+        except (Unavailable, DeadlineExceeded):
+            return False
+        return is_serving(response)
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r})"
+
+
+async def _async_stream_requests(
+    texts: AsyncIterable[str], state: StreamState
+) -> AsyncIterator[pb.EmbedRequest]:
+    """:func:`embedd._convert.stream_requests` for an async iterable of texts."""
+    batch: list[str] = []
+    index = 0
+    try:
+        async for text in texts:
+            batch.append(check_text(text, index))
+            index += 1
+            if len(batch) == state.batch_size:
+                yield state.request(batch)
+                batch = []
+    except Exception as exc:
+        state.error = exc
+    if batch:
+        yield state.request(batch)

@@ -1,0 +1,223 @@
+"""The synchronous client of an embedd server (``embedd.v1.Embedder`` over gRPC)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from embedd._convert import (
+    DEFAULT_TARGET,
+    EmbedOptions,
+    EmbedResult,
+    FloatMatrix,
+    ModelInfo,
+    StreamState,
+    TokenizeResult,
+    as_texts,
+    as_token_ids,
+    call_metadata,
+    channel_options,
+    check_batch_size,
+    embed_result,
+    health_request,
+    is_serving,
+    model_info,
+    rpc_errors,
+    stream_requests,
+    tokenize_result,
+)
+from embedd.errors import DeadlineExceeded, Unavailable
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc
+
+
+class Client:
+    """A blocking client of an embedd server.
+
+    ``target`` is ``host:port`` of the gRPC server. ``timeout`` is the deadline in seconds of
+    each unary call (None: no deadline); ``metadata`` is sent with every call, and ``api_key``
+    adds ``authorization: Bearer <api_key>``. ``max_message_mb`` bounds messages both ways,
+    like the server's setting of the same name.
+
+    Every method raises an :class:`embedd.EmbeddClientError` subclass when the call fails.
+    Use it as a context manager, or call :meth:`close`::
+
+        with Client("127.0.0.1:50051") as client:
+            vectors = client.embed(["hello world", "the cat sat"])  # (2, d) float32
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        api_key: str | None = None,
+        max_message_mb: int = 64,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = call_metadata(metadata, api_key)
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_mb))
+        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> FloatMatrix:
+        """Embeds texts: an (n, d) float32 matrix, one row per text in order.
+
+        A single str is one text (shape (1, d)). ``model`` "" is the server's default;
+        ``dimensions`` keeps the first N components (re-normalized when ``normalize``);
+        ``truncate=False`` makes a text longer than the model's limit an error instead of
+        being cut.
+        """
+        return self.embed_with_usage(
+            texts, model=model, dimensions=dimensions, normalize=normalize, truncate=truncate
+        ).vectors
+
+    def embed_with_usage(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> EmbedResult:
+        """Like :meth:`embed`, also telling the model used and the tokens counted."""
+        inputs = as_texts(texts)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(texts=inputs)
+        return self._embed(request, len(inputs))
+
+    def embed_tokens(
+        self,
+        sequences: Iterable[Iterable[int]],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> FloatMatrix:
+        """Embeds pre-tokenized inputs (the model's token ids, special tokens included).
+
+        Each sequence is a list (or numpy array) of ids, e.g. :meth:`tokenize`'s ``ids``.
+        """
+        ids = as_token_ids(sequences)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(token_ids=ids)
+        return self._embed(request, len(ids)).vectors
+
+    def _embed(self, request: pb.EmbedRequest, count: int) -> EmbedResult:
+        with rpc_errors():
+            response = self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        return embed_result(response, count)
+
+    def embed_stream(
+        self,
+        texts: Iterable[str],
+        *,
+        batch_size: int = 64,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> Generator[FloatMatrix, None, None]:
+        """Embeds any number of texts over one EmbedStream: one matrix per batch, in order.
+
+        Texts are pulled from the iterable lazily, ``batch_size`` at a time (a generator of
+        millions is never materialized; the server's flow control paces the reading). Each
+        batch is one request whose ``request_id`` is its number, and each answer is checked
+        against it. The stream's deadline is ``timeout`` (default: none), not the client's,
+        since a stream lasts as long as its input. If the iterable raises, the batches read
+        before are still yielded, then its exception is raised. Stopping the iteration early
+        cancels the stream.
+        """
+        check_batch_size(batch_size)
+        if isinstance(texts, str):
+            raise TypeError("embed_stream takes an iterable of texts, not one str")
+        state = StreamState(batch_size, EmbedOptions(model, dimensions, normalize, truncate))
+        return self._stream(texts, state, timeout)
+
+    def _stream(
+        self, texts: Iterable[str], state: StreamState, timeout: float | None
+    ) -> Generator[FloatMatrix, None, None]:
+        call = self._stub.EmbedStream(
+            stream_requests(texts, state), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            try:
+                for response in call:
+                    yield state.answer(response)
+            except grpc.RpcError as err:
+                raise state.failed(err) from err
+            state.finish()
+        finally:
+            call.cancel()  # a no-op once the stream is done; stops it when abandoned
+
+    def tokenize(self, text: str, *, model: str = "") -> TokenizeResult:
+        """The token ids and token strings of a text with the model's tokenizer."""
+        with rpc_errors():
+            response = self._stub.Tokenize(
+                pb.TokenizeRequest(model=model, text=text),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        return tokenize_result(response)
+
+    def models(self) -> list[ModelInfo]:
+        """The server's model catalogue (loaded or not)."""
+        with rpc_errors():
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        return [model_info(model) for model in response.data]
+
+    def get_model(self, name: str) -> ModelInfo:
+        """One model of the catalogue; :class:`embedd.NotFound` when there is none."""
+        with rpc_errors():
+            response = self._stub.GetModel(
+                pb.GetModelRequest(model=name), timeout=self.timeout, metadata=self._metadata
+            )
+        return model_info(response)
+
+    def health(self) -> bool:
+        """Whether the server reports SERVING (grpc.health.v1 Check of service "").
+
+        An unreachable server, or one that does not answer within the timeout, gives False.
+        """
+        try:
+            with rpc_errors():
+                response = self._health.Check(
+                    health_request(), timeout=self.timeout, metadata=self._metadata
+                )
+        except (Unavailable, DeadlineExceeded):
+            return False
+        return is_serving(response)
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
