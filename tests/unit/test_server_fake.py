@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -260,5 +261,6 @@ def test_errors_echoing_non_ascii_text_keep_their_status(stub: pb_grpc.EmbedderS
     error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["x"], model="modèle")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "modèle" in str(error.details())
-    trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+    call = cast(grpc.Call, error)
+    trailers = {key: value for key, value in call.trailing_metadata() or ()}
     assert json.loads(trailers["x-http-error-body"])["error"]["code"] == "model_not_found"
