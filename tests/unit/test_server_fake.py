@@ -262,5 +262,5 @@ def test_errors_echoing_non_ascii_text_keep_their_status(stub: pb_grpc.EmbedderS
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "modèle" in str(error.details())
     call = cast(grpc.Call, error)
-    trailers = {key: value for key, value in call.trailing_metadata() or ()}
+    trailers = dict(call.trailing_metadata() or ())
     assert json.loads(trailers["x-http-error-body"])["error"]["code"] == "model_not_found"
