@@ -76,19 +76,21 @@ class FakeEngine:
     def dimensions(self) -> int:
         return self._runtime.dimensions
 
-    def embed(self, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         runtime = self._runtime
         with runtime.lock:
-            runtime.calls.append(list(token_ids))
+            runtime.calls.extend(list(ids) for ids in sequences)
+            runtime.batches.append(len(sequences))
         runtime.started.set()
         if runtime.delay:
-            time.sleep(runtime.delay)
+            time.sleep(runtime.delay * len(sequences))
         runtime.release.wait()
-        if runtime.fail_on is not None and runtime.fail_on in token_ids:
-            raise RuntimeError("fake engine failure: secret internals")
-        if runtime.die_on is not None and runtime.die_on in token_ids:
-            raise WorkerKilled("the worker thread dies")
-        return fake_vector(token_ids, runtime.dimensions)
+        for token_ids in sequences:
+            if runtime.fail_on is not None and runtime.fail_on in token_ids:
+                raise RuntimeError("fake engine failure: secret internals")
+            if runtime.die_on is not None and runtime.die_on in token_ids:
+                raise WorkerKilled("the worker thread dies")
+        return np.stack([fake_vector(ids, runtime.dimensions) for ids in sequences])
 
     def close(self) -> None:
         pass
@@ -104,6 +106,7 @@ class FakeRuntime:
         self.dimensions = info.dimensions
         self.vocab_size = info.vocab_size
         self.calls: list[list[int]] = []
+        self.batches: list[int] = []
         self.lock = threading.Lock()
         self.delay = 0.0
         self.fail_on: int | None = None

@@ -9,12 +9,12 @@ import signal
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from embedd.v1 import embedder_pb2, embedder_pb2_grpc
 from embedd_server.errors import EmbeddError
 from embedd_server.grpc_service import EmbedderServicer
 from embedd_server.models import ModelRegistry, RuntimeLoader, load_llama_runtime
+from embedd_server.reflection import enable_reflection
 from embedd_server.service import EmbeddingService
 from embedd_server.settings import Settings
 
@@ -54,9 +54,7 @@ class EmbeddServer:
         servicer = EmbedderServicer(self.service, self.settings.stream_window)
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         return server
 
     async def start(self) -> int:

@@ -2,8 +2,11 @@
 
 The weights of a model are loaded once (:class:`LlamaModelWeights`); each worker owns one
 :class:`LlamaEngine`, a llama.cpp context on those weights, and nothing else touches it.
-Each call decodes ONE sequence: packing several BERT sequences into one ubatch makes llama.cpp
-attend over the whole ubatch under a mask, about 2x slower at 512 tokens (shared notes).
+A call decodes the sequences it is given in ONE llama.cpp batch. llama.cpp attends over the
+whole ubatch under a mask, so the cost grows with the square of the batch: the scheduler keeps
+batches small (``batch_tokens``). Measured here (Intel Xeon, 2 cores, f16 MiniLM, STS-B
+sentences, 2 workers): one sequence per decode 300 texts/s, packs of up to 128 tokens 375,
+256 tokens 378, 512 tokens 340 (see docs/design.md).
 
 The engine returns the model's pooled vector, not normalized: dimensions and normalization
 are the service's business.
@@ -33,8 +36,8 @@ class Engine(Protocol):
     def dimensions(self) -> int:
         """Length of the vectors embed() returns."""
 
-    def embed(self, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:
-        """The pooled (not normalized) vector of one token sequence."""
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """The pooled (not normalized) vectors of token sequences, one row each."""
 
     def close(self) -> None:
         """Frees the engine's memory."""
@@ -90,18 +93,64 @@ class LlamaModelWeights:
         self.model.close()
 
 
-class LlamaEngine:
-    """One llama.cpp context: decodes one sequence per call, returns its pooled vector."""
+class _NumpyBatch:
+    """A llama_batch whose arrays are numpy buffers, filled without per-token Python work."""
 
-    def __init__(self, weights: LlamaModelWeights, max_tokens: int, n_threads: int) -> None:
+    def __init__(self, capacity: int, max_sequences: int) -> None:
+        llama_cpp = _llama()
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_ids = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.ones(capacity, dtype=np.int8)  # embeddings need every token's output
+        int_pointer = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq_ids.ctypes.data
+        # seq_id[i] points at seq_ids[i]: one sequence per token.
+        self._seq_id_pointers = (int_pointer * capacity)(
+            *(ctypes.cast(base + 4 * i, int_pointer) for i in range(capacity))
+        )
+        self.struct = llama_cpp.llama_batch()  # type: ignore[attr-defined]
+        self.struct.token = self.token.ctypes.data_as(int_pointer)
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(int_pointer)
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_pointer)
+        self.struct.seq_id = ctypes.cast(self._seq_id_pointers, ctypes.POINTER(int_pointer))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.capacity = capacity
+        self.max_sequences = max_sequences
+
+    def fill(self, sequences: Sequence[Sequence[int]]) -> None:
+        lengths = np.fromiter((len(ids) for ids in sequences), dtype=np.int32)
+        total = int(lengths.sum())
+        if total > self.capacity or len(sequences) > self.max_sequences:
+            raise ValueError(
+                f"{len(sequences)} sequences of {total} tokens; the context fits "
+                f"{self.max_sequences} sequences of {self.capacity} tokens"
+            )
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.token[:total] = np.fromiter(
+            (token for ids in sequences for token in ids), dtype=np.int32, count=total
+        )
+        self.pos[:total] = np.arange(total, dtype=np.int32) - starts
+        self.seq_ids[:total] = np.repeat(np.arange(len(sequences), dtype=np.int32), lengths)
+        self.struct.n_tokens = total
+
+
+class LlamaEngine:
+    """One llama.cpp context: decodes a pack of sequences per call, returns pooled vectors."""
+
+    def __init__(
+        self, weights: LlamaModelWeights, max_tokens: int, max_sequences: int, n_threads: int
+    ) -> None:
         llama_cpp = _llama()
         from llama_cpp import _internals
 
         params = llama_cpp.llama_context_default_params()  # type: ignore[attr-defined]
         params.n_ctx = max_tokens
         params.n_batch = max_tokens
-        params.n_ubatch = max_tokens
-        params.n_seq_max = 1
+        params.n_ubatch = max_tokens  # one ubatch per call: the pack is attended as one
+        params.n_seq_max = max_sequences
+        params.kv_unified = True
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
@@ -109,42 +158,52 @@ class LlamaEngine:
             self._ctx = _internals.LlamaContext(model=weights.model, params=params, verbose=True)
         except ValueError as exc:
             raise ModelLoadError(f"llama.cpp could not create a context: {exc}") from None
-        self._batch = _internals.LlamaBatch(n_tokens=max_tokens, embd=0, n_seq_max=1, verbose=True)
+        self._batch = _NumpyBatch(max_tokens, max_sequences)
+        self._decode = llama_cpp.llama_decode  # type: ignore[attr-defined]
         self._get_embeddings = llama_cpp.llama_get_embeddings_seq  # type: ignore[attr-defined]
         self._dimensions = weights.dimensions
-        self._max_tokens = max_tokens
 
     @property
     def dimensions(self) -> int:
         return self._dimensions
 
-    def embed(self, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:
-        if not 0 < len(token_ids) <= self._max_tokens:
-            raise ValueError(f"sequence of {len(token_ids)} tokens; 1..{self._max_tokens} fit")
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        if any(not ids for ids in sequences):
+            raise ValueError("empty token sequence")
+        self._batch.fill(sequences)
         self._ctx.kv_cache_clear()
-        self._batch.reset()
-        self._batch.add_sequence(token_ids, 0, True)
-        self._ctx.decode(self._batch)  # releases the GIL while llama.cpp computes
-        pointer = self._get_embeddings(self._ctx.ctx, 0)
-        if not pointer:
-            raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
-        # One copy straight out of llama.cpp's buffer: no per-float Python objects.
-        view = np.ctypeslib.as_array(
-            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
-        )
-        return view.copy()
+        code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        vectors = np.empty((len(sequences), self._dimensions), dtype=np.float32)
+        for index in range(len(sequences)):
+            pointer = self._get_embeddings(self._ctx.ctx, index)
+            if not pointer:
+                raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
+            # One copy straight out of llama.cpp's buffer: no per-float Python objects.
+            vectors[index] = np.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
+            )
+        return vectors
 
     def close(self) -> None:
-        self._batch.close()
         self._ctx.close()
 
 
 class LlamaRuntime:
     """What loading a GGUF file with llama.cpp gives the registry: weights and engines."""
 
-    def __init__(self, path: Path, max_tokens: int, n_threads: int, n_gpu_layers: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_tokens: int,
+        max_sequences: int,
+        n_threads: int,
+        n_gpu_layers: int,
+    ) -> None:
         self.weights = LlamaModelWeights(path, n_gpu_layers)
         self._max_tokens = max_tokens
+        self._max_sequences = max_sequences
         self._n_threads = n_threads
 
     @property
@@ -156,7 +215,7 @@ class LlamaRuntime:
         return self.weights.vocab_size
 
     def new_engine(self) -> Engine:
-        return LlamaEngine(self.weights, self._max_tokens, self._n_threads)
+        return LlamaEngine(self.weights, self._max_tokens, self._max_sequences, self._n_threads)
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.weights.tokenize(text)

@@ -50,7 +50,11 @@ RuntimeLoader = Callable[[ModelInfo, Settings], Runtime]
 def load_llama_runtime(info: ModelInfo, settings: Settings) -> Runtime:
     """The production loader: llama.cpp on the GGUF file."""
     return LlamaRuntime(
-        info.path, info.max_input_tokens, settings.threads_per_worker, settings.n_gpu_layers
+        info.path,
+        max_tokens=max(settings.batch_tokens, info.max_input_tokens),
+        max_sequences=settings.batch_sequences,
+        n_threads=settings.threads_per_worker,
+        n_gpu_layers=settings.n_gpu_layers,
     )
 
 
@@ -158,6 +162,8 @@ class ModelRegistry:
                 queue,
                 runtime.new_engine,
                 self._settings.workers,
+                self._settings.batch_tokens,
+                self._settings.batch_sequences,
                 on_all_dead=lambda: self._workers_lost(info.name),
             )
             pool.start()

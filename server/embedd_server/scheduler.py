@@ -70,6 +70,12 @@ class Job:
         self._next_index += 1
         return index
 
+    def next_length(self) -> int:
+        """Tokens of the next input to hand out (0 when none is left)."""
+        if self._next_index >= len(self.sequences):
+            return 0
+        return len(self.sequences[self._next_index])
+
     @property
     def untaken(self) -> int:
         return len(self.sequences) - self._next_index
@@ -152,26 +158,37 @@ class FairQueue:
             self._queued_items += len(job)
             self._cond.notify(len(job))
 
-    def take(self) -> WorkItem | None:
-        """Blocks until an item is ready; None once the queue is closed and empty."""
+    def take_batch(self, max_tokens: int, max_items: int) -> list[WorkItem]:
+        """Blocks until work is ready, then takes items round-robin across jobs while they
+        fit in ``max_tokens`` (the first item always fits). Empty once closed and drained."""
         with self._cond:
             while True:
-                item = self._pop_item()
-                if item is not None:
-                    return item
+                first = self._pop_item(max_tokens=None)
+                if first is not None:
+                    break
                 if self._closed is not None:
-                    return None
+                    return []
                 self._cond.wait()
+            batch, budget = [first], max_tokens - len(first.token_ids)
+            while len(batch) < max_items and (item := self._pop_item(budget)) is not None:
+                batch.append(item)
+                budget -= len(item.token_ids)
+            return batch
 
-    def _pop_item(self) -> WorkItem | None:
+    def _pop_item(self, max_tokens: int | None) -> WorkItem | None:
+        """The next job's next item, if it fits in max_tokens (None: any size)."""
         now = time.monotonic()
         while self._jobs:
-            job = self._jobs.popleft()
+            job = self._jobs[0]
             if job.done or job.expired(now):
+                self._jobs.popleft()
                 self._queued_items -= job.untaken
                 if not job.done:
                     job.fail(DeadlineExceeded("The request's deadline passed while it waited."))
                 continue
+            if max_tokens is not None and job.next_length() > max_tokens:
+                return None
+            self._jobs.popleft()
             index = job.take_index()
             if index is None:
                 continue

@@ -27,12 +27,16 @@ class WorkerPool:
         queue: FairQueue,
         engine_factory: Callable[[], Engine],
         workers: int,
+        batch_tokens: int,
+        batch_sequences: int,
         on_all_dead: Callable[[], None] | None = None,
     ) -> None:
         self._model_name = model_name
         self._queue = queue
         self._engine_factory = engine_factory
         self._size = workers
+        self._batch_tokens = batch_tokens
+        self._batch_sequences = batch_sequences
         self._on_all_dead = on_all_dead
         self._threads: list[threading.Thread] = []
         self._alive = 0
@@ -67,28 +71,31 @@ class WorkerPool:
             thread.join(timeout)
 
     def _run(self, engine: Engine) -> None:
-        item: WorkItem | None = None
+        batch: list[WorkItem] = []
         try:
-            while (item := self._queue.take()) is not None:
-                self._compute(engine, item)
+            while batch := self._queue.take_batch(self._batch_tokens, self._batch_sequences):
+                self._compute(engine, batch)
         except BaseException:  # the thread ends here either way; say so loudly
             log.exception("worker of %s died", self._model_name)
-            if item is not None:
+            for item in batch:
                 item.job.fail(Unavailable("The worker computing this request died; retry it."))
         finally:
             engine.close()
             self._worker_ended()
 
-    def _compute(self, engine: Engine, item: WorkItem) -> None:
-        if item.job.done:  # cancelled or failed since it was queued: skip the compute
+    def _compute(self, engine: Engine, batch: list[WorkItem]) -> None:
+        live = [item for item in batch if not item.job.done]  # skip cancelled/failed jobs
+        if not live:
             return
         try:
-            vector = engine.embed(item.token_ids)
+            vectors = engine.embed_batch([item.token_ids for item in live])
         except Exception:
-            log.exception("engine of %s failed on an input", self._model_name)
-            item.job.fail(InternalError())
+            log.exception("engine of %s failed on a batch", self._model_name)
+            for item in live:
+                item.job.fail(InternalError())
             return
-        item.job.deliver(item.index, vector)
+        for item, vector in zip(live, vectors, strict=True):
+            item.job.deliver(item.index, vector)
 
     def _worker_ended(self) -> None:
         with self._lock:

@@ -22,7 +22,14 @@ from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.importer import import_model
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR, STSB_TEST
-from tests.metrics import Matrix, read_reference, read_stsb, row_cosines, stsb_score
+from tests.metrics import (
+    Matrix,
+    assert_same_vectors,
+    read_reference,
+    read_stsb,
+    row_cosines,
+    stsb_score,
+)
 from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.real_model
@@ -121,8 +128,8 @@ def test_batched_streamed_and_single_results_are_equal(
     responses = list(stub.EmbedStream(iter(requests)))
     assert [r.request_id for r in responses] == [r.request_id for r in requests]
     streamed = np.array([list(e.values) for r in responses for e in r.embeddings], dtype=np.float32)
-    np.testing.assert_allclose(batched, single, atol=1e-6)
-    np.testing.assert_allclose(streamed, batched, atol=1e-6)
+    assert_same_vectors(batched, single)
+    assert_same_vectors(streamed, single)
 
 
 def test_concurrent_callers_get_their_own_vectors(
@@ -142,7 +149,7 @@ def test_concurrent_callers_get_their_own_vectors(
     for thread in threads:
         thread.join(60)
     for number in range(16):
-        np.testing.assert_allclose(results[number], expected[number::16], atol=1e-6)
+        assert_same_vectors(results[number], expected[number::16])
 
 
 def test_a_gguf_without_tokenizer_json_uses_llama_cpp_tokenizer(

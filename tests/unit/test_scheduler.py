@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedd_server.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
-from embedd_server.scheduler import FairQueue, Job
+from embedd_server.scheduler import FairQueue, Job, WorkItem
 
 
 @pytest.fixture
@@ -24,10 +24,15 @@ def _job(loop: asyncio.AbstractEventLoop, count: int, deadline: float | None = N
     return Job([[index] for index in range(count)], 2, loop, deadline)
 
 
+def _take(queue: FairQueue) -> WorkItem | None:
+    batch = queue.take_batch(max_tokens=0, max_items=1)
+    return batch[0] if batch else None
+
+
 def _drain(queue: FairQueue, count: int) -> list[tuple[Job, int]]:
     taken = []
     for _ in range(count):
-        item = queue.take()
+        item = _take(queue)
         assert item is not None
         taken.append((item.job, item.index))
     return taken
@@ -39,7 +44,7 @@ def test_small_job_is_served_right_after_the_current_item_of_a_big_one(
     queue = FairQueue(max_items=10_000)
     big, small = _job(loop, 2048), _job(loop, 1)
     queue.submit(big)
-    first = queue.take()
+    first = _take(queue)
     assert first is not None and first.job is big
     queue.submit(small)
     order = _drain(queue, 3)
@@ -104,10 +109,30 @@ def test_fail_all_answers_every_waiting_caller_and_close_releases_workers(
         queue.submit(job)
     queue.fail_all(Unavailable("no worker"))
     queue.close()
-    assert queue.take() is None
+    assert _take(queue) is None
     loop.run_until_complete(asyncio.sleep(0))
     for job in jobs:
         with pytest.raises(Unavailable):
             job.future.result()
     with pytest.raises(Unavailable, match="shutting down"):
         queue.submit(_job(loop, 1))
+
+
+def test_batches_pack_items_of_several_jobs_within_the_token_budget(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    queue = FairQueue(max_items=100)
+    short = Job([[1] * 10] * 6, 2, loop)
+    long = Job([[2] * 300], 2, loop)
+    other = Job([[3] * 10] * 2, 2, loop)
+    for job in (short, long, other):
+        queue.submit(job)
+    # `other` came last, so it goes first; the 300-token input runs alone.
+    batch = queue.take_batch(max_tokens=64, max_items=32)
+    assert [(item.job, item.index) for item in batch] == [(other, 0)]
+    assert [item.job for item in queue.take_batch(64, 32)] == [long]
+    batch = queue.take_batch(max_tokens=64, max_items=32)
+    assert sum(len(item.token_ids) for item in batch) <= 64
+    assert [item.job for item in batch] == [short, other, short, short, short, short]
+    assert [item.job for item in queue.take_batch(64, 2)] == [short]
+    assert queue.queued_items == 0
