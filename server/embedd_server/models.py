@@ -162,8 +162,8 @@ class ModelRegistry:
                 queue,
                 runtime.new_engine,
                 self._settings.workers,
-                self._settings.batch_tokens,
-                self._settings.batch_sequences,
+                batch_tokens=self._settings.batch_tokens,
+                batch_sequences=self._settings.batch_sequences,
                 on_all_dead=lambda: self._workers_lost(info.name),
             )
             pool.start()

@@ -27,6 +27,7 @@ class WorkerPool:
         queue: FairQueue,
         engine_factory: Callable[[], Engine],
         workers: int,
+        *,
         batch_tokens: int,
         batch_sequences: int,
         on_all_dead: Callable[[], None] | None = None,
