@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from embedd_server.engine import Engine
 from embedd_server.model_info import HF_TOKENIZER_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY, ModelInfo
+from embedd_server.models import LoadOptions
 from embedd_server.settings import Settings
 
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "runs", "fast", "slow"]
@@ -38,7 +39,11 @@ def fake_tokenizer_json() -> str:
 
 
 def write_fake_gguf(
-    path: Path, dimensions: int = 8, max_seq_length: int = 16, pooling: int = 1
+    path: Path,
+    dimensions: int = 8,
+    max_seq_length: int = 16,
+    pooling: int = 1,
+    padding_bytes: int = 0,
 ) -> Path:
     """A GGUF file with a model's metadata (no tensors): enough for the catalogue."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +56,8 @@ def write_fake_gguf(
     writer.add_string(HF_TOKENIZER_KEY, fake_tokenizer_json())
     writer.add_uint32(MAX_SEQ_LENGTH_KEY, max_seq_length)
     writer.add_bool(NORMALIZE_KEY, True)
+    if padding_bytes:  # makes the file this much bigger (memory-budget tests)
+        writer.add_string("test.padding", "x" * padding_bytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -101,8 +108,9 @@ class FakeRuntime:
 
     instances: ClassVar[list[FakeRuntime]] = []
 
-    def __init__(self, info: ModelInfo, settings: Settings) -> None:
+    def __init__(self, info: ModelInfo, settings: Settings, options: LoadOptions) -> None:
         self.info = info
+        self.options = options
         self.dimensions = info.dimensions
         self.vocab_size = info.vocab_size
         self.calls: list[list[int]] = []

@@ -71,6 +71,7 @@ class EmbeddServer:
             ) from None
         await self._set_health(NOT_SERVING)
         await server.start()
+        self.registry.start()
         log.info("gRPC listening on %s:%d", self.settings.grpc_host, self.port)
         try:
             await self.registry.get(self.settings.default_model)

@@ -140,7 +140,12 @@ class LlamaEngine:
     """One llama.cpp context: decodes a pack of sequences per call, returns pooled vectors."""
 
     def __init__(
-        self, weights: LlamaModelWeights, max_tokens: int, max_sequences: int, n_threads: int
+        self,
+        weights: LlamaModelWeights,
+        max_tokens: int,
+        max_sequences: int,
+        n_threads: int,
+        pooling_type: int | None = None,
     ) -> None:
         llama_cpp = _llama()
         from llama_cpp import _internals
@@ -154,6 +159,8 @@ class LlamaEngine:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
+        if pooling_type is not None:  # e.g. mean pooling for a causal LM
+            params.pooling_type = pooling_type
         try:
             self._ctx = _internals.LlamaContext(model=weights.model, params=params, verbose=True)
         except ValueError as exc:
@@ -196,12 +203,15 @@ class LlamaRuntime:
     def __init__(
         self,
         path: Path,
+        *,
         max_tokens: int,
         max_sequences: int,
         n_threads: int,
         n_gpu_layers: int,
+        pooling_type: int | None = None,
     ) -> None:
         self.weights = LlamaModelWeights(path, n_gpu_layers)
+        self._pooling_type = pooling_type
         self._max_tokens = max_tokens
         self._max_sequences = max_sequences
         self._n_threads = n_threads
@@ -215,7 +225,13 @@ class LlamaRuntime:
         return self.weights.vocab_size
 
     def new_engine(self) -> Engine:
-        return LlamaEngine(self.weights, self._max_tokens, self._max_sequences, self._n_threads)
+        return LlamaEngine(
+            self.weights,
+            self._max_tokens,
+            self._max_sequences,
+            self._n_threads,
+            self._pooling_type,
+        )
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.weights.tokenize(text)

@@ -58,6 +58,15 @@ class ModelNotEmbedding(InvalidInput):
     openai_code = "model_not_embedding"
 
 
+class NotImplementedFeature(EmbeddError):
+    """Something embedd deliberately does not do (e.g. load a model for text generation)."""
+
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
+    openai_type = "not_implemented_error"
+    openai_code = "not_implemented_error"
+
+
 class NotFound(EmbeddError):
     """A resource other than a model does not exist."""
 

@@ -11,8 +11,9 @@ from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.errors import EmbeddError, InvalidInput
 from embedd_server.grpc_context import Context, deadline_of
 from embedd_server.grpc_errors import translate_errors, translate_stream_errors
+from embedd_server.model_rpcs import ModelRoutes
 from embedd_server.rest_mapping import RestRoutes
-from embedd_server.service import EmbeddingService, EmbedOutcome, EmbedParams, ModelStatus
+from embedd_server.service import EmbeddingService, EmbedOutcome, EmbedParams
 
 
 def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
@@ -40,31 +41,12 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
     )
 
 
-def model_message(status: ModelStatus) -> pb.Model:
-    """A catalogue entry as the Model message (OpenAI's model object plus our fields)."""
-    info = status.info
-    return pb.Model(
-        id=info.name,
-        object="model",
-        created=info.created,
-        owned_by="embedd",
-        name=info.name,
-        dimensions=info.dimensions,
-        max_input_tokens=info.max_input_tokens,
-        pooling=info.pooling,
-        quantization=info.quantization,
-        loaded=status.loaded,
-        file_size_bytes=info.file_size_bytes,
-        embedding=info.embedding,
-        normalizes=info.normalizes,
-    )
-
-
-class EmbedderServicer(RestRoutes, pb_grpc.EmbedderServicer):
+class EmbedderServicer(RestRoutes, ModelRoutes, pb_grpc.EmbedderServicer):
     """embedd.v1.Embedder over one EmbeddingService."""
 
     def __init__(self, service: EmbeddingService, stream_window: int) -> None:
-        super().__init__(service)
+        RestRoutes.__init__(self, service)
+        ModelRoutes.__init__(self, service)
         self._service = service
         self._stream_window = stream_window
 
@@ -136,17 +118,6 @@ class EmbedderServicer(RestRoutes, pb_grpc.EmbedderServicer):
             tokens=outcome.tokens,
             max_input_tokens=outcome.max_input_tokens,
         )
-
-    @translate_errors()
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: Context
-    ) -> pb.ListModelsResponse:
-        models = [model_message(status) for status in self._service.list_models()]
-        return pb.ListModelsResponse(object="list", data=models)
-
-    @translate_errors()
-    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
-        return model_message(self._service.get_model(request.model))
 
 
 async def _raise(exc: Exception) -> pb.EmbedResponse:

@@ -74,13 +74,14 @@ class RestRoutes:
         self, request: pb.OllamaEmbedRequest, context: Context
     ) -> pb.OllamaEmbedResponse:
         texts = ollama_inputs(request.input if request.HasField("input") else None)
-        if request.HasField("keep_alive"):
-            parse_keep_alive(request.keep_alive)  # validated now; acted on by model management
         params = EmbedParams(
             model=request.model,
             texts=texts,
             dimensions=_dimensions(request),
             truncate=request.truncate if request.HasField("truncate") else True,
+            keep_alive_s=(
+                parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
+            ),
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
         embeddings = struct_pb2.ListValue()

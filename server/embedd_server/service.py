@@ -16,7 +16,7 @@ import numpy as np
 
 from embedd_server.errors import InvalidInput
 from embedd_server.model_info import ModelInfo
-from embedd_server.models import LoadedModel, ModelRegistry
+from embedd_server.models import POOLING_TYPES, LoadedModel, LoadOptions, ModelRegistry
 from embedd_server.scheduler import FloatMatrix, Job
 from embedd_server.settings import Settings
 from embedd_server.tokenization import Tokenized, check_token_ids, tokenize_texts
@@ -37,6 +37,7 @@ class EmbedParams:
     dimensions: int | None = None
     normalize: bool = True
     truncate: bool = True
+    keep_alive_s: float | None = None  # None: the model's own keep_alive
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class ModelStatus:
     loaded: bool
 
 
+@dataclass(frozen=True)
+class RunningModel:
+    info: ModelInfo
+    expires_in_s: float  # math.inf: kept loaded forever
+
+
 class EmbeddingService:
     """Embeddings, tokenization and the model catalogue, for every transport."""
 
@@ -75,25 +82,23 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        was_loaded = self.registry.is_loaded(self.registry.resolve(params.model))
-        model = await self.registry.get(params.model)
-        load_seconds = 0.0 if was_loaded else model.load_seconds
-        dimensions = self._check_dimensions(params.dimensions, model)
-        tokenized = await self._tokenize(params, model)
-        vectors = await self._run(model, tokenized.sequences, deadline)
-        vectors = _post_process(vectors, dimensions, params.normalize)
+        was_loaded = self.registry.is_loaded(params.model)
+        async with self.registry.use(params.model, params.keep_alive_s) as model:
+            dimensions = self._check_dimensions(params.dimensions, model)
+            tokenized = await self._tokenize(params, model)
+            vectors = await self._run(model, tokenized.sequences, deadline)
         return EmbedOutcome(
             model=model.info.name,
-            vectors=vectors,
+            vectors=_post_process(vectors, dimensions, params.normalize),
             prompt_tokens=tokenized.token_count,
-            load_seconds=load_seconds,
+            load_seconds=0.0 if was_loaded else model.load_seconds,
             total_seconds=time.perf_counter() - started,
         )
 
     async def tokenize(self, model_name: str, text: str) -> TokenizeOutcome:
         """Token ids and strings of a text, untruncated, with the model's tokenizer."""
-        model = await self.registry.get(model_name)
-        ids = model.tokenizer.encode_batch([text])[0]
+        async with self.registry.use(model_name) as model:
+            ids = model.tokenizer.encode_batch([text])[0]
         return TokenizeOutcome(
             model=model.info.name,
             ids=ids,
@@ -110,6 +115,33 @@ class EmbeddingService:
     def get_model(self, name: str) -> ModelStatus:
         info = self.registry.info(name)
         return ModelStatus(info, self.registry.is_loaded(info.name))
+
+    async def load_model(
+        self, name: str, options: LoadOptions, keep_alive_s: float | None
+    ) -> ModelStatus:
+        """Loads a model now (or reloads it with other options)."""
+        if options.pooling is not None and options.pooling not in POOLING_TYPES:
+            raise InvalidInput(
+                f"pooling must be one of {', '.join(POOLING_TYPES)}; got '{options.pooling}'.",
+                param="pooling",
+            )
+        model = await self.registry.load(name, options, keep_alive_s)
+        return ModelStatus(model.info, loaded=True)
+
+    async def unload_model(self, name: str) -> ModelStatus:
+        """Unloads a model once its calls in flight have finished."""
+        return ModelStatus(await self.registry.unload(name), loaded=False)
+
+    def running(self) -> list[RunningModel]:
+        """The loaded models and the seconds until each expires (inf: never)."""
+        now = time.monotonic()
+        return [
+            RunningModel(
+                model.info,
+                max(0.0, model.expires_at - now) if model.leases == 0 else model.keep_alive_s,
+            )
+            for model in self.registry.loaded_models()
+        ]
 
     def _check_inputs(self, params: EmbedParams) -> None:
         count = len(params.texts) + len(params.token_ids)

@@ -41,6 +41,24 @@ class Settings:
     default_model: str = _opt(
         "Model used when a request names none; loaded at start-up.", "all-minilm-l6-v2"
     )
+    model_aliases: str = _opt(
+        "Other names for local models, as alias=model pairs separated by commas (in the config "
+        "file also a [model_aliases] table), e.g. text-embedding-3-small=all-minilm-l6-v2, so "
+        "existing OpenAI code works unchanged.",
+        "",
+    )
+    keep_alive: str = _opt(
+        "How long a model other than the default stays loaded when idle, as Ollama's "
+        'keep_alive: a duration ("5m", "1h"), seconds, 0 (unload after each request) or '
+        "negative (forever). Requests may set their own. The default model stays loaded.",
+        "5m",
+    )
+    memory_budget_mb: int = _opt(
+        "Memory the loaded models may take together, in MiB (their GGUF sizes); 0 means no "
+        "limit. Loading past it first unloads the least recently used idle models, then "
+        "refuses with RESOURCE_EXHAUSTED (HTTP 429).",
+        0,
+    )
     workers: int = _opt(
         "Worker threads, each owning its own llama.cpp context. On CPU, one worker per core "
         "with one thread each was fastest (two single-thread contexts beat one two-thread "
@@ -96,11 +114,20 @@ class Settings:
             (self.stream_window >= 1, "stream_window must be at least 1"),
             (self.max_message_mb >= 1, "max_message_mb must be at least 1"),
             (self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
+            (self.memory_budget_mb >= 0, "memory_budget_mb must not be negative"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
         ]
         problems = [message for ok, message in checks if not ok]
+        problems += _alias_problems(self.model_aliases)
+        problems += _duration_problems("keep_alive", self.keep_alive)
         if problems:
             raise SettingsError("; ".join(problems))
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """model_aliases as a mapping alias -> model."""
+        pairs = (item.split("=", 1) for item in self.model_aliases.split(",") if item.strip())
+        return {alias.strip(): model.strip() for alias, model in pairs}
 
     @property
     def grpc_address(self) -> str:
@@ -113,6 +140,22 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _alias_problems(text: str) -> list[str]:
+    bad = [item for item in text.split(",") if item.strip() and "=" not in item]
+    return [f"model_aliases: '{item.strip()}' is not alias=model" for item in bad]
+
+
+def _duration_problems(name: str, text: str) -> list[str]:
+    from embedd_server.errors import InvalidInput
+    from embedd_server.keep_alive import parse_duration
+
+    try:
+        parse_duration(text)
+    except InvalidInput as exc:
+        return [f"{name}: {exc.message}"]
+    return []
 
 
 class SettingsError(ValueError):
@@ -147,6 +190,8 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
             return float(raw)
         if kind in (Path, "Path"):
             return Path(str(raw)).expanduser()
+        if isinstance(raw, dict):  # a TOML table, e.g. [model_aliases]
+            return ",".join(f"{key}={value}" for key, value in raw.items())
         return str(raw)
     except ValueError as exc:
         raise SettingsError(f"{name}: {exc}") from None

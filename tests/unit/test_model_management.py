@@ -1,0 +1,182 @@
+"""Model management on the fake engine: catalogue changes, leases, keep_alive, budget."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from tests.fakes import FakeRuntime, write_fake_gguf
+from tests.servers import ServerThread
+
+
+@pytest.fixture
+def stub(fake_server: ServerThread) -> Iterator[pb_grpc.EmbedderStub]:
+    with grpc.insecure_channel(fake_server.target) as channel:
+        yield pb_grpc.EmbedderStub(channel)
+
+
+def _running(stub: pb_grpc.EmbedderStub) -> dict[str, str]:
+    reply = stub.ListRunning(pb.ListRunningRequest())
+    return {model.name: model.expires_at for model in reply.models}
+
+
+def _wait_until(condition: Any, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _error(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def _trailer_code(error: grpc.RpcError) -> str:
+    trailers = dict(cast(grpc.Call, error).trailing_metadata() or ())
+    code: str = json.loads(trailers["x-http-error-body"])["error"]["code"]
+    return code
+
+
+def test_models_added_or_removed_show_up_without_restart(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    models_dir = fake_server.settings.models_dir
+    shutil.copy(models_dir / "other.gguf", models_dir / "third.gguf")
+    assert "third" in [m.id for m in stub.ListModels(pb.ListModelsRequest()).data]
+    assert stub.Embed(pb.EmbedRequest(texts=["hello"], model="third")).model == "third"
+    assert "third" in _running(stub)
+    (models_dir / "third.gguf").unlink()
+    assert "third" not in [m.id for m in stub.ListModels(pb.ListModelsRequest()).data]
+    _wait_until(lambda: "third" not in _running(stub))
+    assert FakeRuntime.instances[-1].closed
+
+
+def test_concurrent_first_requests_cause_one_load(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    loads_before = fake_server.server.registry.loads
+    futures = [stub.Embed.future(pb.EmbedRequest(texts=["cat"], model="other")) for _ in range(16)]
+    assert all(len(f.result().embeddings) == 1 for f in futures)
+    assert fake_server.server.registry.loads == loads_before + 1
+
+
+def test_keep_alive_zero_unloads_after_the_request(stub: pb_grpc.EmbedderStub) -> None:
+    request = pb.OllamaEmbedRequest(
+        model="other", input=Value(string_value="hello"), keep_alive=Value(number_value=0)
+    )
+    assert stub.OllamaEmbed(request).model == "other"
+    _wait_until(lambda: "other" not in _running(stub), timeout=1.0)
+
+
+def test_a_short_keep_alive_expires_and_ps_shows_it(stub: pb_grpc.EmbedderStub) -> None:
+    stub.LoadModel(pb.LoadModelRequest(model="other", keep_alive=Value(string_value="1s")))
+    running = _running(stub)
+    assert running["other"].startswith("20") and running["other"].endswith("Z")
+    assert running["fake"].startswith("2318-")  # the default model stays loaded
+    _wait_until(lambda: "other" not in _running(stub), timeout=3.0)
+    assert "fake" in _running(stub)
+
+
+def test_explicit_unload_lets_calls_in_flight_finish(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    stub.LoadModel(pb.LoadModelRequest(model="other"))
+    runtime = FakeRuntime.instances[-1]
+    runtime.delay = 0.01
+    in_flight = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 50, model="other"))
+    time.sleep(0.05)
+    reply = stub.UnloadModel(pb.UnloadModelRequest(model="other"))
+    assert reply.message == "Model unloaded successfully" and not reply.model.loaded
+    assert len(in_flight.result(timeout=10).embeddings) == 50
+    assert runtime.closed and "other" not in _running(stub)
+
+
+def test_models_without_pooling_need_a_pooling_type(tmp_path: Path) -> None:
+    write_fake_gguf(tmp_path / "causal.gguf", pooling=0)
+    with (
+        ServerThread.with_fake_models(tmp_path) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hi"], model="causal")))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not support embeddings" in str(error.details())
+        assert _trailer_code(error) == "model_not_embedding"
+        refused = _error(lambda: stub.LoadModel(pb.LoadModelRequest(model="x", embedding=False)))
+        assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+        bad = _error(lambda: stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="max")))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+        loaded = stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="mean"))
+        assert loaded.model.loaded and FakeRuntime.instances[-1].options.pooling == "mean"
+        assert stub.Embed(pb.EmbedRequest(texts=["hi"], model="causal")).model == "causal"
+
+
+def test_aliases_map_to_local_models(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(
+            tmp_path, model_aliases="text-embedding-3-small=other"
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        reply = stub.Embed(pb.EmbedRequest(texts=["hi"], model="text-embedding-3-small"))
+    assert reply.model == "other" and len(reply.embeddings[0].values) == 4
+
+
+def test_memory_budget_evicts_least_recently_used_idle_models(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        write_fake_gguf(tmp_path / f"{name}.gguf", padding_bytes=400_000)
+    with (
+        ServerThread.with_fake_models(tmp_path, memory_budget_mb=1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        stub.UnloadModel(pb.UnloadModelRequest(model="fake"))
+        for name in ("a", "b", "a"):  # b is now the least recently used
+            stub.Embed(pb.EmbedRequest(texts=["hi"], model=name))
+        stub.Embed(pb.EmbedRequest(texts=["hi"], model="c"))
+        assert set(_running(stub)) == {"a", "c"}
+        # With every loaded model busy, a load that does not fit is refused at once.
+        busy = [r for r in FakeRuntime.instances if r.info.name in ("a", "c") and not r.closed]
+        for runtime in busy:
+            runtime.release.clear()
+        blocked = [
+            stub.Embed.future(pb.EmbedRequest(texts=["hi"], model=name)) for name in ("a", "c")
+        ]
+        time.sleep(0.2)
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hi"], model="b"), timeout=5))
+        for runtime in busy:
+            runtime.release.set()
+        assert all(f.result(timeout=5).embeddings for f in blocked)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory budget" in str(error.details())
+
+
+def test_unknown_models_list_the_available_ones(stub: pb_grpc.EmbedderStub) -> None:
+    error = _error(lambda: stub.LoadModel(pb.LoadModelRequest(model="nope")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "Available models: fake, other" in str(error.details())
+
+
+def test_default_model_is_never_expired_by_the_server_default(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(tmp_path, keep_alive="0.2s") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        stub.Embed(pb.EmbedRequest(texts=["hi"], model="other"))
+        stub.Embed(pb.EmbedRequest(texts=["hi"]))
+        _wait_until(lambda: "other" not in _running(stub))
+        assert "fake" in _running(stub)
