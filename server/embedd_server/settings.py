@@ -22,9 +22,10 @@ CONFIG_ENV = "EMBEDD_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _opt(help_text: str, default: Any) -> Any:
-    """A settings field: its help text is the ``--help`` line of the flag."""
-    return field(default=default, metadata={"help": help_text})
+def _opt(help_text: str, default: Any, *, secret: bool = False) -> Any:
+    """A settings field: its help text is the ``--help`` line of the flag. Secret fields
+    stay out of repr() (and so out of logs)."""
+    return field(default=default, metadata={"help": help_text}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,36 @@ class Settings:
         "On SIGTERM/SIGINT, seconds calls in flight get to finish before the server exits.",
         30.0,
     )
+    api_keys: str = _opt(
+        "Comma-separated API keys. When any key is set (here or in api_keys_file), every call "
+        "needs one: 'Authorization: Bearer <key>' or 'x-api-key: <key>' (REST and gRPC "
+        "metadata alike); health checks stay open.",
+        "",
+        secret=True,
+    )
+    api_keys_file: str = _opt("File with one API key per line ('#' starts a comment).", "")
+    rate_limit_per_s: float = _opt(
+        "Requests per second allowed per API key (per client address when keys are off), as a "
+        "token bucket; 0 means no limit. Over it: 429 / RESOURCE_EXHAUSTED with Retry-After.",
+        0.0,
+    )
+    rate_limit_burst: int = _opt(
+        "Requests a key may send at once before the rate applies; 0 means one second's worth.",
+        0,
+    )
+    worker_timeout_s: float = _opt(
+        "A worker whose decode takes longer than this is taken for hung: its callers get "
+        "UNAVAILABLE (retryable) and a new worker replaces it.",
+        60.0,
+    )
+    metrics_port: int = _opt(
+        "Port of the Prometheus /metrics endpoint, on 127.0.0.1 only; 0 turns it off.", 9464
+    )
+    replicas: int = _opt(
+        "embedd run: server processes behind Envoy (gRPC ports grpc_port, grpc_port+1, ...), "
+        "health-checked and restarted when they die.",
+        1,
+    )
     log_level: str = _opt("Log level: debug, info, warning or error.", "info")
     log_json: bool = _opt("Write logs as one JSON object per line.", False)
 
@@ -115,6 +146,11 @@ class Settings:
             (self.max_message_mb >= 1, "max_message_mb must be at least 1"),
             (self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
             (self.memory_budget_mb >= 0, "memory_budget_mb must not be negative"),
+            (self.rate_limit_per_s >= 0, "rate_limit_per_s must not be negative"),
+            (self.rate_limit_burst >= 0, "rate_limit_burst must not be negative"),
+            (self.worker_timeout_s > 0, "worker_timeout_s must be positive"),
+            (0 <= self.metrics_port <= 65535, "metrics_port must be 0..65535"),
+            (1 <= self.replicas <= 64, "replicas must be 1..64"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
         ]
         problems = [message for ok, message in checks if not ok]
