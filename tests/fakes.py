@@ -97,6 +97,8 @@ class FakeEngine:
                 raise RuntimeError("fake engine failure: secret internals")
             if runtime.die_on is not None and runtime.die_on in token_ids:
                 raise WorkerKilled("the worker thread dies")
+            if runtime.hang_on is not None and runtime.hang_on in token_ids:
+                runtime.unhang.wait(30)  # a decode that never ends (until the test ends it)
         return np.stack([fake_vector(ids, runtime.dimensions) for ids in sequences])
 
     def close(self) -> None:
@@ -119,6 +121,9 @@ class FakeRuntime:
         self.delay = 0.0
         self.fail_on: int | None = None
         self.die_on: int | None = None
+        self.hang_on: int | None = None
+        self.refuse_engines = False
+        self.unhang = threading.Event()
         self.started = threading.Event()
         self.release = threading.Event()
         self.release.set()
@@ -126,6 +131,8 @@ class FakeRuntime:
         FakeRuntime.instances.append(self)
 
     def new_engine(self) -> Engine:
+        if self.refuse_engines:
+            raise RuntimeError("no more engines")
         return FakeEngine(self)
 
     def tokenize(self, text: bytes) -> list[int]:

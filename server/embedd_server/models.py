@@ -250,6 +250,7 @@ class ModelRegistry:
                 self._settings.workers,
                 batch_tokens=self._settings.batch_tokens,
                 batch_sequences=self._settings.batch_sequences,
+                timeout_s=self._settings.worker_timeout_s,
                 on_all_dead=lambda: self._workers_lost(info.name),
             )
             pool.start()

@@ -224,15 +224,49 @@ def test_other_models_load_on_demand_once(stub: pb_grpc.EmbedderStub) -> None:
     assert stub.GetModel(pb.GetModelRequest(model="other")).loaded
 
 
-def test_when_every_worker_dies_callers_are_answered_and_health_drops(
+def test_a_dead_worker_answers_its_callers_and_is_replaced(
     stub: pb_grpc.EmbedderStub, fake_server: ServerThread
 ) -> None:
-    fake_server.runtime.die_on = DOG
+    runtime = fake_server.runtime
+    runtime.die_on = DOG
+    for future in [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]:
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "died" in str(info.value.details())
+    runtime.die_on = None
+    assert len(stub.Embed(pb.EmbedRequest(texts=["cat"] * 20)).embeddings) == 20
+    pool = fake_server.server.registry.loaded_models()[0].pool
+    assert pool.alive == 2 and pool.replaced >= 1
+
+
+def test_a_hung_worker_is_replaced_and_its_callers_get_unavailable(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(tmp_path, worker_timeout_s=0.5) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        server.runtime.hang_on = DOG
+        started = time.perf_counter()
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"]), timeout=10))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "hung" in str(error.details())
+        assert time.perf_counter() - started < 3
+        # The replacement serves others while the hung thread is still stuck.
+        assert len(stub.Embed(pb.EmbedRequest(texts=["cat"] * 5)).embeddings) == 5
+        server.runtime.unhang.set()
+
+
+def test_when_no_worker_can_start_callers_are_answered_and_health_drops(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    runtime = fake_server.runtime
+    runtime.die_on = DOG
+    runtime.refuse_engines = True
     results = [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]
     for future in results:
         with pytest.raises(grpc.RpcError) as info:
             future.result(timeout=10)
-        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     with grpc.insecure_channel(fake_server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 5
