@@ -11,7 +11,7 @@ from pathlib import Path
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.errors import NotImplementedFeature
 from embedd_server.grpc_context import Context
-from embedd_server.grpc_errors import translate_errors
+from embedd_server.grpc_errors import ollama_error_body, translate_errors
 from embedd_server.keep_alive import parse_keep_alive
 from embedd_server.model_info import ModelInfo
 from embedd_server.models import LoadOptions
@@ -88,7 +88,7 @@ class ModelRoutes:
             message="Model unloaded successfully", model=model_message(status)
         )
 
-    @translate_errors()
+    @translate_errors(ollama_error_body)
     async def ListRunning(
         self, request: pb.ListRunningRequest, context: Context
     ) -> pb.ListRunningResponse:
