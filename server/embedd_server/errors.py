@@ -10,6 +10,12 @@ from __future__ import annotations
 import grpc
 
 
+def shorten(value: object, limit: int = 80) -> str:
+    """A caller-supplied value as it may be echoed in a message: at most ``limit`` chars."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class EmbeddError(Exception):
     """Base class of every error a caller may see.
 
@@ -21,6 +27,7 @@ class EmbeddError(Exception):
     http_status: int = 500
     openai_type: str = "server_error"
     openai_code: str | None = None
+    retry_after_s: float | None = None  # when set, callers are told to wait this long
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -83,6 +90,23 @@ class Overloaded(EmbeddError):
     http_status = 429
     openai_type = "rate_limit_exceeded"
     openai_code = "rate_limit_exceeded"
+
+
+class RateLimited(Overloaded):
+    """The caller's rate limit is used up; ``retry_after_s`` says when the next call is due."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(EmbeddError):
+    """The call carries no API key, or one the server does not know."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
 
 
 class Unavailable(EmbeddError):

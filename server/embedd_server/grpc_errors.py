@@ -14,16 +14,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from google.api import annotations_pb2  # type: ignore[import-untyped]
 from grpc import aio
 
+from embedd.v1 import embedder_pb2
 from embedd_server.errors import EmbeddError, InternalError
 
 log = logging.getLogger(__name__)
 
 HTTP_ERROR_KEY = "x-http-error-body"
+RETRY_AFTER_KEY = "retry-after"  # whole seconds; Envoy passes it on as HTTP Retry-After
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -47,6 +51,26 @@ def ollama_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"error": error.message}
 
 
+def _ollama_methods() -> frozenset[str]:
+    """The RPCs behind Ollama's REST routes (/api/...): their errors take Ollama's shape."""
+    service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
+    found = set()
+    for method in service.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        pattern = rule.WhichOneof("pattern")
+        if pattern and getattr(rule, pattern).startswith("/api/"):
+            found.add(f"/{service.full_name}/{method.name}")
+    return frozenset(found)
+
+
+_OLLAMA_METHODS = _ollama_methods()
+
+
+def body_shape_for(method: str) -> BodyShape:
+    """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...)."""
+    return ollama_error_body if method in _OLLAMA_METHODS else openai_error_body
+
+
 def _as_embedd_error(exc: BaseException) -> EmbeddError:
     if isinstance(exc, EmbeddError):
         return exc
@@ -57,17 +81,29 @@ def _as_embedd_error(exc: BaseException) -> EmbeddError:
 def _trailers(error: EmbeddError, shape: BodyShape) -> tuple[tuple[str, str], ...]:
     # gRPC metadata values must be ASCII: non-ASCII text travels \u-escaped in the JSON.
     body = json.dumps(shape(error), ensure_ascii=True, separators=(",", ":"))
-    return (
-        (HTTP_ERROR_KEY, body),
-        ("x-http-status", str(error.http_status)),
-    )
+    trailers = [(HTTP_ERROR_KEY, body), ("x-http-status", str(error.http_status))]
+    if error.retry_after_s is not None:
+        trailers.append((RETRY_AFTER_KEY, str(max(1, math.ceil(error.retry_after_s)))))
+    return tuple(trailers)
+
+
+# Envoy refuses oversized trailers (and then resets other calls on the connection too).
+_MAX_MESSAGE_CHARS = 1_000
+
+
+def _shortened(error: EmbeddError) -> EmbeddError:
+    """The error with its message cut to a size any proxy passes."""
+    if len(error.message) <= _MAX_MESSAGE_CHARS:
+        return error
+    error.message = error.message[:_MAX_MESSAGE_CHARS] + "..."
+    return error
 
 
 async def abort(
     context: aio.ServicerContext[Any, Any], exc: BaseException, shape: BodyShape
 ) -> None:
     """Ends the RPC with the error's status, message and REST body (never returns)."""
-    error = _as_embedd_error(exc)
+    error = _shortened(_as_embedd_error(exc))
     await context.abort(error.grpc_code, error.message, trailing_metadata=_trailers(error, shape))
 
 

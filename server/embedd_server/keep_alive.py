@@ -11,7 +11,7 @@ import re
 
 from google.protobuf import struct_pb2
 
-from embedd_server.errors import InvalidInput
+from embedd_server.errors import InvalidInput, shorten
 
 FOREVER = math.inf
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -30,7 +30,8 @@ def parse_duration(text: str) -> float:
     parts = _PART.findall(body)
     if not body or "".join(number + unit for number, unit in parts) != body:
         raise InvalidInput(
-            f'keep_alive \'{text}\' is not a duration; use e.g. "5m", "1h", "30s", 0 or -1.',
+            f"keep_alive '{shorten(text)}' is not a duration; "
+            'use e.g. "5m", "1h", "30s", 0 or -1.',
             param="keep_alive",
         )
     return sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)

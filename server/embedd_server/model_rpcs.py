@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import math
 from pathlib import Path
 
 from embedd.v1 import embedder_pb2 as pb
@@ -114,7 +113,11 @@ def _running_message(running: RunningModel) -> pb.RunningModel:
 
 def _expiry(seconds: float) -> str:
     now = datetime.datetime.now(datetime.UTC)
-    when = _FOREVER if math.isinf(seconds) else now + datetime.timedelta(seconds=seconds)
+    try:
+        when = now + datetime.timedelta(seconds=seconds)
+    except OverflowError:  # beyond year 9999: as good as forever
+        when = _FOREVER
+    when = min(when, _FOREVER)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -29,6 +29,7 @@ OPENAI_INPUT_SHAPES = (
     "arrays of token ids"
 )
 ENCODING_FORMATS = ("float", "base64")
+_MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32, as in the native TokenIds message
 
 
 class RestRoutes:
@@ -44,7 +45,7 @@ class RestRoutes:
         encoding = request.encoding_format or "float"
         if encoding not in ENCODING_FORMATS:
             raise InvalidInput(
-                f"encoding_format must be 'float' or 'base64'; got '{encoding}'.",
+                f"encoding_format must be 'float' or 'base64'; got '{_shorten(encoding)}'.",
                 param="encoding_format",
             )
         texts, token_ids = openai_inputs(request.input if request.HasField("input") else None)
@@ -158,10 +159,20 @@ def _token_ids(items: Sequence[struct_pb2.Value], param: str) -> list[int]:
                 f"{param} holds {number:g}, not a token id (a non-negative integer).",
                 param="input",
             )
+        if number > _MAX_TOKEN_ID:  # beyond any vocabulary; int() would print 300 digits
+            raise InvalidInput(
+                f"{param} holds {number:g}, outside any model's vocabulary.", param="input"
+            )
         ids.append(int(number))
     if not ids:
         raise InvalidInput(f"{param} is an empty array of token ids.", param="input")
     return ids
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    """A caller's value as echoed in an error message: never unbounded (the message travels in
+    gRPC trailers, which Envoy and gRPC clients cap)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _json_kind(kind: str | None) -> str:

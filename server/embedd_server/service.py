@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedd_server.errors import InvalidInput
+from embedd_server.errors import InvalidInput, shorten
 from embedd_server.model_info import ModelInfo
 from embedd_server.models import POOLING_TYPES, LoadedModel, LoadOptions, ModelRegistry
+from embedd_server.request_context import note_inputs, note_model
 from embedd_server.scheduler import FloatMatrix, Job
 from embedd_server.settings import Settings
 from embedd_server.tokenization import Tokenized, check_token_ids, tokenize_texts
@@ -77,6 +78,7 @@ class EmbeddingService:
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self._settings = settings
         self.registry = registry
+        self._metrics = registry.metrics
 
     async def embed(self, params: EmbedParams, deadline: float | None = None) -> EmbedOutcome:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
@@ -85,7 +87,10 @@ class EmbeddingService:
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
+            tokenize_started = time.perf_counter()
             tokenized = await self._tokenize(params, model)
+            self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
+            self._count_inputs(model.info.name, tokenized)
             vectors = await self._run(model, tokenized.sequences, deadline)
         return EmbedOutcome(
             model=model.info.name,
@@ -98,6 +103,7 @@ class EmbeddingService:
     async def tokenize(self, model_name: str, text: str) -> TokenizeOutcome:
         """Token ids and strings of a text, untruncated, with the model's tokenizer."""
         async with self.registry.use(model_name) as model:
+            note_model(model.info.name)
             ids = model.tokenizer.encode_batch([text])[0]
         return TokenizeOutcome(
             model=model.info.name,
@@ -122,10 +128,12 @@ class EmbeddingService:
         """Loads a model now (or reloads it with other options)."""
         if options.pooling is not None and options.pooling not in POOLING_TYPES:
             raise InvalidInput(
-                f"pooling must be one of {', '.join(POOLING_TYPES)}; got '{options.pooling}'.",
+                f"pooling must be one of {', '.join(POOLING_TYPES)}; got "
+                f"'{shorten(options.pooling)}'.",
                 param="pooling",
             )
         model = await self.registry.load(name, options, keep_alive_s)
+        note_model(model.info.name)
         return ModelStatus(model.info, loaded=True)
 
     async def unload_model(self, name: str) -> ModelStatus:
@@ -185,9 +193,13 @@ class EmbeddingService:
             tokenize_texts, model.tokenizer, params.texts, limit, params.truncate
         )
 
-    @staticmethod
+    def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
+        tokens = tokenized.token_count
+        self._metrics.input_tokens.labels(model).inc(tokens)
+        note_inputs(model, len(tokenized.sequences), tokens)
+
     async def _run(
-        model: LoadedModel, sequences: Sequence[Sequence[int]], deadline: float | None
+        self, model: LoadedModel, sequences: Sequence[Sequence[int]], deadline: float | None
     ) -> FloatMatrix:
         job = Job(sequences, model.dimensions, asyncio.get_running_loop(), deadline)
         model.queue.submit(job)
@@ -196,6 +208,9 @@ class EmbeddingService:
         except asyncio.CancelledError:
             job.cancel()  # the caller went away: its queued inputs are dropped
             raise
+        finally:
+            if job.started_at is not None:  # set by the worker that took its first input
+                self._metrics.queue_wait.observe(job.started_at - job.created_at)
 
 
 def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:

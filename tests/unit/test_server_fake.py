@@ -313,3 +313,19 @@ def test_reflection_resolves_method_symbols_as_ghz_asks(fake_server: ServerThrea
         found, missing = list(stub.ServerReflectionInfo(iter(requests)))
     assert found.file_descriptor_response.file_descriptor_proto
     assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_undecodable_requests_are_invalid_argument(fake_server: ServerThread) -> None:
+    invalid_utf8_text = b"\x12\x01\xff"  # EmbedRequest.texts = [b"\xff"]
+    with grpc.insecure_channel(fake_server.target) as channel:
+        embed: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/embedd.v1.Embedder/Embed"
+        )
+        error = _error(lambda: embed(invalid_utf8_text, timeout=5))
+        stream: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            "/embedd.v1.Embedder/EmbedStream"
+        )
+        stream_error = _error(lambda: list(stream(iter([invalid_utf8_text]), timeout=5)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in str(error.details())
+    assert stream_error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,99 @@
+"""API keys and rate limits on the REST surface: a real Envoy in front of a fake-engine server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.envoy_proc import EnvoyProcess, HttpReply, http
+from tests.integration.test_rest_fake import assert_ollama_error, assert_openai_error
+from tests.servers import ServerThread
+
+KEY_A, KEY_B, KEY_C = "sk-a", "sk-b", "sk-c"
+EMBEDDINGS = {"model": "fake", "input": "hello"}
+
+
+@pytest.fixture(scope="module")
+def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
+    """Keys sk-a, sk-b, sk-c; one call per second per key, bursts of two."""
+    root = tmp_path_factory.mktemp("rest-access")
+    with (
+        ServerThread.with_fake_models(
+            root / "models",
+            api_keys=f"{KEY_A},{KEY_B},{KEY_C}",
+            rate_limit_per_s=1,
+            rate_limit_burst=2,
+        ) as server,
+        EnvoyProcess.start([server.target], root / "envoy") as envoy,
+    ):
+        yield envoy
+
+
+def post(envoy: EnvoyProcess, path: str, body: object, headers: dict[str, str]) -> HttpReply:
+    return http(envoy.base_url + path, "POST", body=body, headers=headers)
+
+
+def official(envoy: EnvoyProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=envoy.base_url + "/v1", api_key=key, max_retries=0)
+
+
+def test_missing_or_wrong_key_is_401_in_openai_shape(envoy: EnvoyProcess) -> None:
+    for headers in [{}, {"authorization": "Bearer sk-nope"}, {"x-api-key": "sk-nope"}]:
+        reply = post(envoy, "/v1/embeddings", EMBEDDINGS, headers)
+        error = assert_openai_error(reply, 401, "invalid_api_key")
+        assert error["message"].startswith("Incorrect API key provided")
+        assert "sk-nope" not in error["message"]
+    reply = http(envoy.base_url + "/v1/models")
+    assert_openai_error(reply, 401, "invalid_api_key")
+
+
+def test_official_client_raises_authentication_error(envoy: EnvoyProcess) -> None:
+    with official(envoy, "sk-nope") as client, pytest.raises(openai.AuthenticationError) as info:
+        client.embeddings.create(model="fake", input="hello")
+    assert info.value.status_code == 401
+    assert info.value.code == "invalid_api_key"
+    assert info.value.type == "invalid_request_error"
+
+
+def test_ollama_route_401_in_ollama_shape(envoy: EnvoyProcess) -> None:
+    reply = post(envoy, "/api/embed", {"model": "fake", "input": "hello"}, {})
+    assert assert_ollama_error(reply, 401).startswith("Incorrect API key provided")
+    ok = post(envoy, "/api/embed", {"model": "fake", "input": "hello"}, {"x-api-key": KEY_C})
+    assert ok.status == 200, ok.body
+    assert len(ok.json()["embeddings"]) == 1
+
+
+def test_valid_key_works_with_the_official_client(envoy: EnvoyProcess) -> None:
+    with official(envoy, KEY_A) as client:
+        result = client.embeddings.create(model="fake", input="hello", encoding_format="float")
+    assert len(result.data[0].embedding) == 8
+
+
+def test_over_the_rate_limit_is_429_with_retry_after(envoy: EnvoyProcess) -> None:
+    headers = {"authorization": f"Bearer {KEY_B}"}
+    replies = [post(envoy, "/v1/embeddings", EMBEDDINGS, headers) for _ in range(3)]
+    assert [reply.status for reply in replies[:2]] == [200, 200]
+    refused = replies[2]
+    assert refused.status == 429, refused.body
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert "1 requests per second per API key" in error["message"]
+    assert not [name for name in refused.headers if name.lower().startswith(("grpc-", "x-http"))]
+
+    with official(envoy, KEY_B) as client, pytest.raises(openai.RateLimitError) as info:
+        client.embeddings.create(model="fake", input="hello")
+    assert info.value.code == "rate_limit_exceeded"
+    assert info.value.response.headers["retry-after"] == "1"
+
+
+def test_ollama_route_429_in_ollama_shape(envoy: EnvoyProcess) -> None:
+    headers = {"x-api-key": KEY_C}
+    body = {"model": "fake", "input": "hello"}
+    replies = [post(envoy, "/api/embed", body, headers) for _ in range(3)]
+    refused = replies[-1]
+    assert "Rate limit exceeded" in assert_ollama_error(refused, 429)
+    assert refused.headers["retry-after"] == "1"
