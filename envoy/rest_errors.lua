@@ -5,6 +5,8 @@
 -- HTTP error JSON (OpenAI's or Ollama's shape, chosen by the route) as trailing metadata
 -- `x-http-error-body`, and the HTTP status as `x-http-status`; a unary error is a trailers-only
 -- reply, so both arrive here as response headers. This filter turns them into the body.
+-- A `retry-after` trailer (rate limits, in whole seconds) stays as the HTTP Retry-After header:
+-- only grpc-* and x-http-* headers are removed.
 --
 -- Native gRPC calls through the same listener are left alone: that is decided from the REQUEST's
 -- content-type (an errored REST reply also carries content-type application/grpc).

@@ -301,3 +301,16 @@ def settings_from_argv(argv: Sequence[str]) -> Settings:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return load_settings(parser.parse_args(list(argv)), environ={})
+
+
+def child_environment(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child ``embedd serve``: ``base`` (default: this process's) without
+    any ``EMBEDD_*`` variable (so no config file either), plus every field of ``settings`` as
+    its ``EMBEDD_*`` variable. Secrets travel here, never on a command line."""
+    source = os.environ if base is None else base
+    environment = {key: value for key, value in source.items() if not key.startswith(ENV_PREFIX)}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        environment[env_name(f.name)] = text
+    return environment

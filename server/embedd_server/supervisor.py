@@ -1,20 +1,31 @@
-"""``embedd run``: the gRPC server in-process and Envoy's REST listener as a subprocess.
+"""``embedd run``: gRPC server(s) and Envoy's REST listener in front of them.
 
+One replica (the default): the gRPC server runs in-process and Envoy as a subprocess.
 Start-up: check the ports, start the server (it reports SERVING once the default model is
 loaded), render Envoy's config for it, start Envoy and wait for its admin ``/ready``.
-Shutdown (SIGINT/SIGTERM): the server goes NOT_SERVING and drains while Envoy still carries the
-answers of calls in flight, then Envoy is stopped. If Envoy dies, the server is stopped too and
-the exit code is non-zero.
 
-Envoy runs in its own process group so that a terminal's Ctrl-C reaches only this process, which
-then stops both in order. The upstream list given to the config renderer is where several
-server replicas will go.
+``--replicas N`` (N >= 2): N ``embedd serve`` child processes on gRPC ports grpc_port,
+grpc_port+1, ... (free ports when grpc_port is 0), each given exactly this Settings object
+through its environment (inherited ``EMBEDD_*`` variables are replaced, so a child reads
+nothing else), and ONE Envoy whose cluster lists all N with active gRPC health checks, outlier
+detection and retries of the idempotent RPCs on another replica. A child that exits
+unexpectedly is restarted with backoff; Envoy takes it back once its health check passes.
+
+Shutdown (SIGINT/SIGTERM): the server(s) go NOT_SERVING and drain (children get SIGTERM; their
+``EmbeddServer.stop`` does NOT_SERVING -> drain) while Envoy still carries the answers of calls
+in flight and retries refused calls elsewhere; once every server has exited, Envoy stops
+accepting connections, finishes the replies it holds, and is stopped. If Envoy dies, the
+servers are stopped too and the exit code is non-zero.
+
+Envoy and the children run in their own process groups so that a terminal's Ctrl-C reaches
+only this process, which then stops everything in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -24,16 +35,29 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
-from embedd_server.app import EmbeddServer, StartupError
-from embedd_server.envoy_config import EnvoyConfigError, envoy_binary, write_envoy_config
-from embedd_server.settings import Settings, env_name
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedd_server.app import SERVICE_NAME, EmbeddServer, StartupError
+from embedd_server.envoy_config import (
+    EnvoyConfigError,
+    connect_host,
+    envoy_binary,
+    write_envoy_config,
+)
+from embedd_server.settings import Settings, child_environment, env_name
 
 log = logging.getLogger(__name__)
 
 ENVOY_READY_TIMEOUT_S = 30.0
 ENVOY_STOP_TIMEOUT_S = 10.0
+ENVOY_DRAIN_TIMEOUT_S = 2.0  # after the servers are gone: replies Envoy still holds
+RESTART_BACKOFF_S = (0.5, 10.0)  # first delay, cap; doubles after each quick failure
+STABLE_AFTER_S = 30.0  # a replica up this long starts again from the first delay
+CHILD_STOP_MARGIN_S = 15.0  # beyond shutdown_grace_s, before a child is killed
 
 
 class PortInUse(RuntimeError):
@@ -44,19 +68,43 @@ class EnvoyFailed(RuntimeError):
     """Envoy could not start, or exited while it should have been serving."""
 
 
+def replica_ports(settings: Settings) -> list[int]:
+    """The gRPC ports of the replicas: grpc_port, grpc_port+1, ... (free ones when it is 0)."""
+    if settings.grpc_port != 0:
+        last = settings.grpc_port + settings.replicas - 1
+        if last > 65535:
+            raise StartupError(
+                f"{settings.replicas} replicas need gRPC ports {settings.grpc_port}..{last}: "
+                f"choose a lower --grpc-port / {env_name('grpc_port')}."
+            )
+        return list(range(settings.grpc_port, last + 1))
+    host = settings.grpc_host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as held:  # all held at once: N different ports
+        sockets = [held.enter_context(socket.socket(family)) for _ in range(settings.replicas)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def check_ports_free(settings: Settings) -> None:
     """Fails fast, before any model is loaded, if a port ``embedd run`` needs is taken."""
     wanted = [
-        ("127.0.0.1", settings.http_port, "http_port"),
-        ("127.0.0.1", settings.envoy_admin_port, "envoy_admin_port"),
-        (settings.grpc_host, settings.grpc_port, "grpc_port"),
+        ("127.0.0.1", settings.http_port, "http_port", ""),
+        ("127.0.0.1", settings.envoy_admin_port, "envoy_admin_port", ""),
+        (settings.grpc_host, settings.grpc_port, "grpc_port", ""),
     ]
-    for host, port, name in wanted:
+    if settings.grpc_port != 0:
+        wanted += [
+            (settings.grpc_host, port, "grpc_port", f"+{i}, replica {i}")
+            for i, port in enumerate(replica_ports(settings)[1:], start=1)
+        ]
+    for host, port, name, which in wanted:
         if port != 0 and not _port_free(host, port):
             flag = "--" + name.replace("_", "-")
             raise PortInUse(
-                f"port {port} ({name}) is already in use on {host}: stop what listens there "
-                f"or choose another port with {flag} or {env_name(name)}."
+                f"port {port} ({name}{which}) is already in use on {host}: stop what listens "
+                f"there or choose another port with {flag} or {env_name(name)}."
             )
 
 
@@ -74,20 +122,28 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def run_with_envoy(settings: Settings) -> int:
-    """Runs server and Envoy until a signal (exit 0) or a failure (non-zero). For the CLI."""
+    """Runs server(s) and Envoy until a signal (exit 0) or a failure (non-zero). For the CLI."""
     try:
         check_ports_free(settings)
+        if settings.replicas > 1:
+            return asyncio.run(_supervise_replicas(settings, replica_ports(settings)))
         return asyncio.run(_supervise(settings))
     except (PortInUse, StartupError, EnvoyConfigError, EnvoyFailed) as exc:
         print(f"embedd run: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, EnvoyFailed) else 1
 
 
-async def _supervise(settings: Settings) -> int:
+def _stop_event() -> asyncio.Event:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    return stop_requested
+
+
+async def _supervise(settings: Settings) -> int:
+    """One replica: the server in this process."""
+    stop_requested = _stop_event()
     server = EmbeddServer(settings)
     await server.start()
     upstream = f"{settings.grpc_host}:{server.port}"
@@ -98,32 +154,232 @@ async def _supervise(settings: Settings) -> int:
             write_envoy_config(settings, config, upstreams=[upstream])
             envoy = await _start_envoy(config)
             await _wait_ready(envoy, settings.envoy_admin_port)
-            log.info(
-                "REST on http://127.0.0.1:%d (OpenAI /v1/embeddings, Ollama /api/embed), "
-                "gRPC on %s",
-                settings.http_port,
-                upstream,
-            )
+            _log_serving(settings, [upstream])
             if await _envoy_exits_first(envoy, stop_requested):
                 raise EnvoyFailed(f"Envoy exited unexpectedly with code {envoy.returncode}")
             log.info("signal received: draining the server, then stopping Envoy")
         finally:
             await server.stop()  # NOT_SERVING and drain; Envoy still carries answers in flight
             if envoy is not None:
-                await _stop_envoy(envoy)
+                await _drain_and_stop_envoy(envoy, settings.envoy_admin_port)
     return 0
+
+
+async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
+    """N replicas: ``embedd serve`` children, restarted when they die, behind one Envoy."""
+    stop_requested = _stop_event()
+    pool = ReplicaPool(settings, ports)
+    envoy: asyncio.subprocess.Process | None = None
+    upstreams = [f"{settings.grpc_host}:{port}" for port in ports]
+    with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:
+        try:
+            if not await _first_done(pool.start(), stop_requested.wait()):
+                log.info("signal received while starting: stopping the replicas")
+                return 0
+            config = Path(workdir) / "envoy.yaml"
+            write_envoy_config(settings, config, upstreams=upstreams)
+            envoy = await _start_envoy(config)
+            await _wait_ready(envoy, settings.envoy_admin_port)
+            _log_serving(settings, upstreams)
+            pool.supervise()
+            if await _envoy_exits_first(envoy, stop_requested):
+                raise EnvoyFailed(f"Envoy exited unexpectedly with code {envoy.returncode}")
+            log.info("signal received: draining the %d replicas, then stopping Envoy", len(ports))
+        finally:
+            await pool.stop()  # each: NOT_SERVING and drain; Envoy still carries the answers
+            if envoy is not None:
+                await _drain_and_stop_envoy(envoy, settings.envoy_admin_port)
+    return 0
+
+
+def _log_serving(settings: Settings, upstreams: Sequence[str]) -> None:
+    log.info(
+        "REST on http://127.0.0.1:%d (OpenAI /v1/embeddings, Ollama /api/embed), gRPC on %s",
+        settings.http_port,
+        ", ".join(upstreams),
+    )
+
+
+async def _first_done(work: Awaitable[object], other: Awaitable[object]) -> bool:
+    """Runs two awaitables until the first finishes; True if it was ``work``. The other is
+    cancelled; an exception of ``work`` propagates."""
+    first = asyncio.ensure_future(work)
+    second = asyncio.ensure_future(other)
+    done, pending = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if first in done:
+        first.result()
+        return True
+    return False
+
+
+# --- replicas ------------------------------------------------------------------------------
+
+
+def replica_settings(settings: Settings, index: int, port: int) -> Settings:
+    """What replica ``index`` is told: its own gRPC port (and metrics port, when metrics are on),
+    one replica; everything else as given."""
+    metrics_port = settings.metrics_port + index if settings.metrics_port else 0
+    return settings.replace(grpc_port=port, metrics_port=metrics_port, replicas=1)
+
+
+@dataclasses.dataclass
+class Replica:
+    index: int
+    port: int
+    settings: Settings
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"replica {self.index} (gRPC port {self.port})"
+
+
+class ReplicaPool:
+    """The child servers: start (all SERVING), supervise (restart with backoff), stop (drain)."""
+
+    def __init__(self, settings: Settings, ports: Sequence[int]) -> None:
+        self.settings = settings
+        self.replicas = [
+            Replica(i, port, replica_settings(settings, i, port)) for i, port in enumerate(ports)
+        ]
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Starts every child and waits until each reports SERVING. A child that exits first
+        is a StartupError (its own message is on stderr above)."""
+        for replica in self.replicas:
+            await self._spawn(replica)
+        await asyncio.gather(*(self._wait_serving(replica) for replica in self.replicas))
+
+    def supervise(self) -> None:
+        """From now on a child that exits is restarted (until stop())."""
+        self._watchers = [
+            asyncio.create_task(self._keep_running(replica)) for replica in self.replicas
+        ]
+
+    async def stop(self) -> None:
+        """SIGTERM to every child (NOT_SERVING, drain), then wait; SIGKILL after the grace."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        for watcher in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        running = [r for r in self.replicas if r.process and r.process.returncode is None]
+        for replica in running:
+            assert replica.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                replica.process.send_signal(signal.SIGTERM)
+        limit = self.settings.shutdown_grace_s + CHILD_STOP_MARGIN_S
+        await asyncio.gather(*(self._reap(replica, limit) for replica in running))
+        if running and len(running) == len(self.replicas):
+            log.info("all %d replicas stopped", len(running))
+        elif running:
+            log.info("the %d replicas still running stopped", len(running))
+
+    async def _reap(self, replica: Replica, limit: float) -> None:
+        assert replica.process is not None
+        try:
+            code = await asyncio.wait_for(replica.process.wait(), limit)
+        except TimeoutError:
+            log.warning("%s did not stop within %.0fs: killing it", replica.name, limit)
+            replica.process.kill()
+            code = await replica.process.wait()
+        if code not in (0, -signal.SIGTERM):  # -SIGTERM: it was still starting or exiting
+            log.warning("%s exited with code %s on shutdown", replica.name, code)
+
+    async def _spawn(self, replica: Replica) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "embedd_server.cli",
+            "serve",
+            "--grpc-port",  # also in the environment; here for `ps`
+            str(replica.port),
+        ]
+        replica.process = await asyncio.create_subprocess_exec(
+            *command,
+            env=child_environment(replica.settings),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sys.stderr,
+            stderr=sys.stderr,
+            process_group=0,  # Ctrl-C reaches the supervisor only; it stops children in order
+        )
+        replica.started_at = time.monotonic()
+        log.info("%s: pid %d", replica.name, replica.process.pid)
+
+    async def _wait_serving(self, replica: Replica) -> None:
+        assert replica.process is not None
+        target = f"{connect_host(self.settings.grpc_host)}:{replica.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            while True:
+                if replica.process.returncode is not None:
+                    raise StartupError(
+                        f"{replica.name} exited with code {replica.process.returncode} before "
+                        "serving (its message is above)"
+                    )
+                with contextlib.suppress(grpc.RpcError):
+                    reply = await stub.Check(request, timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.2)
+
+    async def _keep_running(self, replica: Replica) -> None:
+        delay = RESTART_BACKOFF_S[0]
+        while True:
+            assert replica.process is not None
+            code = await replica.process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - replica.started_at > STABLE_AFTER_S:
+                delay = RESTART_BACKOFF_S[0]
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            log.warning(
+                "%s exited unexpectedly (%s); restarting it in %.1fs", replica.name, how, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_BACKOFF_S[1])
+            replica.restarts += 1
+            try:
+                await self._spawn(replica)
+                await self._wait_serving(replica)
+            except StartupError:  # it exited before serving: logged and retried above
+                continue
+            except OSError as exc:  # could not even start the process
+                log.error("%s could not be restarted (%s); trying again", replica.name, exc)
+                replica.started_at = time.monotonic()
+                continue
+            log.info(
+                "%s is SERVING again (restart %d); Envoy takes it back at its next health check",
+                replica.name,
+                replica.restarts,
+            )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# --- Envoy ---------------------------------------------------------------------------------
 
 
 async def _envoy_exits_first(
     envoy: asyncio.subprocess.Process, stop_requested: asyncio.Event
 ) -> bool:
     """Waits for a stop signal or Envoy's exit; True if Envoy exited first."""
-    exited = asyncio.ensure_future(envoy.wait())
-    signalled = asyncio.ensure_future(stop_requested.wait())
-    done, pending = await asyncio.wait({exited, signalled}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    return exited in done
+    return await _first_done(envoy.wait(), stop_requested.wait())
 
 
 async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
@@ -161,6 +417,32 @@ def _answers_ready(url: str) -> bool:
             return bool(reply.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+async def _drain_and_stop_envoy(envoy: asyncio.subprocess.Process, admin_port: int) -> None:
+    """The servers are gone: Envoy stops accepting connections, gets a moment to send the
+    replies it holds (its own 503s by now), then is stopped."""
+    if envoy.returncode is None:
+        await asyncio.to_thread(_drain_listeners, admin_port)
+    await _stop_envoy(envoy)
+
+
+def _drain_listeners(admin_port: int) -> None:
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        drain = urllib.request.Request(admin + "/drain_listeners", method="POST")
+        with urllib.request.urlopen(drain, timeout=2):
+            pass
+        deadline = time.monotonic() + ENVOY_DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            stats = admin + "/stats?filter=^http\\.rest\\.downstream_rq_active$"
+            with urllib.request.urlopen(stats, timeout=2) as reply:
+                text = reply.read().decode()
+            if text.strip().endswith(": 0"):
+                return
+            time.sleep(0.05)
+    except (urllib.error.URLError, OSError) as exc:
+        log.warning("could not drain Envoy's listener (%s); stopping it", exc)
 
 
 async def _stop_envoy(envoy: asyncio.subprocess.Process) -> None:
