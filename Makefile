@@ -75,3 +75,23 @@ fmt:
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/embedd/v1/*_pb2* $(DESCRIPTOR)
+
+# --- benchmark ------------------------------------------------------------------------------
+.PHONY: bench ghz
+GHZ := .tools/bin/ghz
+GHZ_VERSION := v0.121.0
+BENCH_ARGS ?=
+
+## ghz: the gRPC load generator, pinned, into .tools/bin (tests/load/ has its configs).
+ghz: $(GHZ)
+
+$(GHZ):
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+## bench: engine ceiling, gRPC, REST, EmbedStream and llama-cpp-python's server on this
+## machine; prints the table, writes docs/benchmarks/latest.{md,png}. BENCH_ARGS=--quick: short.
+bench: $(STAMP) model
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	@test -x $(GHZ) || { command -v go >/dev/null && $(MAKE) --no-print-directory ghz; } || \
+	  echo "no Go: the gRPC legs use the asyncio load generator instead of ghz"
+	$(PY) -m bench $(BENCH_ARGS)

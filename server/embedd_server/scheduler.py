@@ -1,9 +1,10 @@
 """The scheduler between callers (asyncio) and workers (threads).
 
 A request becomes a :class:`Job` of one work item per input. Workers take items from a
-:class:`FairQueue` that rotates between jobs item by item, and a new job's first item runs
-next, so a one-text request never waits behind another caller's 2048-text batch: it is
-served as soon as a worker finishes its current item. The queue is bounded in items; a job
+:class:`FairQueue`: new jobs in arrival order, taking turns with the jobs already started,
+which rotate item by item. So a one-text request never waits behind another caller's
+2048-text batch (at most one of its inputs), the batch still advances under a stream of new
+calls, and calls are served in arrival order (no starvation at the tail). The queue is bounded in items; a job
 that does not fit is refused at once (:class:`~embedd_server.errors.Overloaded`). Cancelled
 and expired jobs are dropped before their remaining items cost compute.
 
@@ -50,7 +51,10 @@ class Job:
         self._lock = threading.Lock()
         self._remaining = len(sequences)
         self._next_index = 0
+        self._untaken_tokens = sum(map(len, sequences))  # per input, not per token
         self._done = False
+        self.created_at = time.monotonic()
+        self.started_at: float | None = None  # when a worker took its first input (metrics)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -68,6 +72,7 @@ class Job:
             return None
         index = self._next_index
         self._next_index += 1
+        self._untaken_tokens -= len(self.sequences[index])
         return index
 
     def next_length(self) -> int:
@@ -79,6 +84,10 @@ class Job:
     @property
     def untaken(self) -> int:
         return len(self.sequences) - self._next_index
+
+    @property
+    def untaken_tokens(self) -> int:
+        return self._untaken_tokens
 
     def deliver(self, index: int, vector: npt.NDArray[np.float32]) -> None:
         """Stores one input's vector (worker thread); resolves the future after the last."""
@@ -132,8 +141,11 @@ class FairQueue:
 
     def __init__(self, max_items: int) -> None:
         self._max_items = max_items
-        self._jobs: deque[Job] = deque()
+        self._fresh: deque[Job] = deque()  # no input taken yet: first come, first served
+        self._started: deque[Job] = deque()  # partly taken: round-robin, one input each
+        self._fresh_turn = False
         self._queued_items = 0
+        self._queued_tokens = 0
         self._closed: EmbeddError | None = None  # the error new jobs get once closed
         self._cond = threading.Condition()
 
@@ -141,6 +153,11 @@ class FairQueue:
     def queued_items(self) -> int:
         """Inputs waiting for a worker (for metrics and tests)."""
         return self._queued_items
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens of the inputs waiting for a worker (for metrics)."""
+        return self._queued_tokens
 
     def submit(self, job: Job) -> None:
         """Queues a job, or raises Overloaded/Unavailable at once."""
@@ -152,10 +169,9 @@ class FairQueue:
                     f"The server's queue is full ({self._queued_items} of {self._max_items} "
                     f"inputs waiting); retry later or send fewer inputs per request."
                 )
-            # A new job goes first: its first input runs next, whatever is queued. Then it
-            # rotates with the others, one input each, so nobody starves.
-            self._jobs.appendleft(job)
+            self._fresh.append(job)
             self._queued_items += len(job)
+            self._queued_tokens += job.untaken_tokens
             self._cond.notify(len(job))
 
     def take_batch(self, max_tokens: int, max_items: int) -> list[WorkItem]:
@@ -176,25 +192,38 @@ class FairQueue:
             return batch
 
     def _pop_item(self, max_tokens: int | None) -> WorkItem | None:
-        """The next job's next item, if it fits in max_tokens (None: any size)."""
+        """The next input, if it fits in max_tokens (None: any size). New jobs and jobs
+        already started take turns, so a one-text call waits for at most one input of a big
+        batch, and a big batch still advances while new calls keep arriving."""
         now = time.monotonic()
-        while self._jobs:
-            job = self._jobs[0]
+        self._fresh_turn = not self._fresh_turn
+        first, second = (
+            (self._fresh, self._started) if self._fresh_turn else (self._started, self._fresh)
+        )
+        return self._pop_from(first, max_tokens, now) or self._pop_from(second, max_tokens, now)
+
+    def _pop_from(self, jobs: deque[Job], max_tokens: int | None, now: float) -> WorkItem | None:
+        while jobs:
+            job = jobs[0]
             if job.done or job.expired(now):
-                self._jobs.popleft()
+                jobs.popleft()
                 self._queued_items -= job.untaken
+                self._queued_tokens -= job.untaken_tokens
                 if not job.done:
                     job.fail(DeadlineExceeded("The request's deadline passed while it waited."))
                 continue
             if max_tokens is not None and job.next_length() > max_tokens:
                 return None
-            self._jobs.popleft()
+            jobs.popleft()
             index = job.take_index()
             if index is None:
                 continue
+            if index == 0:
+                job.started_at = now
             self._queued_items -= 1
+            self._queued_tokens -= len(job.sequences[index])
             if job.untaken:
-                self._jobs.append(job)  # rotate: the next item goes to another job
+                self._started.append(job)  # rotate: the next input goes to another job
             return WorkItem(job, index)
         return None
 
@@ -209,7 +238,10 @@ class FairQueue:
     def fail_all(self, error: EmbeddError) -> None:
         """Ends every queued job with ``error`` (e.g. when the last worker died)."""
         with self._cond:
-            jobs, self._jobs = list(self._jobs), deque()
+            jobs = [*self._fresh, *self._started]
+            self._fresh.clear()
+            self._started.clear()
             self._queued_items = 0
+            self._queued_tokens = 0
         for job in jobs:
             job.fail(error)

@@ -1,0 +1,355 @@
+"""Child processes of the benchmark (servers, Envoy, the peer) and what /proc says about them.
+
+Everything listens on loopback on free ports, every start has a deadline, and every process
+started here is stopped (SIGTERM, then SIGKILL) by its context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from bench.texts import REPO
+
+BENCH_DIR = REPO / ".bench"
+LOG_DIR = BENCH_DIR / "logs"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15.0
+
+
+def ensure_bench_dir() -> Path:
+    """``.bench/`` (outputs nobody commits: venvs, data files, logs); it ignores itself."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    ignore = BENCH_DIR / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    return BENCH_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_environment() -> dict[str, str]:
+    """This environment without EMBEDD_* variables: servers run with default settings."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("EMBEDD_")}
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """The process and all its descendants (e.g. `embedd run` and its Envoy)."""
+    found = [pid]
+    index = 0
+    while index < len(found):
+        current = found[index]
+        index += 1
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    found.extend(int(child) for child in handle.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of one process (all its threads), or of its thread ``tid``;
+    0 if it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(member) for member in descendants(pid))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+class CpuMeter:
+    """CPU used during a leg by the server tree, this process, reaped children, and the rest
+    of the machine (other people's work on a shared machine: noise)."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self._server_pid = server_pid
+        self._server_pids = descendants(server_pid) if server_pid else []
+
+    def __enter__(self) -> CpuMeter:
+        self._wall = time.perf_counter()
+        self._server = self._server_cpu()
+        self._helper = self._helper_cpu()
+        self._main = self._main_thread_cpu()
+        self._own = time.process_time()
+        self._children = _reaped_children_cpu()
+        self._busy = machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.server_cpu = self._server_cpu() - self._server
+        self.helper_cpu = self._helper_cpu() - self._helper  # the server's children (Envoy)
+        # The server's main thread: its event loop (gRPC handlers, tokenizing, protobuf).
+        self.main_thread_cpu = self._main_thread_cpu() - self._main
+        self.own_cpu = time.process_time() - self._own
+        self.children_cpu = _reaped_children_cpu() - self._children
+        self.busy = machine_busy_seconds() - self._busy
+
+    def _server_cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self._server_pids)
+
+    def _main_thread_cpu(self) -> float:
+        return cpu_seconds(self._server_pid, self._server_pid) if self._server_pid else 0.0
+
+    def _helper_cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self._server_pids[1:])
+
+    def cores(self, cpu: float) -> float:
+        return cpu / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def other_cpu(self) -> float:
+        """Busy CPU not accounted to the server, the load generator or this process."""
+        return max(0.0, self.busy - self.server_cpu - self.own_cpu - self.children_cpu)
+
+
+def _reaped_children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class RssSampler:
+    """Samples a process tree's resident memory every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self._pid = pid
+        self._interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(rss_mib(self._pid))
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+# --- managed child processes ---------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A started process, its log and its addresses."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(descendants(self.process.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.wait(STOP_TIMEOUT_S)
+
+
+def start_child(
+    name: str, command: Sequence[str], ready: Callable[[], bool], timeout: float = START_TIMEOUT_S
+) -> Child:
+    """Starts ``command`` (log in .bench/logs/<name>.log) and polls ``ready`` until true."""
+    ensure_bench_dir()
+    log_path = LOG_DIR / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=clean_environment(),
+            cwd=REPO,
+        )
+    child = Child(name, process, log_path)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {process.returncode}:\n{child.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready within {timeout:.0f}s:\n{child.log_tail()}")
+            time.sleep(0.2)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+class Children:
+    """Every child started in a ``with`` block is stopped when it ends, last first."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+
+    def add(self, child: Child) -> Child:
+        self._children.append(child)
+        return child
+
+    def add_embedd(self, server: Embedd) -> Embedd:
+        self.add(server.child)
+        return server
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        while self._children:
+            self._children.pop().stop()
+
+
+def grpc_serving(target: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+            except grpc.RpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return check
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
+
+
+@dataclass(frozen=True)
+class Embedd:
+    """An embedd server: gRPC target, REST base URL (when Envoy runs), the process."""
+
+    child: Child
+    grpc_target: str
+    rest_url: str | None
+
+
+def start_embedd(models_dir: Path, with_envoy: bool) -> Embedd:
+    """`embedd serve` (gRPC only) or `embedd run` (gRPC + Envoy's REST) with default
+    settings on free loopback ports."""
+    grpc_port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "embedd_server.cli",
+        "run" if with_envoy else "serve",
+        "--grpc-port",
+        str(grpc_port),
+        "--models-dir",
+        str(models_dir),
+        "--shutdown-grace-s",
+        "2",
+    ]
+    target = f"127.0.0.1:{grpc_port}"
+    checks = [grpc_serving(target)]
+    rest_url = None
+    if with_envoy:
+        http_port = free_port()
+        command += ["--http-port", str(http_port), "--envoy-admin-port", str(free_port())]
+        rest_url = f"http://127.0.0.1:{http_port}"
+        checks.append(http_ok(rest_url + "/v1/models"))
+
+    def ready() -> bool:
+        return all(check() for check in checks)
+
+    name = "embedd-run" if with_envoy else "embedd-serve"
+    return Embedd(start_child(name, command, ready), target, rest_url)
