@@ -68,6 +68,7 @@ class ServerThread:
         write_fake_gguf(models_dir / "fake.gguf")
         write_fake_gguf(models_dir / "other.gguf", dimensions=4)
         FakeRuntime.instances.clear()
+        overrides.setdefault("metrics_port", 0)  # no fixed port: tests run servers side by side
         settings = Settings(
             grpc_port=0, models_dir=models_dir, default_model="fake", workers=2, **overrides
         )
@@ -119,6 +120,8 @@ class ServerProcess:
             str(port),
             "--models-dir",
             str(models_dir),
+            "--metrics-port",
+            "0",  # no fixed port: tests run servers side by side (extra_args may override)
             *extra_args,
         ]
         with log_path.open("wb") as log:

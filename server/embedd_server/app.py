@@ -11,10 +11,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from embedd.v1 import embedder_pb2, embedder_pb2_grpc
+from embedd_server import access
+from embedd_server.decoding import DecodeGuard
 from embedd_server.errors import EmbeddError
 from embedd_server.grpc_service import EmbedderServicer
+from embedd_server.metrics import Metrics, MetricsPortError
 from embedd_server.models import ModelRegistry, RuntimeLoader, load_llama_runtime
 from embedd_server.reflection import enable_reflection
+from embedd_server.request_context import RequestContextInterceptor
 from embedd_server.service import EmbeddingService
 from embedd_server.settings import Settings
 
@@ -34,7 +38,10 @@ class EmbeddServer:
 
     def __init__(self, settings: Settings, loader: RuntimeLoader = load_llama_runtime) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings, loader, on_worker_loss=self._on_worker_loss)
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(
+            settings, loader, on_worker_loss=self._on_worker_loss, metrics=self.metrics
+        )
         self.service = EmbeddingService(settings, self.registry)
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -45,11 +52,17 @@ class EmbeddServer:
     def _build_server(self, health_servicer: health_aio.HealthServicer) -> aio.Server:
         limit = self.settings.max_message_bytes
         server = aio.server(
+            # Request ids first, so calls refused by access control are logged and counted too.
+            interceptors=[
+                RequestContextInterceptor(self.metrics),
+                *access.interceptors(self.settings),
+                DecodeGuard(),  # innermost: it swaps the request deserializer
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         servicer = EmbedderServicer(self.service, self.settings.stream_window)
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
@@ -69,6 +82,11 @@ class EmbeddServer:
                 f"cannot listen on {self.settings.grpc_address} ({exc}); is another server "
                 "running there? Choose another port with --grpc-port / EMBEDD_GRPC_PORT."
             ) from None
+        if self.settings.metrics_port:
+            try:
+                self.metrics.serve(self.settings.metrics_port)
+            except MetricsPortError as exc:
+                raise StartupError(str(exc)) from None
         await self._set_health(NOT_SERVING)
         await server.start()
         self.registry.start()
@@ -77,6 +95,7 @@ class EmbeddServer:
             await self.registry.get(self.settings.default_model)
         except EmbeddError as exc:
             await server.stop(0)
+            await asyncio.to_thread(self.metrics.close)  # waits out its poll interval
             raise StartupError(f"default model: {exc.message}") from None
         await self._set_health(SERVING)
         log.info("serving; default model %s", self.settings.default_model)
@@ -90,6 +109,7 @@ class EmbeddServer:
         if self._server is not None:
             await self._server.stop(grace)
         await self.registry.close()
+        await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

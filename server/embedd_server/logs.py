@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from embedd_server.request_context import current_request
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -32,6 +34,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record emitted while an RPC is served (errors logged by
+    the core included), unless the record already has one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            request = current_request()
+            if request is not None:
+                record.request_id = request.request_id
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """``time level logger: message key=value ...``"""
 
@@ -50,6 +64,7 @@ def configure_logging(level: str = "info", as_json: bool = False) -> None:
     """Sends every log record to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

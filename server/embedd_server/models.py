@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import Protocol
 
 from embedd_server.engine import Engine, LlamaRuntime
-from embedd_server.errors import ModelLoadError, ModelNotEmbedding, ModelNotFound, Overloaded
+from embedd_server.errors import (
+    ModelLoadError,
+    ModelNotEmbedding,
+    ModelNotFound,
+    Overloaded,
+    shorten,
+)
 from embedd_server.keep_alive import parse_duration
+from embedd_server.metrics import Metrics, ModelGauges
 from embedd_server.model_info import POOLING_NAMES, ModelInfo, read_model_info
 from embedd_server.scheduler import FairQueue
 from embedd_server.settings import Settings
@@ -115,6 +122,7 @@ class ModelRegistry:
         settings: Settings,
         loader: RuntimeLoader = load_llama_runtime,
         on_worker_loss: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._loader = loader
@@ -125,6 +133,8 @@ class ModelRegistry:
         self._reaper: asyncio.Task[None] | None = None
         self._wake_reaper = asyncio.Event()
         self.loads = 0  # how many loads happened (for tests and metrics)
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self._gauges)
 
     # --- the catalogue ---------------------------------------------------------------------
 
@@ -152,10 +162,10 @@ class ModelRegistry:
         """The catalogue entry of a model, or ModelNotFound listing the available ones."""
         name = self.resolve(name)
         path = self.models_dir / f"{name}.gguf"
-        if "/" in name or name.startswith(".") or not path.is_file():
+        if not _plausible_name(name) or not path.is_file():
             available = ", ".join(info.name for info in self.catalogue()) or "none"
             raise ModelNotFound(
-                f"The model '{name}' does not exist. Available models: {available}.",
+                f"The model '{shorten(name)}' does not exist. Available models: {available}.",
                 param="model",
             )
         return read_model_info(path)
@@ -165,6 +175,13 @@ class ModelRegistry:
 
     def loaded_models(self) -> Sequence[LoadedModel]:
         return list(self._loaded.values())
+
+    def _gauges(self) -> list[ModelGauges]:
+        # Called from the metrics HTTP thread: list() copies the values atomically (GIL).
+        return [
+            ModelGauges(m.info.name, m.queue.queued_items, m.queue.queued_tokens, m.pool.alive)
+            for m in list(self._loaded.values())
+        ]
 
     # --- using models ------------------------------------------------------------------------
 
@@ -235,6 +252,7 @@ class ModelRegistry:
         await self._make_room(info)
         loaded = await asyncio.to_thread(self._build, info, options)
         self.loads += 1
+        self.metrics.model_loads.labels(info.name).inc()
         return loaded
 
     def _build(self, info: ModelInfo, options: LoadOptions) -> LoadedModel:
@@ -252,6 +270,7 @@ class ModelRegistry:
                 batch_sequences=self._settings.batch_sequences,
                 timeout_s=self._settings.worker_timeout_s,
                 on_all_dead=lambda: self._workers_lost(info.name),
+                metrics=self.metrics,
             )
             pool.start()
         except BaseException:
@@ -338,6 +357,16 @@ class ModelRegistry:
                 await self._reaper
         for model in list(self._loaded.values()):
             await self._retire(model, "shutting down")
+
+
+def _plausible_name(name: str) -> bool:
+    """A name that can be a file stem in the models directory (no paths, not too long)."""
+    return (
+        0 < len(name.encode("utf-8", "surrogatepass")) <= 200
+        and "/" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+    )
 
 
 def _keep_alive_seconds(text: str) -> float:

@@ -4,9 +4,10 @@ A request becomes a :class:`Job` of one work item per input. Workers take items 
 :class:`FairQueue`: new jobs in arrival order, taking turns with the jobs already started,
 which rotate item by item. So a one-text request never waits behind another caller's
 2048-text batch (at most one of its inputs), the batch still advances under a stream of new
-calls, and calls are served in arrival order (no starvation at the tail). The queue is bounded in items; a job
-that does not fit is refused at once (:class:`~embedd_server.errors.Overloaded`). Cancelled
-and expired jobs are dropped before their remaining items cost compute.
+calls, and calls are served in arrival order (no starvation at the tail). The queue is
+bounded in items; a job that does not fit is refused at once
+(:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
+their remaining items cost compute.
 
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
 """

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from embedd_server.engine import Engine
 from embedd_server.errors import InternalError, Unavailable
+from embedd_server.metrics import Metrics
 from embedd_server.scheduler import FairQueue, WorkItem
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class WorkerPool:
         batch_sequences: int,
         timeout_s: float = 60.0,
         on_all_dead: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._model_name = model_name
         self._queue = queue
@@ -63,6 +65,12 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self.replaced = 0  # workers replaced after a crash or hang (metrics, tests)
+        metrics = metrics or Metrics()
+        # Bound once: the worker loop observes each batch without label look-ups.
+        self._observe_compute = metrics.compute_time.observe
+        self._observe_texts = metrics.batch_texts.observe
+        self._observe_tokens = metrics.batch_tokens.observe
+        self._replacements = metrics.worker_replacements.labels(model_name)
 
     @property
     def alive(self) -> int:
@@ -123,13 +131,18 @@ class WorkerPool:
         live = [item for item in batch if not item.job.done]  # skip cancelled/failed jobs
         if not live:
             return
+        sequences = [item.token_ids for item in live]
+        started = time.perf_counter()
         try:
-            vectors = engine.embed_batch([item.token_ids for item in live])
+            vectors = engine.embed_batch(sequences)
         except Exception:
             log.exception("engine of %s failed on a batch", self._model_name)
             for item in live:
                 item.job.fail(InternalError())
             return
+        self._observe_compute(time.perf_counter() - started)
+        self._observe_texts(len(sequences))
+        self._observe_tokens(sum(map(len, sequences)))
         for item, vector in zip(live, vectors, strict=True):
             item.job.deliver(item.index, vector)
 
@@ -166,6 +179,7 @@ class WorkerPool:
             log.exception("could not start a replacement worker for %s", self._model_name)
             return self._check_empty()
         self.replaced += 1
+        self._replacements.inc()
         self._launch(engine)
 
     def _leave(self, worker: _Worker) -> None:
