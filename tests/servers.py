@@ -88,6 +88,8 @@ class ServerThread:
             self.call(self.server.stop(grace))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()  # frees its self-pipe sockets now, not at a random later GC
 
     def __enter__(self) -> ServerThread:
         return self
