@@ -260,7 +260,7 @@ class ModelRegistry:
         runtime = self._loader(info, self._settings, options)
         try:
             tokenizer = _tokenizer_for(info, runtime)
-            queue = FairQueue(self._settings.max_queued_texts)
+            queue = FairQueue(self._settings.max_queued_texts, self._settings.max_queued_tokens)
             pool = WorkerPool(
                 info.name,
                 queue,

@@ -138,10 +138,11 @@ class WorkItem:
 
 
 class FairQueue:
-    """Bounded, round-robin queue of jobs, shared by the workers of one model."""
+    """Queue of jobs bounded in inputs and in tokens, shared by the workers of one model."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, max_tokens: int = 1 << 62) -> None:
         self._max_items = max_items
+        self._max_tokens = max_tokens
         self._fresh: deque[Job] = deque()  # no input taken yet: first come, first served
         self._started: deque[Job] = deque()  # partly taken: round-robin, one input each
         self._fresh_turn = False
@@ -170,9 +171,16 @@ class FairQueue:
                     f"The server's queue is full ({self._queued_items} of {self._max_items} "
                     f"inputs waiting); retry later or send fewer inputs per request."
                 )
+            tokens = job.untaken_tokens
+            # A job larger than the whole token bound still runs when the queue is empty.
+            if self._queued_tokens and self._queued_tokens + tokens > self._max_tokens:
+                raise Overloaded(
+                    f"The server's queue is full ({self._queued_tokens} of {self._max_tokens} "
+                    f"tokens waiting); retry later or send less text per request."
+                )
             self._fresh.append(job)
             self._queued_items += len(job)
-            self._queued_tokens += job.untaken_tokens
+            self._queued_tokens += tokens
             self._cond.notify(len(job))
 
     def take_batch(self, max_tokens: int, max_items: int) -> list[WorkItem]:

@@ -90,6 +90,12 @@ class Settings:
         "with RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting without bound.",
         16384,
     )
+    max_queued_tokens: int = _opt(
+        "Bound of the scheduler's queue in tokens (what the workers' time depends on): a "
+        "request that would take it past this is refused at once with RESOURCE_EXHAUSTED "
+        "(HTTP 429). One request alone is always accepted.",
+        262_144,
+    )
     stream_window: int = _opt(
         "Batches of one EmbedStream the server reads ahead of its answers (flow control).", 4
     )
@@ -142,6 +148,7 @@ class Settings:
             (self.batch_sequences >= 1, "batch_sequences must be at least 1"),
             (self.max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1"),
             (self.max_queued_texts >= 1, "max_queued_texts must be at least 1"),
+            (self.max_queued_tokens >= 1, "max_queued_tokens must be at least 1"),
             (self.stream_window >= 1, "stream_window must be at least 1"),
             (self.max_message_mb >= 1, "max_message_mb must be at least 1"),
             (self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),

@@ -149,3 +149,13 @@ def test_batches_pack_items_of_several_jobs_within_the_token_budget(
         indexes = [item.index for batch in taken for item in batch if item.job is job]
         assert indexes == list(range(len(job)))
     assert max(len(batch) for batch in taken) > 1  # short inputs of both jobs were packed
+
+
+def test_the_queue_is_bounded_in_tokens_too(loop: asyncio.AbstractEventLoop) -> None:
+    queue = FairQueue(max_items=100, max_tokens=50)
+    queue.submit(Job([[1] * 30], 2, loop))
+    with pytest.raises(Overloaded, match="30 of 50 tokens"):
+        queue.submit(Job([[2] * 25], 2, loop))
+    queue.submit(Job([[3] * 20], 2, loop))  # what fits still goes in
+    lone = FairQueue(max_items=100, max_tokens=50)
+    lone.submit(Job([[4] * 80], 2, loop))  # alone, even an oversized job is served
