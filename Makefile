@@ -95,3 +95,10 @@ bench: $(STAMP) model
 	@test -x $(GHZ) || { command -v go >/dev/null && $(MAKE) --no-print-directory ghz; } || \
 	  echo "no Go: the gRPC legs use the asyncio load generator instead of ghz"
 	$(PY) -m bench $(BENCH_ARGS)
+
+## soak: `embedd serve` under steady mixed gRPC load for a few minutes (not in CI); prints
+## throughput and RSS every 10 s and a verdict (RSS flat, no errors); writes docs/benchmarks/soak.md.
+.PHONY: soak
+SOAK_ARGS ?= --minutes 3
+soak: $(STAMP) model
+	$(PY) -m bench.soak $(SOAK_ARGS)
