@@ -203,3 +203,20 @@ def test_sigterm_drains_calls_in_flight_then_exits(tmp_path: Path) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert server.process.wait(60) == 0, server.log()
     assert "draining" in server.log()
+
+
+def test_batch_sequences_1_gives_bit_identical_vectors(
+    tmp_path: Path, reference: tuple[list[dict[str, Any]], Matrix]
+) -> None:
+    (tmp_path / f"{DEFAULT_MODEL}.gguf").symlink_to(
+        (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve()
+    )
+    texts = [t["text"] for t in reference[0]][:24]
+    with (
+        ServerProcess.start(tmp_path, ["--batch-sequences", "1"]) as server,
+        grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        batched = embed(stub, texts)
+        single = np.concatenate([embed(stub, [text]) for text in texts])
+    np.testing.assert_array_equal(batched, single)
