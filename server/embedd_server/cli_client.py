@@ -8,6 +8,7 @@ and exits with status 2; there is never a traceback.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import sys
@@ -441,18 +442,20 @@ def _decoded(source: Path, lines: Any) -> Iterator[str]:
         raise CommandError(f"{source}: not UTF-8 text ({exc.reason})") from None
 
 
-class _Writer:
+class _Writer(abc.ABC):
     """Where embed-file puts vectors, batch after batch."""
 
     def __init__(self) -> None:
         self.count = 0
         self.dimensions = 0
 
+    @abc.abstractmethod
     def write(self, vectors: FloatMatrix) -> None:
-        raise NotImplementedError
+        """Appends a batch of vectors."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Finishes the output file."""
 
 
 class _NpyWriter(_Writer):

@@ -83,17 +83,26 @@ def test_grpc_port_0_gives_distinct_free_ports() -> None:
 
 
 def test_a_replica_port_in_use_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with _taken_port_above_a_free_one() as port:
         settings = Settings(
             grpc_port=port - 1, replicas=2, http_port=free_port(), envoy_admin_port=free_port()
         )
-        if not _bindable(port - 1):
-            pytest.skip("the port below the taken one is busy too")
         with pytest.raises(PortInUse, match=rf"port {port} \(grpc_port\+1, replica 1\)"):
             check_ports_free(settings)
+
+
+@contextlib.contextmanager
+def _taken_port_above_a_free_one() -> Iterator[int]:
+    """Listens on a port whose lower neighbour is free (tries a few until one fits)."""
+    for _ in range(50):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port: int = taken.getsockname()[1]
+            if _bindable(port - 1):
+                yield port
+                return
+    raise AssertionError("found no free port below a taken one in 50 tries")
 
 
 def _bindable(port: int) -> bool:
