@@ -101,6 +101,13 @@ class FakeEngine:
                 runtime.unhang.wait(30)  # a decode that never ends (until the test ends it)
         return np.stack([fake_vector(ids, runtime.dimensions) for ids in sequences])
 
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """Like a thread engine: a hung decode can't be stopped from outside."""
+
     def close(self) -> None:
         pass
 

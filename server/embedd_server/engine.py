@@ -18,12 +18,14 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from embedd_server.engine_process import EngineSpec, ProcessEngine
 from embedd_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ class Engine(Protocol):
 
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """The pooled (not normalized) vectors of token sequences, one row each."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer compute (its process has ended)."""
+
+    def abort(self) -> None:
+        """Stops a decode that hangs, from another thread, where the engine can (a process
+        engine kills its process; a thread's decode can't be stopped)."""
 
     def close(self) -> None:
         """Frees the engine's memory."""
@@ -56,11 +66,12 @@ def _llama() -> object:
 class LlamaModelWeights:
     """A GGUF model's weights, loaded once and shared by the contexts of all workers."""
 
-    def __init__(self, path: Path, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, n_gpu_layers: int = 0, *, vocab_only: bool = False) -> None:
         llama_cpp = _llama()
         from llama_cpp import _internals
 
         params = llama_cpp.llama_model_default_params()  # type: ignore[attr-defined]
+        params.vocab_only = vocab_only  # the tokenizer and metadata only: no weights
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         # llama.cpp's "extra" CPU buffer types (AMX, repacked weights) are chosen from what
         # the CPU advertises; on these machines it advertises AMX, and a q8_0 model then
@@ -75,7 +86,7 @@ class LlamaModelWeights:
             ) from None
         self.path = path
         self.n_gpu_layers = n_gpu_layers
-        self.dimensions = int(self.model.n_embd())
+        self.dimensions = int(self.model.n_embd()) or _embedding_length(self.model.metadata())
         self.vocab_size = int(self.model.n_vocab())
         self._lock = threading.Lock()  # guards tokenize calls from several threads
 
@@ -119,20 +130,18 @@ class _NumpyBatch:
         self.capacity = capacity
         self.max_sequences = max_sequences
 
-    def fill(self, sequences: Sequence[Sequence[int]]) -> None:
-        lengths = np.fromiter((len(ids) for ids in sequences), dtype=np.int32)
-        total = int(lengths.sum())
-        if total > self.capacity or len(sequences) > self.max_sequences:
+    def fill(self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]) -> None:
+        """Puts sequences (``tokens`` concatenated, ``lengths`` each) into the batch."""
+        total = len(tokens)
+        if total > self.capacity or len(lengths) > self.max_sequences:
             raise ValueError(
-                f"{len(sequences)} sequences of {total} tokens; the context fits "
+                f"{len(lengths)} sequences of {total} tokens; the context fits "
                 f"{self.max_sequences} sequences of {self.capacity} tokens"
             )
         starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        self.token[:total] = np.fromiter(
-            (token for ids in sequences for token in ids), dtype=np.int32, count=total
-        )
+        self.token[:total] = tokens
         self.pos[:total] = np.arange(total, dtype=np.int32) - starts
-        self.seq_ids[:total] = np.repeat(np.arange(len(sequences), dtype=np.int32), lengths)
+        self.seq_ids[:total] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
         self.struct.n_tokens = total
 
 
@@ -177,13 +186,21 @@ class LlamaEngine:
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         if any(not ids for ids in sequences):
             raise ValueError("empty token sequence")
-        self._batch.fill(sequences)
+        lengths = np.fromiter(map(len, sequences), dtype=np.int32, count=len(sequences))
+        tokens = np.fromiter(chain.from_iterable(sequences), dtype=np.int32, count=lengths.sum())
+        return self.embed_packed(tokens, lengths)
+
+    def embed_packed(
+        self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]
+    ) -> npt.NDArray[np.float32]:
+        """embed_batch() for sequences given as one token array and their lengths."""
+        self._batch.fill(tokens, lengths)
         self._ctx.kv_cache_clear()
         code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
-        vectors = np.empty((len(sequences), self._dimensions), dtype=np.float32)
-        for index in range(len(sequences)):
+        vectors = np.empty((len(lengths), self._dimensions), dtype=np.float32)
+        for index in range(len(lengths)):
             pointer = self._get_embeddings(self._ctx.ctx, index)
             if not pointer:
                 raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
@@ -193,12 +210,30 @@ class LlamaEngine:
             )
         return vectors
 
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """A decode in a thread can't be stopped from outside; the watchdog retires it."""
+
     def close(self) -> None:
         self._ctx.close()
 
 
+def _embedding_length(metadata: dict[str, str]) -> int:
+    """The model's width from GGUF metadata (a vocab-only load has no hparams)."""
+    architecture = metadata.get("general.architecture", "")
+    return int(metadata.get(f"{architecture}.embedding_length", "0"))
+
+
 class LlamaRuntime:
-    """What loading a GGUF file with llama.cpp gives the registry: weights and engines."""
+    """What loading a GGUF file with llama.cpp gives the registry: weights and engines.
+
+    With ``processes`` each engine is a worker process of its own (:class:`ProcessEngine`)
+    and this process loads only the vocabulary (tokenizer fallback, metadata); otherwise the
+    weights are loaded here once and every engine is a context on them, used by a thread.
+    """
 
     def __init__(
         self,
@@ -209,12 +244,20 @@ class LlamaRuntime:
         n_threads: int,
         n_gpu_layers: int,
         pooling_type: int | None = None,
+        processes: bool = False,
+        log_json: bool = False,
     ) -> None:
-        self.weights = LlamaModelWeights(path, n_gpu_layers)
-        self._pooling_type = pooling_type
-        self._max_tokens = max_tokens
-        self._max_sequences = max_sequences
-        self._n_threads = n_threads
+        self.weights = LlamaModelWeights(path, n_gpu_layers, vocab_only=processes)
+        self._spec = EngineSpec(
+            path=str(path),
+            max_tokens=max_tokens,
+            max_sequences=max_sequences,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            pooling_type=pooling_type,
+            log_json=log_json,
+        )
+        self._processes = processes
 
     @property
     def dimensions(self) -> int:
@@ -225,13 +268,19 @@ class LlamaRuntime:
         return self.weights.vocab_size
 
     def new_engine(self) -> Engine:
-        return LlamaEngine(
-            self.weights,
-            self._max_tokens,
-            self._max_sequences,
-            self._n_threads,
-            self._pooling_type,
-        )
+        spec = self._spec
+        if not self._processes:
+            return LlamaEngine(
+                self.weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+            )
+        engine = ProcessEngine(spec)
+        if engine.dimensions != self.dimensions:
+            engine.close()
+            raise ModelLoadError(
+                f"{self.weights.path.name}: the engine gives {engine.dimensions}-dimensional "
+                f"vectors, its metadata says {self.dimensions}."
+            )
+        return engine
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.weights.tokenize(text)

@@ -84,6 +84,8 @@ def load_llama_runtime(info: ModelInfo, settings: Settings, options: LoadOptions
         n_threads=settings.threads_per_worker,
         n_gpu_layers=n_gpu_layers,
         pooling_type=POOLING_TYPES[options.pooling] if options.pooling else None,
+        processes=settings.worker_processes and n_gpu_layers == 0,
+        log_json=settings.log_json,
     )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from embedd_server.engine import Engine
+from embedd_server.engine_process import EngineDied
 from embedd_server.errors import InternalError, Unavailable
 from embedd_server.metrics import Metrics
 from embedd_server.scheduler import FairQueue, WorkItem
@@ -116,8 +117,14 @@ class WorkerPool:
                 if not batch:
                     break  # closed and drained
                 worker.batch, worker.busy_since = batch, time.monotonic()
+                if not worker.engine.alive:
+                    self._renew_engine(worker)
                 self._compute(worker.engine, batch)
                 worker.batch, worker.busy_since = [], None
+        except EngineDied as exc:  # its process crashed, or the watchdog killed it
+            if not worker.retired:
+                log.error("worker %d of %s died: %s", worker.number, self._model_name, exc)
+                self._replace(worker, "The worker computing this request died; retry it.")
         except BaseException:  # the thread ends here either way; say so loudly
             log.exception("worker %d of %s died", worker.number, self._model_name)
             self._replace(worker, "The worker computing this request died; retry it.")
@@ -127,6 +134,19 @@ class WorkerPool:
             else:
                 self._leave(worker)
 
+    def _renew_engine(self, worker: _Worker) -> None:
+        """The engine's process ended while the worker was idle (nobody's work was lost):
+        the worker starts a new one before taking on its batch."""
+        log.error(
+            "worker %d of %s: its engine process ended while idle; starting a new one",
+            worker.number,
+            self._model_name,
+        )
+        worker.engine.close()
+        worker.engine = self._engine_factory()
+        self.replaced += 1
+        self._replacements.inc()
+
     def _compute(self, engine: Engine, batch: list[WorkItem]) -> None:
         live = [item for item in batch if not item.job.done]  # skip cancelled/failed jobs
         if not live:
@@ -135,6 +155,8 @@ class WorkerPool:
         started = time.perf_counter()
         try:
             vectors = engine.embed_batch(sequences)
+        except EngineDied:
+            raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:
             log.exception("engine of %s failed on a batch", self._model_name)
             for item in live:
@@ -161,6 +183,7 @@ class WorkerPool:
                         now - started,
                     )
                     self._replace(worker, "The worker computing this request hung; retry it.")
+                    worker.engine.abort()  # a process engine is killed; a thread is left
 
     def _replace(self, worker: _Worker, message: str) -> None:
         """Retires a worker, answers the callers it held, and starts a new one."""

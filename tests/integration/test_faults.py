@@ -6,6 +6,8 @@ it got a status that is not one the scenario allows.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -99,3 +101,103 @@ def test_worker_crashes_under_load_answer_every_caller(tmp_path: Path) -> None:
     _report("worker crashes under load (fake engine)", 8 * 25, outcomes, {"OK", "UNAVAILABLE"})
     assert outcomes["UNAVAILABLE"] > 0 and replaced > 0
     print(f"workers replaced: {replaced}")
+
+
+def _worker_processes(server_pid: int) -> list[int]:
+    """The server's llama.cpp worker processes (its children running engine_process)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        if parent == server_pid and b"embedd_server.engine_process" in command:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def _wait_for_workers(server_pid: int, count: int, exclude: set[int]) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = _worker_processes(server_pid)
+        if len(pids) == count and not exclude & set(pids):
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} new worker processes, have {pids}")
+
+
+def _real_model_dir(tmp_path: Path) -> Path:
+    (tmp_path / f"{DEFAULT_MODEL}.gguf").symlink_to(
+        (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve()
+    )
+    return tmp_path
+
+
+def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
+    tmp_path: Path,
+) -> None:
+    with ServerProcess.start(_real_model_dir(tmp_path), ["--workers", "2"]) as server:
+        workers = _wait_for_workers(server.process.pid, 2, set())
+
+        def kill_workers() -> None:
+            for pid in workers:
+                time.sleep(0.5)
+                os.kill(pid, signal.SIGKILL)  # as a segfault inside llama.cpp would
+
+        killer = threading.Thread(target=kill_workers)
+        killer.start()
+        outcomes = _load(
+            server.target,
+            callers=8,
+            requests_each=40,
+            make=lambda n: pb.EmbedRequest(texts=[f"sentence number {n} about a dog"]),
+        )
+        killer.join()
+        # A worker whose process died while it was idle starts a new one with its next
+        # batch (nobody was waiting on it): more load brings both back.
+        after = _load(
+            server.target,
+            callers=4,
+            requests_each=10,
+            make=lambda n: pb.EmbedRequest(texts=[f"after the kills {n}"]),
+        )
+        replacements = _wait_for_workers(server.process.pid, 2, set(workers))
+        log = server.log()
+    _report(
+        "worker processes SIGKILLed under load (real model)",
+        8 * 40,
+        outcomes,
+        {"OK", "UNAVAILABLE"},
+    )
+    assert after == Counter({"OK": 40}), after  # every call after the kills succeeded
+    assert "died" in log
+    print(f"killed {workers}, replaced by {replacements}")
+
+
+def test_a_hung_worker_process_is_killed_and_replaced(tmp_path: Path) -> None:
+    args = ["--workers", "1", "--worker-timeout-s", "2"]
+    with ServerProcess.start(_real_model_dir(tmp_path), args) as server:
+        (worker,) = _wait_for_workers(server.process.pid, 1, set())
+        os.kill(worker, signal.SIGSTOP)  # its next decode never ends
+        started = time.monotonic()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            try:
+                stub.Embed(pb.EmbedRequest(texts=["a decode that hangs"]), timeout=30)
+                raise AssertionError("the hung worker's caller got an answer")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            waited = time.monotonic() - started
+            (replacement,) = _wait_for_workers(server.process.pid, 1, {worker})
+            answer = stub.Embed(pb.EmbedRequest(texts=["served by the new worker"]), timeout=30)
+    print(
+        f"\nhung worker {worker}: caller answered UNAVAILABLE after {waited:.1f}s; "
+        f"replaced by {replacement}"
+    )
+    assert 2 <= waited < 10
+    assert len(answer.embeddings[0].values) == 384
+    assert (
+        not Path(f"/proc/{worker}").exists()
+        or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+    )

@@ -199,15 +199,18 @@ class RunProcess:
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.1)
 
-    def children(self) -> list[int]:
-        """PIDs whose parent is this process (Envoy)."""
+    def children(self, name: str | None = None) -> list[int]:
+        """PIDs whose parent is this process (Envoy, the worker processes), or only those
+        whose command is ``name``."""
         found = []
         for status in Path("/proc").glob("[0-9]*/status"):
             try:
                 text = status.read_text()
             except OSError:
                 continue
-            if re.search(rf"^PPid:\s+{self.process.pid}$", text, re.MULTILINE):
+            if re.search(rf"^PPid:\s+{self.process.pid}$", text, re.MULTILINE) and (
+                name is None or re.search(rf"^Name:\s+{name}$", text, re.MULTILINE)
+            ):
                 found.append(int(status.parent.name))
         return found
 
@@ -242,17 +245,20 @@ def test_embedd_run_serves_rest_and_grpc_and_stops_on_sigterm(run_process: RunPr
     assert http(base + "/api/embed", "POST", body={"input": "hello"}).status == 200
     grpc_vectors = native(f"127.0.0.1:{run_process.http_port}", ["hello"])
     assert grpc_vectors.shape == (1, 384)
-    [envoy_pid] = run_process.children()
+    [envoy_pid] = run_process.children("envoy")
+    workers = set(run_process.children()) - {envoy_pid}
+    assert len(workers) == 2  # the default: two worker processes
     run_process.process.send_signal(signal.SIGTERM)
     assert run_process.process.wait(60) == 0
-    assert not Path(f"/proc/{envoy_pid}").exists()  # Envoy stopped and reaped
+    for pid in (envoy_pid, *workers):  # Envoy and the workers stopped and reaped
+        assert not Path(f"/proc/{pid}").exists()
     log = run_process.log()
     assert log.index("draining") < log.index("caught ENVOY_SIGTERM")
 
 
 def test_embedd_run_exits_non_zero_when_envoy_dies(run_process: RunProcess) -> None:
     run_process.wait_for_log("REST on http://127.0.0.1:")
-    [envoy_pid] = run_process.children()
+    [envoy_pid] = run_process.children("envoy")
     os.kill(envoy_pid, signal.SIGKILL)
     assert run_process.process.wait(60) != 0
     assert "Envoy exited unexpectedly" in run_process.log()
