@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server import wire
 from embedd_server.errors import EmbeddError, InvalidInput
 from embedd_server.grpc_context import Context, deadline_of
 from embedd_server.grpc_errors import translate_errors, translate_stream_errors
@@ -32,10 +33,7 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
     """The core's EmbedOutcome as an EmbedResponse."""
     return pb.EmbedResponse(
         model=outcome.model,
-        embeddings=[
-            pb.Embedding(index=index, values=row)
-            for index, row in enumerate(outcome.vectors.tolist())
-        ],
+        embeddings=wire.embeddings(outcome.vectors),
         usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
         request_id=request_id,
     )

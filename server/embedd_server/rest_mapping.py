@@ -11,10 +11,10 @@ import logging
 import math
 from collections.abc import Sequence
 
-import numpy as np
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
+from embedd_server import wire
 from embedd_server.errors import InvalidInput
 from embedd_server.grpc_context import Context, deadline_of
 from embedd_server.grpc_errors import ollama_error_body, translate_errors
@@ -59,7 +59,7 @@ class RestRoutes:
             truncate=False,  # OpenAI errors (context_length_exceeded) rather than truncating
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
-        encode = _base64_value if encoding == "base64" else _float_list_value
+        encode = _base64_value if encoding == "base64" else wire.float_list_values
         return pb.CreateEmbeddingsResponse(
             object="list",
             data=[
@@ -85,12 +85,9 @@ class RestRoutes:
             ),
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
-        embeddings = struct_pb2.ListValue()
-        for row in shortest_float32(outcome.vectors):
-            embeddings.add_list().extend(row)
         return pb.OllamaEmbedResponse(
             model=outcome.model,
-            embeddings=embeddings,
+            embeddings=wire.nested_list_value(outcome.vectors),
             total_duration=float(round(outcome.total_seconds * 1e9)),
             load_duration=float(round(outcome.load_seconds * 1e9)),
             prompt_eval_count=outcome.prompt_tokens,
@@ -185,26 +182,6 @@ def _json_kind(kind: str | None) -> str:
         "struct_value": "an object",
         "list_value": "an array",
     }.get(kind or "null_value", str(kind))
-
-
-def shortest_float32(vectors: FloatMatrix) -> list[list[float]]:
-    """Rows as Python floats that print as the shortest float32 form.
-
-    Protobuf's JSON printer writes a double's shortest repr; a float32 widened to double
-    prints as e.g. -0.30000001192092896. Going through the float32's own shortest decimal
-    gives the double that prints -0.3, about half the bytes.
-    """
-    shortest: list[list[float]] = vectors.astype(str).astype(np.float64).tolist()
-    return shortest
-
-
-def _float_list_value(vectors: FloatMatrix) -> list[struct_pb2.Value]:
-    values = []
-    for row in shortest_float32(vectors):
-        value = struct_pb2.Value()
-        value.list_value.extend(row)
-        values.append(value)
-    return values
 
 
 def _base64_value(vectors: FloatMatrix) -> list[struct_pb2.Value]:
