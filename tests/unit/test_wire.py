@@ -12,7 +12,8 @@ from embedd_server import wire
 
 def _unit_rows(count: int, width: int = 384, seed: int = 0) -> np.ndarray:
     rows = np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    unit: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return unit
 
 
 def _by_strings(values: np.ndarray) -> np.ndarray:
