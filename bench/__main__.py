@@ -125,6 +125,40 @@ def measure_one_text(
     )
 
 
+# --- the floor ---------------------------------------------------------------------------
+
+FLOOR_TARGET = 0.85  # the pace of the floor leg: the c=16 target, as a share of the ceiling
+
+
+def measure_floor(run: BenchRun, text_set: TextSet, profile: Profile) -> None:
+    """The do-nothing server under ghz at 16 callers, paced at the c=16 target's rate."""
+    best = run.best_ceiling(text_set.name)
+    if best is None:
+        return
+    rate = FLOOR_TARGET * best.texts_per_s
+    messages, _ = _messages(text_set, 1)
+    data = procs.ensure_bench_dir() / "ghz" / f"floor-{text_set.name}.json"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text(loadgen.ghz_data(messages), encoding="utf-8")
+    with procs.Children() as children:
+        server = children.add_embedd(procs.start_floor())
+        loadgen.run_ghz(GHZ, server.grpc_target, data, 4, profile.warmup_s)
+        with procs.CpuMeter(server.child.pid) as meter:
+            load = loadgen.run_ghz(GHZ, server.grpc_target, data, 16, profile.leg_s, rps=rate)
+    run.floor = report.Floor(
+        cores=run.cores,
+        target=FLOOR_TARGET,
+        requests_per_s=load.requests / load.seconds if load.seconds else 0.0,
+        server_cores=meter.cores(meter.server_cpu),
+        generator_cores=meter.cores(meter.children_cpu),
+    )
+    _say(
+        f"  floor (do-nothing gRPC server, ghz c=16 at {rate:.0f} req/s): server "
+        f"{run.floor.server_cores:.2f} cores, ghz {run.floor.generator_cores:.2f} cores, "
+        f"best reachable ratio {report.fmt_ratio(run.floor.best_ratio)}"
+    )
+
+
 # --- load legs ----------------------------------------------------------------------------
 
 
@@ -334,7 +368,6 @@ def measure_engine(
     model: Path,
     text_sets: Sequence[TextSet],
     profile: Profile,
-    encode: ceiling.Encode,
 ) -> None:
     _say("engine ceiling (in-process, no server):")
     for text_set in text_sets:
@@ -342,8 +375,6 @@ def measure_engine(
     if peer.torch_available():
         tps = peer.sentence_transformers_texts_per_s(text_sets[0].texts[:1000])
         run.sentence_transformers = f"{tps:,.0f} texts/s on sentences (batch 32)"
-    for text_set in text_sets:  # just before the servers' concurrency-1 legs
-        measure_one_text(run, model, text_set, profile, encode)
 
 
 def measure_servers(
@@ -426,7 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _say(run.notes[-1])
 
-    measure_engine(run, model, text_sets, profile, tokenizer.encode)
+    measure_engine(run, model, text_sets, profile)
+    if use_ghz:
+        _say("the floor (a gRPC server that does nothing):")
+        measure_floor(run, sentences, profile)
+    for text_set in text_sets:  # just before the servers' concurrency-1 legs
+        measure_one_text(run, model, text_set, profile, tokenizer.encode)
     measure_servers(run, model, text_sets, profile, use_ghz=use_ghz, with_peer=not args.no_peer)
 
     run.seconds = time.perf_counter() - started

@@ -80,8 +80,11 @@ def ghz_command(
     concurrency: int,
     duration_s: float,
     call: str = "embedd.v1.Embedder.Embed",
+    rps: float | None = None,
 ) -> list[str]:
-    """ghz over server reflection, closed loop for ``duration_s``, JSON report on stdout."""
+    """ghz over server reflection, closed loop for ``duration_s`` (or paced at ``rps``
+    requests per second), JSON report on stdout."""
+    pacing = ["--rps", f"{max(1, round(rps))}"] if rps else []
     return [
         str(ghz),
         "--insecure",
@@ -101,6 +104,7 @@ def ghz_command(
         f"{MAX_MESSAGE_BYTES}",
         "--disable-template-data",
         "--disable-template-functions",
+        *pacing,
         "--format",
         "json",
         target,
@@ -108,9 +112,17 @@ def ghz_command(
 
 
 def run_ghz(
-    ghz: Path, target: str, data_file: Path, concurrency: int, duration_s: float
+    ghz: Path,
+    target: str,
+    data_file: Path,
+    concurrency: int,
+    duration_s: float,
+    *,
+    rps: float | None = None,
 ) -> LoadResult:
-    command = ghz_command(ghz, target, data_file, concurrency=concurrency, duration_s=duration_s)
+    command = ghz_command(
+        ghz, target, data_file, concurrency=concurrency, duration_s=duration_s, rps=rps
+    )
     try:
         done = subprocess.run(
             command,

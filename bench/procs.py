@@ -83,6 +83,15 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+def _command(pid: int) -> str:
+    """A process's command name ("envoy", "python3.11", ...); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
 def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(member) for member in descendants(pid))
 
@@ -139,7 +148,7 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._wall
         self.server_cpu = self._server_cpu() - self._server
-        self.helper_cpu = self._helper_cpu() - self._helper  # the server's children (Envoy)
+        self.helper_cpu = self._helper_cpu() - self._helper  # the server tree's Envoy
         # The server's main thread: its event loop (gRPC handlers, tokenizing, protobuf).
         self.main_thread_cpu = self._main_thread_cpu() - self._main
         self.own_cpu = time.process_time() - self._own
@@ -153,7 +162,7 @@ class CpuMeter:
         return cpu_seconds(self._server_pid, self._server_pid) if self._server_pid else 0.0
 
     def _helper_cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self._server_pids[1:])
+        return sum(cpu_seconds(pid) for pid in self._server_pids[1:] if _command(pid) == "envoy")
 
     def cores(self, cpu: float) -> float:
         return cpu / self.seconds if self.seconds > 0 else 0.0
@@ -353,3 +362,11 @@ def start_embedd(models_dir: Path, with_envoy: bool) -> Embedd:
 
     name = "embedd-run" if with_envoy else "embedd-serve"
     return Embedd(start_child(name, command, ready), target, rest_url)
+
+
+def start_floor() -> Embedd:
+    """``python -m bench.floor``: the do-nothing gRPC server (see bench/floor.py)."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.floor", str(port)]
+    return Embedd(start_child("floor", command, grpc_serving(target)), target, None)

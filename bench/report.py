@@ -77,6 +77,29 @@ class Target:
     met: bool | None
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The do-nothing gRPC server under ghz at 16 callers, paced at ``target`` x the
+    ceiling's rate: the cores the RPCs and the load generator take before any embedding."""
+
+    cores: int
+    target: float  # the pace, as a fraction of the ceiling's texts/s
+    requests_per_s: float
+    server_cores: float
+    generator_cores: float
+
+    @property
+    def overhead_cores(self) -> float:
+        return self.server_cores + self.generator_cores
+
+    @property
+    def best_ratio(self) -> float:
+        """The highest ratio to the ceiling reachable when the engine is as fast as in the
+        ceiling and the overhead grows with the rate: r * cores + overhead * r / target =
+        cores."""
+        return self.cores / (self.cores + self.overhead_cores / self.target)
+
+
 @dataclass
 class BenchRun:
     cpu_model: str
@@ -90,6 +113,7 @@ class BenchRun:
     legs: list[Leg] = field(default_factory=list)
     sentence_transformers: str = "n/a (no torch)"
     notes: list[str] = field(default_factory=list)
+    floor: Floor | None = None
 
     def best_ceiling(self, text_set: str) -> CeilingResult | None:
         results = self.ceiling.get(text_set) or []
@@ -233,6 +257,21 @@ def evaluate_targets(
     return targets
 
 
+def render_floor(floor: Floor) -> str:
+    """What the gRPC stack and ghz alone take from the cores at the c=16 target's rate."""
+    return (
+        "## The floor: what one RPC costs before any embedding\n\n"
+        "`python -m bench.floor` serves the same `Embed` RPC on grpc.aio with fixed vectors "
+        f"(no tokenizing, no model). Under ghz at 16 callers paced at {floor.target:g}x the "
+        f"ceiling ({fmt_rate(floor.requests_per_s)} requests/s), it used "
+        f"{floor.server_cores:.2f} cores and ghz {floor.generator_cores:.2f}: "
+        f"{floor.overhead_cores:.2f} of the {floor.cores} cores are gone before the engine "
+        "runs. With the engine exactly as fast as in the ceiling and this overhead growing "
+        "with the rate, one text per request at 16 callers can reach at most "
+        f"**{fmt_ratio(floor.best_ratio)} the ceiling** on this machine."
+    )
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -282,6 +321,10 @@ def render_markdown(run: BenchRun) -> str:
         )
     )
     out.append("")
+
+    if run.floor is not None:
+        out.append(render_floor(run.floor))
+        out.append("")
 
     out.append("## Headline ratios\n")
     rows = []
