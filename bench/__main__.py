@@ -125,6 +125,42 @@ def measure_one_text(
     )
 
 
+class References:
+    """In-process references re-measured just before a target leg: this machine's speed
+    drifts over minutes (one text took 3.6-4.1 ms in some minutes and 7-8 ms in others of
+    the same session, with nothing else running), so a ratio to a ceiling measured minutes
+    earlier can be off by more than the gaps being measured."""
+
+    SECONDS = 3.0
+    ONE_TEXT_SAMPLES = 100
+
+    def __init__(self, run: BenchRun, model: Path, encode: ceiling.Encode) -> None:
+        self._run = run
+        self._model = model
+        self._encode = encode
+
+    def ceiling_now(self, text_set: TextSet, profile: Profile) -> float | None:
+        """The best ceiling configuration of ``text_set``, run again for a few seconds."""
+        best = self._run.best_ceiling(text_set.name)
+        if best is None:
+            return None
+        sample = text_set.head(profile.ceiling_texts[text_set.name])
+        done, seconds = ceiling.measure_configuration(
+            self._model, sample.token_ids, best.layout, best.pack_tokens, self.SECONDS
+        )
+        rate = done / seconds if seconds > 0 else None
+        _say(f"    ceiling re-measured: {report.fmt_rate(rate or 0)} texts/s")
+        return rate
+
+    def one_text_now(self, text_set: TextSet) -> float:
+        """One text's in-process p50 in ms, measured again."""
+        latency = ceiling.single_text_latency(
+            self._model, text_set.texts, self._encode, self.ONE_TEXT_SAMPLES
+        )
+        _say(f"    one text in-process re-measured: p50 {latency.p50_ms:.2f} ms")
+        return latency.p50_ms
+
+
 # --- the floor ---------------------------------------------------------------------------
 
 FLOOR_TARGET = 0.85  # the pace of the floor leg: the c=16 target, as a share of the ceiling
@@ -181,6 +217,7 @@ def _leg_from(
     per_request: int,
     mean_tokens: float,
     generator_cpu: float,
+    reference: float | None = None,
 ) -> Leg:
     latencies = load.latencies
     notes = [
@@ -204,6 +241,7 @@ def _leg_from(
         loop_cores=meter.cores(meter.main_thread_cpu),
         other_cores=meter.cores(meter.other_cpu),
         note="; ".join(note for note in notes if note),
+        reference=reference,
     )
 
 
@@ -243,11 +281,33 @@ class GrpcLegs:
         return load, meter, meter.own_cpu
 
 
-def grpc_legs(run: BenchRun, legs: GrpcLegs, text_set: TextSet, profile: Profile) -> None:
+def _reference_for(
+    references: References | None, text_set: TextSet, profile: Profile, concurrency: int
+) -> float | None:
+    """The in-process reference a target leg is compared with (sentences at 1 and 16)."""
+    if references is None or text_set.name != report.TARGET_SET:
+        return None
+    if concurrency == 1:
+        return references.one_text_now(text_set)
+    if concurrency == 16:
+        return references.ceiling_now(text_set, profile)
+    return None
+
+
+def grpc_legs(
+    run: BenchRun,
+    legs: GrpcLegs,
+    text_set: TextSet,
+    profile: Profile,
+    references: References | None = None,
+) -> None:
     plans = [(c, 1) for c in CONCURRENCIES] + [(BATCH_CONCURRENCY, BATCH_TEXTS)]
     warm_messages, _ = _messages(text_set, 1)
     legs.load(f"{text_set.name}-1", warm_messages, 4, profile.warmup_s)
     for concurrency, per_request in plans:
+        reference = _reference_for(
+            references, text_set, profile, concurrency if per_request == 1 else 0
+        )
         messages, mean_tokens = _messages(text_set, per_request)
         load, meter, generator_cpu = legs.load(
             f"{text_set.name}-{per_request}", messages, concurrency, profile.leg_s
@@ -261,12 +321,19 @@ def grpc_legs(run: BenchRun, legs: GrpcLegs, text_set: TextSet, profile: Profile
             per_request=per_request,
             mean_tokens=mean_tokens,
             generator_cpu=generator_cpu,
+            reference=reference,
         )
         run.legs.append(leg)
         _print_leg(leg)
 
 
-def stream_leg(run: BenchRun, server: procs.Embedd, text_set: TextSet, count: int) -> None:
+def stream_leg(
+    run: BenchRun,
+    server: procs.Embedd,
+    text_set: TextSet,
+    count: int,
+    reference: float | None = None,
+) -> None:
     from embedd import Client
 
     counts = text_set.token_counts
@@ -300,6 +367,7 @@ def stream_leg(run: BenchRun, server: procs.Embedd, text_set: TextSet, count: in
             f"{count:,} texts, one stream; server RSS {rss_before:.0f} MiB before, "
             f"{min(samples):.0f}-{max(samples):.0f} MiB during ({len(samples)} samples)"
         ),
+        reference=reference,
     )
     run.legs.append(leg)
     _print_leg(leg)
@@ -314,6 +382,7 @@ def rest_legs(
     server_pid: int,
     text_set: TextSet,
     profile: Profile,
+    references: References | None = None,
 ) -> None:
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
     messages, mean_tokens = _messages(text_set, 1)
@@ -325,6 +394,7 @@ def rest_legs(
     ]
     loadgen.http_load(host, int(port), requests, 4, profile.warmup_s)
     for concurrency in (1, 16):
+        reference = _reference_for(references, text_set, profile, concurrency)
         with procs.CpuMeter(server_pid) as meter:
             load = loadgen.http_load(host, int(port), requests, concurrency, profile.leg_s)
         leg = _leg_from(
@@ -336,6 +406,7 @@ def rest_legs(
             per_request=1,
             mean_tokens=mean_tokens,
             generator_cpu=meter.own_cpu,
+            reference=reference,
         )
         run.legs.append(leg)
         _print_leg(leg)
@@ -385,15 +456,17 @@ def measure_servers(
     *,
     use_ghz: bool,
     with_peer: bool,
+    references: References | None = None,
 ) -> None:
     with procs.Children() as children:
         _say("embedd serve (gRPC, default settings):")
         server = children.add_embedd(procs.start_embedd(model.parent, with_envoy=False))
         generator = GrpcLegs(server, use_ghz)
         for text_set in text_sets:
-            grpc_legs(run, generator, text_set, profile)
+            grpc_legs(run, generator, text_set, profile, references)
         for text_set in text_sets:
-            stream_leg(run, server, text_set, profile.stream_texts[text_set.name])
+            reference = _reference_for(references, text_set, profile, 16)
+            stream_leg(run, server, text_set, profile.stream_texts[text_set.name], reference)
         server.child.stop()
 
         _say("embedd run (gRPC + Envoy REST):")
@@ -406,6 +479,7 @@ def measure_servers(
                 server_pid=server.child.pid,
                 text_set=text_set,
                 profile=profile,
+                references=references,
             )
         server.child.stop()
 
@@ -463,7 +537,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_floor(run, sentences, profile)
     for text_set in text_sets:  # just before the servers' concurrency-1 legs
         measure_one_text(run, model, text_set, profile, tokenizer.encode)
-    measure_servers(run, model, text_sets, profile, use_ghz=use_ghz, with_peer=not args.no_peer)
+    measure_servers(
+        run,
+        model,
+        text_sets,
+        profile,
+        use_ghz=use_ghz,
+        with_peer=not args.no_peer,
+        references=References(run, model, tokenizer.encode),
+    )
 
     run.seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)

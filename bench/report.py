@@ -50,6 +50,9 @@ class Leg:
     loop_cores: float = 0.0  # the server's main thread (event loop), part of server_cores
     other_cores: float = 0.0  # other processes on the machine during the leg: noise
     note: str = ""
+    # Re-measured in-process just before this leg (this machine's speed drifts over minutes):
+    # the best ceiling configuration's texts/s, or for a one-caller leg one text's p50 ms.
+    reference: float | None = None
 
     @property
     def texts_per_s(self) -> float:
@@ -189,16 +192,25 @@ def _rate(leg: Leg | None) -> float | None:
 
 def headline_ratios(
     ceiling_tps: float | None, legs: Sequence[Leg], text_set: str
-) -> list[tuple[str, float | None, float | None]]:
-    """(what, ours/ceiling, ours/peer) for gRPC c=16, REST c=16 and the bulk stream; the
-    peer's figure is its REST at concurrency 16 (it has no gRPC and no stream)."""
+) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(what, ours/ceiling, ours/ceiling re-measured just before the leg, ours/peer) for gRPC
+    c=16, REST c=16 and the bulk stream; the peer's figure is its REST at concurrency 16 (it
+    has no gRPC and no stream)."""
     peer = _rate(find_leg(legs, PEER, text_set, 16))
     rows = [
-        ("gRPC, concurrency 16", _rate(find_leg(legs, GRPC, text_set, 16))),
-        ("REST, concurrency 16", _rate(find_leg(legs, REST, text_set, 16))),
-        ("EmbedStream bulk", _rate(find_stream(legs, text_set))),
+        ("gRPC, concurrency 16", find_leg(legs, GRPC, text_set, 16)),
+        ("REST, concurrency 16", find_leg(legs, REST, text_set, 16)),
+        ("EmbedStream bulk", find_stream(legs, text_set)),
     ]
-    return [(name, ratio(rate, ceiling_tps), ratio(rate, peer)) for name, rate in rows]
+    return [
+        (
+            name,
+            ratio(_rate(leg), ceiling_tps),
+            ratio(_rate(leg), leg.reference if leg else None),
+            ratio(_rate(leg), peer),
+        )
+        for name, leg in rows
+    ]
 
 
 def evaluate_targets(
@@ -213,11 +225,15 @@ def evaluate_targets(
     targets: list[Target] = []
 
     def versus(name: str, goal: float, ours: Leg | None, base: float | None, what: str) -> None:
+        adjacent = ours is not None and ours.reference is not None
+        if adjacent:
+            base = ours.reference  # type: ignore[union-attr]
         value = ratio(_rate(ours), base)
         measured = (
             "not measured"
             if value is None
-            else f"{fmt_ratio(value)} ({fmt_rate(_rate(ours))} vs {fmt_rate(base)} texts/s)"
+            else f"{fmt_ratio(value)} ({fmt_rate(_rate(ours))} vs {fmt_rate(base)} texts/s"
+            + (", ceiling re-measured just before)" if adjacent else ")")
         )
         targets.append(
             Target(name, f"≥ {goal:g}x {what}", measured, None if value is None else value >= goal)
@@ -227,15 +243,18 @@ def evaluate_targets(
     versus("gRPC c=16 vs peer", 3.0, grpc16, _rate(peer16), "peer (REST c=16)")
     versus("REST c=16 vs ceiling", 0.8, rest16, ceiling_tps, "ceiling")
 
+    if grpc1 is not None and grpc1.reference is not None:
+        one_text_ms = grpc1.reference
     if grpc1 is None or grpc1.p50_ms is None or one_text_ms is None:
         targets.append(Target("c=1 p50 overhead", "≤ 2 ms over in-process", "not measured", None))
     else:
         gap = grpc1.p50_ms - one_text_ms
+        when = ", in-process re-measured just before" if grpc1.reference is not None else ""
         targets.append(
             Target(
                 "c=1 p50 overhead",
                 "≤ 2 ms over in-process",
-                f"{gap:+.2f} ms ({fmt_ms(grpc1.p50_ms)} vs {fmt_ms(one_text_ms)} ms)",
+                f"{gap:+.2f} ms ({fmt_ms(grpc1.p50_ms)} vs {fmt_ms(one_text_ms)} ms{when})",
                 gap <= 2.0,
             )
         )
@@ -330,11 +349,30 @@ def render_markdown(run: BenchRun) -> str:
     rows = []
     for text_set in run.ceiling:
         best = run.best_ceiling(text_set)
-        for name, vs_ceiling, vs_peer in headline_ratios(
+        for name, vs_ceiling, vs_adjacent, vs_peer in headline_ratios(
             best.texts_per_s if best else None, run.legs, text_set
         ):
-            rows.append([text_set, name, fmt_ratio(vs_ceiling), fmt_ratio(vs_peer)])
-    out.append(markdown_table(["texts", "embedd", "÷ ceiling", "÷ peer (REST c=16)"], rows))
+            rows.append(
+                [
+                    text_set,
+                    name,
+                    fmt_ratio(vs_ceiling),
+                    fmt_ratio(vs_adjacent),
+                    fmt_ratio(vs_peer),
+                ]
+            )
+    out.append(
+        markdown_table(
+            [
+                "texts",
+                "embedd",
+                "÷ ceiling (start of run)",
+                "÷ ceiling re-measured just before the leg",
+                "÷ peer (REST c=16)",
+            ],
+            rows,
+        )
+    )
     out.append("")
 
     out.append("## Engine ceiling (llama-cpp-python in-process, no server)\n")

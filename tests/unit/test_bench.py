@@ -4,6 +4,7 @@ the target table. No model, no server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -151,10 +152,28 @@ def test_targets_without_measurements_are_unknown() -> None:
 
 
 def test_headline_ratios_use_the_peers_rest_c16() -> None:
-    rows = {name: (c, p) for name, c, p in headline_ratios(500.0, LEGS, "sentences")}
+    rows = {name: (c, p) for name, c, _, p in headline_ratios(500.0, LEGS, "sentences")}
     assert rows["gRPC, concurrency 16"] == pytest.approx((0.9, 450 / 140))
     assert rows["EmbedStream bulk"] == pytest.approx((0.96, 480 / 140))
-    assert headline_ratios(None, [], "passages")[0] == ("gRPC, concurrency 16", None, None)
+    assert headline_ratios(None, [], "passages")[0] == ("gRPC, concurrency 16", None, None, None)
+
+
+def test_a_reference_measured_just_before_a_leg_is_what_its_target_compares_with() -> None:
+    legs = [
+        dataclasses.replace(LEGS[0], reference=4.5),  # one text in-process, re-measured
+        dataclasses.replace(LEGS[1], reference=600.0),  # the ceiling, re-measured
+        *LEGS[2:],
+    ]
+    targets = {t.name: t for t in evaluate_targets(500.0, 3.7, legs, "sentences")}
+    assert targets["gRPC c=16 vs ceiling"].met is False  # 450 / 600 = 0.75, not 0.90
+    assert targets["gRPC c=16 vs ceiling"].measured == (
+        "0.75x (450 vs 600 texts/s, ceiling re-measured just before)"
+    )
+    assert targets["c=1 p50 overhead"].measured.startswith("+0.40 ms (4.90 vs 4.50 ms")
+    assert targets["REST c=16 vs ceiling"].measured == "0.76x (380 vs 500 texts/s)"
+    rows = {name: adjacent for name, _, adjacent, _ in headline_ratios(500.0, legs, "sentences")}
+    assert rows["gRPC, concurrency 16"] == pytest.approx(0.75)
+    assert rows["REST, concurrency 16"] is None
 
 
 def test_markdown_report_names_the_machine_the_ceiling_and_verdicts() -> None:
@@ -294,3 +313,12 @@ def test_configurations() -> None:
     assert len(short) == 9
     assert ("2 processes x 1 thread", "packs ≤128 tok", 128) in short
     assert [pack_tokens for _, _, pack_tokens in configurations(long_texts=True)] == [0, 0, 0]
+
+
+def test_the_floor_bounds_the_reachable_ratio() -> None:
+    from bench.report import Floor, render_floor
+
+    floor = Floor(cores=2, target=0.85, requests_per_s=430, server_cores=0.23, generator_cores=0.27)
+    # r * 2 + 0.50 * r / 0.85 = 2: the engine's share and the overhead fill the two cores
+    assert floor.best_ratio == pytest.approx(2 / (2 + 0.50 / 0.85))
+    assert "**0.77x the ceiling**" in render_floor(floor)
