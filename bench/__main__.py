@@ -31,6 +31,7 @@ CONCURRENCIES = (1, 4, 16, 64)
 BATCH_TEXTS = 32
 BATCH_CONCURRENCY = 4
 STREAM_BATCH = 64
+PAUSE_S = 0.004  # about a lone ghz caller's round trip between two requests
 LLAMA_EMBED_TEXTS = 500  # llama-cpp-python's own API is a reference row: fewer texts
 
 
@@ -123,6 +124,12 @@ def measure_one_text(
         f"  one {text_set.name[:-1]} in-process: p50 {latency.p50_ms:.2f} ms, "
         f"p99 {latency.p99_ms:.2f} ms"
     )
+    if text_set.name == report.TARGET_SET:  # what a lone caller's pauses cost the engine
+        paused = ceiling.single_text_latency(
+            model, text_set.texts, encode, profile.one_text_samples[text_set.name], PAUSE_S
+        )
+        run.one_text[f"{text_set.name}, {PAUSE_S * 1000:g} ms pause before each"] = paused
+        _say(f"  the same after a {PAUSE_S * 1000:g} ms pause each: p50 {paused.p50_ms:.2f} ms")
 
 
 class References:

@@ -339,10 +339,12 @@ def measure_configuration(
 
 
 def single_text_latency(
-    model_path: Path, texts: Sequence[str], encode: Encode, samples: int
+    model_path: Path, texts: Sequence[str], encode: Encode, samples: int, pause_s: float = 0.0
 ) -> SingleTextLatency:
     """p50/p99 of tokenize + decode + normalize for one text on a 1-thread context (the
-    server's default worker), texts taken in turn."""
+    server's default worker), texts taken in turn, back to back or ``pause_s`` apart (as a
+    lone caller's requests arrive: on these machines a decode after an idle pause is slower,
+    the weights having left the caches)."""
     from bench.report import percentile
 
     runtime = _runtime(model_path, 1)
@@ -353,6 +355,8 @@ def single_text_latency(
         timings: list[float] = []
         for number in range(samples):
             text = texts[number % len(texts)]
+            if pause_s:
+                time.sleep(pause_s)
             started = time.perf_counter()
             vectors = engine.embed_batch(encode([text]))
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -171,6 +171,7 @@ def test_a_reference_measured_just_before_a_leg_is_what_its_target_compares_with
     )
     assert targets["c=1 p50 overhead"].measured.startswith("+0.40 ms (4.90 vs 4.50 ms")
     assert targets["REST c=16 vs ceiling"].measured == "0.76x (380 vs 500 texts/s)"
+    assert targets["gRPC c=16 vs peer"].measured == "3.21x (450 vs 140 texts/s)"
     rows = {name: adjacent for name, _, adjacent, _ in headline_ratios(500.0, legs, "sentences")}
     assert rows["gRPC, concurrency 16"] == pytest.approx(0.75)
     assert rows["REST, concurrency 16"] is None
