@@ -18,6 +18,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from embedd_server.engine import Engine
+from embedd_server.engine_process import EngineDied
 from embedd_server.model_info import HF_TOKENIZER_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY, ModelInfo
 from embedd_server.models import LoadOptions
 from embedd_server.settings import Settings
@@ -97,6 +98,10 @@ class FakeEngine:
                 raise RuntimeError("fake engine failure: secret internals")
             if runtime.die_on is not None and runtime.die_on in token_ids:
                 raise WorkerKilled("the worker thread dies")
+            if runtime.crash_process_on is not None and runtime.crash_process_on in token_ids:
+                with runtime.lock:
+                    runtime.process_crashes += 1
+                raise EngineDied("fake engine process ended (exit code -11)")
             if runtime.hang_on is not None and runtime.hang_on in token_ids:
                 runtime.unhang.wait(30)  # a decode that never ends (until the test ends it)
         return np.stack([fake_vector(ids, runtime.dimensions) for ids in sequences])
@@ -128,6 +133,8 @@ class FakeRuntime:
         self.delay = 0.0
         self.fail_on: int | None = None
         self.die_on: int | None = None
+        self.crash_process_on: int | None = None  # like a segfault in an engine process
+        self.process_crashes = 0
         self.hang_on: int | None = None
         self.refuse_engines = False
         self.unhang = threading.Event()

@@ -69,10 +69,10 @@ class Settings:
     worker_processes: bool = _opt(
         "Run each worker's llama.cpp context in a process of its own (true) or in a thread of "
         "the server (false). Both were equally fast on 2 CPU cores; with processes a crash in "
-        "llama.cpp costs one worker (replaced, its callers get UNAVAILABLE), not the server, "
-        "and a hung decode can be killed. Processes share the memory-mapped weights but take "
-        "~30 MiB more each. With GPU offload (n_gpu_layers != 0) workers are always threads, "
-        "so the GPU holds one copy of the weights.",
+        "llama.cpp costs one worker process (its pack runs again on a new one), not the "
+        "server, and a hung decode can be killed. Processes share the memory-mapped weights "
+        "but take ~30 MiB more each. With GPU offload (n_gpu_layers != 0) workers are always "
+        "threads, so the GPU holds one copy of the weights.",
         True,
     )
     threads_per_worker: int = _opt(

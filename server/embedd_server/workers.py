@@ -117,9 +117,7 @@ class WorkerPool:
                 if not batch:
                     break  # closed and drained
                 worker.batch, worker.busy_since = batch, time.monotonic()
-                if not worker.engine.alive:
-                    self._renew_engine(worker)
-                self._compute(worker.engine, batch)
+                self._compute_on(worker, batch)
                 worker.batch, worker.busy_since = [], None
         except EngineDied as exc:  # its process crashed, or the watchdog killed it
             if not worker.retired:
@@ -134,13 +132,29 @@ class WorkerPool:
             else:
                 self._leave(worker)
 
-    def _renew_engine(self, worker: _Worker) -> None:
-        """The engine's process ended while the worker was idle (nobody's work was lost):
-        the worker starts a new one before taking on its batch."""
+    def _compute_on(self, worker: _Worker, batch: list[WorkItem]) -> None:
+        """Runs a batch on the worker's engine, renewing an engine process that has ended.
+
+        Embedding is idempotent, and a process that died may not have read the pack yet: a
+        pack whose process ends is run once more on a new one. Dying again raises
+        EngineDied, which ends the worker and answers its callers UNAVAILABLE."""
+        if not worker.engine.alive:
+            self._renew_engine(worker, "its engine process ended while idle")
+        try:
+            self._compute(worker.engine, batch)
+        except EngineDied as exc:
+            if worker.retired:  # killed by the watchdog: its callers have an answer
+                raise
+            self._renew_engine(worker, f"{exc}; retrying its pack once")
+            self._compute(worker.engine, batch)
+
+    def _renew_engine(self, worker: _Worker, why: str) -> None:
+        """The engine's process ended: the worker starts a new one and goes on."""
         log.error(
-            "worker %d of %s: its engine process ended while idle; starting a new one",
+            "worker %d of %s: %s; starting a new engine process",
             worker.number,
             self._model_name,
+            why,
         )
         worker.engine.close()
         worker.engine = self._engine_factory()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
@@ -22,6 +23,7 @@ from tests.conftest import DEFAULT_MODEL, MODELS_DIR
 from tests.servers import ServerProcess, ServerThread
 
 DOG = 12  # the fake vocabulary's "dog"
+MESSAGES: dict[str, str] = {}  # the last message seen per status (for failure reports)
 
 
 def _load(
@@ -41,6 +43,8 @@ def _load(
                 except grpc.RpcError as error:
                     code = error.code()
                     name = "LOST" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name
+                    with lock:
+                        MESSAGES[name] = error.details() or ""
                 with lock:
                     outcomes[name] += 1
 
@@ -127,6 +131,19 @@ def _wait_for_workers(server_pid: int, count: int, exclude: set[int]) -> list[in
     raise AssertionError(f"expected {count} new worker processes, have {pids}")
 
 
+def _wait_until_dead(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # reaped
+        if state == "Z":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} outlived SIGKILL")
+
+
 def _real_model_dir(tmp_path: Path) -> Path:
     (tmp_path / f"{DEFAULT_MODEL}.gguf").symlink_to(
         (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve()
@@ -154,6 +171,8 @@ def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
             make=lambda n: pb.EmbedRequest(texts=[f"sentence number {n} about a dog"]),
         )
         killer.join()
+        for pid in workers:  # a SIGKILL lands asynchronously: wait until they are gone
+            _wait_until_dead(pid)
         # A worker whose process died while it was idle starts a new one with its next
         # batch (nobody was waiting on it): more load brings both back.
         after = _load(
@@ -170,8 +189,9 @@ def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
         outcomes,
         {"OK", "UNAVAILABLE"},
     )
-    assert after == Counter({"OK": 40}), after  # every call after the kills succeeded
-    assert "died" in log
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert after == Counter({"OK": 40}), (after, MESSAGES, errors)  # all OK after the kills
+    assert "starting a new engine process" in log
     print(f"killed {workers}, replaced by {replacements}")
 
 
@@ -201,3 +221,20 @@ def test_a_hung_worker_process_is_killed_and_replaced(tmp_path: Path) -> None:
         not Path(f"/proc/{worker}").exists()
         or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
     )
+
+
+def test_a_pack_that_kills_its_engine_process_twice_is_answered_unavailable(
+    tmp_path: Path,
+) -> None:
+    with ServerThread.with_fake_models(tmp_path) as server:
+        server.runtime.crash_process_on = DOG  # a poison input: every engine dies on it
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            with pytest.raises(grpc.RpcError) as poisoned:
+                stub.Embed(pb.EmbedRequest(texts=["dog"]), timeout=30)
+            fine = stub.Embed(pb.EmbedRequest(texts=["cat"]), timeout=30)
+        pool = server.server.registry.loaded_models()[0].pool
+    assert poisoned.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.runtime.process_crashes == 2  # run once more on a new engine, not more
+    assert pool.replaced == 2  # the renewed engine, then the worker after the second death
+    assert len(fine.embeddings) == 1

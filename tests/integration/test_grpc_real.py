@@ -194,7 +194,7 @@ def test_sigterm_drains_calls_in_flight_then_exits(tmp_path: Path) -> None:
     with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         in_flight = stub.Embed.future(pb.EmbedRequest(texts=texts))
-        time.sleep(0.5)
+        time.sleep(1.0)  # the call is surely received and computing (~4 s)
         server.terminate()
         response = in_flight.result(timeout=60)
         assert len(response.embeddings) == 1500
