@@ -43,9 +43,11 @@ class Job:
         dimensions: int,
         loop: asyncio.AbstractEventLoop,
         deadline: float | None = None,
+        request_id: str = "",
     ) -> None:
         self.sequences = sequences
         self.deadline = deadline
+        self.request_id = request_id  # for log lines written by the workers
         self.result: FloatMatrix = np.empty((len(sequences), dimensions), dtype=np.float32)
         self.future: asyncio.Future[FloatMatrix] = loop.create_future()
         self._loop = loop
@@ -123,6 +125,11 @@ def _set_result(future: asyncio.Future[FloatMatrix], value: FloatMatrix) -> None
 def _set_exception(future: asyncio.Future[FloatMatrix], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def request_ids(items: Sequence[WorkItem]) -> list[str]:
+    """The request ids of the jobs some work items belong to, each once, in order."""
+    return list(dict.fromkeys(item.job.request_id for item in items if item.job.request_id))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 from embedd_server.errors import InvalidInput, shorten
 from embedd_server.model_info import ModelInfo
 from embedd_server.models import POOLING_TYPES, LoadedModel, LoadOptions, ModelRegistry
-from embedd_server.request_context import note_inputs, note_model
+from embedd_server.request_context import current_request, note_inputs, note_model
 from embedd_server.scheduler import FloatMatrix, Job
 from embedd_server.settings import Settings
 from embedd_server.tokenization import Tokenized, check_token_ids, tokenize_texts
@@ -201,7 +201,14 @@ class EmbeddingService:
     async def _run(
         self, model: LoadedModel, sequences: Sequence[Sequence[int]], deadline: float | None
     ) -> FloatMatrix:
-        job = Job(sequences, model.dimensions, asyncio.get_running_loop(), deadline)
+        request = current_request()
+        job = Job(
+            sequences,
+            model.dimensions,
+            asyncio.get_running_loop(),
+            deadline,
+            request_id=request.request_id if request is not None else "",
+        )
         model.queue.submit(job)
         try:
             return await job.future

@@ -22,7 +22,7 @@ from embedd_server.engine import Engine
 from embedd_server.engine_process import EngineDied
 from embedd_server.errors import InternalError, Unavailable
 from embedd_server.metrics import Metrics
-from embedd_server.scheduler import FairQueue, WorkItem
+from embedd_server.scheduler import FairQueue, WorkItem, request_ids
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,21 @@ class WorkerPool:
                 worker.batch, worker.busy_since = [], None
         except EngineDied as exc:  # its process crashed, or the watchdog killed it
             if not worker.retired:
-                log.error("worker %d of %s died: %s", worker.number, self._model_name, exc)
+                log.error(
+                    "worker %d of %s died: %s",
+                    worker.number,
+                    self._model_name,
+                    exc,
+                    extra={"request_ids": request_ids(worker.batch)},
+                )
                 self._replace(worker, "The worker computing this request died; retry it.")
         except BaseException:  # the thread ends here either way; say so loudly
-            log.exception("worker %d of %s died", worker.number, self._model_name)
+            log.exception(
+                "worker %d of %s died",
+                worker.number,
+                self._model_name,
+                extra={"request_ids": request_ids(worker.batch)},
+            )
             self._replace(worker, "The worker computing this request died; retry it.")
         finally:
             if worker.retired:  # replaced after a hang or crash: nobody else uses this engine
@@ -155,6 +166,7 @@ class WorkerPool:
             worker.number,
             self._model_name,
             why,
+            extra={"request_ids": request_ids(worker.batch)},
         )
         worker.engine.close()
         worker.engine = self._engine_factory()
@@ -172,7 +184,11 @@ class WorkerPool:
         except EngineDied:
             raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:
-            log.exception("engine of %s failed on a batch", self._model_name)
+            log.exception(
+                "engine of %s failed on a batch",
+                self._model_name,
+                extra={"request_ids": request_ids(live)},
+            )
             for item in live:
                 item.job.fail(InternalError())
             return
@@ -195,6 +211,7 @@ class WorkerPool:
                         worker.number,
                         self._model_name,
                         now - started,
+                        extra={"request_ids": request_ids(worker.batch)},
                     )
                     self._replace(worker, "The worker computing this request hung; retry it.")
                     worker.engine.abort()  # a process engine is killed; a thread is left

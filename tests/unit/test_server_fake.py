@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -119,6 +120,20 @@ def test_engine_failure_is_internal_without_internals(
     assert "secret" not in str(error.details()) and "Traceback" not in str(error.details())
     # The worker survives an engine error and serves the next request.
     assert stub.Embed(pb.EmbedRequest(texts=["hello"])).embeddings
+
+
+def test_a_workers_log_line_names_the_requests_of_its_batch(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_server.runtime.fail_on = DOG
+    with caplog.at_level(logging.ERROR, logger="embedd_server.workers"):
+        _error(
+            lambda: stub.Embed(
+                pb.EmbedRequest(texts=["dog"]), metadata=(("x-request-id", "req-42"),)
+            )
+        )
+    (record,) = [r for r in caplog.records if "failed on a batch" in r.getMessage()]
+    assert record.request_ids == ["req-42"]  # type: ignore[attr-defined]
 
 
 def test_a_small_request_does_not_wait_for_a_big_batch(
