@@ -18,14 +18,13 @@ import ctypes
 import logging
 import threading
 from collections.abc import Sequence
-from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.engine_process import EngineSpec, ProcessEngine
+from embedd_server.engine_process import EngineSpec, ProcessEngine, flatten
 from embedd_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -184,11 +183,7 @@ class LlamaEngine:
         return self._dimensions
 
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        if any(not ids for ids in sequences):
-            raise ValueError("empty token sequence")
-        lengths = np.fromiter(map(len, sequences), dtype=np.int32, count=len(sequences))
-        tokens = np.fromiter(chain.from_iterable(sequences), dtype=np.int32, count=lengths.sum())
-        return self.embed_packed(tokens, lengths)
+        return self.embed_packed(*flatten(sequences))
 
     def embed_packed(
         self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]

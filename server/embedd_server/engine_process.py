@@ -66,12 +66,21 @@ class EngineSpec:
     log_json: bool = False  # the server's log format, for the worker's own lines
 
 
+def flatten(
+    sequences: Sequence[Sequence[int]],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """Token sequences as (all tokens in one array, each sequence's length)."""
+    if any(not ids for ids in sequences):
+        raise ValueError("empty token sequence")
+    lengths = np.fromiter(map(len, sequences), dtype=np.int32, count=len(sequences))
+    tokens = np.fromiter(chain.from_iterable(sequences), dtype=np.int32, count=lengths.sum())
+    return tokens, lengths
+
+
 def encode_pack(sequences: Sequence[Sequence[int]]) -> bytes:
     """A pack of token sequences as the int32 message ``[n, lengths..., tokens...]``."""
-    lengths = [len(ids) for ids in sequences]
-    header = np.array([len(sequences), *lengths], dtype=np.int32)
-    tokens = np.fromiter(chain.from_iterable(sequences), dtype=np.int32, count=sum(lengths))
-    return header.tobytes() + tokens.tobytes()
+    tokens, lengths = flatten(sequences)
+    return np.int32(len(lengths)).tobytes() + lengths.tobytes() + tokens.tobytes()
 
 
 def decode_pack(message: bytes) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
@@ -128,10 +137,9 @@ class ProcessEngine:
         return self._process.pid
 
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        if any(not ids for ids in sequences):
-            raise ValueError("empty token sequence")
+        message = encode_pack(sequences)
         try:
-            self._conn.send_bytes(encode_pack(sequences))
+            self._conn.send_bytes(message)
             reply = self._conn.recv_bytes()  # blocks without the GIL while the child decodes
         except (EOFError, OSError):
             raise EngineDied(
