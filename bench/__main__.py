@@ -168,6 +168,14 @@ class References:
         return latency.p50_ms
 
 
+def write_ghz_data(name: str, messages: Sequence[Sequence[str]]) -> Path:
+    """ghz's data file of these requests, .bench/ghz/<name>.json."""
+    data = procs.ensure_bench_dir() / "ghz" / f"{name}.json"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text(loadgen.ghz_data(messages), encoding="utf-8")
+    return data
+
+
 # --- the floor ---------------------------------------------------------------------------
 
 FLOOR_TARGET = 0.85  # the pace of the floor leg: the c=16 target, as a share of the ceiling
@@ -180,9 +188,7 @@ def measure_floor(run: BenchRun, text_set: TextSet, profile: Profile) -> None:
         return
     rate = FLOOR_TARGET * best.texts_per_s
     messages, _ = _messages(text_set, 1)
-    data = procs.ensure_bench_dir() / "ghz" / f"floor-{text_set.name}.json"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text(loadgen.ghz_data(messages), encoding="utf-8")
+    data = write_ghz_data(f"floor-{text_set.name}", messages)
     with procs.Children() as children:
         server = children.add_embedd(procs.start_floor())
         loadgen.run_ghz(GHZ, server.grpc_target, data, 4, profile.warmup_s)
@@ -268,17 +274,15 @@ class GrpcLegs:
     def __init__(self, server: procs.Embedd, use_ghz: bool) -> None:
         self.server = server
         self.use_ghz = use_ghz
-        self._written: set[Path] = set()
+        self._data: dict[str, Path] = {}  # ghz data files written in this run, by name
 
     def load(
         self, name: str, messages: Sequence[Sequence[str]], concurrency: int, seconds: float
     ) -> tuple[loadgen.LoadResult, procs.CpuMeter, float]:
         if self.use_ghz:
-            data = procs.ensure_bench_dir() / "ghz" / f"{name}.json"
-            data.parent.mkdir(exist_ok=True)
-            if data not in self._written:
-                data.write_text(loadgen.ghz_data(messages), encoding="utf-8")
-                self._written.add(data)
+            if name not in self._data:
+                self._data[name] = write_ghz_data(name, messages)
+            data = self._data[name]
             with procs.CpuMeter(self.server.child.pid) as meter:
                 load = loadgen.run_ghz(GHZ, self.server.grpc_target, data, concurrency, seconds)
             return load, meter, meter.children_cpu
