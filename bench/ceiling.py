@@ -88,7 +88,7 @@ def pack(
 
 
 def _runtime(model_path: Path, n_threads: int) -> Any:
-    from embedd_server.engine import LlamaRuntime
+    from embedd_server.engines.llama import LlamaRuntime
 
     # llama-cpp-python prints llama.cpp's load-time log through Python's sys.stderr.
     with contextlib.redirect_stderr(io.StringIO()):

@@ -20,8 +20,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server import wire
-from embedd_server.reflection import enable_reflection
+from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.reflection import enable_reflection
 
 DIMENSIONS = 384
 
@@ -37,7 +37,7 @@ class FloorServicer(pb_grpc.EmbedderServicer):
         vectors = np.tile(self._vector, (max(1, len(request.texts)), 1))
         return pb.EmbedResponse(
             model="floor",
-            embeddings=wire.embeddings(vectors),
+            embeddings=vector_messages.embeddings(vectors),
             usage=pb.Usage(prompt_tokens=len(request.texts), total_tokens=len(request.texts)),
             request_id=request.request_id,
         )

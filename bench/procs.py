@@ -7,21 +7,21 @@ started here is stopped (SIGTERM, then SIGKILL) by its context manager.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from bench.texts import REPO
+from embedd_server.run import probes
+from embedd_server.run.probes import free_port
 
 BENCH_DIR = REPO / ".bench"
 LOG_DIR = BENCH_DIR / "logs"
@@ -37,13 +37,6 @@ def ensure_bench_dir() -> Path:
     if not ignore.exists():
         ignore.write_text("*\n")
     return BENCH_DIR
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_environment() -> dict[str, str]:
@@ -296,31 +289,13 @@ class Children:
 
 
 def grpc_serving(target: str) -> Callable[[], bool]:
-    def check() -> bool:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(target) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-            except grpc.RpcError:
-                return False
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    return check
+    """A readiness check for :func:`start_child`: the server reports SERVING."""
+    return functools.partial(probes.grpc_serving, target)
 
 
 def http_ok(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                return bool(reply.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return check
+    """A readiness check for :func:`start_child`: ``url`` answers 200."""
+    return functools.partial(probes.http_ok, url)
 
 
 @dataclass(frozen=True)
@@ -339,7 +314,7 @@ def start_embedd(models_dir: Path, with_envoy: bool) -> Embedd:
     command = [
         sys.executable,
         "-m",
-        "embedd_server.cli",
+        "embedd_server.cli.main",
         "run" if with_envoy else "serve",
         "--grpc-port",
         str(grpc_port),

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     server_cmd = [
         sys.executable,
         "-m",
-        "embedd_server.cli",
+        "embedd_server.cli.main",
         "serve",
         "--grpc-port",
         str(port),

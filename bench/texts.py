@@ -90,7 +90,7 @@ class ModelTokenizer:
     def __init__(self, model_path: Path) -> None:
         from tokenizers import Tokenizer
 
-        from embedd_server.model_info import read_model_info
+        from embedd_server.core.catalog import read_model_info
 
         tokenizer_json = read_model_info(model_path).hf_tokenizer_json
         if tokenizer_json is None:

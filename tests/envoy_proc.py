@@ -13,9 +13,9 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from embedd_server.envoy_config import envoy_binary, write_envoy_config
+from embedd_server.run.envoy import envoy_binary, write_envoy_config
+from embedd_server.run.probes import free_port
 from embedd_server.settings import Settings
-from tests.servers import free_port
 
 
 @dataclass(frozen=True)

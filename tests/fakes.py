@@ -17,11 +17,14 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from embedd_server.engine import Engine
-from embedd_server.engine_process import EngineDied
-from embedd_server.model_info import HF_TOKENIZER_KEY, MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY, ModelInfo
-from embedd_server.models import LoadOptions
-from embedd_server.settings import Settings
+from embedd_server.core.catalog import (
+    HF_TOKENIZER_KEY,
+    MAX_SEQ_LENGTH_KEY,
+    NORMALIZE_KEY,
+    ModelInfo,
+)
+from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.engines.base import Engine, EngineDied
 
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "runs", "fast", "slow"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
@@ -122,7 +125,7 @@ class FakeRuntime:
 
     instances: ClassVar[list[FakeRuntime]] = []
 
-    def __init__(self, info: ModelInfo, settings: Settings, options: LoadOptions) -> None:
+    def __init__(self, info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> None:
         self.info = info
         self.options = options
         self.dimensions = info.dimensions

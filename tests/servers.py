@@ -3,52 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from embedd_server.app import EmbeddServer
+from embedd_server.rpc.server import EmbeddServer
+from embedd_server.run.probes import free_port, grpc_serving, wait_until
 from embedd_server.settings import Settings
 from tests.fakes import FakeRuntime, write_fake_gguf
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_serving(
     target: str, timeout: float = 120.0, process: subprocess.Popen[Any] | None = None
 ) -> None:
     """Polls the gRPC health service until SERVING (or fails the test)."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before serving")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{target} did not report SERVING within {timeout}s")
+
+    def exited() -> str | None:
+        if process is None or process.poll() is None:
+            return None
+        return f"server exited with {process.returncode} before serving"
+
+    wait_until(functools.partial(grpc_serving, target), timeout, target, gone=exited)
 
 
 class ServerThread:
@@ -99,7 +82,7 @@ class ServerThread:
 
 
 class ServerProcess:
-    """`python -m embedd_server.cli serve` as a subprocess on a free port."""
+    """`python -m embedd_server.cli.main serve` as a subprocess on a free port."""
 
     def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
         self.process = process
@@ -116,7 +99,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "embedd_server.cli",
+            "embedd_server.cli.main",
             "serve",
             "--grpc-port",
             str(port),

@@ -186,7 +186,9 @@ _MODEL_FIELDS: Final = tuple(field.name for field in dataclasses.fields(ModelInf
 
 def model_info(message: pb.Model) -> ModelInfo:
     """A Model message as a :class:`ModelInfo`."""
-    return ModelInfo(**{name: getattr(message, name) for name in _MODEL_FIELDS})
+    fields = {name: getattr(message, name) for name in _MODEL_FIELDS}
+    fields["file_size_bytes"] = int(fields["file_size_bytes"])  # a double on the wire
+    return ModelInfo(**fields)
 
 
 def health_request() -> health_pb2.HealthCheckRequest:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from embedd_server.request_context import current_request
+from embedd_server.core.request_info import current_request
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from embedd_server.core.engine_settings import EngineSettings
+
 ENV_PREFIX = "EMBEDD_"
 CONFIG_ENV = "EMBEDD_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -62,8 +64,7 @@ class Settings:
     )
     workers: int = _opt(
         "Workers, each owning its own llama.cpp context. On CPU, one worker per core with one "
-        "thread each was fastest (two single-thread contexts beat one two-thread context by "
-        "~15%).",
+        "thread each was fastest (docs/design.md).",
         2,
     )
     worker_processes: bool = _opt(
@@ -71,8 +72,9 @@ class Settings:
         "the server (false). Both were equally fast on 2 CPU cores; with processes a crash in "
         "llama.cpp costs one worker process (its pack runs again on a new one), not the "
         "server, and a hung decode can be killed. Processes share the memory-mapped weights "
-        "but take ~30 MiB more each. With GPU offload (n_gpu_layers != 0) workers are always "
-        "threads, so the GPU holds one copy of the weights.",
+        "but each takes some memory of its own (docs/design.md). With GPU offload "
+        "(n_gpu_layers != 0) workers are always threads, so the GPU holds one copy of the "
+        "weights.",
         True,
     )
     threads_per_worker: int = _opt(
@@ -83,9 +85,8 @@ class Settings:
     batch_tokens: int = _opt(
         "Most tokens a worker packs into one llama.cpp decode. Packing short inputs of several "
         "requests together pays up to a point: attention runs over the whole pack, so its "
-        "cost grows with the square of the pack (measured on 2 cores: 1 input per decode 300 "
-        "texts/s, packs of 128 tokens 375, 512 tokens 340). An input longer than this still "
-        "runs, alone.",
+        "cost grows with the square of the pack (measurements in docs/design.md). An input "
+        "longer than this still runs, alone.",
         128,
     )
     batch_sequences: int = _opt("Most inputs a worker packs into one decode.", 32)
@@ -189,6 +190,15 @@ class Settings:
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
+    def engine_settings(self) -> EngineSettings:
+        """The part of the settings the core and the engines are configured with."""
+        return EngineSettings(
+            **{
+                f.name: getattr(self, f.name) for f in fields(EngineSettings) if f.name != "aliases"
+            },
+            aliases=self.aliases,
+        )
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -200,8 +210,8 @@ def _alias_problems(text: str) -> list[str]:
 
 
 def _duration_problems(name: str, text: str) -> list[str]:
-    from embedd_server.errors import InvalidInput
-    from embedd_server.keep_alive import parse_duration
+    from embedd_server.core.durations import parse_duration
+    from embedd_server.core.errors import InvalidInput
 
     try:
         parse_duration(text)
@@ -306,7 +316,8 @@ def load_settings(
     values: dict[str, Any] = {}
     for f in fields(Settings):
         for source in (given, from_env, from_file):
-            if f.name in source:
+            # A flag left at None was not given: it must not hide the environment.
+            if source.get(f.name) is not None:
                 values[f.name] = _convert(f.name, f.type, source[f.name])
                 break
     return Settings(**values)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd_server.envoy_config import (
+from embedd_server.run.envoy import (
     DESCRIPTOR,
     LUA_FILTER,
     EnvoyConfigError,

@@ -108,7 +108,7 @@ def test_worker_crashes_under_load_answer_every_caller(tmp_path: Path) -> None:
 
 
 def _worker_processes(server_pid: int) -> list[int]:
-    """The server's llama.cpp worker processes (its children running engine_process)."""
+    """The server's llama.cpp worker processes (its children running engines.worker_main)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -116,7 +116,7 @@ def _worker_processes(server_pid: int) -> list[int]:
             command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # the process ended meanwhile
-        if parent == server_pid and b"embedd_server.engine_process" in command:
+        if parent == server_pid and b"embedd_server.engines.worker_main" in command:
             pids.append(int(stat.parent.name))
     return sorted(pids)
 

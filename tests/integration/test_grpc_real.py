@@ -20,7 +20,7 @@ import pytest
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.importer import import_model
+from embedd_server.convert.hf_to_gguf import import_model
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR, STSB_TEST
 from tests.metrics import (
     Matrix,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from embedd_server.importer import import_model
+from embedd_server.convert.hf_to_gguf import import_model
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/all-MiniLM-L6-v2"
 MIN_COSINE = {"f32": 0.9999, "f16": 0.9999, "q8_0": 0.999}

@@ -12,7 +12,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from embedd_server.envoy_config import (
+from embedd_server.run.envoy import (
     DESCRIPTOR,
     K8S_CONFIG_DIR,
     K8S_DESCRIPTOR,
@@ -144,7 +144,7 @@ def test_configmap_is_the_rendering_of_envoy_dir() -> None:
     path = K8S_DIR / "envoy-configmap.yaml"
     assert path.read_text() == render_k8s_configmap(), (
         "deploy/k8s/envoy-configmap.yaml is stale: run `.venv/bin/python -m "
-        "embedd_server.envoy_config k8s > deploy/k8s/envoy-configmap.yaml`"
+        "embedd_server.run.envoy k8s > deploy/k8s/envoy-configmap.yaml`"
     )
 
 

@@ -22,7 +22,7 @@ from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.importer import import_model
+from embedd_server.convert.hf_to_gguf import import_model
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR
 from tests.metrics import Matrix, read_reference, row_cosines
 from tests.servers import ServerProcess

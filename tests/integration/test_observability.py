@@ -15,10 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.run.probes import free_port
 from tests.envoy_proc import EnvoyProcess, http
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread
 
-ACCESS_LOGGER = "embedd_server.request_context"
+ACCESS_LOGGER = "embedd_server.rpc.interceptors.access_log"
 
 
 @pytest.fixture(scope="module")

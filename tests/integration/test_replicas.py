@@ -32,22 +32,23 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from embedd_server.envoy_config import render_envoy_config
+from embedd_server.run.envoy import render_envoy_config
+from embedd_server.run.probes import free_port
+from embedd_server.run.replicas import (
+    PortInUse,
+    check_ports_free,
+    replica_ports,
+    replica_settings,
+)
 from embedd_server.settings import (
     Settings,
     child_environment,
     load_settings,
     settings_from_argv,
 )
-from embedd_server.supervisor import (
-    PortInUse,
-    check_ports_free,
-    replica_ports,
-    replica_settings,
-)
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR
 from tests.envoy_proc import http
-from tests.servers import free_port, wait_serving
+from tests.servers import wait_serving
 
 LOAD_THREADS = 8
 REQUEST_TIMEOUT_S = 60.0
@@ -200,7 +201,7 @@ class ReplicatedRun:
         command = [
             sys.executable,
             "-m",
-            "embedd_server.cli",
+            "embedd_server.cli.main",
             "run",
             "--replicas",
             str(replicas),

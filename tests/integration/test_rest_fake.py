@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.run.probes import free_port
+from embedd_server.run.replicas import PortInUse, check_ports_free, run_with_envoy
 from embedd_server.settings import Settings
-from embedd_server.supervisor import PortInUse, check_ports_free, run_with_envoy
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 EMBEDDING_RE = re.compile(rb'"embedding":\[([^\]]*)\]')

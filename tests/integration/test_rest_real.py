@@ -24,10 +24,11 @@ import pytest
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.run.probes import free_port
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, STSB_TEST
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
 from tests.metrics import Matrix, read_stsb, stsb_score
-from tests.servers import ServerProcess, free_port
+from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.real_model
 
@@ -175,7 +176,7 @@ class RunProcess:
         command = [
             sys.executable,
             "-m",
-            "embedd_server.cli",
+            "embedd_server.cli.main",
             "run",
             "--models-dir",
             str(MODELS_DIR),

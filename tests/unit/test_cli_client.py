@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from embedd import Client
-from embedd_server.cli import main
-from tests.servers import ServerThread, free_port
+from embedd_server.cli.main import main
+from embedd_server.run.probes import free_port
+from tests.servers import ServerThread
 
 HINT = "is the server running? start it with `embedd serve`"
 TEXTS = ["hello world", "the cat sat on the mat", "a dog runs fast", "slow cat"]

@@ -16,8 +16,9 @@ import embedd
 from embedd import AsyncClient, Client
 from embedd._convert import EmbedOptions, StreamState, call_metadata
 from embedd.v1 import embedder_pb2 as pb
+from embedd_server.run.probes import free_port
 from tests.fakes import WORDS, fake_vector
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread
 
 
 def text_of(number: int) -> str:

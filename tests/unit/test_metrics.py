@@ -20,15 +20,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.app import EmbeddServer, StartupError
+from embedd_server.core.request_info import RequestInfo, _current
+from embedd_server.core.scheduler import FairQueue, Job
 from embedd_server.logs import JsonFormatter, RequestIdFilter, TextFormatter
-from embedd_server.request_context import RequestInfo, _current
-from embedd_server.scheduler import FairQueue, Job
+from embedd_server.rpc.server import EmbeddServer, StartupError
+from embedd_server.run.probes import free_port
 from embedd_server.settings import Settings
 from tests.fakes import FakeRuntime, write_fake_gguf
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread
 
-ACCESS_LOGGER = "embedd_server.request_context"
+ACCESS_LOGGER = "embedd_server.rpc.interceptors.access_log"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

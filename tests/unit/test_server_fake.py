@@ -126,7 +126,7 @@ def test_a_workers_log_line_names_the_requests_of_its_batch(
     stub: pb_grpc.EmbedderStub, fake_server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_server.runtime.fail_on = DOG
-    with caplog.at_level(logging.ERROR, logger="embedd_server.workers"):
+    with caplog.at_level(logging.ERROR, logger="embedd_server.core.workers"):
         _error(
             lambda: stub.Embed(
                 pb.EmbedRequest(texts=["dog"]), metadata=(("x-request-id", "req-42"),)

@@ -19,9 +19,9 @@ import pytest
 from google.protobuf.struct_pb2 import ListValue, Value
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.grpc_service import EmbedderServicer
-from embedd_server.models import ModelRegistry
-from embedd_server.service import EmbeddingService
+from embedd_server.core.registry import ModelRegistry
+from embedd_server.core.service import EmbeddingService
+from embedd_server.rpc.servicer import EmbedderServicer
 from embedd_server.settings import Settings
 from tests.fakes import FakeRuntime, write_fake_gguf
 
@@ -77,8 +77,9 @@ def rpc(tmp_path: Path) -> Iterator[Callable[[str, Any], tuple[Any, Any, grpc.St
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    registry = ModelRegistry(settings, FakeRuntime)
-    servicer = EmbedderServicer(EmbeddingService(settings, registry), stream_window=2)
+    engine_settings = settings.engine_settings()
+    registry = ModelRegistry(engine_settings, FakeRuntime)
+    servicer = EmbedderServicer(EmbeddingService(engine_settings, registry), stream_window=2)
     server = grpc_testing.server_from_dictionary(
         {SERVICE: _SyncShim(servicer, loop)}, grpc_testing.strict_real_time()
     )

@@ -1,0 +1,1 @@
+"""The ``embedd`` command line."""

@@ -1,0 +1,323 @@
+"""The client subcommands of ``embedd``: embed, models, tokenize and embed-file.
+
+They talk to a running server through :class:`embedd.Client`. The server's address is
+``--target``, else the gRPC address of the settings (flag-less: environment and config file,
+as ``embedd serve`` reads them). A failure prints one line, ``embedd <command>: <message>``,
+and exits with status 2; there is never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedd_server.cli.embed_file import CommandError, embed_file, json_rows
+from embedd_server.settings import CONFIG_ENV, load_settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from embedd import Client
+
+    FloatMatrix = npt.NDArray[np.float32]
+
+EXIT_FAILURE = 2
+SERVER_HINT = "is the server running? start it with `embedd serve`"
+LABEL_WIDTH = 30
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+Body = Callable[[argparse.Namespace, "Client"], int]
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers embed, models, tokenize and embed-file on the ``embedd`` parser."""
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    embed = commands.add_parser(
+        "embed",
+        help="embed texts with a running server (JSON, or a similarity table)",
+        description=_describe(
+            "Embeds the TEXTs with a running server and prints "
+            '{"model": ..., "embeddings": [[...], ...]} as JSON, one row per text. With '
+            "--similarity, prints the texts' cosine-similarity matrix instead."
+        ),
+        epilog="examples:\n"
+        '  embedd embed "hello world" "the cat sat"\n'
+        '  embedd embed --similarity "a dog runs" "a cat sat" "the dog runs fast"\n'
+        '  embedd embed --dimensions 128 --model all-minilm-l6-v2 "hello"',
+        formatter_class=formatter,
+    )
+    embed.add_argument("texts", nargs="+", metavar="TEXT", help="a text to embed (quote it)")
+    _add_model(embed)
+    embed.add_argument(
+        "--dimensions",
+        type=_positive_int,
+        metavar="N",
+        help="keep the first N components of each vector, re-normalized (default: all)",
+    )
+    embed.add_argument(
+        "--similarity",
+        action="store_true",
+        help="print the cosine-similarity matrix of the texts as a table",
+    )
+    embed.add_argument(
+        "--json",
+        action="store_true",
+        help='with --similarity: print {"model", "texts", "similarity"} as JSON',
+    )
+    _add_connection(embed)
+    embed.set_defaults(handler=_client_command(_embed))
+
+    models = commands.add_parser(
+        "models",
+        help="list a running server's models",
+        description=_describe(
+            "Lists the models of a running server: name, dimensions, maximum input "
+            "tokens, pooling, quantization and whether the model is loaded."
+        ),
+        formatter_class=formatter,
+    )
+    _add_connection(models)
+    models.set_defaults(handler=_client_command(_models))
+
+    tokenize = commands.add_parser(
+        "tokenize",
+        help="show a text's tokens with a model's tokenizer",
+        description=_describe(
+            "Prints the token ids, the token strings and the token count of TEXT "
+            "with the model's own tokenizer (special tokens included, untruncated)."
+        ),
+        epilog='example:\n  embedd tokenize "the cat sat on the mat"',
+        formatter_class=formatter,
+    )
+    tokenize.add_argument("text", metavar="TEXT", help="the text to tokenize (quote it)")
+    _add_model(tokenize)
+    _add_connection(tokenize)
+    tokenize.set_defaults(handler=_client_command(_tokenize))
+
+    file_cmd = commands.add_parser(
+        "embed-file",
+        help="embed every line of a file into .npy or .jsonl",
+        description=_describe(
+            "Embeds a file of texts with a running server over one EmbedStream, batch by "
+            "batch, with a progress bar on stderr; memory stays flat however large the file.",
+            "INPUT is a text file with one text per line, or a .jsonl file whose lines are "
+            "JSON objects with the text under --text-key. Blank lines are skipped; embedding "
+            "i is the i-th non-blank line.",
+            "OUTPUT is .npy (a float32 matrix, one row per text) or .jsonl (one "
+            '{"index": i, "embedding": [...]} per line). It is written only once every text '
+            "is embedded.",
+        ),
+        epilog="examples:\n"
+        "  embedd embed-file corpus.txt corpus.npy\n"
+        "  embedd embed-file docs.jsonl vectors.jsonl --text-key body --batch-size 128",
+        formatter_class=formatter,
+    )
+    file_cmd.add_argument("input", type=Path, metavar="INPUT", help="text or .jsonl file")
+    file_cmd.add_argument("output", type=Path, metavar="OUTPUT", help=".npy or .jsonl file")
+    _add_model(file_cmd)
+    file_cmd.add_argument(
+        "--dimensions",
+        type=_positive_int,
+        metavar="N",
+        help="keep the first N components of each vector, re-normalized (default: all)",
+    )
+    file_cmd.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="texts per request of the stream (default: %(default)s)",
+    )
+    file_cmd.add_argument(
+        "--text-key",
+        default="text",
+        metavar="KEY",
+        help="field of each .jsonl object holding the text (default: %(default)s)",
+    )
+    _add_connection(file_cmd)
+    file_cmd.set_defaults(handler=_client_command(embed_file))
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="", metavar="NAME", help="model name (default: the server's default)"
+    )
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="the server's gRPC address (default: the grpc_host and grpc_port settings, "
+        "127.0.0.1:50051 unless EMBEDD_GRPC_PORT or the config file say otherwise)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up on the server after this long (default: no limit)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help=f"TOML settings file to read the server's address from. Env: {CONFIG_ENV}.",
+    )
+
+
+def _describe(*paragraphs: str) -> str:
+    """A --help description: paragraphs wrapped (the formatter keeps the epilog's lines)."""
+    return "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in paragraphs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+# --- running a command --------------------------------------------------------------------
+
+
+def _connection(args: argparse.Namespace) -> tuple[str, int]:
+    """The target address and message size limit: --target, else the settings."""
+    if args.target:
+        return args.target, 64
+    settings = load_settings(args)
+    host, port = settings.grpc_host, settings.grpc_port
+    if host in WILDCARD_HOSTS:  # a server listening everywhere is reachable on loopback
+        return f"127.0.0.1:{port}", settings.max_message_mb
+    if ":" in host and not host.startswith("["):  # an IPv6 address needs brackets
+        return f"[{host}]:{port}", settings.max_message_mb
+    return settings.grpc_address, settings.max_message_mb
+
+
+def _client_command(body: Body) -> Callable[[argparse.Namespace], int]:
+    """A handler running ``body`` with a connected Client; failures become one line, exit 2."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from embedd import Client, EmbeddClientError, Unavailable
+
+        target, max_message_mb = _connection(args)
+        try:
+            with Client(target, timeout=args.timeout, max_message_mb=max_message_mb) as client:
+                return body(args, client)
+        except Unavailable as exc:
+            return _fail(args, _unavailable_message(target, exc.details))
+        except EmbeddClientError as exc:
+            return _fail(args, exc.details or str(exc))
+        except CommandError as exc:
+            return _fail(args, str(exc))
+        except OSError as exc:
+            return _fail(args, _os_error_message(exc))
+
+    return handler
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    print(f"embedd {args.command}: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _unavailable_message(target: str, details: str) -> str:
+    lowered = details.lower()
+    if "connect" in lowered or "dns" in lowered or "unreachable" in lowered:
+        return f"cannot reach the server at {target}: {SERVER_HINT}"
+    return f"the server at {target} is unavailable ({details}); {SERVER_HINT}"
+
+
+def _os_error_message(exc: OSError) -> str:
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+# --- embed, models, tokenize --------------------------------------------------------------
+
+
+def _embed(args: argparse.Namespace, client: Client) -> int:
+    result = client.embed_with_usage(args.texts, model=args.model, dimensions=args.dimensions)
+    if not args.similarity:
+        print(json.dumps({"model": result.model, "embeddings": json_rows(result.vectors)}))
+        return 0
+    matrix = _cosine_similarity(result.vectors)
+    if args.json:
+        rows = [[round(value, 6) for value in row] for row in matrix.tolist()]
+        print(json.dumps({"model": result.model, "texts": args.texts, "similarity": rows}))
+    else:
+        print(_similarity_table(args.texts, matrix))
+    return 0
+
+
+def _models(args: argparse.Namespace, client: Client) -> int:
+    rows = [
+        [
+            model.name,
+            str(model.dimensions),
+            str(model.max_input_tokens),
+            model.pooling,
+            model.quantization,
+            "yes" if model.loaded else "no",
+        ]
+        for model in client.models()
+    ]
+    headers = ["NAME", "DIMS", "MAX TOKENS", "POOLING", "QUANTIZATION", "LOADED"]
+    print(_table(headers, rows))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace, client: Client) -> int:
+    result = client.tokenize(args.text, model=args.model)
+    print(f"model:  {result.model}")
+    print(f"count:  {result.count} (max input tokens: {result.max_input_tokens})")
+    print(f"ids:    {json.dumps(result.ids)}")
+    print(f"tokens: {json.dumps(result.tokens, ensure_ascii=False)}")
+    return 0
+
+
+def _cosine_similarity(vectors: FloatMatrix) -> Any:
+    import numpy as np
+
+    unit = vectors.astype(np.float64)
+    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    unit /= np.maximum(norms, 1e-12)
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def _label(text: str, width: int = LABEL_WIDTH) -> str:
+    """A text on one line, cut to ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3].rstrip() + "..."
+
+
+def _similarity_table(texts: Sequence[str], matrix: Any) -> str:
+    labels = [f"[{index}] {_label(text)}" for index, text in enumerate(texts, 1)]
+    width = max(len(label) for label in labels)
+    header = " " * width + "".join(f"{f'[{index}]':>8}" for index in range(1, len(texts) + 1))
+    lines = [header]
+    for label, row in zip(labels, matrix.tolist(), strict=True):
+        lines.append(f"{label:<{width}}" + "".join(f"{value:8.3f}" for value in row))
+    return "\n".join(lines)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    )

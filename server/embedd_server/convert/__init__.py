@@ -1,0 +1,1 @@
+"""Converting Hugging Face model directories to GGUF (no torch, no network)."""

@@ -1,0 +1,1 @@
+"""The core: requests, models, scheduling and workers. Imports no grpc, no protobuf."""

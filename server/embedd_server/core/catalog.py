@@ -1,0 +1,134 @@
+"""What a GGUF file says about its model, read without loading the weights."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedd_server.core.errors import ModelLoadError
+
+# llama.cpp's enum llama_pooling_type.
+POOLING_NAMES = {-1: "unspecified", 0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+EMBEDDING_POOLINGS = frozenset({1, 2, 3})
+# The poolings a model without its own can be loaded with, by name.
+POOLING_TYPES = {POOLING_NAMES[number]: number for number in sorted(EMBEDDING_POOLINGS)}
+
+# llama.cpp's enum llama_ftype (general.file_type), the common ones.
+FILE_TYPE_NAMES = {
+    0: "f32",
+    1: "f16",
+    2: "q4_0",
+    3: "q4_1",
+    7: "q8_0",
+    8: "q5_0",
+    9: "q5_1",
+    10: "q2_k",
+    11: "q3_k_s",
+    12: "q3_k_m",
+    13: "q3_k_l",
+    14: "q4_k_s",
+    15: "q4_k_m",
+    16: "q5_k_s",
+    17: "q5_k_m",
+    18: "q6_k",
+    32: "bf16",
+}
+
+HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
+MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
+NORMALIZE_KEY = "sentence_transformers.normalize"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model of the catalogue, as its GGUF file describes it."""
+
+    name: str
+    path: Path
+    architecture: str
+    dimensions: int
+    context_length: int
+    max_input_tokens: int
+    pooling: str
+    quantization: str
+    normalizes: bool
+    vocab_size: int
+    hf_tokenizer_json: str | None
+    file_size_bytes: int
+    created: int
+
+    @property
+    def embedding(self) -> bool:
+        """Whether the model pools its tokens into one vector by itself."""
+        return self.pooling in {POOLING_NAMES[p] for p in EMBEDDING_POOLINGS}
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Reads a GGUF file's metadata (cached per path, size and modification time)."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read model file {path}: {exc.strerror}.") from None
+    return _read_cached(path, stat.st_size, int(stat.st_mtime))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
+    fields = _read_fields(path)
+    arch = str(fields.get("general.architecture", "unknown"))
+    context_length = int(fields.get(f"{arch}.context_length", 512))
+    max_seq = int(fields.get(MAX_SEQ_LENGTH_KEY, context_length))
+    pooling = int(fields.get(f"{arch}.pooling_type", 0))
+    file_type = fields.get("general.file_type")
+    return ModelInfo(
+        name=path.stem,
+        path=path,
+        architecture=arch,
+        dimensions=int(fields.get(f"{arch}.embedding_length", 0)),
+        context_length=context_length,
+        max_input_tokens=min(max_seq, context_length),
+        pooling=POOLING_NAMES.get(pooling, str(pooling)),
+        quantization=_quantization_name(file_type),
+        normalizes=bool(fields.get(NORMALIZE_KEY, pooling in EMBEDDING_POOLINGS)),
+        vocab_size=int(fields.get("tokenizer.ggml.tokens.count", 0)),
+        hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
+        file_size_bytes=size,
+        created=mtime,
+    )
+
+
+def _quantization_name(file_type: Any) -> str:
+    if file_type is None:
+        return "unknown"
+    return FILE_TYPE_NAMES.get(int(file_type), f"type{int(file_type)}")
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _read_fields(path: Path) -> dict[str, Any]:
+    """Scalar and string metadata of a GGUF file; arrays are reported by their length."""
+    from gguf import GGUFReader  # heavy import, only where needed
+
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(
+            f"{path.name} is not a readable GGUF file ({exc}); re-create it with `embedd import`."
+        ) from None
+    values: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if _is_array(field):
+            values[f"{key}.count"] = len(field.data)
+        else:
+            values[key] = field.contents()
+    return values
+
+
+def _is_array(field: Any) -> bool:
+    from gguf import GGUFValueType
+
+    return bool(field.types) and field.types[0] == GGUFValueType.ARRAY

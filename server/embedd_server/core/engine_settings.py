@@ -1,0 +1,42 @@
+"""What the core needs to know: the engine-level part of the settings, and per-model load options.
+
+The core is handed an :class:`EngineSettings` (built by
+:meth:`embedd_server.settings.Settings.engine_settings`), never the whole settings: ports, API
+keys and Envoy are the transports' business. Each field's meaning and default are documented
+once, on the :class:`~embedd_server.settings.Settings` field of the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Scheduling, models and workers: what the core and the engines are configured with."""
+
+    models_dir: Path = Path("models")
+    default_model: str = "all-minilm-l6-v2"
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> model
+    keep_alive: str = "5m"
+    memory_budget_mb: int = 0
+    workers: int = 2
+    worker_processes: bool = True
+    threads_per_worker: int = 1
+    batch_tokens: int = 128
+    batch_sequences: int = 32
+    n_gpu_layers: int = 0
+    max_inputs_per_request: int = 2048
+    max_queued_texts: int = 16384
+    max_queued_tokens: int = 262_144
+    worker_timeout_s: float = 60.0
+    log_json: bool = False  # the log format of worker processes' own lines
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Per-model choices of an explicit load."""
+
+    pooling: str | None = None  # for models without pooling of their own
+    n_gpu_layers: int | None = None

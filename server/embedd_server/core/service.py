@@ -1,0 +1,231 @@
+"""The core every transport calls: validate, tokenize, schedule, post-process.
+
+gRPC servicers (native, OpenAI- and Ollama-shaped) only translate their messages into the
+plain types here and back; every rule about inputs, limits and vectors lives in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
+from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.registry import LoadedModel, ModelRegistry
+from embedd_server.core.request_info import current_request, note_inputs, note_model
+from embedd_server.core.scheduler import FloatMatrix, Job
+from embedd_server.core.tokenization import Tokenized, check_token_ids, tokenize_texts
+
+log = logging.getLogger(__name__)
+
+# Tokenizing more text than this runs off the event loop, so other callers are not stalled.
+_INLINE_TOKENIZE_CHARS = 16_384
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """One embedding request, whatever protocol it came in."""
+
+    model: str = ""
+    texts: Sequence[str] = ()
+    token_ids: Sequence[Sequence[int]] = ()
+    dimensions: int | None = None
+    normalize: bool = True
+    truncate: bool = True
+    keep_alive_s: float | None = None  # None: the model's own keep_alive
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    """Vectors (one row per input, in order) and what they cost."""
+
+    model: str
+    vectors: FloatMatrix
+    prompt_tokens: int
+    load_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class TokenizeOutcome:
+    model: str
+    ids: list[int]
+    tokens: list[str]
+    max_input_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    info: ModelInfo
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class RunningModel:
+    info: ModelInfo
+    expires_in_s: float  # math.inf: kept loaded forever
+
+
+class EmbeddingService:
+    """Embeddings, tokenization and the model catalogue, for every transport."""
+
+    def __init__(self, settings: EngineSettings, registry: ModelRegistry) -> None:
+        self._settings = settings
+        self.registry = registry
+        self._metrics = registry.metrics
+
+    async def embed(self, params: EmbedParams, deadline: float | None = None) -> EmbedOutcome:
+        """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
+        started = time.perf_counter()
+        self._check_inputs(params)
+        was_loaded = self.registry.is_loaded(params.model)
+        async with self.registry.use(params.model, params.keep_alive_s) as model:
+            dimensions = self._check_dimensions(params.dimensions, model)
+            tokenize_started = time.perf_counter()
+            tokenized = await self._tokenize(params, model)
+            self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
+            self._count_inputs(model.info.name, tokenized)
+            vectors = await self._run(model, tokenized.sequences, deadline)
+        return EmbedOutcome(
+            model=model.info.name,
+            vectors=_post_process(vectors, dimensions, params.normalize),
+            prompt_tokens=tokenized.token_count,
+            load_seconds=0.0 if was_loaded else model.load_seconds,
+            total_seconds=time.perf_counter() - started,
+        )
+
+    async def tokenize(self, model_name: str, text: str) -> TokenizeOutcome:
+        """Token ids and strings of a text, untruncated, with the model's tokenizer."""
+        async with self.registry.use(model_name) as model:
+            note_model(model.info.name)
+            ids = model.tokenizer.encode_batch([text])[0]
+        return TokenizeOutcome(
+            model=model.info.name,
+            ids=ids,
+            tokens=[model.tokenizer.id_to_token(token_id) for token_id in ids],
+            max_input_tokens=model.info.max_input_tokens,
+        )
+
+    def list_models(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(info, self.registry.is_loaded(info.name))
+            for info in self.registry.catalogue()
+        ]
+
+    def get_model(self, name: str) -> ModelStatus:
+        info = self.registry.info(name)
+        return ModelStatus(info, self.registry.is_loaded(info.name))
+
+    async def load_model(
+        self, name: str, options: LoadOptions, keep_alive_s: float | None
+    ) -> ModelStatus:
+        """Loads a model now (or reloads it with other options)."""
+        if options.pooling is not None and options.pooling not in POOLING_TYPES:
+            raise InvalidInput(
+                f"pooling must be one of {', '.join(POOLING_TYPES)}; got "
+                f"'{shorten(options.pooling)}'.",
+                param="pooling",
+            )
+        model = await self.registry.load(name, options, keep_alive_s)
+        note_model(model.info.name)
+        return ModelStatus(model.info, loaded=True)
+
+    async def unload_model(self, name: str) -> ModelStatus:
+        """Unloads a model once its calls in flight have finished."""
+        return ModelStatus(await self.registry.unload(name), loaded=False)
+
+    def running(self) -> list[RunningModel]:
+        """The loaded models and the seconds until each expires (inf: never)."""
+        now = time.monotonic()
+        return [
+            RunningModel(
+                model.info,
+                max(0.0, model.expires_at - now) if model.leases == 0 else model.keep_alive_s,
+            )
+            for model in self.registry.loaded_models()
+        ]
+
+    def _check_inputs(self, params: EmbedParams) -> None:
+        count = len(params.texts) + len(params.token_ids)
+        if params.texts and params.token_ids:
+            raise InvalidInput("Give either texts or token ids, not both.", param="input")
+        if count == 0:
+            raise InvalidInput("The request has no input; give at least one text.", param="input")
+        limit = self._settings.max_inputs_per_request
+        if count > limit:
+            raise InvalidInput(
+                f"The request has {count} inputs; at most {limit} are allowed per request. "
+                "Split it, or use EmbedStream for bulk jobs.",
+                param="input",
+            )
+        for index, text in enumerate(params.texts):
+            if not text:
+                raise InvalidInput(
+                    f"Input {index} is an empty string; every input needs some text.",
+                    param=f"input[{index}]",
+                )
+
+    @staticmethod
+    def _check_dimensions(dimensions: int | None, model: LoadedModel) -> int:
+        if dimensions is None:
+            return model.dimensions
+        if not 1 <= dimensions <= model.dimensions:
+            raise InvalidInput(
+                f"dimensions must be between 1 and {model.dimensions} for model "
+                f"'{model.info.name}'; got {dimensions}.",
+                param="dimensions",
+            )
+        return dimensions
+
+    async def _tokenize(self, params: EmbedParams, model: LoadedModel) -> Tokenized:
+        limit = model.info.max_input_tokens
+        if params.token_ids:
+            return check_token_ids(params.token_ids, model.vocab_size, limit, params.truncate)
+        if sum(len(text) for text in params.texts) <= _INLINE_TOKENIZE_CHARS:
+            return tokenize_texts(model.tokenizer, params.texts, limit, params.truncate)
+        return await asyncio.to_thread(
+            tokenize_texts, model.tokenizer, params.texts, limit, params.truncate
+        )
+
+    def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
+        tokens = tokenized.token_count
+        self._metrics.input_tokens.labels(model).inc(tokens)
+        note_inputs(model, len(tokenized.sequences), tokens)
+
+    async def _run(
+        self, model: LoadedModel, sequences: Sequence[Sequence[int]], deadline: float | None
+    ) -> FloatMatrix:
+        request = current_request()
+        job = Job(
+            sequences,
+            model.dimensions,
+            asyncio.get_running_loop(),
+            deadline,
+            request_id=request.request_id if request is not None else "",
+        )
+        model.queue.submit(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancel()  # the caller went away: its queued inputs are dropped
+            raise
+        finally:
+            if job.started_at is not None:  # set by the worker that took its first input
+                self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
+    """Keeps the first ``dimensions`` components, then L2-normalizes each row if asked."""
+    if dimensions < vectors.shape[1]:
+        vectors = np.ascontiguousarray(vectors[:, :dimensions])
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        np.maximum(norms, 1e-12, out=norms)  # as torch's F.normalize: no division by zero
+        vectors = vectors / norms
+    return vectors.astype(np.float32, copy=False)

@@ -1,0 +1,1 @@
+"""Engines: what computes vectors from token ids. Imports no grpc, no protobuf."""

@@ -1,0 +1,61 @@
+"""What every engine is: the protocol a worker calls, and the failure that retires a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from embedd_server.core.catalog import ModelInfo
+from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+
+
+class Engine(Protocol):
+    """One worker's private engine. Not thread-safe: one thread calls it."""
+
+    @property
+    def dimensions(self) -> int:
+        """Length of the vectors embed() returns."""
+
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """The pooled (not normalized) vectors of token sequences, one row each."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer compute (its process has ended)."""
+
+    def abort(self) -> None:
+        """Stops a decode that hangs, from another thread, where the engine can (a process
+        engine kills its process; a thread's decode can't be stopped)."""
+
+    def close(self) -> None:
+        """Frees the engine's memory."""
+
+
+class EngineDied(RuntimeError):
+    """The engine's process ended (crashed or was killed): the worker must be replaced."""
+
+
+class Runtime(Protocol):
+    """A model loaded by an engine backend (llama.cpp, or a fake in unit tests): its
+    tokenizer and metadata, and a new :class:`Engine` for each worker."""
+
+    @property
+    def dimensions(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def new_engine(self) -> Engine: ...
+
+    def tokenize(self, text: bytes) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def close(self) -> None: ...
+
+
+# How a model's Runtime is made: the server passes llama.cpp's, tests a fake.
+RuntimeLoader = Callable[[ModelInfo, EngineSettings, LoadOptions], Runtime]

@@ -1,0 +1,284 @@
+"""The embedding engine: llama.cpp through llama-cpp-python.
+
+The weights of a model are loaded once (:class:`LlamaModelWeights`); each worker owns one
+:class:`LlamaEngine`, a llama.cpp context on those weights, and nothing else touches it.
+A call decodes the sequences it is given in ONE llama.cpp batch. llama.cpp attends over the
+whole ubatch under a mask, so the cost grows with the square of the batch: the scheduler keeps
+batches small (``batch_tokens``; the measurements are in docs/design.md, "Packing inputs into
+one decode").
+
+The engine returns the model's pooled vector, not normalized: dimensions and normalization
+are the service's business.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
+from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.core.errors import ModelLoadError
+from embedd_server.engines.base import Engine
+from embedd_server.engines.packing import flatten
+from embedd_server.engines.process import EngineSpec, ProcessEngine
+
+log = logging.getLogger(__name__)
+
+
+def _llama() -> object:
+    """Imports llama_cpp once, quietly: its log callback goes to Python logging."""
+    import llama_cpp
+
+    # llama-cpp-python prints llama.cpp's log to stderr unless its logger says otherwise.
+    # (verbose=False would instead redirect fds 1/2 while loading, unsafe in a threaded server.)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    return llama_cpp
+
+
+class LlamaModelWeights:
+    """A GGUF model's weights, loaded once and shared by the contexts of all workers."""
+
+    def __init__(self, path: Path, n_gpu_layers: int = 0, *, vocab_only: bool = False) -> None:
+        llama_cpp = _llama()
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_model_default_params()  # type: ignore[attr-defined]
+        params.vocab_only = vocab_only  # the tokenizer and metadata only: no weights
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        # llama.cpp's "extra" CPU buffer types (AMX, repacked weights) are chosen from what
+        # the CPU advertises; on these machines it advertises AMX, and a q8_0 model then
+        # crashes the process (SIGSEGV inside ggml_backend_amx_mul_mat, seen in gdb).
+        params.use_extra_bufts = False
+        try:
+            self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=True)
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name}: {exc}. Is it a GGUF file of a "
+                "supported architecture? Re-create it with `embedd import`."
+            ) from None
+        self.path = path
+        self.n_gpu_layers = n_gpu_layers
+        self.dimensions = int(self.model.n_embd()) or _embedding_length(self.model.metadata())
+        self.vocab_size = int(self.model.n_vocab())
+        self._lock = threading.Lock()  # guards tokenize calls from several threads
+
+    def tokenize(self, text: bytes) -> list[int]:
+        """llama.cpp's own tokenizer (special tokens added, like BERT's [CLS] ... [SEP])."""
+        with self._lock:
+            return list(self.model.tokenize(text, add_bos=True, special=False))
+
+    def token_text(self, token_id: int) -> str:
+        with self._lock:
+            piece: bytes = self.model.token_to_piece(token_id, special=True)
+        return piece.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class _NumpyBatch:
+    """A llama_batch whose arrays are numpy buffers, filled without per-token Python work."""
+
+    def __init__(self, capacity: int, max_sequences: int) -> None:
+        llama_cpp = _llama()
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_ids = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.ones(capacity, dtype=np.int8)  # embeddings need every token's output
+        int_pointer = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq_ids.ctypes.data
+        # seq_id[i] points at seq_ids[i]: one sequence per token.
+        self._seq_id_pointers = (int_pointer * capacity)(
+            *(ctypes.cast(base + 4 * i, int_pointer) for i in range(capacity))
+        )
+        self.struct = llama_cpp.llama_batch()  # type: ignore[attr-defined]
+        self.struct.token = self.token.ctypes.data_as(int_pointer)
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(int_pointer)
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_pointer)
+        self.struct.seq_id = ctypes.cast(self._seq_id_pointers, ctypes.POINTER(int_pointer))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.capacity = capacity
+        self.max_sequences = max_sequences
+
+    def fill(self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]) -> None:
+        """Puts sequences (``tokens`` concatenated, ``lengths`` each) into the batch."""
+        total = len(tokens)
+        if total > self.capacity or len(lengths) > self.max_sequences:
+            raise ValueError(
+                f"{len(lengths)} sequences of {total} tokens; the context fits "
+                f"{self.max_sequences} sequences of {self.capacity} tokens"
+            )
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.token[:total] = tokens
+        self.pos[:total] = np.arange(total, dtype=np.int32) - starts
+        self.seq_ids[:total] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+        self.struct.n_tokens = total
+
+
+class LlamaEngine:
+    """One llama.cpp context: decodes a pack of sequences per call, returns pooled vectors."""
+
+    def __init__(
+        self,
+        weights: LlamaModelWeights,
+        max_tokens: int,
+        max_sequences: int,
+        n_threads: int,
+        pooling_type: int | None = None,
+    ) -> None:
+        llama_cpp = _llama()
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_context_default_params()  # type: ignore[attr-defined]
+        params.n_ctx = max_tokens
+        params.n_batch = max_tokens
+        params.n_ubatch = max_tokens  # one ubatch per call: the pack is attended as one
+        params.n_seq_max = max_sequences
+        params.kv_unified = True
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.embeddings = True
+        if pooling_type is not None:  # e.g. mean pooling for a causal LM
+            params.pooling_type = pooling_type
+        try:
+            self._ctx = _internals.LlamaContext(model=weights.model, params=params, verbose=True)
+        except ValueError as exc:
+            raise ModelLoadError(f"llama.cpp could not create a context: {exc}") from None
+        self._batch = _NumpyBatch(max_tokens, max_sequences)
+        self._decode = llama_cpp.llama_decode  # type: ignore[attr-defined]
+        self._get_embeddings = llama_cpp.llama_get_embeddings_seq  # type: ignore[attr-defined]
+        self._dimensions = weights.dimensions
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        return self.embed_packed(*flatten(sequences))
+
+    def embed_packed(
+        self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]
+    ) -> npt.NDArray[np.float32]:
+        """embed_batch() for sequences given as one token array and their lengths."""
+        self._batch.fill(tokens, lengths)
+        self._ctx.kv_cache_clear()
+        code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        vectors = np.empty((len(lengths), self._dimensions), dtype=np.float32)
+        for index in range(len(lengths)):
+            pointer = self._get_embeddings(self._ctx.ctx, index)
+            if not pointer:
+                raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
+            # One copy straight out of llama.cpp's buffer: no per-float Python objects.
+            vectors[index] = np.ctypeslib.as_array(
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
+            )
+        return vectors
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """A decode in a thread can't be stopped from outside; the watchdog retires it."""
+
+    def close(self) -> None:
+        self._ctx.close()
+
+
+def _embedding_length(metadata: dict[str, str]) -> int:
+    """The model's width from GGUF metadata (a vocab-only load has no hparams)."""
+    architecture = metadata.get("general.architecture", "")
+    return int(metadata.get(f"{architecture}.embedding_length", "0"))
+
+
+class LlamaRuntime:
+    """What loading a GGUF file with llama.cpp gives the registry: weights and engines.
+
+    With ``processes`` each engine is a worker process of its own (:class:`ProcessEngine`)
+    and this process loads only the vocabulary (tokenizer fallback, metadata); otherwise the
+    weights are loaded here once and every engine is a context on them, used by a thread.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_tokens: int,
+        max_sequences: int,
+        n_threads: int,
+        n_gpu_layers: int,
+        pooling_type: int | None = None,
+        processes: bool = False,
+        log_json: bool = False,
+    ) -> None:
+        self.weights = LlamaModelWeights(path, n_gpu_layers, vocab_only=processes)
+        self._spec = EngineSpec(
+            path=str(path),
+            max_tokens=max_tokens,
+            max_sequences=max_sequences,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            pooling_type=pooling_type,
+            log_json=log_json,
+        )
+        self._processes = processes
+
+    @property
+    def dimensions(self) -> int:
+        return self.weights.dimensions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.vocab_size
+
+    def new_engine(self) -> Engine:
+        spec = self._spec
+        if not self._processes:
+            return LlamaEngine(
+                self.weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+            )
+        engine = ProcessEngine(spec)
+        if engine.dimensions != self.dimensions:
+            engine.close()
+            raise ModelLoadError(
+                f"{self.weights.path.name}: the engine gives {engine.dimensions}-dimensional "
+                f"vectors, its metadata says {self.dimensions}."
+            )
+        return engine
+
+    def tokenize(self, text: bytes) -> list[int]:
+        return self.weights.tokenize(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.weights.token_text(token_id)
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+def load_llama_runtime(
+    info: ModelInfo, settings: EngineSettings, options: LoadOptions
+) -> LlamaRuntime:
+    """The production loader: llama.cpp on the GGUF file."""
+    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
+    return LlamaRuntime(
+        info.path,
+        max_tokens=max(settings.batch_tokens, info.max_input_tokens),
+        max_sequences=settings.batch_sequences,
+        n_threads=settings.threads_per_worker,
+        n_gpu_layers=n_gpu_layers,
+        pooling_type=POOLING_TYPES[options.pooling] if options.pooling else None,
+        processes=settings.worker_processes and n_gpu_layers == 0,
+        log_json=settings.log_json,
+    )

@@ -1,0 +1,71 @@
+"""The program of a worker process: ``python -m embedd_server.engines.worker_main FD``.
+
+It reads its :class:`~embedd_server.engines.process.EngineSpec` from the socket ``FD``, loads
+the GGUF with llama.cpp, answers ready, then decodes one pack per message until the server
+closes the socket (see :mod:`embedd_server.engines.process` for the wire).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+
+from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
+from embedd_server.engines.packing import decode_pack
+from embedd_server.engines.process import ERROR, READY, VECTORS, EngineSpec
+from embedd_server.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def _serve(conn: Connection) -> int:
+    spec = EngineSpec(**json.loads(conn.recv_bytes()))
+    configure_logging("warning", spec.log_json)
+    try:
+        weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
+        engine = LlamaEngine(
+            weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+        )
+    except Exception as exc:  # the server turns this into a ModelLoadError
+        conn.send_bytes(ERROR + str(exc).encode())
+        return 1
+    conn.send_bytes(READY + np.int32(engine.dimensions).tobytes())
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return 0  # the server closed the socket (or died)
+        try:
+            tokens, lengths = decode_pack(message)
+            vectors = engine.embed_packed(tokens, lengths)
+        except Exception as exc:
+            log.exception("decode failed")
+            conn.send_bytes(ERROR + str(exc).encode())
+            continue
+        conn.send_bytes(VECTORS + vectors.tobytes())
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of a worker process: ``python -m embedd_server.engines.worker_main FD``."""
+    # Ctrl-C reaches the whole process group: the server drains and then closes our socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # No PR_SET_PDEATHSIG: it fires when the *thread* that started us ends, and replacement
+    # workers are started by the thread of the worker they replace. If the server dies, our
+    # socket reaches its end and we exit after the decode in progress.
+    conn = Connection(int(argv[1]))
+    try:
+        return _serve(conn)
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv))  # no interpreter teardown: llama.cpp's globals may outlive it

@@ -1,0 +1,169 @@
+"""Request ids, the access log line and the request metrics of every RPC, as one interceptor.
+
+Every RPC gets a request id: the caller's ``x-request-id`` (Envoy sets one on every call it
+forwards; native callers may send their own) or a new UUID. It is kept in a contextvar while
+the call runs, so every log record emitted on its behalf carries it
+(:class:`embedd_server.logs.RequestIdFilter`). An id made up here is sent back as
+``x-request-id`` trailing metadata, which rides with the status at no cost; initial metadata
+would need a write of its own on every call, would break the trailers-only error
+replies Envoy's Lua filter turns into REST bodies, and would make a call whose replica dies
+impossible to retry. A caller's own id is not sent back: it knows it, and Envoy returns the ids
+it passes on itself (``always_set_request_id_in_response``). Errors carry their own trailers.
+
+When the call ends, it is counted (``embedd_requests_total``, its duration observed) and one
+access log line is written, just after the answer has gone out. The core adds what only it
+knows (the resolved model, inputs, tokens) with :func:`note_model` and :func:`note_inputs`; no
+text and no key is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from embedd_server.core.request_info import RequestInfo, set_current_request
+from embedd_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_ID_CHARS = 128  # a caller's id goes into logs: keep it a reasonable size
+QUIET_PREFIX = "/grpc.health.v1.Health/"  # probes every second: logged at DEBUG only
+Context = aio.ServicerContext[Any, Any]
+
+
+def callers_request_id(metadata: Any) -> str | None:
+    """The x-request-id the call carries (cut to MAX_ID_CHARS), if any."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
+            return value[:MAX_ID_CHARS]
+    return None
+
+
+class RequestContextInterceptor(aio.ServerInterceptor):
+    """Gives each RPC a request id, then counts, times and logs it. Goes first in the chain,
+    so calls that later interceptors refuse are logged and counted too."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        started = time.perf_counter()
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpcio answers UNIMPLEMENTED
+        full_method = handler_call_details.method
+        given = callers_request_id(handler_call_details.invocation_metadata)
+        info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1], started)
+        level = logging.DEBUG if full_method.startswith(QUIET_PREFIX) else logging.INFO
+        return _wrapped(handler, _Call(info, self._metrics, level, echo=given is None))
+
+
+@dataclass
+class _Call:
+    """One RPC from its arrival to its end."""
+
+    info: RequestInfo
+    metrics: Metrics
+    log_level: int
+    echo: bool  # send the id back: only a new one, which the caller cannot know
+
+    def begin(self, context: Context) -> None:
+        set_current_request(self.info)
+        if self.echo:  # an error's own trailers replace these
+            context.set_trailing_metadata(((REQUEST_ID_KEY, self.info.request_id),))
+
+    def end(self, context: Context, failure: BaseException | None) -> None:
+        seconds = time.perf_counter() - self.info.started
+        code = _code_name(context, failure)
+        try:
+            # Counted and logged in the loop's next turn, once the answer is on its way:
+            # formatting the log line stays off the caller's critical path.
+            asyncio.get_running_loop().call_soon(self._record, code, seconds)
+        except RuntimeError:  # no loop running (a stream finalized late): record now
+            self._record(code, seconds)
+
+    def _record(self, code: str, seconds: float) -> None:
+        info = self.info
+        self.metrics.request_done(info.method, info.model, code, seconds)
+        if not log.isEnabledFor(self.log_level):
+            return
+        fields: dict[str, Any] = {
+            "method": info.method,
+            "code": code,
+            "duration_ms": round(seconds * 1000, 2),
+            "request_id": info.request_id,
+        }
+        if info.model:
+            fields["model"] = info.model
+        if info.inputs:
+            fields.update(inputs=info.inputs, tokens=info.tokens)
+        log.log(self.log_level, "%s %s", info.method, code, extra=fields)
+
+
+def _code_name(context: Context, failure: BaseException | None) -> str:
+    if isinstance(failure, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return "UNKNOWN" if failure is not None else "OK"  # grpcio answers UNKNOWN to a raise
+
+
+def _wrapped(
+    handler: grpc.RpcMethodHandler[Any, Any], call: _Call
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind as ``handler`` that runs it inside ``call``."""
+    kind, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
+    original: Callable[..., Any] = getattr(handler, kind)  # the stubs type grpc's sync API
+
+    async def single(request: Any, context: Context) -> Any:
+        # Unary answers, and streams written with context.write() (the health Watch).
+        call.begin(context)
+        try:
+            response = await original(request, context)
+        except BaseException as exc:
+            call.end(context, exc)
+            raise
+        call.end(context, None)
+        return response
+
+    async def streaming(request: Any, context: Context) -> Any:
+        call.begin(context)
+        failure: BaseException | None = None
+        try:
+            async for response in original(request, context):
+                yield response
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            call.end(context, failure)
+
+    behavior = streaming if inspect.isasyncgenfunction(original) else single
+    return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}

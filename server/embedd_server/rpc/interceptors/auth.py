@@ -1,0 +1,234 @@
+"""Who may call: API keys and per-caller rate limits, as one gRPC server interceptor.
+
+When keys are configured, every RPC but the health service's must present one, as
+``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes the REST headers of
+the same names through). A rate limit is a token bucket per API key, or per client address when
+keys are off. Refusals go through :func:`embedd_server.rpc.status.abort`, like every other
+error, so REST callers get 401 / 429 bodies in their API's shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from embedd_server.core.errors import EmbeddError, RateLimited, Unauthenticated
+from embedd_server.rpc.status import BodyShape, abort, body_shape_for
+from embedd_server.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks (Envoy's, Kubernetes') need no key
+HOW_TO_SEND = "Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+Clock = Callable[[], float]
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """The keys in ``path``: one per line; '#' starts a comment; blank lines are ignored.
+    A file that cannot be read or holds no key is a SettingsError naming it."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SettingsError(f"api_keys_file: cannot read {path}: {reason}") from None
+    keys = [key for line in lines if (key := line.split("#", 1)[0].strip())]
+    if not keys:  # an empty file must not silently turn the keys off
+        raise SettingsError(f"api_keys_file: {path} holds no keys")
+    return keys
+
+
+class KeyStore:
+    """The accepted API keys. Checks compare against every key in constant time."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = tuple(dict.fromkeys(key.encode() for key in keys))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyStore:
+        keys = [key.strip() for key in settings.api_keys.split(",") if key.strip()]
+        if settings.api_keys_file:
+            keys += read_keys_file(Path(settings.api_keys_file))
+        return cls(keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def accepts(self, presented: str) -> bool:
+        # No early exit: the time taken says nothing about which key (or how much of it) matched.
+        candidate = presented.encode()
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+
+class RateLimiter:
+    """Token buckets per caller: ``rate`` tokens a second, at most ``burst`` saved up.
+
+    Used from the event loop only, so it needs no lock. A bucket idle long enough to have
+    refilled is the same as a new one, so it is dropped: memory grows with the callers seen
+    in the last ``burst / rate`` seconds, not with every caller ever seen.
+    """
+
+    def __init__(self, rate: float, burst: float = 0, clock: Clock = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst or max(1.0, rate)
+        self._clock = clock
+        self._refill_s = self.burst / rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, when); LRU order
+
+    def take(self, caller: str) -> float:
+        """Takes a token for ``caller``: 0 when granted, else the seconds until one is due."""
+        now = self._clock()
+        self._evict_refilled(now)
+        tokens, when = self._buckets.pop(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        granted = tokens >= 1
+        self._buckets[caller] = (tokens - 1 if granted else tokens, now)  # now the newest
+        return 0.0 if granted else (1 - tokens) / self.rate
+
+    @property
+    def callers(self) -> int:
+        """How many buckets are held."""
+        return len(self._buckets)
+
+    def _evict_refilled(self, now: float) -> None:
+        for caller, (_, when) in list(self._buckets.items()):
+            if now - when < self._refill_s:
+                break  # the rest were used more recently
+            del self._buckets[caller]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def presented_key(metadata: Metadata) -> str | None:
+    """The key a call carries: ``authorization: Bearer <key>``, else ``x-api-key``."""
+    values = {name: _text(value) for name, value in metadata}
+    scheme, _, token = values.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return values.get("x-api-key", "").strip() or None
+
+
+def client_address(metadata: Metadata, peer: str) -> str:
+    """The caller's host: the last X-Forwarded-For entry (the one our Envoy appended; those
+    before it are the client's own claims), else the gRPC peer without its port."""
+    forwarded = [_text(value) for name, value in metadata if name == "x-forwarded-for"]
+    if forwarded and (last := forwarded[-1].rsplit(",", 1)[-1].strip()):
+        return last
+    kind, _, address = peer.partition(":")  # "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678"
+    return address.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
+
+
+class AccessInterceptor(aio.ServerInterceptor):
+    """Checks the API key and the rate limit of every call before its handler runs."""
+
+    def __init__(self, keys: KeyStore, limiter: RateLimiter | None) -> None:
+        self._keys = keys
+        self._limiter = limiter
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIX):
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+
+        def check(peer: str) -> None:
+            self._admit(metadata, peer)
+
+        shape = body_shape_for(method)
+        return _guarded(handler, check, shape)
+
+    def _admit(self, metadata: Metadata, peer: str) -> None:
+        """Raises Unauthenticated or RateLimited when the call may not proceed."""
+        if self._keys:
+            key = presented_key(metadata)
+            if key is None:
+                raise Unauthenticated(f"Incorrect API key provided: none was sent. {HOW_TO_SEND}")
+            if not self._keys.accepts(key):
+                log.info("refused a call with an unknown API key", extra={"peer": peer})
+                raise Unauthenticated(f"Incorrect API key provided. {HOW_TO_SEND}")
+            caller, scope = key, "API key"
+        else:
+            caller, scope = client_address(metadata, peer), "client address"
+        limiter = self._limiter
+        if limiter is not None and (wait := limiter.take(caller)):
+            raise RateLimited(
+                f"Rate limit exceeded: {limiter.rate:g} requests per second per {scope} "
+                f"(bursts of {limiter.burst:g}). Retry in {math.ceil(wait)} s.",
+                retry_after_s=wait,
+            )
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[str], None], shape: BodyShape
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind as ``handler`` that runs ``check(peer)`` first; a refusal
+    ends the call with its error (status, message and REST trailers)."""
+    kind, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
+    original: Callable[..., Any] = getattr(handler, kind)  # the stubs type grpc's sync API
+
+    async def admit(context: aio.ServicerContext[Any, Any]) -> None:
+        try:
+            check(context.peer())
+        except EmbeddError as error:
+            await abort(context, error, shape)
+
+    async def single(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await admit(context)
+        return await original(request, context)
+
+    async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await admit(context)
+        async for response in original(request, context):
+            yield response
+
+    behavior = streaming if handler.response_streaming else single
+    return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def interceptors(settings: Settings) -> list[aio.ServerInterceptor]:
+    """The access interceptor these settings need (none when keys and rate limits are off).
+
+    Raises SettingsError naming the keys file when it cannot be read.
+    """
+    keys = KeyStore.from_settings(settings)
+    rate = settings.rate_limit_per_s
+    limiter = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
+    if not keys and limiter is None:
+        return []
+    limit = (
+        f"{rate:g} calls/s per caller, bursts of {limiter.burst:g}"
+        if limiter is not None
+        else "off"
+    )
+    log.info("access: %d API key(s) required; rate limit %s", len(keys), limit)
+    return [AccessInterceptor(keys, limiter)]

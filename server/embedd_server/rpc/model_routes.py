@@ -1,0 +1,132 @@
+"""Model management RPCs: explicit load/unload (Jan/Nitro style) and Ollama's /api/ps."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+from pathlib import Path
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd_server.core.catalog import ModelInfo
+from embedd_server.core.engine_settings import LoadOptions
+from embedd_server.core.errors import NotImplementedFeature
+from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
+from embedd_server.rpc.context import Context
+from embedd_server.rpc.keep_alive import parse_keep_alive
+from embedd_server.rpc.status import ollama_error_body, translate_errors
+
+# Ollama prints a far-future expiry for models kept forever.
+_FOREVER = datetime.datetime(2318, 1, 1, tzinfo=datetime.UTC)
+
+
+def model_message(status: ModelStatus) -> pb.Model:
+    """A catalogue entry as the Model message (OpenAI's model object plus our fields)."""
+    info = status.info
+    return pb.Model(
+        id=info.name,
+        object="model",
+        created=info.created,
+        owned_by="embedd",
+        name=info.name,
+        dimensions=info.dimensions,
+        max_input_tokens=info.max_input_tokens,
+        pooling=info.pooling,
+        quantization=info.quantization,
+        loaded=status.loaded,
+        file_size_bytes=info.file_size_bytes,
+        embedding=info.embedding,
+        normalizes=info.normalizes,
+    )
+
+
+class ModelRoutes:
+    """LoadModel, UnloadModel, ListRunning, ListModels and GetModel of embedd.v1.Embedder."""
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self._models_service = service
+
+    @translate_errors()
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        models = [model_message(status) for status in self._models_service.list_models()]
+        return pb.ListModelsResponse(object="list", data=models)
+
+    @translate_errors()
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
+        return model_message(self._models_service.get_model(request.model))
+
+    @translate_errors()
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: Context
+    ) -> pb.LoadModelResponse:
+        if request.HasField("embedding") and not request.embedding:
+            raise NotImplementedFeature(
+                'embedd loads models for embeddings only; send "embedding": true.',
+                param="embedding",
+            )
+        options = LoadOptions(
+            pooling=request.pooling or None,
+            n_gpu_layers=request.n_gpu_layers if request.HasField("n_gpu_layers") else None,
+        )
+        keep_alive = (
+            parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
+        )
+        status = await self._models_service.load_model(request.model, options, keep_alive)
+        return pb.LoadModelResponse(
+            message="Model loaded successfully", model=model_message(status)
+        )
+
+    @translate_errors()
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: Context
+    ) -> pb.UnloadModelResponse:
+        status = await self._models_service.unload_model(request.model)
+        return pb.UnloadModelResponse(
+            message="Model unloaded successfully", model=model_message(status)
+        )
+
+    @translate_errors(ollama_error_body)
+    async def ListRunning(
+        self, request: pb.ListRunningRequest, context: Context
+    ) -> pb.ListRunningResponse:
+        return pb.ListRunningResponse(
+            models=[_running_message(running) for running in self._models_service.running()]
+        )
+
+
+def _running_message(running: RunningModel) -> pb.RunningModel:
+    info = running.info
+    return pb.RunningModel(
+        name=info.name,
+        model=info.name,
+        size=float(info.file_size_bytes),
+        digest=_digest(info),
+        details=pb.RunningModelDetails(
+            format="gguf", family=info.architecture, quantization_level=info.quantization.upper()
+        ),
+        expires_at=_expiry(running.expires_in_s),
+        size_vram=0.0,
+    )
+
+
+def _expiry(seconds: float) -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    try:
+        when = now + datetime.timedelta(seconds=seconds)
+    except OverflowError:  # beyond year 9999: as good as forever
+        when = _FOREVER
+    when = min(when, _FOREVER)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _digest(info: ModelInfo) -> str:
+    return _file_digest(info.path, info.file_size_bytes, info.created)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path, size: int, mtime: int) -> str:
+    """sha256 of the GGUF file (cached per path, size and modification time)."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

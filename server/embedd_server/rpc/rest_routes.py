@@ -1,0 +1,186 @@
+"""The REST-shaped RPCs that Envoy's transcoder exposes: OpenAI's and Ollama's embeddings.
+
+They translate OpenAI's / Ollama's request shapes into the core's EmbedParams and the outcome
+back into those APIs' exact response shapes. Rules about inputs and vectors stay in the core.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+from collections.abc import Sequence
+
+from google.protobuf import struct_pb2
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.scheduler import FloatMatrix
+from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.context import Context, deadline_of
+from embedd_server.rpc.keep_alive import parse_keep_alive
+from embedd_server.rpc.status import ollama_error_body, translate_errors
+
+log = logging.getLogger(__name__)
+
+OPENAI_INPUT_SHAPES = (
+    "input must be a string, an array of strings, an array of token ids or an array of "
+    "arrays of token ids"
+)
+ENCODING_FORMATS = ("float", "base64")
+_MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32, as in the native TokenIds message
+
+
+class RestRoutes:
+    """The REST-facing RPCs of embedd.v1.Embedder (mixed into its servicer)."""
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self._rest_service = service
+
+    @translate_errors()
+    async def CreateEmbeddings(
+        self, request: pb.CreateEmbeddingsRequest, context: Context
+    ) -> pb.CreateEmbeddingsResponse:
+        encoding = request.encoding_format or "float"
+        if encoding not in ENCODING_FORMATS:
+            raise InvalidInput(
+                f"encoding_format must be 'float' or 'base64'; got '{shorten(encoding)}'.",
+                param="encoding_format",
+            )
+        texts, token_ids = openai_inputs(request.input if request.HasField("input") else None)
+        if request.user:
+            log.info("embeddings request", extra={"user": request.user})
+        params = EmbedParams(
+            model=request.model,
+            texts=texts,
+            token_ids=token_ids,
+            dimensions=_dimensions(request),
+            truncate=False,  # OpenAI errors (context_length_exceeded) rather than truncating
+        )
+        outcome = await self._rest_service.embed(params, deadline_of(context))
+        encode = _base64_value if encoding == "base64" else vector_messages.float_list_values
+        return pb.CreateEmbeddingsResponse(
+            object="list",
+            data=[
+                pb.OpenAIEmbedding(object="embedding", index=index, embedding=value)
+                for index, value in enumerate(encode(outcome.vectors))
+            ],
+            model=outcome.model,
+            usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
+        )
+
+    @translate_errors(ollama_error_body)
+    async def OllamaEmbed(
+        self, request: pb.OllamaEmbedRequest, context: Context
+    ) -> pb.OllamaEmbedResponse:
+        texts = ollama_inputs(request.input if request.HasField("input") else None)
+        params = EmbedParams(
+            model=request.model,
+            texts=texts,
+            dimensions=_dimensions(request),
+            truncate=request.truncate if request.HasField("truncate") else True,
+            keep_alive_s=(
+                parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
+            ),
+        )
+        outcome = await self._rest_service.embed(params, deadline_of(context))
+        return pb.OllamaEmbedResponse(
+            model=outcome.model,
+            embeddings=vector_messages.nested_list_value(outcome.vectors),
+            total_duration=float(round(outcome.total_seconds * 1e9)),
+            load_duration=float(round(outcome.load_seconds * 1e9)),
+            prompt_eval_count=outcome.prompt_tokens,
+        )
+
+
+def _dimensions(request: pb.CreateEmbeddingsRequest | pb.OllamaEmbedRequest) -> int | None:
+    if not request.HasField("dimensions"):
+        return None
+    if request.dimensions < 1:
+        raise InvalidInput(
+            f"dimensions must be at least 1; got {request.dimensions}.", param="dimensions"
+        )
+    return request.dimensions
+
+
+def openai_inputs(value: struct_pb2.Value | None) -> tuple[list[str], list[list[int]]]:
+    """OpenAI's ``input`` as (texts, token id sequences); exactly one of them is non-empty."""
+    kind = None if value is None else value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput("input is missing; " + OPENAI_INPUT_SHAPES + ".", param="input")
+    if kind == "string_value":
+        return [value.string_value], []  # type: ignore[union-attr]
+    if kind != "list_value":
+        raise InvalidInput(f"{OPENAI_INPUT_SHAPES}; got {_json_kind(kind)}.", param="input")
+    items = value.list_value.values  # type: ignore[union-attr]
+    if not items:
+        raise InvalidInput("input is an empty array; give at least one input.", param="input")
+    kinds = {item.WhichOneof("kind") for item in items}
+    if kinds == {"string_value"}:
+        return [item.string_value for item in items], []
+    if kinds == {"number_value"}:
+        return [], [_token_ids(items, "input")]
+    if kinds == {"list_value"}:
+        return [], [
+            _token_ids(item.list_value.values, f"input[{index}]")
+            for index, item in enumerate(items)
+        ]
+    raise InvalidInput(
+        f"{OPENAI_INPUT_SHAPES}; got an array of {', '.join(sorted(map(_json_kind, kinds)))}.",
+        param="input",
+    )
+
+
+def ollama_inputs(value: struct_pb2.Value | None) -> list[str]:
+    """Ollama's ``input``: a string or an array of strings."""
+    kind = None if value is None else value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]  # type: ignore[union-attr]
+    if kind == "list_value":
+        items = value.list_value.values  # type: ignore[union-attr]
+        if all(item.WhichOneof("kind") == "string_value" for item in items):
+            return [item.string_value for item in items]
+    shape = "missing" if kind is None else _json_kind(kind)
+    raise InvalidInput(f"input must be a string or an array of strings; got {shape}.")
+
+
+def _token_ids(items: Sequence[struct_pb2.Value], param: str) -> list[int]:
+    ids = []
+    for item in items:
+        if item.WhichOneof("kind") != "number_value":
+            raise InvalidInput(f"{param} must hold only token ids (integers).", param="input")
+        number = item.number_value
+        if not (math.isfinite(number) and number.is_integer() and number >= 0):
+            raise InvalidInput(
+                f"{param} holds {number:g}, not a token id (a non-negative integer).",
+                param="input",
+            )
+        if number > _MAX_TOKEN_ID:  # beyond any vocabulary; int() would print 300 digits
+            raise InvalidInput(
+                f"{param} holds {number:g}, outside any model's vocabulary.", param="input"
+            )
+        ids.append(int(number))
+    if not ids:
+        raise InvalidInput(f"{param} is an empty array of token ids.", param="input")
+    return ids
+
+
+def _json_kind(kind: str | None) -> str:
+    """A Value's kind in JSON words; an unset Value (no kind) reads as null."""
+    return {
+        "null_value": "null",
+        "number_value": "a number",
+        "string_value": "a string",
+        "bool_value": "a boolean",
+        "struct_value": "an object",
+        "list_value": "an array",
+    }.get(kind or "null_value", str(kind))
+
+
+def _base64_value(vectors: FloatMatrix) -> list[struct_pb2.Value]:
+    little_endian = vectors.astype("<f4", copy=False)
+    return [
+        struct_pb2.Value(string_value=base64.b64encode(row.tobytes()).decode("ascii"))
+        for row in little_endian
+    ]

@@ -1,0 +1,140 @@
+"""The gRPC server: wiring, health, reflection, and a symmetric start/stop lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from embedd.v1 import embedder_pb2, embedder_pb2_grpc
+from embedd_server.core.errors import EmbeddError
+from embedd_server.core.registry import ModelRegistry
+from embedd_server.core.service import EmbeddingService
+from embedd_server.engines.base import RuntimeLoader
+from embedd_server.engines.llama import load_llama_runtime
+from embedd_server.metrics import Metrics, MetricsPortError
+from embedd_server.rpc.interceptors import auth
+from embedd_server.rpc.interceptors.access_log import RequestContextInterceptor
+from embedd_server.rpc.interceptors.decode_guard import DecodeGuard
+from embedd_server.rpc.reflection import enable_reflection
+from embedd_server.rpc.servicer import EmbedderServicer
+from embedd_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(RuntimeError):
+    """The server could not start (port in use, default model missing...)."""
+
+
+class EmbeddServer:
+    """The gRPC server of one process. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings, loader: RuntimeLoader = load_llama_runtime) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        engine_settings = settings.engine_settings()
+        self.registry = ModelRegistry(
+            engine_settings, loader, on_worker_loss=self._on_worker_loss, metrics=self.metrics
+        )
+        self.service = EmbeddingService(engine_settings, self.registry)
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # grpc.aio objects belong to the event loop they are made on: created in start().
+        self.health: health_aio.HealthServicer | None = None
+        self._server: aio.Server | None = None
+
+    def _build_server(self, health_servicer: health_aio.HealthServicer) -> aio.Server:
+        limit = self.settings.max_message_bytes
+        server = aio.server(
+            # Request ids first, so calls refused by access control are logged and counted too.
+            interceptors=[
+                RequestContextInterceptor(self.metrics),
+                *auth.interceptors(self.settings),
+                DecodeGuard(),  # innermost: it swaps the request deserializer
+            ],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        servicer = EmbedderServicer(self.service, self.settings.stream_window)
+        embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+        return server
+
+    async def start(self) -> int:
+        """Binds the port, loads the default model, then reports SERVING. Returns the port."""
+        self._loop = asyncio.get_running_loop()
+        self.health = health_aio.HealthServicer()
+        self._server = server = self._build_server(self.health)
+        try:
+            self.port = server.add_insecure_port(self.settings.grpc_address)
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot listen on {self.settings.grpc_address} ({exc}); is another server "
+                "running there? Choose another port with --grpc-port / EMBEDD_GRPC_PORT."
+            ) from None
+        if self.settings.metrics_port:
+            try:
+                self.metrics.serve(self.settings.metrics_port)
+            except MetricsPortError as exc:
+                raise StartupError(str(exc)) from None
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self.registry.start()
+        log.info("gRPC listening on %s:%d", self.settings.grpc_host, self.port)
+        try:
+            await self.registry.get(self.settings.default_model)
+        except EmbeddError as exc:
+            await server.stop(0)
+            await asyncio.to_thread(self.metrics.close)  # waits out its poll interval
+            raise StartupError(f"default model: {exc.message}") from None
+        await self._set_health(SERVING)
+        log.info("serving; default model %s", self.settings.default_model)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, refuse new calls, let calls in flight finish, then free models."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self._set_health(NOT_SERVING)
+        log.info("draining: calls in flight get up to %.0fs", grace)
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.registry.close()
+        await asyncio.to_thread(self.metrics.close)
+        log.info("stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        if self.health is not None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+
+    def _on_worker_loss(self, model: str) -> None:
+        # Called from a worker thread; the health servicer lives on the event loop.
+        if model == self.settings.default_model and self._loop is not None:
+            log.error("every worker of the default model died: reporting NOT_SERVING")
+            asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), self._loop)
+
+
+async def serve(settings: Settings, loader: RuntimeLoader = load_llama_runtime) -> None:
+    """Runs the server until SIGTERM/SIGINT, then shuts it down gracefully."""
+    server = EmbeddServer(settings, loader)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    await server.start()
+    await stop_requested.wait()
+    log.info("signal received: shutting down")
+    await server.stop()

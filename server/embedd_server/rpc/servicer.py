@@ -1,0 +1,130 @@
+"""The native ``embedd.v1.Embedder`` RPCs: translate protobuf <-> the core, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.core.errors import EmbeddError, InvalidInput
+from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
+from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.context import Context, deadline_of
+from embedd_server.rpc.model_routes import ModelRoutes
+from embedd_server.rpc.rest_routes import RestRoutes
+from embedd_server.rpc.status import translate_errors, translate_stream_errors
+
+
+def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
+    """An EmbedRequest as the core's EmbedParams."""
+    return EmbedParams(
+        model=request.model,
+        texts=list(request.texts),
+        token_ids=[list(sequence.ids) for sequence in request.token_ids],
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        normalize=request.normalize if request.HasField("normalize") else True,
+        truncate=request.truncation != pb.TRUNCATION_NONE,
+    )
+
+
+def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedResponse:
+    """The core's EmbedOutcome as an EmbedResponse."""
+    return pb.EmbedResponse(
+        model=outcome.model,
+        embeddings=vector_messages.embeddings(outcome.vectors),
+        usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
+        request_id=request_id,
+    )
+
+
+class EmbedderServicer(RestRoutes, ModelRoutes, pb_grpc.EmbedderServicer):
+    """embedd.v1.Embedder over one EmbeddingService."""
+
+    def __init__(self, service: EmbeddingService, stream_window: int) -> None:
+        RestRoutes.__init__(self, service)
+        ModelRoutes.__init__(self, service)
+        self._service = service
+        self._stream_window = stream_window
+
+    @translate_errors()
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        outcome = await self._service.embed(params_from_request(request), deadline_of(context))
+        return response_from_outcome(outcome, request.request_id)
+
+    @translate_stream_errors
+    async def EmbedStream(
+        self, requests: AsyncIterator[pb.EmbedRequest], context: Context
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        # At most `stream_window` batches are read and not yet answered: the reader takes a
+        # slot BEFORE reading the next message, so when the window is full nothing more is
+        # read and HTTP/2 flow control pushes back on the client.
+        slots = asyncio.Semaphore(self._stream_window)
+        answers: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
+        reader = asyncio.create_task(
+            self._read_stream(requests, slots, answers, deadline_of(context))
+        )
+        try:
+            while (task := await answers.get()) is not None:
+                response = await task
+                slots.release()
+                yield response
+        finally:
+            reader.cancel()
+            _cancel_queued(answers)
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.EmbedRequest],
+        slots: asyncio.Semaphore,
+        answers: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None],
+        deadline: float | None,
+    ) -> None:
+        iterator = aiter(requests)
+        try:
+            while True:
+                await slots.acquire()
+                request = await anext(iterator, None)
+                if request is None:
+                    break
+                answers.put_nowait(asyncio.create_task(self._embed_batch(request, deadline)))
+        except Exception as exc:  # reading failed: the answer loop raises it in order
+            answers.put_nowait(asyncio.create_task(_raise(exc)))
+        answers.put_nowait(None)
+
+    async def _embed_batch(
+        self, request: pb.EmbedRequest, deadline: float | None
+    ) -> pb.EmbedResponse:
+        try:
+            outcome = await self._service.embed(params_from_request(request), deadline)
+        except EmbeddError as error:
+            if request.request_id:
+                error.message = f"Batch '{request.request_id}': {error.message}"
+            raise
+        return response_from_outcome(outcome, request.request_id)
+
+    @translate_errors()
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        if not request.text:
+            raise InvalidInput("text is empty; give the text to tokenize.", param="text")
+        outcome = await self._service.tokenize(request.model, request.text)
+        return pb.TokenizeResponse(
+            model=outcome.model,
+            ids=outcome.ids,
+            count=len(outcome.ids),
+            tokens=outcome.tokens,
+            max_input_tokens=outcome.max_input_tokens,
+        )
+
+
+async def _raise(exc: Exception) -> pb.EmbedResponse:
+    raise exc
+
+
+def _cancel_queued(window: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None]) -> None:
+    with contextlib.suppress(asyncio.QueueEmpty):
+        while True:
+            task = window.get_nowait()
+            if task is not None:
+                task.cancel()

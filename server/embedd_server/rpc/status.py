@@ -1,0 +1,209 @@
+"""The one place where errors become gRPC statuses (and REST error bodies).
+
+:data:`STATUS_TABLE` maps each kind of :class:`EmbeddError` to its gRPC code, HTTP status
+and OpenAI error ``type``/``code``; the most specific class listed wins. Every RPC handler
+is wrapped by :func:`translate_errors`: an :class:`EmbeddError` becomes its gRPC code and
+message; anything else is logged with its traceback and becomes INTERNAL with a
+generic message, so internals never leak to callers.
+
+For the REST routes, the handler also attaches the complete HTTP error body as trailing
+metadata (:data:`HTTP_ERROR_KEY`); Envoy's Lua filter turns it into the response body, so
+OpenAI clients get OpenAI's error JSON and Ollama clients Ollama's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.api import annotations_pb2  # type: ignore[import-untyped]
+from grpc import aio
+
+from embedd.v1 import embedder_pb2
+from embedd_server.core import errors
+from embedd_server.core.errors import EmbeddError, InternalError, shorten
+
+log = logging.getLogger(__name__)
+
+HTTP_ERROR_KEY = "x-http-error-body"
+RETRY_AFTER_KEY = "retry-after"  # whole seconds; Envoy passes it on as HTTP Retry-After
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+BodyShape = Callable[[EmbeddError], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Status:
+    """What one kind of error becomes on each protocol."""
+
+    grpc_code: grpc.StatusCode
+    http_status: int
+    openai_type: str
+    openai_code: str | None
+
+
+_INVALID = "invalid_request_error"
+Code = grpc.StatusCode
+
+# Kind -> status on every protocol. Subclasses listed here override their base class.
+STATUS_TABLE: dict[type[EmbeddError], Status] = {
+    errors.EmbeddError: Status(Code.INTERNAL, 500, "server_error", None),
+    errors.InvalidInput: Status(Code.INVALID_ARGUMENT, 400, _INVALID, _INVALID),
+    errors.InputTooLong: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "context_length_exceeded"),
+    errors.ModelNotEmbedding: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_embedding"),
+    errors.ModelNotFound: Status(Code.NOT_FOUND, 404, _INVALID, "model_not_found"),
+    errors.NotFound: Status(Code.NOT_FOUND, 404, _INVALID, "not_found"),
+    errors.NotImplementedFeature: Status(
+        Code.UNIMPLEMENTED, 501, "not_implemented_error", "not_implemented_error"
+    ),
+    errors.Overloaded: Status(
+        Code.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded", "rate_limit_exceeded"
+    ),
+    errors.Unauthenticated: Status(Code.UNAUTHENTICATED, 401, _INVALID, "invalid_api_key"),
+    errors.Unavailable: Status(Code.UNAVAILABLE, 503, "server_error", "service_unavailable"),
+    errors.Cancelled: Status(Code.CANCELLED, 499, "server_error", "cancelled"),
+    errors.DeadlineExceeded: Status(Code.DEADLINE_EXCEEDED, 504, "server_error", "timeout"),
+    errors.ModelImportError: Status(Code.FAILED_PRECONDITION, 400, _INVALID, "model_import_failed"),
+    errors.ModelLoadError: Status(
+        Code.FAILED_PRECONDITION, 500, "server_error", "model_load_failed"
+    ),
+}
+
+
+def status_of(error: EmbeddError) -> Status:
+    """The status of an error: that of the nearest class in its MRO listed in the table."""
+    for kind in type(error).__mro__:
+        status = STATUS_TABLE.get(kind)
+        if status is not None:
+            return status
+    raise AssertionError("unreachable: EmbeddError is in the table")
+
+
+def openai_error_body(error: EmbeddError) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": status_of(error).openai_type,
+            "param": error.param,
+            "code": status_of(error).openai_code,
+        }
+    }
+
+
+def ollama_error_body(error: EmbeddError) -> dict[str, Any]:
+    """Ollama's error object: {"error": "..."}."""
+    return {"error": error.message}
+
+
+def _ollama_methods() -> frozenset[str]:
+    """The RPCs behind Ollama's REST routes (/api/...): their errors take Ollama's shape."""
+    service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
+    found = set()
+    for method in service.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        pattern = rule.WhichOneof("pattern")
+        if pattern and getattr(rule, pattern).startswith("/api/"):
+            found.add(f"/{service.full_name}/{method.name}")
+    return frozenset(found)
+
+
+_OLLAMA_METHODS = _ollama_methods()
+
+
+def body_shape_for(method: str) -> BodyShape:
+    """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...)."""
+    return ollama_error_body if method in _OLLAMA_METHODS else openai_error_body
+
+
+def _as_embedd_error(exc: BaseException) -> EmbeddError:
+    if isinstance(exc, EmbeddError):
+        return exc
+    log.error("unexpected error in an RPC", exc_info=exc)
+    return InternalError()
+
+
+def _trailers(error: EmbeddError, shape: BodyShape) -> tuple[tuple[str, str], ...]:
+    # gRPC metadata values must be ASCII: non-ASCII text travels \u-escaped in the JSON.
+    body = json.dumps(shape(error), ensure_ascii=True, separators=(",", ":"))
+    trailers = [(HTTP_ERROR_KEY, body), ("x-http-status", str(status_of(error).http_status))]
+    if error.retry_after_s is not None:
+        trailers.append((RETRY_AFTER_KEY, str(max(1, math.ceil(error.retry_after_s)))))
+    return tuple(trailers)
+
+
+# Envoy refuses oversized trailers (and then resets other calls on the connection too).
+_MAX_MESSAGE_CHARS = 1_000
+
+
+def _shortened(error: EmbeddError) -> EmbeddError:
+    """The error with its message cut to a size any proxy passes."""
+    error.message = shorten(error.message, _MAX_MESSAGE_CHARS + len("..."))
+    return error
+
+
+async def abort(
+    context: aio.ServicerContext[Any, Any], exc: BaseException, shape: BodyShape
+) -> None:
+    """Ends the RPC with the error's status, message and REST body (never returns)."""
+    error = _shortened(_as_embedd_error(exc))
+    await context.abort(
+        status_of(error).grpc_code, error.message, trailing_metadata=_trailers(error, shape)
+    )
+
+
+UnaryHandler = Callable[[Any, Request, aio.ServicerContext[Any, Any]], Awaitable[Response]]
+StreamHandler = Callable[[Any, Any, aio.ServicerContext[Any, Any]], AsyncIterator[Response]]
+
+
+def translate_errors(
+    shape: BodyShape = openai_error_body,
+) -> Callable[[UnaryHandler[Request, Response]], UnaryHandler[Request, Response]]:
+    """Decorates a unary servicer method so every failure becomes a proper status."""
+
+    def decorate(handler: UnaryHandler[Request, Response]) -> UnaryHandler[Request, Response]:
+        @functools.wraps(handler)
+        async def wrapper(
+            self: Any, request: Request, context: aio.ServicerContext[Any, Any]
+        ) -> Response:
+            try:
+                return await handler(self, request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                failure: BaseException = exc
+            await abort(context, failure, shape)
+            raise AssertionError("unreachable: context.abort raises")
+
+        return wrapper
+
+    return decorate
+
+
+def translate_stream_errors(
+    handler: StreamHandler[Response],
+) -> StreamHandler[Response]:
+    """Like translate_errors, for a streaming servicer method (an async generator)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, requests: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(self, requests, context):
+                yield response
+            return
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            failure: BaseException = exc
+        await abort(context, failure, openai_error_body)
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Running the server with Envoy in front: Envoy's config and process, replicas."""

