@@ -92,22 +92,26 @@ class WorkerPool:
         self._stopping.set()
         self._queue.close()
         # Workers in service drain the queue; retired (hung) threads are not waited for.
-        for worker in list(self._workers):
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
             if worker.thread is not None:
                 worker.thread.join(timeout)
 
     def _launch(self, engine: Engine) -> None:
+        # Started under the lock: stop() must never see a worker whose thread has not begun
+        # (a replacement launched while the pool stops), as join() refuses such a thread.
         with self._lock:
             worker = _Worker(self._next_number, engine)
             self._next_number += 1
+            worker.thread = threading.Thread(
+                target=self._run,
+                args=(worker,),
+                name=f"worker-{self._model_name}-{worker.number}",
+                daemon=True,
+            )
             self._workers.add(worker)
-        worker.thread = threading.Thread(
-            target=self._run,
-            args=(worker,),
-            name=f"worker-{self._model_name}-{worker.number}",
-            daemon=True,
-        )
-        worker.thread.start()
+            worker.thread.start()
 
     def _run(self, worker: _Worker) -> None:
         try:
