@@ -23,7 +23,6 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,12 @@ from grpc import aio
 
 from embedd_server.core.request_info import RequestInfo, set_current_request
 from embedd_server.metrics import Metrics
+from embedd_server.rpc.interceptors.handlers import (
+    Handler,
+    WrappingInterceptor,
+    behaviour_of,
+    same_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +54,17 @@ def callers_request_id(metadata: Any) -> str | None:
     return None
 
 
-class RequestContextInterceptor(aio.ServerInterceptor):
+class RequestContextInterceptor(WrappingInterceptor):
     """Gives each RPC a request id, then counts, times and logs it. Goes first in the chain,
     so calls that later interceptors refuse are logged and counted too."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        started = time.perf_counter()
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: grpcio answers UNIMPLEMENTED
-        full_method = handler_call_details.method
-        given = callers_request_id(handler_call_details.invocation_metadata)
-        info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1], started)
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        full_method = details.method
+        given = callers_request_id(details.invocation_metadata)
+        info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1])
         level = logging.DEBUG if full_method.startswith(QUIET_PREFIX) else logging.INFO
         return _wrapped(handler, _Call(info, self._metrics, level, echo=given is None))
 
@@ -127,12 +122,9 @@ def _code_name(context: Context, failure: BaseException | None) -> str:
     return "UNKNOWN" if failure is not None else "OK"  # grpcio answers UNKNOWN to a raise
 
 
-def _wrapped(
-    handler: grpc.RpcMethodHandler[Any, Any], call: _Call
-) -> grpc.RpcMethodHandler[Any, Any]:
+def _wrapped(handler: Handler, call: _Call) -> Handler:
     """A handler of the same kind as ``handler`` that runs it inside ``call``."""
-    kind, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
-    original: Callable[..., Any] = getattr(handler, kind)  # the stubs type grpc's sync API
+    original = behaviour_of(handler)
 
     async def single(request: Any, context: Context) -> Any:
         # Unary answers, and streams written with context.write() (the health Watch).
@@ -157,13 +149,4 @@ def _wrapped(
         finally:
             call.end(context, failure)
 
-    behavior = streaming if inspect.isasyncgenfunction(original) else single
-    return make(behavior, handler.request_deserializer, handler.response_serializer)
-
-
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
+    return same_kind(handler, streaming if inspect.isasyncgenfunction(original) else single)

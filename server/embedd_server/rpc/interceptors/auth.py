@@ -13,7 +13,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,12 @@ import grpc
 from grpc import aio
 
 from embedd_server.core.errors import EmbeddError, RateLimited, Unauthenticated
+from embedd_server.rpc.interceptors.handlers import (
+    Handler,
+    WrappingInterceptor,
+    behaviour_of,
+    same_kind,
+)
 from embedd_server.rpc.status import BodyShape, abort, body_shape_for
 from embedd_server.settings import Settings, SettingsError
 
@@ -133,31 +139,23 @@ def client_address(metadata: Metadata, peer: str) -> str:
     return address.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
 
 
-class AccessInterceptor(aio.ServerInterceptor):
+class AccessInterceptor(WrappingInterceptor):
     """Checks the API key and the rate limit of every call before its handler runs."""
 
     def __init__(self, keys: KeyStore, limiter: RateLimiter | None) -> None:
         self._keys = keys
         self._limiter = limiter
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIX):
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        method = details.method
+        if method.startswith(OPEN_PREFIX):
             return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
+        metadata = tuple(details.invocation_metadata or ())
 
         def check(peer: str) -> None:
             self._admit(metadata, peer)
 
-        shape = body_shape_for(method)
-        return _guarded(handler, check, shape)
+        return _guarded(handler, check, body_shape_for(method))
 
     def _admit(self, metadata: Metadata, peer: str) -> None:
         """Raises Unauthenticated or RateLimited when the call may not proceed."""
@@ -180,13 +178,10 @@ class AccessInterceptor(aio.ServerInterceptor):
             )
 
 
-def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any], check: Callable[[str], None], shape: BodyShape
-) -> grpc.RpcMethodHandler[Any, Any]:
+def _guarded(handler: Handler, check: Callable[[str], None], shape: BodyShape) -> Handler:
     """A handler of the same kind as ``handler`` that runs ``check(peer)`` first; a refusal
     ends the call with its error (status, message and REST trailers)."""
-    kind, make = _HANDLER_KINDS[handler.request_streaming, handler.response_streaming]
-    original: Callable[..., Any] = getattr(handler, kind)  # the stubs type grpc's sync API
+    original = behaviour_of(handler)
 
     async def admit(context: aio.ServicerContext[Any, Any]) -> None:
         try:
@@ -203,16 +198,7 @@ def _guarded(
         async for response in original(request, context):
             yield response
 
-    behavior = streaming if handler.response_streaming else single
-    return make(behavior, handler.request_deserializer, handler.response_serializer)
-
-
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
+    return same_kind(handler, streaming if handler.response_streaming else single)
 
 
 def interceptors(settings: Settings) -> list[aio.ServerInterceptor]:

@@ -9,7 +9,7 @@ request deserializer: an undecodable message becomes a marker the handler turns 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,6 +17,12 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from embedd_server.core.errors import InvalidInput
+from embedd_server.rpc.interceptors.handlers import (
+    Handler,
+    WrappingInterceptor,
+    behaviour_of,
+    same_kind,
+)
 from embedd_server.rpc.status import abort, body_shape_for
 
 
@@ -47,46 +53,31 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-class DecodeGuard(aio.ServerInterceptor):
+class DecodeGuard(WrappingInterceptor):
     """Turns undecodable requests into INVALID_ARGUMENT (REST 400)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        shape = body_shape_for(handler_call_details.method)
+    def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        shape = body_shape_for(details.method)
         deserializer = _tolerant(handler.request_deserializer)
-        # The stubs type grpc's sync API; these are the aio behaviours.
+        original = behaviour_of(handler)
         if handler.unary_unary is not None:
-            unary: Callable[..., Any] = handler.unary_unary
 
             async def checked_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 if isinstance(request, _Undecodable):
                     await abort(context, _error(request), shape)
-                return await unary(request, context)
+                return await original(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                checked_unary, deserializer, handler.response_serializer
-            )
+            return same_kind(handler, checked_unary, deserializer)
         if handler.stream_stream is not None:
-            streaming: Callable[..., Any] = handler.stream_stream
 
             async def checked_stream(
                 requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 # An async generator function, as grpc.aio expects of a streaming handler.
-                async for response in streaming(_checked(requests), context):
+                async for response in original(_checked(requests), context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(
-                checked_stream, deserializer, handler.response_serializer
-            )
+            return same_kind(handler, checked_stream, deserializer)
         return handler
 
 
