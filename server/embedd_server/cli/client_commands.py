@@ -20,12 +20,9 @@ from embedd_server.cli.embed_file import CommandError, embed_file, json_rows
 from embedd_server.settings import CONFIG_ENV, load_settings
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
     from embedd import Client
+    from embedd_server.engines.base import FloatMatrix
 
-    FloatMatrix = npt.NDArray[np.float32]
 
 EXIT_FAILURE = 2
 SERVER_HINT = "is the server running? start it with `embedd serve`"

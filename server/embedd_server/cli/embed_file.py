@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
     from embedd import Client
-
-    FloatMatrix = npt.NDArray[np.float32]
+    from embedd_server.engines.base import FloatMatrix
 
 
 class CommandError(Exception):

@@ -25,12 +25,11 @@ import numpy.typing as npt
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from embedd_server.core.catalog import MAX_SEQ_LENGTH_KEY, NORMALIZE_KEY
 from embedd_server.core.errors import ModelImportError
 
 SUPPORTED_TYPES = ("f32", "f16", "q8_0")
 
-KEY_MAX_SEQ_LENGTH = "sentence_transformers.max_seq_length"
-KEY_NORMALIZE = "sentence_transformers.normalize"
 
 Array = npt.NDArray[Any]
 Progress = Callable[[int, int], None]
@@ -479,8 +478,8 @@ def _add_hparams(writer: gguf.GGUFWriter, src: Path, config: _BertConfig, out_ty
     writer.add_causal_attention(False)
     writer.add_pooling_type(_pooling_type(src))
     writer.add_token_type_count(config.n_token_types)
-    writer.add_uint32(KEY_MAX_SEQ_LENGTH, _max_seq_length(src, config.n_ctx))
-    writer.add_bool(KEY_NORMALIZE, _normalize(src))
+    writer.add_uint32(MAX_SEQ_LENGTH_KEY, _max_seq_length(src, config.n_ctx))
+    writer.add_bool(NORMALIZE_KEY, _normalize(src))
 
 
 def _add_tensors(

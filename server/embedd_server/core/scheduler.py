@@ -31,8 +31,7 @@ from embedd_server.core.errors import (
     Overloaded,
     Unavailable,
 )
-
-FloatMatrix = npt.NDArray[np.float32]
+from embedd_server.engines.base import FloatMatrix
 
 
 class Job:

@@ -19,8 +19,9 @@ from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import InvalidInput, shorten
 from embedd_server.core.registry import LoadedModel, ModelRegistry
 from embedd_server.core.request_info import current_request, note_inputs, note_model
-from embedd_server.core.scheduler import FloatMatrix, Job
+from embedd_server.core.scheduler import Job
 from embedd_server.core.tokenization import Tokenized, check_token_ids, tokenize_texts
+from embedd_server.engines.base import FloatMatrix
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,9 @@ import numpy.typing as npt
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 
+# Vectors, one row each: what engines return and every layer above passes on.
+FloatMatrix = npt.NDArray[np.float32]
+
 
 class Engine(Protocol):
     """One worker's private engine. Not thread-safe: one thread calls it."""
@@ -19,7 +22,7 @@ class Engine(Protocol):
     def dimensions(self) -> int:
         """Length of the vectors embed() returns."""
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
         """The pooled (not normalized) vectors of token sequences, one row each."""
 
     @property

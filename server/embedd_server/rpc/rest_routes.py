@@ -15,8 +15,8 @@ from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.errors import InvalidInput, shorten
-from embedd_server.core.scheduler import FloatMatrix
 from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.engines.base import FloatMatrix
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.keep_alive import parse_keep_alive

@@ -13,8 +13,8 @@ import numpy.typing as npt
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
+from embedd_server.engines.base import FloatMatrix
 
-FloatMatrix = npt.NDArray[np.float32]
 DoubleMatrix = npt.NDArray[np.float64]
 
 _SIGNIFICANT_DIGITS = np.arange(1, 10, dtype=np.float64)[:, None]  # a float32 needs <= 9
