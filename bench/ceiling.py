@@ -1,39 +1,50 @@
-"""The engine's ceiling: llama-cpp-python in-process on the same GGUF, no server.
+"""The engine's ceiling: the server's own engines in-process on the same GGUF, no server.
 
 Every configuration decodes the same token ids (tokenized beforehand, as the server does
-before its workers see them) and is timed from the first decode to the last:
+before its workers see them) and is timed from the first decode to the last. The pieces are
+the server's: the runtime comes from its loader (``load_llama_runtime``, so the context size
+and the sequences per pack are the server's), and the token ids go in as one job on its
+``FairQueue``, from which each engine's thread takes packs with ``take_batch``, as a worker
+does. What a configuration varies is the server's own settings:
 
-- packing: one sequence per decode, or consecutive sequences packed greedily into decodes of
-  at most 128 / 256 tokens (what the server's ``batch_tokens`` does);
-- layout: two threads of one process each with its own single-thread context (the server's
-  default), two processes with one single-thread context each, or one context with two
-  threads; plus ``Llama.embed``, llama-cpp-python's own API (which its server uses).
+- packing (``batch_tokens``): one sequence per decode, or consecutive sequences packed into
+  decodes of at most 128 / 256 tokens;
+- layout: two threads each with its own single-thread context, two worker processes
+  (``ProcessEngine``, the server's default on CPU) with one thread each, or one context with
+  two threads; plus ``Llama.embed``, llama-cpp-python's own API (which its server uses).
 
-The fastest configuration is "the ceiling". Contexts are built with the project's
-``LlamaRuntime`` (numpy-filled llama_batch, vectors copied out with one numpy copy) and the
-server's context size (256 tokens: the model's maximum input).
+The fastest configuration is "the ceiling".
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
-import multiprocessing
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-CONTEXT_TOKENS = 256
-MAX_SEQUENCES = 64
+from embedd_server.core.catalog import read_model_info
+from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.core.scheduler import FairQueue, Job
+from embedd_server.engines.base import Engine, Runtime
+
 WARMUP_DECODES = 8
-PROCESS_TIMEOUT_S = 300.0
 
 Encode = Callable[[Sequence[str]], list[list[int]]]
+
+# Layout -> (engines, threads per engine, engines in processes of their own).
+LAYOUTS = {
+    "2 threads x 1-thread ctx": (2, 1, False),
+    "2 processes x 1 thread": (2, 1, True),
+    "1 ctx x 2 threads": (1, 2, False),
+}
 
 
 @dataclass(frozen=True)
@@ -66,89 +77,56 @@ class SingleTextLatency:
     samples: int
 
 
-def pack(
-    sequences: Sequence[Sequence[int]], max_tokens: int, max_sequences: int
-) -> list[list[int]]:
-    """Groups consecutive sequences into decodes of at most ``max_tokens`` tokens and
-    ``max_sequences`` sequences; returns the index lists. ``max_tokens`` 0 (or a sequence
-    longer than it) means that sequence is decoded alone."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    tokens = 0
-    for index, ids in enumerate(sequences):
-        size = len(ids)
-        if current and (tokens + size > max_tokens or len(current) >= max_sequences):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(index)
-        tokens += size
-    if current:
-        batches.append(current)
-    return batches
+def engine_settings(layout: str, pack_tokens: int) -> EngineSettings:
+    """The server's settings for one configuration (``pack_tokens`` 0: one per decode)."""
+    workers, threads, processes = LAYOUTS[layout]
+    return EngineSettings(
+        workers=workers,
+        threads_per_worker=threads,
+        worker_processes=processes,
+        batch_tokens=pack_tokens,
+    )
 
 
-def _runtime(model_path: Path, n_threads: int) -> Any:
-    from embedd_server.engines.llama import LlamaRuntime
+def _runtime(model_path: Path, settings: EngineSettings) -> Runtime:
+    from embedd_server.engines.llama import load_llama_runtime
 
     # llama-cpp-python prints llama.cpp's load-time log through Python's sys.stderr.
     with contextlib.redirect_stderr(io.StringIO()):
-        return LlamaRuntime(
-            model_path,
-            max_tokens=CONTEXT_TOKENS,
-            max_sequences=MAX_SEQUENCES,
-            n_threads=n_threads,
-            n_gpu_layers=0,
-        )
+        return load_llama_runtime(read_model_info(model_path), settings, LoadOptions())
 
 
-def _batches(sequences: Sequence[Sequence[int]], pack_tokens: int) -> list[list[list[int]]]:
-    groups = pack(sequences, pack_tokens, MAX_SEQUENCES)
-    return [[list(sequences[i]) for i in group] for group in groups]
-
-
-def _warm_up(engine: Any, batches: Sequence[Sequence[Sequence[int]]]) -> None:
-    for batch in batches[:WARMUP_DECODES]:
-        engine.embed_batch(batch)
-
-
-class _Cursor:
-    """Hands out batch indices to several threads."""
-
-    def __init__(self, total: int) -> None:
-        self._next = 0
-        self._total = total
-        self._lock = threading.Lock()
-
-    def take(self) -> int | None:
-        with self._lock:
-            if self._next >= self._total:
-                return None
-            self._next += 1
-            return self._next - 1
-
-
-def run_threads(
-    model_path: Path,
+def decode_all(
+    engines: Sequence[Engine],
     sequences: Sequence[Sequence[int]],
-    pack_tokens: int,
-    workers: int,
-    max_seconds: float,
+    settings: EngineSettings,
+    max_seconds: float = math.inf,
+    max_packs: float = math.inf,
 ) -> tuple[int, float]:
-    """(texts, seconds) for ``workers`` threads, each with its own 1-thread context, taking
-    batches until all are done or ``max_seconds`` have passed."""
-    runtime = _runtime(model_path, 1)
-    engines = [runtime.new_engine() for _ in range(workers)]
-    batches = _batches(sequences, pack_tokens)
+    """(texts, seconds): ``sequences`` as one job on the server's FairQueue, each engine in a
+    thread of its own taking packs of ``settings.batch_tokens`` / ``batch_sequences`` and
+    delivering the vectors into the job, as the server's workers do, until the queue is empty,
+    ``max_seconds`` have passed or the thread decoded ``max_packs``."""
+    loop = asyncio.new_event_loop()  # the job's future lives on it; nothing awaits it here
     try:
-        for engine in engines:
-            _warm_up(engine, batches)
-        cursor = _Cursor(len(batches))
+        queue = FairQueue(max_items=max(1, len(sequences)))
+        job = Job(sequences, engines[0].dimensions, loop)
+        if sequences:
+            queue.submit(job)
+        queue.close()  # the threads drain the job, then take_batch returns []
         done = [0] * len(engines)
 
-        def work(number: int, engine: Any) -> None:
-            while time.perf_counter() < deadline and (index := cursor.take()) is not None:
-                engine.embed_batch(batches[index])
-                done[number] += len(batches[index])
+        def work(number: int, engine: Engine) -> None:
+            packs = 0
+            while packs < max_packs and time.perf_counter() < deadline:
+                batch = queue.take_batch(settings.batch_tokens, settings.batch_sequences)
+                if not batch:
+                    return
+                vectors = engine.embed_batch([item.token_ids for item in batch])
+                for item, vector in zip(batch, vectors, strict=True):
+                    job.deliver(item.index, vector)
+                done[number] += len(batch)
+                packs += 1
 
         threads = [
             threading.Thread(target=work, args=(number, engine))
@@ -162,116 +140,29 @@ def run_threads(
             thread.join()
         return sum(done), time.perf_counter() - started
     finally:
+        loop.close()
+
+
+def measure_configuration(
+    model_path: Path,
+    token_ids: Sequence[Sequence[int]],
+    layout: str,
+    pack_tokens: int,
+    max_seconds: float,
+) -> tuple[int, float]:
+    """(texts, seconds) of one configuration; the engines are built (worker processes
+    started) and warmed up on a few packs each before the clock starts."""
+    settings = engine_settings(layout, pack_tokens)
+    runtime = _runtime(model_path, settings)
+    engines: list[Engine] = []
+    try:
+        engines = [runtime.new_engine() for _ in range(settings.workers)]
+        decode_all(engines, token_ids, settings, max_packs=WARMUP_DECODES)
+        return decode_all(engines, token_ids, settings, max_seconds)
+    finally:
         for engine in engines:
             engine.close()
         runtime.close()
-
-
-def run_single_context(
-    model_path: Path,
-    sequences: Sequence[Sequence[int]],
-    pack_tokens: int,
-    n_threads: int,
-    max_seconds: float,
-) -> tuple[int, float]:
-    """(texts, seconds) for one context with ``n_threads`` threads."""
-    runtime = _runtime(model_path, n_threads)
-    engine = runtime.new_engine()
-    batches = _batches(sequences, pack_tokens)
-    try:
-        _warm_up(engine, batches)
-        done = 0
-        started = time.perf_counter()
-        for batch in batches:
-            if time.perf_counter() - started > max_seconds:
-                break
-            engine.embed_batch(batch)
-            done += len(batch)
-        return done, time.perf_counter() - started
-    finally:
-        engine.close()
-        runtime.close()
-
-
-def _process_worker(
-    *,
-    model_path: Path,
-    batches: list[list[list[int]]],
-    counter: Any,
-    ready: Any,
-    go: Any,
-    results: Any,
-    max_seconds: float,
-) -> None:
-    """A spawned process: one 1-thread context, takes batches from a shared counter."""
-    runtime = _runtime(model_path, 1)
-    engine = runtime.new_engine()
-    _warm_up(engine, batches)
-    ready.release()
-    go.wait()
-    started = time.perf_counter()  # CLOCK_MONOTONIC: comparable between processes
-    done = 0
-    while time.perf_counter() - started < max_seconds:
-        with counter.get_lock():
-            index = counter.value
-            counter.value += 1
-        if index >= len(batches):
-            break
-        engine.embed_batch(batches[index])
-        done += len(batches[index])
-    results.put((started, time.perf_counter(), done))
-    engine.close()
-    runtime.close()
-
-
-def run_processes(
-    model_path: Path,
-    sequences: Sequence[Sequence[int]],
-    pack_tokens: int,
-    workers: int,
-    max_seconds: float,
-) -> tuple[int, float]:
-    """(texts, seconds from the first process starting to the last finishing); the
-    processes are spawned and load the model before the clock starts."""
-    context = multiprocessing.get_context("spawn")
-    batches = _batches(sequences, pack_tokens)
-    counter = context.Value("i", 0)
-    ready = context.Semaphore(0)
-    go = context.Event()
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=_process_worker,
-            kwargs={
-                "model_path": model_path,
-                "batches": batches,
-                "counter": counter,
-                "ready": ready,
-                "go": go,
-                "results": results,
-                "max_seconds": max_seconds,
-            },
-            daemon=True,
-        )
-        for _ in range(workers)
-    ]
-    try:
-        for process in processes:
-            process.start()
-        for _ in processes:
-            if not ready.acquire(timeout=PROCESS_TIMEOUT_S):
-                raise RuntimeError("a ceiling process did not load the model in time")
-        go.set()
-        spans = [results.get(timeout=PROCESS_TIMEOUT_S) for _ in processes]
-        for process in processes:
-            process.join(PROCESS_TIMEOUT_S)
-        seconds = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-        return sum(done for _, _, done in spans), seconds
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
 
 
 def run_llama_embed(
@@ -279,11 +170,9 @@ def run_llama_embed(
 ) -> tuple[int, float]:
     """(texts, seconds) for llama-cpp-python's ``Llama.embed`` (its own packing and
     tokenizer), 32 texts per call as a server request would bring them."""
-    import os
-
     from llama_cpp import Llama
 
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+    with contextlib.redirect_stderr(io.StringIO()):
         llama = Llama(
             str(model_path),
             embedding=True,
@@ -318,24 +207,9 @@ def configurations(long_texts: bool) -> Iterator[tuple[str, str, int]]:
             ("packs ≤256 tok", 256),
         ]
     )
-    for layout in ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads"):
+    for layout in LAYOUTS:
         for label, tokens in packings:
             yield layout, label, tokens
-
-
-def measure_configuration(
-    model_path: Path,
-    token_ids: Sequence[Sequence[int]],
-    layout: str,
-    pack_tokens: int,
-    max_seconds: float,
-) -> tuple[int, float]:
-    """(texts, seconds) of one configuration."""
-    if layout.startswith("2 threads"):
-        return run_threads(model_path, token_ids, pack_tokens, 2, max_seconds)
-    if layout.startswith("2 processes"):
-        return run_processes(model_path, token_ids, pack_tokens, 2, max_seconds)
-    return run_single_context(model_path, token_ids, pack_tokens, 2, max_seconds)
 
 
 def single_text_latency(
@@ -347,7 +221,7 @@ def single_text_latency(
     the weights having left the caches)."""
     from bench.report import percentile
 
-    runtime = _runtime(model_path, 1)
+    runtime = _runtime(model_path, EngineSettings(worker_processes=False))
     engine = runtime.new_engine()
     try:
         for text in texts[:WARMUP_DECODES]:

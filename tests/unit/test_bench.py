@@ -7,11 +7,14 @@ import asyncio
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
-from bench.ceiling import CeilingResult, SingleTextLatency, configurations, pack
+from bench.ceiling import CeilingResult, SingleTextLatency, configurations, decode_all
 from bench.loadgen import (
     ghz_command,
     ghz_data,
@@ -38,6 +41,7 @@ from bench.report import (
     render_markdown,
 )
 from bench.texts import build_passages, read_sentences
+from embedd_server.core.engine_settings import EngineSettings
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
 GHZ_REPORT = {
@@ -301,12 +305,53 @@ def test_read_sentences(tmp_path: Path) -> None:
     assert read_sentences(path) == ['A "girl" sings.', "A girl is singing.", "Stocks fell."]
 
 
-def test_pack_groups_consecutive_sequences_by_tokens() -> None:
+class _RecordingEngine:
+    """An engine that records the length of each sequence of each pack it decodes."""
+
+    dimensions = 2
+
+    def __init__(self) -> None:
+        self.packs: list[list[int]] = []
+
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        self.packs.append([len(ids) for ids in sequences])
+        return np.ones((len(sequences), self.dimensions), dtype=np.float32)
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _packs(batch_tokens: int, batch_sequences: int = 32, **limits: float) -> list[list[int]]:
+    engine = _RecordingEngine()
+    settings = EngineSettings(batch_tokens=batch_tokens, batch_sequences=batch_sequences)
     sequences = [[1] * 10, [1] * 10, [1] * 10, [1] * 200, [1] * 5]
-    assert pack(sequences, 0, 64) == [[0], [1], [2], [3], [4]]
-    assert pack(sequences, 25, 64) == [[0, 1], [2], [3], [4]]
-    assert pack(sequences, 256, 2) == [[0, 1], [2, 3], [4]]
-    assert pack([], 128, 8) == []
+    done, _ = decode_all([engine], sequences, settings, **limits)
+    assert done == sum(map(len, engine.packs))
+    return engine.packs
+
+
+def test_the_ceiling_packs_consecutive_sequences_as_the_servers_queue_does() -> None:
+    assert _packs(0) == [[10], [10], [10], [200], [5]]  # one per decode
+    assert _packs(25) == [[10, 10], [10], [200], [5]]
+    assert _packs(256, batch_sequences=2) == [[10, 10], [10, 200], [5]]
+    assert _packs(25, max_packs=2) == [[10, 10], [10]]
+    assert _packs(25, max_seconds=0) == []
+    assert decode_all([_RecordingEngine()], [], EngineSettings())[0] == 0
+
+
+def test_every_engine_takes_packs_from_the_same_queue() -> None:
+    engines = [_RecordingEngine(), _RecordingEngine()]
+    sequences = [[1] * 10] * 100
+    done, _ = decode_all(engines, sequences, EngineSettings(batch_tokens=30))
+    assert done == 100
+    assert sorted(len(pack) for engine in engines for pack in engine.packs) == [1] + [3] * 33
 
 
 def test_configurations() -> None:
