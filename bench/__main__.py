@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("the floor (a gRPC server that does nothing):")
         measure_floor(run, sentences, profile)
     for text_set in text_sets:  # just before the servers' concurrency-1 legs
-        measure_one_text(run, model, text_set, profile, tokenizer.encode)
+        measure_one_text(run, model, text_set, profile, tokenizer.encode_batch)
     measure_servers(
         run,
         model,
@@ -555,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile,
         use_ghz=use_ghz,
         with_peer=not args.no_peer,
-        references=References(run, model, tokenizer.encode),
+        references=References(run, model, tokenizer.encode_batch),
     )
 
     run.seconds = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """The texts every leg of the benchmark sends: STS-B sentences and ~200-token passages.
 
 Sentences are read from ``../shared`` (beside the repository root), never copied into it.
-Token counts come from the model's own tokenizer (the ``tokenizer.huggingface.json`` inside
-the GGUF, the one the server uses), special tokens included, as the server counts them.
+Token ids come from the server's tokenizer for the model (``HuggingFaceTokenizer`` on the
+``tokenizer.huggingface.json`` inside the GGUF), special tokens included, as the server
+counts them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from embedd_server.core.catalog import read_model_info
+from embedd_server.core.tokenization import HuggingFaceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 STSB_TEST = REPO.parent / "shared" / "data" / "stsbenchmark" / "sts-test.csv"
@@ -84,35 +88,24 @@ def build_passages(
     return passages
 
 
-class ModelTokenizer:
-    """The model's Hugging Face tokenizer, read from the GGUF (no truncation, no padding)."""
-
-    def __init__(self, model_path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        from embedd_server.core.catalog import read_model_info
-
-        tokenizer_json = read_model_info(model_path).hf_tokenizer_json
-        if tokenizer_json is None:
-            raise RuntimeError(f"{model_path} carries no tokenizer.huggingface.json")
-        self._tokenizer = Tokenizer.from_str(tokenizer_json)
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts))]
+def model_tokenizer(model_path: Path) -> HuggingFaceTokenizer:
+    """The server's tokenizer for the model: its Hugging Face tokenizer, read from the GGUF."""
+    tokenizer_json = read_model_info(model_path).hf_tokenizer_json
+    if tokenizer_json is None:
+        raise RuntimeError(f"{model_path} carries no tokenizer.huggingface.json")
+    return HuggingFaceTokenizer(tokenizer_json)
 
 
 def load_text_sets(
     model_path: Path, stsb_path: Path = STSB_TEST
-) -> tuple[TextSet, TextSet, ModelTokenizer]:
+) -> tuple[TextSet, TextSet, HuggingFaceTokenizer]:
     """(sentences, passages, tokenizer) for the benchmark."""
-    tokenizer = ModelTokenizer(model_path)
+    tokenizer = model_tokenizer(model_path)
     sentences = read_sentences(stsb_path)
-    sentence_ids = tokenizer.encode(sentences)
+    sentence_ids = tokenizer.encode_batch(sentences)
     passages = build_passages(sentences, [len(ids) - SPECIAL_TOKENS for ids in sentence_ids])
     return (
         TextSet("sentences", sentences, sentence_ids),
-        TextSet("passages", passages, tokenizer.encode(passages)),
+        TextSet("passages", passages, tokenizer.encode_batch(passages)),
         tokenizer,
     )
