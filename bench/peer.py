@@ -7,6 +7,7 @@ same GGUF and both cores (``--n_threads 2``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 from bench import procs
 from bench.texts import REPO
+from embedd_server.run import probes
 
 PEER_VENV = procs.BENCH_DIR / "peer-venv"
 PEER_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
@@ -64,7 +66,7 @@ def ensure_peer_venv() -> float:
 
 def start_peer(model_path: Path) -> tuple[procs.Child, str]:
     """``python -m llama_cpp.server --embedding true`` on a free loopback port."""
-    port = procs.free_port()
+    port = probes.free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         str(peer_python()),
@@ -83,7 +85,8 @@ def start_peer(model_path: Path) -> tuple[procs.Child, str]:
         "--port",
         str(port),
     ]
-    child = procs.start_child("peer-llama-cpp-server", command, procs.http_ok(url + "/v1/models"))
+    ready = functools.partial(probes.http_ok, url + "/v1/models")
+    child = procs.start_child("peer-llama-cpp-server", command, ready)
     return child, url
 
 

@@ -85,10 +85,6 @@ def _command(pid: int) -> str:
         return ""
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    return sum(cpu_seconds(member) for member in descendants(pid))
-
-
 def rss_mib(pid: int) -> float:
     """Resident memory of a process in MiB (0 if it is gone)."""
     try:
@@ -99,6 +95,11 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its descendants (e.g. worker processes), in MiB."""
+    return sum(rss_mib(member) for member in descendants(pid))
 
 
 def machine_busy_seconds() -> float:
@@ -248,16 +249,16 @@ def start_child(
             cwd=REPO,
         )
     child = Child(name, process, log_path)
-    deadline = time.monotonic() + timeout
+
+    def exited() -> str | None:
+        code = process.poll()
+        return None if code is None else f"exited with code {code}:\n{child.log_tail()}"
+
     try:
-        while not ready():
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with code {process.returncode}:\n{child.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} not ready within {timeout:.0f}s:\n{child.log_tail()}")
-            time.sleep(0.2)
+        probes.wait_until(ready, timeout, name, gone=exited, interval=0.2)
+    except TimeoutError as error:
+        child.stop()
+        raise TimeoutError(f"{error}:\n{child.log_tail()}") from None
     except BaseException:
         child.stop()
         raise
@@ -288,16 +289,6 @@ class Children:
             self._children.pop().stop()
 
 
-def grpc_serving(target: str) -> Callable[[], bool]:
-    """A readiness check for :func:`start_child`: the server reports SERVING."""
-    return functools.partial(probes.grpc_serving, target)
-
-
-def http_ok(url: str) -> Callable[[], bool]:
-    """A readiness check for :func:`start_child`: ``url`` answers 200."""
-    return functools.partial(probes.http_ok, url)
-
-
 @dataclass(frozen=True)
 class Embedd:
     """An embedd server: gRPC target, REST base URL (when Envoy runs), the process."""
@@ -307,9 +298,11 @@ class Embedd:
     rest_url: str | None
 
 
-def start_embedd(models_dir: Path, with_envoy: bool) -> Embedd:
+def start_embedd(
+    models_dir: Path, with_envoy: bool, *, name: str = "", extra: Sequence[str] = ()
+) -> Embedd:
     """`embedd serve` (gRPC only) or `embedd run` (gRPC + Envoy's REST) with default
-    settings on free loopback ports."""
+    settings (and the flags in ``extra``) on free loopback ports."""
     grpc_port = free_port()
     command = [
         sys.executable,
@@ -322,20 +315,21 @@ def start_embedd(models_dir: Path, with_envoy: bool) -> Embedd:
         str(models_dir),
         "--shutdown-grace-s",
         "2",
+        *extra,
     ]
     target = f"127.0.0.1:{grpc_port}"
-    checks = [grpc_serving(target)]
+    checks = [functools.partial(probes.grpc_serving, target)]
     rest_url = None
     if with_envoy:
         http_port = free_port()
         command += ["--http-port", str(http_port), "--envoy-admin-port", str(free_port())]
         rest_url = f"http://127.0.0.1:{http_port}"
-        checks.append(http_ok(rest_url + "/v1/models"))
+        checks.append(functools.partial(probes.http_ok, rest_url + "/v1/models"))
 
     def ready() -> bool:
         return all(check() for check in checks)
 
-    name = "embedd-run" if with_envoy else "embedd-serve"
+    name = name or ("embedd-run" if with_envoy else "embedd-serve")
     return Embedd(start_child(name, command, ready), target, rest_url)
 
 
@@ -344,4 +338,5 @@ def start_floor() -> Embedd:
     port = free_port()
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bench.floor", str(port)]
-    return Embedd(start_child("floor", command, grpc_serving(target)), target, None)
+    ready = functools.partial(probes.grpc_serving, target)
+    return Embedd(start_child("floor", command, ready), target, None)

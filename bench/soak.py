@@ -63,10 +63,6 @@ class Counters:
         self.first_error = self.first_error or text
 
 
-def tree_rss_mib(pid: int) -> float:
-    return sum(procs.rss_mib(member) for member in procs.descendants(pid))
-
-
 def fmt_row(row: Slice) -> list[str]:
     return [
         f"{row.elapsed:.0f}",
@@ -189,7 +185,7 @@ class Soak:
                 texts_per_s=done.texts / (now - last),
                 p50_ms=1000 * percentile(done.latencies, 50),
                 p99_ms=1000 * percentile(done.latencies, 99),
-                rss_mib=tree_rss_mib(self.server_pid),
+                rss_mib=procs.tree_rss_mib(self.server_pid),
                 errors=done.errors,
             )
             last = now
@@ -233,26 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         f"--{name} {getattr(args, name):g}" for name in ("minutes", "concurrency", "interval")
     )
     sentences = read_sentences()
-    port = procs.free_port()
-    target = f"127.0.0.1:{port}"
-    server_cmd = [
-        sys.executable,
-        "-m",
-        "embedd_server.cli.main",
-        "serve",
-        "--grpc-port",
-        str(port),
-        "--models-dir",
-        str(args.models_dir),
-        "--metrics-port",
-        "0",
-        "--shutdown-grace-s",
-        "2",
-    ]
     print(f"{procs.cpu_model()}, {os.cpu_count()} cores; {command}", flush=True)
-    child = procs.start_child("embedd-soak", server_cmd, procs.grpc_serving(target))
+    server = procs.start_embedd(
+        args.models_dir, with_envoy=False, name="embedd-soak", extra=["--metrics-port", "0"]
+    )
+    child, target = server.child, server.grpc_target
     try:
-        rss0 = tree_rss_mib(child.pid)
+        rss0 = procs.tree_rss_mib(child.pid)
         print(f"embedd serve pid {child.pid} on {target}, RSS {rss0:.1f} MiB idle", flush=True)
         print(" | ".join(f"{cell:>9}" for cell in HEADERS), flush=True)
         run = Soak(target, child.pid, sentences, args)
