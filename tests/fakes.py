@@ -1,16 +1,19 @@
 """A fake engine behind the same interface as llama.cpp's, for fast unit tests.
 
 Its vectors are a deterministic function of the token ids (so batching, ordering and
-streaming can be checked exactly), and it can be told to fail or to be slow.
+streaming can be checked exactly). What it does with a batch is the test's own
+:data:`Behaviour`, handed to a :class:`FakeLoader` the way httpx's ``MockTransport`` takes a
+handler: ``ServerThread.with_fake_models(path, loader=FakeLoader(on_token(DOG, engine_error)))``.
+The loader keeps the runtimes it made, so a test reaches them without any global.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import NoReturn
 
 import gguf
 import numpy as np
@@ -69,14 +72,75 @@ def write_fake_gguf(
     return path
 
 
-def fake_vector(token_ids: Sequence[int], dimensions: int) -> npt.NDArray[np.float32]:
+FloatMatrix = npt.NDArray[np.float32]
+
+
+def fake_vector(token_ids: Sequence[int], dimensions: int) -> FloatMatrix:
     """The fake engine's deterministic, un-normalized vector of a sequence."""
     seed = abs(hash(tuple(token_ids))) % (2**32)
     return (np.random.default_rng(seed).standard_normal(dimensions) * 3).astype(np.float32)
 
 
+# What a fake engine does with one batch: (token sequences, dimensions) -> one vector per
+# sequence. It may raise, sleep or block first; see fake_vectors, on_token, gated and slow.
+Behaviour = Callable[[Sequence[Sequence[int]], int], FloatMatrix]
+
+
+def fake_vectors(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+    """The default behaviour: each sequence's :func:`fake_vector`."""
+    return np.stack([fake_vector(ids, dimensions) for ids in sequences])
+
+
+def on_token(token: int, action: Callable[[], object], then: Behaviour = fake_vectors) -> Behaviour:
+    """Calls ``action`` (which may raise or block) on a batch holding ``token``; every batch
+    that gets past it is computed by ``then``."""
+
+    def behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+        if any(token in ids for ids in sequences):
+            action()
+        return then(sequences, dimensions)
+
+    return behaviour
+
+
+def gated(gate: threading.Event, then: Behaviour = fake_vectors) -> Behaviour:
+    """Every batch waits inside its decode until ``gate`` is set (clear it to hold the
+    workers busy, set it to let them go)."""
+
+    def behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+        gate.wait()
+        return then(sequences, dimensions)
+
+    return behaviour
+
+
+def slow(seconds_per_input: float, then: Behaviour = fake_vectors) -> Behaviour:
+    """Each batch takes ``seconds_per_input`` per sequence before ``then`` computes it."""
+
+    def behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+        time.sleep(seconds_per_input * len(sequences))
+        return then(sequences, dimensions)
+
+    return behaviour
+
+
 class WorkerKilled(BaseException):
     """Not an Exception: ends the worker thread, like a crash would."""
+
+
+def engine_error() -> NoReturn:
+    """An engine that fails (the worker survives, its callers get INTERNAL)."""
+    raise RuntimeError("fake engine failure: secret internals")
+
+
+def worker_killed() -> NoReturn:
+    """The worker thread dies (it is replaced, its callers get UNAVAILABLE)."""
+    raise WorkerKilled("the worker thread dies")
+
+
+def process_crash() -> NoReturn:
+    """The engine's process ends, like a segfault in llama.cpp."""
+    raise EngineDied("fake engine process ended (exit code -11)")
 
 
 class FakeEngine:
@@ -87,27 +151,11 @@ class FakeEngine:
     def dimensions(self) -> int:
         return self._runtime.dimensions
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
         runtime = self._runtime
         with runtime.lock:
             runtime.calls.extend(list(ids) for ids in sequences)
-            runtime.batches.append(len(sequences))
-        runtime.started.set()
-        if runtime.delay:
-            time.sleep(runtime.delay * len(sequences))
-        runtime.release.wait()
-        for token_ids in sequences:
-            if runtime.fail_on is not None and runtime.fail_on in token_ids:
-                raise RuntimeError("fake engine failure: secret internals")
-            if runtime.die_on is not None and runtime.die_on in token_ids:
-                raise WorkerKilled("the worker thread dies")
-            if runtime.crash_process_on is not None and runtime.crash_process_on in token_ids:
-                with runtime.lock:
-                    runtime.process_crashes += 1
-                raise EngineDied("fake engine process ended (exit code -11)")
-            if runtime.hang_on is not None and runtime.hang_on in token_ids:
-                runtime.unhang.wait(30)  # a decode that never ends (until the test ends it)
-        return np.stack([fake_vector(ids, runtime.dimensions) for ids in sequences])
+        return runtime.behaviour(sequences, runtime.dimensions)
 
     @property
     def alive(self) -> bool:
@@ -121,35 +169,31 @@ class FakeEngine:
 
 
 class FakeRuntime:
-    """What the registry gets from loading a model; records every computed sequence."""
+    """What the registry gets from loading a model; records every sequence it is given."""
 
-    instances: ClassVar[list[FakeRuntime]] = []
-
-    def __init__(self, info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        options: LoadOptions,
+        behaviour: Behaviour = fake_vectors,
+        max_engines: int | None = None,
+    ) -> None:
         self.info = info
         self.options = options
         self.dimensions = info.dimensions
         self.vocab_size = info.vocab_size
+        self.behaviour = behaviour
         self.calls: list[list[int]] = []
-        self.batches: list[int] = []
         self.lock = threading.Lock()
-        self.delay = 0.0
-        self.fail_on: int | None = None
-        self.die_on: int | None = None
-        self.crash_process_on: int | None = None  # like a segfault in an engine process
-        self.process_crashes = 0
-        self.hang_on: int | None = None
-        self.refuse_engines = False
-        self.unhang = threading.Event()
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self.release.set()
         self.closed = False
-        FakeRuntime.instances.append(self)
+        self._engines_left = max_engines
 
     def new_engine(self) -> Engine:
-        if self.refuse_engines:
-            raise RuntimeError("no more engines")
+        with self.lock:
+            if self._engines_left is not None:
+                if self._engines_left <= 0:
+                    raise RuntimeError("no more engines")
+                self._engines_left -= 1
         return FakeEngine(self)
 
     def tokenize(self, text: bytes) -> list[int]:
@@ -160,3 +204,26 @@ class FakeRuntime:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeLoader:
+    """A RuntimeLoader whose models all run ``behaviour``; it keeps the runtimes it made, in
+    order (``runtimes[0]`` of a server is its default model, loaded at start).
+
+    ``max_engines``: engines each runtime can make (its workers, then replacements) before
+    new_engine() fails; None is no limit.
+    """
+
+    def __init__(
+        self, behaviour: Behaviour = fake_vectors, *, max_engines: int | None = None
+    ) -> None:
+        self.behaviour = behaviour
+        self.max_engines = max_engines
+        self.runtimes: list[FakeRuntime] = []
+
+    def __call__(
+        self, info: ModelInfo, settings: EngineSettings, options: LoadOptions
+    ) -> FakeRuntime:
+        runtime = FakeRuntime(info, options, self.behaviour, self.max_engines)
+        self.runtimes.append(runtime)
+        return runtime

@@ -18,7 +18,7 @@ from typing import Any
 from embedd_server.rpc.server import EmbeddServer
 from embedd_server.run.probes import free_port, grpc_serving, wait_until
 from embedd_server.settings import Settings
-from tests.fakes import FakeRuntime, write_fake_gguf
+from tests.fakes import FakeLoader, FakeRuntime, write_fake_gguf
 
 
 def wait_serving(
@@ -35,27 +35,35 @@ def wait_serving(
 
 
 class ServerThread:
-    """An EmbeddServer on its own event loop in a thread; port 0."""
+    """An EmbeddServer over the fake engine on its own event loop in a thread; port 0.
 
-    def __init__(self, settings: Settings, loader: Any = FakeRuntime) -> None:
+    ``loader`` gives its models their behaviour (default: plain fake vectors) and keeps the
+    runtimes it made: ``server.loader.runtimes``.
+    """
+
+    def __init__(self, settings: Settings, loader: FakeLoader | None = None) -> None:
         self.settings = settings
+        self.loader = loader or FakeLoader()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = EmbeddServer(settings, loader)
+        self.server = EmbeddServer(settings, self.loader)
         self.port = self.call(self.server.start())
         self.target = f"127.0.0.1:{self.port}"
 
     @classmethod
-    def with_fake_models(cls, models_dir: Path, **overrides: Any) -> ServerThread:
+    def with_fake_models(
+        cls, models_dir: Path, loader: FakeLoader | None = None, **overrides: Any
+    ) -> ServerThread:
+        """Models 'fake' (8 dims, the default) and 'other' (4 dims); ``overrides`` are
+        settings."""
         write_fake_gguf(models_dir / "fake.gguf")
         write_fake_gguf(models_dir / "other.gguf", dimensions=4)
-        FakeRuntime.instances.clear()
         overrides.setdefault("metrics_port", 0)  # no fixed port: tests run servers side by side
         settings = Settings(
             grpc_port=0, models_dir=models_dir, default_model="fake", workers=2, **overrides
         )
-        return cls(settings)
+        return cls(settings, loader)
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -63,8 +71,8 @@ class ServerThread:
 
     @property
     def runtime(self) -> FakeRuntime:
-        """The fake runtime of the default model."""
-        return FakeRuntime.instances[0]
+        """The fake runtime of the default model (the first this server loaded)."""
+        return self.loader.runtimes[0]
 
     def stop(self, grace: float = 5) -> None:
         if self.loop.is_running():

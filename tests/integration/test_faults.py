@@ -20,6 +20,7 @@ import pytest
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR
+from tests.fakes import FakeLoader, on_token, process_crash, slow, worker_killed
 from tests.servers import ServerProcess, ServerThread
 
 DOG = 12  # the fake vocabulary's "dog"
@@ -93,9 +94,9 @@ def test_overload_flood_is_refused_at_once_never_lost(tmp_path: Path) -> None:
 
 
 def test_worker_crashes_under_load_answer_every_caller(tmp_path: Path) -> None:
-    with ServerThread.with_fake_models(tmp_path) as server:
-        server.runtime.delay = 0.001
-        server.runtime.die_on = DOG  # every batch holding "dog" kills its worker
+    # Every batch holding "dog" kills its worker.
+    loader = FakeLoader(slow(0.001, on_token(DOG, worker_killed)))
+    with ServerThread.with_fake_models(tmp_path, loader) as server:
 
         def make(n: int) -> pb.EmbedRequest:
             return pb.EmbedRequest(texts=["dog" if n % 10 == 0 else "cat", "hello"])
@@ -226,8 +227,14 @@ def test_a_hung_worker_process_is_killed_and_replaced(tmp_path: Path) -> None:
 def test_a_pack_that_kills_its_engine_process_twice_is_answered_unavailable(
     tmp_path: Path,
 ) -> None:
-    with ServerThread.with_fake_models(tmp_path) as server:
-        server.runtime.crash_process_on = DOG  # a poison input: every engine dies on it
+    crashes: list[None] = []
+
+    def crash() -> None:
+        crashes.append(None)
+        process_crash()
+
+    # A poison input: every engine dies on it.
+    with ServerThread.with_fake_models(tmp_path, FakeLoader(on_token(DOG, crash))) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.EmbedderStub(channel)
             with pytest.raises(grpc.RpcError) as poisoned:
@@ -235,6 +242,6 @@ def test_a_pack_that_kills_its_engine_process_twice_is_answered_unavailable(
             fine = stub.Embed(pb.EmbedRequest(texts=["cat"]), timeout=30)
         pool = server.server.registry.loaded_models()[0].pool
     assert poisoned.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert server.runtime.process_crashes == 2  # run once more on a new engine, not more
+    assert len(crashes) == 2  # run once more on a new engine, not more
     assert pool.replaced == 2  # the renewed engine, then the worker after the second death
     assert len(fine.embeddings) == 1

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,19 @@ from embedd_server.run.probes import free_port
 from embedd_server.run.replicas import PortInUse, check_ports_free, run_with_envoy
 from embedd_server.settings import Settings
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
+from tests.fakes import FakeLoader, engine_error, on_token
 from tests.servers import ServerThread
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 EMBEDDING_RE = re.compile(rb'"embedding":\[([^\]]*)\]')
+CAT = 7  # token id of "cat"
+# While set, the shared server's engine fails on every batch holding "cat".
+ENGINE_FAILS_ON_CAT = threading.Event()
+
+
+def _fail_while_armed() -> None:
+    if ENGINE_FAILS_ON_CAT.is_set():
+        engine_error()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThre
     """A fake-engine server and a real Envoy in front of it, shared by this module."""
     root = tmp_path_factory.mktemp("rest-fake")
     with (
-        ServerThread.with_fake_models(root / "models") as server,
+        ServerThread.with_fake_models(
+            root / "models", FakeLoader(on_token(CAT, _fail_while_armed))
+        ) as server,
         EnvoyProcess.start([server.target], root / "envoy") as envoy,
     ):
         yield server, envoy
@@ -402,12 +414,12 @@ def test_ollama_errors_in_ollama_shape(envoy: EnvoyProcess) -> None:
 def test_internal_error_is_500_with_a_generic_message(
     envoy: EnvoyProcess, server: ServerThread
 ) -> None:
-    server.runtime.fail_on = 7  # token id of "cat"
+    ENGINE_FAILS_ON_CAT.set()
     try:
         openai_reply = post(envoy, "/v1/embeddings", {"model": "fake", "input": [2, 7, 3]})
         ollama_reply = post(envoy, "/api/embed", {"model": "fake", "input": "cat"})
     finally:
-        server.runtime.fail_on = None
+        ENGINE_FAILS_ON_CAT.clear()
     error = assert_openai_error(openai_reply, 500, None)
     assert error["message"] == "Internal server error; the details are in the server log."
     assert "fake engine failure" not in assert_ollama_error(ollama_reply, 500)

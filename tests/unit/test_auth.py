@@ -28,7 +28,7 @@ from embedd_server.rpc.interceptors.auth import (
 )
 from embedd_server.rpc.server import EmbeddServer
 from embedd_server.settings import Settings, SettingsError
-from tests.fakes import FakeRuntime
+from tests.fakes import FakeLoader
 from tests.servers import ServerThread
 
 KEY_A, KEY_B = "sk-alpha-0123456789", "sk-bravo-9876543210"
@@ -93,7 +93,7 @@ def test_missing_keys_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"api_keys_file: cannot read .*nope\.keys"):
         interceptors(settings)
     with pytest.raises(SettingsError, match=r"nope\.keys"):
-        asyncio.run(EmbeddServer(settings, FakeRuntime).start())
+        asyncio.run(EmbeddServer(settings, FakeLoader()).start())
     empty = tmp_path / "empty.keys"
     empty.write_text("# nothing yet\n\n")
     with pytest.raises(SettingsError, match=r"empty\.keys holds no keys"):

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,7 +18,7 @@ from embedd import AsyncClient, Client
 from embedd._convert import EmbedOptions, StreamState, call_metadata
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.run.probes import free_port
-from tests.fakes import WORDS, fake_vector
+from tests.fakes import WORDS, FakeLoader, fake_vector, slow
 from tests.servers import ServerThread
 
 
@@ -253,9 +254,12 @@ def test_unreachable_server_is_unavailable() -> None:
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_deadline_exceeded(fake_server: ServerThread) -> None:
-    fake_server.runtime.delay = 1.0
-    with Client(fake_server.target, timeout=0.2) as hasty, pytest.raises(embedd.DeadlineExceeded):
+def test_deadline_exceeded(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(tmp_path, FakeLoader(slow(1.0))) as slow_server,
+        Client(slow_server.target, timeout=0.2) as hasty,
+        pytest.raises(embedd.DeadlineExceeded),
+    ):
         hasty.embed("hello")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -26,7 +27,7 @@ from embedd_server.logs import JsonFormatter, RequestIdFilter, TextFormatter
 from embedd_server.rpc.server import EmbeddServer, StartupError
 from embedd_server.run.probes import free_port
 from embedd_server.settings import Settings
-from tests.fakes import FakeRuntime, write_fake_gguf
+from tests.fakes import FakeLoader, gated, on_token, worker_killed, write_fake_gguf
 from tests.servers import ServerThread
 
 ACCESS_LOGGER = "embedd_server.rpc.interceptors.access_log"
@@ -112,13 +113,13 @@ def test_requests_stages_batches_and_state_are_counted(
 
 
 def test_queue_gauges_show_waiting_texts_and_tokens(tmp_path: Path) -> None:
+    gate = threading.Event()  # both workers block inside their first decode
     with (
         ServerThread.with_fake_models(
-            tmp_path, metrics_port=free_port(), batch_sequences=1
+            tmp_path, FakeLoader(gated(gate)), metrics_port=free_port(), batch_sequences=1
         ) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
-        server.runtime.release.clear()  # both workers block inside their first decode
         call = pb_grpc.EmbedderStub(channel).Embed.future(
             pb.EmbedRequest(texts=["hello world"] * 6)  # [CLS] hello world [SEP]: 4 tokens
         )
@@ -127,7 +128,7 @@ def test_queue_gauges_show_waiting_texts_and_tokens(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "two inputs taken, four waiting"
             time.sleep(0.02)
         assert value(samples, "embedd_queue_tokens", model="fake") == 16
-        server.runtime.release.set()
+        gate.set()
         assert len(call.result(timeout=10).embeddings) == 6
         samples = scrape(server)
     assert value(samples, "embedd_queue_texts", model="fake") == 0
@@ -158,31 +159,39 @@ def test_queue_tokens_follow_taken_cancelled_and_expired_jobs() -> None:
 
 
 def test_a_call_past_its_deadline_is_logged_as_such(
-    server: ServerThread,
-    stub: pb_grpc.EmbedderStub,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="embedd_server")
-    server.runtime.release.clear()  # the workers block: the call waits past its deadline
-    try:
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Embed(pb.EmbedRequest(texts=["cat"] * 50), timeout=0.3)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        (line,) = access_lines(caplog)
-    finally:
-        server.runtime.release.set()
+    gate = threading.Event()  # the workers block: the call waits past its deadline
+    with (
+        ServerThread.with_fake_models(tmp_path, FakeLoader(gated(gate))) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.EmbedderStub(channel).Embed(
+                    pb.EmbedRequest(texts=["cat"] * 50), timeout=0.3
+                )
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            (line,) = access_lines(caplog)
+        finally:
+            gate.set()
     assert line.code == "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
     assert line.duration_ms >= 250  # type: ignore[attr-defined]
 
 
-def test_worker_replacements_are_counted(server: ServerThread, stub: pb_grpc.EmbedderStub) -> None:
-    server.runtime.die_on = 12  # "dog"
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.Embed(pb.EmbedRequest(texts=["dog"]))
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    server.runtime.die_on = None
-    stub.Embed(pb.EmbedRequest(texts=["cat"]))
-    samples = scrape(server)
+def test_worker_replacements_are_counted(tmp_path: Path) -> None:
+    dies_on_dog = FakeLoader(on_token(12, worker_killed))  # 12: "dog"
+    with (
+        ServerThread.with_fake_models(tmp_path, dies_on_dog, metrics_port=free_port()) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Embed(pb.EmbedRequest(texts=["dog"]))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        stub.Embed(pb.EmbedRequest(texts=["cat"]))
+        samples = scrape(server)
     assert value(samples, "embedd_worker_replacements_total", model="fake") == 1
     assert value(samples, "embedd_workers_alive", model="fake") == 2
     assert value(samples, "embedd_requests_total", method="Embed", model="fake", code="UNAVAILABLE")
@@ -213,7 +222,7 @@ def test_a_taken_metrics_port_is_a_clear_startup_error(tmp_path: Path) -> None:
         settings = Settings(
             grpc_port=0, models_dir=tmp_path, default_model="fake", metrics_port=port
         )
-        server = EmbeddServer(settings, FakeRuntime)
+        server = EmbeddServer(settings, FakeLoader())
 
         async def start() -> None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from google.protobuf.struct_pb2 import Value
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from tests.fakes import FakeRuntime, write_fake_gguf
+from tests.fakes import FakeLoader, gated, slow, write_fake_gguf
 from tests.servers import ServerThread
 
 
@@ -60,7 +61,7 @@ def test_models_added_or_removed_show_up_without_restart(
     (models_dir / "third.gguf").unlink()
     assert "third" not in [m.id for m in stub.ListModels(pb.ListModelsRequest()).data]
     _wait_until(lambda: "third" not in _running(stub))
-    assert FakeRuntime.instances[-1].closed
+    assert fake_server.loader.runtimes[-1].closed
 
 
 def test_concurrent_first_requests_cause_one_load(
@@ -89,18 +90,20 @@ def test_a_short_keep_alive_expires_and_ps_shows_it(stub: pb_grpc.EmbedderStub) 
     assert "fake" in _running(stub)
 
 
-def test_explicit_unload_lets_calls_in_flight_finish(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    stub.LoadModel(pb.LoadModelRequest(model="other"))
-    runtime = FakeRuntime.instances[-1]
-    runtime.delay = 0.01
-    in_flight = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 50, model="other"))
-    time.sleep(0.05)
-    reply = stub.UnloadModel(pb.UnloadModelRequest(model="other"))
-    assert reply.message == "Model unloaded successfully" and not reply.model.loaded
-    assert len(in_flight.result(timeout=10).embeddings) == 50
-    assert runtime.closed and "other" not in _running(stub)
+def test_explicit_unload_lets_calls_in_flight_finish(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(tmp_path, FakeLoader(slow(0.01))) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        stub.LoadModel(pb.LoadModelRequest(model="other"))
+        runtime = server.loader.runtimes[-1]
+        in_flight = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 50, model="other"))
+        time.sleep(0.05)
+        reply = stub.UnloadModel(pb.UnloadModelRequest(model="other"))
+        assert reply.message == "Model unloaded successfully" and not reply.model.loaded
+        assert len(in_flight.result(timeout=10).embeddings) == 50
+        assert runtime.closed and "other" not in _running(stub)
 
 
 def test_models_without_pooling_need_a_pooling_type(tmp_path: Path) -> None:
@@ -119,7 +122,7 @@ def test_models_without_pooling_need_a_pooling_type(tmp_path: Path) -> None:
         bad = _error(lambda: stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="max")))
         assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
         loaded = stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="mean"))
-        assert loaded.model.loaded and FakeRuntime.instances[-1].options.pooling == "mean"
+        assert loaded.model.loaded and server.loader.runtimes[-1].options.pooling == "mean"
         assert stub.Embed(pb.EmbedRequest(texts=["hi"], model="causal")).model == "causal"
 
 
@@ -138,8 +141,12 @@ def test_aliases_map_to_local_models(tmp_path: Path) -> None:
 def test_memory_budget_evicts_least_recently_used_idle_models(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         write_fake_gguf(tmp_path / f"{name}.gguf", padding_bytes=400_000)
+    gate = threading.Event()
+    gate.set()
     with (
-        ServerThread.with_fake_models(tmp_path, memory_budget_mb=1) as server,
+        ServerThread.with_fake_models(
+            tmp_path, FakeLoader(gated(gate)), memory_budget_mb=1
+        ) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         stub = pb_grpc.EmbedderStub(channel)
@@ -149,16 +156,13 @@ def test_memory_budget_evicts_least_recently_used_idle_models(tmp_path: Path) ->
         stub.Embed(pb.EmbedRequest(texts=["hi"], model="c"))
         assert set(_running(stub)) == {"a", "c"}
         # With every loaded model busy, a load that does not fit is refused at once.
-        busy = [r for r in FakeRuntime.instances if r.info.name in ("a", "c") and not r.closed]
-        for runtime in busy:
-            runtime.release.clear()
+        gate.clear()  # the workers of a and c block inside their next decode
         blocked = [
             stub.Embed.future(pb.EmbedRequest(texts=["hi"], model=name)) for name in ("a", "c")
         ]
         time.sleep(0.2)
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hi"], model="b"), timeout=5))
-        for runtime in busy:
-            runtime.release.set()
+        gate.set()
         assert all(f.result(timeout=5).embeddings for f in blocked)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "memory budget" in str(error.details())

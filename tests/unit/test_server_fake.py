@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import threading
@@ -18,7 +20,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from tests.fakes import fake_vector
+from tests.fakes import (
+    FakeLoader,
+    engine_error,
+    fake_vector,
+    gated,
+    on_token,
+    slow,
+    worker_killed,
+)
 from tests.servers import ServerThread
 
 HELLO, CAT, DOG = 4, 7, 12
@@ -28,6 +38,18 @@ HELLO, CAT, DOG = 4, 7, 12
 def stub(fake_server: ServerThread) -> Iterator[pb_grpc.EmbedderStub]:
     with grpc.insecure_channel(fake_server.target) as channel:
         yield pb_grpc.EmbedderStub(channel)
+
+
+@contextlib.contextmanager
+def _serving(
+    tmp_path: Path, loader: FakeLoader, **overrides: object
+) -> Iterator[tuple[ServerThread, pb_grpc.EmbedderStub]]:
+    """A fake-engine server whose engines behave as ``loader`` says, and a stub on it."""
+    with (
+        ServerThread.with_fake_models(tmp_path, loader, **overrides) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        yield server, pb_grpc.EmbedderStub(channel)
 
 
 def _error(call: object) -> grpc.RpcError:
@@ -111,22 +133,22 @@ def test_truncation_is_the_default(stub: pb_grpc.EmbedderStub) -> None:
     assert response.usage.prompt_tokens == 16
 
 
-def test_engine_failure_is_internal_without_internals(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    fake_server.runtime.fail_on = DOG
-    error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello", "dog"])))
-    assert error.code() == grpc.StatusCode.INTERNAL
-    assert "secret" not in str(error.details()) and "Traceback" not in str(error.details())
-    # The worker survives an engine error and serves the next request.
-    assert stub.Embed(pb.EmbedRequest(texts=["hello"])).embeddings
+def test_engine_failure_is_internal_without_internals(tmp_path: Path) -> None:
+    with _serving(tmp_path, FakeLoader(on_token(DOG, engine_error))) as (_, stub):
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hello", "dog"])))
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in str(error.details()) and "Traceback" not in str(error.details())
+        # The worker survives an engine error and serves the next request.
+        assert stub.Embed(pb.EmbedRequest(texts=["hello"])).embeddings
 
 
 def test_a_workers_log_line_names_the_requests_of_its_batch(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake_server.runtime.fail_on = DOG
-    with caplog.at_level(logging.ERROR, logger="embedd_server.core.workers"):
+    with (
+        _serving(tmp_path, FakeLoader(on_token(DOG, engine_error))) as (_, stub),
+        caplog.at_level(logging.ERROR, logger="embedd_server.core.workers"),
+    ):
         _error(
             lambda: stub.Embed(
                 pb.EmbedRequest(texts=["dog"]), metadata=(("x-request-id", "req-42"),)
@@ -136,76 +158,69 @@ def test_a_workers_log_line_names_the_requests_of_its_batch(
     assert record.request_ids == ["req-42"]  # type: ignore[attr-defined]
 
 
-def test_a_small_request_does_not_wait_for_a_big_batch(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    fake_server.runtime.delay = 0.005
-    big = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 400))
-    time.sleep(0.05)
-    started = time.perf_counter()
-    stub.Embed(pb.EmbedRequest(texts=["dog"]))
-    small_seconds = time.perf_counter() - started
-    assert not big.done(), "the big batch should still be running"
-    assert small_seconds < 0.5
-    assert len(big.result().embeddings) == 400
+def test_a_small_request_does_not_wait_for_a_big_batch(tmp_path: Path) -> None:
+    with _serving(tmp_path, FakeLoader(slow(0.005))) as (_, stub):
+        big = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 400))
+        time.sleep(0.05)
+        started = time.perf_counter()
+        stub.Embed(pb.EmbedRequest(texts=["dog"]))
+        small_seconds = time.perf_counter() - started
+        assert not big.done(), "the big batch should still be running"
+        assert small_seconds < 0.5
+        assert len(big.result().embeddings) == 400
 
 
-def test_deadline_and_cancellation_drop_queued_work(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    runtime = fake_server.runtime
-    runtime.release.clear()  # workers block on their first batch: everything else queues
-    error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["cat"] * 500), timeout=0.3))
-    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    cancelled = stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 500))
-    time.sleep(0.2)
-    cancelled.cancel()
-    time.sleep(0.2)
-    runtime.release.set()
-    stub.Embed(pb.EmbedRequest(texts=["hello"]))
-    computed = [ids for ids in runtime.calls if ids[1] in (CAT, DOG)]
+def test_deadline_and_cancellation_drop_queued_work(tmp_path: Path) -> None:
+    gate = threading.Event()  # workers block on their first batch: everything else queues
+    with _serving(tmp_path, FakeLoader(gated(gate))) as (server, stub):
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["cat"] * 500), timeout=0.3))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        cancelled = stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 500))
+        time.sleep(0.2)
+        cancelled.cancel()
+        time.sleep(0.2)
+        gate.set()
+        stub.Embed(pb.EmbedRequest(texts=["hello"]))
+        computed = [ids for ids in server.runtime.calls if ids[1] in (CAT, DOG)]
     # Only what the two workers had already taken (one batch each) was computed.
-    in_flight = fake_server.settings.workers * fake_server.settings.batch_sequences
+    in_flight = server.settings.workers * server.settings.batch_sequences
     assert len(computed) <= in_flight, f"{len(computed)} abandoned inputs were computed"
 
 
 def test_a_full_queue_is_refused_at_once(tmp_path: Path) -> None:
-    with ServerThread.with_fake_models(tmp_path, max_queued_texts=10, batch_sequences=1) as server:
-        server.runtime.release.clear()
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.EmbedderStub(channel)
-            waiting = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 8))
-            time.sleep(0.2)
-            started = time.perf_counter()
-            error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"] * 5)))
-            assert time.perf_counter() - started < 1
-            server.runtime.release.set()
-            assert len(waiting.result(timeout=10).embeddings) == 8
+    gate = threading.Event()
+    loader = FakeLoader(gated(gate))
+    with _serving(tmp_path, loader, max_queued_texts=10, batch_sequences=1) as (_, stub):
+        waiting = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 8))
+        time.sleep(0.2)
+        started = time.perf_counter()
+        error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"] * 5)))
+        assert time.perf_counter() - started < 1
+        gate.set()
+        assert len(waiting.result(timeout=10).embeddings) == 8
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue is full" in str(error.details())
 
 
-def test_embed_stream_answers_in_order_with_bounded_read_ahead(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    runtime = fake_server.runtime
-    runtime.release.clear()
-    pulled = 0
+def test_embed_stream_answers_in_order_with_bounded_read_ahead(tmp_path: Path) -> None:
+    gate = threading.Event()
+    with _serving(tmp_path, FakeLoader(gated(gate))) as (server, stub):
+        pulled = 0
 
-    def batches() -> Iterator[pb.EmbedRequest]:
-        nonlocal pulled
-        for number in range(200):
-            pulled += 1
-            yield pb.EmbedRequest(texts=["hello cat dog"] * 10, request_id=str(number))
+        def batches() -> Iterator[pb.EmbedRequest]:
+            nonlocal pulled
+            for number in range(200):
+                pulled += 1
+                yield pb.EmbedRequest(texts=["hello cat dog"] * 10, request_id=str(number))
 
-    responses = stub.EmbedStream(batches())
-    time.sleep(0.5)
-    window = fake_server.settings.stream_window
-    queued = fake_server.server.registry.loaded_models()[0].queue.queued_items
-    assert queued <= window * 10, f"{queued} inputs queued for one stream"
-    runtime.release.set()
-    ids = [response.request_id for response in responses]
-    assert ids == [str(number) for number in range(200)] and pulled == 200
+        responses = stub.EmbedStream(batches())
+        time.sleep(0.5)
+        window = server.settings.stream_window
+        queued = server.server.registry.loaded_models()[0].queue.queued_items
+        assert queued <= window * 10, f"{queued} inputs queued for one stream"
+        gate.set()
+        ids = [response.request_id for response in responses]
+        assert ids == [str(number) for number in range(200)] and pulled == 200
 
 
 def test_stream_batch_error_names_the_batch(stub: pb_grpc.EmbedderStub) -> None:
@@ -239,63 +254,53 @@ def test_other_models_load_on_demand_once(stub: pb_grpc.EmbedderStub) -> None:
     assert stub.GetModel(pb.GetModelRequest(model="other")).loaded
 
 
-def test_a_dead_worker_answers_its_callers_and_is_replaced(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    runtime = fake_server.runtime
-    runtime.die_on = DOG
-    for future in [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]:
-        with pytest.raises(grpc.RpcError) as info:
-            future.result(timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "died" in str(info.value.details())
-    runtime.die_on = None
-    assert len(stub.Embed(pb.EmbedRequest(texts=["cat"] * 20)).embeddings) == 20
-    pool = fake_server.server.registry.loaded_models()[0].pool
-    assert pool.alive == 2 and pool.replaced >= 1
+def test_a_dead_worker_answers_its_callers_and_is_replaced(tmp_path: Path) -> None:
+    with _serving(tmp_path, FakeLoader(on_token(DOG, worker_killed))) as (server, stub):
+        for future in [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]:
+            with pytest.raises(grpc.RpcError) as info:
+                future.result(timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "died" in str(info.value.details())
+        assert len(stub.Embed(pb.EmbedRequest(texts=["cat"] * 20)).embeddings) == 20
+        pool = server.server.registry.loaded_models()[0].pool
+        assert pool.alive == 2 and pool.replaced >= 1
 
 
 def test_a_hung_worker_is_replaced_and_its_callers_get_unavailable(tmp_path: Path) -> None:
-    with (
-        ServerThread.with_fake_models(tmp_path, worker_timeout_s=0.5) as server,
-        grpc.insecure_channel(server.target) as channel,
-    ):
-        stub = pb_grpc.EmbedderStub(channel)
-        server.runtime.hang_on = DOG
+    unhang = threading.Event()  # a decode that never ends (until the test ends it)
+    loader = FakeLoader(on_token(DOG, functools.partial(unhang.wait, 30)))
+    with _serving(tmp_path, loader, worker_timeout_s=0.5) as (_, stub):
         started = time.perf_counter()
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"]), timeout=10))
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "hung" in str(error.details())
         assert time.perf_counter() - started < 3
         # The replacement serves others while the hung thread is still stuck.
         assert len(stub.Embed(pb.EmbedRequest(texts=["cat"] * 5)).embeddings) == 5
-        server.runtime.unhang.set()
+        unhang.set()
 
 
-def test_when_no_worker_can_start_callers_are_answered_and_health_drops(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
-) -> None:
-    runtime = fake_server.runtime
-    runtime.die_on = DOG
-    runtime.refuse_engines = True
-    results = [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]
-    for future in results:
-        with pytest.raises(grpc.RpcError) as info:
-            future.result(timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    with grpc.insecure_channel(fake_server.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest()).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.05)
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+def test_when_no_worker_can_start_callers_are_answered_and_health_drops(tmp_path: Path) -> None:
+    # Each runtime makes its two workers' engines, then refuses: no replacement can start.
+    loader = FakeLoader(on_token(DOG, worker_killed), max_engines=2)
+    with _serving(tmp_path, loader) as (server, stub):
+        results = [stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 3)) for _ in range(4)]
+        for future in results:
+            with pytest.raises(grpc.RpcError) as info:
+                future.result(timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest()).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
-    server = ServerThread.with_fake_models(tmp_path)
-    server.runtime.delay = 0.01
+    server = ServerThread.with_fake_models(tmp_path, FakeLoader(slow(0.01)))
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         in_flight = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 100))

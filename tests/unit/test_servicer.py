@@ -7,6 +7,7 @@ methods on an event loop thread and adapts the test context's abort() to the aio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
 from embedd_server.rpc.servicer import EmbedderServicer
 from embedd_server.settings import Settings
-from tests.fakes import FakeRuntime, write_fake_gguf
+from tests.fakes import FakeLoader, engine_error, on_token, write_fake_gguf
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Embedder"]
 
@@ -70,15 +71,25 @@ class _SyncShim:
         return call
 
 
+Invoke = Callable[[str, Any], tuple[Any, Any, grpc.StatusCode, str]]
+
+
 @pytest.fixture
-def rpc(tmp_path: Path) -> Iterator[Callable[[str, Any], tuple[Any, Any, grpc.StatusCode, str]]]:
+def rpc(tmp_path: Path) -> Iterator[Invoke]:
+    with _servicer(tmp_path, FakeLoader()) as invoke:
+        yield invoke
+
+
+@contextlib.contextmanager
+def _servicer(tmp_path: Path, loader: FakeLoader) -> Iterator[Invoke]:
+    """The servicer over a fake-engine registry; invoke(method, request) runs one RPC."""
     write_fake_gguf(tmp_path / "fake.gguf")
     settings = Settings(models_dir=tmp_path, default_model="fake", workers=1)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     engine_settings = settings.engine_settings()
-    registry = ModelRegistry(engine_settings, FakeRuntime)
+    registry = ModelRegistry(engine_settings, loader)
     servicer = EmbedderServicer(EmbeddingService(engine_settings, registry), stream_window=2)
     server = grpc_testing.server_from_dictionary(
         {SERVICE: _SyncShim(servicer, loop)}, grpc_testing.strict_real_time()
@@ -89,11 +100,13 @@ def rpc(tmp_path: Path) -> Iterator[Callable[[str, Any], tuple[Any, Any, grpc.St
         response, trailers, code, details = call.termination()
         return response, dict(trailers or ()), code, details
 
-    yield invoke
-    asyncio.run_coroutine_threadsafe(registry.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    try:
+        yield invoke
+    finally:
+        asyncio.run_coroutine_threadsafe(registry.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def test_embed_answers_ok(rpc: Any) -> None:
@@ -123,9 +136,8 @@ def test_ollama_errors_use_ollama_shape(rpc: Any) -> None:
     assert set(json.loads(trailers["x-http-error-body"])) == {"error"}
 
 
-def test_unexpected_failures_are_internal_and_generic(rpc: Any) -> None:
-    rpc("Embed", pb.EmbedRequest(texts=["hello"]))  # loads the model
-    FakeRuntime.instances[-1].fail_on = 4  # "hello"
-    _, _, code, details = rpc("Embed", pb.EmbedRequest(texts=["hello"]))
+def test_unexpected_failures_are_internal_and_generic(tmp_path: Path) -> None:
+    with _servicer(tmp_path, FakeLoader(on_token(4, engine_error))) as rpc:  # 4: "hello"
+        _, _, code, details = rpc("Embed", pb.EmbedRequest(texts=["hello"]))
     assert code == grpc.StatusCode.INTERNAL
     assert details == "Internal server error; the details are in the server log."
