@@ -13,7 +13,7 @@ import itertools
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,38 @@ def ghz_data(messages: Sequence[Sequence[str]]) -> str:
     return json.dumps([{"texts": list(texts)} for texts in messages], ensure_ascii=False)
 
 
+# --- asyncio closed loops ---------------------------------------------------------------
+
+
+class _ClosedLoop:
+    """What the callers of one asyncio leg share: the requests, taken in turn until the
+    leg's time is up, and what the calls gave."""
+
+    def __init__(self, requests: Sequence[bytes], duration_s: float) -> None:
+        self._requests = itertools.cycle(requests)
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + duration_s
+        self.latencies: list[float] = []  # seconds, OK calls only
+        self.errors: list[str] = []
+
+    def next_request(self) -> bytes | None:
+        """The next request to send, or None once the leg's time is up."""
+        return next(self._requests) if self._loop.time() < self._deadline else None
+
+    async def run(
+        self, callers: int, caller: Callable[[], Awaitable[None]], generator: str
+    ) -> LoadResult:
+        """Runs ``callers`` copies of ``caller`` until each sees the end of the leg."""
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        seconds = time.perf_counter() - started
+        self.latencies.sort()
+        first_error = self.errors[0] if self.errors else ""
+        return LoadResult(
+            len(self.latencies), len(self.errors), seconds, self.latencies, first_error, generator
+        )
+
+
 # --- asyncio gRPC -------------------------------------------------------------------------
 
 
@@ -171,35 +203,19 @@ async def _grpc_load(
     async with aio.insecure_channel(target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         call: Any = channel.unary_unary(EMBED_METHOD)  # no (de)serializers: bytes in, bytes out
-        turn = itertools.count()
-        latencies: list[float] = []
-        errors: list[str] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + duration_s
+        leg = _ClosedLoop(requests, duration_s)
 
         async def caller() -> None:
-            while loop.time() < deadline:
-                message = requests[next(turn) % len(requests)]
+            while (message := leg.next_request()) is not None:
                 started = time.perf_counter()
                 try:
                     await call(message, timeout=REQUEST_TIMEOUT_S)
                 except grpc.RpcError as error:
-                    errors.append(str(error.code()))
+                    leg.errors.append(str(error.code()))
                     continue
-                latencies.append(time.perf_counter() - started)
+                leg.latencies.append(time.perf_counter() - started)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    latencies.sort()
-    return LoadResult(
-        len(latencies),
-        len(errors),
-        seconds,
-        latencies,
-        errors[0] if errors else "",
-        "asyncio grpc",
-    )
+        return await leg.run(concurrency, caller, "asyncio grpc")
 
 
 # --- asyncio HTTP/1.1 ---------------------------------------------------------------------
@@ -282,39 +298,28 @@ def http_load(
 async def _http_load(
     host: str, port: int, requests: Sequence[bytes], concurrency: int, duration_s: float
 ) -> LoadResult:
-    turn = itertools.count()
-    latencies: list[float] = []
-    errors: list[str] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + duration_s
+    leg = _ClosedLoop(requests, duration_s)
 
     async def caller() -> None:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            while loop.time() < deadline:
-                request = requests[next(turn) % len(requests)]
+            while (request := leg.next_request()) is not None:
                 started = time.perf_counter()
                 writer.write(request)
                 try:
                     head = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
                 except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
-                    errors.append(type(error).__name__)
+                    leg.errors.append(type(error).__name__)
                     head = ResponseHead(0, None, False, True)
                 else:
                     if head.status == 200:
-                        latencies.append(time.perf_counter() - started)
+                        leg.latencies.append(time.perf_counter() - started)
                     else:
-                        errors.append(f"HTTP {head.status}")
+                        leg.errors.append(f"HTTP {head.status}")
                 if head.close:
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
         finally:
             writer.close()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
-    latencies.sort()
-    return LoadResult(
-        len(latencies), len(errors), seconds, latencies, errors[0] if errors else "", "asyncio http"
-    )
+    return await leg.run(concurrency, caller, "asyncio http")

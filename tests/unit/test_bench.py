@@ -4,6 +4,7 @@ the target table. No model, no server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +17,8 @@ import pytest
 
 from bench.ceiling import CeilingResult, SingleTextLatency, configurations, decode_all
 from bench.loadgen import (
+    LoadResult,
+    _http_load,
     ghz_command,
     ghz_data,
     http_post,
@@ -368,3 +371,28 @@ def test_the_floor_bounds_the_reachable_ratio() -> None:
     # r * 2 + 0.50 * r / 0.85 = 2: the engine's share and the overhead fill the two cores
     assert floor.best_ratio == pytest.approx(2 / (2 + 0.50 / 0.85))
     assert "**0.77x the ceiling**" in render_floor(floor)
+
+
+def test_the_http_generator_keeps_each_caller_in_a_closed_loop() -> None:
+    async def serve_and_load() -> LoadResult:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError):  # the caller hung up
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(length)
+                    status = b"200 OK" if body == b"{}" else b"503 Unavailable"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        requests = [http_post("127.0.0.1", port, "/", body) for body in (b"{}", b"{}", b"[]")]
+        async with server:
+            return await _http_load("127.0.0.1", port, requests, 2, 0.2)
+
+    result = asyncio.run(serve_and_load())
+    assert result.requests > 0 and result.generator == "asyncio http"
+    # The callers take the requests in turn from one cycle: every third one fails.
+    assert result.errors == (result.requests + result.errors) // 3
+    assert result.first_error == "HTTP 503"
+    assert result.latencies == sorted(result.latencies) and len(result.latencies) == result.requests
