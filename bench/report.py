@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from bench.ceiling import CeilingResult, SingleTextLatency
 
 GRPC = "embedd gRPC"
@@ -16,18 +18,9 @@ PEER = "llama-cpp-python server"
 TARGET_SET = "sentences"  # the issue's targets are stated on STS-B sentences
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) of sorted values, interpolating linearly between the two
-    nearest ranks (numpy's default); NaN when there are none."""
-    count = len(sorted_values)
-    if count == 0:
-        return math.nan
-    if not 0 <= q <= 100:
-        raise ValueError("q must be within 0..100")
-    rank = (count - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, count - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), numpy's linear interpolation; NaN when there are none."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 @dataclass(frozen=True)
