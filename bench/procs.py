@@ -47,54 +47,53 @@ def clean_environment() -> dict[str, str]:
 # --- /proc ---------------------------------------------------------------------------------
 
 
+def _read(path: str) -> str:
+    """A /proc file's text; "" if it is gone (its process ended)."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def _value(text: str, key: str) -> str | None:
+    """The value of the ``key:`` line of a /proc/<pid>/status or /proc/cpuinfo text."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
 def descendants(pid: int) -> list[int]:
     """The process and all its descendants (e.g. `embedd run` and its Envoy)."""
     found = [pid]
-    index = 0
-    while index < len(found):
-        current = found[index]
-        index += 1
+    for current in found:  # grows while it is walked
         try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    found.extend(int(child) for child in handle.read().split())
+            tasks = os.listdir(f"/proc/{current}/task")
         except OSError:
             continue
+        for task in tasks:
+            found.extend(
+                int(child) for child in _read(f"/proc/{current}/task/{task}/children").split()
+            )
     return found
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU seconds of one process (all its threads), or of its thread ``tid``;
     0 if it is gone."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        with open(path) as handle:
-            text = handle.read()
-    except OSError:
+    text = _read(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    if not text:
         return 0.0
     fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def _command(pid: int) -> str:
-    """A process's command name ("envoy", "python3.11", ...); "" if it is gone."""
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
 def rss_mib(pid: int) -> float:
     """Resident memory of a process in MiB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    value = _value(_read(f"/proc/{pid}/status"), "VmRSS")  # "123456 kB"
+    return int(value.split()[0]) / 1024 if value else 0.0
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -104,21 +103,13 @@ def tree_rss_mib(pid: int) -> float:
 
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (from /proc/stat)."""
-    with open("/proc/stat") as handle:
-        values = [int(value) for value in handle.readline().split()[1:]]
+    values = [int(value) for value in _read("/proc/stat").split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
     return (sum(values[:8]) - idle) / CLOCK_TICKS
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return _value(_read("/proc/cpuinfo"), "model name") or "unknown CPU"
 
 
 class CpuMeter:
@@ -156,7 +147,11 @@ class CpuMeter:
         return cpu_seconds(self._server_pid, self._server_pid) if self._server_pid else 0.0
 
     def _helper_cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self._server_pids[1:] if _command(pid) == "envoy")
+        return sum(
+            cpu_seconds(pid)
+            for pid in self._server_pids[1:]
+            if _read(f"/proc/{pid}/comm").strip() == "envoy"
+        )
 
     def cores(self, cpu: float) -> float:
         return cpu / self.seconds if self.seconds > 0 else 0.0
