@@ -1,0 +1,162 @@
+"""Texts and token ids to what the engine is fed: truncation, InputTooLong, vocabulary checks.
+
+The fake tokenizer is word-level: [CLS]=2, words from 4 (hello=4, cat=7, dog=12), [SEP]=3,
+unknown words [UNK]=1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from embedd_server.core.errors import InputTooLong, InvalidInput
+from embedd_server.core.tokenization import (
+    HuggingFaceTokenizer,
+    LlamaTokenizer,
+    Tokenized,
+    check_token_ids,
+    tokenize_texts,
+)
+from tests.fakes import fake_tokenizer_json
+
+CLS, SEP, UNK = 2, 3, 1
+HELLO, CAT, DOG = 4, 7, 12
+
+
+@pytest.fixture(scope="module")
+def hf() -> HuggingFaceTokenizer:
+    return HuggingFaceTokenizer(fake_tokenizer_json())
+
+
+def _llama() -> LlamaTokenizer:
+    """llama.cpp's tokenizer, faked: one id per byte of each word, between [CLS] and [SEP]."""
+
+    def tokenize(text: bytes) -> list[int]:
+        return [CLS, *(100 + len(word) for word in text.split()), SEP]
+
+    return LlamaTokenizer(tokenize, lambda token_id: f"<{token_id}>")
+
+
+# --- the Hugging Face tokenizer ------------------------------------------------------------------
+
+
+def test_hf_tokenizer_adds_the_template_and_never_truncates_by_itself(
+    hf: HuggingFaceTokenizer,
+) -> None:
+    assert hf.encode_batch(["hello cat", "zebra"]) == [[CLS, HELLO, CAT, SEP], [CLS, UNK, SEP]]
+    long = hf.encode_batch(["hello " * 600])[0]
+    assert len(long) == 602  # no limit of its own: truncation is the caller's decision
+    assert [hf.id_to_token(i) for i in (CLS, HELLO, SEP)] == ["[CLS]", "hello", "[SEP]"]
+
+
+def test_hf_truncation_keeps_the_closing_special_token(hf: HuggingFaceTokenizer) -> None:
+    assert hf.encode_truncated("hello cat dog hello", 4) == [CLS, HELLO, CAT, SEP]
+    assert hf.encode_truncated("hello cat dog hello", 5) == [CLS, HELLO, CAT, DOG, SEP]
+    assert hf.encode_truncated("hello", 5) == [CLS, HELLO, SEP]  # short texts are kept whole
+    # Truncating at one limit leaves the untruncated tokenizer (and other limits) alone.
+    assert hf.encode_batch(["hello cat dog hello"])[0] == [CLS, HELLO, CAT, DOG, HELLO, SEP]
+
+
+# --- llama.cpp's tokenizer ---------------------------------------------------------------------
+
+
+def test_llama_truncation_keeps_the_last_token() -> None:
+    tokenizer = _llama()
+    assert tokenizer.encode_batch(["ab abc"]) == [[CLS, 102, 103, SEP]]
+    assert tokenizer.encode_truncated("a ab abc abcd", 4) == [CLS, 101, 102, SEP]
+    assert tokenizer.encode_truncated("a ab", 4) == [CLS, 101, 102, SEP]
+    assert tokenizer.id_to_token(7) == "<7>"
+
+
+def test_llama_tokenizer_survives_text_that_is_not_valid_utf8() -> None:
+    # A lone surrogate (a broken UTF-16 pair from JSON) cannot be encoded as UTF-8.
+    assert _llama().encode_batch(["ab \ud800"]) == [[CLS, 102, 101, SEP]]
+
+
+# --- tokenize_texts: truncation or InputTooLong ---------------------------------------------------
+
+
+def test_over_long_texts_are_truncated_to_the_limit(hf: HuggingFaceTokenizer) -> None:
+    texts = ["hello", "hello cat dog hello cat", "cat dog"]
+    tokenized = tokenize_texts(hf, texts, max_tokens=4, truncate=True)
+    assert tokenized.sequences == [[CLS, HELLO, SEP], [CLS, HELLO, CAT, SEP], [CLS, CAT, DOG, SEP]]
+    assert tokenized.token_count == 3 + 4 + 4  # usage counts what was computed
+
+
+def test_without_truncation_an_over_long_text_is_input_too_long(
+    hf: HuggingFaceTokenizer,
+) -> None:
+    texts = ["cat dog", "hello cat dog hello cat"]
+    assert len(tokenize_texts(hf, texts[:1], max_tokens=4, truncate=False).sequences[0]) == 4
+    with pytest.raises(InputTooLong) as caught:
+        tokenize_texts(hf, texts, max_tokens=4, truncate=False)
+    error = caught.value
+    assert isinstance(error, InvalidInput)  # a client error, not a server one
+    assert error.param == "input[1]"
+    assert "Input 1 has 7 tokens" in error.message and "limit of 4" in error.message
+    assert "enable truncation" in error.message
+
+
+class _CountingTokenizer:
+    """A tokenizer that records which texts were truncated."""
+
+    def __init__(self) -> None:
+        self.truncated: list[str] = []
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[CLS, *(HELLO for _ in text.split()), SEP] for text in texts]
+
+    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
+        self.truncated.append(text)
+        return [CLS, *([HELLO] * (max_tokens - 2)), SEP]
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+
+def test_only_over_long_texts_are_tokenized_again() -> None:
+    tokenizer = _CountingTokenizer()
+    texts = ["a b", "a b c d e", "a b c"]  # 4, 7 and 5 tokens
+    tokenized = tokenize_texts(tokenizer, texts, max_tokens=5, truncate=True)
+    assert tokenizer.truncated == ["a b c d e"]
+    assert [len(ids) for ids in tokenized.sequences] == [4, 5, 5]
+
+
+# --- check_token_ids: pre-tokenized input ---------------------------------------------------------
+
+
+def test_token_ids_within_the_vocabulary_and_limit_pass_as_lists() -> None:
+    tokenized = check_token_ids([(CLS, HELLO, SEP), [CLS, SEP]], 16, 4, truncate=False)
+    assert tokenized == Tokenized([[CLS, HELLO, SEP], [CLS, SEP]])
+    assert tokenized.token_count == 5
+
+
+def test_over_long_token_ids_are_cut_or_refused() -> None:
+    ids = [CLS, HELLO, CAT, DOG, SEP]
+    assert check_token_ids([ids], 16, 3, truncate=True).sequences == [[CLS, HELLO, CAT]]
+    with pytest.raises(InputTooLong, match=r"Input 0 has 5 tokens.*limit of 3") as caught:
+        check_token_ids([ids], 16, 3, truncate=False)
+    assert caught.value.param == "input[0]"
+
+
+@pytest.mark.parametrize(
+    ("sequences", "words"),
+    [
+        ([[CLS, SEP], []], ["Input 1 has no token ids"]),
+        ([[CLS, 16, SEP]], ["Input 0 has token id 16", "(0..15)"]),
+        ([[CLS], [-1]], ["Input 1 has token id -1"]),
+    ],
+)
+def test_bad_token_ids_are_invalid_input(sequences: list[list[int]], words: list[str]) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        check_token_ids(sequences, 16, 8, truncate=True)
+    assert not isinstance(caught.value, InputTooLong)
+    for word in words:
+        assert word in caught.value.message
+
+
+def test_an_unknown_vocabulary_size_checks_only_for_negative_ids() -> None:
+    assert check_token_ids([[10**6]], 0, 8, truncate=True).sequences == [[10**6]]
+    with pytest.raises(InvalidInput, match="token id -5"):
+        check_token_ids([[-5]], 0, 8, truncate=True)
