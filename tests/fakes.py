@@ -171,6 +171,8 @@ class FakeEngine:
 class FakeRuntime:
     """What the registry gets from loading a model; records every sequence it is given."""
 
+    engine_name = "fake"
+
     def __init__(
         self,
         info: ModelInfo,

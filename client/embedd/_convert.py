@@ -65,6 +65,7 @@ class ModelInfo:
     file_size_bytes: int
     embedding: bool
     normalizes: bool
+    engine: str = ""  # "llama.cpp" or "onnxruntime"; "" while not loaded
 
 
 @dataclass(frozen=True)

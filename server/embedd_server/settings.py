@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from embedd_server.core.engine_settings import EngineSettings
+from embedd_server.core.engine_settings import ENGINES, EngineSettings
 
 ENV_PREFIX = "EMBEDD_"
 CONFIG_ENV = "EMBEDD_CONFIG"
@@ -94,6 +94,22 @@ class Settings:
         "Layers offloaded to the GPU when llama.cpp is built with CUDA (-1: all, 0: CPU only).",
         0,
     )
+    engine: str = _opt(
+        "Engine of each model: auto (ONNX Runtime for BERT encoders with f32/f16 weights on "
+        "the CPU, where it was measured faster at the same vectors; llama.cpp for everything "
+        "else), llama.cpp or onnxruntime. /v1/models says which engine serves each model.",
+        "auto",
+    )
+    onnx_batch_tokens: int = _opt(
+        "ONNX Runtime engine: most tokens of one worker's pack (padded batches are cut "
+        "further by length inside it).",
+        2048,
+    )
+    int8: bool = _opt(
+        "ONNX Runtime engine: int8 weights (dynamic quantization at load). Faster, but the "
+        "vectors change (lower STS-B; each vector depends slightly on its batch): opt-in.",
+        False,
+    )
     max_inputs_per_request: int = _opt("Most inputs one request may carry.", 2048)
     max_queued_texts: int = _opt(
         "Bound of the scheduler's queue, in inputs. A request that does not fit is refused "
@@ -169,6 +185,8 @@ class Settings:
             (0 <= self.metrics_port <= 65535, "metrics_port must be 0..65535"),
             (1 <= self.replicas <= 64, "replicas must be 1..64"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}"),
+            (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
+            (self.onnx_batch_tokens >= 1, "onnx_batch_tokens must be at least 1"),
         ]
         problems = [message for ok, message in checks if not ok]
         problems += _alias_problems(self.model_aliases)

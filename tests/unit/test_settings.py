@@ -184,6 +184,9 @@ ENGINE_VALUES: dict[str, Any] = {
     "max_queued_tokens": 1000,
     "worker_timeout_s": 5.0,
     "log_json": True,
+    "engine": "llama.cpp",
+    "onnx_batch_tokens": 512,
+    "int8": True,
 }
 TRANSPORT_ONLY = {
     "grpc_host",

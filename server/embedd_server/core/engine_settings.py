@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The values of the ``engine`` setting: "auto" picks per model (embedd_server.engines.choice).
+ENGINES = ("auto", "llama.cpp", "onnxruntime")
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -32,6 +35,9 @@ class EngineSettings:
     max_queued_tokens: int = 262_144
     worker_timeout_s: float = 60.0
     log_json: bool = False  # the log format of worker processes' own lines
+    engine: str = "auto"  # "auto", "llama.cpp" or "onnxruntime"
+    onnx_batch_tokens: int = 2048
+    int8: bool = False
 
 
 @dataclass(frozen=True)

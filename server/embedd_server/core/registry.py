@@ -129,6 +129,12 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return self.resolve(name) in self._loaded
 
+    def engine_of(self, name: str) -> str:
+        """The engine serving a loaded model ("llama.cpp", "onnxruntime"); "" when not loaded
+        (the choice is made at load: embedd_server.engines.choice)."""
+        model = self._loaded.get(self.resolve(name))
+        return model.runtime.engine_name if model is not None else ""
+
     def loaded_models(self) -> Sequence[LoadedModel]:
         return list(self._loaded.values())
 
@@ -222,7 +228,7 @@ class ModelRegistry:
                 queue,
                 runtime.new_engine,
                 self._settings.workers,
-                batch_tokens=self._settings.batch_tokens,
+                batch_tokens=_pack_tokens(runtime, self._settings),
                 batch_sequences=self._settings.batch_sequences,
                 timeout_s=self._settings.worker_timeout_s,
                 on_all_dead=lambda: self._workers_lost(info.name),
@@ -335,3 +341,11 @@ def _tokenizer_for(info: ModelInfo, runtime: Runtime) -> Tokenizer:
         return HuggingFaceTokenizer(info.hf_tokenizer_json)
     log.info("%s has no tokenizer.huggingface.json: using llama.cpp's tokenizer", info.name)
     return LlamaTokenizer(runtime.tokenize, runtime.token_text)
+
+
+def _pack_tokens(runtime: Runtime, settings: EngineSettings) -> int:
+    """Most tokens of one worker's pack: llama.cpp attends over the whole pack (small packs
+    pay), ONNX Runtime pads each length bucket inside it (bigger packs pay)."""
+    if runtime.engine_name == "onnxruntime":
+        return settings.onnx_batch_tokens
+    return settings.batch_tokens

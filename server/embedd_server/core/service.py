@@ -65,6 +65,7 @@ class TokenizeOutcome:
 class ModelStatus:
     info: ModelInfo
     loaded: bool
+    engine: str = ""  # the engine serving it; "" when not loaded
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,14 @@ class EmbeddingService:
         )
 
     def list_models(self) -> list[ModelStatus]:
-        return [
-            ModelStatus(info, self.registry.is_loaded(info.name))
-            for info in self.registry.catalogue()
-        ]
+        return [self._status(info) for info in self.registry.catalogue()]
 
     def get_model(self, name: str) -> ModelStatus:
-        info = self.registry.info(name)
-        return ModelStatus(info, self.registry.is_loaded(info.name))
+        return self._status(self.registry.info(name))
+
+    def _status(self, info: ModelInfo) -> ModelStatus:
+        loaded = self.registry.is_loaded(info.name)
+        return ModelStatus(info, loaded, self.registry.engine_of(info.name) if loaded else "")
 
     async def load_model(
         self, name: str, options: LoadOptions, keep_alive_s: float | None
@@ -135,7 +136,7 @@ class EmbeddingService:
             )
         model = await self.registry.load(name, options, keep_alive_s)
         note_model(model.info.name)
-        return ModelStatus(model.info, loaded=True)
+        return ModelStatus(model.info, loaded=True, engine=model.runtime.engine_name)
 
     async def unload_model(self, name: str) -> ModelStatus:
         """Unloads a model once its calls in flight have finished."""

@@ -45,6 +45,8 @@ class Runtime(Protocol):
     """A model loaded by an engine backend (llama.cpp, or a fake in unit tests): its
     tokenizer and metadata, and a new :class:`Engine` for each worker."""
 
+    engine_name: str  # "llama.cpp", "onnxruntime": what /v1/models reports
+
     @property
     def dimensions(self) -> int: ...
 

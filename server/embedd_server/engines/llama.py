@@ -31,6 +31,8 @@ from embedd_server.engines.process import EngineSpec, ProcessEngine
 
 log = logging.getLogger(__name__)
 
+ENGINE_NAME = "llama.cpp"
+
 
 def _llama() -> object:
     """Imports llama_cpp once, quietly: its log callback goes to Python logging."""
@@ -209,6 +211,8 @@ class LlamaRuntime:
     and this process loads only the vocabulary (tokenizer fallback, metadata); otherwise the
     weights are loaded here once and every engine is a context on them, used by a thread.
     """
+
+    engine_name = ENGINE_NAME
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         file_size_bytes=info.file_size_bytes,
         embedding=info.embedding,
         normalizes=info.normalizes,
+        engine=status.engine,
     )
 
 

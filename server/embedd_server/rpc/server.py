@@ -15,7 +15,7 @@ from embedd_server.core.errors import EmbeddError
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
 from embedd_server.engines.base import RuntimeLoader
-from embedd_server.engines.llama import load_llama_runtime
+from embedd_server.engines.choice import load_runtime
 from embedd_server.metrics import Metrics, MetricsPortError
 from embedd_server.rpc.interceptors import auth
 from embedd_server.rpc.interceptors.access_log import RequestContextInterceptor
@@ -38,7 +38,7 @@ class StartupError(RuntimeError):
 class EmbeddServer:
     """The gRPC server of one process. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings, loader: RuntimeLoader = load_llama_runtime) -> None:
+    def __init__(self, settings: Settings, loader: RuntimeLoader = load_runtime) -> None:
         self.settings = settings
         self.metrics = Metrics()
         engine_settings = settings.engine_settings()
@@ -127,7 +127,7 @@ class EmbeddServer:
             asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), self._loop)
 
 
-async def serve(settings: Settings, loader: RuntimeLoader = load_llama_runtime) -> None:
+async def serve(settings: Settings, loader: RuntimeLoader = load_runtime) -> None:
     """Runs the server until SIGTERM/SIGINT, then shuts it down gracefully."""
     server = EmbeddServer(settings, loader)
     stop_requested = asyncio.Event()

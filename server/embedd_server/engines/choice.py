@@ -1,0 +1,70 @@
+"""Which engine serves a model: the runtime loader the server hands the registry.
+
+``engine = "auto"`` (the default) picks ONNX Runtime for what it was measured to serve faster
+at the same vectors (docs/design.md, "Engines"): a BERT encoder with mean or CLS pooling, f32
+or f16 weights, on the CPU. Everything else (other architectures, quantized files, pooling
+chosen at load time, GPU offload) runs on llama.cpp. ``engine = "llama.cpp"`` or
+``"onnxruntime"`` forces one; a model ONNX Runtime cannot serve is then refused by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from embedd_server.core.catalog import ModelInfo
+from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
+from embedd_server.core.errors import ModelLoadError
+from embedd_server.engines.base import Runtime
+from embedd_server.engines.llama import ENGINE_NAME as LLAMA
+from embedd_server.engines.llama import load_llama_runtime
+
+log = logging.getLogger(__name__)
+
+AUTO, _, ONNX = ENGINES
+_ONNX_ARCHITECTURES = frozenset({"bert"})
+_ONNX_POOLINGS = frozenset({"mean", "cls"})
+_ONNX_WEIGHTS = frozenset({"f32", "f16"})
+
+
+def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str | None:
+    """Why ONNX Runtime can't (or, being slower or less exact there, shouldn't) serve this
+    model; None when it can."""
+    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
+    if info.architecture not in _ONNX_ARCHITECTURES:
+        return f"architecture {info.architecture!r} (ONNX Runtime serves BERT encoders)"
+    if options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
+        return f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls)"
+    if info.quantization not in _ONNX_WEIGHTS:
+        return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
+    if n_gpu_layers != 0:
+        return "GPU offload (llama.cpp serves GPUs)"
+    return None
+
+
+def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str:
+    """The engine that serves ``info``: the setting, or the measured choice for ``auto``."""
+    refusal = onnx_refusal(info, settings, options)
+    if settings.engine == ONNX and refusal is not None:
+        raise ModelLoadError(
+            f"engine=onnxruntime cannot serve {info.name}: {refusal}. "
+            "Use engine=auto or engine=llama.cpp."
+        )
+    if settings.engine == AUTO:
+        return LLAMA if refusal is not None else ONNX
+    return settings.engine
+
+
+def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> Runtime:
+    """The production loader: the model on the engine :func:`engine_for` picks."""
+    engine = engine_for(info, settings, options)
+    log.info("%s: engine %s", info.name, engine)
+    if engine == ONNX:
+        from embedd_server.engines.onnx import OnnxRuntime
+
+        return OnnxRuntime(
+            info.path,
+            threads=settings.threads_per_worker,
+            max_batch_tokens=settings.onnx_batch_tokens,
+            int8=settings.int8,
+        )
+    return load_llama_runtime(info, settings, options)

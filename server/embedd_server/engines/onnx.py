@@ -1,0 +1,241 @@
+"""The ONNX Runtime engine for BERT-style encoders (CPU): exact vectors, faster than llama.cpp.
+
+:class:`OnnxRuntime` builds the model's ONNX graph once from its GGUF tensors
+(:mod:`embedd_server.engines.onnx_graph`); each worker gets an :class:`OnnxEngine`, an ONNX
+Runtime session of its own on one intra-op thread, used by the worker's thread (ORT releases
+the GIL while it computes, so two workers run in parallel in one process, without the
+pack's trip to a worker process and back). A call sorts its sequences by length and runs
+them in padded batches, each padded only to its own longest sequence.
+
+Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+
+from embedd_server.core.errors import ModelLoadError
+from embedd_server.engines.base import EngineDied, FloatMatrix
+from embedd_server.engines.llama import LlamaModelWeights
+from embedd_server.engines.onnx_graph import (
+    META_MAX_POSITIONS,
+    META_POOLING,
+    META_VOCAB_SIZE,
+    OUTPUT_NAME,
+    load_gguf,
+    quantize_int8,
+)
+
+ENGINE_NAME = "onnxruntime"
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class EngineAborted(EngineDied):
+    """The engine was aborted (a hung call, stopped by the watchdog) or closed."""
+
+
+class OnnxEngine:
+    """One worker's engine: an ONNX Runtime session that embeds token sequences.
+
+    Not thread-safe: one thread calls :meth:`embed_batch`; :meth:`abort` may come from
+    another (it sets ORT's terminate flag, which the running call checks between nodes).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | bytes | str | os.PathLike[str],
+        *,
+        threads: int = 1,
+        batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        optimization: GraphOptimization = "all",
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        """``threads`` is ORT's intra-op pool size (1: run on the calling thread only).
+        A batch holds at most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens.
+        """
+        if batch_size < 1 or max_batch_tokens < 1 or threads < 1:
+            raise ValueError("batch_size, max_batch_tokens and threads must be positive")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = _OPT_LEVELS[optimization]
+        options.log_severity_level = 3  # errors only
+        if isinstance(model, onnx.ModelProto):
+            model = model.SerializeToString()
+        elif not isinstance(model, bytes):
+            model = os.fspath(model)
+        self._session: ort.InferenceSession | None = ort.InferenceSession(
+            model, options, providers=list(providers)
+        )
+        self._run_options = ort.RunOptions()
+        self._aborted = threading.Event()
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self._max_positions = int(meta.get(META_MAX_POSITIONS, "0")) or None
+        self._vocab_size = int(meta.get(META_VOCAB_SIZE, "0")) or None
+        self.pooling = meta.get(META_POOLING)
+        input_names = {i.name for i in self._session.get_inputs()}
+        self._token_types = "token_type_ids" in input_names
+        output = next(o for o in self._session.get_outputs() if o.name == OUTPUT_NAME)
+        self._dimensions = int(output.shape[1])
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+
+    @property
+    def dimensions(self) -> int:
+        """Length of the vectors embed_batch() returns."""
+        return self._dimensions
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine was aborted or closed."""
+        return self._session is not None and not self._aborted.is_set()
+
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+        """The pooled (not normalized) vectors of token sequences, one row each, in order.
+
+        Sequences are token ids with the special tokens already in place. They are run
+        sorted by length in padded batches; each batch is padded to its own longest.
+        """
+        session = self._session
+        if session is None or self._aborted.is_set():
+            raise EngineAborted("the engine was aborted or closed")
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        out = np.empty((len(sequences), self._dimensions), dtype=np.float32)
+        if len(sequences) == 0:
+            return out
+        self._check_lengths(lengths)
+        order = np.argsort(lengths, kind="stable")
+        # All batches are padded (and their ids checked) before any is run.
+        batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
+        for rows, (ids, mask) in batches:
+            out[rows] = self._run(session, ids, mask)
+        return out
+
+    def abort(self) -> None:
+        """Stops a running call (it raises :class:`EngineAborted`) and every later one."""
+        self._aborted.set()
+        self._run_options.terminate = True
+
+    def close(self) -> None:
+        """Frees the session; the engine computes no more."""
+        self._session = None
+
+    def _check_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
+        if int(lengths.min()) < 1:
+            raise ValueError("an empty token sequence cannot be embedded")
+        if self._max_positions is not None and int(lengths.max()) > self._max_positions:
+            raise ValueError(
+                f"a sequence of {int(lengths.max())} tokens exceeds the model's "
+                f"{self._max_positions} positions"
+            )
+
+    def _batches(
+        self, order: npt.NDArray[np.intp], lengths: npt.NDArray[np.int64]
+    ) -> Iterator[npt.NDArray[np.intp]]:
+        """Consecutive runs of the length-sorted rows, within both batch limits."""
+        start, n = 0, len(order)
+        while start < n:
+            end = start + 1
+            while (
+                end < n
+                and end - start < self.batch_size
+                and (end - start + 1) * int(lengths[order[end]]) <= self.max_batch_tokens
+            ):
+                end += 1
+            yield order[start:end]
+            start = end
+
+    def _pad(
+        self, sequences: Sequence[Sequence[int]], rows: npt.NDArray[np.intp]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Token ids and attention mask of ``rows``, padded to the longest of them."""
+        width = max(len(sequences[i]) for i in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, index in enumerate(rows):
+            sequence = sequences[index]
+            ids[row, : len(sequence)] = sequence
+            mask[row, : len(sequence)] = 1
+        if self._vocab_size is not None and (ids.min() < 0 or ids.max() >= self._vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self._vocab_size})")
+        return ids, mask
+
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        ids: npt.NDArray[np.int64],
+        mask: npt.NDArray[np.int64],
+    ) -> FloatMatrix:
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if self._token_types:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        try:
+            (vectors,) = session.run([OUTPUT_NAME], feed, self._run_options)
+        except Exception as exc:
+            if self._aborted.is_set():
+                raise EngineAborted("the engine was aborted during a call") from exc
+            raise
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class OnnxRuntime:
+    """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
+
+    The graph is built once here from the GGUF's tensors; the vocabulary (for llama.cpp's
+    tokenizer, used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp
+    without the weights.
+    """
+
+    engine_name = ENGINE_NAME
+
+    def __init__(
+        self, path: Path, *, threads: int, max_batch_tokens: int, int8: bool = False
+    ) -> None:
+        try:
+            source = load_gguf(path)
+            model = source.build()
+            if int8:
+                model = quantize_int8(model)
+        except (ValueError, KeyError) as exc:
+            raise ModelLoadError(f"ONNX Runtime cannot serve {path.name}: {exc}") from None
+        self._model = model.SerializeToString()
+        self._threads = threads
+        self._max_batch_tokens = max_batch_tokens
+        self.int8 = int8
+        self.vocab = LlamaModelWeights(path, vocab_only=True)
+        self.dimensions = source.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
+
+    def new_engine(self) -> OnnxEngine:
+        return OnnxEngine(
+            self._model, threads=self._threads, max_batch_tokens=self._max_batch_tokens
+        )
+
+    def tokenize(self, text: bytes) -> list[int]:
+        return self.vocab.tokenize(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.vocab.token_text(token_id)
+
+    def close(self) -> None:
+        self.vocab.close()

@@ -1,0 +1,541 @@
+"""ONNX graphs of BERT sentence encoders, built from the model's own weights.
+
+The graph is built here with the ``onnx`` package: no torch, no exporter, no network. The
+weights come from a GGUF file in llama.cpp's BERT layout (``token_embd``, ``blk.N.attn_q``,
+...; the catalogue's unit: f32 and f16 read as is, quantized types dequantized by ``gguf``'s
+reference code) or from a Hugging Face / sentence-transformers directory
+(``model.safetensors``, ``BertModel`` names, an optional ``bert.`` prefix).
+
+The graph computes ``BertModel`` (word + position + token-type embeddings, LayerNorm, N
+post-LayerNorm encoder layers with a padding mask and exact (erf) GELU) and pools inside the
+graph: the masked mean of the last hidden state, or its first ([CLS]) row. Vectors are NOT
+normalized: dimensions and normalization are the service's business. Which ONNX Runtime
+optimizations keep them exact was measured (docs/design.md, "Engines").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+Pooling = Literal["mean", "cls"]
+Array = npt.NDArray[Any]
+
+OPSET = 17  # LayerNormalization is a standard op from 17 on
+OUTPUT_NAME = "sentence_embedding"
+HIDDEN_OUTPUT_NAME = "last_hidden_state"
+# Metadata written into the graph, read back by OnnxEngine (survives fusion and quantization).
+META_POOLING = "embedd.pooling"
+META_MAX_POSITIONS = "embedd.max_position_embeddings"
+META_VOCAB_SIZE = "embedd.vocab_size"
+META_TOKEN_TYPES = "embedd.type_vocab_size"
+
+# HF BertModel names (no "bert." prefix) -> llama.cpp GGUF names.
+_GGUF_EMBEDDINGS = {
+    "embeddings.word_embeddings.weight": "token_embd.weight",
+    "embeddings.token_type_embeddings.weight": "token_types.weight",
+    "embeddings.position_embeddings.weight": "position_embd.weight",
+    "embeddings.LayerNorm.weight": "token_embd_norm.weight",
+    "embeddings.LayerNorm.bias": "token_embd_norm.bias",
+}
+_GGUF_BLOCK = {
+    "attention.self.query": "attn_q",
+    "attention.self.key": "attn_k",
+    "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output",
+    "attention.output.LayerNorm": "attn_output_norm",
+    "intermediate.dense": "ffn_up",
+    "output.dense": "ffn_down",
+    "output.LayerNorm": "layer_output_norm",
+}
+_GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls"}  # llama.cpp's enum llama_pooling_type
+_GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The hyper-parameters a BERT graph needs that its weight shapes don't tell."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.num_attention_heads, self.num_hidden_layers) <= 0:
+            raise ValueError(f"invalid BERT config {self}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> BertConfig:
+        """From a Hugging Face ``config.json`` dict; refuses what the graph doesn't compute."""
+        act = config.get("hidden_act", "gelu")
+        if act not in _GELU:
+            raise ValueError(f"hidden_act {act!r} is not supported (only exact gelu)")
+        position = config.get("position_embedding_type", "absolute")
+        if position != "absolute":
+            raise ValueError(f"position_embedding_type {position!r} is not supported")
+        return cls(
+            hidden_size=int(config["hidden_size"]),
+            num_attention_heads=int(config["num_attention_heads"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Weights (HF names, float32) and what the model's files say about using them."""
+
+    weights: Mapping[str, Array]
+    config: BertConfig
+    pooling: Pooling
+    max_seq_length: int
+    normalize: bool
+
+    def build(
+        self, *, token_type_input: bool = False, hidden_output: bool = False
+    ) -> onnx.ModelProto:
+        """The ONNX graph of this model (see :func:`build_bert_model`)."""
+        return build_bert_model(
+            self.weights,
+            self.config,
+            pooling=self.pooling,
+            token_type_input=token_type_input,
+            hidden_output=hidden_output,
+        )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[str, Array]:
+    """The encoder's tensors as contiguous float32, HF names without ``bert.``; shapes checked.
+
+    Old checkpoints' LayerNorm ``gamma``/``beta`` are renamed ``weight``/``bias``. Tensors the
+    encoder doesn't use (pooler, MLM head, ``position_ids``) are dropped.
+    """
+    renamed = {_hf_name(name): value for name, value in weights.items()}
+    expected = _expected_shapes(renamed, config)
+    out: dict[str, Array] = {}
+    for name, shape in expected.items():
+        if name not in renamed:
+            raise ValueError(f"tensor {name!r} is missing; is this a BERT encoder?")
+        value = np.ascontiguousarray(renamed[name], dtype=np.float32)
+        if value.shape != shape:
+            raise ValueError(f"tensor {name!r} has shape {value.shape}, expected {shape}")
+        out[name] = value
+    return out
+
+
+def _hf_name(name: str) -> str:
+    name = name.removeprefix("bert.")
+    if name.endswith(".gamma"):
+        return name.removesuffix(".gamma") + ".weight"
+    if name.endswith(".beta"):
+        return name.removesuffix(".beta") + ".bias"
+    return name
+
+
+def _expected_shapes(
+    weights: Mapping[str, Array], config: BertConfig
+) -> dict[str, tuple[int, ...]]:
+    d = config.hidden_size
+    try:
+        vocab = weights["embeddings.word_embeddings.weight"].shape[0]
+        positions = weights["embeddings.position_embeddings.weight"].shape[0]
+        types = weights["embeddings.token_type_embeddings.weight"].shape[0]
+        ff = weights["encoder.layer.0.intermediate.dense.weight"].shape[0]
+    except KeyError as exc:
+        raise ValueError(f"tensor {exc.args[0]!r} is missing; is this a BERT encoder?") from None
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (vocab, d),
+        "embeddings.position_embeddings.weight": (positions, d),
+        "embeddings.token_type_embeddings.weight": (types, d),
+        "embeddings.LayerNorm.weight": (d,),
+        "embeddings.LayerNorm.bias": (d,),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for square in ("self.query", "self.key", "self.value", "output.dense"):
+            shapes[f"{p}attention.{square}.weight"] = (d, d)
+            shapes[f"{p}attention.{square}.bias"] = (d,)
+        shapes[f"{p}intermediate.dense.weight"] = (ff, d)
+        shapes[f"{p}intermediate.dense.bias"] = (ff,)
+        shapes[f"{p}output.dense.weight"] = (d, ff)
+        shapes[f"{p}output.dense.bias"] = (d,)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[f"{p}{norm}.weight"] = (d,)
+            shapes[f"{p}{norm}.bias"] = (d,)
+    return shapes
+
+
+def load_hf_dir(path: str | os.PathLike[str], pooling: Pooling | None = None) -> ModelSource:
+    """Reads a Hugging Face / sentence-transformers BERT model directory.
+
+    Weights from ``model.safetensors`` (or the shards of ``model.safetensors.index.json``);
+    pooling from the Pooling module's config (classic ``pooling_mode_*`` flags or the newer
+    ``pooling_mode``) unless given; the maximum length from ``sentence_bert_config.json`` or
+    else ``tokenizer_config.json``, capped by the position table.
+    """
+    from safetensors.numpy import load_file
+
+    src = Path(path)
+    config = BertConfig.from_hf(_read_json(src / "config.json"))
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    raw: dict[str, Array] = {}
+    for shard in shards:
+        raw.update(load_file(str(src / shard)))
+    weights = canonical_weights(raw, config)
+    positions = weights["embeddings.position_embeddings.weight"].shape[0]
+    modules = _read_json(src / "modules.json") if (src / "modules.json").is_file() else []
+    return ModelSource(
+        weights=weights,
+        config=config,
+        pooling=pooling or _hf_pooling(src, modules),
+        max_seq_length=min(_hf_max_length(src) or positions, positions),
+        normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
+    )
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _hf_pooling(src: Path, modules: list[dict[str, Any]]) -> Pooling:
+    folder = next(
+        (str(m.get("path")) for m in modules if str(m.get("type", "")).endswith("Pooling")),
+        "1_Pooling",
+    )
+    path = src / folder / "config.json"
+    if not path.is_file():
+        return "mean"  # what sentence-transformers gives a plain transformers checkpoint
+    config = _read_json(path)
+    mode = config.get("pooling_mode")
+    if config.get("pooling_mode_mean_tokens") or mode == "mean":
+        return "mean"
+    if config.get("pooling_mode_cls_token") or mode == "cls":
+        return "cls"
+    raise ValueError(f"{path}: pooling {config} is not supported (only mean and cls)")
+
+
+def _hf_max_length(src: Path) -> int | None:
+    for name, key in (
+        ("sentence_bert_config.json", "max_seq_length"),
+        ("tokenizer_config.json", "model_max_length"),
+    ):
+        if (src / name).is_file():
+            value = _read_json(src / name).get(key)
+            if isinstance(value, int) and 0 < value < 1_000_000:
+                return value
+    return None
+
+
+def load_gguf(path: str | os.PathLike[str]) -> ModelSource:
+    """Reads a GGUF file in llama.cpp's BERT layout; every tensor is returned as float32.
+
+    GGUF lists dimensions fastest-first (``[384, 30522]`` for a ``(30522, 384)`` embedding
+    table); ``GGUFReader`` already gives numpy (row-major) shapes, and quantized tensors are
+    dequantized to them. The shapes are checked against the HF layout either way.
+    """
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "bert":
+        raise ValueError(f"{path}: architecture {arch!r}; only 'bert' is supported")
+    config = BertConfig(
+        hidden_size=int(_gguf_field(reader, "bert.embedding_length")),
+        num_attention_heads=int(_gguf_field(reader, "bert.attention.head_count")),
+        num_hidden_layers=int(_gguf_field(reader, "bert.block_count")),
+        layer_norm_eps=float(_gguf_field(reader, "bert.attention.layer_norm_epsilon", 1e-12)),
+    )
+    tensors: dict[str, Array] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = np.asarray(tensor.data, dtype=np.float32)
+        else:  # bf16, q8_0, k-quants...: gguf's reference dequantizers (numpy, slow but exact)
+            data = dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+        tensors[tensor.name] = data.reshape(shape)
+    weights = canonical_weights(_from_gguf_names(tensors, config.num_hidden_layers), config)
+    pooling_type = int(_gguf_field(reader, "bert.pooling_type", 1))
+    if pooling_type not in _GGUF_POOLING:
+        raise ValueError(f"{path}: pooling type {pooling_type} is not supported (mean or cls)")
+    positions = weights["embeddings.position_embeddings.weight"].shape[0]
+    max_len = int(_gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    return ModelSource(
+        weights=weights,
+        config=config,
+        pooling=_GGUF_POOLING[pooling_type],
+        max_seq_length=min(max_len, positions),
+        normalize=bool(_gguf_field(reader, "sentence_transformers.normalize", False)),
+    )
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ValueError(f"GGUF key {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, Array]:
+    names = {gg: hf for hf, gg in _GGUF_EMBEDDINGS.items()}
+    for i in range(n_layers):
+        for hf, gg in _GGUF_BLOCK.items():
+            for part in ("weight", "bias"):
+                names[f"blk.{i}.{gg}.{part}"] = f"encoder.layer.{i}.{hf}.{part}"
+    return {names[name]: value for name, value in tensors.items() if name in names}
+
+
+# --------------------------------------------------------------------------- graph
+
+
+class _Graph:
+    """Collects nodes and initializers; every value gets a fresh, readable name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._count = 0
+
+    def const(self, name: str, value: Array) -> str:
+        """An initializer; a name used before keeps its first value (shared scalars)."""
+        if name not in self._names:
+            self._names.add(name)
+            self.initializers.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        self._count += 1
+        out = f"{name}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def linear(self, x: str, weights: Mapping[str, Array], prefix: str) -> str:
+        """``x @ W.T + b`` as MatMul + Add (the pattern ORT's BERT fusions look for)."""
+        w = self.const(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T)
+        b = self.const(f"{prefix}.bias", weights[f"{prefix}.bias"])
+        return self.op("Add", [self.op("MatMul", [x, w], prefix), b], prefix)
+
+    def layer_norm(self, x: str, weights: Mapping[str, Array], prefix: str, eps: float) -> str:
+        gamma = self.const(f"{prefix}.weight", weights[f"{prefix}.weight"])
+        beta = self.const(f"{prefix}.bias", weights[f"{prefix}.bias"])
+        return self.op("LayerNormalization", [x, gamma, beta], prefix, axis=-1, epsilon=eps)
+
+
+def build_bert_model(
+    weights: Mapping[str, Array],
+    config: BertConfig,
+    *,
+    pooling: Pooling = "mean",
+    token_type_input: bool = False,
+    hidden_output: bool = False,
+) -> onnx.ModelProto:
+    """The ONNX graph (opset 17) of ``BertModel`` followed by pooling.
+
+    Inputs: ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``, and with
+    ``token_type_input`` also ``token_type_ids`` (otherwise every token has type 0, as
+    sentence-transformers gives a bi-encoder). Output ``sentence_embedding`` float32
+    ``[batch, hidden]``: the masked mean (``"mean"``) or the first row (``"cls"``) of the
+    last hidden state, not normalized; with ``hidden_output`` also ``last_hidden_state``.
+    The operations follow transformers' eager ``BertModel`` in order (the additions of the
+    embeddings, division of the scores by sqrt(head size), mask bias of float32's minimum,
+    erf GELU), so float32 results agree to rounding.
+    """
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling {pooling!r} is not supported (mean or cls)")
+    w = canonical_weights(weights, config)
+    g = _Graph()
+    batch_seq = ["batch", "sequence"]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, batch_seq),
+    ]
+    if token_type_input:
+        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, batch_seq))
+    hidden = _embeddings(g, w, config, token_type_input)
+    bias = _mask_bias(g)
+    for i in range(config.num_hidden_layers):
+        hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
+    pooled = _pool(g, hidden, pooling)
+    d = config.hidden_size
+    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", d])]
+    if hidden_output:
+        g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
+        outputs.append(
+            helper.make_tensor_value_info(HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*batch_seq, d])
+        )
+    graph = helper.make_graph(g.nodes, "bert_encoder", inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
+    )
+    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
+    helper.set_model_props(
+        model,
+        {
+            META_POOLING: pooling,
+            META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
+            META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
+            META_TOKEN_TYPES: str(w["embeddings.token_type_embeddings.weight"].shape[0]),
+        },
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
+    """word + token type, + position (transformers' order), then LayerNorm."""
+    p = "embeddings"
+    words = g.op("Gather", [g.const(f"{p}.word", w[f"{p}.word_embeddings.weight"]), "input_ids"], p)
+    types_table = w[f"{p}.token_type_embeddings.weight"]
+    if token_types:
+        types = g.op("Gather", [g.const(f"{p}.token_type", types_table), "token_type_ids"], p)
+    else:
+        types = g.const(f"{p}.token_type_0", types_table[0])
+    # The first `seq` rows of the position table, as a Slice: Range + Gather would compute
+    # the same, but ORT 1.32's GatherToSliceFusion rewrites that into a Slice it then fails
+    # to run ("Starts must be a 1-D array") at the extended and all optimization levels.
+    seq_len = g.op("Shape", ["input_ids"], p, start=1, end=2)  # [1]
+    zero = g.const("zero_1d", np.array([0], np.int64))
+    positions_table = g.const(f"{p}.position", w[f"{p}.position_embeddings.weight"])
+    positions = g.op("Slice", [positions_table, zero, seq_len, zero], p)  # axes [0]
+    summed = g.op("Add", [g.op("Add", [words, types], p), positions], p)
+    return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
+
+
+def _mask_bias(g: _Graph) -> str:
+    """``(1 - mask) * float32.min`` as ``[batch, 1, 1, seq]``, added to attention scores.
+
+    Two Unsqueezes, then Cast, Sub, Mul: the exact pattern ORT's Attention fusion matches.
+    """
+    mask = "attention_mask"
+    for axis in (1, 2):
+        axes = g.const(f"axes_{axis}", np.array([axis], np.int64))
+        mask = g.op("Unsqueeze", [mask, axes], "mask")
+    mask = g.op("Cast", [mask], "mask", to=TensorProto.FLOAT)
+    inverted = g.op("Sub", [g.const("f_one", np.array(1.0, np.float32)), mask], "mask")
+    minimum = g.const("f_min", np.array(np.finfo(np.float32).min, np.float32))
+    return g.op("Mul", [inverted, minimum], "mask")
+
+
+def _layer(
+    g: _Graph, w: Mapping[str, Array], config: BertConfig, x: str, *, p: str, mask_bias: str
+) -> str:
+    """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward."""
+    heads, head_size = config.num_attention_heads, config.head_size
+    split = g.const(f"{p}.split_shape", np.array([0, 0, heads, head_size], np.int64))
+
+    def heads_of(name: str, perm: list[int]) -> str:
+        projected = g.linear(x, w, f"{p}.attention.self.{name}")
+        return g.op("Transpose", [g.op("Reshape", [projected, split], p)], p, perm=perm)
+
+    q = heads_of("query", [0, 2, 1, 3])  # [batch, heads, seq, head_size]
+    k = heads_of("key", [0, 2, 3, 1])  # [batch, heads, head_size, seq]
+    v = heads_of("value", [0, 2, 1, 3])
+    scale = g.const(f"{p}.scale", np.array(math.sqrt(head_size), np.float32))
+    scores = g.op("Div", [g.op("MatMul", [q, k], p), scale], p)
+    probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], p)], p, axis=-1)
+    context = g.op("Transpose", [g.op("MatMul", [probs, v], p)], p, perm=[0, 2, 1, 3])
+    merge = g.const(f"{p}.merge_shape", np.array([0, 0, config.hidden_size], np.int64))
+    context = g.op("Reshape", [context, merge], p)
+    attended = g.linear(context, w, f"{p}.attention.output.dense")
+    eps = config.layer_norm_eps
+    h = g.layer_norm(g.op("Add", [attended, x], p), w, f"{p}.attention.output.LayerNorm", eps)
+    up = g.linear(h, w, f"{p}.intermediate.dense")
+    # Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the form ORT's Gelu fusion recognises.
+    sqrt2 = g.const("sqrt2", np.array(math.sqrt(2), np.float32))
+    one = g.const("f_one", np.array(1.0, np.float32))
+    half = g.const("half", np.array(0.5, np.float32))
+    erf = g.op("Erf", [g.op("Div", [up, sqrt2], p)], p)
+    gelu = g.op("Mul", [g.op("Mul", [up, g.op("Add", [erf, one], p)], p), half], p)
+    down = g.linear(gelu, w, f"{p}.output.dense")
+    return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
+
+
+def _pool(g: _Graph, hidden: str, pooling: Pooling) -> str:
+    if pooling == "cls":
+        return g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "pool", axis=1)
+    # sentence-transformers: sum(h * mask) / clamp(sum(mask), min=1e-9)
+    axes = g.const("axes_last", np.array([-1], np.int64))
+    mask = g.op(
+        "Cast", [g.op("Unsqueeze", ["attention_mask", axes], "pool")], "pool", to=TensorProto.FLOAT
+    )
+    seq_axis = g.const("axes_seq", np.array([1], np.int64))
+    summed = g.op("ReduceSum", [g.op("Mul", [hidden, mask], "pool"), seq_axis], "pool", keepdims=0)
+    counts = g.op("ReduceSum", [mask, seq_axis], "pool", keepdims=0)
+    counts = g.op("Max", [counts, g.const("tiny", np.array(1e-9, np.float32))], "pool")
+    return g.op("Div", [summed, counts], "pool")
+
+
+# --------------------------------------------------------------------------- opt-in int8
+
+
+def quantize_int8(
+    model: onnx.ModelProto, *, per_channel: bool = True, keep_float: str | None = None
+) -> onnx.ModelProto:
+    r"""Dynamic int8 quantization of the weight matrices (opt-in: vectors change).
+
+    MatMuls by a weight (Q/K/V, attention output, FFN up and down) become MatMulInteger with
+    int8 weights.
+    The products of two activations (scores, context) and the embeddings stay float32:
+    ``quantize_dynamic`` leaves a MatMul without a weight alone anyway. ``per_channel``
+    gives each output column its own scale (much closer to float32 on MiniLM).
+    Nodes whose name matches the regular expression ``keep_float`` stay float32 (e.g.
+    ``r"layer\.\d+\.output\.dense"`` for the FFN down projections). Activations are
+    quantized per call over the whole batch tensor, so a text's vector depends slightly on
+    the other texts (and padding) of its batch.
+    """
+    import re
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weights = {t.name for t in model.graph.initializer}
+    nodes = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and weights & set(n.input)
+        and not (keep_float and re.search(keep_float, n.name))
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(
+            model,
+            out,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+        )
+        return onnx.load(str(out))
