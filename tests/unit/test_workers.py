@@ -391,12 +391,6 @@ class _TimedEngine:
         self._engine.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stop() does not wait for a replacement whose engine is being created; the "
-    "replacement starts after stop() returned, so its engine outlives stop() (and the "
-    "runtime.close() the registry calls next)",
-)
 def test_stop_waits_for_a_replacement_whose_engine_is_being_created(
     info: ModelInfo, pools: _Pools, loop: asyncio.AbstractEventLoop
 ) -> None:

@@ -64,6 +64,8 @@ class WorkerPool:
         self._next_number = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._launching = 0  # replacements whose engine is being created
+        self._launched = threading.Condition(self._lock)
         self.replaced = 0  # workers replaced after a crash or hang (metrics, tests)
         metrics = metrics or Metrics()
         # Bound once: the worker loop observes each batch without label look-ups.
@@ -93,6 +95,7 @@ class WorkerPool:
         self._queue.close()
         # Workers in service drain the queue; retired (hung) threads are not waited for.
         with self._lock:
+            self._launched.wait_for(lambda: self._launching == 0, timeout)
             workers = list(self._workers)
         for worker in workers:
             if worker.thread is not None:
@@ -226,18 +229,26 @@ class WorkerPool:
                 return
             worker.retired = True
             self._workers.discard(worker)
+            replacing = not self._stopping.is_set()
+            if replacing:
+                self._launching += 1  # stop() waits for this replacement to be in service
         for item in worker.batch:
             item.job.fail(Unavailable(message))
-        if self._stopping.is_set():
+        if not replacing:
             return self._check_empty()
         try:
             engine = self._engine_factory()
         except Exception:
             log.exception("could not start a replacement worker for %s", self._model_name)
             return self._check_empty()
-        self.replaced += 1
-        self._replacements.inc()
-        self._launch(engine)
+        else:
+            self.replaced += 1
+            self._replacements.inc()
+            self._launch(engine)
+        finally:
+            with self._lock:
+                self._launching -= 1
+                self._launched.notify_all()
 
     def _leave(self, worker: _Worker) -> None:
         """A worker ended normally (queue closed): free its engine."""

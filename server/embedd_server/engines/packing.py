@@ -30,11 +30,15 @@ def encode_pack(sequences: Sequence[Sequence[int]]) -> bytes:
 
 
 def decode_pack(message: bytes) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-    """The (tokens, lengths) of an :func:`encode_pack` message."""
+    """The (tokens, lengths) of an :func:`encode_pack` message; ValueError when malformed."""
+    if len(message) < 4 or len(message) % 4:
+        raise ValueError("malformed pack")
     values = np.frombuffer(message, dtype=np.int32)
     count = int(values[0])
+    if count < 1 or len(values) < 1 + count:
+        raise ValueError("malformed pack")
     lengths = values[1 : 1 + count]
     tokens = values[1 + count :]
-    if count < 1 or int(lengths.sum()) != len(tokens) or (lengths < 1).any():
+    if int(lengths.sum()) != len(tokens) or (lengths < 1).any():
         raise ValueError("malformed pack")
     return tokens, lengths
