@@ -1,7 +1,9 @@
 """Acceptance on the real model through a real gRPC channel to the real `embedd serve`.
 
 Vectors must equal sentence-transformers' (../shared/reference), token counts must match,
-STS-B must score 82.03, and batching/streaming/concurrency must not change any vector.
+STS-B must score 82.03, and batching/streaming/concurrency must not change any vector: on
+each engine that serves the model (engine=auto: ONNX Runtime for the f16/f32 files, llama.cpp
+for q8_0; engine=llama.cpp: llama.cpp for all).
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 NO_HF_TOKENIZER = "minilm-llama-tokenizer"
 
 
-@pytest.fixture(scope="module")
-def variants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server over f16 (the default), f32, q8_0 and a GGUF without tokenizer.json."""
+@pytest.fixture(scope="module", params=["auto", "llama.cpp"])
+def variants_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
+    """One server over f16 (the default), f32, q8_0 and a GGUF without tokenizer.json, with
+    each engine setting."""
     models = tmp_path_factory.mktemp("models")
     (models / f"{DEFAULT_MODEL}.gguf").symlink_to((MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve())
     for out_type in ("f32", "q8_0"):
@@ -61,7 +66,7 @@ def variants_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         check=True,
         capture_output=True,
     )
-    with ServerProcess.start(models) as server:
+    with ServerProcess.start(models, ["--engine", request.param]) as server:
         yield server
 
 
@@ -177,12 +182,18 @@ def test_dimensions_keep_the_first_components_renormalized(stub: Any) -> None:
     np.testing.assert_allclose(cut, full[:64] / np.linalg.norm(full[:64]), atol=1e-6)
 
 
-def test_list_models_describes_each_model(stub: Any) -> None:
+def test_list_models_describes_each_model(stub: Any, request: pytest.FixtureRequest) -> None:
+    embed(stub, ["load it"], model="minilm-q8_0")
     models = {m.id: m for m in stub.ListModels(pb.ListModelsRequest()).data}
     default = models[DEFAULT_MODEL]
     assert (default.dimensions, default.max_input_tokens, default.pooling) == (384, 256, "mean")
     assert default.quantization == "f16" and default.loaded and default.embedding
     assert models["minilm-q8_0"].quantization == "q8_0"
+    # Which engine serves each model: ONNX Runtime for BERT f16 unless llama.cpp is forced;
+    # always llama.cpp for q8_0.
+    forced = request.node.callspec.params["variants_server"] == "llama.cpp"
+    assert default.engine == ("llama.cpp" if forced else "onnxruntime")
+    assert models["minilm-q8_0"].engine == "llama.cpp"
 
 
 def test_sigterm_drains_calls_in_flight_then_exits(tmp_path: Path) -> None:

