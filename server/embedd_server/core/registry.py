@@ -346,6 +346,6 @@ def _tokenizer_for(info: ModelInfo, runtime: Runtime) -> Tokenizer:
 def _pack_tokens(runtime: Runtime, settings: EngineSettings) -> int:
     """Most tokens of one worker's pack: llama.cpp attends over the whole pack (small packs
     pay), ONNX Runtime pads each length bucket inside it (bigger packs pay)."""
-    if runtime.engine_name == "onnxruntime":
+    if runtime.engine_name.startswith("onnxruntime"):
         return settings.onnx_batch_tokens
     return settings.batch_tokens

@@ -203,8 +203,6 @@ class OnnxRuntime:
     without the weights.
     """
 
-    engine_name = ENGINE_NAME
-
     def __init__(
         self, path: Path, *, threads: int, max_batch_tokens: int, int8: bool = False
     ) -> None:
@@ -219,6 +217,8 @@ class OnnxRuntime:
         self._threads = threads
         self._max_batch_tokens = max_batch_tokens
         self.int8 = int8
+        # int8 vectors differ from the reference: /v1/models says so.
+        self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = LlamaModelWeights(path, vocab_only=True)
         self.dimensions = source.config.hidden_size
 

@@ -16,6 +16,7 @@ optimizations keep them exact was measured (docs/design.md, "Engines").
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -528,14 +529,27 @@ def quantize_int8(
         and weights & set(n.input)
         and not (keep_float and re.search(keep_float, n.name))
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(
-            model,
-            out,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes,
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-        )
-        return onnx.load(str(out))
+    root = logging.getLogger()
+    advice = _DropAdvice()  # ORT's advice to pre-process, logged on the root logger each time
+    root.addFilter(advice)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_dynamic(
+                model,
+                out,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=nodes,
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+            )
+            return onnx.load(str(out))
+    finally:
+        root.removeFilter(advice)
+
+
+class _DropAdvice(logging.Filter):
+    """Drops onnxruntime.quantization's "please pre-process" advice (a link, every load)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
