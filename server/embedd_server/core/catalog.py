@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,11 @@ FILE_TYPE_NAMES = {
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
 NORMALIZE_KEY = "sentence_transformers.normalize"
+# What sentence-transformers reads from a model directory, as `embedd import` stores it.
+DO_LOWER_CASE_KEY = "sentence_transformers.do_lower_case"  # lower-case texts before tokenizing
+INCLUDE_PROMPT_KEY = "sentence_transformers.include_prompt"  # pool over the prompt's tokens too
+PROMPTS_KEY = "sentence_transformers.prompts"  # a JSON object: prompt name -> text
+DEFAULT_PROMPT_NAME_KEY = "sentence_transformers.default_prompt_name"
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,11 @@ class ModelInfo:
     hf_tokenizer_json: str | None
     file_size_bytes: int
     created: int
+    family: str = "unknown"  # bert, xlm-roberta, qwen3, ... (architecture + tokenizer kind)
+    do_lower_case: bool = False
+    include_prompt: bool = True
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    default_prompt_name: str | None = None
 
     @property
     def embedding(self) -> bool:
@@ -96,7 +108,34 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
         created=mtime,
+        family=_family(arch, fields.get("tokenizer.ggml.model")),
+        do_lower_case=bool(fields.get(DO_LOWER_CASE_KEY, False)),
+        include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
+        prompts=_prompts(path, fields.get(PROMPTS_KEY)),
+        default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
     )
+
+
+def _family(arch: str, tokenizer_model: Any) -> str:
+    """The model family: llama.cpp's ``bert`` architecture holds BERT and XLM-RoBERTa."""
+    if arch == "bert":
+        return {"t5": "xlm-roberta", "gpt2": "roberta"}.get(str(tokenizer_model), "bert")
+    return arch
+
+
+def _prompts(path: Path, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    try:
+        prompts = json.loads(str(value))
+    except json.JSONDecodeError:
+        prompts = None
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelLoadError(
+            f"{path.name}: {PROMPTS_KEY} is not a JSON object of prompt texts; "
+            "re-create the file with `embedd import`."
+        )
+    return {str(k): v for k, v in prompts.items()}
 
 
 def _quantization_name(file_type: Any) -> str:
