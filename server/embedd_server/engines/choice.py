@@ -66,5 +66,7 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             threads=settings.threads_per_worker,
             max_batch_tokens=settings.onnx_batch_tokens,
             int8=settings.int8,
+            processes=settings.worker_processes,
+            log_json=settings.log_json,
         )
     return load_llama_runtime(info, settings, options)

@@ -2,9 +2,9 @@
 
 :class:`OnnxRuntime` builds the model's ONNX graph once from its GGUF tensors
 (:mod:`embedd_server.engines.onnx_graph`); each worker gets an :class:`OnnxEngine`, an ONNX
-Runtime session of its own on one intra-op thread, used by the worker's thread (ORT releases
-the GIL while it computes, so two workers run in parallel in one process, without the
-pack's trip to a worker process and back). A call sorts its sequences by length and runs
+Runtime session of its own on one intra-op thread: in a worker process of its own by default
+(``worker_processes``, as llama.cpp's contexts), or in the worker's thread (ORT releases the
+GIL while it computes). A call sorts its sequences by length and runs
 them in padded batches, each padded only to its own longest sequence.
 
 Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
@@ -13,6 +13,7 @@ Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import EngineDied, FloatMatrix
+from embedd_server.engines.base import Engine, EngineDied, FloatMatrix
 from embedd_server.engines.llama import LlamaModelWeights
 from embedd_server.engines.onnx_graph import (
     META_MAX_POSITIONS,
@@ -34,6 +35,7 @@ from embedd_server.engines.onnx_graph import (
     load_gguf,
     quantize_int8,
 )
+from embedd_server.engines.process import EngineSpec, ProcessEngine
 
 ENGINE_NAME = "onnxruntime"
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -198,13 +200,22 @@ class OnnxEngine:
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
-    The graph is built once here from the GGUF's tensors; the vocabulary (for llama.cpp's
-    tokenizer, used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp
-    without the weights.
+    The graph is built once here from the GGUF's tensors. With ``processes`` it is written to
+    a file that each worker process opens a session on (a crash costs one worker, as with
+    llama.cpp); otherwise each worker's session runs in its thread. The vocabulary (for
+    llama.cpp's tokenizer, used only when the GGUF carries no ``tokenizer.json``) is loaded by
+    llama.cpp without the weights.
     """
 
     def __init__(
-        self, path: Path, *, threads: int, max_batch_tokens: int, int8: bool = False
+        self,
+        path: Path,
+        *,
+        threads: int,
+        max_batch_tokens: int,
+        int8: bool = False,
+        processes: bool = False,
+        log_json: bool = False,
     ) -> None:
         try:
             source = load_gguf(path)
@@ -221,12 +232,30 @@ class OnnxRuntime:
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = LlamaModelWeights(path, vocab_only=True)
         self.dimensions = source.config.hidden_size
+        self._spec: EngineSpec | None = None
+        if processes:
+            with tempfile.NamedTemporaryFile(
+                prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
+            ) as graph_file:
+                graph_file.write(self._model)
+            self._spec = EngineSpec(
+                path=str(path),
+                max_tokens=max_batch_tokens,
+                max_sequences=0,
+                n_threads=threads,
+                n_gpu_layers=0,
+                log_json=log_json,
+                engine=self.engine_name,
+                onnx_path=graph_file.name,
+            )
 
     @property
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
 
-    def new_engine(self) -> OnnxEngine:
+    def new_engine(self) -> Engine:
+        if self._spec is not None:
+            return ProcessEngine(self._spec)
         return OnnxEngine(
             self._model, threads=self._threads, max_batch_tokens=self._max_batch_tokens
         )
@@ -239,3 +268,5 @@ class OnnxRuntime:
 
     def close(self) -> None:
         self.vocab.close()
+        if self._spec is not None:
+            Path(self._spec.onnx_path).unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 
 Each :class:`ProcessEngine` starts ``python -m embedd_server.engines.worker_main``, which loads the
 GGUF (memory-mapped, so the page cache holds the weights once for every process) and owns one
-llama.cpp context. The worker thread in the server sends it a pack of token ids and waits for
-the vectors, releasing the GIL while it waits.
+llama.cpp context (or, for the ONNX Runtime engine, one session on the graph the server built
+once and wrote to a file). The worker thread in the server sends it a pack of token ids and
+waits for the vectors, releasing the GIL while it waits.
 
 Why processes: a crash inside llama.cpp kills one worker process, not the server: its callers
 get UNAVAILABLE and the pool starts a new process. A hung decode can be stopped too (the process
@@ -58,11 +59,14 @@ class EngineSpec:
     n_gpu_layers: int
     pooling_type: int | None = None
     log_json: bool = False  # the server's log format, for the worker's own lines
+    engine: str = "llama.cpp"  # or "onnxruntime": then ``onnx_path`` is the graph to run
+    onnx_path: str = ""
 
 
 class ProcessEngine:
-    """An :class:`~embedd_server.engines.base.Engine` whose llama.cpp context lives in a child
-    process. One thread calls :meth:`embed_batch`; :meth:`abort` may come from another."""
+    """An :class:`~embedd_server.engines.base.Engine` that lives in a child process (a
+    llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed_batch`;
+    :meth:`abort` may come from another."""
 
     def __init__(self, spec: EngineSpec) -> None:
         ours, theirs = socket.socketpair()

@@ -1,7 +1,8 @@
 """The program of a worker process: ``python -m embedd_server.engines.worker_main FD``.
 
 It reads its :class:`~embedd_server.engines.process.EngineSpec` from the socket ``FD``, loads
-the GGUF with llama.cpp, answers ready, then decodes one pack per message until the server
+the GGUF with llama.cpp (or opens an ONNX Runtime session on the graph file the spec names),
+answers ready, then decodes one pack per message until the server
 closes the socket (see :mod:`embedd_server.engines.process` for the wire).
 """
 
@@ -12,12 +13,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
+from embedd_server.engines.base import FloatMatrix
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
 from embedd_server.engines.packing import decode_pack
 from embedd_server.engines.process import ERROR, READY, VECTORS, EngineSpec
@@ -25,27 +28,47 @@ from embedd_server.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
+Int32Array = npt.NDArray[np.int32]
+PackedEmbed = Callable[[Int32Array, Int32Array], FloatMatrix]
+
+
+def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
+    """The engine the spec names: its width and how it embeds a (tokens, lengths) pack."""
+    if spec.engine.startswith("onnxruntime"):
+        from embedd_server.engines.onnx import OnnxEngine
+
+        session = OnnxEngine(
+            spec.onnx_path, threads=spec.n_threads, max_batch_tokens=spec.max_tokens
+        )
+
+        def embed_onnx(tokens: Int32Array, lengths: Int32Array) -> FloatMatrix:
+            sequences: list[Int32Array] = np.split(tokens, np.cumsum(lengths)[:-1])
+            return session.embed_batch(sequences)  # type: ignore[arg-type]  # arrays index like lists
+
+        return session.dimensions, embed_onnx
+    weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
+    context = LlamaEngine(
+        weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+    )
+    return context.dimensions, context.embed_packed
+
 
 def _serve(conn: Connection) -> int:
     spec = EngineSpec(**json.loads(conn.recv_bytes()))
     configure_logging("warning", spec.log_json)
     try:
-        weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
-        engine = LlamaEngine(
-            weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
-        )
+        dimensions, embed = _build(spec)
     except Exception as exc:  # the server turns this into a ModelLoadError
         conn.send_bytes(ERROR + str(exc).encode())
         return 1
-    conn.send_bytes(READY + np.int32(engine.dimensions).tobytes())
+    conn.send_bytes(READY + np.int32(dimensions).tobytes())
     while True:
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return 0  # the server closed the socket (or died)
         try:
-            tokens, lengths = decode_pack(message)
-            vectors = engine.embed_packed(tokens, lengths)
+            vectors = embed(*decode_pack(message))
         except Exception as exc:
             log.exception("decode failed")
             conn.send_bytes(ERROR + str(exc).encode())

@@ -1,0 +1,233 @@
+"""What a sentence-transformers directory says about pooling, length and prompts.
+
+Read as sentence-transformers reads it, in both layouts seen on the Hub:
+
+- classic (2.x-3.x): ``modules.json`` with ``sentence_transformers.models.*`` module types,
+  ``max_seq_length`` and ``do_lower_case`` in ``sentence_bert_config.json``, one
+  ``pooling_mode_*`` flag set in ``1_Pooling/config.json``;
+- sentence-transformers >= 5: module types such as
+  ``sentence_transformers.sentence_transformer.modules.pooling.Pooling``, ``"pooling_mode":
+  "mean"``, and no ``max_seq_length`` anywhere: it is then ``min(max_position_embeddings,
+  tokenizer_config.json's model_max_length)``, as sentence-transformers computes it.
+
+A plain transformers directory (no ``modules.json``) gets its family's default, which the
+importer states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedd_server.convert.files import optional_object, read_json, read_object
+from embedd_server.core.errors import ModelImportError
+
+# Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
+SUPPORTED_POOLINGS = ("mean", "cls", "lasttoken")
+_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass(frozen=True)
+class FamilyDefault:
+    """What a family's plain transformers directory (no modules.json) is imported with."""
+
+    pooling: str
+    normalize: bool
+    why: str  # where the default comes from, told to the user
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sentence-transformers settings of a model directory."""
+
+    pooling: str  # one of SUPPORTED_POOLINGS
+    normalize: bool
+    max_seq_length: int
+    do_lower_case: bool = False
+    include_prompt: bool = True
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    notes: tuple[str, ...] = ()  # defaults the importer applied, to tell the user
+
+
+@dataclass(frozen=True)
+class Modules:
+    """The module list of ``modules.json``: where the Transformer and Pooling live."""
+
+    transformer_dir: Path
+    pooling_dir: Path | None
+    normalize: bool
+
+
+def read_modules(src: Path) -> Modules | None:
+    """``src/modules.json`` (None when absent): Transformer, then Pooling, then Normalize."""
+    path = src / "modules.json"
+    if not path.is_file():
+        return None
+    modules = read_json(path, "")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelImportError(f"{path} is not a list of modules")
+    kinds: list[str] = []
+    dirs: list[Path] = []
+    for module in modules:
+        type_name = str(module.get("type", ""))
+        kind = type_name.rsplit(".", 1)[-1]
+        if kind not in _MODULE_KINDS:
+            raise ModelImportError(
+                f"{path}: module {module.get('path', '')!r} has type {type_name!r}; embedd "
+                "imports a Transformer followed by a Pooling and optionally a Normalize module "
+                "(no Dense, LayerNorm or other modules)"
+            )
+        kinds.append(kind)
+        dirs.append(src / str(module.get("path", "")))
+    allowed = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
+    if kinds not in allowed:
+        raise ModelImportError(
+            f"{path} lists the modules {kinds}; embedd imports Transformer, Pooling "
+            "and optionally Normalize, in that order"
+        )
+    return Modules(transformer_dir=dirs[0], pooling_dir=dirs[1], normalize=len(kinds) == 3)
+
+
+def read_settings(
+    src: Path,
+    modules: Modules | None,
+    *,
+    family: str,
+    default: FamilyDefault,
+    hidden_size: int,
+    max_position_embeddings: int,
+    usable_positions: int,
+) -> Settings:
+    """The settings sentence-transformers would load ``src`` with.
+
+    ``max_position_embeddings`` is config.json's value (sentence-transformers' fallback for
+    the maximum length); ``usable_positions`` the positions the model can really take
+    (XLM-RoBERTa's table starts at padding_idx + 1), which caps the length.
+    """
+    notes: list[str] = []
+    model_dir = modules.transformer_dir if modules else src
+    st_config = optional_object(model_dir / "sentence_bert_config.json")
+    max_seq_length = _max_seq_length(
+        model_dir, st_config, max_position_embeddings, usable_positions, notes
+    )
+    do_lower_case = _bool(st_config, "do_lower_case", model_dir / "sentence_bert_config.json")
+    if modules is None:
+        notes.append(
+            f"{src} has no modules.json, so it is not a sentence-transformers model; "
+            f"importing it with the {family} family's default: {default.pooling} pooling, "
+            f"{'normalized' if default.normalize else 'not normalized'} ({default.why})"
+        )
+        return Settings(
+            pooling=default.pooling,
+            normalize=default.normalize,
+            max_seq_length=max_seq_length,
+            do_lower_case=do_lower_case,
+            notes=tuple(notes),
+        )
+    assert modules.pooling_dir is not None
+    pooling, include_prompt = _read_pooling(modules.pooling_dir, hidden_size)
+    prompts, default_prompt_name = _read_prompts(src / "config_sentence_transformers.json")
+    return Settings(
+        pooling=pooling,
+        normalize=modules.normalize,
+        max_seq_length=max_seq_length,
+        do_lower_case=do_lower_case,
+        include_prompt=include_prompt,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        notes=tuple(notes),
+    )
+
+
+def _bool(config: dict[str, Any], key: str, path: Path, default: bool = False) -> bool:
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ModelImportError(f"{path}: {key!r} must be true or false (got {value!r})")
+    return value
+
+
+def _max_seq_length(
+    model_dir: Path,
+    st_config: dict[str, Any],
+    max_position_embeddings: int,
+    usable_positions: int,
+    notes: list[str],
+) -> int:
+    path = model_dir / "sentence_bert_config.json"
+    value = st_config.get("max_seq_length")
+    if value is None:
+        # sentence-transformers: min(max_position_embeddings, tokenizer.model_max_length)
+        tc_path = model_dir / "tokenizer_config.json"
+        model_max = optional_object(tc_path).get("model_max_length")
+        value = max_position_embeddings
+        if isinstance(model_max, int | float) and not isinstance(model_max, bool):
+            value = min(value, int(model_max))
+    elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelImportError(f"{path}: max_seq_length must be a positive integer (got {value!r})")
+    if value > usable_positions:
+        notes.append(
+            f"maximum length {value} is more than the model's {usable_positions} positions; "
+            f"inputs are truncated at {usable_positions} tokens"
+        )
+        value = usable_positions
+    return int(value)
+
+
+def _read_pooling(pooling_dir: Path, hidden_size: int) -> tuple[str, bool]:
+    """(pooling mode, include_prompt) of a Pooling module's config.json."""
+    path = pooling_dir / "config.json"
+    config = read_object(path, "a sentence-transformers model needs it to know how to pool")
+    modes = [mode for flag, mode in _POOLING_FLAGS.items() if config.get(flag)]
+    named = config.get("pooling_mode")
+    if isinstance(named, str):
+        modes.append(named)
+    elif isinstance(named, list):
+        modes.extend(str(mode) for mode in named)
+    elif named is not None:
+        raise ModelImportError(f"{path}: pooling_mode must be a string (got {named!r})")
+    modes = list(dict.fromkeys(modes))
+    supported = ", ".join(SUPPORTED_POOLINGS)
+    if len(modes) != 1 or modes[0] not in SUPPORTED_POOLINGS:
+        what = " + ".join(modes) if modes else "no mode"
+        raise ModelImportError(
+            f"{path}: unsupported pooling mode ({what}); llama.cpp pools one of {supported}"
+        )
+    dimension = config.get("word_embedding_dimension", config.get("embedding_dimension"))
+    if dimension is not None and dimension != hidden_size:
+        raise ModelImportError(
+            f"{path}: embedding dimension {dimension} differs from config.json's hidden_size "
+            f"{hidden_size}"
+        )
+    return modes[0], _bool(config, "include_prompt", path, default=True)
+
+
+def _read_prompts(path: Path) -> tuple[dict[str, str], str | None]:
+    config = optional_object(path)
+    model_type = config.get("model_type", "SentenceTransformer")
+    if model_type != "SentenceTransformer":
+        raise ModelImportError(
+            f"{path}: model_type {model_type!r}; only SentenceTransformer (bi-encoder) "
+            "models are imported"
+        )
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise ModelImportError(f"{path}: prompts must map prompt names to texts")
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ModelImportError(
+            f"{path}: default_prompt_name {default!r} is not one of the prompts "
+            f"({', '.join(prompts) or 'none'})"
+        )
+    return dict(prompts), default
