@@ -7,6 +7,7 @@ GGUF files are made in a temporary folder with the project's converter.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -257,3 +258,26 @@ def test_close(tiny_cls: graph.ModelSource) -> None:
     assert not engine.alive
     with pytest.raises(EngineAborted):
         engine.embed_batch([[2, 3]])
+
+
+def test_runtime_engines_in_threads_and_in_processes_agree(
+    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+) -> None:
+    """The runtime the server loads: a session in the worker's thread, or in a worker process
+    of its own on the graph file the runtime wrote; the same vectors either way."""
+    from embedd_server.engines.onnx import OnnxRuntime
+
+    path = _gguf(_minilm_dir(), tmp_path, "f16")
+    results = []
+    for processes in (False, True):
+        runtime = OnnxRuntime(path, threads=1, max_batch_tokens=2048, processes=processes)
+        engine = runtime.new_engine()
+        try:
+            assert engine.dimensions == runtime.dimensions == 384
+            results.append(engine.embed_batch(minilm_ids[:40]))
+        finally:
+            engine.close()
+            runtime.close()
+    assert _cosines(results[0], reference[:40]).min() >= EXACT
+    np.testing.assert_allclose(results[1], results[0], atol=1e-6)
+    assert not list(Path(tempfile.gettempdir()).glob(f"embedd-{path.stem}-*.onnx"))
