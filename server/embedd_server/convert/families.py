@@ -299,7 +299,8 @@ class Qwen3(Family):
             raise ModelImportError(f"{path}: hidden_act {act!r} is not supported (silu)")
         if config.get("attention_bias"):
             raise ModelImportError(
-                f"{path}: attention_bias true is not supported by llama.cpp's qwen3"
+                f"{path}: attention_bias true is not supported (llama.cpp's qwen3 has no "
+                "output-projection bias)"
             )
         sliding = config.get("use_sliding_window") or any(
             t != "full_attention" for t in config.get("layer_types") or []
