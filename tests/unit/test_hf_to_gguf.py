@@ -1,4 +1,11 @@
-"""Unit tests of the HF -> GGUF importer on a tiny random BERT built in tmp_path."""
+"""Unit tests of the HF -> GGUF importer on tiny random models built in tmp_path.
+
+A BERT (classic sentence-transformers layout), an XLM-RoBERTa (the layout
+sentence-transformers >= 5 writes) and a Qwen3 (byte-level BPE with Qwen's pre-tokenizer):
+the GGUF keys and tensors llama.cpp's converter writes for each, llama.cpp loading the file and
+tokenizing like Hugging Face, the sentence-transformers settings, and every refusal naming
+the file or key at fault. Vectors against sentence-transformers: tests/integration/test_families.py.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,19 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from embedd_server.convert.hf_to_gguf import SUPPORTED_TYPES, default_name, import_model
+from embedd_server.core.catalog import read_model_info
 from embedd_server.core.errors import ModelImportError
 
 HIDDEN, HEADS, LAYERS, FFN, MAX_POS, TYPES = 48, 4, 2, 64, 64, 2
@@ -386,3 +403,641 @@ def test_unsupported_type_is_rejected(tiny: Path, tmp_path: Path) -> None:
 def test_bad_name_is_rejected(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelImportError, match="invalid model name"):
         import_model(tiny, tmp_path, name="../evil")
+
+
+# --- sentence-transformers settings (on the tiny BERT) ---------------------------------------
+
+
+def _imported(src: Path, tmp_path: Path, **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
+    notes: list[str] = []
+    out = import_model(src, tmp_path / "out", overwrite=True, report=notes.append, **kwargs)
+    return _fields(out), notes
+
+
+def _pooling_config(src: Path, config: dict[str, Any]) -> None:
+    _write_json(src / "1_Pooling" / "config.json", {"word_embedding_dimension": HIDDEN, **config})
+
+
+def test_classic_layout_settings_are_stored(tiny: Path, tmp_path: Path) -> None:
+    _pooling_config(tiny, {"pooling_mode_cls_token": True, "include_prompt": False})
+    _write_json(tiny / "sentence_bert_config.json", {"max_seq_length": 20, "do_lower_case": True})
+    prompts = {"query": "Represent this sentence: ", "document": ""}
+    _write_json(
+        tiny / "config_sentence_transformers.json",
+        {"prompts": prompts, "default_prompt_name": "query", "similarity_fn_name": "cosine"},
+    )
+    f, notes = _imported(tiny, tmp_path)
+    assert f["bert.pooling_type"] == int(gguf.PoolingType.CLS)
+    assert f["sentence_transformers.max_seq_length"] == 20
+    assert f["sentence_transformers.do_lower_case"] is True
+    assert f["sentence_transformers.include_prompt"] is False
+    assert json.loads(f["sentence_transformers.prompts"]) == prompts
+    assert f["sentence_transformers.default_prompt_name"] == "query"
+    assert notes == []
+
+
+def test_new_layout_settings_are_read(tiny: Path, tmp_path: Path) -> None:
+    modules = json.loads((tiny / "modules.json").read_text())
+    modules[0]["type"] = "sentence_transformers.base.modules.transformer.Transformer"
+    modules[1]["type"] = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
+    del modules[2]  # no Normalize: raw vectors
+    _write_json(tiny / "modules.json", modules)
+    _write_json(tiny / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
+    _write_json(tiny / "tokenizer_config.json", {"model_max_length": 40})
+    (tiny / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": HIDDEN, "pooling_mode": "lasttoken"})
+    )
+    f, notes = _imported(tiny, tmp_path)
+    assert f["bert.pooling_type"] == int(gguf.PoolingType.LAST)
+    assert f["sentence_transformers.normalize"] is False
+    # sentence-transformers: min(max_position_embeddings, model_max_length)
+    assert f["sentence_transformers.max_seq_length"] == 40
+    assert f["sentence_transformers.include_prompt"] is True
+    assert json.loads(f["sentence_transformers.prompts"]) == {}
+    assert "sentence_transformers.default_prompt_name" not in f
+    assert notes == []
+
+
+def test_max_length_is_capped_by_the_positions_and_said(tiny: Path, tmp_path: Path) -> None:
+    _write_json(tiny / "sentence_bert_config.json", {"max_seq_length": 512})
+    f, notes = _imported(tiny, tmp_path)
+    assert f["sentence_transformers.max_seq_length"] == MAX_POS
+    assert len(notes) == 1
+    assert f"truncated at {MAX_POS} tokens" in notes[0]
+
+
+def test_plain_transformers_directory_gets_the_family_default(tiny: Path, tmp_path: Path) -> None:
+    for name in ("modules.json", "sentence_bert_config.json"):
+        (tiny / name).unlink()
+    f, notes = _imported(tiny, tmp_path)
+    assert f["bert.pooling_type"] == int(gguf.PoolingType.MEAN)
+    assert f["sentence_transformers.normalize"] is False
+    assert f["sentence_transformers.max_seq_length"] == MAX_POS
+    assert len(notes) == 1
+    assert "no modules.json" in notes[0]
+    assert "mean pooling, not normalized" in notes[0]
+
+
+def test_transformer_in_a_module_folder(tiny: Path, tmp_path: Path) -> None:
+    inner = tiny / "0_Transformer"
+    inner.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sentence_bert_config.json"):
+        (tiny / name).rename(inner / name)
+    modules = json.loads((tiny / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    _write_json(tiny / "modules.json", modules)
+    f, _ = _imported(tiny, tmp_path)
+    assert f["sentence_transformers.max_seq_length"] == 32
+
+
+def test_prompts_given_at_import_are_added(tiny: Path, tmp_path: Path) -> None:
+    _write_json(tiny / "config_sentence_transformers.json", {"prompts": {"query": "q: "}})
+    f, _ = _imported(tiny, tmp_path, prompts={"passage": "p: "})
+    assert json.loads(f["sentence_transformers.prompts"]) == {"query": "q: ", "passage": "p: "}
+
+
+def test_catalog_reads_the_settings(tiny: Path, tmp_path: Path) -> None:
+    _pooling_config(tiny, {"pooling_mode_mean_tokens": True, "include_prompt": False})
+    _write_json(
+        tiny / "config_sentence_transformers.json",
+        {"prompts": {"query": "q: ", "document": ""}, "default_prompt_name": "document"},
+    )
+    info = read_model_info(import_model(tiny, tmp_path))
+    assert (info.family, info.architecture, info.pooling) == ("bert", "bert", "mean")
+    assert info.prompts == {"query": "q: ", "document": ""}
+    assert info.default_prompt_name == "document"
+    assert info.include_prompt is False
+    assert info.do_lower_case is False
+    assert info.normalizes is True
+    assert info.max_input_tokens == 32
+
+
+def _modules_with_dense(src: Path) -> None:
+    modules = json.loads((src / "modules.json").read_text())
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    _write_json(src / "modules.json", [*modules[:2], dense])
+
+
+def _two_poolings(src: Path) -> None:
+    _pooling_config(src, {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True})
+
+
+def _weighted_mean(src: Path) -> None:
+    _pooling_config(src, {"pooling_mode": "weightedmean"})
+
+
+def _unknown_default_prompt(src: Path) -> None:
+    _write_json(
+        src / "config_sentence_transformers.json",
+        {"prompts": {"query": "q: "}, "default_prompt_name": "passage"},
+    )
+
+
+def _sparse_encoder(src: Path) -> None:
+    _write_json(src / "config_sentence_transformers.json", {"model_type": "SparseEncoder"})
+
+
+def _cross_encoder(src: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["BertForSequenceClassification"]
+    _write_json(src / "config.json", config)
+
+
+def _pooling_dimension(src: Path) -> None:
+    _pooling_config(src, {"pooling_mode_mean_tokens": True, "word_embedding_dimension": 7})
+
+
+def _bad_max_length(src: Path) -> None:
+    _write_json(src / "sentence_bert_config.json", {"max_seq_length": "long"})
+
+
+SETTINGS_BREAKERS: dict[str, tuple[Breaker, str]] = {
+    "dense module": (_modules_with_dense, "modules.json: module '2_Dense' has type"),
+    "two poolings": (_two_poolings, "1_Pooling/config.json: unsupported pooling mode (cls + mean)"),
+    "weighted mean": (_weighted_mean, "unsupported pooling mode (weightedmean)"),
+    "unknown default prompt": (_unknown_default_prompt, "default_prompt_name 'passage'"),
+    "sparse encoder": (_sparse_encoder, "config_sentence_transformers.json: model_type"),
+    "cross-encoder": (_cross_encoder, "BertForSequenceClassification, a cross-encoder"),
+    "pooling dimension": (_pooling_dimension, "embedding dimension 7 differs"),
+    "bad max length": (_bad_max_length, "sentence_bert_config.json: max_seq_length"),
+}
+
+
+@pytest.mark.parametrize("case", SETTINGS_BREAKERS)
+def test_refused_settings_name_the_file_and_key(tiny: Path, tmp_path: Path, case: str) -> None:
+    breaker, expected = SETTINGS_BREAKERS[case]
+    breaker(tiny)
+    with pytest.raises(ModelImportError) as info:
+        import_model(tiny, tmp_path / "models")
+    assert expected in info.value.message
+
+
+# --- XLM-RoBERTa ---------------------------------------------------------------------------
+
+XLMR_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+XLMR_PIECES = [f"\u2581{w}" for w in WORDS] + list("abcdefghijklmnopqrstuvwxyz.,!?") + ["\u2581"]
+XLMR_VOCAB = XLMR_SPECIALS + XLMR_PIECES
+XLMR_PAD = 1
+
+
+def _xlmr_tokenizer() -> Tokenizer:
+    pieces = [(t, 0.0) for t in XLMR_SPECIALS]
+    pieces += [(t, -2.0 - 0.1 * i) for i, t in enumerate(XLMR_PIECES)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.add_special_tokens(XLMR_SPECIALS)
+    return tok
+
+
+def make_tiny_xlmr(root: Path) -> Path:
+    """A tiny random XLM-RoBERTa in the layout sentence-transformers >= 5 writes."""
+    bert = make_tiny_bert(root, prefix="roberta.")
+    tensors = _hf_tensors("roberta.")
+    rng = np.random.default_rng(1)
+    tensors["roberta.embeddings.word_embeddings.weight"] = rng.standard_normal(
+        (len(XLMR_VOCAB), HIDDEN)
+    ).astype(np.float32)
+    tensors["roberta.embeddings.token_type_embeddings.weight"] = rng.standard_normal(
+        (1, HIDDEN)
+    ).astype(np.float32)
+    tensors["roberta.embeddings.position_embeddings.weight"] = rng.standard_normal(
+        (MAX_POS + XLMR_PAD + 1, HIDDEN)
+    ).astype(np.float32)
+    save_file(tensors, str(bert / "model.safetensors"))
+    config = json.loads((bert / "config.json").read_text())
+    config.update(
+        architectures=["XLMRobertaModel"],
+        model_type="xlm-roberta",
+        max_position_embeddings=MAX_POS + XLMR_PAD + 1,
+        pad_token_id=XLMR_PAD,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        vocab_size=len(XLMR_VOCAB),
+    )
+    _write_json(bert / "config.json", config)
+    _xlmr_tokenizer().save(str(bert / "tokenizer.json"))
+    _write_json(
+        bert / "tokenizer_config.json",
+        {
+            "bos_token": "<s>",
+            "cls_token": "<s>",
+            "eos_token": "</s>",
+            "sep_token": "</s>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "mask_token": "<mask>",
+            "model_max_length": 40,
+        },
+    )
+    _write_json(
+        bert / "modules.json",
+        [
+            {
+                "idx": 0,
+                "name": "0",
+                "path": "",
+                "type": "sentence_transformers.base.modules.transformer.Transformer",
+            },
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.base.modules.normalize.Normalize",
+            },
+        ],
+    )
+    _write_json(
+        bert / "1_Pooling" / "config.json",
+        {"embedding_dimension": HIDDEN, "pooling_mode": "mean", "include_prompt": True},
+    )
+    _write_json(bert / "sentence_bert_config.json", {"transformer_task": "feature-extraction"})
+    _write_json(
+        bert / "config_sentence_transformers.json",
+        {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None},
+    )
+    return bert
+
+
+@pytest.fixture
+def tiny_xlmr(tmp_path: Path) -> Path:
+    return make_tiny_xlmr(tmp_path / "tiny-xlmr")
+
+
+def test_xlmr_keys_follow_llama_cpp(tiny_xlmr: Path, tmp_path: Path) -> None:
+    out = import_model(tiny_xlmr, tmp_path / "models", out_type="f32")
+    f = _fields(out)
+    expected = {
+        "general.architecture": "bert",
+        "bert.context_length": MAX_POS,  # the position table less padding_idx + 1 rows
+        "bert.attention.causal": False,
+        "bert.pooling_type": int(gguf.PoolingType.MEAN),
+        "tokenizer.ggml.model": "t5",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.token_type_count": 1,
+        "tokenizer.ggml.add_space_prefix": True,
+        "tokenizer.ggml.remove_extra_whitespaces": True,
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 3,
+        "tokenizer.ggml.seperator_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 1,
+        "tokenizer.ggml.mask_token_id": 4,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": True,
+        "sentence_transformers.max_seq_length": 40,  # tokenizer_config's model_max_length
+        "sentence_transformers.normalize": True,
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    assert f["tokenizer.ggml.tokens"] == XLMR_VOCAB
+    types = f["tokenizer.ggml.token_type"]
+    assert types[:6] == [3, 3, 3, 2, 3, 1]  # CONTROL x3, UNKNOWN, CONTROL, NORMAL
+    assert f["tokenizer.ggml.scores"][5] == pytest.approx(-2.0)
+    assert json.loads(f["sentence_transformers.prompts"]) == {
+        "query": "query: ",
+        "passage": "passage: ",
+    }
+    tensors = _tensors(out)
+    positions = np.asarray(tensors["position_embd.weight"].data).reshape(MAX_POS, HIDDEN)
+    hf = _hf_tensors()  # unchanged by make_tiny_xlmr except the three embeddings
+    assert positions.shape == (MAX_POS, HIDDEN)
+    assert list(tensors["token_types.weight"].shape) == [HIDDEN, 1]
+    source = _safetensors(tiny_xlmr)["roberta.embeddings.position_embeddings.weight"]
+    assert source.shape == (MAX_POS + XLMR_PAD + 1, HIDDEN)
+    np.testing.assert_array_equal(positions, source[XLMR_PAD + 1 :])
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(HIDDEN, HIDDEN),
+        hf["encoder.layer.0.attention.self.query.weight"],
+    )
+    info = read_model_info(out)
+    assert (info.family, info.max_input_tokens, info.context_length) == ("xlm-roberta", 40, MAX_POS)
+
+
+def _safetensors(src: Path) -> dict[str, np.ndarray[Any, Any]]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(src / "model.safetensors"))
+
+
+def test_llama_cpp_loads_xlmr_and_tokenizes_like_hugging_face(
+    tiny_xlmr: Path, tmp_path: Path
+) -> None:
+    from llama_cpp import Llama
+
+    out = import_model(tiny_xlmr, tmp_path, out_type="f16")
+    llm = Llama(str(out), embedding=True, verbose=False, n_ctx=MAX_POS)
+    try:
+        for text in ("The man plays guitar, on the road!", "a  small   dog runs"):
+            ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            assert ids == _xlmr_tokenizer().encode(text).ids, text
+        vector = np.asarray(llm.embed("the red car"), dtype=np.float64)
+        assert vector.shape == (HIDDEN,)
+        assert np.isfinite(vector).all()
+    finally:
+        llm.close()
+
+
+# --- Qwen3 ---------------------------------------------------------------------------------
+
+QWEN_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+Q_HEADS, Q_KV_HEADS, Q_HEAD_DIM, Q_HIDDEN, Q_FFN, Q_MAX_POS = 4, 2, 32, 64, 96, 256
+CORPUS = [
+    "The man plays guitar on the road.",
+    "A woman is eating food in the small house!",
+    "Cats and dogs run under the big green tree; it's 12:30 now.",
+    "Stock markets fell 3.5% today, didn't they?",
+] * 8
+
+
+def _qwen_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=QWEN_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>",
+        pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[("<|endoftext|>", 0)],
+    )
+    return tok
+
+
+def _qwen_tensors(n_vocab: int, prefix: str = "") -> dict[str, np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(2)
+
+    def w(*shape: int) -> np.ndarray[Any, Any]:
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    q, kv = Q_HEADS * Q_HEAD_DIM, Q_KV_HEADS * Q_HEAD_DIM
+    t = {"embed_tokens.weight": w(n_vocab, Q_HIDDEN), "norm.weight": 1 + w(Q_HIDDEN)}
+    for i in range(LAYERS):
+        b = f"layers.{i}."
+        t |= {
+            b + "input_layernorm.weight": 1 + w(Q_HIDDEN),
+            b + "self_attn.q_proj.weight": w(q, Q_HIDDEN),
+            b + "self_attn.k_proj.weight": w(kv, Q_HIDDEN),
+            b + "self_attn.v_proj.weight": w(kv, Q_HIDDEN),
+            b + "self_attn.o_proj.weight": w(Q_HIDDEN, q),
+            b + "self_attn.q_norm.weight": 1 + w(Q_HEAD_DIM),
+            b + "self_attn.k_norm.weight": 1 + w(Q_HEAD_DIM),
+            b + "post_attention_layernorm.weight": 1 + w(Q_HIDDEN),
+            b + "mlp.gate_proj.weight": w(Q_FFN, Q_HIDDEN),
+            b + "mlp.up_proj.weight": w(Q_FFN, Q_HIDDEN),
+            b + "mlp.down_proj.weight": w(Q_HIDDEN, Q_FFN),
+        }
+    return {prefix + k: v for k, v in t.items()}
+
+
+def make_tiny_qwen3(root: Path, *, causal_lm: bool = False) -> Path:
+    """A tiny random Qwen3 embedding model (classic layout, last-token pooling)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tok = _qwen_tokenizer()
+    n_vocab = tok.get_vocab_size() + 3  # padded, as Qwen's configs are
+    _write_json(
+        root / "config.json",
+        {
+            "architectures": ["Qwen3ForCausalLM" if causal_lm else "Qwen3Model"],
+            "model_type": "qwen3",
+            "hidden_act": "silu",
+            "hidden_size": Q_HIDDEN,
+            "head_dim": Q_HEAD_DIM,
+            "intermediate_size": Q_FFN,
+            "max_position_embeddings": Q_MAX_POS,
+            "num_attention_heads": Q_HEADS,
+            "num_hidden_layers": LAYERS,
+            "num_key_value_heads": Q_KV_HEADS,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "layer_types": ["full_attention"] * LAYERS,
+            "tie_word_embeddings": False,
+            "eos_token_id": 0,
+            "vocab_size": n_vocab,
+        },
+    )
+    tensors = _qwen_tensors(n_vocab, "model." if causal_lm else "")
+    if causal_lm:
+        tensors["lm_head.weight"] = np.zeros((n_vocab, Q_HIDDEN), dtype=np.float32)
+    save_file(tensors, str(root / "model.safetensors"))
+    tok.save(str(root / "tokenizer.json"))
+    _write_json(
+        root / "tokenizer_config.json",
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 131072},
+    )
+    _write_json(
+        root / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            },
+        ],
+    )
+    _write_json(
+        root / "1_Pooling" / "config.json",
+        {"word_embedding_dimension": Q_HIDDEN, "pooling_mode_lasttoken": True},
+    )
+    _write_json(root / "sentence_bert_config.json", {"max_seq_length": 128})
+    _write_json(
+        root / "config_sentence_transformers.json",
+        {"prompts": {"query": "Instruct: find\nQuery: ", "document": ""}},
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_qwen3(tmp_path: Path) -> Path:
+    return make_tiny_qwen3(tmp_path / "tiny-qwen3")
+
+
+def test_qwen3_keys_and_tensors_follow_llama_cpp(tiny_qwen3: Path, tmp_path: Path) -> None:
+    out = import_model(tiny_qwen3, tmp_path / "models")
+    f = _fields(out)
+    n_vocab = _qwen_tokenizer().get_vocab_size() + 3
+    expected = {
+        "general.architecture": "qwen3",
+        "qwen3.block_count": LAYERS,
+        "qwen3.context_length": Q_MAX_POS,
+        "qwen3.embedding_length": Q_HIDDEN,
+        "qwen3.feed_forward_length": Q_FFN,
+        "qwen3.attention.head_count": Q_HEADS,
+        "qwen3.attention.head_count_kv": Q_KV_HEADS,
+        "qwen3.attention.key_length": Q_HEAD_DIM,
+        "qwen3.attention.value_length": Q_HEAD_DIM,
+        "qwen3.pooling_type": int(gguf.PoolingType.LAST),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.eos_token_id": 0,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_eos_token": True,
+        "sentence_transformers.max_seq_length": 128,
+        "sentence_transformers.normalize": True,
+    }
+    assert {k: f.get(k) for k in expected} == expected
+    assert f["qwen3.rope.freq_base"] == pytest.approx(1e6)
+    assert f["qwen3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert len(f["tokenizer.ggml.tokens"]) == n_vocab
+    assert f["tokenizer.ggml.tokens"][-1] == f"[PAD{n_vocab - 1}]"
+    assert f["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+    assert f["tokenizer.ggml.merges"][0].count(" ") == 1
+    tensors = _tensors(out)
+    block = (
+        "attn_norm attn_q attn_k attn_v attn_output attn_q_norm attn_k_norm ffn_norm ffn_gate "
+        "ffn_up ffn_down"
+    )
+    names = {"token_embd.weight", "output_norm.weight"}
+    names |= {f"blk.{i}.{t}.weight" for i in range(LAYERS) for t in block.split()}
+    assert set(tensors) == names  # no output.weight: llama.cpp ties it to token_embd
+    assert list(tensors["blk.0.attn_k.weight"].shape) == [Q_HIDDEN, Q_KV_HEADS * Q_HEAD_DIM]
+    assert list(tensors["blk.0.attn_output.weight"].shape) == [Q_HEADS * Q_HEAD_DIM, Q_HIDDEN]
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "F16"
+    assert tensors["token_embd.weight"].tensor_type.name == "F16"
+    assert tensors["blk.0.attn_q_norm.weight"].tensor_type.name == "F32"
+    info = read_model_info(out)
+    assert (info.family, info.pooling, info.max_input_tokens) == ("qwen3", "last", 128)
+    assert info.prompts["query"] == "Instruct: find\nQuery: "
+
+
+def test_qwen3_for_causal_lm_drops_its_head(tmp_path: Path) -> None:
+    src = make_tiny_qwen3(tmp_path / "causal", causal_lm=True)
+    out = import_model(src, tmp_path / "models", out_type="f32")
+    tensors = _tensors(out)
+    assert "output.weight" not in tensors
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(Q_HIDDEN, Q_FFN),
+        _qwen_tensors(_qwen_tokenizer().get_vocab_size() + 3)["layers.1.mlp.down_proj.weight"],
+    )
+
+
+def test_llama_cpp_loads_qwen3_and_tokenizes_like_hugging_face(
+    tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    from llama_cpp import Llama
+
+    out = import_model(tiny_qwen3, tmp_path, out_type="f32")
+    llm = Llama(str(out), embedding=True, verbose=False, n_ctx=128)
+    try:
+        texts = [*CORPUS[:4], "Don't  split\n\nthese 1234 ok?", "naïve café"]
+        for text in texts:
+            ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            expected = _qwen_tokenizer().encode(text).ids
+            assert expected[-1] == 0  # the template appends <|endoftext|>
+            assert ids == expected, text
+        vector = np.asarray(llm.embed("the red car"), dtype=np.float64)
+        assert vector.shape == (Q_HIDDEN,)
+        assert np.isfinite(vector).all()
+    finally:
+        llm.close()
+
+
+def test_plain_qwen3_directory_pools_the_last_token_normalized(
+    tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    (tiny_qwen3 / "modules.json").unlink()
+    f, notes = _imported(tiny_qwen3, tmp_path)
+    assert f["qwen3.pooling_type"] == int(gguf.PoolingType.LAST)
+    assert f["sentence_transformers.normalize"] is True
+    assert f["sentence_transformers.max_seq_length"] == 128  # sentence_bert_config.json
+    assert len(notes) == 1
+    assert "lasttoken pooling, normalized (Qwen3-Embedding" in notes[0]
+
+
+def _config_update(**changes: Any) -> Breaker:
+    def breaker(src: Path) -> None:
+        config = json.loads((src / "config.json").read_text())
+        config.update(changes)
+        _write_json(src / "config.json", config)
+
+    return breaker
+
+
+def _wordpiece_tokenizer(src: Path) -> None:
+    _tokenizer().save(str(src / "tokenizer.json"))
+
+
+FAMILY_BREAKERS: dict[str, tuple[str, Breaker, str]] = {
+    "xlmr wordpiece": ("xlmr", _wordpiece_tokenizer, "must be Unigram, this one is WordPiece"),
+    "xlmr no positions": (
+        "xlmr",
+        _config_update(max_position_embeddings=2),
+        "leaves no positions after padding_idx + 1",
+    ),
+    "qwen3 yarn": (
+        "qwen3",
+        _config_update(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
+        "RoPE type 'yarn' is not supported",
+    ),
+    "qwen3 sliding window": (
+        "qwen3",
+        _config_update(use_sliding_window=True),
+        "sliding-window attention is not supported",
+    ),
+    "qwen3 gelu": ("qwen3", _config_update(hidden_act="gelu"), "hidden_act 'gelu'"),
+    "qwen3 heads": (
+        "qwen3",
+        _config_update(num_key_value_heads=3),
+        "num_attention_heads must be a multiple of num_key_value_heads",
+    ),
+    "qwen3 kv shape": (
+        "qwen3",
+        _config_update(head_dim=16),
+        "'layers.0.self_attn.q_proj.weight'",
+    ),
+    "unknown family": (
+        "qwen3",
+        _config_update(model_type="gpt2", architectures=["GPT2Model"]),
+        "describes a gpt2 model (GPT2Model); embedd imports BertModel (bert), "
+        "XLMRobertaModel (xlm-roberta), Qwen3Model (qwen3)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAMILY_BREAKERS)
+def test_family_refusals_name_the_file_or_key(
+    tiny_xlmr: Path, tiny_qwen3: Path, tmp_path: Path, case: str
+) -> None:
+    family, breaker, expected = FAMILY_BREAKERS[case]
+    src = tiny_xlmr if family == "xlmr" else tiny_qwen3
+    breaker(src)
+    with pytest.raises(ModelImportError) as info:
+        import_model(src, tmp_path / "models")
+    assert expected in info.value.message
