@@ -1,0 +1,142 @@
+"""Each family, imported and run on llama.cpp, against sentence-transformers' own vectors.
+
+For the small models of ../shared/models (BERT with CLS pooling, BERT with mean pooling and
+raw vectors, XLM-RoBERTa in the sentence-transformers >= 5 layout, Qwen3 with last-token
+pooling), imported f32 and f16: the reference texts are tokenized with the model's own
+tokenizer.json, truncated at its max_seq_length the way sentence-transformers does (inside the
+template, so [SEP] / </s> / <|endoftext|> stay), and must give the reference's token counts;
+llama.cpp embeds them in packs, as the server's workers do, with the pooling the GGUF names;
+vectors are normalized where the model normalizes. Bar: cosine >= 0.9999 (f32 >= 0.99999)
+on every text. No server is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from tokenizers import Tokenizer
+
+from embedd_server.convert.hf_to_gguf import import_model
+from embedd_server.core.catalog import ModelInfo, read_model_info
+from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
+
+MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
+MIN_COSINE = {"f32": 0.99999, "f16": 0.9999}
+PACK_TOKENS = 128  # the server's default pack size
+
+# What each directory says, as sentence-transformers reads it (see ../shared/models/README.md).
+EXPECTED: dict[str, dict[str, Any]] = {
+    "tiny-bert-cls": {"family": "bert", "pooling": "cls", "normalizes": True, "max": 64},
+    "tiny-bert-mean-raw": {"family": "bert", "pooling": "mean", "normalizes": False, "max": 32},
+    "tiny-xlmr": {"family": "xlm-roberta", "pooling": "mean", "normalizes": True, "max": 64},
+    "tiny-qwen3": {"family": "qwen3", "pooling": "last", "normalizes": True, "max": 128},
+}
+
+Vectors = npt.NDArray[np.float64]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    if not MODELS.is_dir():
+        pytest.skip(f"{MODELS} is missing")
+    out = tmp_path_factory.mktemp("families")
+    return {
+        (model, out_type): import_model(MODELS / model, out, out_type=out_type)
+        for model in EXPECTED
+        for out_type in MIN_COSINE
+    }
+
+
+def _tokenizer(src: Path, info: ModelInfo) -> Tokenizer:
+    text = (src / "tokenizer.json").read_text(encoding="utf-8")
+    assert info.hf_tokenizer_json == text  # the whole tokenizer.json travels in the GGUF
+    tokenizer = Tokenizer.from_str(text)
+    tokenizer.no_padding()
+    # sentence-transformers: tokenizer(..., truncation=True, max_length=max_seq_length)
+    tokenizer.enable_truncation(info.max_input_tokens)
+    return tokenizer
+
+
+def _packs(sequences: list[list[int]], budget: int) -> Iterator[list[list[int]]]:
+    pack: list[list[int]] = []
+    for ids in sequences:
+        if pack and sum(map(len, pack)) + len(ids) > budget:
+            yield pack
+            pack = []
+        pack.append(ids)
+    if pack:
+        yield pack
+
+
+def _embed(path: Path, info: ModelInfo, sequences: list[list[int]]) -> Vectors:
+    weights = LlamaModelWeights(path)
+    budget = max(PACK_TOKENS, info.max_input_tokens)
+    engine = LlamaEngine(weights, max_tokens=budget, max_sequences=64, n_threads=1)
+    try:
+        vectors = np.concatenate(
+            [engine.embed_batch(pack) for pack in _packs(sequences, budget)]
+        ).astype(np.float64)
+    finally:
+        engine.close()
+        weights.close()
+    if info.normalizes:
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+@pytest.mark.parametrize("out_type", list(MIN_COSINE))
+@pytest.mark.parametrize("model", list(EXPECTED))
+def test_vectors_match_sentence_transformers(
+    imported: dict[tuple[str, str], Path], model: str, out_type: str
+) -> None:
+    src = MODELS / model
+    path = imported[model, out_type]
+    info = read_model_info(path)
+    expected = EXPECTED[model]
+    assert (info.family, info.pooling, info.normalizes, info.max_input_tokens) == (
+        expected["family"],
+        expected["pooling"],
+        expected["normalizes"],
+        expected["max"],
+    )
+    texts = json.loads((src / "reference" / "texts.json").read_text(encoding="utf-8"))
+    reference = np.load(src / "reference" / "embeddings.npy").astype(np.float64)
+    assert len(texts) == reference.shape[0]
+
+    tokenizer = _tokenizer(src, info)
+    inputs = [item["text"].lower() if info.do_lower_case else item["text"] for item in texts]
+    sequences = [encoding.ids for encoding in tokenizer.encode_batch(inputs)]
+    assert [len(ids) for ids in sequences] == [item["tokens"] for item in texts]
+
+    vectors = _embed(path, info, sequences)
+    if not info.normalizes:  # raw vectors: their length must match too
+        np.testing.assert_allclose(
+            np.linalg.norm(vectors, axis=1), np.linalg.norm(reference, axis=1), rtol=1e-3
+        )
+    cosines = np.sum(vectors * reference, axis=1) / (
+        np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+    )
+    worst = int(np.argmin(cosines))
+    print(f"{model} {out_type}: min cosine {cosines[worst]:.7f}, mean {np.mean(cosines):.7f}")
+    assert cosines[worst] >= MIN_COSINE[out_type], texts[worst]["text"]
+
+
+@pytest.mark.parametrize("model", list(EXPECTED))
+def test_prompts_and_their_pooling_are_stored(
+    imported: dict[tuple[str, str], Path], model: str
+) -> None:
+    src = MODELS / model
+    config = json.loads((src / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    pooling = json.loads((src / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    for out_type in MIN_COSINE:
+        info = read_model_info(imported[model, out_type])
+        assert info.prompts == config["prompts"]
+        assert info.default_prompt_name == config["default_prompt_name"]
+        assert info.include_prompt is pooling.get("include_prompt", True)
+        assert info.do_lower_case is False
