@@ -1,4 +1,4 @@
-"""Child processes of the benchmark (servers, Envoy, the peer) and what /proc says about them.
+"""Child processes of the benchmark (servers, Envoy, the peers) and what /proc says about them.
 
 Everything listens on loopback on free ports, every start has a deadline, and every process
 started here is stopped (SIGTERM, then SIGKILL) by its context manager.
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -101,6 +101,19 @@ def tree_rss_mib(pid: int) -> float:
     return sum(rss_mib(member) for member in descendants(pid))
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional resident memory of a process in MiB: each page it shares with others
+    counted as its share (0 if it is gone)."""
+    value = _value(_read(f"/proc/{pid}/smaps_rollup"), "Pss")  # "123456 kB"
+    return int(value.split()[0]) / 1024 if value else 0.0
+
+
+def tree_pss_mib(pid: int) -> float:
+    """The memory a process and its descendants hold together, in MiB: their PSS summed, so
+    the weights worker processes map from one file count once, not once per process."""
+    return sum(pss_mib(member) for member in descendants(pid))
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent busy since boot (from /proc/stat)."""
     values = [int(value) for value in _read("/proc/stat").split("\n", 1)[0].split()[1:]]
@@ -170,18 +183,20 @@ def _reaped_children_cpu() -> float:
 
 
 class RssSampler:
-    """Samples a process tree's resident memory every ``interval`` seconds in a thread."""
+    """Samples a process's resident memory every ``interval`` seconds in a thread; with
+    ``tree``, the PSS summed over it and its descendants (:func:`tree_pss_mib`)."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.2, *, tree: bool = False) -> None:
         self._pid = pid
         self._interval = interval
+        self._measure = tree_pss_mib if tree else rss_mib
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(rss_mib(self._pid))
+            self.samples.append(self._measure(self._pid))
             self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
@@ -229,9 +244,16 @@ class Child:
 
 
 def start_child(
-    name: str, command: Sequence[str], ready: Callable[[], bool], timeout: float = START_TIMEOUT_S
+    name: str,
+    command: Sequence[str],
+    ready: Callable[[], bool],
+    timeout: float = START_TIMEOUT_S,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> Child:
-    """Starts ``command`` (log in .bench/logs/<name>.log) and polls ``ready`` until true."""
+    """Starts ``command`` (log in .bench/logs/<name>.log; this environment without EMBEDD_*
+    variables, plus ``env``; in ``cwd``) and polls ``ready`` until true."""
     ensure_bench_dir()
     log_path = LOG_DIR / f"{name}.log"
     with log_path.open("wb") as log:
@@ -240,8 +262,8 @@ def start_child(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=clean_environment(),
-            cwd=REPO,
+            env={**clean_environment(), **(env or {})},
+            cwd=cwd,
         )
     child = Child(name, process, log_path)
 
@@ -297,7 +319,7 @@ def start_embedd(
     models_dir: Path, with_envoy: bool, *, name: str = "", extra: Sequence[str] = ()
 ) -> Embedd:
     """`embedd serve` (gRPC only) or `embedd run` (gRPC + Envoy's REST) with default
-    settings (and the flags in ``extra``) on free loopback ports."""
+    settings (and the flags in ``extra``) on free loopback ports (metrics too)."""
     grpc_port = free_port()
     command = [
         sys.executable,
@@ -312,6 +334,8 @@ def start_embedd(
         "2",
         *extra,
     ]
+    if "--metrics-port" not in extra:  # metrics stay on, off the default port: two can run
+        command += ["--metrics-port", str(free_port())]
     target = f"127.0.0.1:{grpc_port}"
     checks = [functools.partial(probes.grpc_serving, target)]
     rest_url = None
