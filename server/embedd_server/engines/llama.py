@@ -149,6 +149,11 @@ class LlamaEngine:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
+        # Exactness: flash attention (AUTO turns it on) casts K and V to f16, and a causal
+        # model's KV cache is f16 by default; both moved f32 vectors off the reference
+        # (a BERT with a prompt: cosine 0.999984 -> 0.9999993 with both off, docs/design.md).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
+        params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32  # type: ignore[attr-defined]
         if pooling_type is not None:  # e.g. mean pooling for a causal LM
             params.pooling_type = pooling_type
         try:
