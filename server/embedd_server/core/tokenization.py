@@ -14,6 +14,7 @@ from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizerImpl
 
+from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.errors import InputTooLong, InvalidInput
 
 
@@ -137,3 +138,8 @@ def check_token_ids(
             raise too_long(index, len(ids), max_tokens)
         checked.append(list(ids[:max_tokens]))
     return Tokenized(checked)
+
+
+def tokenizer_kind(info: ModelInfo) -> str:
+    """The tokenizer kind: "exact" (the model's tokenizer.json) or "llama.cpp" (the fallback)."""
+    return "exact" if info.hf_tokenizer_json else "llama.cpp"
