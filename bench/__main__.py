@@ -1,9 +1,18 @@
-"""``python -m bench`` (``make bench``): the whole benchmark in one run on this machine.
+"""``python -m bench`` (``make bench``): embedd and its peers in one run on this machine.
 
-Engine ceiling in-process, then embedd over gRPC (`embedd serve`), its EmbedStream, embedd
-over REST through Envoy (`embedd run`), then llama-cpp-python's own server; STS-B sentences
-and ~200-token passages. Prints the tables and writes docs/benchmarks/latest.md and
-latest.png.
+1. The engines in-process, no server: llama.cpp and ONNX Runtime in every configuration worth
+   trying (the ceiling of each, and so what embedd's engine=auto choice rests on), and one
+   text at a time.
+2. The floor: a gRPC server that does nothing, under ghz (when ``.tools/bin/ghz`` exists).
+3. The servers, every one on its defaults and all of them up at once: embedd (`embedd run`:
+   gRPC and REST through Envoy), embedd with ``--int8``, and each peer installed here (TEI,
+   Infinity, Ollama, llama-cpp-python's server; bench/peers.py says how each is found). The
+   legs (1 caller x 1 text, 16 callers x 1 text, 4 callers x 32 texts) run interleaved:
+   every system in turn on one leg before the next leg, as this machine's speed drifts over
+   minutes. Then embedd's EmbedStream, and the STS-B score of each server's vectors.
+
+The first 1,200 STS-B test sentences and ~200-token passages built from consecutive
+sentences. Prints the tables and writes docs/benchmarks/latest.md and latest.png.
 """
 
 from __future__ import annotations
@@ -15,53 +24,69 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from bench import ceiling, loadgen, peer, procs, report
-from bench.report import GRPC, PEER, REST, STREAM, BenchRun, Leg
+from bench import ceiling, loadgen, peers, procs, quality, report
+from bench.loadgen import Endpoint
+from bench.report import GRPC, GRPC_INT8, REST, STREAM, BenchRun, Leg
 from bench.texts import REPO, TextSet, load_text_sets
 
 DEFAULT_MODEL = REPO / "models" / "all-minilm-l6-v2.gguf"
 GHZ = REPO / ".tools" / "bin" / "ghz"
 OUT_DIR = REPO / "docs" / "benchmarks"
 MODEL_NAME = "all-minilm-l6-v2"
-CONCURRENCIES = (1, 4, 16, 64)
-BATCH_TEXTS = 32
-BATCH_CONCURRENCY = 4
+SENTENCES = 1200  # the issue's "same 1,200 STS-B sentences": the first ones of the test split
 STREAM_BATCH = 64
-PAUSE_S = 0.004  # about a lone ghz caller's round trip between two requests
+PAUSE_S = 0.004  # about a lone caller's round trip between two requests
 LLAMA_EMBED_TEXTS = 500  # llama-cpp-python's own API is a reference row: fewer texts
+RSS_INTERVAL_S = 0.5
+T = TypeVar("T")
+
+# What a run can be limited to with --only.
+CEILING, FLOOR, EMBEDD, INT8 = "ceiling", "floor", "embedd", "int8"
+TEI, INFINITY, OLLAMA, LLAMA_SERVER = "tei", "infinity", "ollama", "llama-cpp-python"
+PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER)
+PEER_PARTS = {
+    peers.TEI: TEI,
+    peers.INFINITY: INFINITY,
+    peers.OLLAMA: OLLAMA,
+    peers.LLAMA_SERVER: LLAMA_SERVER,
+}
 
 
 @dataclass(frozen=True)
 class Profile:
     """How much of everything a run does."""
 
-    ceiling_texts: dict[str, int]  # texts per ceiling configuration
-    ceiling_max_s: float  # a configuration stops taking work after this
+    ceiling_s: float  # each in-process configuration runs this long
+    ceiling_texts: dict[str, int]  # ... on the text set cycled to this many texts
     one_text_samples: dict[str, int]
     leg_s: float  # closed-loop seconds per leg
-    warmup_s: float
+    warmup_s: float  # before each leg, the same load
     stream_texts: dict[str, int]
+    stsb_pairs: int | None  # None: all 1,379
 
 
 FULL = Profile(
-    ceiling_texts={"sentences": 1500, "passages": 160},
-    ceiling_max_s=12.0,
+    ceiling_s=6.0,
+    ceiling_texts={"sentences": 12_000, "passages": 1_500},
     one_text_samples={"sentences": 300, "passages": 40},
-    leg_s=8.0,
-    warmup_s=1.5,
+    leg_s=6.0,
+    warmup_s=1.0,
     stream_texts={"sentences": 10_000, "passages": 640},
+    stsb_pairs=None,
 )
 QUICK = Profile(
-    ceiling_texts={"sentences": 300, "passages": 30},
-    ceiling_max_s=4.0,
+    ceiling_s=1.5,
+    ceiling_texts={"sentences": 3_000, "passages": 300},
     one_text_samples={"sentences": 100, "passages": 10},
-    leg_s=2.0,
-    warmup_s=0.5,
+    leg_s=1.5,
+    warmup_s=0.3,
     stream_texts={"sentences": 1_000, "passages": 64},
+    stsb_pairs=200,
 )
 
 
@@ -69,31 +94,53 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-# --- engine ceiling -----------------------------------------------------------------------
+# --- the engines in-process ----------------------------------------------------------------
+
+
+def _cycled(text_set: TextSet, count: int) -> TextSet:
+    """The text set's texts in turn until there are ``count`` of them."""
+    rows = list(itertools.islice(itertools.cycle(range(len(text_set.texts))), count))
+    return TextSet(
+        text_set.name,
+        [text_set.texts[row] for row in rows],
+        [text_set.token_ids[row] for row in rows],
+    )
 
 
 def measure_ceiling(run: BenchRun, model: Path, text_set: TextSet, profile: Profile) -> None:
-    sample = text_set.head(profile.ceiling_texts[text_set.name])
+    """Every configuration of both engines, each for ``profile.ceiling_s`` on the texts in
+    turn (so that no configuration runs out of texts and idles a thread at the end)."""
+    sample = _cycled(text_set, profile.ceiling_texts[text_set.name])
     results: list[ceiling.CeilingResult] = []
     long_texts = sample.mean_tokens > 128
-    for layout, label, pack_tokens in ceiling.configurations(long_texts):
-        with procs.CpuMeter(None) as meter:
-            done, seconds = ceiling.measure_configuration(
-                model, sample.token_ids, layout, pack_tokens, profile.ceiling_max_s
+    for engine in ceiling.ENGINES:
+        for config in ceiling.configurations(engine, long_texts):
+            with procs.CpuMeter(None) as meter:
+                done, seconds = ceiling.measure_configuration(
+                    model, sample.token_ids, config, profile.ceiling_s
+                )
+            tokens = sum(len(ids) for ids in sample.token_ids[:done])
+            result = ceiling.CeilingResult(
+                config.label,
+                config.layout,
+                config.pack_tokens,
+                done,
+                tokens,
+                seconds,
+                meter.cores(meter.other_cpu),
+                engine=config.engine,
+                int8=config.int8,
             )
-        tokens = sum(len(ids) for ids in sample.token_ids[:done])
-        result = ceiling.CeilingResult(
-            label, layout, pack_tokens, done, tokens, seconds, meter.cores(meter.other_cpu)
-        )
-        results.append(result)
-        _say(
-            f"  ceiling {text_set.name:9} {layout:26} {label:16} "
-            f"{report.fmt_rate(result.texts_per_s):>6} texts/s  others {result.other_cores:.2f}"
-        )
+            results.append(result)
+            _say(
+                f"  ceiling {text_set.name:9} {result.engine_label:16} {config.layout:28} "
+                f"{config.label:16} {report.fmt_rate(result.texts_per_s):>6} texts/s  "
+                f"others {result.other_cores:.2f}"
+            )
     if not long_texts:
         with procs.CpuMeter(None) as meter:
             done, seconds = ceiling.run_llama_embed(
-                model, sample.texts[:LLAMA_EMBED_TEXTS], 2, profile.ceiling_max_s
+                model, sample.texts[:LLAMA_EMBED_TEXTS], 2, profile.ceiling_s
             )
         tokens = sum(len(ids) for ids in sample.token_ids[:done])
         result = ceiling.CeilingResult(
@@ -107,8 +154,8 @@ def measure_ceiling(run: BenchRun, model: Path, text_set: TextSet, profile: Prof
         )
         results.append(result)
         _say(
-            f"  ceiling {text_set.name:9} {'Llama.embed (its API)':26} {'32 texts/call':16} "
-            f"{report.fmt_rate(result.texts_per_s):>6} texts/s"
+            f"  ceiling {text_set.name:9} {'llama.cpp':16} {'Llama.embed (its API)':28} "
+            f"{'32 texts/call':16} {report.fmt_rate(result.texts_per_s):>6} texts/s"
         )
     run.ceiling[text_set.name] = results
 
@@ -116,56 +163,81 @@ def measure_ceiling(run: BenchRun, model: Path, text_set: TextSet, profile: Prof
 def measure_one_text(
     run: BenchRun, model: Path, text_set: TextSet, profile: Profile, encode: ceiling.Encode
 ) -> None:
-    latency = ceiling.single_text_latency(
-        model, text_set.texts, encode, profile.one_text_samples[text_set.name]
-    )
-    run.one_text[text_set.name] = latency
-    _say(
-        f"  one {text_set.name[:-1]} in-process: p50 {latency.p50_ms:.2f} ms, "
-        f"p99 {latency.p99_ms:.2f} ms"
-    )
-    if text_set.name == report.TARGET_SET:  # what a lone caller's pauses cost the engine
-        paused = ceiling.single_text_latency(
-            model, text_set.texts, encode, profile.one_text_samples[text_set.name], PAUSE_S
+    samples = profile.one_text_samples[text_set.name]
+    for engine in ceiling.ENGINES:
+        latency = ceiling.single_text_latency(model, text_set.texts, encode, samples, engine=engine)
+        run.one_text[f"{engine}, {text_set.name}"] = latency
+        _say(
+            f"  one {text_set.name[:-1]} in-process, {engine}: p50 {latency.p50_ms:.2f} ms, "
+            f"p99 {latency.p99_ms:.2f} ms"
         )
-        run.one_text[f"{text_set.name}, {PAUSE_S * 1000:g} ms pause before each"] = paused
-        _say(f"  the same after a {PAUSE_S * 1000:g} ms pause each: p50 {paused.p50_ms:.2f} ms")
+    if text_set.name == report.TARGET_SET:  # what a lone caller's pauses cost the engine
+        engine = run.serving_engine
+        paused = ceiling.single_text_latency(
+            model, text_set.texts, encode, samples, pause_s=PAUSE_S, engine=engine
+        )
+        name = f"{engine}, {text_set.name}, {PAUSE_S * 1000:g} ms pause before each"
+        run.one_text[name] = paused
+        _say(f"  the same on {engine} after a {PAUSE_S * 1000:g} ms pause: p50 {paused.p50_ms:.2f}")
 
 
 class References:
-    """In-process references re-measured just before a target leg: this machine's speed
-    drifts over minutes (one text took 3.6-4.1 ms in some minutes and 7-8 ms in others of
-    the same session, with nothing else running), so a ratio to a ceiling measured minutes
-    earlier can be off by more than the gaps being measured."""
+    """In-process references re-measured just before an embedd leg that issue 4's targets
+    compare with the engine: this machine's speed drifts over minutes (one text took 3.6-4.1
+    ms in some minutes and 7-8 ms in others of the same session, with nothing else running),
+    so a ratio to a ceiling measured minutes earlier can be off by more than the gaps being
+    measured."""
 
     SECONDS = 3.0
     ONE_TEXT_SAMPLES = 100
 
-    def __init__(self, run: BenchRun, model: Path, encode: ceiling.Encode) -> None:
+    def __init__(
+        self, run: BenchRun, model: Path, encode: ceiling.Encode, profile: Profile
+    ) -> None:
         self._run = run
         self._model = model
         self._encode = encode
+        self._profile = profile
 
-    def ceiling_now(self, text_set: TextSet, profile: Profile) -> float | None:
-        """The best ceiling configuration of ``text_set``, run again for a few seconds."""
+    def ceiling_now(self, text_set: TextSet) -> float | None:
+        """The serving engine's best configuration of ``text_set``, run again briefly."""
         best = self._run.best_ceiling(text_set.name)
         if best is None:
             return None
-        sample = text_set.head(profile.ceiling_texts[text_set.name])
+        sample = _cycled(text_set, self._profile.ceiling_texts[text_set.name])
         done, seconds = ceiling.measure_configuration(
-            self._model, sample.token_ids, best.layout, best.pack_tokens, self.SECONDS
+            self._model, sample.token_ids, best.configuration(), self.SECONDS
         )
         rate = done / seconds if seconds > 0 else None
         _say(f"    ceiling re-measured: {report.fmt_rate(rate or 0)} texts/s")
         return rate
 
-    def one_text_now(self, text_set: TextSet) -> float:
-        """One text's in-process p50 in ms, measured again."""
+    def one_text_now(self, text_set: TextSet) -> float | None:
+        """One text's in-process p50 in ms on the serving engine, measured again."""
+        if not self._run.one_text:
+            return None
         latency = ceiling.single_text_latency(
-            self._model, text_set.texts, self._encode, self.ONE_TEXT_SAMPLES
+            self._model,
+            text_set.texts,
+            self._encode,
+            self.ONE_TEXT_SAMPLES,
+            engine=self._run.serving_engine,
         )
         _say(f"    one text in-process re-measured: p50 {latency.p50_ms:.2f} ms")
         return latency.p50_ms
+
+    def for_leg(
+        self, system: str, text_set: TextSet, concurrency: int, per_request: int
+    ) -> float | None:
+        """The reference issue 4 compares this leg with: embedd gRPC on sentences, one text
+        a request, at 1 caller (one text's p50) or 16 (the ceiling); else none."""
+        if system != GRPC or text_set.name != report.TARGET_SET or per_request != 1:
+            return None
+        if concurrency == 1:
+            return self.one_text_now(text_set)
+        if concurrency == 16:
+            return self.ceiling_now(text_set)
+        return None
 
 
 def write_ghz_data(name: str, messages: Sequence[Sequence[str]]) -> Path:
@@ -185,6 +257,7 @@ def measure_floor(run: BenchRun, text_set: TextSet, profile: Profile) -> None:
     """The do-nothing server under ghz at 16 callers, paced at the c=16 target's rate."""
     best = run.best_ceiling(text_set.name)
     if best is None:
+        _say("  no ceiling measured in this run: no pace for the floor, skipped")
         return
     rate = FLOOR_TARGET * best.texts_per_s
     messages, _ = _messages(text_set, 1)
@@ -208,7 +281,7 @@ def measure_floor(run: BenchRun, text_set: TextSet, profile: Profile) -> None:
     )
 
 
-# --- load legs ----------------------------------------------------------------------------
+# --- the servers ---------------------------------------------------------------------------
 
 
 def _messages(text_set: TextSet, per_request: int) -> tuple[list[list[str]], float]:
@@ -218,6 +291,38 @@ def _messages(text_set: TextSet, per_request: int) -> tuple[list[list[str]], flo
     counts = text_set.token_counts[:count]
     messages = [texts[i : i + per_request] for i in range(0, count, per_request)]
     return messages, sum(counts) / len(counts)
+
+
+@dataclass
+class System:
+    """One column of the comparison: a server process and how the load generator reaches
+    it (gRPC ``Embed`` with pre-serialized messages, or pre-built HTTP requests)."""
+
+    name: str
+    pid: int
+    grpc_target: str | None = None
+    endpoint: Endpoint | None = None
+    _requests: dict[tuple[str, int], list[bytes]] = field(default_factory=dict, repr=False)
+
+    def requests(self, text_set: TextSet, per_request: int) -> list[bytes]:
+        key = (text_set.name, per_request)
+        if key not in self._requests:
+            messages, _ = _messages(text_set, per_request)
+            if self.endpoint is not None:
+                self._requests[key] = [self.endpoint.request(texts) for texts in messages]
+            else:
+                self._requests[key] = loadgen.embed_requests(messages)
+        return self._requests[key]
+
+    def load(
+        self, requests: Sequence[bytes], concurrency: int, seconds: float
+    ) -> loadgen.LoadResult:
+        if self.endpoint is not None:
+            return loadgen.http_load(
+                self.endpoint.host, self.endpoint.port, requests, concurrency, seconds
+            )
+        assert self.grpc_target is not None
+        return loadgen.grpc_load(self.grpc_target, requests, concurrency, seconds)
 
 
 def _leg_from(
@@ -231,6 +336,7 @@ def _leg_from(
     mean_tokens: float,
     generator_cpu: float,
     reference: float | None = None,
+    rss_mib: float | None = None,
 ) -> Leg:
     latencies = load.latencies
     notes = [
@@ -255,87 +361,87 @@ def _leg_from(
         other_cores=meter.cores(meter.other_cpu),
         note="; ".join(note for note in notes if note),
         reference=reference,
+        rss_mib=rss_mib,
     )
 
 
 def _print_leg(leg: Leg) -> None:
+    rss = "" if leg.rss_mib is None else f", memory {leg.rss_mib:.0f} MiB"
     _say(
         f"  {leg.system:24} {leg.text_set:9} c={leg.concurrency:<3} x{leg.texts_per_request:<3}"
         f" {report.fmt_rate(leg.texts_per_s):>6} texts/s  p50 {report.fmt_ms(leg.p50_ms):>6} ms"
         f"  p99 {report.fmt_ms(leg.p99_ms):>6} ms  errors {leg.errors}"
         f"  {leg.generator} {leg.generator_cores:.2f} cores, server {leg.server_cores:.2f}"
-        f" (loop {leg.loop_cores:.2f}), others {leg.other_cores:.2f}"
+        f" (main thread {leg.loop_cores:.2f}){rss}, others {leg.other_cores:.2f}"
+        + (f"  [{leg.note}]" if leg.errors else "")
     )
 
 
-class GrpcLegs:
-    """gRPC Embed legs: ghz when installed, else the asyncio generator."""
-
-    def __init__(self, server: procs.Embedd, use_ghz: bool) -> None:
-        self.server = server
-        self.use_ghz = use_ghz
-        self._data: dict[str, Path] = {}  # ghz data files written in this run, by name
-
-    def load(
-        self, name: str, messages: Sequence[Sequence[str]], concurrency: int, seconds: float
-    ) -> tuple[loadgen.LoadResult, procs.CpuMeter, float]:
-        if self.use_ghz:
-            if name not in self._data:
-                self._data[name] = write_ghz_data(name, messages)
-            data = self._data[name]
-            with procs.CpuMeter(self.server.child.pid) as meter:
-                load = loadgen.run_ghz(GHZ, self.server.grpc_target, data, concurrency, seconds)
-            return load, meter, meter.children_cpu
-        requests = loadgen.embed_requests(messages)
-        with procs.CpuMeter(self.server.child.pid) as meter:
-            load = loadgen.grpc_load(self.server.grpc_target, requests, concurrency, seconds)
-        return load, meter, meter.own_cpu
-
-
-def _reference_for(
-    references: References | None, text_set: TextSet, profile: Profile, concurrency: int
-) -> float | None:
-    """The in-process reference a target leg is compared with (sentences at 1 and 16)."""
-    if references is None or text_set.name != report.TARGET_SET:
-        return None
-    if concurrency == 1:
-        return references.one_text_now(text_set)
-    if concurrency == 16:
-        return references.ceiling_now(text_set, profile)
-    return None
-
-
-def grpc_legs(
-    run: BenchRun,
-    legs: GrpcLegs,
+def measure_leg(
+    system: System,
     text_set: TextSet,
+    concurrency: int,
+    per_request: int,
     profile: Profile,
-    references: References | None = None,
+    *,
+    reference: float | None = None,
+) -> Leg:
+    """One closed-loop leg on one system, after a short warm-up with the same load (which
+    also loads a model a server unloaded while the other systems ran)."""
+    requests = system.requests(text_set, per_request)
+    _, mean_tokens = _messages(text_set, per_request)
+    system.load(requests, concurrency, profile.warmup_s)
+    with (
+        procs.RssSampler(system.pid, RSS_INTERVAL_S, tree=True) as rss,
+        procs.CpuMeter(system.pid) as meter,
+    ):
+        load = system.load(requests, concurrency, profile.leg_s)
+    return _leg_from(
+        load,
+        meter,
+        system=system.name,
+        text_set=text_set.name,
+        concurrency=concurrency,
+        per_request=per_request,
+        mean_tokens=mean_tokens,
+        generator_cpu=meter.own_cpu,
+        reference=reference,
+        rss_mib=max(rss.samples) if rss.samples else None,
+    )
+
+
+def rotations(systems: Sequence[T], legs: int) -> Iterator[list[T]]:
+    """The order of the systems on each leg: rotated by one from leg to leg, so that no
+    system always runs first or right after the same other one."""
+    for number in range(legs):
+        shift = number % len(systems) if systems else 0
+        yield [*systems[shift:], *systems[:shift]]
+
+
+def interleaved_legs(
+    run: BenchRun,
+    systems: Sequence[System],
+    text_sets: Sequence[TextSet],
+    profile: Profile,
+    references: References | None,
 ) -> None:
-    plans = [(c, 1) for c in CONCURRENCIES] + [(BATCH_CONCURRENCY, BATCH_TEXTS)]
-    warm_messages, _ = _messages(text_set, 1)
-    legs.load(f"{text_set.name}-1", warm_messages, 4, profile.warmup_s)
-    for concurrency, per_request in plans:
-        reference = _reference_for(
-            references, text_set, profile, concurrency if per_request == 1 else 0
-        )
-        messages, mean_tokens = _messages(text_set, per_request)
-        load, meter, generator_cpu = legs.load(
-            f"{text_set.name}-{per_request}", messages, concurrency, profile.leg_s
-        )
-        leg = _leg_from(
-            load,
-            meter,
-            system=GRPC,
-            text_set=text_set.name,
-            concurrency=concurrency,
-            per_request=per_request,
-            mean_tokens=mean_tokens,
-            generator_cpu=generator_cpu,
-            reference=reference,
-        )
-        run.legs.append(leg)
-        _print_leg(leg)
+    """Every leg on every system, each leg on all systems before the next leg."""
+    plans = [(text_set, shape) for text_set in text_sets for shape in report.LEG_SHAPES]
+    for (text_set, (concurrency, per_request)), order in zip(
+        plans, rotations(systems, len(plans)), strict=True
+    ):
+        _say(f" {text_set.name}, {report.leg_label(concurrency, per_request)}:")
+        for system in order:
+            reference = (
+                references.for_leg(system.name, text_set, concurrency, per_request)
+                if references
+                else None
+            )
+            leg = measure_leg(
+                system, text_set, concurrency, per_request, profile, reference=reference
+            )
+            run.legs.append(leg)
+            _print_leg(leg)
 
 
 def stream_leg(
@@ -350,11 +456,11 @@ def stream_leg(
     counts = text_set.token_counts
     mean_tokens = sum(counts[i % len(counts)] for i in range(count)) / count
     texts = itertools.islice(itertools.cycle(text_set.texts), count)
-    rss_before = procs.rss_mib(server.child.pid)
+    rss_before = procs.tree_pss_mib(server.child.pid)
     done = 0
     with (
         Client(server.grpc_target, timeout=300) as client,
-        procs.RssSampler(server.child.pid) as rss,
+        procs.RssSampler(server.child.pid, RSS_INTERVAL_S, tree=True) as rss,
         procs.CpuMeter(server.child.pid) as meter,
     ):
         for batch in client.embed_stream(texts, batch_size=STREAM_BATCH, timeout=900):
@@ -375,66 +481,162 @@ def stream_leg(
         loop_cores=meter.cores(meter.main_thread_cpu),
         other_cores=meter.cores(meter.other_cpu),
         note=(
-            f"{count:,} texts, one stream; server RSS {rss_before:.0f} MiB before, "
+            f"{count:,} texts, one stream; server memory {rss_before:.0f} MiB before, "
             f"{min(samples):.0f}-{max(samples):.0f} MiB during ({len(samples)} samples)"
         ),
         reference=reference,
+        rss_mib=max(samples),
     )
     run.legs.append(leg)
     _print_leg(leg)
     _say(f"    {leg.note}")
 
 
-def rest_legs(
+@dataclass
+class Servers:
+    """The servers of a run, started, and each one's systems."""
+
+    systems: list[System] = field(default_factory=list)
+    embedd: procs.Embedd | None = None
+    stsb: list[tuple[str, Endpoint]] = field(default_factory=list)  # (system, its REST)
+
+
+def start_servers(
     run: BenchRun,
-    *,
-    system: str,
-    base_url: str,
-    server_pid: int,
-    text_set: TextSet,
+    children: procs.Children,
+    model: Path,
+    parts: set[str],
+    found: Sequence[peers.Peer | peers.Missing],
+) -> Servers:
+    """embedd (default, and --int8) and the peers found, all started before any leg."""
+    servers = Servers()
+    if EMBEDD in parts:
+        server = children.add_embedd(procs.start_embedd(model.parent, with_envoy=True))
+        servers.embedd = server
+        endpoint = Endpoint(server.rest_url or "", "/v1/embeddings", MODEL_NAME)
+        servers.systems += [
+            System(GRPC, server.child.pid, grpc_target=server.grpc_target),
+            System(REST, server.child.pid, endpoint=endpoint),
+        ]
+        servers.stsb.append((GRPC, endpoint))
+        _say(f"  embedd run (engine=auto: {run.serving_engine}) pid {server.child.pid}")
+    if INT8 in parts:
+        server = children.add_embedd(
+            procs.start_embedd(
+                model.parent, with_envoy=True, name="embedd-run-int8", extra=["--int8"]
+            )
+        )
+        servers.systems.append(System(GRPC_INT8, server.child.pid, grpc_target=server.grpc_target))
+        servers.stsb.append(
+            (GRPC_INT8, Endpoint(server.rest_url or "", "/v1/embeddings", MODEL_NAME))
+        )
+        _say(f"  embedd run --int8 pid {server.child.pid}")
+    for peer in found:
+        if not isinstance(peer, peers.Peer):
+            continue
+        system = report.PEER if peer.system == peers.LLAMA_SERVER else peer.system
+        try:
+            child, endpoint = peer.launch()
+        except (OSError, RuntimeError, TimeoutError, ValueError) as error:
+            reason = str(error).splitlines()[0][:300]
+            _say(f"  {peer.system} failed to start, skipped: {reason}")
+            run.peers.append(f"{peer.system} {peer.version}: **failed to start** ({reason})")
+            continue
+        children.add(child)
+        servers.systems.append(System(system, child.pid, endpoint=endpoint))
+        servers.stsb.append((system, endpoint))
+        _say(
+            f"  {peer.system} {peer.version} pid {child.pid} at {endpoint.base_url}{endpoint.route}"
+        )
+    return servers
+
+
+def measure_stsb(run: BenchRun, servers: Servers, profile: Profile) -> None:
+    stsb = quality.stsb_pairs(profile.stsb_pairs)
+    run.stsb_pairs = len(stsb.scores)
+    for system, endpoint in servers.stsb:
+        try:
+            score = quality.stsb_of(endpoint, stsb)
+        except (OSError, ValueError, KeyError) as error:
+            _say(f"  STS-B {system}: failed ({error})")
+            run.notes.append(f"STS-B of {system} failed: {str(error)[:200]}")
+            continue
+        run.stsb[system] = score
+        if system == GRPC:  # gRPC and REST: one server, one set of vectors
+            run.stsb[REST] = score
+        _say(f"  STS-B {system}: {score:.2f}")
+
+
+def measure_servers(
+    run: BenchRun,
+    model: Path,
+    text_sets: Sequence[TextSet],
     profile: Profile,
-    references: References | None = None,
+    *,
+    parts: set[str],
+    found: Sequence[peers.Peer | peers.Missing],
+    references: References | None,
 ) -> None:
-    host, port = base_url.removeprefix("http://").rsplit(":", 1)
-    messages, mean_tokens = _messages(text_set, 1)
-    requests = [
-        loadgen.http_post(
-            host, int(port), "/v1/embeddings", loadgen.openai_embedding_body(texts, MODEL_NAME)
-        )
-        for texts in messages
-    ]
-    loadgen.http_load(host, int(port), requests, 4, profile.warmup_s)
-    for concurrency in (1, 16):
-        reference = _reference_for(references, text_set, profile, concurrency)
-        with procs.CpuMeter(server_pid) as meter:
-            load = loadgen.http_load(host, int(port), requests, concurrency, profile.leg_s)
-        leg = _leg_from(
-            load,
-            meter,
-            system=system,
-            text_set=text_set.name,
-            concurrency=concurrency,
-            per_request=1,
-            mean_tokens=mean_tokens,
-            generator_cpu=meter.own_cpu,
-            reference=reference,
-        )
-        run.legs.append(leg)
-        _print_leg(leg)
+    with procs.Children() as children:
+        _say("starting the servers (each on its defaults):")
+        servers = start_servers(run, children, model, parts, found)
+        if not servers.systems:
+            _say("  no server to measure")
+            return
+        _say("legs, interleaved:")
+        interleaved_legs(run, servers.systems, text_sets, profile, references)
+        if servers.embedd is not None:
+            _say("embedd EmbedStream:")
+            for text_set in text_sets:
+                reference = (
+                    references.ceiling_now(text_set)
+                    if references and text_set.name == report.TARGET_SET
+                    else None
+                )
+                stream_leg(
+                    run, servers.embedd, text_set, profile.stream_texts[text_set.name], reference
+                )
+        if profile.stsb_pairs != 0:
+            _say("STS-B from each server's vectors:")
+            measure_stsb(run, servers, profile)
 
 
 # --- the run ------------------------------------------------------------------------------
 
 
+def _parts(value: str) -> set[str]:
+    chosen = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = chosen - set(PARTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}"
+        )
+    return chosen
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="short legs, for development")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the GGUF file")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where latest.md/png go")
-    parser.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python's server")
     parser.add_argument(
-        "--no-ghz", action="store_true", help="use the asyncio gRPC load generator, not ghz"
+        "--only",
+        type=_parts,
+        default=set(PARTS),
+        help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
     )
+    parser.add_argument(
+        "--sets",
+        default="sentences,passages",
+        help="text sets: sentences, passages or both (default)",
+    )
+    parser.add_argument("--no-peer", action="store_true", help="no peer server at all")
+    parser.add_argument("--no-stsb", action="store_true", help="skip the STS-B scores")
+    parser.add_argument("--no-ghz", action="store_true", help="skip the floor (ghz) leg")
     return parser.parse_args(list(argv))
 
 
@@ -445,69 +647,62 @@ def _command_line(argv: Sequence[str]) -> str:
     return "make bench BENCH_ARGS=" + shlex.quote(" ".join(argv))
 
 
-def measure_engine(
-    run: BenchRun,
-    model: Path,
-    text_sets: Sequence[TextSet],
-    profile: Profile,
-) -> None:
-    _say("engine ceiling (in-process, no server):")
-    for text_set in text_sets:
-        measure_ceiling(run, model, text_set, profile)
-    if peer.torch_available():
-        tps = peer.sentence_transformers_texts_per_s(text_sets[0].texts[:1000])
-        run.sentence_transformers = f"{tps:,.0f} texts/s on sentences (batch 32)"
-
-
-def measure_servers(
-    run: BenchRun,
-    model: Path,
-    text_sets: Sequence[TextSet],
-    profile: Profile,
-    *,
-    use_ghz: bool,
-    with_peer: bool,
-    references: References | None = None,
-) -> None:
-    with procs.Children() as children:
-        _say("embedd serve (gRPC, default settings):")
-        server = children.add_embedd(procs.start_embedd(model.parent, with_envoy=False))
-        generator = GrpcLegs(server, use_ghz)
-        for text_set in text_sets:
-            grpc_legs(run, generator, text_set, profile, references)
-        for text_set in text_sets:
-            reference = _reference_for(references, text_set, profile, 16)
-            stream_leg(run, server, text_set, profile.stream_texts[text_set.name], reference)
-        server.child.stop()
-
-        _say("embedd run (gRPC + Envoy REST):")
-        server = children.add_embedd(procs.start_embedd(model.parent, with_envoy=True))
-        for text_set in text_sets:
-            rest_legs(
-                run,
-                system=REST,
-                base_url=server.rest_url or "",
-                server_pid=server.child.pid,
-                text_set=text_set,
-                profile=profile,
-                references=references,
+def find_peers(run: BenchRun, model: Path, parts: set[str]) -> list[peers.Peer | peers.Missing]:
+    """The peers this run includes, found (their versions printed) or skipped (why)."""
+    wanted = {system for system, part in PEER_PARTS.items() if part in parts}
+    if not wanted:
+        return []
+    if peers.LLAMA_SERVER in wanted:
+        installed_s = peers.ensure_peer_venv()
+        if installed_s:
+            run.notes.append(
+                f"llama-cpp-python's venv was installed in this run ({installed_s:.0f}s)."
             )
-        server.child.stop()
+    found = [
+        peer
+        for peer in peers.find_peers(model, with_llama_server=peers.LLAMA_SERVER in wanted)
+        if peer.system in wanted
+    ]
+    _say("peers:")
+    for peer in found:
+        if isinstance(peer, peers.Peer):
+            line = f"{peer.system} {peer.version}: {peer.detail}"
+        else:
+            line = f"{peer.system}: skipped, {peer.reason}"
+        _say(f"  {line}")
+        run.peers.append(line)
+    return found
 
-        if with_peer:
-            _say("llama-cpp-python's server (the peer):")
-            child, url = peer.start_peer(model)
-            children.add(child)
-            for text_set in text_sets:
-                rest_legs(
-                    run,
-                    system=PEER,
-                    base_url=url,
-                    server_pid=child.pid,
-                    text_set=text_set,
-                    profile=profile,
-                )
-            child.stop()
+
+def _embedd_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("embedd")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _git_commit() -> str:
+    """The repository's commit, with "+ changes" when the work tree differs from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _selected_sets(value: str, text_sets: Sequence[TextSet]) -> list[TextSet]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    chosen = [text_set for text_set in text_sets if text_set.name in names]
+    if not chosen or len(chosen) != len(names):
+        raise SystemExit(f"--sets: choose from {', '.join(t.name for t in text_sets)}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,6 +710,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(arguments)
     started = time.perf_counter()
     profile = QUICK if args.quick else FULL
+    if args.no_stsb:
+        profile = Profile(**{**profile.__dict__, "stsb_pairs": 0})
+    parts: set[str] = set(args.only)
+    if args.no_peer:
+        parts -= set(PEER_PARTS.values())
+    if args.no_ghz:
+        parts.discard(FLOOR)
     model: Path = args.model.resolve()
     procs.ensure_bench_dir()
     run = BenchRun(
@@ -523,40 +725,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         command=_command_line(arguments),
+        serving_engine=ceiling.auto_engine(model),
     )
-    use_ghz = GHZ.exists() and not args.no_ghz
     _say(
         f"embedd benchmark ({'quick' if args.quick else 'full'}) on {run.cpu_model}, "
-        f"{run.cores} cores; gRPC load: {'ghz' if use_ghz else 'asyncio (no .tools/bin/ghz)'}"
+        f"{run.cores} cores; parts: {', '.join(p for p in PARTS if p in parts)}; embedd "
+        f"serves {model.name} with {run.serving_engine} (engine=auto)"
     )
-    if not args.no_peer:
-        installed_s = peer.ensure_peer_venv()
-        if installed_s:
-            run.notes.append(f"The peer's venv was installed in this run ({installed_s:.0f}s).")
+    if parts & {EMBEDD, INT8}:
+        run.peers.append(
+            f"embedd {_embedd_version()} ({_git_commit()}): `embedd run` on its defaults "
+            f"(engine=auto: {run.serving_engine} for this model; Envoy for REST)"
+            + ("; and `embedd run --int8`" if INT8 in parts else "")
+        )
+    found = find_peers(run, model, parts)
     sentences, passages, tokenizer = load_text_sets(model)
-    text_sets = [sentences, passages]
+    sentences = sentences.head(SENTENCES)
+    text_sets = _selected_sets(args.sets, [sentences, passages])
     run.notes.append(
-        f"Texts: {len(sentences.texts)} STS-B test sentences ({sentences.mean_tokens:.1f} tokens "
-        f"on average) and {len(passages.texts)} passages of consecutive sentences "
-        f"({passages.mean_tokens:.1f} tokens), token counts from the model's tokenizer."
+        f"Texts: the first {len(sentences.texts):,} STS-B test sentences "
+        f"({sentences.mean_tokens:.1f} tokens on average) and {len(passages.texts)} passages "
+        f"of consecutive sentences ({passages.mean_tokens:.1f} tokens), token counts from the "
+        "model's tokenizer."
     )
     _say(run.notes[-1])
 
-    measure_engine(run, model, text_sets, profile)
-    if use_ghz:
+    if CEILING in parts:
+        _say("the engines in-process (no server):")
+        measure_engines(run, model, text_sets, profile, tokenizer.encode_batch)
+    if FLOOR in parts and GHZ.exists():
         _say("the floor (a gRPC server that does nothing):")
         measure_floor(run, sentences, profile)
-    for text_set in text_sets:  # just before the servers' concurrency-1 legs
-        measure_one_text(run, model, text_set, profile, tokenizer.encode_batch)
-    measure_servers(
-        run,
-        model,
-        text_sets,
-        profile,
-        use_ghz=use_ghz,
-        with_peer=not args.no_peer,
-        references=References(run, model, tokenizer.encode_batch),
+    elif FLOOR in parts:
+        _say("the floor: skipped, no .tools/bin/ghz (`make ghz`)")
+    references = (
+        References(run, model, tokenizer.encode_batch, profile) if CEILING in parts else None
     )
+    measure_servers(run, model, text_sets, profile, parts=parts, found=found, references=references)
 
     run.seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
@@ -567,6 +772,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(markdown)
     _say(f"wrote {args.out / 'latest.md'} and latest.png; the run took {run.seconds / 60:.1f} min")
     return 0
+
+
+def measure_engines(
+    run: BenchRun,
+    model: Path,
+    text_sets: Sequence[TextSet],
+    profile: Profile,
+    encode: ceiling.Encode,
+) -> None:
+    for text_set in text_sets:
+        measure_ceiling(run, model, text_set, profile)
+    for text_set in text_sets:
+        measure_one_text(run, model, text_set, profile, encode)
+    if peers.torch_available():
+        tps = peers.sentence_transformers_texts_per_s(text_sets[0].texts[:1000])
+        run.sentence_transformers = f"{tps:,.0f} texts/s on {text_sets[0].name} (batch 32)"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
-"""The engine's ceiling: the server's own engines in-process on the same GGUF, no server.
+"""The engines' ceiling: the server's own engines in-process on the same GGUF, no server.
 
 Every configuration decodes the same token ids (tokenized beforehand, as the server does
 before its workers see them) and is timed from the first decode to the last. The pieces are
-the server's: the runtime comes from its loader (``load_llama_runtime``, so the context size
-and the sequences per pack are the server's), and the token ids go in as one job on its
-``FairQueue``, from which each engine's thread takes packs with ``take_batch``, as a worker
-does. What a configuration varies is the server's own settings:
+the server's: the runtime comes from its loader (``choice.load_runtime`` with the engine
+forced, so the context size, the sequences per pack and the ONNX graph are the server's),
+and the token ids go in as one job on its ``FairQueue``, from which each engine's thread
+takes packs with ``take_batch``, as a worker does. What a configuration varies is the
+server's own settings, for each of the two engines:
 
-- packing (``batch_tokens``): one sequence per decode, or consecutive sequences packed into
-  decodes of at most 128 / 256 tokens;
-- layout: two threads each with its own single-thread context, two worker processes
-  (``ProcessEngine``, the server's default on CPU) with one thread each, or one context with
-  two threads; plus ``Llama.embed``, llama-cpp-python's own API (which its server uses).
+- llama.cpp: packing (``batch_tokens``): one sequence per decode, or consecutive sequences
+  packed into decodes of at most 128 / 256 tokens; layout: two threads each with its own
+  single-thread context, two worker processes (``ProcessEngine``, llama.cpp's default on CPU)
+  with one thread each, or one context with two threads; plus ``Llama.embed``,
+  llama-cpp-python's own API (which its server uses);
+- ONNX Runtime: packs of at most 2048 tokens (``onnx_batch_tokens``, the default) or 256,
+  each run in length-sorted padded batches; two threads each with a single-thread session
+  (the server's default) or one session on two threads; and the default layout with int8
+  weights (``--int8``).
 
-The fastest configuration is "the ceiling".
+The fastest configuration of an engine is its ceiling.
 """
 
 from __future__ import annotations
@@ -39,25 +44,58 @@ WARMUP_DECODES = 8
 
 Encode = Callable[[Sequence[str]], list[list[int]]]
 
+LLAMA = "llama.cpp"
+ONNX = "onnxruntime"
+ENGINES = (LLAMA, ONNX)
+
 # Layout -> (engines, threads per engine, engines in processes of their own).
 LAYOUTS = {
     "2 threads x 1-thread ctx": (2, 1, False),
     "2 processes x 1 thread": (2, 1, True),
     "1 ctx x 2 threads": (1, 2, False),
+    "2 threads x 1-thread session": (2, 1, False),
+    "1 session x 2 threads": (1, 2, False),
 }
+LLAMA_LAYOUTS = ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads")
+ONNX_LAYOUTS = ("2 threads x 1-thread session", "1 session x 2 threads")
+ONNX_DEFAULT_PACK = EngineSettings().onnx_batch_tokens
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way to run an engine in-process: the server's settings it stands for."""
+
+    engine: str  # LLAMA or ONNX
+    layout: str  # a key of LAYOUTS
+    label: str  # how its packs are made, for people
+    pack_tokens: int  # most tokens of one pack; 0: one sequence per decode
+    int8: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine}{' int8' if self.int8 else ''}, {self.layout}, {self.label}"
 
 
 @dataclass(frozen=True)
 class CeilingResult:
     """One configuration's throughput."""
 
-    name: str
+    name: str  # how its packs are made
     layout: str
-    pack_tokens: int  # 0: one sequence per decode
+    pack_tokens: int  # 0: one sequence per decode; -1: Llama.embed's own
     texts: int
     tokens: int
     seconds: float
     other_cores: float = 0.0  # other processes on the machine meanwhile: noise
+    engine: str = LLAMA
+    int8: bool = False
+
+    @property
+    def engine_label(self) -> str:
+        return f"{self.engine} int8" if self.int8 else self.engine
+
+    def configuration(self) -> Configuration:
+        return Configuration(self.engine, self.layout, self.name, self.pack_tokens, self.int8)
 
     @property
     def texts_per_s(self) -> float:
@@ -77,23 +115,35 @@ class SingleTextLatency:
     samples: int
 
 
-def engine_settings(layout: str, pack_tokens: int) -> EngineSettings:
-    """The server's settings for one configuration (``pack_tokens`` 0: one per decode)."""
-    workers, threads, processes = LAYOUTS[layout]
+def engine_settings(config: Configuration) -> EngineSettings:
+    """The server's settings for one configuration. ``batch_tokens`` is what the queue packs
+    by here, for either engine (the server packs by ``onnx_batch_tokens`` for ONNX Runtime)."""
+    workers, threads, processes = LAYOUTS[config.layout]
     return EngineSettings(
         workers=workers,
         threads_per_worker=threads,
         worker_processes=processes,
-        batch_tokens=pack_tokens,
+        batch_tokens=config.pack_tokens,
+        onnx_batch_tokens=config.pack_tokens or ONNX_DEFAULT_PACK,
+        engine=config.engine,
+        int8=config.int8,
     )
 
 
 def _runtime(model_path: Path, settings: EngineSettings) -> Runtime:
-    from embedd_server.engines.llama import load_llama_runtime
+    """The server's loader with the engine of ``settings`` (not "auto")."""
+    from embedd_server.engines.choice import load_runtime
 
     # llama-cpp-python prints llama.cpp's load-time log through Python's sys.stderr.
     with contextlib.redirect_stderr(io.StringIO()):
-        return load_llama_runtime(read_model_info(model_path), settings, LoadOptions())
+        return load_runtime(read_model_info(model_path), settings, LoadOptions())
+
+
+def auto_engine(model_path: Path) -> str:
+    """The engine ``engine=auto`` (the server's default) picks for this model."""
+    from embedd_server.engines.choice import engine_for
+
+    return engine_for(read_model_info(model_path), EngineSettings(), LoadOptions())
 
 
 def decode_all(
@@ -146,13 +196,13 @@ def decode_all(
 def measure_configuration(
     model_path: Path,
     token_ids: Sequence[Sequence[int]],
-    layout: str,
-    pack_tokens: int,
+    config: Configuration,
     max_seconds: float,
 ) -> tuple[int, float]:
     """(texts, seconds) of one configuration; the engines are built (worker processes
-    started) and warmed up on a few packs each before the clock starts."""
-    settings = engine_settings(layout, pack_tokens)
+    started, ONNX sessions created) and warmed up on a few packs each before the clock
+    starts."""
+    settings = engine_settings(config)
     runtime = _runtime(model_path, settings)
     engines: list[Engine] = []
     try:
@@ -196,43 +246,58 @@ def run_llama_embed(
         llama.close()
 
 
-def configurations(long_texts: bool) -> Iterator[tuple[str, str, int]]:
-    """(layout, packing label, pack_tokens) to try. Long texts do not pack below 256."""
-    packings = (
-        [("1 per decode", 0)]
-        if long_texts
-        else [
-            ("1 per decode", 0),
-            ("packs ≤128 tok", 128),
-            ("packs ≤256 tok", 256),
-        ]
-    )
-    for layout in LAYOUTS:
-        for label, tokens in packings:
-            yield layout, label, tokens
+def configurations(engine: str, long_texts: bool) -> Iterator[Configuration]:
+    """The configurations of ``engine`` to try. llama.cpp: long texts do not pack below 256.
+    ONNX Runtime: its default packs in both layouts, smaller packs in the default layout, and
+    int8 weights in the default layout and packs."""
+    if engine == LLAMA:
+        packings = (
+            [("1 per decode", 0)]
+            if long_texts
+            else [("1 per decode", 0), ("packs ≤128 tok", 128), ("packs ≤256 tok", 256)]
+        )
+        for layout in LLAMA_LAYOUTS:
+            for label, tokens in packings:
+                yield Configuration(LLAMA, layout, label, tokens)
+        return
+    if engine != ONNX:
+        raise ValueError(f"unknown engine {engine!r}")
+    default_layout, other_layout = ONNX_LAYOUTS
+    default = f"packs ≤{ONNX_DEFAULT_PACK} tok"
+    yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK)
+    yield Configuration(ONNX, default_layout, "packs ≤256 tok", 256)
+    yield Configuration(ONNX, other_layout, default, ONNX_DEFAULT_PACK)
+    yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK, int8=True)
 
 
 def single_text_latency(
-    model_path: Path, texts: Sequence[str], encode: Encode, samples: int, pause_s: float = 0.0
+    model_path: Path,
+    texts: Sequence[str],
+    encode: Encode,
+    samples: int,
+    *,
+    pause_s: float = 0.0,
+    engine: str = LLAMA,
 ) -> SingleTextLatency:
-    """p50/p99 of tokenize + decode + normalize for one text on a 1-thread context (the
-    server's default worker), texts taken in turn, back to back or ``pause_s`` apart (as a
-    lone caller's requests arrive: on these machines a decode after an idle pause is slower,
-    the weights having left the caches)."""
+    """p50/p99 of tokenize + decode + normalize for one text on one single-thread engine in
+    this process (a llama.cpp context, or an ONNX Runtime session: the server's worker),
+    texts taken in turn, back to back or ``pause_s`` apart (as a lone caller's requests
+    arrive: on these machines a decode after an idle pause is slower, the weights having
+    left the caches)."""
     from bench.report import percentile
 
-    runtime = _runtime(model_path, EngineSettings(worker_processes=False))
-    engine = runtime.new_engine()
+    runtime = _runtime(model_path, EngineSettings(worker_processes=False, engine=engine))
+    worker = runtime.new_engine()
     try:
         for text in texts[:WARMUP_DECODES]:
-            engine.embed_batch(encode([text]))
+            worker.embed_batch(encode([text]))
         timings: list[float] = []
         for number in range(samples):
             text = texts[number % len(texts)]
             if pause_s:
                 time.sleep(pause_s)
             started = time.perf_counter()
-            vectors = engine.embed_batch(encode([text]))
+            vectors = worker.embed_batch(encode([text]))
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             timings.append(time.perf_counter() - started)
         timings.sort()
@@ -240,5 +305,5 @@ def single_text_latency(
             percentile(timings, 50) * 1000, percentile(timings, 99) * 1000, len(timings)
         )
     finally:
-        engine.close()
+        worker.close()
         runtime.close()

@@ -221,6 +221,27 @@ async def _grpc_load(
 # --- asyncio HTTP/1.1 ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a REST server takes OpenAI-shaped embedding requests."""
+
+    base_url: str  # http://127.0.0.1:PORT
+    route: str  # /v1/embeddings, or /embeddings (Infinity)
+    model: str  # the request's "model"
+
+    @property
+    def host(self) -> str:
+        return self.base_url.removeprefix("http://").rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    def request(self, texts: Sequence[str]) -> bytes:
+        """The whole HTTP request embedding ``texts``, as bytes."""
+        return http_post(self.host, self.port, self.route, openai_embedding_body(texts, self.model))
+
+
 def http_post(host: str, port: int, path: str, body: bytes) -> bytes:
     """A whole HTTP/1.1 keep-alive POST request as bytes."""
     head = (

@@ -5,18 +5,23 @@ in-process where torch is importable.
 A peer runs when it is installed here, and is skipped with the reason printed otherwise (the
 benchmark runs on a machine with no peer at all):
 
-- TEI: ``$EMBEDD_BENCH_TEI`` (``text-embeddings-router``, or a script that runs it) or
-  ``text-embeddings-router`` on PATH; the model directory (all-MiniLM-L6-v2 with a
+- TEI: ``$EMBEDD_BENCH_TEI`` (``text-embeddings-router``, or a script called as ``run-tei.sh
+  MODEL_DIR PORT`` that runs it), else ``text-embeddings-router`` on PATH or in
+  ``../peers/tei``; the model directory (all-MiniLM-L6-v2 with a
   ``model.onnx``, without which TEI falls back to candle) is ``$EMBEDD_BENCH_TEI_MODEL`` or
   ``../peers/minilm-onnx``. ``ORT_DYLIB_PATH`` (TEI built with ``ort/load-dynamic``) defaults
   to the ONNX Runtime library of this venv's ``onnxruntime``.
 - Infinity: ``$EMBEDD_BENCH_INFINITY`` (``infinity_emb``), ``.bench/infinity-venv`` (``make
   bench-peers`` installs it: ~8 GB) or ``infinity_emb`` on PATH; the same model directory
-  (``$EMBEDD_BENCH_INFINITY_MODEL``). Its engine is ``optimum`` (ONNX Runtime): its default,
-  ``torch``, needs sentence-transformers, which the pinned install does not carry
-  (``$EMBEDD_BENCH_INFINITY_ENGINE`` overrides).
-- Ollama: ``$EMBEDD_BENCH_OLLAMA`` or ``ollama`` on PATH; ``ollama create`` imports embedd's
-  own GGUF into ``.bench/ollama-models``.
+  (``$EMBEDD_BENCH_INFINITY_MODEL``). Two settings are not its defaults: ``--engine optimum``
+  (ONNX Runtime), as its default, ``torch``, needs sentence-transformers, which the pinned
+  install does not carry (``$EMBEDD_BENCH_INFINITY_ENGINE`` overrides); and ``--pooling-method
+  mean``, the model's own pooling: its default, ``auto``, pools the [CLS] token on the optimum
+  engine (cosine 0.15-0.71 to sentence-transformers' vectors on the 275 reference texts). Its
+  ``HF_HOME`` is ``.bench/infinity-home``: the ONNX graph it optimizes on first start is cached
+  under the model id alone (``.``), where another model started the same way would find it.
+- Ollama: ``$EMBEDD_BENCH_OLLAMA``, else ``ollama`` on PATH or in ``../peers/ollama``;
+  ``ollama create`` imports embedd's own GGUF into ``.bench/ollama-models``.
 - llama-cpp-python's server: ``.bench/peer-venv``, installed on first use (its wheel compiles
   llama.cpp), given the same GGUF and both cores.
 
@@ -60,6 +65,7 @@ ENV_OLLAMA = "EMBEDD_BENCH_OLLAMA"
 PEERS_DIR = REPO.parent / "peers"  # where this project's machines keep the peers' builds
 DEFAULT_ONNX_MODEL_DIR = PEERS_DIR / "minilm-onnx"
 INFINITY_VENV = procs.BENCH_DIR / "infinity-venv"
+INFINITY_HOME = procs.BENCH_DIR / "infinity-home"  # its HF_HOME: its own cache of the graph
 INFINITY_REQUIREMENTS = (
     # optimum 2.x breaks Infinity's graph optimisation; torch is imported even for ONNX.
     "infinity-emb[server]==0.0.78",
@@ -123,7 +129,9 @@ def resolve_program(
         if found:
             return Path(found), ""
     plain = [name for name in names if "/" not in name]
-    return None, f"not installed (set ${variable}, or put {' or '.join(plain)} on PATH)"
+    paths = [name for name in names if "/" in name]
+    where = f"put {' or '.join(plain)} on PATH" + (f" or at {', '.join(paths)}" if paths else "")
+    return None, f"not installed (set ${variable}, or {where})"
 
 
 def resolve_model_dir(
@@ -140,7 +148,7 @@ def resolve_model_dir(
 
 def version_in(text: str) -> str:
     """The first dotted version number in a program's output ("" when there is none)."""
-    match = re.search(r"\b(\d+\.\d+(?:\.\d+)?(?:[-+.][0-9A-Za-z.]+)?)", text)
+    match = re.search(r"\b(\d+\.\d+(?:\.\d+)?(?:[-+.]?[0-9A-Za-z.]+)?)", text)
     return match.group(1) if match else ""
 
 
@@ -198,14 +206,16 @@ def find_peers(
 
 
 def find_tei(environ: Mapping[str, str], which: Which = shutil.which) -> Peer | Missing:
-    program, why = resolve_program(environ, ENV_TEI, ["text-embeddings-router"], which)
+    names = ["text-embeddings-router", str(PEERS_DIR / "tei" / "text-embeddings-router")]
+    program, why = resolve_program(environ, ENV_TEI, names, which)
     if program is None:
         return Missing(TEI, why)
     model_dir, why = resolve_model_dir(environ, ENV_TEI_MODEL)
     if model_dir is None:
         return Missing(TEI, why)
     env = tei_environment(environ)
-    version = program_version([str(program), "--version"], {**environ, **env})
+    router = program.parent / "text-embeddings-router" if is_script(program) else program
+    version = program_version([str(router), "--version"], {**environ, **env})
     dylib = env.get("ORT_DYLIB_PATH", "")
     detail = f"{program}; model {model_dir}" + (f"; ORT_DYLIB_PATH={dylib}" if dylib else "")
     return Peer(TEI, program, version, detail, functools.partial(start_tei, program, model_dir))
@@ -221,7 +231,7 @@ def find_infinity(environ: Mapping[str, str], which: Which = shutil.which) -> Pe
         return Missing(INFINITY, why)
     engine = environ.get(ENV_INFINITY_ENGINE, "").strip() or "optimum"
     version = package_version(program.parent / "python", "infinity_emb")
-    detail = f"{program}; model {model_dir}; --engine {engine}"
+    detail = f"{program}; model {model_dir}; --engine {engine} --pooling-method mean"
     launch = functools.partial(start_infinity, program, model_dir, engine)
     return Peer(INFINITY, program, version, detail, launch)
 
@@ -229,7 +239,8 @@ def find_infinity(environ: Mapping[str, str], which: Which = shutil.which) -> Pe
 def find_ollama(
     model: Path, environ: Mapping[str, str], which: Which = shutil.which
 ) -> Peer | Missing:
-    program, why = resolve_program(environ, ENV_OLLAMA, ["ollama"], which)
+    names = ["ollama", str(PEERS_DIR / "ollama" / "ollama")]
+    program, why = resolve_program(environ, ENV_OLLAMA, names, which)
     if program is None:
         return Missing(OLLAMA, why)
     version = program_version([str(program), "--version"])  # "client version is X" offline
@@ -264,7 +275,19 @@ def tei_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def is_script(program: Path) -> bool:
+    """A script (``#!``), not a binary: for TEI, a wrapper called as ``run-tei.sh MODEL_DIR
+    PORT``."""
+    try:
+        with program.open("rb") as handle:
+            return handle.read(2) == b"#!"
+    except OSError:
+        return False
+
+
 def tei_command(program: Path, model_dir: Path, port: int) -> list[str]:
+    if is_script(program):
+        return [str(program), str(model_dir), str(port)]
     return [
         str(program),
         "--model-id",
@@ -289,7 +312,8 @@ def start_tei(program: Path, model_dir: Path) -> tuple[procs.Child, Endpoint]:
 
 
 def infinity_command(program: Path, engine: str, model_name: str, port: int) -> list[str]:
-    """``infinity_emb v2`` on the model directory it is started in (``--model-id .``)."""
+    """``infinity_emb v2`` on the model directory it is started in (``--model-id .``), with
+    the model's mean pooling."""
     return [
         str(program),
         "v2",
@@ -297,6 +321,8 @@ def infinity_command(program: Path, engine: str, model_name: str, port: int) -> 
         ".",
         "--engine",
         engine,
+        "--pooling-method",
+        "mean",
         "--served-model-name",
         model_name,
         "--host",
@@ -314,7 +340,7 @@ def start_infinity(program: Path, model_dir: Path, engine: str) -> tuple[procs.C
         "peer-infinity",
         infinity_command(program, engine, name, port),
         functools.partial(probes.http_ok, url + "/health"),
-        env={"HF_HUB_OFFLINE": "1"},
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(INFINITY_HOME)},
         cwd=model_dir,
     )
     return child, Endpoint(url, "/embeddings", name)

@@ -14,8 +14,17 @@ from bench.ceiling import CeilingResult, SingleTextLatency
 GRPC = "embedd gRPC"
 REST = "embedd REST (Envoy)"
 STREAM = "embedd EmbedStream"
+GRPC_INT8 = "embedd gRPC --int8"
+TEI = "TEI"
+INFINITY = "Infinity"
+OLLAMA = "Ollama"
 PEER = "llama-cpp-python server"
-TARGET_SET = "sentences"  # the issue's targets are stated on STS-B sentences
+# The comparison's columns, in order: issue 11's five, then the other peer and embedd --int8.
+SYSTEMS = (GRPC, REST, TEI, INFINITY, OLLAMA, PEER, GRPC_INT8)
+TARGET_SET = "sentences"  # issue 4's targets are stated on STS-B sentences
+
+# The legs every system runs: (concurrency, texts per request).
+LEG_SHAPES = ((1, 1), (16, 1), (4, 32))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -46,6 +55,9 @@ class Leg:
     # Re-measured in-process just before this leg (this machine's speed drifts over minutes):
     # the best ceiling configuration's texts/s, or for a one-caller leg one text's p50 ms.
     reference: float | None = None
+    # The server's memory, the most seen during the leg: PSS summed over its processes (shared
+    # pages, such as weights mapped by several worker processes, counted once).
+    rss_mib: float | None = None
 
     @property
     def texts_per_s(self) -> float:
@@ -110,10 +122,27 @@ class BenchRun:
     sentence_transformers: str = "n/a (no torch)"
     notes: list[str] = field(default_factory=list)
     floor: Floor | None = None
+    serving_engine: str = ""  # the engine embedd's default (engine=auto) picks for the model
+    peers: list[str] = field(default_factory=list)  # each peer's version, or why it was skipped
+    stsb: dict[str, float] = field(default_factory=dict)  # system -> STS-B Spearman x100
+    stsb_pairs: int = 0
 
-    def best_ceiling(self, text_set: str) -> CeilingResult | None:
-        results = self.ceiling.get(text_set) or []
+    def best_ceiling(self, text_set: str, engine: str | None = None) -> CeilingResult | None:
+        """The fastest configuration of ``engine`` (by default the one embedd serves this
+        model with) at its default weights (int8 changes the vectors: never the ceiling)."""
+        engine = engine or self.serving_engine
+        results = [
+            result
+            for result in self.ceiling.get(text_set) or []
+            if not result.int8 and (not engine or result.engine == engine)
+        ]
         return max(results, key=lambda result: result.texts_per_s, default=None)
+
+    def engines(self) -> list[str]:
+        """The engines measured in-process, in the order measured."""
+        return list(
+            dict.fromkeys(result.engine for results in self.ceiling.values() for result in results)
+        )
 
 
 NOISY_CORES = 0.2  # other processes' CPU during a measurement beyond which it is unreliable
@@ -183,29 +212,6 @@ def _rate(leg: Leg | None) -> float | None:
     return None if leg is None or leg.texts == 0 else leg.texts_per_s
 
 
-def headline_ratios(
-    ceiling_tps: float | None, legs: Sequence[Leg], text_set: str
-) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(what, ours/ceiling, ours/ceiling re-measured just before the leg, ours/peer) for gRPC
-    c=16, REST c=16 and the bulk stream; the peer's figure is its REST at concurrency 16 (it
-    has no gRPC and no stream)."""
-    peer = _rate(find_leg(legs, PEER, text_set, 16))
-    rows = [
-        ("gRPC, concurrency 16", find_leg(legs, GRPC, text_set, 16)),
-        ("REST, concurrency 16", find_leg(legs, REST, text_set, 16)),
-        ("EmbedStream bulk", find_stream(legs, text_set)),
-    ]
-    return [
-        (
-            name,
-            ratio(_rate(leg), ceiling_tps),
-            ratio(_rate(leg), leg.reference if leg else None),
-            ratio(_rate(leg), peer),
-        )
-        for name, leg in rows
-    ]
-
-
 def evaluate_targets(
     ceiling_tps: float | None, one_text_ms: float | None, legs: Sequence[Leg], text_set: str
 ) -> list[Target]:
@@ -270,6 +276,155 @@ def evaluate_targets(
     return targets
 
 
+@dataclass(frozen=True)
+class TeiTarget:
+    """One of issue 11's targets: embedd's texts/s over TEI's on the same leg."""
+
+    leg: str  # as the comparison table names it
+    system: str  # GRPC, REST or STREAM
+    concurrency: int
+    texts_per_request: int
+    goal: float
+
+
+# Issue 11: 1 caller >= 1.0x TEI; 16 callers >= 1.2x over gRPC and >= 1.0x over REST; 4 x 32
+# and EmbedStream >= 1.5x (the stream against TEI's 4 x 32, its bulk path).
+TEI_TARGETS = (
+    TeiTarget("1 caller x 1 text", GRPC, 1, 1, 1.0),
+    TeiTarget("1 caller x 1 text", REST, 1, 1, 1.0),
+    TeiTarget("16 callers x 1 text", GRPC, 16, 1, 1.2),
+    TeiTarget("16 callers x 1 text", REST, 16, 1, 1.0),
+    TeiTarget("4 callers x 32 texts", GRPC, 4, 32, 1.5),
+    TeiTarget("4 callers x 32 texts", REST, 4, 32, 1.5),
+    TeiTarget("EmbedStream", STREAM, 4, 32, 1.5),
+)
+
+
+def leg_label(concurrency: int, texts_per_request: int) -> str:
+    callers = "caller" if concurrency == 1 else "callers"
+    texts = "text" if texts_per_request == 1 else "texts"
+    return f"{concurrency} {callers} x {texts_per_request} {texts}"
+
+
+def evaluate_tei_targets(legs: Sequence[Leg], text_set: str) -> list[Target]:
+    """Issue 11's targets on one text set: embedd's texts/s ÷ TEI's, same leg, same run."""
+    targets: list[Target] = []
+    for target in TEI_TARGETS:
+        tei = _rate(find_leg(legs, TEI, text_set, target.concurrency, target.texts_per_request))
+        if target.system == STREAM:
+            ours = _rate(find_stream(legs, text_set))
+            against = f"TEI {leg_label(target.concurrency, target.texts_per_request)}"
+        else:
+            ours = _rate(
+                find_leg(
+                    legs, target.system, text_set, target.concurrency, target.texts_per_request
+                )
+            )
+            against = "TEI"
+        value = ratio(ours, tei)
+        measured = (
+            "not measured"
+            if value is None
+            else f"{fmt_ratio(value)} ({fmt_rate(ours)} vs {fmt_rate(tei)} texts/s)"
+        )
+        transport = {GRPC: "gRPC", REST: "REST", STREAM: "gRPC"}[target.system]
+        targets.append(
+            Target(
+                f"{target.leg}, {transport}",
+                f"≥ {target.goal:g}x {against}",
+                measured,
+                None if value is None else value >= target.goal,
+            )
+        )
+    return targets
+
+
+def _cell(leg: Leg | None, with_p50: bool) -> str:
+    if leg is None:
+        return "—"
+    if leg.texts == 0:
+        return f"failed ({leg.note or 'no answer'})" if leg.errors else "—"
+    text = fmt_rate(leg.texts_per_s)
+    if with_p50:
+        text += f" (p50 {fmt_ms(leg.p50_ms)} ms)"
+    if leg.errors:
+        text += f", {leg.errors} errors"
+    return text
+
+
+def comparison_table(run: BenchRun, text_set: str, systems: Sequence[str] = SYSTEMS) -> str:
+    """Issue 11's table for one text set: texts/s of every leg on every system, then the
+    server's CPU per text and memory, and the STS-B score of its vectors."""
+    rows: list[list[str]] = []
+    for concurrency, per_request in LEG_SHAPES:
+        label = leg_label(concurrency, per_request)
+        cells = [
+            _cell(find_leg(run.legs, system, text_set, concurrency, per_request), concurrency == 1)
+            for system in systems
+        ]
+        rows.append([label + (", texts/s (p50)" if concurrency == 1 else ", texts/s"), *cells])
+    stream = find_stream(run.legs, text_set)
+    rows.append(
+        ["EmbedStream, texts/s", *[_cell(stream, False) if s == GRPC else "" for s in systems]]
+    )
+    busiest = [find_leg(run.legs, system, text_set, 16) for system in systems]
+    rows.append(
+        [
+            "server CPU per text, ms (16 callers)",
+            *[fmt_ms(leg.server_cpu_ms_per_text) if leg and leg.texts else "—" for leg in busiest],
+        ]
+    )
+    rows.append(
+        [
+            "server memory, MiB (most during its legs)",
+            *[_peak_rss(run.legs, system, text_set) for system in systems],
+        ]
+    )
+    rows.append(
+        [
+            "STS-B, Spearman x100 of cosines",
+            *[f"{run.stsb[system]:.2f}" if system in run.stsb else "—" for system in systems],
+        ]
+    )
+    return markdown_table(["leg", *systems], rows)
+
+
+def _peak_rss(legs: Sequence[Leg], system: str, text_set: str) -> str:
+    values = [
+        leg.rss_mib
+        for leg in legs
+        if leg.system == system and leg.text_set == text_set and leg.rss_mib is not None
+    ]
+    return f"{max(values):.0f}" if values else "—"
+
+
+def engine_choice(run: BenchRun) -> str:
+    """The engines' in-process ceilings side by side: what engine=auto's choice rests on."""
+    if not run.serving_engine:
+        return ""
+    parts = []
+    for text_set in run.ceiling:
+        rates = {
+            engine: best.texts_per_s
+            for engine in run.engines()
+            if (best := run.best_ceiling(text_set, engine)) is not None
+        }
+        if not rates:
+            continue
+        part = f"{text_set}: " + ", ".join(f"{e} {fmt_rate(r)}" for e, r in rates.items())
+        served = rates.get(run.serving_engine)
+        versus = [
+            f"{run.serving_engine} {fmt_ratio(ratio(served, rate))} {engine}"
+            for engine, rate in rates.items()
+            if engine != run.serving_engine and served is not None
+        ]
+        parts.append(part + " texts/s" + (f" ({', '.join(versus)})" if versus else ""))
+    return (
+        f"embedd's default (engine=auto) serves this model with **{run.serving_engine}**. "
+        "Each engine's best configuration in-process: " + "; ".join(parts) + "."
+    )
+
+
 def render_floor(floor: Floor) -> str:
     """What the gRPC stack and ghz alone take from the cores at the c=16 target's rate."""
     return (
@@ -302,82 +457,23 @@ def _request_label(leg: Leg) -> str:
     return f"c={leg.concurrency}, {leg.texts_per_request} text{plural}/req"
 
 
-def render_markdown(run: BenchRun) -> str:
-    out: list[str] = []
-    mode = "quick (`--quick`: short legs, numbers are rough)" if run.quick else "full"
-    out.append("# embedd benchmark: latest run\n")
-    out.append(
-        f"- Machine: {run.cpu_model}, {run.cores} cores. Date: {run.date}. Run: {mode}, "
-        f"{run.seconds / 60:.1f} min.\n"
-        f"- Command: `{run.command}`. Same machine, GGUF and texts for every row; the load "
-        "generator shares the cores with the server (its CPU use is a column, and so is the "
-        "CPU other processes on the machine used during the leg).\n"
-        f"- sentence-transformers in-process: {run.sentence_transformers}."
+def _targets_table(targets: Sequence[Target]) -> str:
+    return markdown_table(
+        ["target", "goal", "measured", "verdict"],
+        [[t.name, t.goal, t.measured, _verdict(t.met)] for t in targets],
     )
-    for note in [*run.notes, noise_note(run)]:
-        out.append(f"- {note}")
-    out.append("")
 
-    ceiling = run.best_ceiling(TARGET_SET)
-    one_text = run.one_text.get(TARGET_SET)
-    out.append("## Targets (issue 4; STS-B sentences, one text per request)\n")
-    targets = evaluate_targets(
-        ceiling.texts_per_s if ceiling else None,
-        one_text.p50_ms if one_text else None,
-        run.legs,
-        TARGET_SET,
-    )
-    out.append(
-        markdown_table(
-            ["target", "goal", "measured", "verdict"],
-            [[t.name, t.goal, t.measured, _verdict(t.met)] for t in targets],
-        )
-    )
-    out.append("")
 
-    if run.floor is not None:
-        out.append(render_floor(run.floor))
-        out.append("")
-
-    out.append("## Headline ratios\n")
-    rows = []
-    for text_set in run.ceiling:
-        best = run.best_ceiling(text_set)
-        for name, vs_ceiling, vs_adjacent, vs_peer in headline_ratios(
-            best.texts_per_s if best else None, run.legs, text_set
-        ):
-            rows.append(
-                [
-                    text_set,
-                    name,
-                    fmt_ratio(vs_ceiling),
-                    fmt_ratio(vs_adjacent),
-                    fmt_ratio(vs_peer),
-                ]
-            )
-    out.append(
-        markdown_table(
-            [
-                "texts",
-                "embedd",
-                "÷ ceiling (start of run)",
-                "÷ ceiling re-measured just before the leg",
-                "÷ peer (REST c=16)",
-            ],
-            rows,
-        )
-    )
-    out.append("")
-
-    out.append("## Engine ceiling (llama-cpp-python in-process, no server)\n")
+def _ceiling_table(run: BenchRun) -> str:
     rows = []
     for text_set, results in run.ceiling.items():
-        best = run.best_ceiling(text_set)
+        best = {engine: run.best_ceiling(text_set, engine) for engine in run.engines()}
         for result in results:
-            mark = " **(ceiling)**" if result is best else ""
+            mark = " **(ceiling)**" if result is best.get(result.engine) else ""
             rows.append(
                 [
                     text_set,
+                    result.engine_label,
                     result.layout,
                     result.name + mark,
                     fmt_rate(result.texts_per_s),
@@ -389,30 +485,19 @@ def render_markdown(run: BenchRun) -> str:
             )
     headers = [
         "texts",
+        "engine",
         "layout",
-        "decodes",
+        "packs",
         "texts/s",
         "tokens/s",
         "CPU ms/text",
         "texts",
         "others' cores",
     ]
-    out.append(markdown_table(headers, rows))
-    out.append("")
-    rows = [
-        [name, fmt_ms(latency.p50_ms), fmt_ms(latency.p99_ms), str(latency.samples)]
-        for name, latency in run.one_text.items()
-    ]
-    out.append(
-        "One text at a time in-process (tokenize + decode + normalize, one 1-thread context: "
-        "the server's worker), back to back: the reference for concurrency 1. The paused row "
-        "shows what the idle time between a lone caller's requests costs the engine here "
-        "(the weights leave the caches):\n"
-    )
-    out.append(markdown_table(["texts", "p50 ms", "p99 ms", "samples"], rows))
-    out.append("")
+    return markdown_table(headers, rows)
 
-    out.append("## Servers under closed-loop load\n")
+
+def _legs_table(run: BenchRun) -> str:
     rows = []
     for leg in run.legs:
         rows.append(
@@ -428,100 +513,177 @@ def render_markdown(run: BenchRun) -> str:
                 f"{leg.generator} {leg.generator_cores:.2f}",
                 f"{leg.server_cores:.2f} ({leg.loop_cores:.2f})",
                 fmt_ms(leg.server_cpu_ms_per_text),
+                "—" if leg.rss_mib is None else f"{leg.rss_mib:.0f}",
                 f"{leg.other_cores:.2f}",
                 leg.note,
             ]
         )
+    return markdown_table(
+        [
+            "texts",
+            "system",
+            "load",
+            "texts/s",
+            "tokens/s",
+            "p50 ms",
+            "p99 ms",
+            "texts done",
+            "load generator, cores",
+            "server cores (main thread)",
+            "server CPU ms/text",
+            "server RSS MiB",
+            "others' cores",
+            "note",
+        ],
+        rows,
+    )
+
+
+def render_markdown(run: BenchRun) -> str:
+    out: list[str] = []
+    mode = "quick (`--quick`: short legs, numbers are rough)" if run.quick else "full"
+    out.append("# embedd benchmark: latest run\n")
     out.append(
-        markdown_table(
-            [
-                "texts",
-                "system",
-                "load",
-                "texts/s",
-                "tokens/s",
-                "p50 ms",
-                "p99 ms",
-                "texts done",
-                "load generator, cores",
-                "server cores (event loop)",
-                "server CPU ms/text",
-                "others' cores",
-                "note",
-            ],
-            rows,
+        f"- Machine: {run.cpu_model}, {run.cores} cores. Date: {run.date}. Run: {mode}, "
+        f"{run.seconds / 60:.1f} min.\n"
+        f"- Command: `{run.command}`. Same machine, model and texts for every system, every "
+        "server on its defaults, all of them up for the whole run and measured in turn, leg "
+        "by leg (interleaved: this machine's speed drifts over minutes). Every leg is a closed "
+        "loop from the same Python load generator (asyncio; gRPC for embedd's gRPC, HTTP/1.1 "
+        "keep-alive with pre-built OpenAI-shaped requests for every REST server), which shares "
+        "the cores with the server: its CPU is a column, and so is the CPU other processes "
+        "used during the leg.\n"
+        f"- sentence-transformers in-process: {run.sentence_transformers}."
+    )
+    for note in [*run.notes, noise_note(run)]:
+        out.append(f"- {note}")
+    out.append("")
+
+    if run.peers:
+        out.append("## Systems\n")
+        out.extend(f"- {line}" for line in run.peers)
+        out.append("")
+
+    text_sets = list(dict.fromkeys(leg.text_set for leg in run.legs))
+    if text_sets:
+        out.append("## embedd and the peers (issue 11), texts/s\n")
+        for text_set in text_sets:
+            out.append(f"### {text_set.capitalize()}\n")
+            out.append(comparison_table(run, text_set))
+            out.append("")
+            out.append(f"Targets against TEI ({text_set}):\n")
+            out.append(_targets_table(evaluate_tei_targets(run.legs, text_set)))
+            out.append("")
+        if run.stsb:
+            out.append(
+                f"STS-B: Spearman x100 of the cosines of {run.stsb_pairs:,} sentence pairs of the "
+                "STS-B test split against the gold scores, from each server's own vectors "
+                "(embedd's gRPC and REST share a server and so a score). `--int8` is opt-in: "
+                "faster, at the score shown. Server memory is the PSS summed over the server's "
+                "processes (worker processes, Envoy for embedd, Ollama's runner), the most "
+                "seen during its legs.\n"
+            )
+
+    if run.ceiling:
+        out.append("## Engines in-process (no server)\n")
+        choice = engine_choice(run)
+        if choice:
+            out.append(choice + "\n")
+        out.append(_ceiling_table(run))
+        out.append("")
+    rows = [
+        [name, fmt_ms(latency.p50_ms), fmt_ms(latency.p99_ms), str(latency.samples)]
+        for name, latency in run.one_text.items()
+    ]
+    if rows:
+        out.append(
+            "One text at a time in-process (tokenize + decode + normalize on one single-thread "
+            "engine: the server's worker), back to back: the reference for one caller. The "
+            "paused row shows what the idle time between a lone caller's requests costs the "
+            "engine here (the weights leave the caches):\n"
+        )
+        out.append(markdown_table(["engine, texts", "p50 ms", "p99 ms", "samples"], rows))
+        out.append("")
+
+    ceiling = run.best_ceiling(TARGET_SET)
+    one_text = run.one_text.get(f"{run.serving_engine}, {TARGET_SET}")
+    out.append(
+        f"## Issue 4's targets (STS-B sentences, one text per request, against the "
+        f"{run.serving_engine or 'engine'} ceiling)\n"
+    )
+    out.append(
+        _targets_table(
+            evaluate_targets(
+                ceiling.texts_per_s if ceiling else None,
+                one_text.p50_ms if one_text else None,
+                run.legs,
+                TARGET_SET,
+            )
         )
     )
     out.append("")
-    out.append("![throughput and latency against concurrency](latest.png)\n")
+
+    if run.floor is not None:
+        out.append(render_floor(run.floor))
+        out.append("")
+
+    out.append("## Every leg\n")
+    out.append(_legs_table(run))
+    out.append("")
+    out.append("![texts/s of every leg on every system](latest.png)\n")
     return "\n".join(out)
 
 
 def plot(run: BenchRun, path: Path) -> None:
-    """Throughput and p50/p99 latency against concurrency, one row per text set."""
+    """texts/s of every leg on every system, grouped by leg, one panel per text set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    text_sets = list(run.ceiling) or sorted({leg.text_set for leg in run.legs})
-    figure, axes = plt.subplots(
-        len(text_sets), 2, figsize=(12, 4.2 * len(text_sets)), squeeze=False
+    text_sets = list(dict.fromkeys(leg.text_set for leg in run.legs)) or ["sentences"]
+    systems = [s for s in SYSTEMS if any(leg.system == s for leg in run.legs)]
+    shapes = [*LEG_SHAPES, (0, 0)]  # (0, 0): the stream
+    labels = [leg_label(c, n) for c, n in LEG_SHAPES] + ["EmbedStream"]
+    colors = dict(
+        zip(
+            SYSTEMS,
+            ["tab:blue", "tab:green", "tab:red", "tab:orange", "tab:brown", "tab:gray", "tab:cyan"],
+            strict=True,
+        )
     )
-    styles = {GRPC: "tab:blue", REST: "tab:green", PEER: "tab:red"}
-    concurrencies = sorted({leg.concurrency for leg in run.legs if leg.system != STREAM}) or [1]
+    figure, axes = plt.subplots(
+        len(text_sets), 1, figsize=(12, 4.2 * len(text_sets)), squeeze=False
+    )
+    width = 0.8 / max(1, len(systems))
     for row, text_set in enumerate(text_sets):
-        throughput, latency = axes[row]
-        for system, color in styles.items():
-            legs = sorted(
-                (
-                    leg
-                    for leg in run.legs
-                    if leg.system == system
-                    and leg.text_set == text_set
-                    and leg.texts_per_request == 1
-                    and leg.texts
-                ),
-                key=lambda leg: leg.concurrency,
+        axis = axes[row][0]
+        for number, system in enumerate(systems):
+            values = []
+            for concurrency, per_request in shapes:
+                if concurrency == 0:
+                    leg = find_stream(run.legs, text_set) if system == GRPC else None
+                else:
+                    leg = find_leg(run.legs, system, text_set, concurrency, per_request)
+                values.append(leg.texts_per_s if leg is not None and leg.texts else 0.0)
+            xs = [x + (number - (len(systems) - 1) / 2) * width for x in range(len(shapes))]
+            axis.bar(xs, values, width, label=system, color=colors[system])
+        ceiling = run.best_ceiling(text_set)
+        if ceiling is not None:
+            axis.axhline(
+                ceiling.texts_per_s,
+                color="black",
+                linestyle=":",
+                label=f"{ceiling.engine} in-process ceiling",
             )
-            if not legs:
-                continue
-            xs = [leg.concurrency for leg in legs]
-            throughput.plot(xs, [leg.texts_per_s for leg in legs], "o-", color=color, label=system)
-            latency.plot(xs, [leg.p50_ms for leg in legs], "o-", color=color, label=f"{system} p50")
-            latency.plot(
-                xs,
-                [leg.p99_ms for leg in legs],
-                "s--",
-                color=color,
-                alpha=0.6,
-                label=f"{system} p99",
-            )
-        best = run.best_ceiling(text_set)
-        if best is not None:
-            throughput.axhline(
-                best.texts_per_s, color="black", linestyle=":", label="engine ceiling"
-            )
-        stream = find_stream(run.legs, text_set)
-        if stream is not None and stream.texts:
-            throughput.axhline(
-                stream.texts_per_s, color="tab:purple", linestyle="-.", label="EmbedStream bulk"
-            )
-        for axis in (throughput, latency):
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(concurrencies, [str(value) for value in concurrencies])
-            axis.set_xlabel("concurrent callers (one text per request)")
-            axis.grid(True, alpha=0.3)
-        throughput.set_ylabel("texts/s")
-        throughput.set_ylim(bottom=0)
-        throughput.set_title(f"{text_set}: throughput")
-        latency.set_yscale("log")
-        latency.set_ylabel("latency, ms")
-        latency.set_title(f"{text_set}: latency p50 (solid) and p99 (dashed)")
-        throughput.legend(fontsize=8)
-        latency.legend(fontsize=7)
+        axis.set_xticks(range(len(shapes)), labels)
+        axis.set_ylabel("texts/s")
+        axis.set_title(f"{text_set}: texts/s")
+        axis.grid(True, axis="y", alpha=0.3)
+        axis.legend(fontsize=8, ncol=2)
     figure.suptitle(
-        f"embedd on {run.cpu_model}, {run.cores} cores ({'quick' if run.quick else 'full'} run)"
+        f"embedd and its peers on {run.cpu_model}, {run.cores} cores "
+        f"({'quick' if run.quick else 'full'} run)"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -15,8 +15,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from bench.ceiling import CeilingResult, SingleTextLatency, configurations, decode_all
+from bench.ceiling import (
+    CeilingResult,
+    Configuration,
+    SingleTextLatency,
+    configurations,
+    decode_all,
+    engine_settings,
+)
 from bench.loadgen import (
+    Endpoint,
     LoadResult,
     _http_load,
     ghz_command,
@@ -29,16 +37,20 @@ from bench.loadgen import (
 )
 from bench.report import (
     GRPC,
+    OLLAMA,
     PEER,
     REST,
     STREAM,
+    TEI,
     BenchRun,
     Leg,
+    comparison_table,
+    engine_choice,
     evaluate_targets,
+    evaluate_tei_targets,
     fmt_ms,
     fmt_rate,
     fmt_ratio,
-    headline_ratios,
     markdown_table,
     percentile,
     render_markdown,
@@ -158,13 +170,6 @@ def test_targets_without_measurements_are_unknown() -> None:
     assert all(t.measured == "not measured" for t in targets)
 
 
-def test_headline_ratios_use_the_peers_rest_c16() -> None:
-    rows = {name: (c, p) for name, c, _, p in headline_ratios(500.0, LEGS, "sentences")}
-    assert rows["gRPC, concurrency 16"] == pytest.approx((0.9, 450 / 140))
-    assert rows["EmbedStream bulk"] == pytest.approx((0.96, 480 / 140))
-    assert headline_ratios(None, [], "passages")[0] == ("gRPC, concurrency 16", None, None, None)
-
-
 def test_a_reference_measured_just_before_a_leg_is_what_its_target_compares_with() -> None:
     legs = [
         dataclasses.replace(LEGS[0], reference=4.5),  # one text in-process, re-measured
@@ -179,9 +184,6 @@ def test_a_reference_measured_just_before_a_leg_is_what_its_target_compares_with
     assert targets["c=1 p50 overhead"].measured.startswith("+0.40 ms (4.90 vs 4.50 ms")
     assert targets["REST c=16 vs ceiling"].measured == "0.76x (380 vs 500 texts/s)"
     assert targets["gRPC c=16 vs peer"].measured == "3.21x (450 vs 140 texts/s)"
-    rows = {name: adjacent for name, _, adjacent, _ in headline_ratios(500.0, legs, "sentences")}
-    assert rows["gRPC, concurrency 16"] == pytest.approx(0.75)
-    assert rows["REST, concurrency 16"] is None
 
 
 def test_markdown_report_names_the_machine_the_ceiling_and_verdicts() -> None:
@@ -196,7 +198,10 @@ def test_markdown_report_names_the_machine_the_ceiling_and_verdicts() -> None:
     run.legs = LEGS
     text = render_markdown(run)
     assert "Test CPU, 2 cores" in text
-    assert "| sentences | 2 threads x 1-thread ctx | 1 per decode **(ceiling)** | 500 |" in text
+    assert (
+        "| sentences | llama.cpp | 2 threads x 1-thread ctx | 1 per decode **(ceiling)** | 500 |"
+        in text
+    )
     assert "| gRPC c=16 vs ceiling | ≥ 0.85x ceiling | 0.90x (450 vs 500 texts/s) | met |" in text
     assert "**missed**" in text
     assert "latest.png" in text
@@ -358,10 +363,32 @@ def test_every_engine_takes_packs_from_the_same_queue() -> None:
 
 
 def test_configurations() -> None:
-    short = list(configurations(long_texts=False))
+    short = list(configurations("llama.cpp", long_texts=False))
     assert len(short) == 9
-    assert ("2 processes x 1 thread", "packs ≤128 tok", 128) in short
-    assert [pack_tokens for _, _, pack_tokens in configurations(long_texts=True)] == [0, 0, 0]
+    assert Configuration("llama.cpp", "2 processes x 1 thread", "packs ≤128 tok", 128) in short
+    long = configurations("llama.cpp", long_texts=True)
+    assert [config.pack_tokens for config in long] == [0, 0, 0]
+    onnx = list(configurations("onnxruntime", long_texts=False))
+    assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
+        ("2 threads x 1-thread session", 2048, False),  # the server's default
+        ("2 threads x 1-thread session", 256, False),
+        ("1 session x 2 threads", 2048, False),
+        ("2 threads x 1-thread session", 2048, True),
+    ]
+    assert list(configurations("onnxruntime", long_texts=True)) == onnx
+    with pytest.raises(ValueError):
+        list(configurations("tensorrt", long_texts=False))
+
+
+def test_a_configuration_is_the_servers_settings() -> None:
+    onnx = engine_settings(Configuration("onnxruntime", "2 threads x 1-thread session", "", 2048))
+    assert (onnx.engine, onnx.workers, onnx.threads_per_worker) == ("onnxruntime", 2, 1)
+    assert (onnx.batch_tokens, onnx.onnx_batch_tokens, onnx.int8) == (2048, 2048, False)
+    llama = engine_settings(Configuration("llama.cpp", "2 processes x 1 thread", "", 0))
+    assert (llama.engine, llama.worker_processes, llama.batch_tokens) == ("llama.cpp", True, 0)
+    assert llama.onnx_batch_tokens == EngineSettings().onnx_batch_tokens
+    int8 = engine_settings(Configuration("onnxruntime", "1 session x 2 threads", "", 256, True))
+    assert (int8.workers, int8.threads_per_worker, int8.int8) == (1, 2, True)
 
 
 def test_the_floor_bounds_the_reachable_ratio() -> None:
@@ -396,3 +423,323 @@ def test_the_http_generator_keeps_each_caller_in_a_closed_loop() -> None:
     assert result.errors == (result.requests + result.errors) // 3
     assert result.first_error == "HTTP 503"
     assert result.latencies == sorted(result.latencies) and len(result.latencies) == result.requests
+
+
+# --- issue 11: embedd against the peers ---------------------------------------------------------
+
+
+def _shape(
+    system: str, concurrency: int, per_request: int, texts_per_s: float, **extra: float
+) -> Leg:
+    return dataclasses.replace(
+        _leg(system, concurrency, texts_per_s, 5.0, 9.0),
+        texts_per_request=per_request,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+PEER_LEGS = [
+    _shape(GRPC, 1, 1, 300),
+    _shape(REST, 1, 1, 250),
+    _shape(TEI, 1, 1, 280),
+    _shape(GRPC, 16, 1, 500, server_cores=1.5, rss_mib=180.0),
+    _shape(REST, 16, 1, 400, rss_mib=200.0),
+    _shape(TEI, 16, 1, 410, server_cores=1.6, rss_mib=250.0),
+    _shape(GRPC, 4, 32, 800),
+    _shape(REST, 4, 32, 600),
+    _shape(TEI, 4, 32, 470),
+    _shape(STREAM, 1, 64, 720),
+    _shape(OLLAMA, 16, 1, 0),
+]
+
+
+def test_targets_against_tei_are_ratios_on_the_same_leg() -> None:
+    targets = {t.name: t for t in evaluate_tei_targets(PEER_LEGS, "sentences")}
+    assert targets["1 caller x 1 text, gRPC"].met is True  # 300 / 280
+    assert targets["1 caller x 1 text, REST"].met is False  # 250 / 280
+    assert targets["16 callers x 1 text, gRPC"].met is True  # 500 / 410 = 1.22 >= 1.2
+    assert targets["16 callers x 1 text, gRPC"].goal == "≥ 1.2x TEI"
+    assert targets["16 callers x 1 text, gRPC"].measured == "1.22x (500 vs 410 texts/s)"
+    assert targets["16 callers x 1 text, REST"].met is False  # 400 / 410
+    assert targets["4 callers x 32 texts, gRPC"].met is True  # 800 / 470 = 1.70
+    assert targets["4 callers x 32 texts, REST"].met is False  # 600 / 470 = 1.28
+    stream = targets["EmbedStream, gRPC"]  # against TEI's bulk leg, 4 x 32
+    assert (stream.goal, stream.met) == ("≥ 1.5x TEI 4 callers x 32 texts", True)
+    assert stream.measured == "1.53x (720 vs 470 texts/s)"
+
+
+def test_targets_against_tei_are_unknown_without_tei() -> None:
+    legs = [leg for leg in PEER_LEGS if leg.system != TEI]
+    targets = evaluate_tei_targets(legs, "sentences")
+    assert len(targets) == 7
+    assert all(t.met is None and t.measured == "not measured" for t in targets)
+
+
+def test_the_comparison_table_has_a_column_per_system_and_a_row_per_leg() -> None:
+    run = BenchRun(cpu_model="Test CPU", cores=2, quick=True, date="d", command="make bench")
+    run.legs = PEER_LEGS
+    run.stsb = {GRPC: 82.03, REST: 82.03, TEI: 82.04}
+    table = comparison_table(run, "sentences")
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| leg | embedd gRPC | embedd REST (Envoy) | TEI | Infinity | Ollama "
+        "| llama-cpp-python server | embedd gRPC --int8 |"
+    )
+    assert lines[2] == (
+        "| 1 caller x 1 text, texts/s (p50) | 300 (p50 5.00 ms) | 250 (p50 5.00 ms) "
+        "| 280 (p50 5.00 ms) | — | — | — | — |"
+    )
+    assert lines[3].startswith("| 16 callers x 1 text, texts/s | 500 | 400 | 410 | — | — |")
+    assert lines[5].startswith("| EmbedStream, texts/s | 720 |  |  |")
+    assert lines[6].startswith("| server CPU per text, ms (16 callers) | 3.00 | 0.00 | 3.90 |")
+    assert lines[7].startswith(
+        "| server memory, MiB (most during its legs) | 180 | 200 | 250 | — |"
+    )
+    assert lines[8].startswith("| STS-B, Spearman x100 of cosines | 82.03 | 82.03 | 82.04 | — |")
+
+
+def test_the_report_shows_the_peers_and_both_engines() -> None:
+    run = BenchRun(
+        cpu_model="Test CPU",
+        cores=2,
+        quick=False,
+        date="d",
+        command="make bench",
+        serving_engine="onnxruntime",
+    )
+    run.ceiling["sentences"] = [
+        CeilingResult(
+            "packs ≤2048 tok",
+            "2 threads x 1-thread session",
+            2048,
+            1300,
+            1,
+            2.0,
+            engine="onnxruntime",
+        ),
+        CeilingResult(
+            "packs ≤2048 tok",
+            "2 threads x 1-thread session",
+            2048,
+            3000,
+            1,
+            2.0,
+            engine="onnxruntime",
+            int8=True,
+        ),
+        CeilingResult("1 per decode", "2 processes x 1 thread", 0, 700, 1, 2.0),
+    ]
+    run.legs = PEER_LEGS
+    run.peers = ["TEI 1.9.3: /x/text-embeddings-router", "Infinity: skipped, not installed"]
+    # The ceiling is the engine embedd serves with, never its int8 configuration.
+    best = run.best_ceiling("sentences")
+    assert best is not None and (best.engine, best.int8, best.texts) == ("onnxruntime", False, 1300)
+    llama = run.best_ceiling("sentences", "llama.cpp")
+    assert llama is not None and llama.texts == 700
+    assert run.engines() == ["onnxruntime", "llama.cpp"]
+    assert engine_choice(run) == (
+        "embedd's default (engine=auto) serves this model with **onnxruntime**. Each engine's "
+        "best configuration in-process: sentences: onnxruntime 650, llama.cpp 350 texts/s "
+        "(onnxruntime 1.86x llama.cpp)."
+    )
+    text = render_markdown(run)
+    assert "- TEI 1.9.3: /x/text-embeddings-router" in text
+    assert "- Infinity: skipped, not installed" in text
+    assert "| 16 callers x 1 text, gRPC | ≥ 1.2x TEI | 1.22x (500 vs 410 texts/s) | met |" in text
+    assert "| sentences | onnxruntime int8 | 2 threads x 1-thread session |" in text
+    assert "packs ≤2048 tok **(ceiling)** | 650 |" in text
+    assert "Issue 4's targets" in text
+
+
+def test_rotations_put_every_system_first_in_turn() -> None:
+    from bench.__main__ import rotations
+
+    orders = list(rotations(["a", "b", "c"], 4))
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert list(rotations([], 2)) == [[], []]
+
+
+def test_each_leg_runs_on_every_system_before_the_next_leg() -> None:
+    import os
+
+    from bench import __main__ as bench_main
+    from bench.texts import TextSet
+
+    calls: list[tuple[str, int, int]] = []
+
+    class Recorded(bench_main.System):
+        def load(self, requests: Sequence[bytes], concurrency: int, seconds: float) -> LoadResult:
+            per_request = 32 if len(requests) == 1 else 1
+            calls.append((self.name, concurrency, per_request))
+            return LoadResult(len(requests), 0, 0.01, [0.001] * len(requests), "", "fake")
+
+        def requests(self, text_set: TextSet, per_request: int) -> list[bytes]:
+            return [b"x"] * (64 // per_request)
+
+    profile = dataclasses.replace(bench_main.QUICK, leg_s=0.0, warmup_s=0.0)
+    run = BenchRun(cpu_model="c", cores=2, quick=True, date="d", command="c")
+    systems = [Recorded("A", os.getpid()), Recorded("B", os.getpid())]
+    sentences = TextSet("sentences", ["t"] * 64, [[101, 7, 102]] * 64)
+    bench_main.interleaved_legs(run, systems, [sentences], profile, None)
+    legs = [(leg.system, leg.concurrency, leg.texts_per_request) for leg in run.legs]
+    assert legs == [
+        ("A", 1, 1),
+        ("B", 1, 1),  # leg 1 on every system,
+        ("B", 16, 1),
+        ("A", 16, 1),  # then leg 2, B first this time,
+        ("A", 4, 32),
+        ("B", 4, 32),
+    ]
+    assert calls[:2] == [("A", 1, 1), ("A", 1, 1)]  # a warm-up, then the leg
+    assert all(leg.rss_mib and leg.rss_mib > 0 for leg in run.legs)  # this process's RSS
+
+
+def test_only_takes_known_parts() -> None:
+    from bench.__main__ import PARTS, parse_args
+
+    assert parse_args([]).only == set(PARTS)
+    assert parse_args(["--only", "tei, embedd"]).only == {"tei", "embedd"}
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "tei,vllm"])
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+
+def _executable(path: Path) -> Path:
+    path.write_text("#!/bin/sh\necho 'text-embeddings-router 1.9.3'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_a_peer_is_found_by_its_variable_or_on_path(tmp_path: Path) -> None:
+    from bench.peers import resolve_program
+
+    router = _executable(tmp_path / "run-tei.sh")
+    on_path = {"text-embeddings-router": "/usr/bin/text-embeddings-router"}.get
+    found, why = resolve_program(
+        {"EMBEDD_BENCH_TEI": str(router)}, "EMBEDD_BENCH_TEI", ["text-embeddings-router"], on_path
+    )
+    assert (found, why) == (router, "")
+    found, _ = resolve_program({}, "EMBEDD_BENCH_TEI", ["text-embeddings-router"], on_path)
+    assert found == Path("/usr/bin/text-embeddings-router")
+    names = ["text-embeddings-router", str(tmp_path / "tei" / "text-embeddings-router")]
+    found, why = resolve_program({}, "EMBEDD_BENCH_TEI", names, lambda _: None)
+    assert found is None
+    assert why == (
+        "not installed (set $EMBEDD_BENCH_TEI, or put text-embeddings-router on PATH or at "
+        f"{tmp_path}/tei/text-embeddings-router)"
+    )
+    found, why = resolve_program(
+        {"EMBEDD_BENCH_TEI": str(tmp_path / "nope")},
+        "EMBEDD_BENCH_TEI",
+        ["text-embeddings-router"],
+        on_path,
+    )
+    assert found is None and "is not an executable file" in why
+    venv_program = _executable(tmp_path / "infinity_emb")  # a path among the names
+    found, _ = resolve_program({}, "X", [str(venv_program), "infinity_emb"], lambda _: None)
+    assert found == venv_program
+
+
+def test_a_peer_without_its_model_directory_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import peers
+    from bench.peers import TEI as TEI_NAME
+    from bench.peers import Missing, Peer, find_tei, resolve_model_dir
+
+    assert resolve_model_dir({}, "M", tmp_path)[0] is None
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert resolve_model_dir({"M": str(tmp_path)}, "M", Path("/nowhere")) == (tmp_path, "")
+    router = _executable(tmp_path / "text-embeddings-router")
+    skipped = find_tei({"EMBEDD_BENCH_TEI": str(router), "EMBEDD_BENCH_TEI_MODEL": "/nowhere"})
+    assert (
+        isinstance(skipped, Missing)
+        and "no model.onnx in $EMBEDD_BENCH_TEI_MODEL" in skipped.reason
+    )
+    found = find_tei({"EMBEDD_BENCH_TEI": str(router), "EMBEDD_BENCH_TEI_MODEL": str(tmp_path)})
+    assert isinstance(found, Peer)
+    assert (found.system, found.version) == (TEI_NAME, "1.9.3")  # from `router --version`
+    monkeypatch.setattr(peers, "PEERS_DIR", tmp_path / "no-peers")
+    assert isinstance(find_tei({}, lambda _: None), Missing)
+
+
+def test_versions_are_read_from_what_the_programs_print() -> None:
+    from bench.peers import version_in
+
+    assert version_in("text-embeddings-router 1.9.3\n") == "1.9.3"
+    assert version_in("Warning: could not connect\nWarning: client version is 0.24.0\n") == "0.24.0"
+    assert version_in("0.0.78\n") == "0.0.78"
+    assert version_in("1.32.0rc1") == "1.32.0rc1"
+    assert version_in("no version here") == ""
+
+
+def test_peer_commands(tmp_path: Path) -> None:
+    from bench.peers import infinity_command, modelfile, ollama_environment, tei_command
+
+    router = tmp_path / "router"
+    router.write_bytes(b"\x7fELF...")
+    assert tei_command(router, Path("/m"), 8080) == [
+        str(router),
+        "--model-id",
+        "/m",
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        "8080",
+    ]
+    wrapper = _executable(tmp_path / "run-tei.sh")  # run-tei.sh MODEL_DIR PORT
+    assert tei_command(wrapper, Path("/m"), 8080) == [str(wrapper), "/m", "8080"]
+    command = infinity_command(Path("/v/bin/infinity_emb"), "optimum", "minilm", 7997)
+    assert command[:4] == ["/v/bin/infinity_emb", "v2", "--model-id", "."]
+    assert command[command.index("--engine") + 1] == "optimum"
+    assert command[command.index("--pooling-method") + 1] == "mean"  # not its "auto": CLS
+    assert command[-2:] == ["--port", "7997"]
+    env = ollama_environment(11434)
+    assert env["OLLAMA_HOST"] == "127.0.0.1:11434"
+    assert env["OLLAMA_MODELS"].endswith(".bench/ollama-models")
+    assert modelfile(Path("/models/m.gguf")) == "FROM /models/m.gguf\n"
+
+
+def test_an_endpoint_builds_openai_requests() -> None:
+    endpoint = Endpoint("http://127.0.0.1:7997", "/embeddings", "minilm")
+    assert (endpoint.host, endpoint.port) == ("127.0.0.1", 7997)
+    head, _, body = endpoint.request(["a b"]).partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /embeddings HTTP/1.1\r\nHost: 127.0.0.1:7997\r\n")
+    assert json.loads(body) == {"model": "minilm", "input": "a b", "encoding_format": "float"}
+
+
+# --- STS-B from a server's vectors ----------------------------------------------------------
+
+
+def test_parse_embeddings_puts_the_vectors_in_input_order() -> None:
+    from bench.quality import parse_embeddings
+
+    payload = {"data": [{"index": 1, "embedding": [0.0, 1.0]}, {"index": 0, "embedding": [1, 0]}]}
+    assert parse_embeddings(payload, 2).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError):
+        parse_embeddings(payload, 3)
+    with pytest.raises(ValueError):
+        parse_embeddings({"error": "overloaded"}, 1)
+
+
+def test_stsb_of_a_server_whose_cosines_follow_the_gold_scores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import quality
+    from tests.metrics import StsB
+
+    gold = np.array([0.5, 4.5, 2.0, 3.0])
+    stsb = StsB(["a", "b", "c", "a"], ["w", "x", "y", "z"], gold)
+    angles = {"a": 0.0, "b": 0.0, "c": 0.0, "w": 1.4, "x": 0.1, "y": 0.9, "z": 0.5}
+    asked: list[list[str]] = []
+
+    def embed(endpoint: Endpoint, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        asked.append(list(texts))
+        return np.array([[math.cos(angles[t]), math.sin(angles[t])] for t in texts], np.float32)
+
+    monkeypatch.setattr(quality, "embed", embed)
+    score = quality.stsb_of(Endpoint("http://h:1", "/v1/embeddings", "m"), stsb)
+    assert score == pytest.approx(100.0)
+    assert asked == [["a", "b", "c", "w", "x", "y", "z"]]  # each sentence once
