@@ -88,13 +88,23 @@ ghz: $(GHZ)
 $(GHZ):
 	GOBIN=$(CURDIR)/.tools/bin go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
-## bench: engine ceiling, gRPC, REST, EmbedStream and llama-cpp-python's server on this
-## machine; prints the table, writes docs/benchmarks/latest.{md,png}. BENCH_ARGS=--quick: short.
+## bench: both engines in-process, then embedd (gRPC, REST, EmbedStream, --int8) beside the
+## peers installed here (TEI, Infinity, Ollama, llama-cpp-python's server; each skipped with the
+## reason when absent: see docs/benchmarks/README.md), interleaved; prints the tables, writes
+## docs/benchmarks/latest.{md,png}. BENCH_ARGS=--quick: short; BENCH_ARGS='--only tei,embedd'.
 bench: $(STAMP) model
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	@test -x $(GHZ) || { command -v go >/dev/null && $(MAKE) --no-print-directory ghz; } || \
-	  echo "no Go: the gRPC legs use the asyncio load generator instead of ghz"
+	  echo "no Go: no floor leg (it needs ghz)"
 	$(PY) -m bench $(BENCH_ARGS)
+
+## bench-peers: opt-in, long: Infinity into .bench/infinity-venv (~8 GB: PyPI's torch brings
+## CUDA wheels; checks the free disk first), then lists the peers `make bench` will find.
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	df -h .
+	$(PY) -m bench.peers install
+	$(PY) -m bench.peers
 
 ## soak: `embedd serve` under steady mixed gRPC load for a few minutes (not in CI); prints
 ## throughput and RSS every 10 s and a verdict (RSS flat, no errors); writes docs/benchmarks/soak.md.
