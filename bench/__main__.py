@@ -761,7 +761,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     references = (
         References(run, model, tokenizer.encode_batch, profile) if CEILING in parts else None
     )
-    measure_servers(run, model, text_sets, profile, parts=parts, found=found, references=references)
+    if parts & {EMBEDD, INT8, *PEER_PARTS.values()}:
+        measure_servers(
+            run, model, text_sets, profile, parts=parts, found=found, references=references
+        )
 
     run.seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ server's own settings, for each of the two engines:
   with one thread each, or one context with two threads; plus ``Llama.embed``,
   llama-cpp-python's own API (which its server uses);
 - ONNX Runtime: packs of at most 2048 tokens (``onnx_batch_tokens``, the default) or 256,
-  each run in length-sorted padded batches; two threads each with a single-thread session
-  (the server's default) or one session on two threads; and the default layout with int8
-  weights (``--int8``).
+  each run in length-sorted padded batches; two worker processes with a single-thread
+  session each (the server's default), two threads each with one, or one session on two
+  threads; and the default layout with int8 weights (``--int8``).
 
 The fastest configuration of an engine is its ceiling.
 """
@@ -57,7 +57,8 @@ LAYOUTS = {
     "1 session x 2 threads": (1, 2, False),
 }
 LLAMA_LAYOUTS = ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads")
-ONNX_LAYOUTS = ("2 threads x 1-thread session", "1 session x 2 threads")
+# The server's default first (worker processes, as for llama.cpp).
+ONNX_LAYOUTS = ("2 processes x 1 thread", "2 threads x 1-thread session", "1 session x 2 threads")
 ONNX_DEFAULT_PACK = EngineSettings().onnx_batch_tokens
 
 
@@ -262,11 +263,12 @@ def configurations(engine: str, long_texts: bool) -> Iterator[Configuration]:
         return
     if engine != ONNX:
         raise ValueError(f"unknown engine {engine!r}")
-    default_layout, other_layout = ONNX_LAYOUTS
+    default_layout, *other_layouts = ONNX_LAYOUTS
     default = f"packs ≤{ONNX_DEFAULT_PACK} tok"
     yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK)
     yield Configuration(ONNX, default_layout, "packs ≤256 tok", 256)
-    yield Configuration(ONNX, other_layout, default, ONNX_DEFAULT_PACK)
+    for layout in other_layouts:
+        yield Configuration(ONNX, layout, default, ONNX_DEFAULT_PACK)
     yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK, int8=True)
 
 

@@ -370,10 +370,11 @@ def test_configurations() -> None:
     assert [config.pack_tokens for config in long] == [0, 0, 0]
     onnx = list(configurations("onnxruntime", long_texts=False))
     assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
-        ("2 threads x 1-thread session", 2048, False),  # the server's default
-        ("2 threads x 1-thread session", 256, False),
+        ("2 processes x 1 thread", 2048, False),  # the server's default
+        ("2 processes x 1 thread", 256, False),
+        ("2 threads x 1-thread session", 2048, False),
         ("1 session x 2 threads", 2048, False),
-        ("2 threads x 1-thread session", 2048, True),
+        ("2 processes x 1 thread", 2048, True),
     ]
     assert list(configurations("onnxruntime", long_texts=True)) == onnx
     with pytest.raises(ValueError):
