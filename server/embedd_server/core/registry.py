@@ -33,7 +33,12 @@ from embedd_server.core.errors import (
     shorten,
 )
 from embedd_server.core.scheduler import FairQueue
-from embedd_server.core.tokenization import HuggingFaceTokenizer, LlamaTokenizer, Tokenizer
+from embedd_server.core.tokenization import (
+    HuggingFaceTokenizer,
+    LlamaTokenizer,
+    Tokenizer,
+    gguf_tokenizer,
+)
 from embedd_server.core.workers import WorkerPool
 from embedd_server.engines.base import Runtime, RuntimeLoader
 from embedd_server.metrics import Metrics, ModelGauges
@@ -337,9 +342,25 @@ def _keep_alive_seconds(text: str) -> float:
 
 
 def _tokenizer_for(info: ModelInfo, runtime: Runtime) -> Tokenizer:
+    """The model's own tokenizer.json; else that tokenizer rebuilt from the GGUF's vocabulary
+    (a file from llama.cpp's converter or Ollama); else, warned, llama.cpp's tokenizer."""
     if info.hf_tokenizer_json:
         return HuggingFaceTokenizer(info.hf_tokenizer_json)
-    log.info("%s has no tokenizer.huggingface.json: using llama.cpp's tokenizer", info.name)
+    rebuilt = gguf_tokenizer(info.path)
+    if rebuilt.json is not None:
+        log.info(
+            "%s has no tokenizer.huggingface.json: tokenizing with the Hugging Face tokenizer "
+            "rebuilt from its vocabulary",
+            info.name,
+        )
+        return HuggingFaceTokenizer(rebuilt.json)
+    log.warning(
+        "%s: no exact tokenizer (no tokenizer.huggingface.json, and %s); using llama.cpp's "
+        "tokenizer, whose token ids can differ from the model's own tokenizer; re-create the "
+        "file with `embedd import` from the Hugging Face directory for exact tokenization",
+        info.name,
+        rebuilt.reason,
+    )
     return LlamaTokenizer(runtime.tokenize, runtime.token_text)
 
 
