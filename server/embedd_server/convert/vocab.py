@@ -20,14 +20,9 @@ from tokenizers import Tokenizer
 
 from embedd_server.convert.files import optional_object, read_object
 from embedd_server.core.errors import ModelImportError
+from embedd_server.core.tokenization import QWEN2_REGEX, UNICODE_NORMALIZATION_KEY
 
 TokenType = gguf.TokenType
-
-# The Split regex of Qwen2/Qwen3's tokenizer.json: llama.cpp's pre-tokenizer "qwen2".
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 @dataclass(frozen=True)
@@ -220,9 +215,19 @@ def add_unigram_vocab(
     writer.add_remove_extra_whitespaces(
         any(all(n.get(k) == v for k, v in collapse.items()) for n in normalizers)
     )
-    for normalizer in normalizers:
-        if normalizer.get("type") == "Precompiled" and normalizer.get("precompiled_charsmap"):
-            writer.add_precompiled_charsmap(base64.b64decode(normalizer["precompiled_charsmap"]))
+    charsmaps = [
+        n["precompiled_charsmap"]
+        for n in normalizers
+        if n.get("type") == "Precompiled" and n.get("precompiled_charsmap")
+    ]
+    for charsmap in charsmaps:
+        writer.add_precompiled_charsmap(base64.b64decode(charsmap))
+    forms = [n["type"] for n in normalizers if n.get("type") in ("NFC", "NFD", "NFKC", "NFKD")]
+    if forms and not charsmaps:
+        # A tokenizer trained with `tokenizers` normalizes by a unicode form, not by a
+        # sentencepiece charsmap: recorded so that the tokenizer rebuilt from the vocabulary
+        # (a copy without tokenizer.huggingface.json) normalizes as it does.
+        writer.add_string(UNICODE_NORMALIZATION_KEY, forms[0])
     _add_special_vocab(writer, tk, model_dir, n_vocab, merges=False)
 
 
@@ -236,7 +241,7 @@ def bpe_pre_tokenizer(tk: HfTokenizer) -> str | None:
         return "gpt-2"
     if [p.get("type") for p in parts] == ["Split", "ByteLevel"]:
         pattern = parts[0].get("pattern") or {}
-        if pattern.get("Regex") == _QWEN2_REGEX and not parts[1].get("use_regex", True):
+        if pattern.get("Regex") == QWEN2_REGEX and not parts[1].get("use_regex", True):
             return "qwen2"
     return None
 
