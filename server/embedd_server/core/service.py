@@ -16,7 +16,7 @@ import numpy as np
 
 from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.errors import InvalidInput, NotImplementedFeature, shorten
 from embedd_server.core.registry import LoadedModel, ModelRegistry
 from embedd_server.core.request_info import current_request, note_inputs, note_model
 from embedd_server.core.scheduler import Job
@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 
 # Tokenizing more text than this runs off the event loop, so other callers are not stalled.
 _INLINE_TOKENIZE_CHARS = 16_384
+
+# Cohere's input_type -> the prompt names that play that role, in order of preference. The
+# first of them the model has with a non-empty text is used; none: no prompt at all (so a
+# client that always sends input_type works with models that have no prompts).
+INPUT_TYPES: dict[str, tuple[str, ...]] = {
+    "search_query": ("search_query", "query"),
+    "search_document": ("search_document", "document", "passage"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+# Poolings whose vector does not depend on whether the prompt's tokens are pooled: CLS takes
+# the first token, last-token the last one (sentence-transformers' include_prompt: false
+# only changes the mask of the other poolings).
+_PROMPT_INDEPENDENT_POOLINGS = frozenset({"cls", "last"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,10 @@ class EmbedParams:
     normalize: bool = True
     truncate: bool = True
     keep_alive_s: float | None = None  # None: the model's own keep_alive
+    # At most one of these three; none: the model's default prompt (see resolve_prompt).
+    prompt_name: str | None = None
+    prompt: str | None = None  # literal text; "" is no prompt, not even the default
+    input_type: str | None = None  # Cohere's: search_query, search_document, ...
 
 
 @dataclass(frozen=True)
@@ -89,8 +107,9 @@ class EmbeddingService:
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
+            texts = model_texts(params, model.info, model.options.pooling or model.info.pooling)
             tokenize_started = time.perf_counter()
-            tokenized = await self._tokenize(params, model)
+            tokenized = await self._tokenize(params, texts, model)
             self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
             self._count_inputs(model.info.name, tokenized)
             vectors = await self._run(model, tokenized.sequences, deadline)
@@ -185,14 +204,16 @@ class EmbeddingService:
             )
         return dimensions
 
-    async def _tokenize(self, params: EmbedParams, model: LoadedModel) -> Tokenized:
+    async def _tokenize(
+        self, params: EmbedParams, texts: Sequence[str], model: LoadedModel
+    ) -> Tokenized:
         limit = model.info.max_input_tokens
         if params.token_ids:
             return check_token_ids(params.token_ids, model.vocab_size, limit, params.truncate)
-        if sum(len(text) for text in params.texts) <= _INLINE_TOKENIZE_CHARS:
-            return tokenize_texts(model.tokenizer, params.texts, limit, params.truncate)
+        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
+            return tokenize_texts(model.tokenizer, texts, limit, params.truncate)
         return await asyncio.to_thread(
-            tokenize_texts, model.tokenizer, params.texts, limit, params.truncate
+            tokenize_texts, model.tokenizer, texts, limit, params.truncate
         )
 
     def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
@@ -220,6 +241,84 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+def resolve_prompt(params: EmbedParams, info: ModelInfo) -> str:
+    """The prompt text for a request, as sentence-transformers' encode() picks it.
+
+    A literal ``prompt`` wins; else ``prompt_name`` (which must be one of the model's prompts);
+    else ``input_type`` mapped by INPUT_TYPES; else the model's ``default_prompt_name``.
+    Returns "" for no prompt.
+    """
+    given = [
+        name
+        for name, value in (
+            ("prompt_name", params.prompt_name),
+            ("prompt", params.prompt),
+            ("input_type", params.input_type),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise InvalidInput(
+            f"Give at most one of prompt_name, prompt and input_type; got {' and '.join(given)}.",
+            param=given[1],
+        )
+    if params.prompt is not None:
+        return params.prompt
+    if params.prompt_name is not None:
+        if params.prompt_name not in info.prompts:
+            raise InvalidInput(
+                f"Model '{info.name}' has no prompt named '{shorten(params.prompt_name)}'; "
+                f"{_prompt_list(info)}",
+                param="prompt_name",
+            )
+        return info.prompts[params.prompt_name]
+    if params.input_type is not None:
+        names = INPUT_TYPES.get(params.input_type)
+        if names is None:
+            raise InvalidInput(
+                f"input_type must be one of {', '.join(INPUT_TYPES)}; got "
+                f"'{shorten(params.input_type)}'.",
+                param="input_type",
+            )
+        return next((info.prompts[n] for n in names if info.prompts.get(n)), "")
+    if info.default_prompt_name is not None:
+        return info.prompts.get(info.default_prompt_name, "")
+    return ""
+
+
+def model_texts(params: EmbedParams, info: ModelInfo, pooling: str) -> list[str]:
+    """The texts as the model's tokenizer gets them: prompt prepended, lower-cased if the
+    model lower-cases (sentence-transformers' do_lower_case, applied to prompt and text)."""
+    prompt = resolve_prompt(params, info)
+    if params.token_ids:
+        explicit = params.prompt_name is not None or params.prompt is not None
+        if prompt and (explicit or params.input_type is not None):
+            raise InvalidInput(
+                "A prompt applies to texts; token ids are used as they are. Prepend the "
+                "prompt's tokens yourself, or send texts.",
+                param="input",
+            )
+        return []
+    if prompt and not info.include_prompt and pooling not in _PROMPT_INDEPENDENT_POOLINGS:
+        raise NotImplementedFeature(
+            f"Model '{info.name}' pools without its prompt's tokens (include_prompt: false) "
+            f"and {pooling} pooling; the engine pools inside the model, over every token, so "
+            "its vectors would differ from the model's: embedd refuses rather than give wrong "
+            'vectors. Send "prompt": "" to embed the texts without a prompt.',
+            param="prompt",
+        )
+    texts = [prompt + text for text in params.texts] if prompt else list(params.texts)
+    if info.do_lower_case:
+        texts = [text.lower() for text in texts]
+    return texts
+
+
+def _prompt_list(info: ModelInfo) -> str:
+    if not info.prompts:
+        return "it has no prompts (send a literal prompt instead)."
+    return "its prompts are: " + ", ".join(f"'{name}'" for name in info.prompts) + "."
 
 
 def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
