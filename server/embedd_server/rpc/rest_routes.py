@@ -57,6 +57,9 @@ class RestRoutes:
             token_ids=token_ids,
             dimensions=_dimensions(request),
             truncate=False,  # OpenAI errors (context_length_exceeded) rather than truncating
+            prompt_name=request.prompt_name or None,
+            prompt=request.prompt if request.HasField("prompt") else None,
+            input_type=request.input_type or None,
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
         encode = _base64_value if encoding == "base64" else vector_messages.float_list_values
@@ -75,6 +78,7 @@ class RestRoutes:
         self, request: pb.OllamaEmbedRequest, context: Context
     ) -> pb.OllamaEmbedResponse:
         texts = ollama_inputs(request.input if request.HasField("input") else None)
+        options = ollama_prompt_options(request.options if request.HasField("options") else None)
         params = EmbedParams(
             model=request.model,
             texts=texts,
@@ -83,6 +87,9 @@ class RestRoutes:
             keep_alive_s=(
                 parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
             ),
+            prompt_name=options.get("prompt_name"),
+            prompt=options.get("prompt"),
+            input_type=options.get("input_type"),
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
         return pb.OllamaEmbedResponse(
@@ -143,6 +150,29 @@ def ollama_inputs(value: struct_pb2.Value | None) -> list[str]:
             return [item.string_value for item in items]
     shape = "missing" if kind is None else _json_kind(kind)
     raise InvalidInput(f"input must be a string or an array of strings; got {shape}.")
+
+
+PROMPT_OPTIONS = ("prompt_name", "prompt", "input_type")
+
+
+def ollama_prompt_options(options: struct_pb2.Struct | None) -> dict[str, str]:
+    """The prompt fields of Ollama's ``options`` (strings); other options are ignored."""
+    found: dict[str, str] = {}
+    if options is None:
+        return found
+    for key in PROMPT_OPTIONS:
+        if key not in options.fields:
+            continue
+        value = options.fields[key]
+        kind = value.WhichOneof("kind")
+        if kind == "null_value":
+            continue
+        if kind != "string_value":
+            raise InvalidInput(
+                f"options.{key} must be a string; got {_json_kind(kind)}.", param=f"options.{key}"
+            )
+        found[key] = value.string_value
+    return found
 
 
 def _token_ids(items: Sequence[struct_pb2.Value], param: str) -> list[int]:

@@ -26,6 +26,8 @@ def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
         dimensions=request.dimensions if request.HasField("dimensions") else None,
         normalize=request.normalize if request.HasField("normalize") else True,
         truncate=request.truncation != pb.TRUNCATION_NONE,
+        prompt_name=request.prompt_name or None,
+        prompt=request.prompt if request.HasField("prompt") else None,
     )
 
 
