@@ -12,6 +12,7 @@ from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import LoadOptions
 from embedd_server.core.errors import NotImplementedFeature
 from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
+from embedd_server.core.tokenization import tokenizer_kind
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
 from embedd_server.rpc.status import ollama_error_body, translate_errors
@@ -38,6 +39,10 @@ def model_message(status: ModelStatus) -> pb.Model:
         embedding=info.embedding,
         normalizes=info.normalizes,
         engine=status.engine,
+        family=info.family,
+        prompts=info.prompts,
+        default_prompt_name=info.default_prompt_name or "",
+        tokenizer=tokenizer_kind(info),
     )
 
 
