@@ -26,6 +26,7 @@ import numpy as np
 
 from embedd_server.convert.families import Family, select_family
 from embedd_server.convert.files import Array, load_safetensors
+from embedd_server.convert.prompts import curated_prompts, original_names
 from embedd_server.convert.st_settings import Settings, read_modules, read_settings
 from embedd_server.core.catalog import (
     DEFAULT_PROMPT_NAME_KEY,
@@ -76,8 +77,10 @@ def import_model(
 
     ``out_type`` is one of :data:`SUPPORTED_TYPES`: 2-D weights take it, norms and biases
     stay f32 (as llama.cpp does). ``name`` defaults to :func:`default_name`. ``prompts``
-    add to (or replace) the directory's own prompts. The file is written to a temporary file
-    in ``models_dir`` and renamed into place, so a half-written model never appears. An
+    add to (or replace) the directory's own prompts, or where it has none, those of the
+    curated table (:mod:`embedd_server.convert.prompts`) for the model's original name. The
+    file is written to a temporary file in ``models_dir`` and renamed into place, so a
+    half-written model never appears. An
     existing target is replaced only when ``overwrite`` is true. ``progress(done, total)`` is
     called after each tensor; ``report(text)`` (default: a warning log line) with each
     default the importer applied, e.g. the family's pooling for a directory without
@@ -109,6 +112,7 @@ def import_model(
         max_position_embeddings=family.max_position_embeddings,
         usable_positions=family.usable_positions,
     )
+    stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
     tokenizer = family.load_tokenizer(model_dir)
     writer = gguf.GGUFWriter(None, family.arch)
     writer.add_name(target.stem)
@@ -117,9 +121,9 @@ def import_model(
     writer.add_file_type(_FILE_TYPES[out_type])
     family.add_hparams(writer)
     writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
-    notes = [*settings.notes, *family.add_vocab(writer, tokenizer, model_dir)]
+    notes = [*settings.notes, *family.add_vocab(writer, tokenizer, model_dir), *prompt_notes]
     writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
-    _add_settings(writer, settings, prompts or {})
+    _add_settings(writer, settings, stored_prompts)
     tensors = family.tensors(load_safetensors(model_dir), model_dir)
     for gg, data, qtype in _converted(family, tensors, out_type, progress):
         writer.add_tensor(gg, data, raw_dtype=qtype)
@@ -130,15 +134,37 @@ def import_model(
     return target
 
 
-def _add_settings(
-    writer: gguf.GGUFWriter, settings: Settings, extra_prompts: Mapping[str, str]
-) -> None:
-    """What sentence-transformers reads from the directory, for the server."""
+def _prompts(
+    src: Path, model_dir: Path, settings: Settings, given: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """The prompts to store: the directory's own, else the curated table's for the model's
+    original name; the ones ``given`` replace or add to either. Notes say what was applied."""
+    notes: list[str] = []
+    prompts = dict(settings.prompts)
+    if not prompts and (found := curated_prompts(original_names(src, model_dir))):
+        name, row = found
+        prompts = dict(row.prompts)
+        notes.append(
+            f"{src.name}: no prompts in config_sentence_transformers.json; applied the "
+            f"prompts documented for {name} ({row.source}): {_show(prompts)}; "
+            "replace them with --prompt NAME=TEXT"
+        )
+    if given:
+        prompts.update(given)
+        notes.append(f"prompts given on the command line: {_show(dict(given))}")
+    return prompts, notes
+
+
+def _show(prompts: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}={text!r}" for name, text in prompts.items())
+
+
+def _add_settings(writer: gguf.GGUFWriter, settings: Settings, prompts: Mapping[str, str]) -> None:
+    """What sentence-transformers reads from the directory (and the prompts), for the server."""
     writer.add_uint32(MAX_SEQ_LENGTH_KEY, settings.max_seq_length)
     writer.add_bool(NORMALIZE_KEY, settings.normalize)
     writer.add_bool(DO_LOWER_CASE_KEY, settings.do_lower_case)
     writer.add_bool(INCLUDE_PROMPT_KEY, settings.include_prompt)
-    prompts = {**settings.prompts, **extra_prompts}
     writer.add_string(PROMPTS_KEY, json.dumps(prompts, ensure_ascii=False))
     if settings.default_prompt_name is not None:
         writer.add_string(DEFAULT_PROMPT_NAME_KEY, settings.default_prompt_name)
