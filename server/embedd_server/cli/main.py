@@ -50,7 +50,13 @@ def _import_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from embedd_server.convert.hf_to_gguf import import_model
+    from embedd_server.convert.prompts import parse_prompt
 
+    try:
+        prompts = dict(parse_prompt(text) for text in args.prompt)
+    except ValueError as exc:
+        print(f"embedd import: --prompt: {exc}", file=sys.stderr)
+        return 2
     models_dir = load_settings(args).models_dir  # --models-dir > EMBEDD_MODELS_DIR > config
     with tqdm(desc=f"converting {args.source.name}", unit="tensor", file=sys.stderr) as bar:
 
@@ -65,6 +71,9 @@ def _import_command(args: argparse.Namespace) -> int:
             name=args.name,
             progress=progress,
             overwrite=args.overwrite,
+            prompts=prompts,
+            # notes on the bar's stream, above it, not inside it
+            report=lambda note: bar.write(note, file=sys.stderr),
         )
     print(path)
     return 0
@@ -99,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the config file, else ./models)",
     )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    imp.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help="store a prompt (repeatable); replaces the directory's or the curated table's "
+        "prompt of that name, e.g. --prompt 'query=query: '",
+    )
     imp.set_defaults(handler=_import_command)
 
     client_commands.add_commands(commands)
