@@ -229,12 +229,31 @@ KEEP_ALIVES = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
     JSON_VALUES,
 )
+INPUT_TYPES = ["search_query", "search_document", "classification", "clustering"]
+PROMPT_NAMES = st.one_of(st.sampled_from(["", "query", "nope"]), st.text(max_size=10))
+PROMPTS = st.one_of(st.sampled_from(["", "query: "]), TEXTS)
+INPUT_TYPE_VALUES = st.one_of(st.sampled_from(["", "nope", *INPUT_TYPES]), st.text(max_size=10))
+OLLAMA_OPTIONS = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt_name": PROMPT_NAMES | JSON_SCALARS,
+            "prompt": PROMPTS | JSON_SCALARS,
+            "input_type": INPUT_TYPE_VALUES,
+            "temperature": JSON_SCALARS,
+        },
+    ),
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3),
+)
 STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "/v1/embeddings": {
         "model": MODELS,
         "input": OPENAI_INPUTS,
         "dimensions": DIMENSIONS,
         "encoding_format": st.sampled_from(["float", "base64", "", "int8"]),
+        "prompt_name": PROMPT_NAMES,
+        "prompt": PROMPTS,
+        "input_type": INPUT_TYPE_VALUES,
     },
     "/api/embed": {
         "model": MODELS,
@@ -242,6 +261,7 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "dimensions": DIMENSIONS,
         "keep_alive": KEEP_ALIVES,
         "truncate": st.booleans(),
+        "options": OLLAMA_OPTIONS,
     },
     "/v1/models/load": {
         "model": MODELS,
@@ -254,6 +274,7 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 
 
 SHORT_SENTENCES = st.lists(WORDS, min_size=1, max_size=8).map(" ".join)
+OMIT = object()  # a valid value that is: no such field
 VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "/v1/embeddings": {
         "model": st.sampled_from(["fake", "other", ""]),
@@ -264,6 +285,10 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         ),
         "dimensions": st.none() | st.integers(min_value=1, max_value=4),
         "encoding_format": st.sampled_from(["float", "base64", ""]),
+        # The fake models have no prompts: input_type maps to none, and token ids stay valid.
+        "prompt_name": st.just(""),
+        "prompt": st.just(OMIT),
+        "input_type": st.sampled_from(["", *INPUT_TYPES]),
     },
     "/api/embed": {
         "model": st.sampled_from(["fake", "other", ""]),
@@ -271,6 +296,9 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "dimensions": st.none() | st.integers(min_value=1, max_value=4),
         "keep_alive": st.sampled_from(["5m", "1h", 0, -1, 30, None]),
         "truncate": st.just(True),
+        "options": st.sampled_from(
+            [{}, {"input_type": "search_query"}, {"prompt": "query: "}, {"temperature": 0.5}]
+        ),
     },
     "/v1/models/load": {
         "model": st.sampled_from(["fake", "other", ""]),
@@ -297,7 +325,11 @@ def steer(case: schemathesis.Case[Any], draw: Callable[[st.SearchStrategy[Any]],
         return
     if how == "valid":
         for name, strategy in VALID_FIELDS.get(case.path, {}).items():
-            case.body[name] = draw(strategy)
+            value = draw(strategy)
+            if value is OMIT:
+                case.body.pop(name, None)
+            else:
+                case.body[name] = value
         return
     for name, strategy in STEERED_FIELDS.get(case.path, {}).items():
         if draw(st.booleans()):
@@ -405,7 +437,16 @@ FIELD_VALUES = st.one_of(
     st.integers(min_value=2000, max_value=2100).map(lambda n: ["hello"] * n),
 )
 ROUTE_FIELDS = {
-    "/v1/embeddings": ["model", "input", "encoding_format", "dimensions", "user"],
+    "/v1/embeddings": [
+        "model",
+        "input",
+        "encoding_format",
+        "dimensions",
+        "user",
+        "prompt_name",
+        "prompt",
+        "input_type",
+    ],
     "/api/embed": ["model", "input", "truncate", "keep_alive", "options", "dimensions"],
     "/v1/models/load": ["model", "embedding", "n_gpu_layers", "keep_alive", "pooling"],
     "/v1/models/unload": ["model"],
