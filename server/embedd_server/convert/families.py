@@ -30,6 +30,7 @@ from embedd_server.convert.vocab import (
     load_tokenizer,
     template_specials,
 )
+from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
 from embedd_server.core.errors import ModelImportError
 
 Shape = tuple[int, ...]
@@ -134,23 +135,6 @@ def _strip(loaded: dict[str, Array], prefixes: tuple[str, ...]) -> dict[str, Arr
 
 # --- BERT and XLM-RoBERTa: the same encoder ----------------------------------------------------
 
-_EMBEDDINGS = {
-    "embeddings.word_embeddings": "token_embd",
-    "embeddings.token_type_embeddings": "token_types",
-    "embeddings.position_embeddings": "position_embd",
-    "embeddings.LayerNorm": "token_embd_norm",
-}
-_ENCODER_BLOCK = {
-    "attention.self.query": "attn_q",
-    "attention.self.key": "attn_k",
-    "attention.self.value": "attn_v",
-    "attention.output.dense": "attn_output",
-    "attention.output.LayerNorm": "attn_output_norm",
-    "intermediate.dense": "ffn_up",
-    "output.dense": "ffn_down",
-    "output.LayerNorm": "layer_output_norm",
-}
-
 
 class _Encoder(Family):
     arch = "bert"
@@ -199,7 +183,8 @@ class _Encoder(Family):
             "position_embd": (self.max_position_embeddings, d),
         }
         plan: Plan = [
-            (f"{hf}.weight", f"{gg}.weight", shapes.get(gg, (d,))) for hf, gg in _EMBEDDINGS.items()
+            (f"{hf}.weight", f"{gg}.weight", shapes.get(gg, (d,)))
+            for hf, gg in ENCODER_EMBEDDING_TENSORS.items()
         ]
         plan.append(("embeddings.LayerNorm.bias", "token_embd_norm.bias", (d,)))
         block: dict[str, Shape] = {
@@ -209,7 +194,7 @@ class _Encoder(Family):
             "ffn_down": (d, ff),
         }
         for i in range(self.n_layer):
-            for hf, gg in _ENCODER_BLOCK.items():
+            for hf, gg in ENCODER_BLOCK_TENSORS.items():
                 weight = block.get(gg, (d, d))
                 bias = (ff,) if gg == "ffn_up" else (d,)
                 plan.append((f"encoder.layer.{i}.{hf}.weight", f"blk.{i}.{gg}.weight", weight))

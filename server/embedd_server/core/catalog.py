@@ -48,6 +48,27 @@ PROMPTS_KEY = "sentence_transformers.prompts"  # a JSON object: prompt name -> t
 DEFAULT_PROMPT_NAME_KEY = "sentence_transformers.default_prompt_name"
 
 
+# llama.cpp's GGUF names of a BERT-style encoder's tensors (BERT, XLM-RoBERTa), by the Hugging
+# Face module they hold (each with .weight and .bias; token types and positions .weight only).
+# The converter writes them and the ONNX engine reads them back.
+ENCODER_EMBEDDING_TENSORS = {
+    "embeddings.word_embeddings": "token_embd",
+    "embeddings.token_type_embeddings": "token_types",
+    "embeddings.position_embeddings": "position_embd",
+    "embeddings.LayerNorm": "token_embd_norm",
+}
+ENCODER_BLOCK_TENSORS = {  # per layer: encoder.layer.N.<module> -> blk.N.<name>
+    "attention.self.query": "attn_q",
+    "attention.self.key": "attn_k",
+    "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output",
+    "attention.output.LayerNorm": "attn_output_norm",
+    "intermediate.dense": "ffn_up",
+    "output.dense": "ffn_down",
+    "output.LayerNorm": "layer_output_norm",
+}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A model of the catalogue, as its GGUF file describes it."""

@@ -30,6 +30,8 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+
 Pooling = Literal["mean", "cls"]
 Array = npt.NDArray[Any]
 
@@ -42,24 +44,6 @@ META_MAX_POSITIONS = "embedd.max_position_embeddings"
 META_VOCAB_SIZE = "embedd.vocab_size"
 META_TOKEN_TYPES = "embedd.type_vocab_size"
 
-# HF BertModel names (no "bert." prefix) -> llama.cpp GGUF names.
-_GGUF_EMBEDDINGS = {
-    "embeddings.word_embeddings.weight": "token_embd.weight",
-    "embeddings.token_type_embeddings.weight": "token_types.weight",
-    "embeddings.position_embeddings.weight": "position_embd.weight",
-    "embeddings.LayerNorm.weight": "token_embd_norm.weight",
-    "embeddings.LayerNorm.bias": "token_embd_norm.bias",
-}
-_GGUF_BLOCK = {
-    "attention.self.query": "attn_q",
-    "attention.self.key": "attn_k",
-    "attention.self.value": "attn_v",
-    "attention.output.dense": "attn_output",
-    "attention.output.LayerNorm": "attn_output_norm",
-    "intermediate.dense": "ffn_up",
-    "output.dense": "ffn_down",
-    "output.LayerNorm": "layer_output_norm",
-}
 _GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls"}  # llama.cpp's enum llama_pooling_type
 _GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
 
@@ -309,9 +293,13 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, Array]:
-    names = {gg: hf for hf, gg in _GGUF_EMBEDDINGS.items()}
+    names = {
+        f"{gg}.{part}": f"{hf}.{part}"
+        for hf, gg in ENCODER_EMBEDDING_TENSORS.items()
+        for part in ("weight", "bias")
+    }
     for i in range(n_layers):
-        for hf, gg in _GGUF_BLOCK.items():
+        for hf, gg in ENCODER_BLOCK_TENSORS.items():
             for part in ("weight", "bias"):
                 names[f"blk.{i}.{gg}.{part}"] = f"encoder.layer.{i}.{hf}.{part}"
     return {names[name]: value for name, value in tensors.items() if name in names}
