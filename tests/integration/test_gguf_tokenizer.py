@@ -36,7 +36,7 @@ HARDER = [
     "naïve Café ÉCOLE résumé",
     "  two  spaces\tand a tab\nand a newline  ",
     "[CLS] [MASK] <s> </s> <|endoftext|> <|im_start|>",
-    "ｆｕｌｌｗｉｄｔｈ ﬁ ½ ²",
+    "ｆｕｌｌｗｉｄｔｈ ﬁ ½ ²",  # noqa: RUF001 (fullwidth letters on purpose)
     "한국어 문장 日本語の文 Ελληνικά",
     "don't I'LL we've 12345 3.14",
     "emoji 😀👍🏽",
