@@ -281,3 +281,22 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
     assert _cosines(results[0], reference[:40]).min() >= EXACT
     np.testing.assert_allclose(results[1], results[0], atol=1e-6)
     assert not list(Path(tempfile.gettempdir()).glob(f"embedd-{path.stem}-*.onnx"))
+
+
+def test_onnx_runtime_telemetry_is_off_before_it_loads() -> None:
+    """ORT's official builds upload usage events unless ORT_DISABLE_TELEMETRY is set before it
+    initializes: importing the engine sets it (a deployment's own value is kept)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys; import embedd_server.engines.onnx; "
+        "assert 'onnxruntime' in sys.modules; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for given, expected in ((None, "1"), ("0", "0")):
+        env = environ if given is None else {**environ, "ORT_DISABLE_TELEMETRY": given}
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == expected
