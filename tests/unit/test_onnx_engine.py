@@ -286,6 +286,7 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
 def test_onnx_runtime_telemetry_is_off_before_it_loads() -> None:
     """ORT's official builds upload usage events unless ORT_DISABLE_TELEMETRY is set before it
     initializes: importing the engine sets it (a deployment's own value is kept)."""
+    import os
     import subprocess
     import sys
 
