@@ -531,7 +531,7 @@ def _legs_table(run: BenchRun) -> str:
             "load generator, cores",
             "server cores (main thread)",
             "server CPU ms/text",
-            "server RSS MiB",
+            "server memory MiB",
             "others' cores",
             "note",
         ],
