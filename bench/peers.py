@@ -161,7 +161,7 @@ def program_version(command: Sequence[str], environ: Mapping[str, str] | None = 
             text=True,
             timeout=VERSION_TIMEOUT_S,
             check=False,
-            env=dict(environ) if environ is not None else None,
+            env={**(os.environ if environ is None else environ), **procs.OFFLINE},
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -348,7 +348,13 @@ def start_infinity(program: Path, model_dir: Path, engine: str) -> tuple[procs.C
 
 def ollama_environment(port: int) -> dict[str, str]:
     """Its own model store in .bench, on a free port; otherwise its defaults."""
-    return {"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(OLLAMA_MODELS)}
+    # Keep the model loaded between legs (peers.md: OLLAMA_KEEP_ALIVE=-1), as embedd keeps its
+    # default model: otherwise a leg after 5 idle minutes would time Ollama's reload.
+    return {
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": str(OLLAMA_MODELS),
+        "OLLAMA_KEEP_ALIVE": "-1",
+    }
 
 
 def modelfile(gguf: Path) -> str:
@@ -377,7 +383,7 @@ def start_ollama(program: Path, model: Path) -> tuple[procs.Child, Endpoint]:
         text=True,
         timeout=300,
         check=False,
-        env={**procs.clean_environment(), **env},
+        env={**procs.clean_environment(), **procs.OFFLINE, **env},
     )
     if created.returncode != 0:
         child.stop()

@@ -39,6 +39,19 @@ def ensure_bench_dir() -> Path:
     return BENCH_DIR
 
 
+# Every server the bench starts is told to phone nobody: ONNX Runtime's official builds upload
+# telemetry unless told not to (embedd, TEI and Infinity load it), Ollama looks up its cloud at
+# start, Infinity and the Hugging Face hub send usage statistics.
+OFFLINE = {
+    "ORT_DISABLE_TELEMETRY": "1",
+    "OLLAMA_NO_CLOUD": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+}
+
+
 def clean_environment() -> dict[str, str]:
     """This environment without EMBEDD_* variables: servers run with default settings."""
     return {key: value for key, value in os.environ.items() if not key.startswith("EMBEDD_")}
@@ -262,7 +275,7 @@ def start_child(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**clean_environment(), **(env or {})},
+            env={**clean_environment(), **OFFLINE, **(env or {})},
             cwd=cwd,
         )
     child = Child(name, process, log_path)
