@@ -2,6 +2,11 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
+# ONNX Runtime's official builds upload telemetry unless this is set before it loads; embedd
+# sets it itself on import, and every command here (tests, bench) sets it too.
+ORT_DISABLE_TELEMETRY ?= 1
+export ORT_DISABLE_TELEMETRY
+
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
