@@ -13,10 +13,11 @@ server's own settings, for each of the two engines:
   single-thread context, two worker processes (``ProcessEngine``, llama.cpp's default on CPU)
   with one thread each, or one context with two threads; plus ``Llama.embed``,
   llama-cpp-python's own API (which its server uses);
-- ONNX Runtime: packs of at most 2048 tokens (``onnx_batch_tokens``, the default) or 256,
-  each run in length-sorted padded batches; two worker processes with a single-thread
-  session each (the server's default), two threads each with one, or one session on two
-  threads; and the default layout with int8 weights (``--int8``).
+- ONNX Runtime: packs of at most 256 tokens (``onnx_batch_tokens``, the default) or 2048,
+  each run in length-sorted padded batches; two worker processes each with a session on two
+  threads that do not spin (the server's default: ``onnx_threads`` 0, the cores), or on one
+  thread, or one session on two threads; and the default layout with int8 weights
+  (``--int8``).
 
 The fastest configuration of an engine is its ceiling.
 """
@@ -55,10 +56,11 @@ LAYOUTS = {
     "1 ctx x 2 threads": (1, 2, False),
     "2 threads x 1-thread session": (2, 1, False),
     "1 session x 2 threads": (1, 2, False),
+    "2 processes x 2 threads": (2, 2, True),
 }
 LLAMA_LAYOUTS = ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads")
 # The server's default first (worker processes, as for llama.cpp).
-ONNX_LAYOUTS = ("2 processes x 1 thread", "2 threads x 1-thread session", "1 session x 2 threads")
+ONNX_LAYOUTS = ("2 processes x 2 threads", "2 processes x 1 thread", "1 session x 2 threads")
 ONNX_DEFAULT_PACK = EngineSettings().onnx_batch_tokens
 
 
@@ -126,6 +128,7 @@ def engine_settings(config: Configuration) -> EngineSettings:
         worker_processes=processes,
         batch_tokens=config.pack_tokens,
         onnx_batch_tokens=config.pack_tokens or ONNX_DEFAULT_PACK,
+        onnx_threads=threads,
         engine=config.engine,
         int8=config.int8,
     )
@@ -266,7 +269,7 @@ def configurations(engine: str, long_texts: bool) -> Iterator[Configuration]:
     default_layout, *other_layouts = ONNX_LAYOUTS
     default = f"packs ≤{ONNX_DEFAULT_PACK} tok"
     yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK)
-    yield Configuration(ONNX, default_layout, "packs ≤256 tok", 256)
+    yield Configuration(ONNX, default_layout, "packs ≤2048 tok", 2048)
     for layout in other_layouts:
         yield Configuration(ONNX, layout, default, ONNX_DEFAULT_PACK)
     yield Configuration(ONNX, default_layout, default, ONNX_DEFAULT_PACK, int8=True)
@@ -281,8 +284,9 @@ def single_text_latency(
     pause_s: float = 0.0,
     engine: str = LLAMA,
 ) -> SingleTextLatency:
-    """p50/p99 of tokenize + decode + normalize for one text on one single-thread engine in
-    this process (a llama.cpp context, or an ONNX Runtime session: the server's worker),
+    """p50/p99 of tokenize + decode + normalize for one text on one worker's engine in this
+    process, as the server configures it (a llama.cpp context on one thread, or an ONNX
+    Runtime session on the cores),
     texts taken in turn, back to back or ``pause_s`` apart (as a lone caller's requests
     arrive: on these machines a decode after an idle pause is slower, the weights having
     left the caches)."""

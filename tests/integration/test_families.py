@@ -77,7 +77,13 @@ def _packs(sequences: list[list[int]], budget: int) -> Iterator[list[list[int]]]
 def _embed(path: Path, info: ModelInfo, sequences: list[list[int]]) -> Vectors:
     weights = LlamaModelWeights(path)
     budget = max(PACK_TOKENS, info.max_input_tokens)
-    engine = LlamaEngine(weights, max_tokens=budget, max_sequences=64, n_threads=1)
+    engine = LlamaEngine(
+        weights,
+        max_tokens=budget,
+        max_sequences=64,
+        n_threads=1,
+        exact_attention=info.quantization == "f32",  # as the server's loader sets it
+    )
     try:
         vectors = np.concatenate(
             [engine.embed_batch(pack) for pack in _packs(sequences, budget)]

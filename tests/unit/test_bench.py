@@ -370,11 +370,11 @@ def test_configurations() -> None:
     assert [config.pack_tokens for config in long] == [0, 0, 0]
     onnx = list(configurations("onnxruntime", long_texts=False))
     assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
-        ("2 processes x 1 thread", 2048, False),  # the server's default
+        ("2 processes x 2 threads", 256, False),  # the server's default
+        ("2 processes x 2 threads", 2048, False),
         ("2 processes x 1 thread", 256, False),
-        ("2 threads x 1-thread session", 2048, False),
-        ("1 session x 2 threads", 2048, False),
-        ("2 processes x 1 thread", 2048, True),
+        ("1 session x 2 threads", 256, False),
+        ("2 processes x 2 threads", 256, True),
     ]
     assert list(configurations("onnxruntime", long_texts=True)) == onnx
     with pytest.raises(ValueError):
@@ -384,6 +384,7 @@ def test_configurations() -> None:
 def test_a_configuration_is_the_servers_settings() -> None:
     onnx = engine_settings(Configuration("onnxruntime", "2 threads x 1-thread session", "", 2048))
     assert (onnx.engine, onnx.workers, onnx.threads_per_worker) == ("onnxruntime", 2, 1)
+    assert onnx.onnx_threads == 1
     assert (onnx.batch_tokens, onnx.onnx_batch_tokens, onnx.int8) == (2048, 2048, False)
     llama = engine_settings(Configuration("llama.cpp", "2 processes x 1 thread", "", 0))
     assert (llama.engine, llama.worker_processes, llama.batch_tokens) == ("llama.cpp", True, 0)

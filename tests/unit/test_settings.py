@@ -186,6 +186,7 @@ ENGINE_VALUES: dict[str, Any] = {
     "log_json": True,
     "engine": "llama.cpp",
     "onnx_batch_tokens": 512,
+    "onnx_threads": 3,
     "int8": True,
 }
 TRANSPORT_ONLY = {

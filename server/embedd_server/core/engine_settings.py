@@ -36,7 +36,8 @@ class EngineSettings:
     worker_timeout_s: float = 60.0
     log_json: bool = False  # the log format of worker processes' own lines
     engine: str = "auto"  # "auto", "llama.cpp" or "onnxruntime"
-    onnx_batch_tokens: int = 2048
+    onnx_batch_tokens: int = 256
+    onnx_threads: int = 0  # 0: the cores this process may use
     int8: bool = False
 
 

@@ -10,6 +10,7 @@ chosen at load time, GPU offload) runs on llama.cpp. ``engine = "llama.cpp"`` or
 from __future__ import annotations
 
 import logging
+import os
 
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
@@ -63,7 +64,7 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
 
         return OnnxRuntime(
             info.path,
-            threads=settings.threads_per_worker,
+            threads=settings.onnx_threads or len(os.sched_getaffinity(0)),
             max_batch_tokens=settings.onnx_batch_tokens,
             int8=settings.int8,
             processes=settings.worker_processes,

@@ -135,7 +135,9 @@ class LlamaEngine:
         max_tokens: int,
         max_sequences: int,
         n_threads: int,
+        *,
         pooling_type: int | None = None,
+        exact_attention: bool = False,
     ) -> None:
         llama_cpp = _llama()
         from llama_cpp import _internals
@@ -149,11 +151,13 @@ class LlamaEngine:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
-        # Exactness: flash attention (AUTO turns it on) casts K and V to f16, and a causal
-        # model's KV cache is f16 by default; both moved f32 vectors off the reference
-        # (a BERT with a prompt: cosine 0.999984 -> 0.9999993 with both off, docs/design.md).
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
-        params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32  # type: ignore[attr-defined]
+        if exact_attention:
+            # f32 weights promise f32 vectors: flash attention (AUTO turns it on) casts K and V
+            # to f16, and a causal model's KV cache is f16 by default (a BERT with a prompt:
+            # cosine 0.999984 -> 0.9999993 with both off). It costs packed decodes ~40 %, so
+            # f16 and quantized files keep llama.cpp's defaults (docs/design.md).
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32  # type: ignore[attr-defined]
         if pooling_type is not None:  # e.g. mean pooling for a causal LM
             params.pooling_type = pooling_type
         try:
@@ -230,6 +234,7 @@ class LlamaRuntime:
         pooling_type: int | None = None,
         processes: bool = False,
         log_json: bool = False,
+        exact_attention: bool = False,
     ) -> None:
         self.weights = LlamaModelWeights(path, n_gpu_layers, vocab_only=processes)
         self._spec = EngineSpec(
@@ -240,6 +245,7 @@ class LlamaRuntime:
             n_gpu_layers=n_gpu_layers,
             pooling_type=pooling_type,
             log_json=log_json,
+            exact_attention=exact_attention,
         )
         self._processes = processes
 
@@ -255,7 +261,12 @@ class LlamaRuntime:
         spec = self._spec
         if not self._processes:
             return LlamaEngine(
-                self.weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+                self.weights,
+                spec.max_tokens,
+                spec.max_sequences,
+                spec.n_threads,
+                pooling_type=spec.pooling_type,
+                exact_attention=spec.exact_attention,
             )
         engine = ProcessEngine(spec)
         if engine.dimensions != self.dimensions:
@@ -290,4 +301,5 @@ def load_llama_runtime(
         pooling_type=POOLING_TYPES[options.pooling] if options.pooling else None,
         processes=settings.worker_processes and n_gpu_layers == 0,
         log_json=settings.log_json,
+        exact_attention=info.quantization == "f32",
     )

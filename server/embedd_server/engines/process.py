@@ -59,6 +59,7 @@ class EngineSpec:
     n_gpu_layers: int
     pooling_type: int | None = None
     log_json: bool = False  # the server's log format, for the worker's own lines
+    exact_attention: bool = False  # llama.cpp: f32 attention (see LlamaEngine)
     engine: str = "llama.cpp"  # or "onnxruntime": then ``onnx_path`` is the graph to run
     onnx_path: str = ""
 

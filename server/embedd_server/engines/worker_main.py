@@ -48,7 +48,12 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
         return session.dimensions, embed_onnx
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
     context = LlamaEngine(
-        weights, spec.max_tokens, spec.max_sequences, spec.n_threads, spec.pooling_type
+        weights,
+        spec.max_tokens,
+        spec.max_sequences,
+        spec.n_threads,
+        pooling_type=spec.pooling_type,
+        exact_attention=spec.exact_attention,
     )
     return context.dimensions, context.embed_packed
 
