@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,26 +117,34 @@ def _wordpiece_special_ids(model_dir: Path, tk: HfTokenizer) -> dict[str, int]:
     return ids
 
 
+def _vocab_entries(tk: HfTokenizer, n_vocab: int) -> Iterator[tuple[str, TokenType]]:
+    """Each id's token and llama.cpp token type, ids without a token padded as UNUSED."""
+    by_id = _check_ids(tk, n_vocab)
+    added = tk.tokenizer.get_added_tokens_decoder()
+    for i in range(n_vocab):
+        token = by_id.get(i)
+        if token is None:
+            yield f"[PAD{i}]", TokenType.UNUSED
+        elif i in added:
+            yield token, TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
+        else:
+            yield token, TokenType.NORMAL
+
+
+def _phantom_space(piece: str) -> str:
+    """A WordPiece token as llama.cpp stores it: "##ing" -> "ing", "word" -> "\u2581word"."""
+    return piece[2:] if piece.startswith("##") else "\u2581" + piece
+
+
 def add_wordpiece_vocab(
     writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path, n_vocab: int
 ) -> None:
     """BERT's vocabulary in llama.cpp's phantom-space form, as its converter writes it."""
-    by_id = _check_ids(tk, n_vocab)
-    added = tk.tokenizer.get_added_tokens_decoder()
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(n_vocab):
-        token = by_id.get(i)
-        if token is None:
-            token, kind = f"[PAD{i}]", TokenType.UNUSED
-        elif i in added:
-            kind = TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
-        else:
-            kind = TokenType.NORMAL
-        if kind != TokenType.CONTROL:
-            token = token[2:] if token.startswith("##") else "\u2581" + token
-        tokens.append(token)
-        types.append(int(kind))
+    entries = list(_vocab_entries(tk, n_vocab))
+    tokens = [
+        token if kind == TokenType.CONTROL else _phantom_space(token) for token, kind in entries
+    ]
+    types = [int(kind) for _, kind in entries]
     writer.add_tokenizer_model("bert")
     writer.add_tokenizer_pre("jina-v2-en")
     writer.add_token_list(tokens)
@@ -250,20 +259,9 @@ def add_bpe_vocab(
     writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path, n_vocab: int, pre: str
 ) -> None:
     """A byte-level BPE vocabulary as llama.cpp's ``gpt2`` tokenizer model, with merges."""
-    by_id = _check_ids(tk, n_vocab)
-    added = tk.tokenizer.get_added_tokens_decoder()
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(n_vocab):
-        token = by_id.get(i)
-        if token is None:
-            token, kind = f"[PAD{i}]", TokenType.UNUSED
-        elif i in added:
-            kind = TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
-        else:
-            kind = TokenType.NORMAL
-        tokens.append(token)
-        types.append(int(kind))
+    entries = list(_vocab_entries(tk, n_vocab))
+    tokens = [token for token, _ in entries]
+    types = [int(kind) for _, kind in entries]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
