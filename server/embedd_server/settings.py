@@ -102,7 +102,7 @@ class Settings:
     )
     onnx_batch_tokens: int = _opt(
         "ONNX Runtime engine: most tokens of one worker's pack, run as padded batches sorted "
-        "by length (256 was fastest on the measured machine; docs/design.md).",
+        "by length (the measurements behind the default are in docs/design.md).",
         256,
     )
     onnx_threads: int = _opt(

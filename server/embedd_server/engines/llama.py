@@ -153,9 +153,9 @@ class LlamaEngine:
         params.embeddings = True
         if exact_attention:
             # f32 weights promise f32 vectors: flash attention (AUTO turns it on) casts K and V
-            # to f16, and a causal model's KV cache is f16 by default (a BERT with a prompt:
-            # cosine 0.999984 -> 0.9999993 with both off). It costs packed decodes ~40 %, so
-            # f16 and quantized files keep llama.cpp's defaults (docs/design.md).
+            # to f16, and a causal model's KV cache is f16 by default. Turning both off costs
+            # packed decodes much speed, so f16 and quantized files keep llama.cpp's defaults
+            # (measured: docs/design.md, "llama.cpp quirks handled").
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32  # type: ignore[attr-defined]
         if pooling_type is not None:  # e.g. mean pooling for a causal LM

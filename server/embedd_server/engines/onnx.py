@@ -77,8 +77,8 @@ class OnnxEngine:
         options.intra_op_num_threads = threads
         if threads > 1:
             # Workers share the cores: a thread that spins while waiting for work takes a core
-            # from the other worker (2 workers x 2 spinning threads: 326 texts/s; without
-            # spinning 560, as 2 x 1 thread, while a lone caller's text takes 2.7 ms, not 3.8).
+            # from the other worker, and throughput collapses; without spinning a lone request
+            # still uses every core (measured: docs/design.md, "Engines").
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
