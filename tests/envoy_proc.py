@@ -13,7 +13,8 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from embedd_server.run.envoy import envoy_binary, write_envoy_config
+from embedd_server.run.envoy import write_envoy_config
+from embedd_server.run.envoy_process import envoy_command
 from embedd_server.run.probes import free_port
 from embedd_server.settings import Settings
 
@@ -75,16 +76,7 @@ class EnvoyProcess:
         settings = Settings(http_port=free_port(), envoy_admin_port=free_port(), **overrides)
         config = write_envoy_config(settings, workdir / "envoy.yaml", upstreams=upstreams)
         log_path = workdir / "envoy.log"
-        command = [
-            str(envoy_binary()),
-            "-c",
-            str(config),
-            "--log-level",
-            "warning",
-            "--disable-hot-restart",
-            "--concurrency",
-            "2",
-        ]
+        command = [*envoy_command(config), "--concurrency", "2"]
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         envoy = cls(process, settings, log_path)

@@ -43,8 +43,7 @@ Vectors = npt.NDArray[np.float64]
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    if not MODELS.is_dir():
-        pytest.skip(f"{MODELS} is missing")
+    assert MODELS.is_dir(), f"{MODELS} is missing: the tests read ../shared beside the repo"
     out = tmp_path_factory.mktemp("families")
     return {
         (model, out_type): import_model(MODELS / model, out, out_type=out_type)

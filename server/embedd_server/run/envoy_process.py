@@ -25,8 +25,9 @@ class EnvoyFailed(RuntimeError):
     """Envoy could not start, or exited while it should have been serving."""
 
 
-async def start_envoy(config: Path) -> asyncio.subprocess.Process:
-    command = [
+def envoy_command(config: Path) -> list[str]:
+    """How embedd starts Envoy on a rendered config (the tests start it the same way)."""
+    return [
         str(envoy_binary()),
         "-c",
         str(config),
@@ -34,6 +35,10 @@ async def start_envoy(config: Path) -> asyncio.subprocess.Process:
         "warning",
         "--disable-hot-restart",  # several Envoys (tests, replicas) may share a machine
     ]
+
+
+async def start_envoy(config: Path) -> asyncio.subprocess.Process:
+    command = envoy_command(config)
     return await asyncio.create_subprocess_exec(
         *bound_to_parent(command), stdout=sys.stderr, stderr=sys.stderr, process_group=0
     )

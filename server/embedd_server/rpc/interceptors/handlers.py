@@ -3,6 +3,7 @@ that runs the interceptor's own behaviour around it."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -40,7 +41,7 @@ def same_kind(
     return make(behaviour, deserializer, handler.response_serializer)
 
 
-class WrappingInterceptor(aio.ServerInterceptor):
+class WrappingInterceptor(aio.ServerInterceptor, abc.ABC):
     """An interceptor that wraps each known method's handler (:meth:`wrap`); unknown methods
     pass through (grpcio answers UNIMPLEMENTED)."""
 
@@ -50,6 +51,6 @@ class WrappingInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         return None if handler is None else self.wrap(handler, handler_call_details)
 
+    @abc.abstractmethod
     def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         """The handler to run instead of ``handler``."""
-        raise NotImplementedError
