@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from embedd_server.core.catalog import (
     HF_TOKENIZER_KEY,
+    INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
     ModelInfo,
@@ -33,13 +34,14 @@ WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "runs",
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
-def fake_tokenizer_json() -> str:
-    """A tiny BERT-like word-level tokenizer: [CLS] words [SEP]."""
+def fake_tokenizer_json(*, closing: bool = True) -> str:
+    """A tiny BERT-like word-level tokenizer: [CLS] words [SEP] (without ``closing``:
+    [CLS] words, as a decoder that only adds BOS)."""
     vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
+        single="[CLS] $A [SEP]" if closing else "[CLS] $A",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return tokenizer.to_str()
@@ -50,7 +52,10 @@ def write_fake_gguf(
     dimensions: int = 8,
     max_seq_length: int = 16,
     pooling: int = 1,
+    *,
     padding_bytes: int = 0,
+    include_prompt: bool = True,
+    tokenizer_json: str | None = None,
 ) -> Path:
     """A GGUF file with a model's metadata (no tensors): enough for the catalogue."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,9 +65,10 @@ def write_fake_gguf(
     writer.add_uint32("bert.pooling_type", pooling)
     writer.add_uint32("general.file_type", 1)
     writer.add_array("tokenizer.ggml.tokens", SPECIALS + WORDS)
-    writer.add_string(HF_TOKENIZER_KEY, fake_tokenizer_json())
+    writer.add_string(HF_TOKENIZER_KEY, tokenizer_json or fake_tokenizer_json())
     writer.add_uint32(MAX_SEQ_LENGTH_KEY, max_seq_length)
     writer.add_bool(NORMALIZE_KEY, True)
+    writer.add_bool(INCLUDE_PROMPT_KEY, include_prompt)
     if padding_bytes:  # makes the file this much bigger (memory-budget tests)
         writer.add_string("test.padding", "x" * padding_bytes)
     writer.write_header_to_file()
@@ -151,10 +157,13 @@ class FakeEngine:
     def dimensions(self) -> int:
         return self._runtime.dimensions
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> FloatMatrix:
         runtime = self._runtime
         with runtime.lock:
             runtime.calls.extend(list(ids) for ids in sequences)
+            runtime.pooling_starts.extend(pooling_starts or [0] * len(sequences))
         return runtime.behaviour(sequences, runtime.dimensions)
 
     @property
@@ -186,6 +195,7 @@ class FakeRuntime:
         self.vocab_size = info.vocab_size
         self.behaviour = behaviour
         self.calls: list[list[int]] = []
+        self.pooling_starts: list[int] = []  # one per call, in the order of ``calls``
         self.lock = threading.Lock()
         self.closed = False
         self._engines_left = max_engines

@@ -321,7 +321,9 @@ class _RecordingEngine:
     def __init__(self) -> None:
         self.packs: list[list[int]] = []
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> npt.NDArray[np.float32]:
         self.packs.append([len(ids) for ids in sequences])
         return np.ones((len(sequences), self.dimensions), dtype=np.float32)
 

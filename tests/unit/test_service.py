@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,13 @@ from embedd_server.core.errors import (
 )
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
-from tests.fakes import FakeLoader, FloatMatrix, fake_vector, write_fake_gguf
+from tests.fakes import (
+    FakeLoader,
+    FloatMatrix,
+    fake_tokenizer_json,
+    fake_vector,
+    write_fake_gguf,
+)
 
 T = TypeVar("T")
 CLS, SEP, HELLO, CAT, DOG = 2, 3, 4, 7, 12
@@ -258,3 +265,44 @@ def test_loading_with_an_unknown_pooling_is_invalid(svc: Harness) -> None:
     assert svc.loader.runtimes == []
     status = svc.run(svc.service.load_model("other", LoadOptions(pooling="mean"), None))
     assert status.loaded and svc.loader.runtimes[-1].options.pooling == "mean"
+
+
+# --- include_prompt: false ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pooling", "pooled_from"), [(1, 3), (2, 0), (3, 0)])
+def test_a_model_pooling_without_its_prompt_gets_each_inputs_pooling_start(
+    tmp_path: Path, pooling: int, pooled_from: int
+) -> None:
+    """Mean pooling is handed the prompt's length ([CLS] + its words); CLS and last-token
+    pooling see the whole input, as sentence-transformers' masks leave them."""
+    write_fake_gguf(tmp_path / "instructed.gguf", pooling=pooling, include_prompt=False)
+    with _harness(tmp_path) as harness:
+        params = EmbedParams(model="instructed", texts=["hello", "cat"], prompt="the cat ")
+        harness.embed(params)
+        runtime = harness.loader.runtimes[-1]
+        assert runtime.calls == [[CLS, 6, CAT, HELLO, SEP], [CLS, 6, CAT, CAT, SEP]]
+        assert runtime.pooling_starts == [pooled_from, pooled_from]
+        harness.embed(EmbedParams(model="instructed", texts=["hello"]))  # no prompt: from 0
+        assert runtime.pooling_starts[-1] == 0
+
+
+def test_last_token_pooling_of_an_input_that_is_all_prompt_is_the_zero_vector(
+    tmp_path: Path,
+) -> None:
+    """With no closing special token, an input cut inside its prompt has every token masked:
+    sentence-transformers' last-token gather then gives zeros. With [SEP] it stays pooled."""
+    for name, closing in (("bos-only", False), ("bert", True)):
+        write_fake_gguf(
+            tmp_path / f"{name}.gguf",
+            pooling=3,
+            include_prompt=False,
+            max_seq_length=4,
+            tokenizer_json=fake_tokenizer_json(closing=closing),
+        )
+    with _harness(tmp_path) as harness:
+        params = EmbedParams(model="bos-only", texts=["hello"], prompt="the cat sat ")
+        assert not harness.embed(params).vectors.any()  # [CLS] the cat sat: all prompt
+        assert harness.embed(dataclasses.replace(params, prompt="the ")).vectors.all()
+        bert = harness.embed(dataclasses.replace(params, model="bert")).vectors
+        assert bert.all()  # [CLS] the cat [SEP]: the prompt is 3 tokens, [SEP] is pooled

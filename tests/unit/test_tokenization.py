@@ -114,6 +114,9 @@ class _CountingTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return str(token_id)
 
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        return len(self.encode_batch([prompt])[0]) - 1
+
 
 def test_only_over_long_texts_are_tokenized_again() -> None:
     tokenizer = _CountingTokenizer()
@@ -160,3 +163,25 @@ def test_an_unknown_vocabulary_size_checks_only_for_negative_ids() -> None:
     assert check_token_ids([[10**6]], 0, 8, truncate=True).sequences == [[10**6]]
     with pytest.raises(InvalidInput, match="token id -5"):
         check_token_ids([[-5]], 0, 8, truncate=True)
+
+
+# --- the prompt's length (include_prompt: false) -------------------------------------------------
+
+
+def test_prompt_length_counts_the_opening_token_not_the_closing_one(
+    hf: HuggingFaceTokenizer,
+) -> None:
+    assert hf.prompt_length("hello cat", 64) == 3  # [CLS] hello cat | [SEP]
+    assert hf.prompt_length("hello cat dog", 3) == 2  # cut to [CLS] hello [SEP]
+    assert _llama().prompt_length("hello cat", 64) == 3
+    assert _llama().prompt_length("hello cat dog", 3) == 2
+
+
+def test_a_tokenizer_without_a_closing_token_counts_every_prompt_token() -> None:
+    open_ended = HuggingFaceTokenizer(fake_tokenizer_json(closing=False))
+    assert open_ended.prompt_length("hello cat", 64) == 3  # [CLS] hello cat
+
+    def tokenize(text: bytes) -> list[int]:
+        return [CLS, *(100 + len(word) for word in text.split())]  # BOS only
+
+    assert LlamaTokenizer(tokenize, str).prompt_length("hello cat", 64) == 3

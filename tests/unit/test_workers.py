@@ -229,7 +229,9 @@ class _EndedEngine:
     def __init__(self) -> None:
         self.closed = False
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> FloatMatrix:
         raise AssertionError("an ended engine must not be given a pack")
 
     def abort(self) -> None:
@@ -376,8 +378,10 @@ class _TimedEngine:
     def dimensions(self) -> int:
         return self._engine.dimensions
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
-        return self._engine.embed_batch(sequences)
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> FloatMatrix:
+        return self._engine.embed_batch(sequences, pooling_starts)
 
     @property
     def alive(self) -> bool:

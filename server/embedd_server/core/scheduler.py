@@ -48,9 +48,13 @@ class Job:
         dimensions: int,
         loop: asyncio.AbstractEventLoop,
         deadline: float | None = None,
+        *,
         request_id: str = "",
+        pooling_starts: Sequence[int] | None = None,
     ) -> None:
         self.sequences = sequences
+        # Per input, the first token pooling counts (a model pooling without its prompt).
+        self.pooling_starts = pooling_starts
         self.deadline = deadline
         self.request_id = request_id  # for log lines written by the workers
         self.result: FloatMatrix = np.empty((len(sequences), dimensions), dtype=np.float32)
@@ -147,6 +151,12 @@ class WorkItem:
     @property
     def token_ids(self) -> Sequence[int]:
         return self.job.sequences[self.index]
+
+    @property
+    def pooling_start(self) -> int:
+        """The first of its tokens that pooling counts (0 but for include_prompt: false)."""
+        starts = self.job.pooling_starts
+        return 0 if starts is None else starts[self.index]
 
 
 class FairQueue:

@@ -16,11 +16,16 @@ import numpy as np
 
 from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import InvalidInput, NotImplementedFeature, shorten
+from embedd_server.core.errors import InvalidInput, shorten
 from embedd_server.core.registry import LoadedModel, ModelRegistry
 from embedd_server.core.request_info import current_request, note_inputs, note_model
 from embedd_server.core.scheduler import Job
-from embedd_server.core.tokenization import Tokenized, check_token_ids, tokenize_texts
+from embedd_server.core.tokenization import (
+    Tokenized,
+    Tokenizer,
+    check_token_ids,
+    tokenize_texts,
+)
 from embedd_server.engines.base import FloatMatrix
 
 log = logging.getLogger(__name__)
@@ -37,10 +42,6 @@ INPUT_TYPES: dict[str, tuple[str, ...]] = {
     "classification": ("classification",),
     "clustering": ("clustering",),
 }
-# Poolings whose vector does not depend on whether the prompt's tokens are pooled: CLS takes
-# the first token, last-token the last one (sentence-transformers' include_prompt: false
-# only changes the mask of the other poolings).
-_PROMPT_INDEPENDENT_POOLINGS = frozenset({"cls", "last"})
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,21 @@ class EmbeddingService:
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
-            texts = model_texts(params, model.info, model.options.pooling or model.info.pooling)
+            prompt = resolve_prompt(params, model.info)
+            texts = model_texts(params, model.info, prompt)
             tokenize_started = time.perf_counter()
             tokenized = await self._tokenize(params, texts, model)
             self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
             self._count_inputs(model.info.name, tokenized)
-            vectors = await self._run(model, tokenized.sequences, deadline)
+            pooling = model.options.pooling or model.info.pooling
+            starts = prompt_pooling_starts(
+                model.info, model.tokenizer, prompt if texts else "", tokenized.sequences
+            )
+            vectors = await self._run(
+                model, tokenized.sequences, deadline, starts if pooling == "mean" else None
+            )
+            if starts is not None and pooling == "last":
+                _zero_prompt_only_rows(vectors, tokenized.sequences, starts)
         return EmbedOutcome(
             model=model.info.name,
             vectors=_post_process(vectors, dimensions, params.normalize),
@@ -222,7 +232,11 @@ class EmbeddingService:
         note_inputs(model, len(tokenized.sequences), tokens)
 
     async def _run(
-        self, model: LoadedModel, sequences: Sequence[Sequence[int]], deadline: float | None
+        self,
+        model: LoadedModel,
+        sequences: Sequence[Sequence[int]],
+        deadline: float | None,
+        pooling_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
         request = current_request()
         job = Job(
@@ -231,6 +245,7 @@ class EmbeddingService:
             asyncio.get_running_loop(),
             deadline,
             request_id=request.request_id if request is not None else "",
+            pooling_starts=pooling_starts,
         )
         model.queue.submit(job)
         try:
@@ -288,10 +303,10 @@ def resolve_prompt(params: EmbedParams, info: ModelInfo) -> str:
     return ""
 
 
-def model_texts(params: EmbedParams, info: ModelInfo, pooling: str) -> list[str]:
-    """The texts as the model's tokenizer gets them: prompt prepended, lower-cased if the
-    model lower-cases (sentence-transformers' do_lower_case, applied to prompt and text)."""
-    prompt = resolve_prompt(params, info)
+def model_texts(params: EmbedParams, info: ModelInfo, prompt: str) -> list[str]:
+    """The texts as the model's tokenizer gets them: ``prompt`` (from :func:`resolve_prompt`)
+    prepended, lower-cased if the model lower-cases (sentence-transformers' do_lower_case,
+    applied to prompt and text). Token ids take no prompt: [] for them."""
     if params.token_ids:
         explicit = params.prompt_name is not None or params.prompt is not None
         if prompt and (explicit or params.input_type is not None):
@@ -301,18 +316,39 @@ def model_texts(params: EmbedParams, info: ModelInfo, pooling: str) -> list[str]
                 param="input",
             )
         return []
-    if prompt and not info.include_prompt and pooling not in _PROMPT_INDEPENDENT_POOLINGS:
-        raise NotImplementedFeature(
-            f"Model '{info.name}' pools without its prompt's tokens (include_prompt: false) "
-            f"and {pooling} pooling; the engine pools inside the model, over every token, so "
-            "its vectors would differ from the model's: embedd refuses rather than give wrong "
-            'vectors. Send "prompt": "" to embed the texts without a prompt.',
-            param="prompt",
-        )
     texts = [prompt + text for text in params.texts] if prompt else list(params.texts)
     if info.do_lower_case:
         texts = [text.lower() for text in texts]
     return texts
+
+
+def prompt_pooling_starts(
+    info: ModelInfo, tokenizer: Tokenizer, prompt: str, sequences: Sequence[Sequence[int]]
+) -> list[int] | None:
+    """Per input, the first token that pooling counts when the model leaves its prompt out of
+    pooling (sentence-transformers' ``include_prompt: false``); None when every token counts.
+
+    As sentence-transformers: the prompt's length is that of the prompt tokenized alone
+    (lower-cased if the model lower-cases, cut to the model's limit), special tokens included,
+    less a closing special token; so [CLS] or BOS is left out with the prompt. Only mean and
+    last-token pooling use it (CLS takes the first token whatever the mask).
+    """
+    if not prompt or info.include_prompt:
+        return None
+    if info.do_lower_case:
+        prompt = prompt.lower()
+    length = tokenizer.prompt_length(prompt, info.max_input_tokens)
+    return [min(length, len(ids)) for ids in sequences]
+
+
+def _zero_prompt_only_rows(
+    vectors: FloatMatrix, sequences: Sequence[Sequence[int]], starts: Sequence[int]
+) -> None:
+    """Last-token pooling of an input that is all prompt (truncated inside it): with every
+    token masked, sentence-transformers' gather gives the zero vector."""
+    for row, (ids, start) in enumerate(zip(sequences, starts, strict=True)):
+        if start >= len(ids):
+            vectors[row] = 0.0
 
 
 def _prompt_list(info: ModelInfo) -> str:

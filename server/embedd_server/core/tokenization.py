@@ -34,6 +34,11 @@ class Tokenizer(Protocol):
     def id_to_token(self, token_id: int) -> str:
         """The token's text, for reading."""
 
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        """How many leading tokens of ``prompt + text`` are the prompt's, as
+        sentence-transformers counts them for ``include_prompt: false``: the prompt's own ids
+        (special tokens added, cut to ``max_tokens``), less a closing special token."""
+
 
 class HuggingFaceTokenizer:
     """The model's own tokenizer.json through the Rust ``tokenizers`` library."""
@@ -50,6 +55,9 @@ class HuggingFaceTokenizer:
         return [encoding.ids for encoding in encodings]
 
     def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
+        return list(self._truncating_to(max_tokens).encode(text).ids)
+
+    def _truncating_to(self, max_tokens: int) -> HFTokenizerImpl:
         # tokenizers truncates inside the template, so [SEP] stays at the end, exactly as
         # sentence-transformers does.
         tokenizer = self._truncating.get(max_tokens)
@@ -58,10 +66,15 @@ class HuggingFaceTokenizer:
             tokenizer.no_padding()
             tokenizer.enable_truncation(max_tokens)
             self._truncating[max_tokens] = tokenizer
-        return list(tokenizer.encode(text).ids)
+        return tokenizer
 
     def id_to_token(self, token_id: int) -> str:
         return self._full.id_to_token(token_id) or ""
+
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        encoding = self._truncating_to(max_tokens).encode(prompt)
+        closing = bool(encoding.ids) and bool(encoding.special_tokens_mask[-1])
+        return len(encoding.ids) - (1 if closing else 0)
 
 
 class LlamaTokenizer:
@@ -87,6 +100,13 @@ class LlamaTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self._detokenize(token_id)
+
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        ids = self.encode_truncated(prompt, max_tokens)
+        # The ids llama.cpp adds around any text: the empty text has only those.
+        frame = self._tokenize(b"")
+        closing = bool(frame) and bool(ids) and ids[-1] == frame[-1]
+        return len(ids) - (1 if closing else 0)
 
 
 @dataclass(frozen=True)

@@ -184,9 +184,10 @@ class WorkerPool:
         if not live:
             return
         sequences = [item.token_ids for item in live]
+        starts = [item.pooling_start for item in live]
         started = time.perf_counter()
         try:
-            vectors = engine.embed_batch(sequences)
+            vectors = engine.embed_batch(sequences, starts if any(starts) else None)
         except EngineDied:
             raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:

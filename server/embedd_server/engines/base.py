@@ -22,8 +22,14 @@ class Engine(Protocol):
     def dimensions(self) -> int:
         """Length of the vectors embed() returns."""
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
-        """The pooled (not normalized) vectors of token sequences, one row each."""
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> FloatMatrix:
+        """The pooled (not normalized) vectors of token sequences, one row each.
+
+        ``pooling_starts[i]``: the first token of sequence i that pooling counts (None: all
+        from the first). Only an engine made for a model that pools without its prompt
+        (``include_prompt: false``) accepts starts other than 0; others raise ValueError."""
 
     @property
     def alive(self) -> bool:

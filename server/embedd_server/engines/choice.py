@@ -17,7 +17,7 @@ from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOpti
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
 from embedd_server.engines.llama import ENGINE_NAME as LLAMA
-from embedd_server.engines.llama import load_llama_runtime
+from embedd_server.engines.llama import load_llama_runtime, pools_without_prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,5 +69,6 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             int8=settings.int8,
             processes=settings.worker_processes,
             log_json=settings.log_json,
+            pool_from_starts=pools_without_prompt(info, options),
         )
     return load_llama_runtime(info, settings, options)

@@ -26,12 +26,13 @@ from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Engine
-from embedd_server.engines.packing import flatten
+from embedd_server.engines.packing import Int32Array, flatten, masked_means, starts_array
 from embedd_server.engines.process import EngineSpec, ProcessEngine
 
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "llama.cpp"
+_POOLING_NONE = 0  # llama.cpp's LLAMA_POOLING_TYPE_NONE: one output vector per token
 
 
 def _llama() -> object:
@@ -138,7 +139,10 @@ class LlamaEngine:
         *,
         pooling_type: int | None = None,
         exact_attention: bool = False,
+        pool_from_starts: bool = False,
     ) -> None:
+        """``pool_from_starts``: mean pooling done here, from each sequence's pooling start
+        (a model with ``include_prompt: false``); llama.cpp returns every token's vector."""
         llama_cpp = _llama()
         from llama_cpp import _internals
 
@@ -160,6 +164,11 @@ class LlamaEngine:
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32  # type: ignore[attr-defined]
         if pooling_type is not None:  # e.g. mean pooling for a causal LM
             params.pooling_type = pooling_type
+        if pool_from_starts:
+            # llama.cpp's own mean covers every token of a sequence; the prompt's tokens must
+            # be left out of it, so it hands out token vectors and the mean is taken here.
+            params.pooling_type = _POOLING_NONE
+        self._pool_from_starts = pool_from_starts
         try:
             self._ctx = _internals.LlamaContext(model=weights.model, params=params, verbose=True)
         except ValueError as exc:
@@ -167,24 +176,33 @@ class LlamaEngine:
         self._batch = _NumpyBatch(max_tokens, max_sequences)
         self._decode = llama_cpp.llama_decode  # type: ignore[attr-defined]
         self._get_embeddings = llama_cpp.llama_get_embeddings_seq  # type: ignore[attr-defined]
+        self._get_token_embeddings = llama_cpp.llama_get_embeddings  # type: ignore[attr-defined]
         self._dimensions = weights.dimensions
 
     @property
     def dimensions(self) -> int:
         return self._dimensions
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        return self.embed_packed(*flatten(sequences))
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> npt.NDArray[np.float32]:
+        tokens, lengths = flatten(sequences)
+        return self.embed_packed(tokens, lengths, starts_array(pooling_starts, lengths))
 
     def embed_packed(
-        self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]
+        self, tokens: Int32Array, lengths: Int32Array, starts: Int32Array | None = None
     ) -> npt.NDArray[np.float32]:
-        """embed_batch() for sequences given as one token array and their lengths."""
+        """embed_batch() for sequences given as one token array, their lengths and their
+        pooling starts (None: from the first token)."""
+        if not self._pool_from_starts and starts is not None and starts.any():
+            raise ValueError("this engine pools every token; it was not made to skip prompts")
         self._batch.fill(tokens, lengths)
         self._ctx.kv_cache_clear()
         code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
+        if self._pool_from_starts:
+            return self._mean_from_starts(lengths, starts)
         vectors = np.empty((len(lengths), self._dimensions), dtype=np.float32)
         for index in range(len(lengths)):
             pointer = self._get_embeddings(self._ctx.ctx, index)
@@ -195,6 +213,21 @@ class LlamaEngine:
                 ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
             )
         return vectors
+
+    def _mean_from_starts(
+        self, lengths: Int32Array, starts: Int32Array | None
+    ) -> npt.NDArray[np.float32]:
+        """The mean of each sequence's token vectors from its pooling start on."""
+        pointer = self._get_token_embeddings(self._ctx.ctx)
+        if not pointer:
+            raise RuntimeError("llama.cpp returned no token embeddings")
+        token_vectors = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+            shape=(int(lengths.sum()), self._dimensions),
+        )
+        return masked_means(
+            token_vectors, lengths, starts_array(None, lengths) if starts is None else starts
+        )
 
     @property
     def alive(self) -> bool:
@@ -235,6 +268,7 @@ class LlamaRuntime:
         processes: bool = False,
         log_json: bool = False,
         exact_attention: bool = False,
+        pool_from_starts: bool = False,
     ) -> None:
         self.weights = LlamaModelWeights(path, n_gpu_layers, vocab_only=processes)
         self._spec = EngineSpec(
@@ -246,6 +280,7 @@ class LlamaRuntime:
             pooling_type=pooling_type,
             log_json=log_json,
             exact_attention=exact_attention,
+            pool_from_starts=pool_from_starts,
         )
         self._processes = processes
 
@@ -267,6 +302,7 @@ class LlamaRuntime:
                 spec.n_threads,
                 pooling_type=spec.pooling_type,
                 exact_attention=spec.exact_attention,
+                pool_from_starts=spec.pool_from_starts,
             )
         engine = ProcessEngine(spec)
         if engine.dimensions != self.dimensions:
@@ -302,4 +338,11 @@ def load_llama_runtime(
         processes=settings.worker_processes and n_gpu_layers == 0,
         log_json=settings.log_json,
         exact_attention=info.quantization == "f32",
+        pool_from_starts=pools_without_prompt(info, options),
     )
+
+
+def pools_without_prompt(info: ModelInfo, options: LoadOptions) -> bool:
+    """Whether the model's mean pooling leaves out its prompt's tokens (sentence-transformers'
+    ``include_prompt: false``): its engines then pool from per-input starts."""
+    return not info.include_prompt and (options.pooling or info.pooling) == "mean"

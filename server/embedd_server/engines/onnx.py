@@ -32,6 +32,7 @@ from embedd_server.engines.onnx_graph import (
     META_POOLING,
     META_VOCAB_SIZE,
     OUTPUT_NAME,
+    POOLING_MASK_NAME,
     load_gguf,
     quantize_int8,
 )
@@ -99,6 +100,7 @@ class OnnxEngine:
         self.pooling = meta.get(META_POOLING)
         input_names = {i.name for i in self._session.get_inputs()}
         self._token_types = "token_type_ids" in input_names
+        self._pooling_mask = POOLING_MASK_NAME in input_names  # include_prompt: false
         output = next(o for o in self._session.get_outputs() if o.name == OUTPUT_NAME)
         self._dimensions = int(output.shape[1])
         self.batch_size = batch_size
@@ -114,11 +116,15 @@ class OnnxEngine:
         """False once the engine was aborted or closed."""
         return self._session is not None and not self._aborted.is_set()
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> FloatMatrix:
         """The pooled (not normalized) vectors of token sequences, one row each, in order.
 
         Sequences are token ids with the special tokens already in place. They are run
         sorted by length in padded batches; each batch is padded to its own longest.
+        ``pooling_starts`` (a graph built with a pooling mask only): per sequence, the first
+        token the mean counts.
         """
         session = self._session
         if session is None or self._aborted.is_set():
@@ -128,12 +134,40 @@ class OnnxEngine:
         if len(sequences) == 0:
             return out
         self._check_lengths(lengths)
+        starts = self._check_starts(pooling_starts, lengths)
         order = np.argsort(lengths, kind="stable")
         # All batches are padded (and their ids checked) before any is run.
         batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
         for rows, (ids, mask) in batches:
-            out[rows] = self._run(session, ids, mask)
+            out[rows] = self._run(session, ids, mask, self._pool_mask(mask, starts, rows))
         return out
+
+    def _check_starts(
+        self, pooling_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64] | None:
+        if pooling_starts is None:
+            return None
+        starts = np.asarray(pooling_starts, dtype=np.int64)
+        if starts.shape != lengths.shape or (starts < 0).any() or (starts > lengths).any():
+            raise ValueError("pooling starts must lie in [0, length] of each sequence")
+        if starts.any() and not self._pooling_mask:
+            raise ValueError("this graph pools every token; it was not built to skip prompts")
+        return starts
+
+    def _pool_mask(
+        self,
+        mask: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64] | None,
+        rows: npt.NDArray[np.intp],
+    ) -> npt.NDArray[np.int64] | None:
+        """The mean's mask of a padded batch: attention's, less each row's first tokens."""
+        if not self._pooling_mask:
+            return None
+        if starts is None:
+            return mask
+        pool = mask.copy()
+        pool[np.arange(pool.shape[1]) < starts[rows][:, None]] = 0
+        return pool
 
     def abort(self) -> None:
         """Stops a running call (it raises :class:`EngineAborted`) and every later one."""
@@ -189,10 +223,13 @@ class OnnxEngine:
         session: ort.InferenceSession,
         ids: npt.NDArray[np.int64],
         mask: npt.NDArray[np.int64],
+        pool_mask: npt.NDArray[np.int64] | None = None,
     ) -> FloatMatrix:
         feed = {"input_ids": ids, "attention_mask": mask}
         if self._token_types:
             feed["token_type_ids"] = np.zeros_like(ids)
+        if pool_mask is not None:
+            feed[POOLING_MASK_NAME] = pool_mask
         try:
             (vectors,) = session.run([OUTPUT_NAME], feed, self._run_options)
         except Exception as exc:
@@ -221,10 +258,13 @@ class OnnxRuntime:
         int8: bool = False,
         processes: bool = False,
         log_json: bool = False,
+        pool_from_starts: bool = False,
     ) -> None:
+        """``pool_from_starts``: the graph takes a pooling mask, so the mean can leave out a
+        prompt's tokens (a model with ``include_prompt: false``)."""
         try:
             source = load_gguf(path)
-            model = source.build()
+            model = source.build(pooling_mask_input=pool_from_starts)
             if int8:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:

@@ -38,6 +38,7 @@ Array = npt.NDArray[Any]
 OPSET = 17  # LayerNormalization is a standard op from 17 on
 OUTPUT_NAME = "sentence_embedding"
 HIDDEN_OUTPUT_NAME = "last_hidden_state"
+POOLING_MASK_NAME = "pooling_mask"  # the mean's own mask, where it differs from attention's
 # Metadata written into the graph, read back by OnnxEngine (survives fusion and quantization).
 META_POOLING = "embedd.pooling"
 META_MAX_POSITIONS = "embedd.max_position_embeddings"
@@ -99,7 +100,11 @@ class ModelSource:
     normalize: bool
 
     def build(
-        self, *, token_type_input: bool = False, hidden_output: bool = False
+        self,
+        *,
+        token_type_input: bool = False,
+        hidden_output: bool = False,
+        pooling_mask_input: bool = False,
     ) -> onnx.ModelProto:
         """The ONNX graph of this model (see :func:`build_bert_model`)."""
         return build_bert_model(
@@ -108,6 +113,7 @@ class ModelSource:
             pooling=self.pooling,
             token_type_input=token_type_input,
             hidden_output=hidden_output,
+            pooling_mask_input=pooling_mask_input,
         )
 
 
@@ -349,6 +355,7 @@ def build_bert_model(
     pooling: Pooling = "mean",
     token_type_input: bool = False,
     hidden_output: bool = False,
+    pooling_mask_input: bool = False,
 ) -> onnx.ModelProto:
     """The ONNX graph (opset 17) of ``BertModel`` followed by pooling.
 
@@ -357,6 +364,9 @@ def build_bert_model(
     sentence-transformers gives a bi-encoder). Output ``sentence_embedding`` float32
     ``[batch, hidden]``: the masked mean (``"mean"``) or the first row (``"cls"``) of the
     last hidden state, not normalized; with ``hidden_output`` also ``last_hidden_state``.
+    With ``pooling_mask_input`` the mean is masked by another input, ``pooling_mask``
+    (int64 ``[batch, seq]``): sentence-transformers' ``include_prompt: false`` attends to the
+    prompt's tokens but leaves them out of the mean.
     The operations follow transformers' eager ``BertModel`` in order (the additions of the
     embeddings, division of the scores by sqrt(head size), mask bias of float32's minimum,
     erf GELU), so float32 results agree to rounding.
@@ -372,11 +382,15 @@ def build_bert_model(
     ]
     if token_type_input:
         inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, batch_seq))
+    pooling_mask = "attention_mask"
+    if pooling_mask_input and pooling == "mean":
+        pooling_mask = POOLING_MASK_NAME
+        inputs.append(helper.make_tensor_value_info(pooling_mask, TensorProto.INT64, batch_seq))
     hidden = _embeddings(g, w, config, token_type_input)
     bias = _mask_bias(g)
     for i in range(config.num_hidden_layers):
         hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
-    pooled = _pool(g, hidden, pooling)
+    pooled = _pool(g, hidden, pooling, pooling_mask)
     d = config.hidden_size
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", d])]
@@ -472,13 +486,13 @@ def _layer(
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
 
 
-def _pool(g: _Graph, hidden: str, pooling: Pooling) -> str:
+def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
     if pooling == "cls":
         return g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "pool", axis=1)
     # sentence-transformers: sum(h * mask) / clamp(sum(mask), min=1e-9)
     axes = g.const("axes_last", np.array([-1], np.int64))
     mask = g.op(
-        "Cast", [g.op("Unsqueeze", ["attention_mask", axes], "pool")], "pool", to=TensorProto.FLOAT
+        "Cast", [g.op("Unsqueeze", [mask_input, axes], "pool")], "pool", to=TensorProto.FLOAT
     )
     seq_axis = g.const("axes_seq", np.array([1], np.int64))
     summed = g.op("ReduceSum", [g.op("Mul", [hidden, mask], "pool"), seq_axis], "pool", keepdims=0)

@@ -15,7 +15,7 @@ The wire between them is a socket pair with length-prefixed messages
 (``multiprocessing.connection``), no pickle:
 
 - server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
-  ``[n, len_1 .. len_n, tokens ...]``.
+  ``[n, len_1 .. len_n, start_1 .. start_n, tokens ...]`` (:mod:`~embedd_server.engines.packing`).
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
   major) per pack; ``E`` + a UTF-8 message when loading or decoding failed.
 """
@@ -60,6 +60,8 @@ class EngineSpec:
     pooling_type: int | None = None
     log_json: bool = False  # the server's log format, for the worker's own lines
     exact_attention: bool = False  # llama.cpp: f32 attention (see LlamaEngine)
+    # Mean pooling from per-input starts (a model with include_prompt: false): see packing.
+    pool_from_starts: bool = False
     engine: str = "llama.cpp"  # or "onnxruntime": then ``onnx_path`` is the graph to run
     onnx_path: str = ""
 
@@ -107,8 +109,10 @@ class ProcessEngine:
         """The worker process (tests kill it to prove a crash is survived)."""
         return self._process.pid
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        message = encode_pack(sequences)
+    def embed_batch(
+        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+    ) -> npt.NDArray[np.float32]:
+        message = encode_pack(sequences, pooling_starts)
         try:
             self._conn.send_bytes(message)
             reply = self._conn.recv_bytes()  # blocks without the GIL while the child decodes

@@ -29,7 +29,8 @@ from embedd_server.logs import configure_logging
 log = logging.getLogger(__name__)
 
 Int32Array = npt.NDArray[np.int32]
-PackedEmbed = Callable[[Int32Array, Int32Array], FloatMatrix]
+# (tokens, lengths, pooling starts) -> vectors
+PackedEmbed = Callable[[Int32Array, Int32Array, Int32Array], FloatMatrix]
 
 
 def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
@@ -41,9 +42,9 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
             spec.onnx_path, threads=spec.n_threads, max_batch_tokens=spec.max_tokens
         )
 
-        def embed_onnx(tokens: Int32Array, lengths: Int32Array) -> FloatMatrix:
+        def embed_onnx(tokens: Int32Array, lengths: Int32Array, starts: Int32Array) -> FloatMatrix:
             sequences: list[Int32Array] = np.split(tokens, np.cumsum(lengths)[:-1])
-            return session.embed_batch(sequences)  # type: ignore[arg-type]  # arrays index like lists
+            return session.embed_batch(sequences, starts if starts.any() else None)  # type: ignore[arg-type]  # arrays index like lists
 
         return session.dimensions, embed_onnx
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
@@ -54,6 +55,7 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
         spec.n_threads,
         pooling_type=spec.pooling_type,
         exact_attention=spec.exact_attention,
+        pool_from_starts=spec.pool_from_starts,
     )
     return context.dimensions, context.embed_packed
 

@@ -1,0 +1,97 @@
+"""An independent float64 NumPy reference of transformers' BERT / XLM-RoBERTa encoders.
+
+For behaviour that ``../shared/models`` has no stored reference of (e.g. sentence-transformers'
+``include_prompt: false``), tests compute what sentence-transformers would: this module runs
+``BertModel`` / ``XLMRobertaModel`` from a model directory's safetensors in float64, with
+nothing of embedd's engines, graph builder or converter. It is first checked against the
+stored reference (``test_include_prompt.py``), so agreement with it means agreement with
+sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from safetensors.numpy import load_file
+
+Array = npt.NDArray[np.float64]
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+@dataclass(frozen=True)
+class EncoderReference:
+    """A BERT-family encoder (BERT, or XLM-RoBERTa's position offset) from a HF directory."""
+
+    weights: dict[str, Array]
+    config: dict[str, Any]
+
+    @classmethod
+    def load(cls, directory: Path) -> EncoderReference:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        raw = load_file(str(directory / "model.safetensors"))
+        weights = {
+            name.removeprefix("bert.").removeprefix("roberta."): value.astype(np.float64)
+            for name, value in raw.items()
+        }
+        return cls(weights, config)
+
+    def _linear(self, x: Array, prefix: str) -> Array:
+        out: Array = x @ self.weights[f"{prefix}.weight"].T + self.weights[f"{prefix}.bias"]
+        return out
+
+    def _layer_norm(self, x: Array, prefix: str) -> Array:
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        eps = float(self.config.get("layer_norm_eps", 1e-12))
+        normed = (x - mean) / np.sqrt(var + eps)
+        out: Array = normed * self.weights[f"{prefix}.weight"] + self.weights[f"{prefix}.bias"]
+        return out
+
+    def hidden_states(self, ids: list[int], token_types: list[int] | None = None) -> Array:
+        """The last hidden state ``[len(ids), hidden]`` of one unpadded sequence."""
+        w = self.weights
+        positions = np.arange(len(ids))
+        if self.config.get("model_type") == "xlm-roberta":
+            positions = positions + int(self.config["pad_token_id"]) + 1
+        types = np.zeros(len(ids), dtype=np.int64) if token_types is None else token_types
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.token_type_embeddings.weight"][types]
+            + w["embeddings.position_embeddings.weight"][positions]
+        )
+        x = self._layer_norm(x, "embeddings.LayerNorm")
+        heads = int(self.config["num_attention_heads"])
+        size = x.shape[1] // heads
+        for i in range(int(self.config["num_hidden_layers"])):
+            p = f"encoder.layer.{i}"
+
+            def split(t: Array) -> Array:
+                return t.reshape(len(ids), heads, size).transpose(1, 0, 2)
+
+            q = split(self._linear(x, f"{p}.attention.self.query"))
+            k = split(self._linear(x, f"{p}.attention.self.key"))
+            v = split(self._linear(x, f"{p}.attention.self.value"))
+            scores = q @ k.transpose(0, 2, 1) / math.sqrt(size)
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs = scores / scores.sum(axis=-1, keepdims=True)
+            context = (probs @ v).transpose(1, 0, 2).reshape(len(ids), heads * size)
+            attended = self._linear(context, f"{p}.attention.output.dense")
+            x = self._layer_norm(attended + x, f"{p}.attention.output.LayerNorm")
+            up = self._linear(x, f"{p}.intermediate.dense")
+            gelu = up * 0.5 * (1.0 + _erf(up / math.sqrt(2.0)))
+            down = self._linear(gelu, f"{p}.output.dense")
+            x = self._layer_norm(down + x, f"{p}.output.LayerNorm")
+        return x
+
+
+def mean_from(hidden: Array, start: int) -> Array:
+    """sentence-transformers' mean pooling with the first ``start`` tokens masked."""
+    kept = hidden[start:]
+    out: Array = kept.sum(axis=0) / max(len(kept), 1e-9)
+    return out
