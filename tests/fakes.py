@@ -158,12 +158,16 @@ class FakeEngine:
         return self._runtime.dimensions
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
         runtime = self._runtime
         with runtime.lock:
             runtime.calls.extend(list(ids) for ids in sequences)
             runtime.pooling_starts.extend(pooling_starts or [0] * len(sequences))
+            runtime.token_type_starts.extend(token_type_starts or map(len, sequences))
         return runtime.behaviour(sequences, runtime.dimensions)
 
     @property
@@ -196,6 +200,7 @@ class FakeRuntime:
         self.behaviour = behaviour
         self.calls: list[list[int]] = []
         self.pooling_starts: list[int] = []  # one per call, in the order of ``calls``
+        self.token_type_starts: list[int] = []  # likewise
         self.lock = threading.Lock()
         self.closed = False
         self._engines_left = max_engines

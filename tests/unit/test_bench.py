@@ -322,7 +322,10 @@ class _RecordingEngine:
         self.packs: list[list[int]] = []
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
         self.packs.append([len(ids) for ids in sequences])
         return np.ones((len(sequences), self.dimensions), dtype=np.float32)

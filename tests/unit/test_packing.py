@@ -35,32 +35,38 @@ def test_flatten_refuses_an_empty_sequence() -> None:
 )
 def test_a_pack_round_trips(sequences: list[list[int]]) -> None:
     message = encode_pack(sequences)
-    assert message[:4] == _message(len(sequences))  # [n, lengths..., starts..., tokens...]
-    tokens, lengths, starts = decode_pack(message)
+    assert message[:4] == _message(len(sequences))  # [n, lengths, pool, types, tokens]
+    tokens, lengths, starts, types = decode_pack(message)
     assert lengths.tolist() == [len(ids) for ids in sequences]
     assert starts.tolist() == [0] * len(sequences)
+    assert types.tolist() == lengths.tolist()  # one segment each
     assert tokens.tolist() == [token for ids in sequences for token in ids]
     expected_tokens, expected_lengths = flatten(sequences)
     np.testing.assert_array_equal(tokens, expected_tokens)
     np.testing.assert_array_equal(lengths, expected_lengths)
 
 
-def test_the_wire_form_is_count_then_lengths_then_starts_then_tokens() -> None:
-    assert encode_pack([[2, 4, 3], [9]]) == _message(2, 3, 1, 0, 0, 2, 4, 3, 9)
-    assert encode_pack([[2, 4, 3], [9]], [2, 1]) == _message(2, 3, 1, 2, 1, 2, 4, 3, 9)
+def test_the_wire_form_is_count_lengths_pooling_starts_type_starts_then_tokens() -> None:
+    assert encode_pack([[2, 4, 3], [9]]) == _message(2, 3, 1, 0, 0, 3, 1, 2, 4, 3, 9)
+    assert encode_pack([[2, 4, 3], [9]], [2, 1], [1, 0]) == _message(
+        2, 3, 1, 2, 1, 1, 0, 2, 4, 3, 9
+    )
 
 
-def test_pooling_starts_round_trip() -> None:
-    tokens, lengths, starts = decode_pack(encode_pack([[2, 4, 3], [9, 8]], [2, 0]))
-    assert (tokens.tolist(), lengths.tolist(), starts.tolist()) == ([2, 4, 3, 9, 8], [3, 2], [2, 0])
+def test_pooling_and_token_type_starts_round_trip() -> None:
+    pack = decode_pack(encode_pack([[2, 4, 3], [9, 8]], [2, 0], [1, 2]))
+    assert (pack.tokens.tolist(), pack.lengths.tolist()) == ([2, 4, 3, 9, 8], [3, 2])
+    assert (pack.pooling_starts.tolist(), pack.token_type_starts.tolist()) == ([2, 0], [1, 2])
 
 
 @pytest.mark.parametrize(
     "starts", [[4, 0], [-1, 0], [0]], ids=["past the end", "negative", "one short"]
 )
 def test_starts_outside_their_sequences_are_refused(starts: list[int]) -> None:
-    with pytest.raises(ValueError, match="pooling starts"):
+    with pytest.raises(ValueError, match="starts must lie"):
         encode_pack([[2, 4, 3], [9, 8]], starts)
+    with pytest.raises(ValueError, match="starts must lie"):
+        encode_pack([[2, 4, 3], [9, 8]], None, starts)
 
 
 def test_masked_means_average_each_sequence_from_its_start() -> None:
@@ -80,14 +86,16 @@ def test_a_sequence_with_no_pooled_token_gets_the_zero_vector() -> None:
     "message",
     [
         pytest.param(_message(0), id="no sequences"),
-        pytest.param(_message(-1, 1, 0, 5), id="a negative count"),
-        pytest.param(_message(1, 2, 0, 5, 6, 7), id="more tokens than the lengths say"),
-        pytest.param(_message(2, 3, 1, 0, 0, 5, 6), id="fewer tokens than the lengths say"),
-        pytest.param(_message(2, 0, 2, 0, 0, 5, 6), id="a sequence of length 0"),
-        pytest.param(_message(2, -1, 3, 0, 0, 5, 6), id="a negative length"),
-        pytest.param(_message(2, 1, 1, 2, 0, 5, 6), id="a start past its sequence"),
-        pytest.param(_message(2, 1, 1, -1, 0, 5, 6), id="a negative start"),
-        pytest.param(_message(3, 1, 1, 0), id="a count past the end of the message"),
+        pytest.param(_message(-1, 1, 0, 1, 5), id="a negative count"),
+        pytest.param(_message(1, 2, 0, 2, 5, 6, 7), id="more tokens than the lengths say"),
+        pytest.param(_message(2, 3, 1, 0, 0, 3, 1, 5, 6), id="fewer tokens than the lengths say"),
+        pytest.param(_message(2, 0, 2, 0, 0, 0, 2, 5, 6), id="a sequence of length 0"),
+        pytest.param(_message(2, -1, 3, 0, 0, 0, 3, 5, 6), id="a negative length"),
+        pytest.param(_message(2, 1, 1, 2, 0, 1, 1, 5, 6), id="a pooling start past its sequence"),
+        pytest.param(_message(2, 1, 1, -1, 0, 1, 1, 5, 6), id="a negative pooling start"),
+        pytest.param(_message(2, 1, 1, 0, 0, 2, 1, 5, 6), id="a type start past its sequence"),
+        pytest.param(_message(2, 1, 1, 0, 0, -1, 1, 5, 6), id="a negative type start"),
+        pytest.param(_message(3, 1, 1, 0, 0, 0), id="a count past the end of the message"),
     ],
 )
 def test_malformed_packs_are_refused(message: bytes) -> None:

@@ -230,7 +230,10 @@ class _EndedEngine:
         self.closed = False
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
         raise AssertionError("an ended engine must not be given a pack")
 
@@ -379,9 +382,12 @@ class _TimedEngine:
         return self._engine.dimensions
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
-        return self._engine.embed_batch(sequences, pooling_starts)
+        return self._engine.embed_batch(sequences, pooling_starts, token_type_starts)
 
     @property
     def alive(self) -> bool:

@@ -38,6 +38,10 @@ FILE_TYPE_NAMES = {
     32: "bf16",
 }
 
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a cross-encoder's classifier head
+EMBED, RERANK = "embed", "rerank"  # ModelInfo.task
+CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
+
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
 NORMALIZE_KEY = "sentence_transformers.normalize"
@@ -91,11 +95,19 @@ class ModelInfo:
     include_prompt: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
     default_prompt_name: str | None = None
+    # A cross-encoder's classifier outputs (``{arch}.classifier.output_labels``); 0 otherwise.
+    labels: int = 0
 
     @property
     def embedding(self) -> bool:
         """Whether the model pools its tokens into one vector by itself."""
         return self.pooling in {POOLING_NAMES[p] for p in EMBEDDING_POOLINGS}
+
+    @property
+    def task(self) -> str:
+        """``"rerank"`` for a cross-encoder (pooling ``rank``: scores a query/document pair),
+        else ``"embed"``."""
+        return RERANK if self.pooling == POOLING_NAMES[RANK_POOLING] else EMBED
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -134,7 +146,15 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
         default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
+        labels=_labels(fields, arch, pooling),
     )
+
+
+def _labels(fields: dict[str, Any], arch: str, pooling: int) -> int:
+    """A cross-encoder's number of outputs: its label names, else llama.cpp's default of 1."""
+    if pooling != RANK_POOLING:
+        return 0
+    return int(fields.get(f"{arch}.{CLASSIFIER_LABELS_SUFFIX}.count", 1))
 
 
 def _family(arch: str, tokenizer_model: Any) -> str:

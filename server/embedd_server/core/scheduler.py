@@ -51,10 +51,13 @@ class Job:
         *,
         request_id: str = "",
         pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> None:
         self.sequences = sequences
         # Per input, the first token pooling counts (a model pooling without its prompt).
         self.pooling_starts = pooling_starts
+        # Per input, the first token of type 1 (a cross-encoder's document); None: type 0.
+        self.token_type_starts = token_type_starts
         self.deadline = deadline
         self.request_id = request_id  # for log lines written by the workers
         self.result: FloatMatrix = np.empty((len(sequences), dimensions), dtype=np.float32)
@@ -157,6 +160,12 @@ class WorkItem:
         """The first of its tokens that pooling counts (0 but for include_prompt: false)."""
         starts = self.job.pooling_starts
         return 0 if starts is None else starts[self.index]
+
+    @property
+    def token_type_start(self) -> int:
+        """The first of its tokens with token type 1 (its length: none has)."""
+        starts = self.job.token_type_starts
+        return len(self.token_ids) if starts is None else starts[self.index]
 
 
 class FairQueue:

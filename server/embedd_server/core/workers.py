@@ -36,6 +36,15 @@ class _Worker:
     thread: threading.Thread | None = None
 
 
+def _offsets(items: list[WorkItem]) -> tuple[list[int] | None, list[int] | None]:
+    """The batch's pooling starts and token type starts, each None when all are the default
+    (so engines that know neither are called as before)."""
+    pool = [item.pooling_start for item in items]
+    types = [item.token_type_start for item in items]
+    two_segments = any(t < len(item.token_ids) for t, item in zip(types, items, strict=True))
+    return (pool if any(pool) else None), (types if two_segments else None)
+
+
 class WorkerPool:
     """Threads that take work items from one queue and run them on their own engine."""
 
@@ -184,10 +193,9 @@ class WorkerPool:
         if not live:
             return
         sequences = [item.token_ids for item in live]
-        starts = [item.pooling_start for item in live]
         started = time.perf_counter()
         try:
-            vectors = engine.embed_batch(sequences, starts if any(starts) else None)
+            vectors = engine.embed_batch(sequences, *_offsets(live))
         except EngineDied:
             raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:

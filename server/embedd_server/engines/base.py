@@ -23,13 +23,20 @@ class Engine(Protocol):
         """Length of the vectors embed() returns."""
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
-        """The pooled (not normalized) vectors of token sequences, one row each.
+        """The pooled (not normalized) vectors of token sequences, one row each; for a
+        cross-encoder (pooling ``rank``), each sequence's raw logits, one per label.
 
         ``pooling_starts[i]``: the first token of sequence i that pooling counts (None: all
         from the first). Only an engine made for a model that pools without its prompt
-        (``include_prompt: false``) accepts starts other than 0; others raise ValueError."""
+        (``include_prompt: false``) accepts starts other than 0; others raise ValueError.
+        ``token_type_starts[i]``: the first token of sequence i with token type 1 (a pair's
+        second segment; None: every token has type 0); an engine that cannot give a token
+        type 1 raises ValueError rather than compute with the wrong one."""
 
     @property
     def alive(self) -> bool:

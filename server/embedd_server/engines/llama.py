@@ -184,18 +184,33 @@ class LlamaEngine:
         return self._dimensions
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
         tokens, lengths = flatten(sequences)
-        return self.embed_packed(tokens, lengths, starts_array(pooling_starts, lengths))
+        return self.embed_packed(
+            tokens,
+            lengths,
+            starts_array(pooling_starts, lengths),
+            starts_array(token_type_starts, lengths, default=lengths),
+        )
 
     def embed_packed(
-        self, tokens: Int32Array, lengths: Int32Array, starts: Int32Array | None = None
+        self,
+        tokens: Int32Array,
+        lengths: Int32Array,
+        starts: Int32Array | None = None,
+        token_type_starts: Int32Array | None = None,
     ) -> npt.NDArray[np.float32]:
-        """embed_batch() for sequences given as one token array, their lengths and their
-        pooling starts (None: from the first token)."""
+        """embed_batch() for sequences given as one token array, their lengths, their
+        pooling starts (None: from the first token) and token type starts (None: type 0)."""
         if not self._pool_from_starts and starts is not None and starts.any():
             raise ValueError("this engine pools every token; it was not made to skip prompts")
+        if token_type_starts is not None and (token_type_starts < lengths).any():
+            # llama.cpp's BERT graph adds token type 0's embedding to every token.
+            raise ValueError("llama.cpp gives every token type 0; a second segment needs type 1")
         self._batch.fill(tokens, lengths)
         self._ctx.kv_cache_clear()
         code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL

@@ -117,14 +117,18 @@ class OnnxEngine:
         return self._session is not None and not self._aborted.is_set()
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
         """The pooled (not normalized) vectors of token sequences, one row each, in order.
 
         Sequences are token ids with the special tokens already in place. They are run
         sorted by length in padded batches; each batch is padded to its own longest.
         ``pooling_starts`` (a graph built with a pooling mask only): per sequence, the first
-        token the mean counts.
+        token the mean counts. ``token_type_starts``: per sequence, the first token of type 1
+        (a graph with a ``token_type_ids`` input only).
         """
         session = self._session
         if session is None or self._aborted.is_set():
@@ -135,12 +139,37 @@ class OnnxEngine:
             return out
         self._check_lengths(lengths)
         starts = self._check_starts(pooling_starts, lengths)
+        types = self._check_type_starts(token_type_starts, lengths)
         order = np.argsort(lengths, kind="stable")
         # All batches are padded (and their ids checked) before any is run.
         batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
         for rows, (ids, mask) in batches:
-            out[rows] = self._run(session, ids, mask, self._pool_mask(mask, starts, rows))
+            type_ids = None if types is None else self._type_ids(mask, types, rows)
+            out[rows] = self._run(session, ids, mask, self._pool_mask(mask, starts, rows), type_ids)
         return out
+
+    def _check_type_starts(
+        self, token_type_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64] | None:
+        if token_type_starts is None:
+            return None
+        starts = np.asarray(token_type_starts, dtype=np.int64)
+        if starts.shape != lengths.shape or (starts < 0).any() or (starts > lengths).any():
+            raise ValueError("token type starts must lie in [0, length] of each sequence")
+        if not (starts < lengths).any():
+            return None  # one segment each: every token has type 0
+        if not self._token_types:
+            raise ValueError("this model has one token type; a second segment needs type 1")
+        return starts
+
+    @staticmethod
+    def _type_ids(
+        mask: npt.NDArray[np.int64], starts: npt.NDArray[np.int64], rows: npt.NDArray[np.intp]
+    ) -> npt.NDArray[np.int64]:
+        """Token types of a padded batch: 1 from each row's start to its end, else 0."""
+        after = np.arange(mask.shape[1]) >= starts[rows][:, None]
+        type_ids: npt.NDArray[np.int64] = (after & (mask == 1)).astype(np.int64)
+        return type_ids
 
     def _check_starts(
         self, pooling_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
@@ -224,10 +253,11 @@ class OnnxEngine:
         ids: npt.NDArray[np.int64],
         mask: npt.NDArray[np.int64],
         pool_mask: npt.NDArray[np.int64] | None = None,
+        type_ids: npt.NDArray[np.int64] | None = None,
     ) -> FloatMatrix:
         feed = {"input_ids": ids, "attention_mask": mask}
         if self._token_types:
-            feed["token_type_ids"] = np.zeros_like(ids)
+            feed["token_type_ids"] = np.zeros_like(ids) if type_ids is None else type_ids
         if pool_mask is not None:
             feed[POOLING_MASK_NAME] = pool_mask
         try:

@@ -1,16 +1,22 @@
-"""Packs of token sequences: one token array, lengths and pooling starts, and their int32 wire
-form.
+"""Packs of token sequences: one token array, lengths and two per-sequence token offsets, and
+their int32 wire form.
 
 A pack travels to a worker process as int32 values
-``[n, len_1 .. len_n, start_1 .. start_n, tokens ...]``. ``start_i`` is the first token of
-sequence i that pooling counts: 0, except for a model that pools without its prompt's tokens
-(sentence-transformers' ``include_prompt: false``), where it is the prompt's length.
+``[n, len_1 .. len_n, pool_1 .. pool_n, type_1 .. type_n, tokens ...]``:
+
+- ``pool_i``, the first token of sequence i that pooling counts: 0, except for a model that
+  pools without its prompt's tokens (sentence-transformers' ``include_prompt: false``), where
+  it is the prompt's length;
+- ``type_i``, the first token of sequence i whose token type is 1: a cross-encoder's pair
+  ``[CLS] query [SEP] document [SEP]`` has type 0 up to the first ``[SEP]``, 1 after it; a
+  single text has no second segment (``type_i`` = its length).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -27,40 +33,64 @@ def flatten(sequences: Sequence[Sequence[int]]) -> tuple[Int32Array, Int32Array]
     return tokens, lengths
 
 
-def starts_array(starts: Sequence[int] | None, lengths: Int32Array) -> Int32Array:
-    """``starts`` as an int32 array checked against ``lengths`` (None: all zero)."""
+class Pack(NamedTuple):
+    """A decoded pack (see the module's docstring)."""
+
+    tokens: Int32Array
+    lengths: Int32Array
+    pooling_starts: Int32Array
+    token_type_starts: Int32Array
+
+
+def starts_array(
+    starts: Sequence[int] | None, lengths: Int32Array, default: Int32Array | None = None
+) -> Int32Array:
+    """``starts`` as an int32 array checked against ``lengths`` (None: ``default``, else
+    all zero)."""
     if starts is None:
-        return np.zeros(len(lengths), dtype=np.int32)
+        return np.zeros(len(lengths), dtype=np.int32) if default is None else default
     array = np.asarray(starts, dtype=np.int32)
     if array.shape != lengths.shape or (array < 0).any() or (array > lengths).any():
         raise ValueError("pooling starts must lie in [0, length] of each sequence")
     return array
 
 
-def encode_pack(sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> bytes:
-    """A pack as the int32 message ``[n, lengths..., starts..., tokens...]``."""
+def encode_pack(
+    sequences: Sequence[Sequence[int]],
+    pooling_starts: Sequence[int] | None = None,
+    token_type_starts: Sequence[int] | None = None,
+) -> bytes:
+    """A pack as the int32 message ``[n, lengths..., pool..., type..., tokens...]``
+    (pooling starts default to 0, token type starts to each length: one segment)."""
     tokens, lengths = flatten(sequences)
-    first = starts_array(starts, lengths)
-    return np.int32(len(lengths)).tobytes() + lengths.tobytes() + first.tobytes() + tokens.tobytes()
+    pool = starts_array(pooling_starts, lengths)
+    types = starts_array(token_type_starts, lengths, default=lengths)
+    return (
+        b"".join(
+            (np.int32(len(lengths)).tobytes(), lengths.tobytes(), pool.tobytes(), types.tobytes())
+        )
+        + tokens.tobytes()
+    )
 
 
-def decode_pack(message: bytes) -> tuple[Int32Array, Int32Array, Int32Array]:
-    """The (tokens, lengths, starts) of an :func:`encode_pack` message; ValueError when
-    malformed."""
+def decode_pack(message: bytes) -> Pack:
+    """The :class:`Pack` of an :func:`encode_pack` message; ValueError when malformed."""
     if len(message) < 4 or len(message) % 4:
         raise ValueError("malformed pack")
     values = np.frombuffer(message, dtype=np.int32)
     count = int(values[0])
-    if count < 1 or len(values) < 1 + 2 * count:
+    if count < 1 or len(values) < 1 + 3 * count:
         raise ValueError("malformed pack")
     lengths = values[1 : 1 + count]
-    starts = values[1 + count : 1 + 2 * count]
-    tokens = values[1 + 2 * count :]
+    pool = values[1 + count : 1 + 2 * count]
+    types = values[1 + 2 * count : 1 + 3 * count]
+    tokens = values[1 + 3 * count :]
     if int(lengths.sum()) != len(tokens) or (lengths < 1).any():
         raise ValueError("malformed pack")
-    if (starts < 0).any() or (starts > lengths).any():
-        raise ValueError("malformed pack")
-    return tokens, lengths, starts
+    for starts in (pool, types):
+        if (starts < 0).any() or (starts > lengths).any():
+            raise ValueError("malformed pack")
+    return Pack(tokens, lengths, pool, types)
 
 
 def masked_means(

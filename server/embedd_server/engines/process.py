@@ -15,7 +15,8 @@ The wire between them is a socket pair with length-prefixed messages
 (``multiprocessing.connection``), no pickle:
 
 - server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
-  ``[n, len_1 .. len_n, start_1 .. start_n, tokens ...]`` (:mod:`~embedd_server.engines.packing`).
+  ``[n, lengths, pooling starts, token type starts, tokens ...]``
+  (:mod:`~embedd_server.engines.packing`).
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
   major) per pack; ``E`` + a UTF-8 message when loading or decoding failed.
 """
@@ -110,9 +111,12 @@ class ProcessEngine:
         return self._process.pid
 
     def embed_batch(
-        self, sequences: Sequence[Sequence[int]], pooling_starts: Sequence[int] | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
-        message = encode_pack(sequences, pooling_starts)
+        message = encode_pack(sequences, pooling_starts, token_type_starts)
         try:
             self._conn.send_bytes(message)
             reply = self._conn.recv_bytes()  # blocks without the GIL while the child decodes

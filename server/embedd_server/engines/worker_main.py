@@ -22,15 +22,14 @@ import numpy.typing as npt
 
 from embedd_server.engines.base import FloatMatrix
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
-from embedd_server.engines.packing import decode_pack
+from embedd_server.engines.packing import Pack, decode_pack
 from embedd_server.engines.process import ERROR, READY, VECTORS, EngineSpec
 from embedd_server.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
 Int32Array = npt.NDArray[np.int32]
-# (tokens, lengths, pooling starts) -> vectors
-PackedEmbed = Callable[[Int32Array, Int32Array, Int32Array], FloatMatrix]
+PackedEmbed = Callable[[Pack], FloatMatrix]
 
 
 def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
@@ -42,9 +41,13 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
             spec.onnx_path, threads=spec.n_threads, max_batch_tokens=spec.max_tokens
         )
 
-        def embed_onnx(tokens: Int32Array, lengths: Int32Array, starts: Int32Array) -> FloatMatrix:
-            sequences: list[Int32Array] = np.split(tokens, np.cumsum(lengths)[:-1])
-            return session.embed_batch(sequences, starts if starts.any() else None)  # type: ignore[arg-type]  # arrays index like lists
+        def embed_onnx(pack: Pack) -> FloatMatrix:
+            sequences: list[Int32Array] = np.split(pack.tokens, np.cumsum(pack.lengths)[:-1])
+            return session.embed_batch(
+                sequences,  # type: ignore[arg-type]  # arrays index like lists
+                pack.pooling_starts.tolist() if pack.pooling_starts.any() else None,
+                pack.token_type_starts.tolist(),
+            )
 
         return session.dimensions, embed_onnx
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
@@ -57,7 +60,13 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
         exact_attention=spec.exact_attention,
         pool_from_starts=spec.pool_from_starts,
     )
-    return context.dimensions, context.embed_packed
+
+    def embed_llama(pack: Pack) -> FloatMatrix:
+        return context.embed_packed(
+            pack.tokens, pack.lengths, pack.pooling_starts, pack.token_type_starts
+        )
+
+    return context.dimensions, embed_llama
 
 
 def _serve(conn: Connection) -> int:
@@ -75,7 +84,7 @@ def _serve(conn: Connection) -> int:
         except (EOFError, OSError):
             return 0  # the server closed the socket (or died)
         try:
-            vectors = embed(*decode_pack(message))
+            vectors = embed(decode_pack(message))
         except Exception as exc:
             log.exception("decode failed")
             conn.send_bytes(ERROR + str(exc).encode())
