@@ -3,7 +3,8 @@
 -- Placed BEFORE the transcoder in the filter chain, so on the response path it sees what the
 -- transcoder made of the server's reply. On an error the embedd server attaches the complete
 -- HTTP error JSON (OpenAI's or Ollama's shape, chosen by the route) as trailing metadata
--- `x-http-error-body`, and the HTTP status as `x-http-status`; a unary error is a trailers-only
+-- `x-http-error-body` (OpenAI's, Ollama's, Cohere's/Jina's or TEI's shape, chosen by the route),
+-- and the HTTP status as `x-http-status`; a unary error is a trailers-only
 -- reply, so both arrive here as response headers. This filter turns them into the body.
 -- A `retry-after` trailer (rate limits, in whole seconds) stays as the HTTP Retry-After header:
 -- only grpc-* and x-http-* headers are removed.
@@ -21,6 +22,10 @@ function envoy_on_request(request_handle)
     metadata:set(NAMESPACE, "native_grpc", true)
   elseif path:sub(1, 5) == "/api/" then
     metadata:set(NAMESPACE, "ollama", true)
+  elseif path:match("^/v[12]/rerank") then
+    metadata:set(NAMESPACE, "rerank", true)
+  elseif path:match("^/rerank") then
+    metadata:set(NAMESPACE, "tei", true)
   end
 end
 
@@ -48,7 +53,7 @@ end
 -- A body for a gRPC error that carries no x-http-error-body (one not raised by our handlers,
 -- e.g. grpcio's own message-size or unimplemented errors). Details stay out of 5xx bodies.
 -- Returns the body and the HTTP status.
-local function fallback_body(headers, ollama)
+local function fallback_body(headers, metadata)
   local status = tonumber(headers:get(":status")) or 500
   local message = percent_decode(headers:get("grpc-message") or "")
   local code = GRPC_CODES[headers:get("grpc-status")] or "internal_error"
@@ -62,8 +67,18 @@ local function fallback_body(headers, ollama)
     message = "Internal server error; the details are in the server log."
     if status == 503 then message = "The service is unavailable; retry later." end
   end
-  if ollama then
+  if metadata["ollama"] then
     return '{"error":' .. json_string(message) .. "}", status
+  end
+  if metadata["rerank"] then  -- Cohere's "message" and Jina's "detail"
+    return '{"message":' .. json_string(message) .. ',"detail":' .. json_string(message) .. "}",
+      status
+  end
+  if metadata["tei"] then
+    local kind = "Validation"
+    if status == 429 then kind = "Overloaded" elseif status == 503 then kind = "Unhealthy"
+    elseif status >= 500 then kind = "Backend" end
+    return '{"error":' .. json_string(message) .. ',"error_type":"' .. kind .. '"}', status
   end
   local kind = "invalid_request_error"
   if status >= 500 then kind = "server_error" end
@@ -97,7 +112,7 @@ function envoy_on_response(response_handle)
   end
   local http_status = headers:get("x-http-status")
   if body == nil then
-    body, http_status = fallback_body(headers, metadata["ollama"])
+    body, http_status = fallback_body(headers, metadata)
   end
   if http_status ~= nil then
     headers:replace(":status", tostring(http_status))

@@ -42,6 +42,7 @@ def fake_tokenizer_json(*, closing: bool = True) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]" if closing else "[CLS] $A",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return tokenizer.to_str()
@@ -195,7 +196,8 @@ class FakeRuntime:
     ) -> None:
         self.info = info
         self.options = options
-        self.dimensions = info.dimensions
+        # A cross-encoder's engine gives one logit per label, as the real engines do.
+        self.dimensions = info.labels if info.task == "rerank" else info.dimensions
         self.vocab_size = info.vocab_size
         self.behaviour = behaviour
         self.calls: list[list[int]] = []

@@ -12,7 +12,7 @@ an :class:`EmbeddClientError` subclass (:class:`NotFound`, :class:`InvalidArgume
 The generated gRPC stubs are in :mod:`embedd.v1` for callers who want them.
 """
 
-from embedd._convert import EmbedResult, ModelInfo, TokenizeResult
+from embedd._convert import EmbedResult, ModelInfo, RankedDocument, RerankResult, TokenizeResult
 from embedd.aio import AsyncClient
 from embedd.client import Client
 from embedd.errors import (
@@ -39,6 +39,8 @@ __all__ = [
     "InvalidArgument",
     "ModelInfo",
     "NotFound",
+    "RankedDocument",
+    "RerankResult",
     "ResourceExhausted",
     "TokenizeResult",
     "Unauthenticated",

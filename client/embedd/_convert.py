@@ -49,6 +49,28 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True)
+class RankedDocument:
+    """One document's place in a rerank."""
+
+    #: Its position in the documents given.
+    index: int
+    #: sigmoid of the cross-encoder's logit, in [0, 1] (the logit with ``raw_scores``).
+    score: float
+    #: Its text, when ``return_documents`` was asked; else None.
+    document: str | None
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """The answer of one rerank: the documents, best first, and what they cost."""
+
+    results: list[RankedDocument]
+    model: str
+    #: Tokens of every query/document pair as the model read them.
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model of the server's catalogue (the fields of ``embedd.v1.Model``)."""
 
@@ -66,6 +88,7 @@ class ModelInfo:
     embedding: bool
     normalizes: bool
     engine: str = ""  # "llama.cpp" or "onnxruntime"; "" while not loaded
+    task: str = "embed"  # "embed", or "rerank" for a cross-encoder
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,41 @@ class EmbedOptions:
         if self.dimensions is not None:
             request.dimensions = self.dimensions
         return request
+
+
+def rerank_request(
+    query: str,
+    documents: str | Iterable[str],
+    *,
+    model: str,
+    top_n: int | None,
+    return_documents: bool,
+    raw_scores: bool,
+) -> pb.RerankRequest:
+    """A RerankRequest (a single str is one document)."""
+    if not isinstance(query, str):
+        raise TypeError(f"query is a {type(query).__name__}, not a str")
+    request = pb.RerankRequest(
+        model=model,
+        query=query,
+        documents=as_texts(documents),
+        return_documents=return_documents,
+        raw_scores=raw_scores,
+    )
+    if top_n is not None:
+        request.top_n = top_n
+    return request
+
+
+def rerank_result(response: pb.RerankResponse) -> RerankResult:
+    """A RerankResponse as a :class:`RerankResult`."""
+    return RerankResult(
+        results=[
+            RankedDocument(r.index, r.relevance_score, r.document or None) for r in response.results
+        ],
+        model=response.model,
+        prompt_tokens=response.usage.prompt_tokens,
+    )
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:

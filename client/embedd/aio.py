@@ -16,6 +16,7 @@ from embedd._convert import (
     EmbedResult,
     FloatMatrix,
     ModelInfo,
+    RerankResult,
     StreamState,
     TokenizeResult,
     as_texts,
@@ -28,6 +29,8 @@ from embedd._convert import (
     health_request,
     is_serving,
     model_info,
+    rerank_request,
+    rerank_result,
     rpc_errors,
     stream_requests,
     tokenize_result,
@@ -159,6 +162,34 @@ class AsyncClient:
             state.finish()
         finally:
             call.cancel()  # a no-op once the stream is done; stops it when abandoned
+
+    async def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        model: str = "",
+        top_n: int | None = None,
+        return_documents: bool = False,
+        raw_scores: bool = False,
+    ) -> RerankResult:
+        """Ranks documents by relevance to ``query`` with a reranker (cross-encoder) model:
+        the best first. ``model`` "" is the server's first reranker; ``top_n`` keeps the best
+        N; ``return_documents`` echoes each document's text; ``raw_scores`` gives the logits
+        instead of their sigmoid."""
+        request = rerank_request(
+            query,
+            documents,
+            model=model,
+            top_n=top_n,
+            return_documents=return_documents,
+            raw_scores=raw_scores,
+        )
+        with rpc_errors():
+            response = await self._stub.Rerank(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        return rerank_result(response)
 
     async def tokenize(self, text: str, *, model: str = "") -> TokenizeResult:
         """The token ids and token strings of a text with the model's tokenizer."""

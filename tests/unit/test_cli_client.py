@@ -122,9 +122,18 @@ def test_models_table(fake_server: ServerThread, capsys: pytest.CaptureFixture[s
     code, out, _ = run(capsys, "models", *target_of(fake_server))
     assert code == 0
     header, *rows = out.rstrip("\n").splitlines()
-    assert header.split() == ["NAME", "DIMS", "MAX", "TOKENS", "POOLING", "QUANTIZATION", "LOADED"]
+    assert header.split() == [
+        "NAME",
+        "DIMS",
+        "MAX",
+        "TOKENS",
+        "POOLING",
+        "QUANTIZATION",
+        "TASK",
+        "LOADED",
+    ]
     cells = {row.split()[0]: row.split() for row in rows}
-    assert cells["fake"] == ["fake", "8", "16", "mean", "f16", "yes"]
+    assert cells["fake"] == ["fake", "8", "16", "mean", "f16", "embed", "yes"]
     assert cells["other"][:2] == ["other", "4"]
     assert cells["other"][-1] in ("yes", "no")
 

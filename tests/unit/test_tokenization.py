@@ -15,6 +15,7 @@ from embedd_server.core.tokenization import (
     HuggingFaceTokenizer,
     LlamaTokenizer,
     Tokenized,
+    TokenizedPairs,
     check_token_ids,
     tokenize_texts,
 )
@@ -116,6 +117,9 @@ class _CountingTokenizer:
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         return len(self.encode_batch([prompt])[0]) - 1
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
+        raise AssertionError("not used here")
 
 
 def test_only_over_long_texts_are_tokenized_again() -> None:

@@ -36,7 +36,7 @@ Body = Callable[[argparse.Namespace, "Client"], int]
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Registers embed, models, tokenize and embed-file on the ``embedd`` parser."""
+    """Registers embed, rerank, models, tokenize and embed-file on the ``embedd`` parser."""
     formatter = argparse.RawDescriptionHelpFormatter
 
     embed = commands.add_parser(
@@ -73,6 +73,40 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     _add_connection(embed)
     embed.set_defaults(handler=_client_command(_embed))
+
+    rerank = commands.add_parser(
+        "rerank",
+        help="rank documents by relevance to a query with a reranker model",
+        description=_describe(
+            "Scores each DOC against QUERY with a reranker (cross-encoder) model of a running "
+            "server and prints them best first: rank, score (sigmoid of the model's logit, "
+            "0 to 1), the document's position among the DOCs, and its text. With --json, "
+            'prints {"model", "results": [{"index", "score", "document"}]} instead.'
+        ),
+        epilog="examples:\n"
+        '  embedd rerank "how do cats purr" "Cats purr by vibrating their larynx." '
+        '"Dogs bark."\n'
+        '  embedd rerank --top-n 3 --model bge-reranker-base "query" doc1 doc2 doc3 doc4',
+        formatter_class=formatter,
+    )
+    rerank.add_argument("query", metavar="QUERY", help="the text to rank the documents by")
+    rerank.add_argument("documents", nargs="+", metavar="DOC", help="a document (quote it)")
+    rerank.add_argument(
+        "--model",
+        default="",
+        help="the reranker to use (default: the server's first reranker model)",
+    )
+    rerank.add_argument(
+        "--top-n",
+        type=_positive_int,
+        metavar="N",
+        help="print only the best N documents (default: all)",
+    )
+    rerank.add_argument(
+        "--json", action="store_true", help="print the ranking as JSON instead of a table"
+    )
+    _add_connection(rerank)
+    rerank.set_defaults(handler=_client_command(_rerank))
 
     models = commands.add_parser(
         "models",
@@ -261,6 +295,26 @@ def _embed(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _rerank(args: argparse.Namespace, client: Client) -> int:
+    result = client.rerank(
+        args.query, args.documents, model=args.model, top_n=args.top_n, return_documents=True
+    )
+    if args.json:
+        results = [
+            {"index": r.index, "score": round(r.score, 6), "document": r.document}
+            for r in result.results
+        ]
+        print(json.dumps({"model": result.model, "results": results}, ensure_ascii=False))
+        return 0
+    rows = [
+        [str(rank), f"{r.score:.4f}", f"[{r.index + 1}]", _label(r.document or "", 60)]
+        for rank, r in enumerate(result.results, 1)
+    ]
+    print(f"model: {result.model}")
+    print(_table(["RANK", "SCORE", "DOC", "TEXT"], rows))
+    return 0
+
+
 def _models(args: argparse.Namespace, client: Client) -> int:
     rows = [
         [
@@ -269,11 +323,12 @@ def _models(args: argparse.Namespace, client: Client) -> int:
             str(model.max_input_tokens),
             model.pooling,
             model.quantization,
+            model.task,
             "yes" if model.loaded else "no",
         ]
         for model in client.models()
     ]
-    headers = ["NAME", "DIMS", "MAX TOKENS", "POOLING", "QUANTIZATION", "LOADED"]
+    headers = ["NAME", "DIMS", "MAX TOKENS", "POOLING", "QUANTIZATION", "TASK", "LOADED"]
     print(_table(headers, rows))
     return 0
 

@@ -43,7 +43,11 @@ class ModelNotFound(EmbeddError):
 
 
 class ModelNotEmbedding(InvalidInput):
-    """The model cannot produce embeddings (e.g. a causal LM without pooling)."""
+    """The model cannot produce embeddings (e.g. a causal LM without pooling, a reranker)."""
+
+
+class ModelNotReranker(InvalidInput):
+    """A rerank was asked of a model that is not a cross-encoder."""
 
 
 class NotImplementedFeature(EmbeddError):

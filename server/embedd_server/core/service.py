@@ -14,17 +14,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
+from embedd_server.core.catalog import POOLING_TYPES, RERANK, ModelInfo
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.errors import InvalidInput, ModelNotReranker, shorten
 from embedd_server.core.registry import LoadedModel, ModelRegistry
 from embedd_server.core.request_info import current_request, note_inputs, note_model
+from embedd_server.core.reranking import (
+    RerankOutcome,
+    RerankParams,
+    check_rerank_params,
+    ranked,
+    require_embedding,
+    require_reranker,
+    scores_of,
+)
 from embedd_server.core.scheduler import Job
 from embedd_server.core.tokenization import (
     Tokenized,
+    TokenizedPairs,
     Tokenizer,
     check_token_ids,
     tokenize_texts,
+    too_long,
 )
 from embedd_server.engines.base import FloatMatrix
 
@@ -105,6 +116,7 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
+        require_embedding(self.registry.info(params.model))
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
@@ -130,6 +142,65 @@ class EmbeddingService:
             load_seconds=0.0 if was_loaded else model.load_seconds,
             total_seconds=time.perf_counter() - started,
         )
+
+    async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankOutcome:
+        """Scores every document against the query with a cross-encoder and ranks them.
+
+        Each pair is one work item of the model's fair queue, so a large rerank shares the
+        workers with other callers instead of holding them."""
+        started = time.perf_counter()
+        check_rerank_params(params, self._settings.max_inputs_per_request)
+        info = self.registry.info(params.model or self._first_reranker())
+        require_reranker(info, self._rerankers())
+        async with self.registry.use(info.name, params.keep_alive_s) as model:
+            pairs = [(params.query, document) for document in params.documents]
+            tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
+            self._count_inputs(model.info.name, tokenized)
+            logits = await self._run(
+                model, tokenized.sequences, deadline, token_type_starts=tokenized.token_type_starts
+            )
+        return RerankOutcome(
+            model=model.info.name,
+            results=ranked(
+                scores_of(logits, params.raw_scores),
+                params.documents,
+                params.top_n,
+                params.return_documents,
+            ),
+            prompt_tokens=tokenized.token_count,
+            total_seconds=time.perf_counter() - started,
+        )
+
+    def _rerankers(self) -> list[str]:
+        return [info.name for info in self.registry.catalogue() if info.task == RERANK]
+
+    def _first_reranker(self) -> str:
+        """The model a rerank without a model name goes to: the first cross-encoder."""
+        rerankers = self._rerankers()
+        if not rerankers:
+            raise ModelNotReranker(
+                "No reranker (cross-encoder) model is installed; import one with `embedd "
+                "import DIR` (e.g. a BertForSequenceClassification directory) and name it.",
+                param="model",
+            )
+        return rerankers[0]
+
+    async def _tokenize_pairs(
+        self, model: LoadedModel, pairs: list[tuple[str, str]], truncate: bool
+    ) -> TokenizedPairs:
+        limit = model.info.max_input_tokens
+        encode = model.tokenizer.encode_pairs
+        if sum(len(q) + len(d) for q, d in pairs) <= _INLINE_TOKENIZE_CHARS:
+            tokenized = encode(pairs, limit)
+        else:
+            tokenized = await asyncio.to_thread(encode, pairs, limit)
+        if not truncate:
+            # Untruncated lengths, only to tell which pairs were cut.
+            full = model.tokenizer.encode_pairs(pairs, 1 << 30)
+            for index, ids in enumerate(full.sequences):
+                if len(ids) > limit:
+                    raise too_long(index, len(ids), limit, param=f"documents[{index}]")
+        return tokenized
 
     async def tokenize(self, model_name: str, text: str) -> TokenizeOutcome:
         """Token ids and strings of a text, untruncated, with the model's tokenizer."""
@@ -226,7 +297,7 @@ class EmbeddingService:
             tokenize_texts, model.tokenizer, texts, limit, params.truncate
         )
 
-    def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
+    def _count_inputs(self, model: str, tokenized: Tokenized | TokenizedPairs) -> None:
         tokens = tokenized.token_count
         self._metrics.input_tokens.labels(model).inc(tokens)
         note_inputs(model, len(tokenized.sequences), tokens)
@@ -237,6 +308,8 @@ class EmbeddingService:
         sequences: Sequence[Sequence[int]],
         deadline: float | None,
         pooling_starts: Sequence[int] | None = None,
+        *,
+        token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
         request = current_request()
         job = Job(
@@ -246,6 +319,7 @@ class EmbeddingService:
             deadline,
             request_id=request.request_id if request is not None else "",
             pooling_starts=pooling_starts,
+            token_type_starts=token_type_starts,
         )
         model.queue.submit(job)
         try:

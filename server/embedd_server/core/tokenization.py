@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from tokenizers import Tokenizer as HFTokenizerImpl
 
 from embedd_server.core.catalog import ModelInfo
-from embedd_server.core.errors import InputTooLong, InvalidInput
+from embedd_server.core.errors import InputTooLong, InvalidInput, NotImplementedFeature
 
 
 class Tokenizer(Protocol):
@@ -33,6 +33,12 @@ class Tokenizer(Protocol):
 
     def id_to_token(self, token_id: int) -> str:
         """The token's text, for reading."""
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
+        """Query/document pairs as a cross-encoder reads them: the tokenizer's pair template
+        (``[CLS] q [SEP] d [SEP]``, ``<s> q </s></s> d </s>``), cut longest-first to at
+        most ``max_tokens``, as transformers truncates; with where each pair's type-1 tokens
+        begin."""
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         """How many leading tokens of ``prompt + text`` are the prompt's, as
@@ -71,6 +77,13 @@ class HuggingFaceTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._full.id_to_token(token_id) or ""
 
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
+        # The truncating tokenizer's strategy is longest_first, transformers' default.
+        encodings = self._truncating_to(max_tokens).encode_batch(list(pairs))
+        return TokenizedPairs(
+            [list(e.ids) for e in encodings], [_second_segment(e.type_ids) for e in encodings]
+        )
+
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         encoding = self._truncating_to(max_tokens).encode(prompt)
         closing = bool(encoding.ids) and bool(encoding.special_tokens_mask[-1])
@@ -101,12 +114,36 @@ class LlamaTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._detokenize(token_id)
 
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
+        raise NotImplementedFeature(
+            "This model has no exact tokenizer (no tokenizer.huggingface.json, and none could "
+            "be rebuilt from its vocabulary), so its pair template is unknown and scores would "
+            "be wrong; re-create the file with `embedd import` from the model's directory."
+        )
+
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         ids = self.encode_truncated(prompt, max_tokens)
         # The ids llama.cpp adds around any text: the empty text has only those.
         frame = self._tokenize(b"")
         closing = bool(frame) and bool(ids) and ids[-1] == frame[-1]
         return len(ids) - (1 if closing else 0)
+
+
+def _second_segment(type_ids: Sequence[int]) -> int:
+    """The first position of token type 1 (the length when there is none)."""
+    return next((i for i, kind in enumerate(type_ids) if kind == 1), len(type_ids))
+
+
+@dataclass(frozen=True)
+class TokenizedPairs:
+    """Pairs' ids and, per pair, the first token of type 1 (its length when none is)."""
+
+    sequences: list[list[int]]
+    token_type_starts: list[int]
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(ids) for ids in self.sequences)
 
 
 @dataclass(frozen=True)
@@ -120,12 +157,12 @@ class Tokenized:
         return sum(len(ids) for ids in self.sequences)
 
 
-def too_long(index: int, tokens: int, limit: int) -> InputTooLong:
+def too_long(index: int, tokens: int, limit: int, *, param: str | None = None) -> InputTooLong:
     """The error for an over-long input when truncation is off."""
     return InputTooLong(
         f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; "
         "shorten it or enable truncation.",
-        param=f"input[{index}]",
+        param=param or f"input[{index}]",
     )
 
 

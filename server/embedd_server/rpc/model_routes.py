@@ -43,6 +43,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         prompts=info.prompts,
         default_prompt_name=info.default_prompt_name or "",
         tokenizer=tokenizer_kind(info),
+        task=info.task,
     )
 
 

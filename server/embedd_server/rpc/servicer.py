@@ -13,6 +13,7 @@ from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedPara
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.model_routes import ModelRoutes
+from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
 
@@ -41,11 +42,12 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
     )
 
 
-class EmbedderServicer(RestRoutes, ModelRoutes, pb_grpc.EmbedderServicer):
+class EmbedderServicer(RestRoutes, RerankRoutes, ModelRoutes, pb_grpc.EmbedderServicer):
     """embedd.v1.Embedder over one EmbeddingService."""
 
     def __init__(self, service: EmbeddingService, stream_window: int) -> None:
         RestRoutes.__init__(self, service)
+        RerankRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
         self._service = service
         self._stream_window = stream_window

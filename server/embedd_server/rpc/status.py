@@ -8,7 +8,8 @@ generic message, so internals never leak to callers.
 
 For the REST routes, the handler also attaches the complete HTTP error body as trailing
 metadata (:data:`HTTP_ERROR_KEY`); Envoy's Lua filter turns it into the response body, so
-OpenAI clients get OpenAI's error JSON and Ollama clients Ollama's.
+OpenAI clients get OpenAI's error JSON, Ollama clients Ollama's, rerank clients Cohere's /
+Jina's and TEI clients TEI's.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ STATUS_TABLE: dict[type[EmbeddError], Status] = {
     errors.InvalidInput: Status(Code.INVALID_ARGUMENT, 400, _INVALID, _INVALID),
     errors.InputTooLong: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "context_length_exceeded"),
     errors.ModelNotEmbedding: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_embedding"),
+    errors.ModelNotReranker: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_reranker"),
     errors.ModelNotFound: Status(Code.NOT_FOUND, 404, _INVALID, "model_not_found"),
     errors.NotFound: Status(Code.NOT_FOUND, 404, _INVALID, "not_found"),
     errors.NotImplementedFeature: Status(
@@ -103,24 +105,52 @@ def ollama_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"error": error.message}
 
 
-def _ollama_methods() -> frozenset[str]:
-    """The RPCs behind Ollama's REST routes (/api/...): their errors take Ollama's shape."""
+def rerank_error_body(error: EmbeddError) -> dict[str, Any]:
+    """The rerank routes' error object: Cohere's ``message`` and Jina's ``detail`` (clients
+    of /v1/rerank read one or the other), with the same text."""
+    return {"message": error.message, "detail": error.message}
+
+
+# TEI's error_type per HTTP status class of ours.
+_TEI_ERROR_TYPES = {400: "Validation", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+
+
+def tei_error_body(error: EmbeddError) -> dict[str, Any]:
+    """TEI's error object: {"error": "...", "error_type": "Validation" | ...}."""
+    kind = _TEI_ERROR_TYPES.get(status_of(error).http_status, "Backend")
+    return {"error": error.message, "error_type": kind}
+
+
+# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins.
+_SHAPES_BY_PATH: tuple[tuple[str, BodyShape], ...] = (
+    ("/api/", ollama_error_body),
+    ("/v1/rerank", rerank_error_body),
+    ("/v2/rerank", rerank_error_body),
+    ("/rerank", tei_error_body),
+)
+
+
+def _shapes_by_method() -> dict[str, BodyShape]:
+    """The error shape of each RPC bound to a REST route other than OpenAI's."""
     service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
-    found = set()
+    found: dict[str, BodyShape] = {}
     for method in service.methods:
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         pattern = rule.WhichOneof("pattern")
-        if pattern and getattr(rule, pattern).startswith("/api/"):
-            found.add(f"/{service.full_name}/{method.name}")
-    return frozenset(found)
+        path = getattr(rule, pattern) if pattern else ""
+        shape = next((s for prefix, s in _SHAPES_BY_PATH if path.startswith(prefix)), None)
+        if shape is not None:
+            found[f"/{service.full_name}/{method.name}"] = shape
+    return found
 
 
-_OLLAMA_METHODS = _ollama_methods()
+_SHAPES_BY_METHOD = _shapes_by_method()
 
 
 def body_shape_for(method: str) -> BodyShape:
-    """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...)."""
-    return ollama_error_body if method in _OLLAMA_METHODS else openai_error_body
+    """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...):
+    Ollama's, the rerank routes', TEI's, else OpenAI's."""
+    return _SHAPES_BY_METHOD.get(method, openai_error_body)
 
 
 def _as_embedd_error(exc: BaseException) -> EmbeddError:
