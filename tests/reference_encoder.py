@@ -1,8 +1,9 @@
 """An independent float64 NumPy reference of transformers' BERT / XLM-RoBERTa encoders.
 
 For behaviour that ``../shared/models`` has no stored reference of (e.g. sentence-transformers'
-``include_prompt: false``), tests compute what sentence-transformers would: this module runs
-``BertModel`` / ``XLMRobertaModel`` from a model directory's safetensors in float64, with
+``include_prompt: false``, a cross-encoder's pair with token type 1), tests compute what
+sentence-transformers would: this module runs ``BertModel`` / ``XLMRobertaModel`` (and the
+heads of their ``*ForSequenceClassification``) from a model directory's safetensors in float64, with
 nothing of embedd's engines, graph builder or converter. It is first checked against the
 stored reference (``test_include_prompt.py``), so agreement with it means agreement with
 sentence-transformers.
@@ -88,6 +89,17 @@ class EncoderReference:
             down = self._linear(gelu, f"{p}.output.dense")
             x = self._layer_norm(down + x, f"{p}.output.LayerNorm")
         return x
+
+    def logits(self, ids: list[int], token_types: list[int] | None = None) -> Array:
+        """A cross-encoder's raw logits ``[labels]`` for one pair's tokens: the first token's
+        state through ``BertForSequenceClassification``'s pooler (dense, tanh) and classifier,
+        or ``XLMRobertaForSequenceClassification``'s head (dense, tanh, out_proj)."""
+        first = self.hidden_states(ids, token_types)[0]
+        if "classifier.out_proj.weight" in self.weights:
+            dense, out = "classifier.dense", "classifier.out_proj"
+        else:
+            dense, out = "pooler.dense", "classifier"
+        return self._linear(np.tanh(self._linear(first, dense)), out)
 
 
 def mean_from(hidden: Array, start: int) -> Array:

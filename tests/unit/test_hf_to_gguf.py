@@ -539,7 +539,7 @@ def _sparse_encoder(src: Path) -> None:
 
 def _cross_encoder(src: Path) -> None:
     config = json.loads((src / "config.json").read_text())
-    config["architectures"] = ["BertForSequenceClassification"]
+    config["architectures"] = ["DistilBertForSequenceClassification"]
     _write_json(src / "config.json", config)
 
 
@@ -557,7 +557,12 @@ SETTINGS_BREAKERS: dict[str, tuple[Breaker, str]] = {
     "weighted mean": (_weighted_mean, "unsupported pooling mode (weightedmean)"),
     "unknown default prompt": (_unknown_default_prompt, "default_prompt_name 'passage'"),
     "sparse encoder": (_sparse_encoder, "config_sentence_transformers.json: model_type"),
-    "cross-encoder": (_cross_encoder, "BertForSequenceClassification, a cross-encoder"),
+    "cross-encoder": (
+        _cross_encoder,
+        "DistilBertForSequenceClassification, a cross-encoder (reranker) of a family embedd "
+        "does not import; embedd imports the rerankers BertForSequenceClassification, "
+        "XLMRobertaForSequenceClassification",
+    ),
     "pooling dimension": (_pooling_dimension, "embedding dimension 7 differs"),
     "bad max length": (_bad_max_length, "sentence_bert_config.json: max_seq_length"),
 }
@@ -1041,3 +1046,219 @@ def test_family_refusals_name_the_file_or_key(
     with pytest.raises(ModelImportError) as info:
         import_model(src, tmp_path / "models")
     assert expected in info.value.message
+
+
+# --- cross-encoders (rerankers) ----------------------------------------------------------------
+
+
+def _as_reranker(
+    src: Path, architecture: str, prefix: str, head: dict[str, tuple[int, ...]], labels: int = 1
+) -> Path:
+    """``src`` (an encoder directory) turned into a transformers cross-encoder directory:
+    the classifier's tensors added, no sentence-transformers files, a huge model_max_length
+    (as transformers writes for a tokenizer without one)."""
+    rng = np.random.default_rng(2)
+    tensors = _safetensors(src)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{prefix}pooler.")}
+    for name, shape in head.items():
+        tensors[name] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config.update(
+        architectures=[architecture],
+        id2label={str(i): f"LABEL_{i}" for i in range(labels)},
+        label2id={f"LABEL_{i}": i for i in range(labels)},
+    )
+    _write_json(src / "config.json", config)
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        (src / name).unlink(missing_ok=True)
+    tokenizer_config = src / "tokenizer_config.json"
+    extra = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    _write_json(tokenizer_config, {**extra, "model_max_length": 10**30})
+    return src
+
+
+def make_tiny_bert_reranker(root: Path, labels: int = 1) -> Path:
+    """A tiny random ``BertForSequenceClassification`` (pooler + classifier)."""
+    return _as_reranker(
+        make_tiny_bert(root, prefix="bert."),
+        "BertForSequenceClassification",
+        "bert.",
+        {
+            "bert.pooler.dense.weight": (HIDDEN, HIDDEN),
+            "bert.pooler.dense.bias": (HIDDEN,),
+            "classifier.weight": (labels, HIDDEN),
+            "classifier.bias": (labels,),
+        },
+        labels,
+    )
+
+
+def make_tiny_xlmr_reranker(root: Path) -> Path:
+    """A tiny random ``XLMRobertaForSequenceClassification`` (classifier.dense + out_proj)."""
+    return _as_reranker(
+        make_tiny_xlmr(root),
+        "XLMRobertaForSequenceClassification",
+        "roberta.",
+        {
+            "classifier.dense.weight": (HIDDEN, HIDDEN),
+            "classifier.dense.bias": (HIDDEN,),
+            "classifier.out_proj.weight": (1, HIDDEN),
+            "classifier.out_proj.bias": (1,),
+        },
+    )
+
+
+def _values(tensor: gguf.ReaderTensor) -> np.ndarray[Any, Any]:
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+
+
+RERANKER_HEADS = {
+    "bert": {
+        "cls.weight": "bert.pooler.dense.weight",
+        "cls.bias": "bert.pooler.dense.bias",
+        "cls.output.weight": "classifier.weight",
+        "cls.output.bias": "classifier.bias",
+    },
+    "xlmr": {
+        "cls.weight": "classifier.dense.weight",
+        "cls.bias": "classifier.dense.bias",
+        "cls.output.weight": "classifier.out_proj.weight",
+        "cls.output.bias": "classifier.out_proj.bias",
+    },
+}
+
+
+@pytest.mark.parametrize("out_type", SUPPORTED_TYPES)
+@pytest.mark.parametrize("family", list(RERANKER_HEADS))
+def test_reranker_is_written_as_llama_cpp_loads_one(
+    tmp_path: Path, family: str, out_type: str
+) -> None:
+    make = make_tiny_bert_reranker if family == "bert" else make_tiny_xlmr_reranker
+    src = make(tmp_path / f"tiny-{family}-reranker")
+    notes: list[str] = []
+    out = import_model(src, tmp_path / "models", out_type=out_type, report=notes.append)
+    f = _fields(out)
+    assert f["general.architecture"] == "bert"
+    assert f["bert.pooling_type"] == int(gguf.PoolingType.RANK) == 4
+    assert f["bert.classifier.output_labels"] == ["LABEL_0"]
+    assert f["tokenizer.huggingface.json"] == (src / "tokenizer.json").read_text()
+    assert f["tokenizer.ggml.token_type_count"] == (TYPES if family == "bert" else 1)
+    # CrossEncoder truncates at model_max_length, here capped by the positions there are.
+    assert f["sentence_transformers.max_seq_length"] == MAX_POS
+    assert f["bert.context_length"] == MAX_POS
+    assert f["sentence_transformers.normalize"] is False
+    assert json.loads(f["sentence_transformers.prompts"]) == {}
+    assert "sentence_transformers.default_prompt_name" not in f
+    tensors = _tensors(out)
+    hf = _safetensors(src)
+    for gg, name in RERANKER_HEADS[family].items():
+        # The head stays f32 in every file type: it is tiny, and it sets every score.
+        assert tensors[gg].tensor_type == gguf.GGMLQuantizationType.F32, gg
+        np.testing.assert_array_equal(_values(tensors[gg]), hf[name])
+    assert tensors["cls.output.weight"].shape.tolist() == [HIDDEN, 1]  # GGUF: fastest first
+    if family == "xlmr":  # the position table starts at padding_idx + 1, as for the encoder
+        positions = _values(tensors["position_embd.weight"])
+        np.testing.assert_array_equal(
+            positions, hf["roberta.embeddings.position_embeddings.weight"][XLMR_PAD + 1 :]
+        )
+    assert "pooler.dense.weight" not in tensors
+    assert "cross-encoder (reranker)" in notes[0]
+    assert "one label (LABEL_0): a pair's relevance is sigmoid(logit)" in notes[0]
+    assert not any("modules.json" in note for note in notes)  # no pooling default applied
+    info = read_model_info(out)
+    assert (info.task, info.labels, info.pooling, info.max_input_tokens) == (
+        "rerank",
+        1,
+        "rank",
+        MAX_POS,
+    )
+    assert info.normalizes is False
+    assert info.prompts == {}
+
+
+def test_reranker_with_more_labels_keeps_them_all(tmp_path: Path) -> None:
+    src = make_tiny_bert_reranker(tmp_path / "nli", labels=3)
+    config = json.loads((src / "config.json").read_text())
+    config["id2label"] = {"2": "neutral", "0": "contradiction", "1": "entailment"}
+    _write_json(src / "config.json", config)
+    notes: list[str] = []
+    out = import_model(src, tmp_path / "models", report=notes.append)
+    f = _fields(out)
+    assert f["bert.classifier.output_labels"] == ["contradiction", "entailment", "neutral"]
+    assert _tensors(out)["cls.output.weight"].shape.tolist() == [HIDDEN, 3]
+    assert read_model_info(out).labels == 3
+    assert "3 labels (contradiction, entailment, neutral)" in notes[0]
+    assert "no sigmoid" in notes[0]
+
+
+def test_llama_cpp_reads_the_reranker_head(tmp_path: Path) -> None:
+    import llama_cpp
+
+    from embedd_server.engines.llama import LlamaModelWeights
+
+    out = import_model(make_tiny_xlmr_reranker(tmp_path / "x"), tmp_path / "models")
+    weights = LlamaModelWeights(out)
+    try:
+        assert weights.rank
+        assert llama_cpp.llama_model_n_cls_out(weights.model.model) == 1
+        assert weights.dimensions == 1  # a reranker's rows are its logits
+    finally:
+        weights.close()
+
+
+def _wrong_label_count(src: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
+    _write_json(src / "config.json", config)
+
+
+def _gappy_labels(src: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["id2label"] = {"0": "LABEL_0", "2": "LABEL_2"}
+    _write_json(src / "config.json", config)
+
+
+def _no_classifier(src: Path) -> None:
+    tensors = _safetensors(src)
+    del tensors["classifier.weight"]
+    save_file(tensors, str(src / "model.safetensors"))
+
+
+def _roberta_reranker(src: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="roberta", architectures=["RobertaForSequenceClassification"])
+    _write_json(src / "config.json", config)
+
+
+RERANKER_BREAKERS: dict[str, tuple[Breaker, str]] = {
+    "labels differ from the weights": (
+        _wrong_label_count,
+        "tensor 'classifier.weight' in",
+    ),
+    "labels not numbered": (_gappy_labels, "id2label must number its labels 0 to 1"),
+    "no classifier": (_no_classifier, "tensor 'classifier.weight' is missing"),
+    "other reranker family": (
+        _roberta_reranker,
+        "RobertaForSequenceClassification, a cross-encoder (reranker) of a family embedd "
+        "does not import",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RERANKER_BREAKERS)
+def test_reranker_refusals_name_the_file_or_tensor(tmp_path: Path, case: str) -> None:
+    breaker, expected = RERANKER_BREAKERS[case]
+    src = make_tiny_bert_reranker(tmp_path / "r")
+    breaker(src)
+    with pytest.raises(ModelImportError) as info:
+        import_model(src, tmp_path / "models")
+    assert expected in info.value.message
+
+
+def test_reranker_takes_no_prompts(tmp_path: Path) -> None:
+    src = make_tiny_bert_reranker(tmp_path / "r")
+    with pytest.raises(ModelImportError, match=r"cross-encoder .* without --prompt") as info:
+        import_model(src, tmp_path / "models", prompts={"query": "q: "})
+    assert info.value.param == "prompt"

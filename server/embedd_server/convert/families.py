@@ -9,6 +9,18 @@
 - ``qwen3``: ``Qwen3Model`` / ``Qwen3ForCausalLM``, as the converter writes ``Qwen3Model``:
   architecture ``qwen3`` (causal attention, grouped-query heads, RMSNorm, RoPE), byte-level
   BPE vocabulary (``gpt2``), no output head (an embedding model doesn't use it).
+
+Cross-encoders (rerankers) of the two encoder families, in the layout llama.cpp 0.3.36's BERT
+graph scores with pooling ``rank`` (the first token's state -> ``cls`` -> tanh ->
+``cls.output``, one output per label of ``bert.classifier.output_labels``):
+
+- ``BertForSequenceClassification`` (ms-marco-MiniLM style): ``cls`` is BERT's pooler
+  (``bert.pooler.dense``, followed by tanh in transformers too) and ``cls.output`` its
+  ``classifier``. llama.cpp's own converter drops the pooler and maps ``classifier`` alone,
+  which skips the pooler's dense + tanh: wrong scores. Such a model has two token types
+  (the document is type 1), which llama.cpp's graph cannot give: ONNX Runtime serves it.
+- ``XLMRobertaForSequenceClassification`` (bge-reranker style): ``classifier.dense`` ->
+  ``cls``, ``classifier.out_proj`` -> ``cls.output``; one token type, so either engine.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ Shape = tuple[int, ...]
 Plan = list[tuple[str, str, Shape]]  # (Hugging Face name, GGUF name, expected shape)
 
 SUPPORTED = "BertModel (bert), XLMRobertaModel (xlm-roberta), Qwen3Model (qwen3)"
+SUPPORTED_RERANKERS = "BertForSequenceClassification, XLMRobertaForSequenceClassification"
 
 _GELU = frozenset({"gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"})
 _ST_DEFAULT = FamilyDefault(
@@ -59,6 +72,8 @@ class Family(ABC):
     tokenizer_kind: str  # tokenizer.json's model type
     default: FamilyDefault  # for a directory without modules.json
     always_f32: frozenset[str] = frozenset()  # 2-D tensors kept in f32 whatever the type
+    # A cross-encoder's output label names, in id order (empty for an embedding model).
+    labels: tuple[str, ...] = ()
 
     def __init__(self, config_path: Path, config: dict[str, Any]) -> None:
         self.config_path = config_path
@@ -75,6 +90,11 @@ class Family(ABC):
     def usable_positions(self) -> int:
         """The context length llama.cpp gets: positions an input can really take."""
         return self.max_position_embeddings
+
+    @property
+    def reranker(self) -> bool:
+        """Whether this is a cross-encoder: it scores a pair instead of embedding a text."""
+        return bool(self.labels)
 
     def load_tokenizer(self, model_dir: Path) -> HfTokenizer:
         return load_tokenizer(model_dir, self.name, self.tokenizer_kind)
@@ -174,6 +194,10 @@ class _Encoder(Family):
         writer.add_layer_norm_eps(self.eps)
         writer.add_causal_attention(False)
 
+    # A cross-encoder's head, (Hugging Face module after the prefix, GGUF name): the dense
+    # layer followed by tanh, then the output projection (one row per label).
+    head: tuple[tuple[str, str], tuple[str, str]] | None = None
+
     def tensors(self, loaded: dict[str, Array], src: Path) -> list[tuple[str, Array]]:
         loaded = {_gamma_beta(k): v for k, v in _strip(loaded, (self.prefix,)).items()}
         d, ff = self.n_embd, self.n_ff
@@ -199,6 +223,13 @@ class _Encoder(Family):
                 bias = (ff,) if gg == "ffn_up" else (d,)
                 plan.append((f"encoder.layer.{i}.{hf}.weight", f"blk.{i}.{gg}.weight", weight))
                 plan.append((f"encoder.layer.{i}.{hf}.bias", f"blk.{i}.{gg}.bias", bias))
+        if self.head is not None:
+            (dense, dense_gg), (out, out_gg) = self.head
+            n = len(self.labels)
+            plan.append((f"{dense}.weight", f"{dense_gg}.weight", (d, d)))
+            plan.append((f"{dense}.bias", f"{dense_gg}.bias", (d,)))
+            plan.append((f"{out}.weight", f"{out_gg}.weight", (n, d)))
+            plan.append((f"{out}.bias", f"{out_gg}.bias", (n,)))
         picked = self._pick(loaded, plan, self.unused, src)
         # Hugging Face numbers positions from padding_idx + 1 (RoBERTa), llama.cpp from 0.
         picked["position_embd.weight"] = picked["position_embd.weight"][self.position_offset :]
@@ -225,6 +256,47 @@ class Bert(_Encoder):
         return []
 
 
+class _Reranker(_Encoder):
+    """A cross-encoder on an encoder family: the encoder plus its classifier head."""
+
+    default = FamilyDefault(
+        pooling="rank",
+        normalize=False,
+        why="a cross-encoder scores a query/document pair with its classifier head",
+    )
+    # The head is tiny (hidden x hidden + labels x hidden): kept in f32 in every file type,
+    # so an f16 file's logits differ from the reference only by the encoder's rounding.
+    always_f32 = frozenset({*_Encoder.always_f32, "cls.weight", "cls.output.weight"})
+
+    def __init__(self, config_path: Path, config: dict[str, Any]) -> None:
+        super().__init__(config_path, config)
+        self.labels = _label_names(config, config_path)
+
+
+def _label_names(config: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """config.json's ``id2label`` names in id order (transformers' default: 2 labels)."""
+    id2label = config.get("id2label")
+    if id2label is None:
+        count = config_int(config, "num_labels", path, 2, minimum=1)
+        return tuple(f"LABEL_{i}" for i in range(count))
+    if not isinstance(id2label, dict) or not id2label:
+        raise ModelImportError(f"{path}: id2label must be an object of label ids to names")
+    try:
+        by_id = {int(key): str(name) for key, name in id2label.items()}
+    except ValueError:
+        raise ModelImportError(f"{path}: id2label keys must be label ids 0, 1, ...") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ModelImportError(f"{path}: id2label must number its labels 0 to {len(by_id) - 1}")
+    return tuple(by_id[i] for i in range(len(by_id)))
+
+
+class BertReranker(_Reranker, Bert):
+    """``BertForSequenceClassification``: pooler dense + tanh, then the classifier."""
+
+    name = "bert"
+    head = (("pooler.dense", "cls"), ("classifier", "cls.output"))
+
+
 class XlmRoberta(_Encoder):
     name = "xlm-roberta"
     tokenizer_kind = "Unigram"
@@ -245,6 +317,14 @@ class XlmRoberta(_Encoder):
         writer.add_token_type_count(self.n_token_types)
         add_unigram_vocab(writer, tk, model_dir, self.n_vocab)
         return []
+
+
+class XlmRobertaReranker(_Reranker, XlmRoberta):
+    """``XLMRobertaForSequenceClassification``: first token -> classifier.dense -> tanh ->
+    classifier.out_proj."""
+
+    name = "xlm-roberta"
+    head = (("classifier.dense", "cls"), ("classifier.out_proj", "cls.output"))
 
 
 # --- Qwen3 ------------------------------------------------------------------------------------
@@ -365,6 +445,8 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "XLMRobertaForMaskedLM": XlmRoberta,
     "Qwen3Model": Qwen3,
     "Qwen3ForCausalLM": Qwen3,
+    "BertForSequenceClassification": BertReranker,
+    "XLMRobertaForSequenceClassification": XlmRobertaReranker,
 }
 _BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
 
@@ -378,10 +460,11 @@ def select_family(model_dir: Path) -> Family:
     if not isinstance(archs, list):
         raise ModelImportError(f"{path}: architectures must be a list")
     for arch in archs:
-        if str(arch).endswith("ForSequenceClassification"):
+        if str(arch).endswith("ForSequenceClassification") and arch not in _BY_ARCHITECTURE:
             raise ModelImportError(
-                f"{path} describes {arch}, a cross-encoder (reranker), not an embedding model; "
-                f"embedd imports embedding models: {SUPPORTED}"
+                f"{path} describes {arch}, a cross-encoder (reranker) of a family embedd does "
+                f"not import; embedd imports the rerankers {SUPPORTED_RERANKERS} and the "
+                f"embedding models {SUPPORTED}"
             )
     family = next((_BY_ARCHITECTURE[a] for a in archs if a in _BY_ARCHITECTURE), None)
     family = family or _BY_MODEL_TYPE.get(str(model_type))

@@ -9,6 +9,11 @@ sentence-transformers reads from the directory (:mod:`embedd_server.convert.st_s
 under ``sentence_transformers.*``: max_seq_length, normalize, do_lower_case, include_prompt,
 prompts (a JSON object, name to text) and default_prompt_name. The pooling goes into llama.cpp's
 own ``<arch>.pooling_type``.
+
+A cross-encoder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``)
+is written as llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
+``bert.classifier.output_labels``, its head in ``cls.*`` / ``cls.output.*``
+(:mod:`embedd_server.convert.families`), no Normalize and no prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ import numpy as np
 from embedd_server.convert.families import Family, select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
-from embedd_server.convert.st_settings import Settings, read_modules, read_settings
+from embedd_server.convert.st_settings import (
+    Settings,
+    read_cross_encoder_settings,
+    read_modules,
+    read_settings,
+)
 from embedd_server.core.catalog import (
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
@@ -57,6 +67,7 @@ _POOLING_TYPES = {
     "mean": gguf.PoolingType.MEAN,
     "cls": gguf.PoolingType.CLS,
     "lasttoken": gguf.PoolingType.LAST,
+    "rank": gguf.PoolingType.RANK,
 }
 _GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "huggingface", "weights", "snapshot"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -103,16 +114,33 @@ def import_model(
     modules = read_modules(src)
     model_dir = modules.transformer_dir if modules else src
     family = select_family(model_dir)
-    settings = read_settings(
-        src,
-        modules,
-        family=family.name,
-        default=family.default,
-        hidden_size=family.n_embd,
-        max_position_embeddings=family.max_position_embeddings,
-        usable_positions=family.usable_positions,
-    )
-    stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
+    if family.reranker:
+        if prompts:
+            raise ModelImportError(
+                f"{src} is a cross-encoder (reranker): it scores a query with a document as "
+                "they are, without prompts; import it without --prompt",
+                param="prompt",
+            )
+        settings = read_cross_encoder_settings(
+            model_dir,
+            family=family.name,
+            labels=family.labels,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        stored_prompts: dict[str, str] = {}
+        prompt_notes: list[str] = []
+    else:
+        settings = read_settings(
+            src,
+            modules,
+            family=family.name,
+            default=family.default,
+            hidden_size=family.n_embd,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
     tokenizer = family.load_tokenizer(model_dir)
     writer = gguf.GGUFWriter(None, family.arch)
     writer.add_name(target.stem)
@@ -121,6 +149,8 @@ def import_model(
     writer.add_file_type(_FILE_TYPES[out_type])
     family.add_hparams(writer)
     writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
+    if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
+        writer.add_classifier_output_labels(list(family.labels))
     notes = [*settings.notes, *family.add_vocab(writer, tokenizer, model_dir), *prompt_notes]
     writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
     _add_settings(writer, settings, stored_prompts)

@@ -12,6 +12,11 @@ Read as sentence-transformers reads it, in both layouts seen on the Hub:
 
 A plain transformers directory (no ``modules.json``) gets its family's default, which the
 importer states.
+
+A cross-encoder (reranker) is a plain transformers directory by nature: sentence-transformers'
+``CrossEncoder`` loads it with ``AutoModelForSequenceClassification`` and truncates each pair
+(longest first) at the tokenizer's ``model_max_length``; it has no pooling, Normalize or
+prompts (:func:`read_cross_encoder_settings`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from embedd_server.core.errors import ModelImportError
 
 # Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
 SUPPORTED_POOLINGS = ("mean", "cls", "lasttoken")
+RANK = "rank"  # a cross-encoder's "pooling": its classifier head on the first token
 _POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -49,7 +55,7 @@ class FamilyDefault:
 class Settings:
     """The sentence-transformers settings of a model directory."""
 
-    pooling: str  # one of SUPPORTED_POOLINGS
+    pooling: str  # one of SUPPORTED_POOLINGS, or RANK for a cross-encoder
     normalize: bool
     max_seq_length: int
     do_lower_case: bool = False
@@ -146,6 +152,54 @@ def read_settings(
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         notes=tuple(notes),
+    )
+
+
+def read_cross_encoder_settings(
+    src: Path,
+    *,
+    family: str,
+    labels: tuple[str, ...],
+    max_position_embeddings: int,
+    usable_positions: int,
+) -> Settings:
+    """The settings sentence-transformers' ``CrossEncoder`` would load ``src`` with.
+
+    The maximum length is ``min(tokenizer_config.json's model_max_length, the positions the
+    model has)``: CrossEncoder truncates at the tokenizer's maximum, and a pair longer than
+    the position table could not be run at all. Its notes say the model is a reranker, its
+    labels and what its scores are.
+    """
+    notes: list[str] = []
+    max_seq_length = _max_seq_length(src, {}, max_position_embeddings, usable_positions, notes)
+    shown = ", ".join(labels)
+    if len(labels) == 1:
+        scores = (
+            f"one label ({shown}): a pair's relevance is sigmoid(logit), as "
+            "CrossEncoder.predict returns it"
+        )
+    else:
+        # CrossEncoder.predict applies no activation to a multi-label model's logits.
+        scores = (
+            f"{len(labels)} labels ({shown}): each pair gets one logit per label, as "
+            "CrossEncoder.predict returns them (no sigmoid)"
+        )
+    notes.insert(
+        0,
+        f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
+        f"pooling; {scores}; "
+        f"pairs are truncated longest-first at {max_seq_length} tokens",
+    )
+    activation = optional_object(src / "config.json").get("sentence_transformers")
+    if isinstance(activation, dict) and "activation_fn" in activation:
+        name = str(activation["activation_fn"]).rsplit(".", 1)[-1]
+        if name != "Sigmoid" and len(labels) == 1:
+            notes.append(
+                f"{src / 'config.json'}: its CrossEncoder activation is {name}, not Sigmoid; "
+                "compare raw scores (the logits) with what it returns"
+            )
+    return Settings(
+        pooling=RANK, normalize=False, max_seq_length=max_seq_length, notes=tuple(notes)
     )
 
 

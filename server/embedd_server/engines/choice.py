@@ -1,10 +1,15 @@
 """Which engine serves a model: the runtime loader the server hands the registry.
 
 ``engine = "auto"`` (the default) picks ONNX Runtime for what it was measured to serve faster
-at the same vectors (docs/design.md, "Engines"): a BERT encoder with mean or CLS pooling, f32
-or f16 weights, on the CPU. Everything else (other architectures, quantized files, pooling
-chosen at load time, GPU offload) runs on llama.cpp. ``engine = "llama.cpp"`` or
-``"onnxruntime"`` forces one; a model ONNX Runtime cannot serve is then refused by name.
+at the same vectors (docs/design.md, "Engines"): a BERT encoder with mean or CLS pooling, or a
+BERT / XLM-RoBERTa cross-encoder (pooling rank), f32 or f16 weights, on the CPU. Everything
+else (other architectures, quantized files, pooling chosen at load time, GPU offload) runs on
+llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the forced engine
+cannot serve is then refused by name.
+
+llama.cpp cannot serve a cross-encoder with two token types (BERT's: the document of a pair
+is type 1; llama.cpp gives every token type 0), so such a model in a quantized file, which
+ONNX Runtime doesn't serve either, is refused with both reasons.
 """
 
 from __future__ import annotations
@@ -12,18 +17,23 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import ModelInfo
+from embedd_server.core.catalog import RERANK, ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
 from embedd_server.engines.llama import ENGINE_NAME as LLAMA
-from embedd_server.engines.llama import load_llama_runtime, pools_without_prompt
+from embedd_server.engines.llama import (
+    load_llama_runtime,
+    pools_without_prompt,
+    rank_refusal,
+    token_type_count,
+)
 
 log = logging.getLogger(__name__)
 
 AUTO, _, ONNX = ENGINES
 _ONNX_ARCHITECTURES = frozenset({"bert"})
-_ONNX_POOLINGS = frozenset({"mean", "cls"})
+_ONNX_POOLINGS = frozenset({"mean", "cls", "rank"})
 _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 
 
@@ -34,12 +44,22 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
     if info.architecture not in _ONNX_ARCHITECTURES:
         return f"architecture {info.architecture!r} (ONNX Runtime serves BERT encoders)"
     if options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
-        return f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls)"
+        return (
+            f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
+            "scores with a cross-encoder's own head)"
+        )
     if info.quantization not in _ONNX_WEIGHTS:
         return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
     if n_gpu_layers != 0:
         return "GPU offload (llama.cpp serves GPUs)"
     return None
+
+
+def llama_refusal(info: ModelInfo) -> str | None:
+    """Why llama.cpp can't serve this model exactly; None when it can."""
+    if info.task != RERANK:
+        return None
+    return rank_refusal(token_type_count(info.path))
 
 
 def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str:
@@ -50,9 +70,20 @@ def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) 
             f"engine=onnxruntime cannot serve {info.name}: {refusal}. "
             "Use engine=auto or engine=llama.cpp."
         )
-    if settings.engine == AUTO:
-        return LLAMA if refusal is not None else ONNX
-    return settings.engine
+    if settings.engine == ONNX or (settings.engine == AUTO and refusal is None):
+        return ONNX
+    if (why := llama_refusal(info)) is not None:
+        if refusal is None:
+            raise ModelLoadError(
+                f"engine=llama.cpp cannot serve {info.name}: {why}. "
+                "Use engine=auto or engine=onnxruntime, which give each token its type."
+            )
+        raise ModelLoadError(
+            f"No engine can serve {info.name}: llama.cpp because {why}; ONNX Runtime because "
+            f"of its {refusal}. Re-import the model with --type f16 or --type f32 and load it "
+            "on the CPU (ONNX Runtime then serves it)."
+        )
+    return LLAMA
 
 
 def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> Runtime:

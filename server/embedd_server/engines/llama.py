@@ -8,7 +8,11 @@ batches small (``batch_tokens``; the measurements are in docs/design.md, "Packin
 one decode").
 
 The engine returns the model's pooled vector, not normalized: dimensions and normalization
-are the service's business.
+are the service's business. For a cross-encoder (pooling ``rank``) llama.cpp runs the
+classifier head on each sequence's first token and the engine returns its raw logits, one per
+label (``llama_model_n_cls_out``). llama.cpp's BERT graph adds token type 0's embedding to
+every token, so a cross-encoder with two token types (BERT: the document is type 1) is refused
+at load rather than scored wrong; one with a single token type (XLM-RoBERTa) is exact.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
+from embedd_server.core.catalog import POOLING_TYPES, RANK_POOLING, ModelInfo, read_model_info
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Engine
@@ -68,7 +72,21 @@ class LlamaModelWeights:
             ) from None
         self.path = path
         self.n_gpu_layers = n_gpu_layers
-        self.dimensions = int(self.model.n_embd()) or _embedding_length(self.model.metadata())
+        metadata = self.model.metadata()
+        architecture = metadata.get("general.architecture", "")
+        # A cross-encoder: llama.cpp pools with its classifier head (pooling type rank).
+        self.rank = metadata.get(f"{architecture}.pooling_type") == str(RANK_POOLING)
+        self.token_types = int(metadata.get("tokenizer.ggml.token_type_count", "1"))
+        if self.rank:
+            # A vocab-only load has no hparams (n_cls_out would be llama.cpp's default of 1):
+            # the label count then comes from the file's metadata, which is what the
+            # worker-process handshake checks the loaded model's n_cls_out against.
+            n_cls_out = llama_cpp.llama_model_n_cls_out  # type: ignore[attr-defined]
+            self.dimensions = (
+                read_model_info(path).labels if vocab_only else int(n_cls_out(self.model.model))
+            )
+        else:
+            self.dimensions = int(self.model.n_embd()) or _embedding_length(metadata)
         self.vocab_size = int(self.model.n_vocab())
         self._lock = threading.Lock()  # guards tokenize calls from several threads
 
@@ -84,6 +102,43 @@ class LlamaModelWeights:
 
     def close(self) -> None:
         self.model.close()
+
+
+def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None) -> None:
+    """Refuses a cross-encoder llama.cpp would score wrong (see :func:`rank_refusal`), or one
+    asked to pool like an embedding model."""
+    if not weights.rank:
+        return
+    if (why := rank_refusal(weights.token_types)) is not None:
+        raise ModelLoadError(
+            f"llama.cpp cannot serve {weights.path.name}: {why}. Use engine=auto or "
+            "engine=onnxruntime, which give each token its type."
+        )
+    if pooling_type is not None and pooling_type != RANK_POOLING:
+        raise ModelLoadError(
+            f"{weights.path.name} is a cross-encoder: it scores pairs with its classifier "
+            "head and cannot be loaded with another pooling."
+        )
+
+
+def token_type_count(path: Path) -> int:
+    """The token types a GGUF's model has (``tokenizer.ggml.token_type_count``; 1 without),
+    read from its metadata without loading it."""
+    from gguf import GGUFReader  # heavy import, only where needed
+
+    field = GGUFReader(path, "r").fields.get("tokenizer.ggml.token_type_count")
+    return 1 if field is None else int(field.contents())
+
+
+def rank_refusal(token_types: int) -> str | None:
+    """Why llama.cpp can't score a cross-encoder with ``token_types`` token types; None when
+    it can."""
+    if token_types <= 1:
+        return None
+    return (
+        f"it is a cross-encoder with {token_types} token types (the document of a pair has "
+        "token type 1), and llama.cpp gives every token type 0, so its scores would be wrong"
+    )
 
 
 class _NumpyBatch:
@@ -143,6 +198,7 @@ class LlamaEngine:
     ) -> None:
         """``pool_from_starts``: mean pooling done here, from each sequence's pooling start
         (a model with ``include_prompt: false``); llama.cpp returns every token's vector."""
+        check_rank_model(weights, pooling_type)
         llama_cpp = _llama()
         from llama_cpp import _internals
 
@@ -223,7 +279,8 @@ class LlamaEngine:
             pointer = self._get_embeddings(self._ctx.ctx, index)
             if not pointer:
                 raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
-            # One copy straight out of llama.cpp's buffer: no per-float Python objects.
+            # One copy straight out of llama.cpp's buffer: no per-float Python objects. With
+            # pooling rank the buffer holds the sequence's n_cls_out logits.
             vectors[index] = np.ctypeslib.as_array(
                 ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
             )
@@ -286,6 +343,11 @@ class LlamaRuntime:
         pool_from_starts: bool = False,
     ) -> None:
         self.weights = LlamaModelWeights(path, n_gpu_layers, vocab_only=processes)
+        try:
+            check_rank_model(self.weights, pooling_type)
+        except ModelLoadError:
+            self.weights.close()
+            raise
         self._spec = EngineSpec(
             path=str(path),
             max_tokens=max_tokens,

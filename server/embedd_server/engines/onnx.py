@@ -7,6 +7,10 @@ Runtime session of its own on one intra-op thread: in a worker process of its ow
 GIL while it computes). A call sorts its sequences by length and runs
 them in padded batches, each padded only to its own longest sequence.
 
+A cross-encoder's graph ends in its classifier head: the engine's rows are then its raw
+logits, one per label, and a BERT cross-encoder's graph takes ``token_type_ids`` (built from
+the pack's token type starts), which llama.cpp cannot.
+
 Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
 """
 
@@ -294,7 +298,12 @@ class OnnxRuntime:
         prompt's tokens (a model with ``include_prompt: false``)."""
         try:
             source = load_gguf(path)
-            model = source.build(pooling_mask_input=pool_from_starts)
+            # A cross-encoder with two token types (BERT) scores a pair whose document is
+            # type 1: its graph takes the types; an encoder's texts are all type 0.
+            model = source.build(
+                pooling_mask_input=pool_from_starts,
+                token_type_input=source.pooling == "rank" and source.token_types > 1,
+            )
             if int8:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:
@@ -306,7 +315,8 @@ class OnnxRuntime:
         # int8 vectors differ from the reference: /v1/models says so.
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = LlamaModelWeights(path, vocab_only=True)
-        self.dimensions = source.config.hidden_size
+        # A cross-encoder's rows are its logits, one per label.
+        self.dimensions = source.labels if source.pooling == "rank" else source.config.hidden_size
         self._spec: EngineSpec | None = None
         if processes:
             with tempfile.NamedTemporaryFile(

@@ -11,6 +11,11 @@ post-LayerNorm encoder layers with a padding mask and exact (erf) GELU) and pool
 graph: the masked mean of the last hidden state, or its first ([CLS]) row. Vectors are NOT
 normalized: dimensions and normalization are the service's business. Which ONNX Runtime
 optimizations keep them exact was measured (docs/design.md, "Engines").
+
+A cross-encoder (GGUF pooling type 4, ``rank``) gets its classifier head instead of a pooling:
+the first token's state -> dense (``cls``) -> tanh -> dense (``cls.output``), and the graph's
+output is the raw logits ``[batch, labels]`` (what ``BertForSequenceClassification``'s pooler +
+classifier and ``XLMRobertaForSequenceClassification``'s classification head compute).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
 
-Pooling = Literal["mean", "cls"]
+Pooling = Literal["mean", "cls", "rank"]
 Array = npt.NDArray[Any]
 
 OPSET = 17  # LayerNormalization is a standard op from 17 on
@@ -45,7 +50,10 @@ META_MAX_POSITIONS = "embedd.max_position_embeddings"
 META_VOCAB_SIZE = "embedd.vocab_size"
 META_TOKEN_TYPES = "embedd.type_vocab_size"
 
-_GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls"}  # llama.cpp's enum llama_pooling_type
+# llama.cpp's enum llama_pooling_type
+_GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
+# A cross-encoder's head, by the names the graph uses (XLM-RoBERTa's), and its GGUF names.
+HEAD_TENSORS = {"classifier.dense": "cls", "classifier.out_proj": "cls.output"}
 _GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
 
 
@@ -99,6 +107,17 @@ class ModelSource:
     max_seq_length: int
     normalize: bool
 
+    @property
+    def labels(self) -> int:
+        """A cross-encoder's outputs (rows of its output projection); 0 for an encoder."""
+        head = self.weights.get("classifier.out_proj.weight")
+        return 0 if head is None else int(head.shape[0])
+
+    @property
+    def token_types(self) -> int:
+        """Rows of the token type table: 2 for BERT (a pair's document is type 1)."""
+        return int(self.weights["embeddings.token_type_embeddings.weight"].shape[0])
+
     def build(
         self,
         *,
@@ -124,7 +143,8 @@ def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[
     """The encoder's tensors as contiguous float32, HF names without ``bert.``; shapes checked.
 
     Old checkpoints' LayerNorm ``gamma``/``beta`` are renamed ``weight``/``bias``. Tensors the
-    encoder doesn't use (pooler, MLM head, ``position_ids``) are dropped.
+    encoder doesn't use (pooler, MLM head, ``position_ids``) are dropped. A cross-encoder's
+    head (``classifier.dense``, ``classifier.out_proj``) is kept when it is there.
     """
     renamed = {_hf_name(name): value for name, value in weights.items()}
     expected = _expected_shapes(renamed, config)
@@ -166,6 +186,12 @@ def _expected_shapes(
         "embeddings.LayerNorm.weight": (d,),
         "embeddings.LayerNorm.bias": (d,),
     }
+    if "classifier.out_proj.weight" in weights:
+        labels = weights["classifier.out_proj.weight"].shape[0]
+        shapes["classifier.dense.weight"] = (d, d)
+        shapes["classifier.dense.bias"] = (d,)
+        shapes["classifier.out_proj.weight"] = (labels, d)
+        shapes["classifier.out_proj.bias"] = (labels,)
     for i in range(config.num_hidden_layers):
         p = f"encoder.layer.{i}."
         for square in ("self.query", "self.key", "self.value", "output.dense"):
@@ -277,7 +303,11 @@ def load_gguf(path: str | os.PathLike[str]) -> ModelSource:
     weights = canonical_weights(_from_gguf_names(tensors, config.num_hidden_layers), config)
     pooling_type = int(_gguf_field(reader, "bert.pooling_type", 1))
     if pooling_type not in _GGUF_POOLING:
-        raise ValueError(f"{path}: pooling type {pooling_type} is not supported (mean or cls)")
+        raise ValueError(
+            f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)"
+        )
+    if _GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
+        raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(_gguf_field(reader, "sentence_transformers.max_seq_length", positions))
     return ModelSource(
@@ -304,6 +334,9 @@ def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, A
         for hf, gg in ENCODER_EMBEDDING_TENSORS.items()
         for part in ("weight", "bias")
     }
+    for hf, gg in HEAD_TENSORS.items():
+        for part in ("weight", "bias"):
+            names[f"{gg}.{part}"] = f"{hf}.{part}"
     for i in range(n_layers):
         for hf, gg in ENCODER_BLOCK_TENSORS.items():
             for part in ("weight", "bias"):
@@ -364,6 +397,9 @@ def build_bert_model(
     sentence-transformers gives a bi-encoder). Output ``sentence_embedding`` float32
     ``[batch, hidden]``: the masked mean (``"mean"``) or the first row (``"cls"``) of the
     last hidden state, not normalized; with ``hidden_output`` also ``last_hidden_state``.
+    ``"rank"`` (a cross-encoder, whose weights hold ``classifier.dense`` and
+    ``classifier.out_proj``): the output is instead the raw logits ``[batch, labels]`` of
+    the first row -> dense -> tanh -> dense.
     With ``pooling_mask_input`` the mean is masked by another input, ``pooling_mask``
     (int64 ``[batch, seq]``): sentence-transformers' ``include_prompt: false`` attends to the
     prompt's tokens but leaves them out of the mean.
@@ -371,9 +407,11 @@ def build_bert_model(
     embeddings, division of the scores by sqrt(head size), mask bias of float32's minimum,
     erf GELU), so float32 results agree to rounding.
     """
-    if pooling not in ("mean", "cls"):
-        raise ValueError(f"pooling {pooling!r} is not supported (mean or cls)")
+    if pooling not in ("mean", "cls", "rank"):
+        raise ValueError(f"pooling {pooling!r} is not supported (mean, cls or rank)")
     w = canonical_weights(weights, config)
+    if pooling == "rank" and "classifier.out_proj.weight" not in w:
+        raise ValueError("pooling rank needs a cross-encoder's classifier head")
     g = _Graph()
     batch_seq = ["batch", "sequence"]
     inputs = [
@@ -390,10 +428,14 @@ def build_bert_model(
     bias = _mask_bias(g)
     for i in range(config.num_hidden_layers):
         hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
-    pooled = _pool(g, hidden, pooling, pooling_mask)
     d = config.hidden_size
+    if pooling == "rank":
+        pooled = _classify(g, w, hidden)
+        width = w["classifier.out_proj.weight"].shape[0]
+    else:
+        pooled, width = _pool(g, hidden, pooling, pooling_mask), d
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", d])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
     if hidden_output:
         g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
         outputs.append(
@@ -484,6 +526,13 @@ def _layer(
     gelu = g.op("Mul", [g.op("Mul", [up, g.op("Add", [erf, one], p)], p), half], p)
     down = g.linear(gelu, w, f"{p}.output.dense")
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
+
+
+def _classify(g: _Graph, w: Mapping[str, Array], hidden: str) -> str:
+    """A cross-encoder's head on the first token: dense -> tanh -> dense, the raw logits."""
+    first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
+    dense = g.op("Tanh", [g.linear(first, w, "classifier.dense")], "head")
+    return g.linear(dense, w, "classifier.out_proj")
 
 
 def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
