@@ -10,6 +10,8 @@
    legs (1 caller x 1 text, 16 callers x 1 text, 4 callers x 32 texts) run interleaved:
    every system in turn on one leg before the next leg, as this machine's speed drifts over
    minutes. Then embedd's EmbedStream, and the STS-B score of each server's vectors.
+4. Reranking (bench/rerank.py): a cross-encoder's pairs/s served by `embedd serve` against
+   the same engine in-process on the same pairs; also written to docs/benchmarks/rerank.md.
 
 The first 1,200 STS-B test sentences and ~200-token passages built from consecutive
 sentences. Prints the tables and writes docs/benchmarks/latest.md and latest.png.
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench import ceiling, loadgen, peers, procs, quality, report
+from bench import ceiling, loadgen, peers, procs, quality, report, rerank
 from bench.loadgen import Endpoint
 from bench.report import GRPC, GRPC_INT8, REST, STREAM, BenchRun, Leg
 from bench.texts import REPO, TextSet, load_text_sets
@@ -48,7 +50,8 @@ T = TypeVar("T")
 # What a run can be limited to with --only.
 CEILING, FLOOR, EMBEDD, INT8 = "ceiling", "floor", "embedd", "int8"
 TEI, INFINITY, OLLAMA, LLAMA_SERVER = "tei", "infinity", "ollama", "llama-cpp-python"
-PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER)
+RERANK = "rerank"
+PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER, RERANK)
 PEER_PARTS = {
     peers.TEI: TEI,
     peers.INFINITY: INFINITY,
@@ -68,6 +71,8 @@ class Profile:
     warmup_s: float  # before each leg, the same load
     stream_texts: dict[str, int]
     stsb_pairs: int | None  # None: all 1,379
+    rerank_s: float  # the rerank part: in-process, and each served leg, this long
+    rerank_warmup_s: float  # before each served leg, the same load
 
 
 FULL = Profile(
@@ -78,6 +83,8 @@ FULL = Profile(
     warmup_s=1.0,
     stream_texts={"sentences": 10_000, "passages": 640},
     stsb_pairs=None,
+    rerank_s=4.0,
+    rerank_warmup_s=0.5,
 )
 QUICK = Profile(
     ceiling_s=1.5,
@@ -87,6 +94,8 @@ QUICK = Profile(
     warmup_s=0.3,
     stream_texts={"sentences": 1_000, "passages": 64},
     stsb_pairs=200,
+    rerank_s=1.5,
+    rerank_warmup_s=0.3,
 )
 
 
@@ -637,6 +646,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true", help="no peer server at all")
     parser.add_argument("--no-stsb", action="store_true", help="skip the STS-B scores")
     parser.add_argument("--no-ghz", action="store_true", help="skip the floor (ghz) leg")
+    parser.add_argument(
+        "--reranker",
+        type=Path,
+        default=rerank.DEFAULT_RERANKER,
+        help="the rerank part's cross-encoder: a Hugging Face directory, imported f32 "
+        "(default: ../shared/models/tiny-bert-reranker)",
+    )
     return parser.parse_args(list(argv))
 
 
@@ -766,8 +782,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             run, model, text_sets, profile, parts=parts, found=found, references=references
         )
 
-    run.seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
+    if RERANK in parts:
+        _say("reranking (a cross-encoder in-process, then served):")
+        measure_rerank(run, args.reranker.resolve(), profile, args.out)
+
+    run.seconds = time.perf_counter() - started
+    if not parts - {RERANK}:  # latest.md and its plot are of the other parts: left as they are
+        _say("")
+        _say(run.rerank_section)
+        _say(f"wrote {args.out / rerank.REPORT_NAME}; the run took {run.seconds / 60:.1f} min")
+        return 0
     markdown = report.render_markdown(run)
     (args.out / "latest.md").write_text(markdown + "\n", encoding="utf-8")
     report.plot(run, args.out / "latest.png")
@@ -775,6 +800,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(markdown)
     _say(f"wrote {args.out / 'latest.md'} and latest.png; the run took {run.seconds / 60:.1f} min")
     return 0
+
+
+def measure_rerank(run: BenchRun, source: Path, profile: Profile, out: Path) -> None:
+    """The rerank part: its section goes into the run's report and, on its own, into
+    ``out``/rerank.md (so that ``--only rerank`` leaves latest.md as it was)."""
+    bench = rerank.run_rerank(
+        source, seconds=profile.rerank_s, warmup_s=profile.rerank_warmup_s, say=_say
+    )
+    run.rerank_section = rerank.render_section(bench)
+    document = rerank.render_document(
+        bench,
+        cpu_model=run.cpu_model,
+        cores=run.cores,
+        date=run.date,
+        command=run.command,
+        quick=run.quick,
+    )
+    (out / rerank.REPORT_NAME).write_text(document, encoding="utf-8")
 
 
 def measure_engines(

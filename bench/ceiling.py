@@ -38,7 +38,7 @@ import numpy as np
 
 from embedd_server.core.catalog import read_model_info
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.scheduler import FairQueue, Job
+from embedd_server.core.scheduler import FairQueue, Job, WorkItem
 from embedd_server.engines.base import Engine, Runtime
 
 WARMUP_DECODES = 8
@@ -156,15 +156,20 @@ def decode_all(
     settings: EngineSettings,
     max_seconds: float = math.inf,
     max_packs: float = math.inf,
+    *,
+    token_type_starts: Sequence[int] | None = None,
 ) -> tuple[int, float]:
     """(texts, seconds): ``sequences`` as one job on the server's FairQueue, each engine in a
     thread of its own taking packs of ``settings.batch_tokens`` / ``batch_sequences`` and
     delivering the vectors into the job, as the server's workers do, until the queue is empty,
-    ``max_seconds`` have passed or the thread decoded ``max_packs``."""
+    ``max_seconds`` have passed or the thread decoded ``max_packs``. ``token_type_starts``
+    (a cross-encoder's pairs: where each one's type-1 tokens begin) go to the engine with
+    each pack, as a worker passes them: only for a pack where some sequence has type-1
+    tokens."""
     loop = asyncio.new_event_loop()  # the job's future lives on it; nothing awaits it here
     try:
         queue = FairQueue(max_items=max(1, len(sequences)))
-        job = Job(sequences, engines[0].dimensions, loop)
+        job = Job(sequences, engines[0].dimensions, loop, token_type_starts=token_type_starts)
         if sequences:
             queue.submit(job)
         queue.close()  # the threads drain the job, then take_batch returns []
@@ -176,7 +181,13 @@ def decode_all(
                 batch = queue.take_batch(settings.batch_tokens, settings.batch_sequences)
                 if not batch:
                     return
-                vectors = engine.embed_batch([item.token_ids for item in batch])
+                types = pack_token_types(batch) if token_type_starts is not None else None
+                ids = [item.token_ids for item in batch]
+                vectors = (
+                    engine.embed_batch(ids)
+                    if types is None
+                    else engine.embed_batch(ids, None, types)
+                )
                 for item, vector in zip(batch, vectors, strict=True):
                     job.deliver(item.index, vector)
                 done[number] += len(batch)
@@ -195,6 +206,16 @@ def decode_all(
         return sum(done), time.perf_counter() - started
     finally:
         loop.close()
+
+
+def pack_token_types(batch: Sequence[WorkItem]) -> list[int] | None:
+    """The token type starts of a pack as the server's worker hands them to its engine: None
+    when no sequence of the pack has a type-1 token (an engine then computes as for texts)."""
+    types = [item.token_type_start for item in batch]
+    two_segments = any(
+        start < len(item.token_ids) for start, item in zip(types, batch, strict=True)
+    )
+    return types if two_segments else None
 
 
 def measure_configuration(

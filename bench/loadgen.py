@@ -187,14 +187,24 @@ def embed_requests(messages: Sequence[Sequence[str]]) -> list[bytes]:
 
 
 def grpc_load(
-    target: str, requests: Sequence[bytes], concurrency: int, duration_s: float
+    target: str,
+    requests: Sequence[bytes],
+    concurrency: int,
+    duration_s: float,
+    *,
+    method: str = EMBED_METHOD,
 ) -> LoadResult:
-    """Closed-loop unary Embed calls with pre-serialized bytes (answers are not parsed)."""
-    return asyncio.run(_grpc_load(target, requests, concurrency, duration_s))
+    """Closed-loop unary calls of ``method`` (Embed by default) with pre-serialized bytes
+    (answers are not parsed)."""
+    return asyncio.run(_grpc_load(target, requests, concurrency, duration_s, method))
 
 
 async def _grpc_load(
-    target: str, requests: Sequence[bytes], concurrency: int, duration_s: float
+    target: str,
+    requests: Sequence[bytes],
+    concurrency: int,
+    duration_s: float,
+    method: str = EMBED_METHOD,
 ) -> LoadResult:
     import grpc
     from grpc import aio
@@ -202,7 +212,7 @@ async def _grpc_load(
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
     async with aio.insecure_channel(target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
-        call: Any = channel.unary_unary(EMBED_METHOD)  # no (de)serializers: bytes in, bytes out
+        call: Any = channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
         leg = _ClosedLoop(requests, duration_s)
 
         async def caller() -> None:

@@ -126,6 +126,7 @@ class BenchRun:
     peers: list[str] = field(default_factory=list)  # each peer's version, or why it was skipped
     stsb: dict[str, float] = field(default_factory=dict)  # system -> STS-B Spearman x100
     stsb_pairs: int = 0
+    rerank_section: str = ""  # bench.rerank's Markdown section, when this run measured it
 
     def best_ceiling(self, text_set: str, engine: str | None = None) -> CeilingResult | None:
         """The fastest configuration of ``engine`` (by default the one embedd serves this
@@ -627,11 +628,30 @@ def render_markdown(run: BenchRun) -> str:
         out.append(render_floor(run.floor))
         out.append("")
 
+    out.append(render_rerank_link(run))
+    out.append("")
+
     out.append("## Every leg\n")
     out.append(_legs_table(run))
     out.append("")
     out.append("![texts/s of every leg on every system](latest.png)\n")
     return "\n".join(out)
+
+
+RERANK_REPORT = "rerank.md"
+
+
+def render_rerank_link(run: BenchRun) -> str:
+    """The rerank section when this run measured it, and where it is kept on its own (a run
+    of ``--only rerank`` writes only that file)."""
+    if run.rerank_section:
+        link = f"[{RERANK_REPORT}]({RERANK_REPORT})"
+        return f"{run.rerank_section}\n\nThe same section on its own: {link}."
+    return (
+        "## Reranking (issue 13)\n\n"
+        f"Not measured in this run: the last rerank measurement is in [{RERANK_REPORT}]"
+        f"({RERANK_REPORT}) (`make bench BENCH_ARGS='--only rerank'`)."
+    )
 
 
 def plot(run: BenchRun, path: Path) -> None:

@@ -55,6 +55,14 @@ from bench.report import (
     percentile,
     render_markdown,
 )
+from bench.rerank import (
+    InProcess,
+    RerankBench,
+    render_document,
+    render_section,
+    served_leg,
+    summary_line,
+)
 from bench.texts import build_passages, read_sentences
 from embedd_server.core.engine_settings import EngineSettings
 
@@ -341,11 +349,16 @@ class _RecordingEngine:
         pass
 
 
-def _packs(batch_tokens: int, batch_sequences: int = 32, **limits: float) -> list[list[int]]:
+def _packs(
+    batch_tokens: int,
+    batch_sequences: int = 32,
+    max_seconds: float = math.inf,
+    max_packs: float = math.inf,
+) -> list[list[int]]:
     engine = _RecordingEngine()
     settings = EngineSettings(batch_tokens=batch_tokens, batch_sequences=batch_sequences)
     sequences = [[1] * 10, [1] * 10, [1] * 10, [1] * 200, [1] * 5]
-    done, _ = decode_all([engine], sequences, settings, **limits)
+    done, _ = decode_all([engine], sequences, settings, max_seconds, max_packs)
     assert done == sum(map(len, engine.packs))
     return engine.packs
 
@@ -750,3 +763,302 @@ def test_stsb_of_a_server_whose_cosines_follow_the_gold_scores(
     score = quality.stsb_of(Endpoint("http://h:1", "/v1/embeddings", "m"), stsb)
     assert score == pytest.approx(100.0)
     assert asked == [["a", "b", "c", "w", "x", "y", "z"]]  # each sentence once
+
+
+# --- issue 13: the rerank part ------------------------------------------------------------------
+
+
+class _TypeRecordingEngine(_RecordingEngine):
+    """Records the token type starts each pack came with (None: called without any)."""
+
+    dimensions = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: list[list[int] | None] = []
+        self.closed = False
+
+    def embed_batch(
+        self,
+        sequences: Sequence[Sequence[int]],
+        pooling_starts: Sequence[int] | None = None,
+        token_type_starts: Sequence[int] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        assert pooling_starts is None  # a worker passes none for a cross-encoder's pairs
+        self.types.append(None if token_type_starts is None else list(token_type_starts))
+        return super().embed_batch(sequences)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeRuntime:
+    """A runtime handing out type-recording engines."""
+
+    engine_name = "onnxruntime"
+    dimensions = 1
+    vocab_size = 10
+
+    def __init__(self) -> None:
+        self.engines: list[_TypeRecordingEngine] = []
+
+    def new_engine(self) -> _TypeRecordingEngine:
+        self.engines.append(_TypeRecordingEngine())
+        return self.engines[-1]
+
+    def tokenize(self, text: bytes) -> list[int]:
+        return [1] * len(text)
+
+    def token_text(self, token_id: int) -> str:
+        return str(token_id)
+
+    def close(self) -> None:
+        pass
+
+
+def test_rerank_queries_are_a_sentence_then_the_next_ones_as_its_documents() -> None:
+    from bench.rerank import all_pairs, build_queries
+
+    sentences = [f"s{i}" for i in range(10)]
+    queries = build_queries(sentences, 3, 2)
+    assert [(q.query, q.documents) for q in queries] == [
+        ("s0", ["s1", "s2"]),
+        ("s3", ["s4", "s5"]),
+        ("s6", ["s7", "s8"]),
+    ]
+    assert all_pairs(queries)[:3] == [("s0", "s1"), ("s0", "s2"), ("s3", "s4")]
+    assert len(all_pairs(queries)) == 6
+    with pytest.raises(ValueError, match="need 12 sentences"):
+        build_queries(sentences, 4, 2)
+    with pytest.raises(ValueError):
+        build_queries(sentences, 1, 0)
+
+
+def test_rerank_requests_are_serialized_rerank_messages() -> None:
+    from bench.rerank import RerankQuery, rerank_requests
+    from embedd.v1 import embedder_pb2
+
+    [raw] = rerank_requests([RerankQuery("q", ["a", "b"])], "tiny-bert-reranker")
+    request = embedder_pb2.RerankRequest.FromString(raw)
+    assert (request.model, request.query, list(request.documents)) == (
+        "tiny-bert-reranker",
+        "q",
+        ["a", "b"],
+    )
+    # Every document scored and none echoed back: the answer carries scores only.
+    assert not request.HasField("top_n") and not request.return_documents
+    assert not request.raw_scores
+
+
+def test_the_engines_get_token_type_starts_as_a_worker_passes_them() -> None:
+    engine = _TypeRecordingEngine()
+    settings = EngineSettings(batch_tokens=256)
+    sequences = [[1] * 5, [1] * 6, [1] * 4]
+    assert decode_all([engine], sequences, settings, token_type_starts=[2, 3, 4])[0] == 3
+    assert engine.types == [[2, 3, 4]]  # one pack; the last pair has no type-1 token
+    # No pair of a pack with a type-1 token (XLM-R's template): the engine gets none.
+    engine = _TypeRecordingEngine()
+    decode_all([engine], sequences, settings, token_type_starts=[5, 6, 4])
+    assert engine.types == [None]
+    engine = _TypeRecordingEngine()
+    decode_all([engine], sequences, settings)  # texts, as the ceiling runs them
+    assert engine.types == [None]
+
+
+def test_cycled_pairs_keep_each_pairs_token_type_start() -> None:
+    from bench.rerank import cycled
+    from embedd_server.core.tokenization import TokenizedPairs
+
+    pairs = TokenizedPairs([[1, 2, 3], [4, 5]], [2, 1])
+    more = cycled(pairs, 5)
+    assert more.sequences == [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5], [1, 2, 3]]
+    assert more.token_type_starts == [2, 1, 2, 1, 2]
+    assert cycled(TokenizedPairs([], []), 3).sequences == []
+
+
+def test_packs_and_layout_follow_the_servers_choice_for_the_engine() -> None:
+    from bench.rerank import layout_label, pack_tokens
+
+    settings = EngineSettings()
+    assert pack_tokens("onnxruntime", settings) == settings.onnx_batch_tokens
+    assert pack_tokens("onnxruntime int8", settings) == settings.onnx_batch_tokens
+    assert pack_tokens("llama.cpp", settings) == settings.batch_tokens
+    assert layout_label("onnxruntime", settings) == (
+        "2 worker processes x all cores' threads, packs ≤256 tok"
+    )
+    threads = EngineSettings(worker_processes=False, threads_per_worker=2)
+    assert layout_label("llama.cpp", threads) == "2 worker threads x 2 threads, packs ≤128 tok"
+
+
+def test_in_process_rerank_runs_one_engine_per_worker_on_every_pair() -> None:
+    from bench.rerank import measure_in_process
+    from embedd_server.core.tokenization import TokenizedPairs
+
+    runtime = _FakeRuntime()
+    pairs = TokenizedPairs([[1] * 10, [1] * 12], [4, 6])
+    result = measure_in_process(runtime, pairs, EngineSettings(workers=2), 30.0, count=100)
+    assert result.pairs == 100 and result.seconds > 0  # all of them, after the warm-up
+    assert result.pairs_per_s == pytest.approx(100 / result.seconds)
+    assert result.layout.startswith("2 worker processes") and result.layout.endswith("≤256 tok")
+    assert len(runtime.engines) == 2 and all(engine.closed for engine in runtime.engines)
+    packs = [pack for engine in runtime.engines for pack in engine.packs]
+    types = [types for engine in runtime.engines for types in engine.types]
+    # Packs of at most 256 tokens (ONNX Runtime's default), each with its pairs' type starts.
+    assert all(sum(pack) <= 256 for pack in packs)
+    assert all(t is not None and set(t) <= {4, 6} for t in types)
+
+
+def _rerank_bench(served: Sequence[tuple[int, int, int]], tiny: bool = True) -> RerankBench:
+    """8,000 pairs in 2 s in-process; served: (callers, requests, errors) legs of 2 s."""
+    return RerankBench(
+        model="tiny-bert-reranker",
+        source="/shared/models/tiny-bert-reranker",
+        description="bert, f32, hidden 64, 2 layers",
+        engine="onnxruntime",
+        queries=128,
+        documents=16,
+        mean_pair_tokens=29.8,
+        max_tokens=160,
+        in_process=InProcess("2 worker processes x all cores' threads, packs ≤256 tok", 8000, 2.0),
+        served=[
+            served_leg(
+                LoadResult(requests, errors, 2.0, [0.004, 0.005, 0.020] if requests else []),
+                concurrency,
+                16,
+                server_cores=1.5,
+                loop_cores=0.6,
+                generator_cores=0.1,
+            )
+            for concurrency, requests, errors in served
+        ],
+        tiny=tiny,
+    )
+
+
+def test_served_pairs_per_second_and_the_ratio_to_in_process() -> None:
+    bench = _rerank_bench([(1, 100, 0), (4, 200, 1)])
+    one, four = bench.served
+    assert (one.pairs, one.pairs_per_s) == (1600, 800.0)  # 100 requests x 16 pairs in 2 s
+    assert (four.pairs, four.pairs_per_s) == (3200, 1600.0)
+    assert bench.in_process is not None and bench.in_process.pairs_per_s == 4000.0
+    assert bench.ratio(one) == pytest.approx(0.2)
+    assert bench.ratio(four) == pytest.approx(0.4)
+    assert bench.busiest() is four
+    assert one.p50_ms == pytest.approx(5.0) and four.errors == 1
+    none = _rerank_bench([(4, 0, 3)])
+    assert none.ratio(none.served[0]) is None  # nothing answered: no ratio
+    assert summary_line(none) == "Served / in-process: not measured."
+
+
+def test_the_rerank_section_shows_every_measurement_and_the_ratio() -> None:
+    bench = _rerank_bench([(1, 100, 0), (4, 200, 1)])
+    text = render_section(bench)
+    assert text.startswith("## Reranking: pairs/s served vs the engine in-process")
+    assert (
+        "| in-process (2 worker processes x all cores' threads, packs ≤256 tok) | 4,000 | 1.00x |"
+        in text
+    )
+    assert "| served, gRPC Rerank, 1 caller x 16 documents | 800 | 0.20x | 5.00 |" in text
+    assert "| served, gRPC Rerank, 4 callers x 16 documents | 1,600 | 0.40x |" in text
+    assert "| 200 (3,200 pairs), 1 errors: no detail | 1.50 (0.60) | 0.10 | 0.00 |" in text
+    assert "Served / in-process at 4 callers: **0.40x** (1,600 vs 4,000 pairs/s)." in text
+    assert "tiny random-weight test model" in text and "ratio is the point" in text
+    assert "tiny random-weight" not in render_section(_rerank_bench([(1, 1, 0)], tiny=False))
+    assert "Shared machine" not in text  # no other process used the cores
+    noisy = _rerank_bench([(1, 100, 0)])
+    noisy.served = [dataclasses.replace(noisy.served[0], other_cores=0.9)]
+    assert "other processes used up to 0.90 cores" in render_section(noisy)
+    document = render_document(
+        bench, cpu_model="Test CPU", cores=2, date="2026-11-29", command="make bench", quick=True
+    )
+    assert document.startswith("# embedd benchmark: reranking")
+    assert "Test CPU, 2 cores" in document
+    assert "`make bench`; `--only rerank` runs this part alone." in document
+    assert "## Reranking" in document
+
+
+def test_latest_md_holds_the_rerank_section_or_links_the_last_one() -> None:
+    run = BenchRun(cpu_model="CPU", cores=2, quick=True, date="d", command="make bench")
+    text = render_markdown(run)
+    assert "Not measured in this run: the last rerank measurement is in [rerank.md]" in text
+    run.rerank_section = "## Reranking: measured\n\nthe table"
+    text = render_markdown(run)
+    assert "## Reranking: measured\n\nthe table" in text
+    assert "The same section on its own: [rerank.md](rerank.md)." in text
+    assert "Not measured in this run" not in text
+
+
+def test_the_rerank_part_is_chosen_by_default_or_alone() -> None:
+    from bench.__main__ import FULL, QUICK, RERANK, parse_args
+    from bench.rerank import DEFAULT_RERANKER
+
+    assert RERANK in parse_args([]).only
+    args = parse_args(["--only", "rerank", "--reranker", "/models/x"])
+    assert args.only == {"rerank"} and args.reranker == Path("/models/x")
+    assert parse_args([]).reranker == DEFAULT_RERANKER
+    assert DEFAULT_RERANKER.name == "tiny-bert-reranker"
+    # Well under a minute of legs: in-process, then 2 served legs with their warm-ups.
+    assert 3 * FULL.rerank_s + 2 * FULL.rerank_warmup_s < 20
+    assert QUICK.rerank_s < FULL.rerank_s
+
+
+def test_the_grpc_generator_calls_the_method_it_is_given() -> None:
+    import grpc
+
+    from bench.loadgen import _grpc_load
+    from bench.rerank import RERANK_METHOD, RerankQuery, rerank_requests
+    from embedd.v1 import embedder_pb2 as pb
+    from embedd.v1 import embedder_pb2_grpc as pb_grpc
+
+    queries: list[str] = []
+
+    class Reranker(pb_grpc.EmbedderServicer):
+        async def Rerank(self, request: pb.RerankRequest, context: object) -> pb.RerankResponse:
+            queries.append(request.query)
+            return pb.RerankResponse(model=request.model)
+
+    async def serve_and_load() -> LoadResult:
+        server = grpc.aio.server()
+        pb_grpc.add_EmbedderServicer_to_server(Reranker(), server)  # type: ignore[abstract]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            requests = rerank_requests([RerankQuery("q1", ["d"]), RerankQuery("q2", ["d"])], "m")
+            return await _grpc_load(f"127.0.0.1:{port}", requests, 2, 0.2, RERANK_METHOD)
+        finally:
+            await server.stop(0)
+
+    result = asyncio.run(serve_and_load())
+    assert result.requests == len(queries) > 0 and result.errors == 0
+    assert set(queries) == {"q1", "q2"}  # the requests in turn, to Rerank
+
+
+def test_only_rerank_writes_its_own_report_and_leaves_latest_md_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.__main__ as main_module
+    from bench import ceiling, rerank
+    from bench.texts import TextSet
+
+    texts = TextSet("sentences", ["a b"], [[1, 2, 3]])
+    monkeypatch.setattr(ceiling, "auto_engine", lambda model: "onnxruntime")
+    monkeypatch.setattr(
+        main_module, "load_text_sets", lambda model: (texts, dataclasses.replace(texts), None)
+    )
+    asked: list[tuple[Path, float, float]] = []
+
+    def run_rerank(source: Path, *, seconds: float, warmup_s: float, say: object) -> RerankBench:
+        asked.append((source, seconds, warmup_s))
+        return _rerank_bench([(1, 100, 0), (4, 200, 0)])
+
+    monkeypatch.setattr(rerank, "run_rerank", run_rerank)
+    (tmp_path / "latest.md").write_text("the last full run\n")
+    reranker = tmp_path / "tiny-x"
+    args = ["--only", "rerank", "--quick", "--out", str(tmp_path), "--reranker", str(reranker)]
+    assert main_module.main(args) == 0
+    assert asked == [(reranker, 1.5, 0.3)]  # --quick's short legs
+    assert (tmp_path / "latest.md").read_text() == "the last full run\n"
+    written = (tmp_path / "rerank.md").read_text()
+    assert written.startswith("# embedd benchmark: reranking")
+    assert "Served / in-process at 4 callers: **0.40x**" in written
+    assert "`make bench BENCH_ARGS='--only rerank --quick --out" in written
