@@ -25,6 +25,7 @@ from embedd_server.core.catalog import (
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
+    PAIR_TOKEN_TYPES_KEY,
     ModelInfo,
 )
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
@@ -57,6 +58,7 @@ def write_fake_gguf(
     padding_bytes: int = 0,
     include_prompt: bool = True,
     tokenizer_json: str | None = None,
+    pair_token_types: bool | None = None,
 ) -> Path:
     """A GGUF file with a model's metadata (no tensors): enough for the catalogue."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,8 @@ def write_fake_gguf(
     writer.add_uint32(MAX_SEQ_LENGTH_KEY, max_seq_length)
     writer.add_bool(NORMALIZE_KEY, True)
     writer.add_bool(INCLUDE_PROMPT_KEY, include_prompt)
+    if pair_token_types is not None:  # a cross-encoder's (pooling 4)
+        writer.add_bool(PAIR_TOKEN_TYPES_KEY, pair_token_types)
     if padding_bytes:  # makes the file this much bigger (memory-budget tests)
         writer.add_string("test.padding", "x" * padding_bytes)
     writer.write_header_to_file()

@@ -18,8 +18,9 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   scalar and repeated field; message fields only when set) and nothing else; uint32 fields are
   bounded; ``google.protobuf.ListValue`` is an array of any JSON values;
 - every operation's non-2xx answer is documented as the error body of its route: OpenAI's
-  ``{"error": {"message", "type", "param", "code"}}``, or Ollama's ``{"error": "..."}`` under
-  ``/api/``.
+  ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
+  ``/api/``, ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's
+  ``{"error", "error_type"}`` on ``/rerank``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ F = descriptor_pb2.FieldDescriptorProto
 VALUE_DESCRIPTION = "Any JSON value (google.protobuf.Value); the server validates its shape."
 OPENAI_ERROR = "OpenAIError"
 OLLAMA_ERROR = "OllamaError"
+RERANK_ERROR = "RerankError"
+TEI_ERROR = "TeiError"
 ERROR_DEFINITIONS: dict[str, Any] = {
     OPENAI_ERROR: {
         "type": "object",
@@ -106,7 +109,41 @@ ERROR_DEFINITIONS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {"error": {"type": "string", "minLength": 1}},
     },
+    RERANK_ERROR: {
+        "type": "object",
+        "description": (
+            "The rerank routes' error body (/v1/rerank, /v2/rerank): Cohere's message and "
+            "Jina's detail, the same text."
+        ),
+        "required": ["message", "detail"],
+        "additionalProperties": False,
+        "properties": {
+            "message": {"type": "string", "minLength": 1},
+            "detail": {"type": "string", "minLength": 1},
+        },
+    },
+    TEI_ERROR: {
+        "type": "object",
+        "description": "TEI's error body: every non-2xx answer of /rerank.",
+        "required": ["error", "error_type"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {"type": "string", "minLength": 1},
+            "error_type": {
+                "type": "string",
+                "enum": ["Validation", "Overloaded", "Unhealthy", "Backend"],
+            },
+        },
+    },
 }
+# REST path prefix -> its error body (the first match wins; else OpenAI's), as the server's
+# rpc/status.py shapes them.
+ERRORS_BY_PATH = (
+    ("/api/", OLLAMA_ERROR),
+    ("/v1/rerank", RERANK_ERROR),
+    ("/v2/rerank", RERANK_ERROR),
+    ("/rerank", TEI_ERROR),
+)
 
 
 def include_dirs() -> list[Path]:
@@ -196,7 +233,8 @@ def post_process(
                 if parameter["in"] == "body":
                     requests.add(_ref_name(parameter["schema"]))
             responses.update(_refs(operation["responses"]))
-            error = OLLAMA_ERROR if path.startswith("/api/") else OPENAI_ERROR
+            error = next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), None)
+            error = error or OPENAI_ERROR
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",
                 "schema": {"$ref": f"#/definitions/{error}"},
@@ -216,7 +254,7 @@ def post_process(
         **ERROR_DEFINITIONS,
     }
     swagger["info"] = {
-        "title": "embedd REST API (OpenAI and Ollama embeddings through Envoy)",
+        "title": "embedd REST API (OpenAI, Ollama, Cohere, Jina and TEI routes through Envoy)",
         "version": version,
         "description": (
             "Generated from protos/embedd/v1/embedder.proto by `python -m tools.openapi` "

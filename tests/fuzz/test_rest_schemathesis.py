@@ -12,8 +12,9 @@ Two sources of requests:
   unknown fields, non-JSON.
 
 Required of every answer: no 5xx; a 2xx is the documented JSON; any other status is the
-route's well-formed error body (OpenAI's {"error": {"message", "type", "param", "code"}}, or
-Ollama's {"error": "..."} under /api/), as application/json, with no grpc-* header. The server
+route's well-formed error body (OpenAI's {"error": {"message", "type", "param", "code"}},
+Ollama's {"error": "..."} under /api/, {"message", "detail"} on /v1/rerank and /v2/rerank,
+TEI's {"error", "error_type"} on /rerank), as application/json, with no grpc-* header. The server
 is healthy afterwards. Everything is derandomized: the same requests on every run.
 """
 
@@ -44,6 +45,7 @@ from schemathesis.specs.openapi.checks import (
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
+from tests.fakes import write_fake_gguf
 from tests.servers import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +57,9 @@ OPERATIONS = [
     "POST /v1/models/unload",
     "POST /v1/embeddings",
     "POST /api/embed",
+    "POST /v1/rerank",
+    "POST /v2/rerank",
+    "POST /rerank",
     "GET /v1/models/{model}",
     "GET /v1/models",
     "GET /api/ps",
@@ -68,7 +73,10 @@ CHECKS = [
     response_schema_conformance,
 ]
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
-# The fake models: 'fake' (the default; 8 dimensions) and 'other' (4); 16 tokens, ids 0..15.
+RERANK_ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
+TEI_ERROR_TYPES = {"Validation", "Overloaded", "Unhealthy", "Backend"}
+# The fake models: 'fake' (the default; 8 dimensions) and 'other' (4); 16 tokens, ids 0..15;
+# and 'reranker', a fake cross-encoder (its "logit" a hash of the pair's ids).
 SCHEMATHESIS_EXAMPLES = 200  # per operation and mode: 7 positive + 4 negative runs
 RAW_EXAMPLES = 200  # per POST route
 
@@ -89,6 +97,7 @@ FUZZ_SETTINGS = settings(
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, EnvoyProcess]]:
     root = tmp_path_factory.mktemp("fuzz-rest")
+    write_fake_gguf(root / "models" / "reranker.gguf", pooling=4)
     with (
         ServerThread.with_fake_models(root / "models", metrics_port=0) as server,
         EnvoyProcess.start([server.target], root / "envoy") as envoy,
@@ -132,9 +141,19 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
     assert not leaked, where
     document = json.loads(body)
     if 200 <= status < 300:
-        assert isinstance(document, dict), where
+        assert isinstance(document, list if path == "/rerank" else dict), where
         return document
     assert isinstance(document, dict), where
+    if path in ("/v1/rerank", "/v2/rerank"):
+        assert set(document) == {"message", "detail"}, where
+        assert isinstance(document["message"], str) and document["message"], where
+        assert document["detail"] == document["message"], where
+        return document
+    if path == "/rerank":
+        assert set(document) == {"error", "error_type"}, where
+        assert isinstance(document["error"], str) and document["error"], where
+        assert document["error_type"] in TEI_ERROR_TYPES, where
+        return document
     assert set(document) == {"error"}, where
     error = document["error"]
     if path.startswith("/api/"):
@@ -180,6 +199,17 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
             assert math.isclose(math.hypot(*row), 1, rel_tol=1e-4)
     else:
         assert all(isinstance(row, str) for row in rows)  # base64
+
+
+def assert_ranking_shape(path: str, document: Any) -> None:
+    """A 200 from a rerank route: results best first, each index once, finite scores."""
+    results = document if path == "/rerank" else document["results"]
+    score = "score" if path == "/rerank" else "relevance_score"
+    indexes = [item["index"] for item in results]
+    assert len(set(indexes)) == len(indexes)
+    scores = [item[score] for item in results]
+    assert all(isinstance(x, float | int) and math.isfinite(x) for x in scores)
+    assert scores == sorted(scores, reverse=True)
 
 
 # --- schemathesis --------------------------------------------------------------------------------
@@ -270,6 +300,18 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "embedding": st.booleans(),
     },
     "/v1/models/unload": {"model": MODELS},
+    **{
+        route: {
+            "model": st.sampled_from(["reranker", "fake", "", "nope"]),
+            "query": TEXTS,
+            "documents" if route != "/rerank" else "texts": st.lists(TEXTS, max_size=8)
+            | JSON_VALUES,
+            "top_n": DIMENSIONS,
+            "return_documents" if route != "/rerank" else "return_text": st.booleans(),
+            "raw_scores": st.booleans(),
+        }
+        for route in RERANK_ROUTES
+    },
 }
 
 
@@ -308,6 +350,23 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "n_gpu_layers": st.integers(min_value=-1, max_value=100),
     },
     "/v1/models/unload": {"model": st.sampled_from(["fake", "other", ""])},
+    **{
+        route: {
+            "model": st.sampled_from(["reranker", ""]),
+            "query": SHORT_SENTENCES,
+            "documents" if route != "/rerank" else "texts": st.lists(
+                SHORT_SENTENCES | st.builds(lambda t: {"text": t}, SHORT_SENTENCES)
+                if route != "/rerank"
+                else SHORT_SENTENCES,
+                min_size=1,
+                max_size=8,
+            ),
+            "top_n": st.just(OMIT) if route == "/rerank" else st.none() | st.integers(1, 10),
+            "return_documents" if route != "/rerank" else "return_text": st.booleans(),
+            "raw_scores": st.booleans(),
+        }
+        for route in RERANK_ROUTES
+    },
 }
 
 
@@ -384,6 +443,8 @@ def test_schemathesis(
         case.validate_response(response, checks=CHECKS)
         if response.status_code == 200 and path in ("/v1/embeddings", "/api/embed"):
             assert_embeddings_shape(path, document)
+        if response.status_code == 200 and path in RERANK_ROUTES:
+            assert_ranking_shape(path, document)
         if mutates:
             listings_still_answer(envoy, session)
 
@@ -401,9 +462,10 @@ def test_every_rest_route_is_described() -> None:
     for method in pb.DESCRIPTOR.services_by_name["Embedder"].methods:
         options = method.GetOptions()
         if options.HasExtension(annotations_pb2.http):
-            rule = options.Extensions[annotations_pb2.http]
-            verb = rule.WhichOneof("pattern")
-            routes.add(f"{verb.upper()} {getattr(rule, verb)}")
+            main = options.Extensions[annotations_pb2.http]
+            for rule in (main, *main.additional_bindings):
+                verb = rule.WhichOneof("pattern")
+                routes.add(f"{verb.upper()} {getattr(rule, verb)}")
     described = {
         result.ok().label for result in SCHEMA.get_all_operations() if isinstance(result, Ok)
     }
@@ -450,6 +512,9 @@ ROUTE_FIELDS = {
     "/api/embed": ["model", "input", "truncate", "keep_alive", "options", "dimensions"],
     "/v1/models/load": ["model", "embedding", "n_gpu_layers", "keep_alive", "pooling"],
     "/v1/models/unload": ["model"],
+    "/v1/rerank": ["model", "query", "documents", "top_n", "return_documents", "raw_scores"],
+    "/v2/rerank": ["model", "query", "documents", "top_n", "max_tokens_per_doc"],
+    "/rerank": ["model", "query", "texts", "raw_scores", "return_text", "truncate"],
 }
 
 
@@ -519,6 +584,8 @@ def test_raw_bodies(envoy: EnvoyProcess, reset_models: None, route: str) -> None
         document = check_reply(route, reply)
         if reply.status == 200 and route in ("/v1/embeddings", "/api/embed"):
             assert_embeddings_shape(route, document)
+        if reply.status == 200 and route in RERANK_ROUTES:
+            assert_ranking_shape(route, document)
 
     run()
     assert sum(statuses.values()) >= RAW_EXAMPLES

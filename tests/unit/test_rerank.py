@@ -83,7 +83,10 @@ class Service:
 
     def __init__(self, models_dir: Path, loader: FakeLoader, **settings: Any) -> None:
         write_fake_gguf(models_dir / "fake.gguf")
-        write_fake_gguf(models_dir / "reranker.gguf", pooling=4, max_seq_length=8)
+        write_fake_gguf(
+            models_dir / "reranker.gguf", pooling=4, max_seq_length=8, pair_token_types=True
+        )
+        write_fake_gguf(models_dir / "untyped-reranker.gguf", pooling=4, pair_token_types=False)
         engine_settings = EngineSettings(
             models_dir=models_dir, default_model="fake", workers=1, **settings
         )
@@ -136,6 +139,14 @@ def test_pairs_use_the_pair_template_with_token_types_and_rank_by_the_models_log
     assert all(r.document is None for r in outcome.results)
 
 
+def test_a_tokenizer_without_token_types_gives_every_token_type_0(svc: Service) -> None:
+    """transformers' generic tokenizer hands the model no token_type_ids: no type 1 then."""
+    svc.rerank(RerankParams(model="untyped-reranker", query="hello", documents=["cat"]))
+    runtime = svc.loader.runtimes[-1]
+    assert runtime.calls == [[CLS, HELLO, SEP, CAT, SEP]]
+    assert runtime.token_type_starts == [5]  # its length: no token of type 1
+
+
 def test_long_pairs_are_cut_longest_first_or_refused_without_truncation(svc: Service) -> None:
     params = RerankParams(model="reranker", query="hello", documents=["the cat the cat the cat"])
     svc.rerank(params)
@@ -148,7 +159,7 @@ def test_long_pairs_are_cut_longest_first_or_refused_without_truncation(svc: Ser
 
 def test_the_first_reranker_serves_a_request_without_a_model(svc: Service) -> None:
     outcome = svc.rerank(RerankParams(query="hello", documents=["cat"], return_documents=True))
-    assert outcome.model == "reranker"
+    assert outcome.model == "reranker"  # the first by name
     assert outcome.results[0].document == "cat"
 
 

@@ -33,6 +33,7 @@ from embedd_server.convert.families import Family, select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
 from embedd_server.convert.st_settings import (
+    RANK,
     Settings,
     read_cross_encoder_settings,
     read_modules,
@@ -45,6 +46,7 @@ from embedd_server.core.catalog import (
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
+    PAIR_TOKEN_TYPES_KEY,
     PROMPTS_KEY,
 )
 from embedd_server.core.errors import ModelImportError
@@ -127,6 +129,7 @@ def import_model(
             labels=family.labels,
             max_position_embeddings=family.max_position_embeddings,
             usable_positions=family.usable_positions,
+            token_types=getattr(family, "n_token_types", 1),
         )
         stored_prompts: dict[str, str] = {}
         prompt_notes: list[str] = []
@@ -198,6 +201,8 @@ def _add_settings(writer: gguf.GGUFWriter, settings: Settings, prompts: Mapping[
     writer.add_string(PROMPTS_KEY, json.dumps(prompts, ensure_ascii=False))
     if settings.default_prompt_name is not None:
         writer.add_string(DEFAULT_PROMPT_NAME_KEY, settings.default_prompt_name)
+    if settings.pooling == RANK:
+        writer.add_bool(PAIR_TOKEN_TYPES_KEY, settings.pair_token_types)
 
 
 def default_name(src: Path, out_type: str = "f16") -> str:

@@ -63,6 +63,9 @@ class Settings:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     notes: tuple[str, ...] = ()  # defaults the importer applied, to tell the user
+    # A cross-encoder's pairs: whether its tokenizer hands the model token_type_ids (the
+    # document then has token type 1), as transformers' tokenizer for the directory does.
+    pair_token_types: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def read_cross_encoder_settings(
     labels: tuple[str, ...],
     max_position_embeddings: int,
     usable_positions: int,
+    token_types: int = 1,
 ) -> Settings:
     """The settings sentence-transformers' ``CrossEncoder`` would load ``src`` with.
 
@@ -172,6 +176,7 @@ def read_cross_encoder_settings(
     """
     notes: list[str] = []
     max_seq_length = _max_seq_length(src, {}, max_position_embeddings, usable_positions, notes)
+    pair_token_types = _pair_token_types(src, family, token_types)
     shown = ", ".join(labels)
     if len(labels) == 1:
         scores = (
@@ -188,7 +193,12 @@ def read_cross_encoder_settings(
         0,
         f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
         f"pooling; {scores}; "
-        f"pairs are truncated longest-first at {max_seq_length} tokens",
+        f"pairs are truncated longest-first at {max_seq_length} tokens; "
+        + (
+            "the document gets token type 1 (the tokenizer gives token_type_ids)"
+            if pair_token_types
+            else "every token has token type 0 (the tokenizer gives no token_type_ids)"
+        ),
     )
     activation = optional_object(src / "config.json").get("sentence_transformers")
     if isinstance(activation, dict) and "activation_fn" in activation:
@@ -199,8 +209,35 @@ def read_cross_encoder_settings(
                 "compare raw scores (the logits) with what it returns"
             )
     return Settings(
-        pooling=RANK, normalize=False, max_seq_length=max_seq_length, notes=tuple(notes)
+        pooling=RANK,
+        normalize=False,
+        max_seq_length=max_seq_length,
+        notes=tuple(notes),
+        pair_token_types=pair_token_types,
     )
+
+
+# transformers' tokenizer classes that hand the model token_type_ids (their
+# model_input_names); the generic TokenizersBackend / PreTrainedTokenizerFast and
+# XLM-RoBERTa's do not.
+_TOKEN_TYPE_CLASSES = frozenset({"BertTokenizer", "BertTokenizerFast"})
+
+
+def _pair_token_types(src: Path, family: str, token_types: int) -> bool:
+    """Whether transformers' tokenizer for ``src`` gives the model token_type_ids, so that a
+    pair's document has token type 1: ``tokenizer_config.json``'s ``model_input_names`` when
+    it has them, else its ``tokenizer_class`` (measured with transformers 5.24: BertTokenizer
+    gives them, TokenizersBackend does not), else the family's own class (BERT's gives them)."""
+    if token_types < 2:
+        return False
+    config = optional_object(src / "tokenizer_config.json")
+    names = config.get("model_input_names")
+    if isinstance(names, list):
+        return "token_type_ids" in names
+    tokenizer_class = config.get("tokenizer_class")
+    if isinstance(tokenizer_class, str):
+        return tokenizer_class in _TOKEN_TYPE_CLASSES
+    return family == "bert"
 
 
 def _bool(config: dict[str, Any], key: str, path: Path, default: bool = False) -> bool:

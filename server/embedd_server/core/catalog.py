@@ -41,6 +41,8 @@ FILE_TYPE_NAMES = {
 RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a cross-encoder's classifier head
 EMBED, RERANK = "embed", "rerank"  # ModelInfo.task
 CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
+# A cross-encoder's pairs give the document token type 1 (its tokenizer's token_type_ids).
+PAIR_TOKEN_TYPES_KEY = "embedd.pair_token_types"
 
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
@@ -97,6 +99,9 @@ class ModelInfo:
     default_prompt_name: str | None = None
     # A cross-encoder's classifier outputs (``{arch}.classifier.output_labels``); 0 otherwise.
     labels: int = 0
+    # A cross-encoder whose pairs have token type 1 from the document on (BERT's tokenizer);
+    # else every token of a pair has type 0 (XLM-RoBERTa, generic tokenizers).
+    pair_token_types: bool = False
 
     @property
     def embedding(self) -> bool:
@@ -147,7 +152,19 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
         default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
         labels=_labels(fields, arch, pooling),
+        pair_token_types=_pair_token_types(fields, pooling),
     )
+
+
+def _pair_token_types(fields: dict[str, Any], pooling: int) -> bool:
+    """The file's own statement; a cross-encoder from elsewhere (llama.cpp's converter) gives
+    the document type 1 when the model has two token types, as BERT's tokenizer does."""
+    if pooling != RANK_POOLING:
+        return False
+    stated = fields.get(PAIR_TOKEN_TYPES_KEY)
+    if stated is not None:
+        return bool(stated)
+    return int(fields.get("tokenizer.ggml.token_type_count", 1)) > 1
 
 
 def _labels(fields: dict[str, Any], arch: str, pooling: int) -> int:

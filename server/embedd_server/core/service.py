@@ -156,9 +156,9 @@ class EmbeddingService:
             pairs = [(params.query, document) for document in params.documents]
             tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
             self._count_inputs(model.info.name, tokenized)
-            logits = await self._run(
-                model, tokenized.sequences, deadline, token_type_starts=tokenized.token_type_starts
-            )
+            # Token type 1 for the document only where the model's tokenizer gives types.
+            types = tokenized.token_type_starts if model.info.pair_token_types else None
+            logits = await self._run(model, tokenized.sequences, deadline, token_type_starts=types)
         return RerankOutcome(
             model=model.info.name,
             results=ranked(

@@ -26,7 +26,6 @@ from embedd_server.engines.llama import (
     load_llama_runtime,
     pools_without_prompt,
     rank_refusal,
-    token_type_count,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def llama_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't serve this model exactly; None when it can."""
     if info.task != RERANK:
         return None
-    return rank_refusal(token_type_count(info.path))
+    return rank_refusal(info.pair_token_types)
 
 
 def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str:

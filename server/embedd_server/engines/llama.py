@@ -11,8 +11,9 @@ The engine returns the model's pooled vector, not normalized: dimensions and nor
 are the service's business. For a cross-encoder (pooling ``rank``) llama.cpp runs the
 classifier head on each sequence's first token and the engine returns its raw logits, one per
 label (``llama_model_n_cls_out``). llama.cpp's BERT graph adds token type 0's embedding to
-every token, so a cross-encoder with two token types (BERT: the document is type 1) is refused
-at load rather than scored wrong; one with a single token type (XLM-RoBERTa) is exact.
+every token, so a cross-encoder whose pairs give the document token type 1 (BERT with BERT's
+tokenizer) is refused at load rather than scored wrong; one whose pairs are all type 0
+(XLM-RoBERTa, or a generic tokenizer) runs.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class LlamaModelWeights:
         architecture = metadata.get("general.architecture", "")
         # A cross-encoder: llama.cpp pools with its classifier head (pooling type rank).
         self.rank = metadata.get(f"{architecture}.pooling_type") == str(RANK_POOLING)
-        self.token_types = int(metadata.get("tokenizer.ggml.token_type_count", "1"))
         if self.rank:
             # A vocab-only load has no hparams (n_cls_out would be llama.cpp's default of 1):
             # the label count then comes from the file's metadata, which is what the
@@ -109,7 +109,7 @@ def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None
     asked to pool like an embedding model."""
     if not weights.rank:
         return
-    if (why := rank_refusal(weights.token_types)) is not None:
+    if (why := rank_refusal(read_model_info(weights.path).pair_token_types)) is not None:
         raise ModelLoadError(
             f"llama.cpp cannot serve {weights.path.name}: {why}. Use engine=auto or "
             "engine=onnxruntime, which give each token its type."
@@ -121,23 +121,14 @@ def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None
         )
 
 
-def token_type_count(path: Path) -> int:
-    """The token types a GGUF's model has (``tokenizer.ggml.token_type_count``; 1 without),
-    read from its metadata without loading it."""
-    from gguf import GGUFReader  # heavy import, only where needed
-
-    field = GGUFReader(path, "r").fields.get("tokenizer.ggml.token_type_count")
-    return 1 if field is None else int(field.contents())
-
-
-def rank_refusal(token_types: int) -> str | None:
-    """Why llama.cpp can't score a cross-encoder with ``token_types`` token types; None when
-    it can."""
-    if token_types <= 1:
+def rank_refusal(pair_token_types: bool) -> str | None:
+    """Why llama.cpp can't score a cross-encoder whose pairs do (or don't) give the document
+    token type 1; None when it can."""
+    if not pair_token_types:
         return None
     return (
-        f"it is a cross-encoder with {token_types} token types (the document of a pair has "
-        "token type 1), and llama.cpp gives every token type 0, so its scores would be wrong"
+        "it is a cross-encoder whose pairs give the document token type 1, and llama.cpp "
+        "gives every token type 0, so its scores would be wrong"
     )
 
 
