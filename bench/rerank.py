@@ -528,7 +528,7 @@ def run_rerank(
     from embedd_server.engines.choice import engine_for
 
     started = time.perf_counter()
-    models_dir = procs.ensure_bench_dir() / "rerank" / "models"
+    models_dir = procs.ensure_bench_dir() / "rerank" / source.name  # only this reranker
     model_path = import_reranker(source, models_dir, say)
     info = read_model_info(model_path)
     settings = EngineSettings(models_dir=models_dir)  # the server's defaults
