@@ -132,11 +132,13 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
     max_seq = int(fields.get(MAX_SEQ_LENGTH_KEY, context_length))
     pooling = int(fields.get(f"{arch}.pooling_type", 0))
     file_type = fields.get("general.file_type")
+    labels = _labels(fields, arch, pooling)
     return ModelInfo(
         name=path.stem,
         path=path,
         architecture=arch,
-        dimensions=int(fields.get(f"{arch}.embedding_length", 0)),
+        # A cross-encoder's output is one logit per label, not a hidden-size vector.
+        dimensions=labels or int(fields.get(f"{arch}.embedding_length", 0)),
         context_length=context_length,
         max_input_tokens=min(max_seq, context_length),
         pooling=POOLING_NAMES.get(pooling, str(pooling)),
@@ -151,7 +153,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
         default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
-        labels=_labels(fields, arch, pooling),
+        labels=labels,
         pair_token_types=_pair_token_types(fields, pooling),
     )
 
