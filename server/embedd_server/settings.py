@@ -36,6 +36,9 @@ class Settings:
 
     grpc_host: str = _opt("Address the gRPC server listens on.", "127.0.0.1")
     grpc_port: int = _opt("gRPC port (0 picks a free one).", 50051)
+    http_host: str = _opt(
+        "Address Envoy's REST listener binds (embedd run); 0.0.0.0 in a container.", "127.0.0.1"
+    )
     http_port: int = _opt("Port of Envoy's REST listener (OpenAI and Ollama routes).", 8080)
     envoy_admin_port: int = _opt("Port of Envoy's admin interface (loopback only).", 9901)
     models_dir: Path = _opt(

@@ -71,7 +71,7 @@ def render_envoy_config(
     descriptor: Path | None = None,
     upstreams: Sequence[str] | None = None,
 ) -> str:
-    """Envoy's YAML for these settings (``embedd run``: REST on 127.0.0.1).
+    """Envoy's YAML for these settings (``embedd run``: REST on ``settings.http_host``).
 
     ``upstreams`` are the gRPC servers' ``host:port`` addresses (default: the one server at
     ``settings.grpc_address``; its port must not be 0 by then).
@@ -87,7 +87,7 @@ def render_envoy_config(
     endpoints = [_endpoint(address) for address in addresses]
     return _render(
         settings,
-        listen_address="127.0.0.1",
+        listen_address=listen_host(settings.http_host),
         cluster_type="STATIC",
         endpoints=endpoints,
         lua_path=LUA_FILTER,
@@ -151,7 +151,8 @@ def _render(
     max_ejection_percent: int,
 ) -> str:
     values = {
-        "listen_address": listen_address,
+        # An IPv6 address needs quotes in a YAML flow mapping; IPv4 reads as it is.
+        "listen_address": json.dumps(listen_address) if ":" in listen_address else listen_address,
         "http_port": settings.http_port,
         "admin_port": settings.envoy_admin_port,
         "max_body_bytes": settings.max_message_bytes,
@@ -204,6 +205,13 @@ def _endpoint(address: str) -> tuple[str, int]:
     if not host or not port.isdigit() or int(port) == 0:
         raise EnvoyConfigError(f"upstream address {address!r} is not host:port with a real port")
     return connect_host(host), int(port)
+
+
+def listen_host(host: str) -> str:
+    """The IP Envoy's listener binds for a listen host: a wildcard as it is (in a container,
+    REST must be reachable from outside), a name resolved (Envoy takes IP addresses only)."""
+    host = host.strip("[]")
+    return host if host in ("0.0.0.0", "::") else connect_host(host)
 
 
 def connect_host(host: str) -> str:
