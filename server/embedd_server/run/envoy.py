@@ -28,7 +28,7 @@ from pathlib import Path
 from string import Template
 
 import embedd.v1
-from embedd_server.settings import Settings
+from embedd_server.settings import Settings, load_settings
 
 ENVOY_DIR = Path(__file__).parent / "envoy_templates"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
@@ -112,6 +112,22 @@ def render_k8s_envoy_config(
         endpoints=[(server_service, settings.grpc_port)],
         lua_path=f"{config_dir}/{LUA_FILTER.name}",
         descriptor_path=descriptor_path,
+        max_ejection_percent=MAX_EJECTION_PERCENT,
+    )
+
+
+def render_compose_envoy_config(settings: Settings, server_service: str) -> str:
+    """Envoy's YAML for compose.yaml: Envoy in a container of the embedd image in front of the
+    server service's replicas, which DNS names (``server_service``: one address per replica,
+    a STRICT_DNS cluster on ``settings.grpc_port``); REST on all interfaces of the container,
+    the Lua filter and descriptor of this installation."""
+    return _render(
+        settings,
+        listen_address="0.0.0.0",
+        cluster_type="STRICT_DNS",
+        endpoints=[(server_service, settings.grpc_port)],
+        lua_path=LUA_FILTER.resolve(),
+        descriptor_path=DESCRIPTOR.resolve(),
         max_ejection_percent=MAX_EJECTION_PERCENT,
     )
 
@@ -228,12 +244,20 @@ def connect_host(host: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m embedd_server.run.envoy {local,k8s}``: print a rendered configuration
-    (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes ConfigMap)."""
+    """``python -m embedd_server.run.envoy {local,k8s,compose}``: print a rendered
+    configuration (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes
+    ConfigMap; ``compose``: compose.yaml's Envoy, for the EMBEDD_* settings of its
+    environment, in front of the servers DNS names ``--server``)."""
     parser = argparse.ArgumentParser(prog="python -m embedd_server.run.envoy")
-    parser.add_argument("what", choices=("local", "k8s"))
+    parser.add_argument("what", choices=("local", "k8s", "compose"))
+    parser.add_argument("--server", default="server", help="compose: the servers' DNS name")
     args = parser.parse_args(argv)
-    text = render_k8s_configmap() if args.what == "k8s" else render_envoy_config(Settings())
+    if args.what == "k8s":
+        text = render_k8s_configmap()
+    elif args.what == "compose":
+        text = render_compose_envoy_config(load_settings(), args.server)
+    else:
+        text = render_envoy_config(Settings())
     sys.stdout.write(text)
     return 0
 
