@@ -114,14 +114,15 @@ base() {
 # llama-cpp-python has no binary wheel on PyPI: build it here once (pip's wheel cache makes
 # later builds instant) instead of compiling it inside every cold image build. Only when this
 # machine's glibc is not newer than the base's: a wheel linked against a newer glibc fails to
-# load there. LLAMA_WHEEL=compile forces the compile in the image.
+# load there. LLAMA_WHEEL=compile forces the compile in the image, and so does CMAKE_ARGS
+# (pip's cached wheel was built without them), which the build passes on to llama.cpp.
 llama_wheel() {
 	local pin python glibc
 	mkdir -p "$WHEELS"
 	pin=$(sed -n 's/^ *"llama-cpp-python==\(.*\)",/\1/p' pyproject.toml)
-	if [[ ${LLAMA_WHEEL:-} == compile ]]; then
+	if [[ ${LLAMA_WHEEL:-} == compile || -n ${CMAKE_ARGS:-} ]]; then
 		rm -f "$WHEELS"/llama_cpp_python-*.whl
-		note "LLAMA_WHEEL=compile: the image compiles llama-cpp-python"
+		note "LLAMA_WHEEL=compile or CMAKE_ARGS given: the image compiles llama-cpp-python"
 		return
 	fi
 	rm -f $(ls "$WHEELS"/llama_cpp_python-*.whl 2>/dev/null | grep -v -- "-$pin-") # other pins
@@ -153,6 +154,7 @@ build() {
 		fi
 	done
 	[[ -n ${PIP_INDEX_URL:-} ]] && args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+	[[ -n ${CMAKE_ARGS:-} ]] && args+=(--build-arg "CMAKE_ARGS=$CMAKE_ARGS")
 	note "building $IMAGE with $E on $base"
 	"$E" build "${args[@]}" .
 	note "built $IMAGE in $(($(date +%s) - started)) s; $("$E" image inspect --format '{{.Size}}' "$IMAGE") bytes"
