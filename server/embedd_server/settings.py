@@ -44,6 +44,12 @@ class Settings:
     models_dir: Path = _opt(
         "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
     )
+    builtin_models_dir: str = _opt(
+        "A second directory of GGUF models, looked in after models_dir (a file of the same "
+        "name in models_dir wins); empty: none. The container image keeps its default model "
+        "here, so a volume mounted at models_dir adds models instead of hiding it.",
+        "",
+    )
     default_model: str = _opt(
         "Model used when a request names none; loaded at start-up.", "all-minilm-l6-v2"
     )
