@@ -96,7 +96,7 @@ image:
 ## image-run: the image, detached, on host ports EMBEDD_GRPC_PORT / EMBEDD_HTTP_PORT (50051 /
 ## 8080); prints the container's name (stop it with `podman stop NAME`).
 image-run:
-	tools/image.sh run
+	@tools/image.sh run
 
 # --- benchmark ------------------------------------------------------------------------------
 .PHONY: bench ghz

@@ -1,7 +1,7 @@
 """The container image (Containerfile, `make image`): built with the engine that works here,
 run as `make image-run` runs it, answering REST (Envoy inside the container) and gRPC with the
 reference vectors, healthy by its HEALTHCHECK, stopping cleanly on SIGTERM within the grace
-period, and serving models from a mounted directory.
+period, and serving models from a mounted directory beside its built-in default.
 
 Needs podman (or docker) and, offline, mmdebstrap: `.ci/run` installs them. Without a working
 engine these tests fail with the install command; they never skip. The build reuses the
@@ -250,17 +250,23 @@ def test_sigterm_drains_and_exits_zero_within_the_grace_period(container: Contai
     print(f"stopped in {took:.1f} s")
 
 
-def test_models_come_from_a_mounted_directory(engine: Engine, image: str, tmp_path: Path) -> None:
+def test_a_mounted_models_directory_adds_to_the_built_in_default(
+    engine: Engine, image: str, tmp_path: Path
+) -> None:
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(MODELS_DIR / f"{DEFAULT_MODEL}.gguf", models / "mounted-minilm.gguf")
     models.chmod(0o755)  # the container's user is not this one
     name = f"embedd-test-models-{os.getpid()}"
-    mounted = start(engine, name, {"EMBEDD_DEFAULT_MODEL": "mounted-minilm"}, models=models)
+    mounted = start(engine, name, models=models)
     try:
-        wait_serving(mounted)
-        reply = http(f"http://127.0.0.1:{mounted.http_port}/v1/models", timeout=10)
-        names = [model["id"] for model in reply.json()["data"]]
-        assert "mounted-minilm" in names
+        wait_serving(mounted)  # the default model: the built-in one
+        rest = f"http://127.0.0.1:{mounted.http_port}"
+        names = [model["id"] for model in http(f"{rest}/v1/models", timeout=10).json()["data"]]
+        assert {DEFAULT_MODEL, "mounted-minilm"} <= set(names)
+        body = {"model": "mounted-minilm", "input": "served from the mounted directory"}
+        reply = http(f"{rest}/v1/embeddings", "POST", body=body, timeout=60)
+        assert reply.status == 200, reply.body[:500]
+        assert reply.json()["model"] == "mounted-minilm"
     finally:
         engine("rm", "-f", name, check=False)
