@@ -17,6 +17,10 @@ PROTO_SRC := protos/embedd/v1/embedder.proto
 STUB_DIR := client
 DESCRIPTOR := client/embedd/v1/embedd_descriptor.pb
 STAMP := $(VENV)/.installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The image `make image` builds and deploy/k8s and compose.yaml name.
+IMAGE ?= localhost/embedd:$(VERSION)
+export IMAGE
 
 .PHONY: setup deps protos model run serve test test-unit lint fmt clean
 
@@ -80,6 +84,19 @@ fmt:
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/embedd/v1/*_pb2* $(DESCRIPTOR)
+
+# --- container image ------------------------------------------------------------------------
+.PHONY: image image-run
+
+## image: the container image (Containerfile) with podman or docker, whichever works; offline,
+## its base is made from Debian's packages with mmdebstrap (tools/image.sh says what it handles).
+image:
+	tools/image.sh build
+
+## image-run: the image, detached, on host ports EMBEDD_GRPC_PORT / EMBEDD_HTTP_PORT (50051 /
+## 8080); prints the container's name (stop it with `podman stop NAME`).
+image-run:
+	@tools/image.sh run
 
 # --- benchmark ------------------------------------------------------------------------------
 .PHONY: bench ghz

@@ -36,10 +36,19 @@ class Settings:
 
     grpc_host: str = _opt("Address the gRPC server listens on.", "127.0.0.1")
     grpc_port: int = _opt("gRPC port (0 picks a free one).", 50051)
+    http_host: str = _opt(
+        "Address Envoy's REST listener binds (embedd run); 0.0.0.0 in a container.", "127.0.0.1"
+    )
     http_port: int = _opt("Port of Envoy's REST listener (OpenAI and Ollama routes).", 8080)
     envoy_admin_port: int = _opt("Port of Envoy's admin interface (loopback only).", 9901)
     models_dir: Path = _opt(
         "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
+    )
+    builtin_models_dir: str = _opt(
+        "A second directory of GGUF models, looked in after models_dir (a file of the same "
+        "name in models_dir wins); empty: none. The container image keeps its default model "
+        "here, so a volume mounted at models_dir adds models instead of hiding it.",
+        "",
     )
     default_model: str = _opt(
         "Model used when a request names none; loaded at start-up.", "all-minilm-l6-v2"

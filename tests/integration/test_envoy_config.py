@@ -61,6 +61,21 @@ def test_ports_limits_and_upstreams_come_from_settings(tmp_path: Path) -> None:
     validate_envoy_config(path)
 
 
+@pytest.mark.parametrize(
+    ("http_host", "listens_on"),
+    [("0.0.0.0", "0.0.0.0"), ("::", '"::"'), ("localhost", "127.0.0.1")],
+)
+def test_rest_listens_where_http_host_says(tmp_path: Path, http_host: str, listens_on: str) -> None:
+    # 0.0.0.0 in a container image: REST must be reachable through a published port.
+    settings = settings_from_argv(["--http-host", http_host, "--http-port", "18082"])
+    text = render_envoy_config(settings)
+    assert f"{{address: {listens_on}, port_value: 18082}}" in text
+    assert "{address: 127.0.0.1, port_value: 9901}" in text  # admin stays on loopback
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    validate_envoy_config(path)
+
+
 def test_several_upstreams_and_a_given_descriptor(tmp_path: Path) -> None:
     descriptor = tmp_path / "copy.pb"
     descriptor.write_bytes(DESCRIPTOR.read_bytes())

@@ -1,10 +1,13 @@
 """The Kubernetes example (deploy/k8s): valid against the Kubernetes schemas (offline, the
 validator's bundled JSON schemas), probes on the gRPC health service, and an Envoy ConfigMap that
-is the rendering of envoy/ and that Envoy itself accepts."""
+is the rendering of envoy/ and that Envoy itself accepts. compose.yaml: the same topology on one
+machine, Envoy's config for it accepted by Envoy. Both name the image `make image` builds."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +20,15 @@ from embedd_server.run.envoy import (
     K8S_CONFIG_DIR,
     K8S_DESCRIPTOR,
     LUA_FILTER,
+    render_compose_envoy_config,
     render_k8s_configmap,
     validate_envoy_config,
 )
+from embedd_server.settings import load_settings
 from tests.conftest import REPO
 
 K8S_DIR = REPO / "deploy" / "k8s"
+COMPOSE = REPO / "compose.yaml"
 # The oldest Kubernetes the manifests target (preStop `sleep` is on by default since 1.30) and
 # the newest the validator knows.
 KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -195,3 +201,54 @@ def test_envoy_deployment_mounts_the_config_and_the_servers_descriptor() -> None
     assert init["image"] == server["image"]
     assert K8S_DESCRIPTOR in " ".join(init["command"])
     assert {m["mountPath"] for m in init["volumeMounts"]} == {str(Path(K8S_DESCRIPTOR).parent)}
+
+
+def make_image() -> str:
+    """The image `make image` builds: the Makefile's IMAGE with pyproject's version."""
+    match = re.search(r"^IMAGE \?= (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert match, "the Makefile defines IMAGE ?= ..."
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    return match.group(1).replace("$(VERSION)", version)
+
+
+def test_the_manifests_name_the_image_make_image_builds() -> None:
+    image = make_image()
+    assert image.startswith("localhost/embedd:")
+    assert container(one("Deployment", "embedd-server"), "server")["image"] == image
+    assert container(one("Deployment", "embedd-envoy"), "descriptor", init=True)["image"] == image
+
+
+def compose() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return services
+
+
+def test_compose_runs_server_replicas_and_envoy_of_the_image_make_image_builds() -> None:
+    services = compose()
+    assert set(services) == {"server", "envoy"}
+    server, envoy = services["server"], services["envoy"]
+    assert server["image"] == envoy["image"] == make_image()
+    assert server["command"] == ["serve"]  # the image's entrypoint is `embedd`
+    assert server["deploy"]["replicas"] >= 2
+    assert server["environment"]["EMBEDD_GRPC_PORT"] == envoy["environment"]["EMBEDD_GRPC_PORT"]
+    grace = float(server["environment"]["EMBEDD_SHUTDOWN_GRACE_S"])
+    assert float(server["stop_grace_period"].removesuffix("s")) > grace
+    # Envoy finds the replicas by the server service's name and publishes its REST port.
+    script = envoy["entrypoint"][-1]
+    assert "python -m embedd_server.run.envoy compose --server server" in script
+    assert "exec envoy -c /tmp/envoy.yaml" in script
+    port = envoy["environment"]["EMBEDD_HTTP_PORT"]
+    assert [p.rsplit(":", 1)[1] for p in envoy["ports"]] == [port]
+    assert envoy["depends_on"]["server"]["condition"] == "service_healthy"
+
+
+def test_compose_envoy_config_passes_envoy_validate(tmp_path: Path) -> None:
+    environment = compose()["envoy"]["environment"]
+    settings = load_settings(environ=environment)
+    text = render_compose_envoy_config(settings, "server")
+    assert "type: STRICT_DNS" in text
+    assert '{address: "server", port_value: 50051}' in text
+    assert f"{{address: 0.0.0.0, port_value: {environment['EMBEDD_HTTP_PORT']}}}" in text
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    validate_envoy_config(config)

@@ -16,6 +16,7 @@ from google.protobuf.struct_pb2 import Value
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.settings import Settings
 from tests.fakes import FakeLoader, gated, slow, write_fake_gguf
 from tests.servers import ServerThread
 
@@ -184,3 +185,32 @@ def test_default_model_is_never_expired_by_the_server_default(tmp_path: Path) ->
         stub.Embed(pb.EmbedRequest(texts=["hi"]))
         _wait_until(lambda: "other" not in _running(stub))
         assert "fake" in _running(stub)
+
+
+def test_builtin_models_dir_adds_models_and_models_dir_wins(tmp_path: Path) -> None:
+    # The container image: its default model in the built-in directory, a mounted models_dir.
+    builtin, mounted = tmp_path / "builtin", tmp_path / "mounted"
+    builtin.mkdir()
+    mounted.mkdir()
+    write_fake_gguf(builtin / "fake.gguf")  # the default model, only in the built-in directory
+    write_fake_gguf(builtin / "shadowed.gguf", dimensions=4)
+    write_fake_gguf(mounted / "shadowed.gguf", dimensions=16)
+    write_fake_gguf(mounted / "mine.gguf", dimensions=4)
+    settings = Settings(
+        grpc_port=0,
+        metrics_port=0,
+        models_dir=mounted,
+        builtin_models_dir=str(builtin),
+        default_model="fake",
+        workers=1,
+    )
+    with ServerThread(settings) as server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        listed = [m.id for m in stub.ListModels(pb.ListModelsRequest()).data]
+        assert listed == ["fake", "mine", "shadowed"]
+        assert len(stub.Embed(pb.EmbedRequest(texts=["a"])).embeddings[0].values) == 8
+        shadowed = stub.Embed(pb.EmbedRequest(texts=["a"], model="shadowed"))
+        assert len(shadowed.embeddings[0].values) == 16  # models_dir's file, not built-in's
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Embed(pb.EmbedRequest(texts=["a"], model="../builtin/fake"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -170,6 +170,7 @@ def test_api_keys_stay_out_of_repr() -> None:
 # A value other than the default for every engine-level field.
 ENGINE_VALUES: dict[str, Any] = {
     "models_dir": Path("/models"),
+    "builtin_models_dir": "/opt/embedd/models",
     "default_model": "fake",
     "keep_alive": "1h",
     "memory_budget_mb": 512,

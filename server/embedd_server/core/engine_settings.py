@@ -20,6 +20,7 @@ class EngineSettings:
     """Scheduling, models and workers: what the core and the engines are configured with."""
 
     models_dir: Path = Path("models")
+    builtin_models_dir: str = ""  # "": none
     default_model: str = "all-minilm-l6-v2"
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> model
     keep_alive: str = "5m"

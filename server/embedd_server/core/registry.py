@@ -1,7 +1,8 @@
 """The model catalogue and the models loaded from it.
 
-Every ``<name>.gguf`` in the models directory is a model named ``<name>`` (plus aliases from
-the settings); the directory is read on each look-up, so models added or removed appear or
+Every ``<name>.gguf`` in the models directory (and in the built-in models directory, where
+the models directory has no file of that name) is a model named ``<name>`` (plus aliases from
+the settings); the directories are read on each look-up, so models added or removed appear or
 disappear without a restart. A model loads on first use or on an explicit load: its weights
 once, then one engine per worker; concurrent first requests wait for that one load.
 
@@ -108,11 +109,19 @@ class ModelRegistry:
         name = name or self._settings.default_model
         return self._settings.aliases.get(name, name)
 
+    def _model_dirs(self) -> list[Path]:
+        """Where models are looked for, first match wins: models_dir, then the built-in one."""
+        builtin = self._settings.builtin_models_dir
+        return [self.models_dir, *([Path(builtin)] if builtin else [])]
+
     def catalogue(self) -> list[ModelInfo]:
-        """Every model in the models directory, by name."""
-        paths = sorted(self.models_dir.glob("*.gguf")) if self.models_dir.is_dir() else []
+        """Every model of the models directories, by name."""
+        found: dict[str, Path] = {}
+        for directory in reversed(self._model_dirs()):  # the first directory's files win
+            if directory.is_dir():
+                found |= {path.stem: path for path in directory.glob("*.gguf")}
         infos = []
-        for path in paths:
+        for path in (found[name] for name in sorted(found)):
             try:
                 infos.append(read_model_info(path))
             except ModelLoadError as exc:  # one broken file must not hide the others
@@ -122,8 +131,11 @@ class ModelRegistry:
     def info(self, name: str) -> ModelInfo:
         """The catalogue entry of a model, or ModelNotFound listing the available ones."""
         name = self.resolve(name)
-        path = self.models_dir / f"{name}.gguf"
-        if not _plausible_name(name) or not path.is_file():
+        path = None
+        if _plausible_name(name):  # before any path is built from it
+            paths = (directory / f"{name}.gguf" for directory in self._model_dirs())
+            path = next((candidate for candidate in paths if candidate.is_file()), None)
+        if path is None:
             available = ", ".join(info.name for info in self.catalogue()) or "none"
             raise ModelNotFound(
                 f"The model '{shorten(name)}' does not exist. Available models: {available}.",

@@ -28,7 +28,7 @@ from pathlib import Path
 from string import Template
 
 import embedd.v1
-from embedd_server.settings import Settings
+from embedd_server.settings import Settings, load_settings
 
 ENVOY_DIR = Path(__file__).parent / "envoy_templates"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
@@ -71,7 +71,7 @@ def render_envoy_config(
     descriptor: Path | None = None,
     upstreams: Sequence[str] | None = None,
 ) -> str:
-    """Envoy's YAML for these settings (``embedd run``: REST on 127.0.0.1).
+    """Envoy's YAML for these settings (``embedd run``: REST on ``settings.http_host``).
 
     ``upstreams`` are the gRPC servers' ``host:port`` addresses (default: the one server at
     ``settings.grpc_address``; its port must not be 0 by then).
@@ -87,7 +87,7 @@ def render_envoy_config(
     endpoints = [_endpoint(address) for address in addresses]
     return _render(
         settings,
-        listen_address="127.0.0.1",
+        listen_address=listen_host(settings.http_host),
         cluster_type="STATIC",
         endpoints=endpoints,
         lua_path=LUA_FILTER,
@@ -112,6 +112,22 @@ def render_k8s_envoy_config(
         endpoints=[(server_service, settings.grpc_port)],
         lua_path=f"{config_dir}/{LUA_FILTER.name}",
         descriptor_path=descriptor_path,
+        max_ejection_percent=MAX_EJECTION_PERCENT,
+    )
+
+
+def render_compose_envoy_config(settings: Settings, server_service: str) -> str:
+    """Envoy's YAML for compose.yaml: Envoy in a container of the embedd image in front of the
+    server service's replicas, which DNS names (``server_service``: one address per replica,
+    a STRICT_DNS cluster on ``settings.grpc_port``); REST on all interfaces of the container,
+    the Lua filter and descriptor of this installation."""
+    return _render(
+        settings,
+        listen_address="0.0.0.0",
+        cluster_type="STRICT_DNS",
+        endpoints=[(server_service, settings.grpc_port)],
+        lua_path=LUA_FILTER.resolve(),
+        descriptor_path=DESCRIPTOR.resolve(),
         max_ejection_percent=MAX_EJECTION_PERCENT,
     )
 
@@ -151,7 +167,8 @@ def _render(
     max_ejection_percent: int,
 ) -> str:
     values = {
-        "listen_address": listen_address,
+        # An IPv6 address needs quotes in a YAML flow mapping; IPv4 reads as it is.
+        "listen_address": json.dumps(listen_address) if ":" in listen_address else listen_address,
         "http_port": settings.http_port,
         "admin_port": settings.envoy_admin_port,
         "max_body_bytes": settings.max_message_bytes,
@@ -206,6 +223,13 @@ def _endpoint(address: str) -> tuple[str, int]:
     return connect_host(host), int(port)
 
 
+def listen_host(host: str) -> str:
+    """The IP Envoy's listener binds for a listen host: a wildcard as it is (in a container,
+    REST must be reachable from outside), a name resolved (Envoy takes IP addresses only)."""
+    host = host.strip("[]")
+    return host if host in ("0.0.0.0", "::") else connect_host(host)
+
+
 def connect_host(host: str) -> str:
     """The IP to connect to for a listen host (a wildcard means this machine)."""
     host = host.strip("[]")
@@ -220,12 +244,20 @@ def connect_host(host: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m embedd_server.run.envoy {local,k8s}``: print a rendered configuration
-    (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes ConfigMap)."""
+    """``python -m embedd_server.run.envoy {local,k8s,compose}``: print a rendered
+    configuration (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes
+    ConfigMap; ``compose``: compose.yaml's Envoy, for the EMBEDD_* settings of its
+    environment, in front of the servers DNS names ``--server``)."""
     parser = argparse.ArgumentParser(prog="python -m embedd_server.run.envoy")
-    parser.add_argument("what", choices=("local", "k8s"))
+    parser.add_argument("what", choices=("local", "k8s", "compose"))
+    parser.add_argument("--server", default="server", help="compose: the servers' DNS name")
     args = parser.parse_args(argv)
-    text = render_k8s_configmap() if args.what == "k8s" else render_envoy_config(Settings())
+    if args.what == "k8s":
+        text = render_k8s_configmap()
+    elif args.what == "compose":
+        text = render_compose_envoy_config(load_settings(), args.server)
+    else:
+        text = render_envoy_config(Settings())
     sys.stdout.write(text)
     return 0
 

@@ -82,7 +82,7 @@ def replica_ports(settings: Settings) -> list[int]:
 def check_ports_free(settings: Settings) -> None:
     """Fails fast, before any model is loaded, if a port ``embedd run`` needs is taken."""
     wanted = [
-        ("127.0.0.1", settings.http_port, "http_port", ""),
+        (settings.http_host, settings.http_port, "http_port", ""),
         ("127.0.0.1", settings.envoy_admin_port, "envoy_admin_port", ""),
         (settings.grpc_host, settings.grpc_port, "grpc_port", ""),
     ]
@@ -173,7 +173,8 @@ async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
 
 def _log_serving(settings: Settings, upstreams: Sequence[str]) -> None:
     log.info(
-        "REST on http://127.0.0.1:%d (OpenAI /v1/embeddings, Ollama /api/embed), gRPC on %s",
+        "REST on http://%s:%d (OpenAI /v1/embeddings, Ollama /api/embed), gRPC on %s",
+        settings.http_host,
         settings.http_port,
         ", ".join(upstreams),
     )
