@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +19,7 @@ from typing import Any
 from embedd_server.rpc.server import EmbeddServer
 from embedd_server.run.probes import free_port, grpc_serving, wait_until
 from embedd_server.settings import Settings
+from tests.envoy_proc import EnvoyProcess
 from tests.fakes import FakeLoader, FakeRuntime, write_fake_gguf
 
 
@@ -150,3 +152,15 @@ class ServerProcess:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def server_behind_envoy(
+    models_dir: Path, args: Sequence[str], envoy_dir: Path
+) -> Iterator[tuple[ServerProcess, EnvoyProcess]]:
+    """`embedd serve` on ``models_dir`` (with ``args``) and Envoy's REST in front of it."""
+    with (
+        ServerProcess.start(models_dir, args) as server,
+        EnvoyProcess.start([server.target], envoy_dir) as envoy,
+    ):
+        yield server, envoy

@@ -30,7 +30,7 @@ from embedd_server.convert.hf_to_gguf import import_model
 from tests.conftest import SHARED
 from tests.envoy_proc import EnvoyProcess, http
 from tests.reference_encoder import EncoderReference, mean_from
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, server_behind_envoy
 
 pytestmark = pytest.mark.real_model
 
@@ -137,11 +137,8 @@ def served(
 ) -> Iterator[Served]:
     engine = str(request.param)
     args = ["--engine", engine, "--default-model", "tiny-xlmr-f32", "--keep-alive", "-1"]
-    with (
-        ServerProcess.start(models_dir, args) as server,
-        EnvoyProcess.start([server.target], tmp_path_factory.mktemp("envoy")) as envoy,
-    ):
-        yield Served(engine, server, envoy)
+    with server_behind_envoy(models_dir, args, tmp_path_factory.mktemp("envoy")) as stack:
+        yield Served(engine, *stack)
 
 
 def _prompt_fields(model: str) -> dict[str, str]:

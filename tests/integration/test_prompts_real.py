@@ -32,7 +32,7 @@ from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.convert.hf_to_gguf import import_model
 from tests.conftest import SHARED
 from tests.envoy_proc import EnvoyProcess, http
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, server_behind_envoy
 
 pytestmark = pytest.mark.real_model
 
@@ -115,8 +115,7 @@ def served(
     engine = str(request.param)
     args = ["--engine", engine, "--default-model", "tiny-bert-cls-f32", "--keep-alive", "-1"]
     with (
-        ServerProcess.start(models_dir, args) as server,
-        EnvoyProcess.start([server.target], tmp_path_factory.mktemp("envoy")) as envoy,
+        server_behind_envoy(models_dir, args, tmp_path_factory.mktemp("envoy")) as (server, envoy),
         openai.OpenAI(
             base_url=envoy.base_url + "/v1", api_key="unused", max_retries=0, timeout=300
         ) as client,
