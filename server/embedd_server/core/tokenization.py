@@ -21,6 +21,12 @@ from tokenizers import Tokenizer as HFTokenizerImpl
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.errors import InputTooLong, InvalidInput
 
+# Truncation directions, as Hugging Face tokenizers (and TEI) name them: "right" cuts the end
+# of the text (keeps its start), "left" cuts its start (keeps its end).
+RIGHT = "right"
+LEFT = "left"
+DIRECTIONS = (RIGHT, LEFT)
+
 
 class Tokenizer(Protocol):
     """What the service needs of a tokenizer."""
@@ -28,8 +34,9 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids with special tokens, not truncated."""
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
-        """Ids with special tokens, cut to at most max_tokens the way the model was trained."""
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
+        """Ids with special tokens, cut to at most max_tokens the way the model was trained:
+        at the end (``right``, keeping the start) or at the start (``left``)."""
 
     def id_to_token(self, token_id: int) -> str:
         """The token's text, for reading."""
@@ -42,22 +49,22 @@ class HuggingFaceTokenizer:
         self._full = HFTokenizerImpl.from_str(tokenizer_json)
         self._full.no_truncation()
         self._full.no_padding()
-        self._truncating: dict[int, HFTokenizerImpl] = {}
+        self._truncating: dict[tuple[int, str], HFTokenizerImpl] = {}
         self._json = tokenizer_json
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self._full.encode_batch(list(texts))
         return [encoding.ids for encoding in encodings]
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
-        # tokenizers truncates inside the template, so [SEP] stays at the end, exactly as
-        # sentence-transformers does.
-        tokenizer = self._truncating.get(max_tokens)
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
+        # tokenizers truncates inside the template, so [CLS] and [SEP] stay where they are,
+        # exactly as sentence-transformers does (and TEI for direction "left").
+        tokenizer = self._truncating.get((max_tokens, direction))
         if tokenizer is None:
             tokenizer = HFTokenizerImpl.from_str(self._json)
             tokenizer.no_padding()
-            tokenizer.enable_truncation(max_tokens)
-            self._truncating[max_tokens] = tokenizer
+            tokenizer.enable_truncation(max_tokens, direction=direction)
+            self._truncating[(max_tokens, direction)] = tokenizer
         return list(tokenizer.encode(text).ids)
 
     def id_to_token(self, token_id: int) -> str:
@@ -78,10 +85,12 @@ class LlamaTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self._tokenize(text.encode("utf-8", "replace")) for text in texts]
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
         ids = self._tokenize(text.encode("utf-8", "replace"))
         if len(ids) <= max_tokens:
             return ids
+        if direction == LEFT:  # keep the opening token (e.g. [CLS]/BOS) and the end
+            return [ids[0], *ids[len(ids) - max_tokens + 1 :]]
         # Keep the closing special token (e.g. [SEP]/EOS) as a trained model expects it.
         return [*ids[: max_tokens - 1], ids[-1]]
 
@@ -94,37 +103,53 @@ class Tokenized:
     """The ids fed to the engine and the count billed as usage."""
 
     sequences: list[list[int]]
+    truncated: int = 0  # how many inputs were cut to the limit
 
     @property
     def token_count(self) -> int:
         return sum(len(ids) for ids in self.sequences)
 
 
-def too_long(index: int, tokens: int, limit: int) -> InputTooLong:
+@dataclass(frozen=True)
+class Truncation:
+    """Whether and how over-long inputs are cut, and how the caller's protocol turns it on."""
+
+    enabled: bool = True
+    direction: str = RIGHT
+    # What the error for an over-long input tells the caller to do to have it cut, in its
+    # protocol's words (e.g. 'send "truncate": true'); "" where the route cannot truncate.
+    hint: str = ""
+
+
+def too_long(index: int, tokens: int, limit: int, hint: str = "") -> InputTooLong:
     """The error for an over-long input when truncation is off."""
+    remedy = f"shorten it, or {hint} to cut it to the limit" if hint else "shorten it"
     return InputTooLong(
-        f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; "
-        "shorten it or enable truncation.",
+        f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; {remedy}.",
         param=f"input[{index}]",
     )
 
 
 def tokenize_texts(
-    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, truncate: bool
+    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, truncation: Truncation
 ) -> Tokenized:
     """Tokenizes texts, truncating over-long ones or failing with InputTooLong."""
     sequences = tokenizer.encode_batch(texts)
+    cut = 0
     for index, ids in enumerate(sequences):
         if len(ids) <= max_tokens:
             continue
-        if not truncate:
-            raise too_long(index, len(ids), max_tokens)
-        sequences[index] = tokenizer.encode_truncated(texts[index], max_tokens)
-    return Tokenized(sequences)
+        if not truncation.enabled:
+            raise too_long(index, len(ids), max_tokens, truncation.hint)
+        sequences[index] = tokenizer.encode_truncated(
+            texts[index], max_tokens, truncation.direction
+        )
+        cut += 1
+    return Tokenized(sequences, cut)
 
 
 def check_token_ids(
-    sequences: Sequence[Sequence[int]], vocab_size: int, max_tokens: int, truncate: bool
+    sequences: Sequence[Sequence[int]], vocab_size: int, max_tokens: int, truncation: Truncation
 ) -> Tokenized:
     """Validates pre-tokenized input: ids in the vocabulary, lengths within the limit."""
     checked: list[list[int]] = []
@@ -138,10 +163,14 @@ def check_token_ids(
                 f"(0..{vocab_size - 1}).",
                 param=f"input[{index}]",
             )
-        if len(ids) > max_tokens and not truncate:
-            raise too_long(index, len(ids), max_tokens)
-        checked.append(list(ids[:max_tokens]))
-    return Tokenized(checked)
+        if len(ids) <= max_tokens:
+            checked.append(list(ids))
+            continue
+        if not truncation.enabled:
+            raise too_long(index, len(ids), max_tokens, truncation.hint)
+        kept = ids[len(ids) - max_tokens :] if truncation.direction == LEFT else ids[:max_tokens]
+        checked.append(list(kept))
+    return Tokenized(checked, sum(len(ids) > max_tokens for ids in sequences))
 
 
 # --- The Hugging Face tokenizer rebuilt from a GGUF file's own vocabulary ----------------------
