@@ -91,6 +91,7 @@ class ModelInfo:
     include_prompt: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
     default_prompt_name: str | None = None
+    parameters: int = 0  # weights in the file's tensors
 
     @property
     def embedding(self) -> bool:
@@ -134,6 +135,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
         default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
+        parameters=int(fields.get(PARAMETERS_FIELD, 0)),
     )
 
 
@@ -169,8 +171,12 @@ def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+PARAMETERS_FIELD = "embedd.tensor_elements"  # not a GGUF key: the sum over the file's tensors
+
+
 def _read_fields(path: Path) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file; arrays are reported by their length."""
+    """Scalar and string metadata of a GGUF file; arrays are reported by their length, and
+    the weights of all tensors as PARAMETERS_FIELD."""
     from gguf import GGUFReader  # heavy import, only where needed
 
     try:
@@ -185,6 +191,7 @@ def _read_fields(path: Path) -> dict[str, Any]:
             values[f"{key}.count"] = len(field.data)
         else:
             values[key] = field.contents()
+    values[PARAMETERS_FIELD] = sum(int(tensor.n_elements) for tensor in reader.tensors)
     return values
 
 
