@@ -19,8 +19,10 @@ function envoy_on_request(request_handle)
   local metadata = request_handle:streamInfo():dynamicMetadata()
   if content_type:sub(1, 16) == "application/grpc" then
     metadata:set(NAMESPACE, "native_grpc", true)
-  elseif path:sub(1, 5) == "/api/" then
+  elseif path:sub(1, 5) == "/api/" or path == "/" then
     metadata:set(NAMESPACE, "ollama", true)
+  elseif path:sub(1, 4) == "/v2/" then
+    metadata:set(NAMESPACE, "cohere", true)
   end
 end
 
@@ -48,7 +50,7 @@ end
 -- A body for a gRPC error that carries no x-http-error-body (one not raised by our handlers,
 -- e.g. grpcio's own message-size or unimplemented errors). Details stay out of 5xx bodies.
 -- Returns the body and the HTTP status.
-local function fallback_body(headers, ollama)
+local function fallback_body(headers, metadata)
   local status = tonumber(headers:get(":status")) or 500
   local message = percent_decode(headers:get("grpc-message") or "")
   local code = GRPC_CODES[headers:get("grpc-status")] or "internal_error"
@@ -62,8 +64,11 @@ local function fallback_body(headers, ollama)
     message = "Internal server error; the details are in the server log."
     if status == 503 then message = "The service is unavailable; retry later." end
   end
-  if ollama then
+  if metadata["ollama"] then
     return '{"error":' .. json_string(message) .. "}", status
+  end
+  if metadata["cohere"] then
+    return '{"message":' .. json_string(message) .. "}", status
   end
   local kind = "invalid_request_error"
   if status >= 500 then kind = "server_error" end
@@ -97,7 +102,7 @@ function envoy_on_response(response_handle)
   end
   local http_status = headers:get("x-http-status")
   if body == nil then
-    body, http_status = fallback_body(headers, metadata["ollama"])
+    body, http_status = fallback_body(headers, metadata)
   end
   if http_status ~= nil then
     headers:replace(":status", tostring(http_status))

@@ -277,7 +277,7 @@ def test_official_client_models(client: openai.OpenAI) -> None:
         ({"input": [2, 999, 3]}, "invalid_request_error", "input[0]"),
         ({"input": ["hello"] * 2049}, "invalid_request_error", "input"),
         ({"input": [""]}, "invalid_request_error", "input[0]"),
-        ({"input": "hello", "encoding_format": "int8"}, "invalid_request_error", "encoding_format"),
+        ({"input": "hello", "encoding_format": "int4"}, "invalid_request_error", "encoding_format"),
         ({"input": "hello", "dimensions": 0}, "invalid_request_error", "dimensions"),
         ({"input": "hello", "dimensions": -3}, "invalid_request_error", "dimensions"),
         ({"input": "hello", "dimensions": 9}, "invalid_request_error", "dimensions"),
@@ -337,7 +337,7 @@ def test_malformed_json_is_400_in_openai_shape(envoy: EnvoyProcess) -> None:
 def test_unknown_path_is_404_in_openai_shape(envoy: EnvoyProcess) -> None:
     error = assert_openai_error(post(envoy, "/v1/nothing", {"input": "x"}), 404, "not_found")
     assert "/v1/nothing" in error["message"]
-    assert_openai_error(http(envoy.base_url + "/"), 404, "not_found")
+    assert_openai_error(http(envoy.base_url + "/nothing"), 404, "not_found")
     assert_openai_error(http(envoy.base_url + "/v1/models/fake", "DELETE"), 404, "not_found")
 
 

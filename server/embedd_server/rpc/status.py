@@ -103,24 +103,36 @@ def ollama_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"error": error.message}
 
 
-def _ollama_methods() -> frozenset[str]:
-    """The RPCs behind Ollama's REST routes (/api/...): their errors take Ollama's shape."""
+def cohere_error_body(error: EmbeddError) -> dict[str, Any]:
+    """Cohere's error object: {"message": "..."}."""
+    return {"message": error.message}
+
+
+def _methods_under(prefix: str) -> frozenset[str]:
+    """The RPCs whose REST route starts with ``prefix``."""
     service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
     found = set()
     for method in service.methods:
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         pattern = rule.WhichOneof("pattern")
-        if pattern and getattr(rule, pattern).startswith("/api/"):
+        if pattern and pattern != "custom" and getattr(rule, pattern).startswith(prefix):
             found.add(f"/{service.full_name}/{method.name}")
     return frozenset(found)
 
 
-_OLLAMA_METHODS = _ollama_methods()
+# The RPCs behind Ollama's REST routes (/api/...) and Cohere's (/v2/...): their errors take
+# those APIs' shapes (the root "/" answers Ollama's clients too).
+_OLLAMA_METHODS = _methods_under("/api/") | {
+    f"/{embedder_pb2.DESCRIPTOR.package}.Embedder/OllamaRoot"
+}
+_COHERE_METHODS = _methods_under("/v2/")
 
 
 def body_shape_for(method: str) -> BodyShape:
     """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...)."""
-    return ollama_error_body if method in _OLLAMA_METHODS else openai_error_body
+    if method in _OLLAMA_METHODS:
+        return ollama_error_body
+    return cohere_error_body if method in _COHERE_METHODS else openai_error_body
 
 
 def _as_embedd_error(exc: BaseException) -> EmbeddError:

@@ -41,6 +41,9 @@ from embedd_server.rpc.interceptors.handlers import (
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# How many of the call's inputs were cut to the model's limit (calls that embedded something);
+# Envoy passes trailers on as HTTP response headers of the same name.
+TRUNCATED_INPUTS_KEY = "x-embedd-truncated-inputs"
 MAX_ID_CHARS = 128  # a caller's id goes into logs: keep it a reasonable size
 QUIET_PREFIX = "/grpc.health.v1.Health/"  # probes every second: logged at DEBUG only
 Context = aio.ServicerContext[Any, Any]
@@ -83,6 +86,15 @@ class _Call:
         if self.echo:  # an error's own trailers replace these
             context.set_trailing_metadata(((REQUEST_ID_KEY, self.info.request_id),))
 
+    def succeeded(self, context: Context) -> None:
+        """Adds what the answer of a call that embedded inputs reports: how many were cut."""
+        if not self.info.inputs:
+            return
+        trailers = [(TRUNCATED_INPUTS_KEY, str(self.info.truncated))]
+        if self.echo:
+            trailers.append((REQUEST_ID_KEY, self.info.request_id))
+        context.set_trailing_metadata(tuple(trailers))
+
     def end(self, context: Context, failure: BaseException | None) -> None:
         seconds = time.perf_counter() - self.info.started
         code = _code_name(context, failure)
@@ -107,7 +119,7 @@ class _Call:
         if info.model:
             fields["model"] = info.model
         if info.inputs:
-            fields.update(inputs=info.inputs, tokens=info.tokens)
+            fields.update(inputs=info.inputs, tokens=info.tokens, truncated=info.truncated)
         log.log(self.log_level, "%s %s", info.method, code, extra=fields)
 
 
@@ -134,6 +146,7 @@ def _wrapped(handler: Handler, call: _Call) -> Handler:
         except BaseException as exc:
             call.end(context, exc)
             raise
+        call.succeeded(context)
         call.end(context, None)
         return response
 
@@ -143,6 +156,7 @@ def _wrapped(handler: Handler, call: _Call) -> Handler:
         try:
             async for response in original(request, context):
                 yield response
+            call.succeeded(context)
         except BaseException as exc:
             failure = exc
             raise
