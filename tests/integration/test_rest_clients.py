@@ -1,0 +1,282 @@
+"""The clients people already run, unchanged, against the real model behind the real Envoy:
+the official ``ollama`` and ``cohere`` clients, LangChain's OllamaEmbeddings and
+OpenAIEmbeddings. Vectors are checked against sentence-transformers' (../shared/reference)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import cohere
+import httpx
+import numpy as np
+import ollama
+import openai
+import pytest
+from langchain_ollama import OllamaEmbeddings
+from langchain_openai import OpenAIEmbeddings
+
+from tests.conftest import DEFAULT_MODEL, REFERENCE_DIR
+from tests.envoy_proc import EnvoyProcess, http
+from tests.metrics import Matrix, read_reference, row_cosines
+from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.real_model
+
+MIN_COSINE = 0.9999  # the f16 default model's bar (README)
+LONG_TEXT = "word " * 400  # 402 tokens; the model takes 256
+
+
+@pytest.fixture(scope="module")
+def envoy(
+    real_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EnvoyProcess]:
+    with EnvoyProcess.start([real_server.target], tmp_path_factory.mktemp("clients")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], Matrix]:
+    texts, vectors = read_reference(REFERENCE_DIR)
+    return [t["text"] for t in texts], vectors
+
+
+def assert_reference(vectors: Sequence[Sequence[float]], expected: Matrix) -> None:
+    cosines = row_cosines(np.array(vectors, dtype=np.float32), expected)
+    worst = int(cosines.argmin())
+    assert cosines.min() >= MIN_COSINE, f"text {worst}: cosine {cosines[worst]:.6f}"
+
+
+# --- Ollama ------------------------------------------------------------------------------------
+
+
+def test_ollama_client_embed_and_legacy_embeddings(
+    envoy: EnvoyProcess, reference: tuple[list[str], Matrix]
+) -> None:
+    texts, expected = reference
+    with ollama.Client(host=envoy.base_url) as client:
+        check_embed_and_embeddings(client, envoy, texts, expected)
+
+
+def check_embed_and_embeddings(
+    client: ollama.Client, envoy: EnvoyProcess, texts: list[str], expected: Matrix
+) -> None:
+    result = client.embed(model=DEFAULT_MODEL, input=texts)
+    assert result.model == DEFAULT_MODEL
+    assert_reference(result.embeddings, expected)
+    legacy = [client.embeddings(model=DEFAULT_MODEL, prompt=text).embedding for text in texts[:5]]
+    assert_reference(legacy, expected[:5])
+    # Over-long prompts are cut (Ollama's behaviour), and the header says so.
+    assert len(client.embeddings(model=DEFAULT_MODEL, prompt=LONG_TEXT).embedding) == 384
+    reply = http(
+        envoy.base_url + "/api/embeddings", "POST", body={"model": "", "prompt": LONG_TEXT}
+    )
+    assert reply.headers["x-embedd-truncated-inputs"] == "1"
+    # An empty prompt: an empty vector, as Ollama answers it.
+    assert client.embeddings(model=DEFAULT_MODEL, prompt="").embedding == []
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embeddings(model="nope", prompt="x")
+    assert caught.value.status_code == 404
+    assert "does not exist" in caught.value.error
+
+
+def test_ollama_client_list_show_ps(envoy: EnvoyProcess) -> None:
+    with ollama.Client(host=envoy.base_url) as client:
+        check_list_show_ps(client)
+
+
+def check_list_show_ps(client: ollama.Client) -> None:
+    [listed] = [m for m in client.list().models if m.model == DEFAULT_MODEL]
+    assert isinstance(listed.modified_at, datetime.datetime)
+    assert listed.size is not None and listed.size > 10_000_000
+    assert listed.digest is not None and len(listed.digest) == 64
+    assert listed.details is not None
+    assert (listed.details.format, listed.details.family) == ("gguf", "bert")
+    assert listed.details.quantization_level == "F16"
+    assert listed.details.parameter_size == "22.6M"
+
+    shown = client.show(DEFAULT_MODEL)
+    assert shown.capabilities == ["embedding"]
+    assert shown.modelinfo is not None
+    assert shown.modelinfo["bert.embedding_length"] == 384
+    assert shown.modelinfo["bert.context_length"] == 256
+    assert shown.details is not None and shown.details.family == "bert"
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.show("nope")
+    assert caught.value.status_code == 404
+
+    client.embed(model=DEFAULT_MODEL, input="load it")
+    [running] = [m for m in client.ps().models if m.model == DEFAULT_MODEL]
+    assert running.context_length == 256
+    assert running.expires_at is not None
+
+
+def test_ollama_probes_root_version_and_health(envoy: EnvoyProcess) -> None:
+    root = http(envoy.base_url + "/")
+    assert (root.status, root.body) == (200, b"Ollama is running")
+    assert root.headers["content-type"].startswith("text/plain")
+    head = http(envoy.base_url + "/", "HEAD")
+    assert (head.status, head.body) == (200, b"")
+    assert http(envoy.base_url + "/api/version").json() == {"version": "0.24.0"}
+    health = http(envoy.base_url + "/health")
+    assert (health.status, health.json()) == (200, {"status": "serving"})
+
+
+def test_langchain_ollama_embeddings(
+    envoy: EnvoyProcess, reference: tuple[list[str], Matrix]
+) -> None:
+    texts, expected = reference
+    embeddings = OllamaEmbeddings(model=DEFAULT_MODEL, base_url=envoy.base_url)
+    try:
+        assert_reference(embeddings.embed_documents(texts[:32]), expected[:32])
+        assert_reference([embeddings.embed_query(texts[40])], expected[40:41])
+    finally:
+        if embeddings._client is not None:  # it offers no close() of its own
+            embeddings._client.close()
+
+
+# --- Cohere -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cohere_client(envoy: EnvoyProcess) -> Iterator[cohere.ClientV2]:
+    with httpx.Client(timeout=300) as transport:
+        yield cohere.ClientV2(base_url=envoy.base_url, api_key="unused", httpx_client=transport)
+
+
+def test_cohere_client_embeds_every_type_from_one_pass(
+    cohere_client: cohere.ClientV2, reference: tuple[list[str], Matrix]
+) -> None:
+    texts, expected = reference
+    types: Any = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    result = cohere_client.embed(
+        model=DEFAULT_MODEL,
+        texts=texts[:64],
+        input_type="search_document",
+        embedding_types=types,
+    )
+    got = result.embeddings
+    assert got.float_ is not None
+    assert_reference(got.float_, expected[:64])
+    floats = np.array(got.float_, dtype=np.float32)
+    assert got.base64 is not None
+    decoded = np.array([np.frombuffer(base64.b64decode(b), "<f4") for b in got.base64])
+    np.testing.assert_array_equal(decoded, floats)
+    assert got.ubinary is not None and got.binary is not None
+    ubinary = np.packbits(floats > 0, axis=1)  # sentence-transformers' quantize_embeddings
+    np.testing.assert_array_equal(np.array(got.ubinary), ubinary)
+    np.testing.assert_array_equal(np.array(got.binary), ubinary.astype(np.int16) - 128)
+    assert got.int8 is not None and got.uint8 is not None
+    int8, uint8 = np.array(got.int8), np.array(got.uint8)
+    assert int8.shape == uint8.shape == (64, 384)
+    assert int8.min() >= -128 and int8.max() <= 127 and uint8.min() >= 0 and uint8.max() <= 255
+    assert np.abs(uint8 - 128 - int8).max() <= 1  # same scale; astype cuts toward zero
+    assert result.texts == texts[:64]
+    assert result.meta is not None and result.meta.billed_units is not None
+    assert result.meta.billed_units.input_tokens is not None
+    assert result.meta.billed_units.input_tokens > 64
+
+
+def test_cohere_truncate_and_errors(cohere_client: cohere.ClientV2, envoy: EnvoyProcess) -> None:
+    client = cohere_client
+    ends = client.embed(
+        model=DEFAULT_MODEL, texts=[LONG_TEXT + "end"], input_type="search_query", truncate="END"
+    )
+    starts = client.embed(
+        model=DEFAULT_MODEL, texts=[LONG_TEXT + "end"], input_type="search_query", truncate="START"
+    )
+    assert ends.embeddings.float_ != starts.embeddings.float_
+    with pytest.raises(cohere.BadRequestError) as caught:
+        client.embed(
+            model=DEFAULT_MODEL, texts=[LONG_TEXT], input_type="search_query", truncate="NONE"
+        )
+    assert "truncate" in caught.value.body["message"]
+    with pytest.raises(cohere.NotFoundError):
+        client.embed(model="nope", texts=["x"], input_type="search_query")
+    bad = http(
+        envoy.base_url + "/v2/embed",
+        "POST",
+        body={"texts": ["x"], "embedding_types": ["int4"]},
+    )
+    assert bad.status == 400
+    assert "embedding_types" in bad.json()["message"]
+    images = http(envoy.base_url + "/v2/embed", "POST", body={"images": ["data:image/png;"]})
+    assert images.status == 400 and "text only" in images.json()["message"]
+
+
+# --- OpenAI: truncation you choose, compact vectors, LangChain ---------------------------------
+
+
+def openai_client(envoy: EnvoyProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=envoy.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_truncate_extension_and_its_header(envoy: EnvoyProcess) -> None:
+    with openai_client(envoy) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.embeddings.create(model=DEFAULT_MODEL, input=[LONG_TEXT])
+        assert caught.value.code == "context_length_exceeded"
+        assert '"truncate": true' in caught.value.message
+        raw = client.embeddings.with_raw_response.create(
+            model=DEFAULT_MODEL, input=["short", LONG_TEXT], extra_body={"truncate": True}
+        )
+    assert raw.headers["x-embedd-truncated-inputs"] == "1"
+    right = raw.parse().data[1].embedding
+    ollama_cut = http(envoy.base_url + "/api/embed", "POST", body={"input": LONG_TEXT})
+    assert ollama_cut.headers["x-embedd-truncated-inputs"] == "1"
+    np.testing.assert_allclose(right, ollama_cut.json()["embeddings"][0], atol=1e-6)
+    left = http(
+        envoy.base_url + "/v1/embeddings",
+        "POST",
+        body={
+            "input": "The cat sits on the mat. " + LONG_TEXT + " The cat sits on the mat.",
+            "truncate": True,
+            "truncation_direction": "left",
+            "encoding_format": "float",
+        },
+    )
+    assert left.status == 200, left.body
+    assert not np.allclose(left.json()["data"][0]["embedding"], right, atol=1e-3)
+    wrong = http(
+        envoy.base_url + "/v1/embeddings",
+        "POST",
+        body={"input": "x", "truncate": True, "truncation_direction": "middle"},
+    )
+    assert wrong.status == 400 and wrong.json()["error"]["param"] == "truncation_direction"
+    untouched = http(envoy.base_url + "/v1/embeddings", "POST", body={"input": "x"})
+    assert untouched.headers["x-embedd-truncated-inputs"] == "0"
+
+
+def test_openai_compact_encodings_follow_dimensions(envoy: EnvoyProcess) -> None:
+    with openai_client(envoy) as client:
+        floats = client.embeddings.create(
+            model=DEFAULT_MODEL, input=["a cat", "a dog"], dimensions=64, encoding_format="float"
+        )
+        packed = client.embeddings.create(
+            model=DEFAULT_MODEL,
+            input=["a cat", "a dog"],
+            dimensions=64,
+            encoding_format="ubinary",  # type: ignore[arg-type]
+        )
+    vectors = np.array([d.embedding for d in floats.data], dtype=np.float32)
+    expected = np.packbits(vectors > 0, axis=1)
+    np.testing.assert_array_equal(np.array([d.embedding for d in packed.data]), expected)
+    assert expected.shape == (2, 8)
+
+
+def test_langchain_openai_embeddings(
+    envoy: EnvoyProcess, reference: tuple[list[str], Matrix]
+) -> None:
+    texts, expected = reference
+    with httpx.Client() as transport:  # closed here: no socket left to the garbage collector
+        embeddings = OpenAIEmbeddings(
+            model=DEFAULT_MODEL,
+            base_url=envoy.base_url + "/v1",
+            api_key="unused",  # type: ignore[arg-type]
+            check_embedding_ctx_length=False,
+            http_client=transport,
+        )
+        assert_reference(embeddings.embed_documents(texts[:32]), expected[:32])
+        assert_reference([embeddings.embed_query(texts[40])], expected[40:41])
