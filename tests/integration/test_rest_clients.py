@@ -134,7 +134,7 @@ def test_langchain_ollama_embeddings(
         assert_reference([embeddings.embed_query(texts[40])], expected[40:41])
     finally:
         if embeddings._client is not None:  # it offers no close() of its own
-            embeddings._client.close()
+            embeddings._client.close()  # type: ignore[no-untyped-call]
 
 
 # --- Cohere -------------------------------------------------------------------------------------

@@ -483,11 +483,15 @@ def test_not_serving_takes_the_server_out_then_back(tmp_path: Path) -> None:
         EnvoyProcess.start([server.target], tmp_path / "envoy") as envoy,
     ):
         assert post(envoy, "/v1/embeddings", {"input": "hello"}).status == 200
+        assert http(envoy.base_url + "/health").status == 200
         server.call(server.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        # GET /health says so at once (the RPC reads the state), before Envoy's checks do.
+        assert_openai_error(http(envoy.base_url + "/health"), 503, "service_unavailable")
         reply = wait_for_status(envoy, 503)
         assert_openai_error(reply, 503, "service_unavailable")
         server.call(server.server._set_health(health_pb2.HealthCheckResponse.SERVING))
         assert wait_for_status(envoy, 200).json()["model"] == "fake"
+        assert http(envoy.base_url + "/health").json() == {"status": "serving"}
 
 
 def wait_for_status(envoy: EnvoyProcess, status: int, timeout: float = 10) -> HttpReply:

@@ -46,6 +46,7 @@ REQUEST_ID_KEY = "x-request-id"
 TRUNCATED_INPUTS_KEY = "x-embedd-truncated-inputs"
 MAX_ID_CHARS = 128  # a caller's id goes into logs: keep it a reasonable size
 QUIET_PREFIX = "/grpc.health.v1.Health/"  # probes every second: logged at DEBUG only
+QUIET_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health: a probe too
 Context = aio.ServicerContext[Any, Any]
 
 
@@ -68,7 +69,8 @@ class RequestContextInterceptor(WrappingInterceptor):
         full_method = details.method
         given = callers_request_id(details.invocation_metadata)
         info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1])
-        level = logging.DEBUG if full_method.startswith(QUIET_PREFIX) else logging.INFO
+        quiet = full_method.startswith(QUIET_PREFIX) or full_method in QUIET_METHODS
+        level = logging.DEBUG if quiet else logging.INFO
         return _wrapped(handler, _Call(info, self._metrics, level, echo=given is None))
 
 
