@@ -18,8 +18,9 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   scalar and repeated field; message fields only when set) and nothing else; uint32 fields are
   bounded; ``google.protobuf.ListValue`` is an array of any JSON values;
 - every operation's non-2xx answer is documented as the error body of its route: OpenAI's
-  ``{"error": {"message", "type", "param", "code"}}``, or Ollama's ``{"error": "..."}`` under
-  ``/api/``.
+  ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
+  ``/api/`` and at ``/``, Cohere's ``{"message": "..."}`` under ``/v2/``;
+- a ``google.api.HttpBody`` answer (``GET /``) is the plain text it carries.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ F = descriptor_pb2.FieldDescriptorProto
 VALUE_DESCRIPTION = "Any JSON value (google.protobuf.Value); the server validates its shape."
 OPENAI_ERROR = "OpenAIError"
 OLLAMA_ERROR = "OllamaError"
+COHERE_ERROR = "CohereError"
+HTTP_BODY = "HttpBody"
 ERROR_DEFINITIONS: dict[str, Any] = {
     OPENAI_ERROR: {
         "type": "object",
@@ -105,6 +108,13 @@ ERROR_DEFINITIONS: dict[str, Any] = {
         "required": ["error"],
         "additionalProperties": False,
         "properties": {"error": {"type": "string", "minLength": 1}},
+    },
+    COHERE_ERROR: {
+        "type": "object",
+        "description": "Cohere's error body: every non-2xx answer of the /v2 routes.",
+        "required": ["message"],
+        "additionalProperties": False,
+        "properties": {"message": {"type": "string", "minLength": 1}},
     },
 }
 
@@ -191,15 +201,16 @@ def post_process(
     requests: set[str] = set()
     responses: set[str] = set()
     for path, methods in swagger["paths"].items():
-        for operation in methods.values():
+        for verb, operation in methods.items():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "body":
                     requests.add(_ref_name(parameter["schema"]))
+            if HTTP_BODY in _refs(operation["responses"]):
+                _plain_text(operation, verb)
             responses.update(_refs(operation["responses"]))
-            error = OLLAMA_ERROR if path.startswith("/api/") else OPENAI_ERROR
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",
-                "schema": {"$ref": f"#/definitions/{error}"},
+                "schema": {"$ref": f"#/definitions/{_error_shape(path)}"},
             }
     responses = _closure(responses, definitions)
     for name, schema in definitions.items():
@@ -216,7 +227,7 @@ def post_process(
         **ERROR_DEFINITIONS,
     }
     swagger["info"] = {
-        "title": "embedd REST API (OpenAI and Ollama embeddings through Envoy)",
+        "title": "embedd REST API (OpenAI, Ollama and Cohere embeddings through Envoy)",
         "version": version,
         "description": (
             "Generated from protos/embedd/v1/embedder.proto by `python -m tools.openapi` "
@@ -225,6 +236,21 @@ def post_process(
         ),
     }
     return {key: swagger[key] for key in ("swagger", "info", *swagger) if key in swagger}
+
+
+def _error_shape(path: str) -> str:
+    if path.startswith("/api/") or path == "/":
+        return OLLAMA_ERROR
+    return COHERE_ERROR if path.startswith("/v2/") else OPENAI_ERROR
+
+
+def _plain_text(operation: dict[str, Any], verb: str) -> None:
+    """An HttpBody answer: the server's text as it is (none for HEAD)."""
+    operation["produces"] = ["text/plain"]
+    answer: dict[str, Any] = {"description": "The text."}
+    if verb != "head":
+        answer["schema"] = {"type": "string"}
+    operation["responses"]["200"] = answer
 
 
 def _adjust_request(schema: dict[str, Any], message: descriptor_pb2.DescriptorProto) -> None:

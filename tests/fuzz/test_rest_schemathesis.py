@@ -11,9 +11,10 @@ Two sources of requests:
   invalid UTF-8, lone surrogates, deep nesting, token ids out of range, absurd dimensions,
   unknown fields, non-JSON.
 
-Required of every answer: no 5xx; a 2xx is the documented JSON; any other status is the
-route's well-formed error body (OpenAI's {"error": {"message", "type", "param", "code"}}, or
-Ollama's {"error": "..."} under /api/), as application/json, with no grpc-* header. The server
+Required of every answer: no 5xx; a 2xx is the documented JSON (or GET /'s text); any other
+status is the route's well-formed error body (OpenAI's {"error": {"message", "type", "param",
+"code"}}, Ollama's {"error": "..."} under /api/ and at /, Cohere's {"message": "..."} under
+/v2/), as application/json, with no grpc-* header. The server
 is healthy afterwards. Everything is derandomized: the same requests on every run.
 """
 
@@ -55,10 +56,19 @@ OPERATIONS = [
     "POST /v1/models/unload",
     "POST /v1/embeddings",
     "POST /api/embed",
+    "POST /api/embeddings",
+    "POST /v2/embed",
+    "POST /api/show",
     "GET /v1/models/{model}",
     "GET /v1/models",
     "GET /api/ps",
+    "GET /api/tags",
+    "GET /api/version",
+    "GET /health",
+    "GET /",
+    "HEAD /",
 ]
+EMBEDDING_ROUTES = ("/v1/embeddings", "/api/embed", "/api/embeddings", "/v2/embed")
 BODY_OPERATIONS = [label for label in OPERATIONS if label.startswith("POST")]
 POST_ROUTES = [label.split()[1] for label in BODY_OPERATIONS]
 # The 5xx check is assert_well_formed's (it knows the one deliberate 501).
@@ -127,6 +137,10 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
     """No 5xx; JSON; a non-2xx is the route's error body. Returns the parsed JSON."""
     where = f"{path} -> {status}: {body[:500]!r}"
     assert status < 500 or is_deliberate_501(path, status, body), where
+    if path == "/" and status == 200:  # "Ollama is running" (nothing for HEAD)
+        assert headers.get("content-type", "").startswith("text/plain"), where
+        assert body in (b"Ollama is running", b""), where
+        return None
     assert headers.get("content-type") == "application/json", where
     leaked = [name for name in headers if name.startswith(("grpc-", "x-http-"))]
     assert not leaked, where
@@ -135,9 +149,13 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
         assert isinstance(document, dict), where
         return document
     assert isinstance(document, dict), where
+    if path.startswith("/v2/"):
+        assert set(document) == {"message"}, where
+        assert isinstance(document["message"], str) and document["message"], where
+        return document
     assert set(document) == {"error"}, where
     error = document["error"]
-    if path.startswith("/api/"):
+    if path.startswith("/api/") or path == "/":
         assert isinstance(error, str), where
         assert error, where
     else:
@@ -166,9 +184,20 @@ def check_reply(path: str, reply: HttpReply) -> Any:
 
 
 def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
-    """A 200 from an embedding route: vectors of one length, finite, unit norm."""
+    """A 200 from an embedding route: vectors of one length, finite, unit norm (integers for
+    the compact types)."""
     if path == "/api/embed":
         rows = document["embeddings"]
+    elif path == "/api/embeddings":
+        rows = [document["embedding"]]
+        if rows == [[]]:  # an empty prompt: an empty vector, as Ollama answers it
+            return
+    elif path == "/v2/embed":
+        kinds = document["embeddings"]
+        assert kinds and all(len(rows) == len(document["texts"]) for rows in kinds.values())
+        rows = kinds.get("float", [])
+        if not rows:
+            return
     else:
         rows = [item["embedding"] for item in document["data"]]
         assert [item["index"] for item in document["data"]] == list(range(len(rows)))
@@ -177,7 +206,8 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
         assert len({len(row) for row in rows}) == 1
         for row in rows:
             assert all(isinstance(x, float | int) and math.isfinite(x) for x in row)
-            assert math.isclose(math.hypot(*row), 1, rel_tol=1e-4)
+            if not all(isinstance(x, int) for x in row):
+                assert math.isclose(math.hypot(*row), 1, rel_tol=1e-4)
     else:
         assert all(isinstance(row, str) for row in rows)  # base64
 
@@ -219,6 +249,11 @@ OPENAI_INPUTS = st.one_of(
     JSON_VALUES,
 )
 OLLAMA_INPUTS = st.one_of(TEXTS, st.lists(TEXTS, max_size=8), JSON_VALUES)
+COMPACT_TYPES = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EMBEDDING_TYPES = st.one_of(
+    st.lists(st.sampled_from([*COMPACT_TYPES, "", "int4", "FLOAT"]), max_size=7), JSON_VALUES
+)
+COHERE_TRUNCATES = st.sampled_from(["NONE", "START", "END", "", "end", "middle"])
 DIMENSIONS = st.one_of(
     st.integers(min_value=-2, max_value=10),
     st.integers(min_value=-(2**31), max_value=2**31 - 1),
@@ -250,11 +285,30 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "model": MODELS,
         "input": OPENAI_INPUTS,
         "dimensions": DIMENSIONS,
-        "encoding_format": st.sampled_from(["float", "base64", "", "int8"]),
+        "encoding_format": st.sampled_from([*COMPACT_TYPES, "", "int4"]),
         "prompt_name": PROMPT_NAMES,
         "prompt": PROMPTS,
         "input_type": INPUT_TYPE_VALUES,
+        "truncate": st.booleans(),
+        "truncation_direction": st.sampled_from(["right", "left", "", "middle"]),
     },
+    "/api/embeddings": {
+        "model": MODELS,
+        "prompt": TEXTS,
+        "keep_alive": KEEP_ALIVES,
+        "options": OLLAMA_OPTIONS,
+    },
+    "/v2/embed": {
+        "model": MODELS,
+        "texts": st.lists(TEXTS, max_size=8),
+        "input_type": INPUT_TYPE_VALUES,
+        "embedding_types": EMBEDDING_TYPES,
+        "truncate": COHERE_TRUNCATES,
+        "output_dimension": DIMENSIONS,
+        "max_tokens": DIMENSIONS,
+        "images": JSON_VALUES,
+    },
+    "/api/show": {"model": MODELS, "name": MODELS, "verbose": st.booleans()},
     "/api/embed": {
         "model": MODELS,
         "input": OLLAMA_INPUTS,
@@ -284,12 +338,32 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
             st.lists(st.integers(min_value=0, max_value=15), min_size=1, max_size=16),
         ),
         "dimensions": st.none() | st.integers(min_value=1, max_value=4),
-        "encoding_format": st.sampled_from(["float", "base64", ""]),
+        "encoding_format": st.sampled_from([*COMPACT_TYPES, ""]),
         # The fake models have no prompts: input_type maps to none, and token ids stay valid.
         "prompt_name": st.just(""),
         "prompt": st.just(OMIT),
         "input_type": st.sampled_from(["", *INPUT_TYPES]),
+        "truncate": st.booleans(),
+        "truncation_direction": st.sampled_from(["right", "left", ""]),
     },
+    "/api/embeddings": {
+        "model": st.sampled_from(["fake", "other", ""]),
+        "prompt": TEXTS,
+        "keep_alive": st.sampled_from(["5m", "1h", 0, -1, 30, None]),
+        "options": st.sampled_from([{}, {"input_type": "search_query"}, {"temperature": 0.5}]),
+    },
+    "/v2/embed": {
+        "model": st.sampled_from(["fake", "other", ""]),
+        "texts": st.lists(SHORT_SENTENCES, min_size=1, max_size=8),
+        "input_type": st.sampled_from(INPUT_TYPES),
+        "embedding_types": st.lists(st.sampled_from(COMPACT_TYPES), max_size=6),
+        "truncate": st.sampled_from(["NONE", "START", "END"]),
+        "output_dimension": st.none() | st.integers(min_value=1, max_value=4),
+        "max_tokens": st.none() | st.integers(min_value=1, max_value=100),
+        "images": st.just(OMIT),
+        "inputs": st.just(OMIT),
+    },
+    "/api/show": {"model": st.sampled_from(["fake", "other", ""]), "name": st.just(OMIT)},
     "/api/embed": {
         "model": st.sampled_from(["fake", "other", ""]),
         "input": st.one_of(TEXTS.filter(bool), st.lists(TEXTS.filter(bool), min_size=1)),
@@ -382,7 +456,7 @@ def test_schemathesis(
         headers = {name.lower(): values[-1] for name, values in response.headers.items()}
         document = assert_well_formed(path, response.status_code, headers, response.content)
         case.validate_response(response, checks=CHECKS)
-        if response.status_code == 200 and path in ("/v1/embeddings", "/api/embed"):
+        if response.status_code == 200 and path in EMBEDDING_ROUTES:
             assert_embeddings_shape(path, document)
         if mutates:
             listings_still_answer(envoy, session)
@@ -401,9 +475,13 @@ def test_every_rest_route_is_described() -> None:
     for method in pb.DESCRIPTOR.services_by_name["Embedder"].methods:
         options = method.GetOptions()
         if options.HasExtension(annotations_pb2.http):
-            rule = options.Extensions[annotations_pb2.http]
-            verb = rule.WhichOneof("pattern")
-            routes.add(f"{verb.upper()} {getattr(rule, verb)}")
+            first = options.Extensions[annotations_pb2.http]
+            for rule in (first, *first.additional_bindings):
+                verb = rule.WhichOneof("pattern")
+                if verb == "custom":
+                    routes.add(f"{rule.custom.kind} {rule.custom.path}")
+                else:
+                    routes.add(f"{verb.upper()} {getattr(rule, verb)}")
     described = {
         result.ok().label for result in SCHEMA.get_all_operations() if isinstance(result, Ok)
     }
@@ -448,6 +526,19 @@ ROUTE_FIELDS = {
         "input_type",
     ],
     "/api/embed": ["model", "input", "truncate", "keep_alive", "options", "dimensions"],
+    "/api/embeddings": ["model", "prompt", "keep_alive", "options"],
+    "/v2/embed": [
+        "model",
+        "texts",
+        "input_type",
+        "embedding_types",
+        "truncate",
+        "output_dimension",
+        "max_tokens",
+        "images",
+        "inputs",
+    ],
+    "/api/show": ["model", "name", "verbose"],
     "/v1/models/load": ["model", "embedding", "n_gpu_layers", "keep_alive", "pooling"],
     "/v1/models/unload": ["model"],
 }
@@ -517,7 +608,7 @@ def test_raw_bodies(envoy: EnvoyProcess, reset_models: None, route: str) -> None
         reply = http(envoy.base_url + route, "POST", raw=body, timeout=60)
         statuses[reply.status] = statuses.get(reply.status, 0) + 1
         document = check_reply(route, reply)
-        if reply.status == 200 and route in ("/v1/embeddings", "/api/embed"):
+        if reply.status == 200 and route in EMBEDDING_ROUTES:
             assert_embeddings_shape(route, document)
 
     run()
