@@ -12,15 +12,16 @@ from typing import Any
 import cohere
 import httpx
 import numpy as np
+import numpy.typing as npt
 import ollama
 import openai
 import pytest
 from langchain_ollama import OllamaEmbeddings
 from langchain_openai import OpenAIEmbeddings
 
-from tests.conftest import DEFAULT_MODEL, REFERENCE_DIR
+from tests.conftest import DEFAULT_MODEL, REFERENCE_DIR, STSB_TEST
 from tests.envoy_proc import EnvoyProcess, http
-from tests.metrics import Matrix, read_reference, row_cosines
+from tests.metrics import Matrix, read_reference, read_stsb, row_cosines, spearman
 from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.real_model
@@ -280,3 +281,54 @@ def test_langchain_openai_embeddings(
         )
         assert_reference(embeddings.embed_documents(texts[:32]), expected[:32])
         assert_reference([embeddings.embed_query(texts[40])], expected[40:41])
+
+
+# --- compact vectors keep STS-B's ranking -------------------------------------------------------
+
+
+def pair_cosines(firsts: Matrix, seconds: Matrix) -> npt.NDArray[np.float64]:
+    a = firsts / np.linalg.norm(firsts, axis=1, keepdims=True)
+    b = seconds / np.linalg.norm(seconds, axis=1, keepdims=True)
+    cosines: npt.NDArray[np.float64] = (a.astype(np.float64) * b).sum(axis=1)
+    return cosines
+
+
+def test_int8_and_binary_rank_stsb_pairs_as_float_does(envoy: EnvoyProcess) -> None:
+    """One pass over the STS-B test sentences through /v2/embed (float, int8, ubinary): int8
+    cosine's Spearman within 0.03 of float's; binary (Hamming distance) reported."""
+    stsb = read_stsb(STSB_TEST)
+    unique = sorted(set(stsb.firsts) | set(stsb.seconds))
+    kinds = ("float", "int8", "ubinary")
+    rows: dict[str, dict[str, list[int | float]]] = {kind: {} for kind in kinds}
+    for start in range(0, len(unique), 2048):
+        batch = unique[start : start + 2048]
+        body = {"model": DEFAULT_MODEL, "texts": batch, "embedding_types": list(kinds)}
+        reply = http(envoy.base_url + "/v2/embed", "POST", body=body, timeout=300)
+        assert reply.status == 200, reply.body[:300]
+        for kind in kinds:
+            rows[kind].update(zip(batch, reply.json()["embeddings"][kind], strict=True))
+
+    def pairs(kind: str, dtype: type) -> tuple[Any, Any]:
+        return (
+            np.array([rows[kind][t] for t in stsb.firsts], dtype=dtype),
+            np.array([rows[kind][t] for t in stsb.seconds], dtype=dtype),
+        )
+
+    floats = pair_cosines(*pairs("float", np.float32))
+    int8 = pair_cosines(*pairs("int8", np.float32))
+    first_bits, second_bits = pairs("ubinary", np.uint8)
+    hamming = np.unpackbits(first_bits ^ second_bits, axis=1).sum(axis=1).astype(np.float64)
+    scores = {
+        "float": spearman(floats, stsb.scores),
+        "int8": spearman(int8, stsb.scores),
+        "binary": spearman(-hamming, stsb.scores),
+    }
+    print(
+        "STS-B Spearman x100: "
+        + ", ".join(f"{kind} {score * 100:.2f}" for kind, score in scores.items())
+        + f"; int8 vs float ranking {spearman(int8, floats):.4f}, "
+        f"binary vs float {spearman(-hamming, floats):.4f}"
+    )
+    assert scores["float"] * 100 == pytest.approx(82.03, abs=0.05)
+    assert abs(scores["int8"] - scores["float"]) <= 0.03
+    assert scores["binary"] > scores["float"] - 0.05  # reported; a loose floor against breakage
