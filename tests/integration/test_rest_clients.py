@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cohere
+import grpc
 import httpx
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,8 @@ import pytest
 from langchain_ollama import OllamaEmbeddings
 from langchain_openai import OpenAIEmbeddings
 
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, REFERENCE_DIR, STSB_TEST
 from tests.envoy_proc import EnvoyProcess, http
 from tests.metrics import Matrix, read_reference, read_stsb, row_cosines, spearman
@@ -332,3 +335,40 @@ def test_int8_and_binary_rank_stsb_pairs_as_float_does(envoy: EnvoyProcess) -> N
     assert scores["float"] * 100 == pytest.approx(82.03, abs=0.05)
     assert abs(scores["int8"] - scores["float"]) <= 0.03
     assert scores["binary"] > scores["float"] - 0.05  # reported; a loose floor against breakage
+
+
+def test_token_ids_of_another_tokenizer_are_refused_naming_the_langchain_option(
+    envoy: EnvoyProcess,
+) -> None:
+    """OpenAIEmbeddings' default (check_embedding_ctx_length=True) tokenizes with tiktoken and
+    sends lists of ids for OpenAI's vocabulary. (tiktoken downloads its vocabulary, so the body
+    it would send is written here: arrays of ids without the model's [CLS]/[SEP].)"""
+    for ids in ([[976, 8415, 23874, 389, 279, 5634, 13]], [[976, 100256, 13]]):
+        with openai_client(envoy) as client, pytest.raises(openai.BadRequestError) as caught:
+            client.embeddings.create(model=DEFAULT_MODEL, input=ids)
+        assert caught.value.param == "input[0]"
+        assert "check_embedding_ctx_length=False" in caught.value.message
+        assert "tiktoken" in caught.value.message
+    with openai_client(envoy) as client:  # the model's own ids, as Tokenize gives them
+        own = client.embeddings.create(model=DEFAULT_MODEL, input=[[101, 4937, 102]])
+    assert len(own.data[0].embedding) == 384
+
+
+def test_native_grpc_compact_output_types(real_server: ServerProcess, envoy: EnvoyProcess) -> None:
+    texts = ["The cat sits on the mat.", "Stock markets fell today."]
+    cohere_body = {"texts": texts, "embedding_types": ["float", "int8", "binary"]}
+    expected = http(envoy.base_url + "/v2/embed", "POST", body=cohere_body).json()["embeddings"]
+    with grpc.insecure_channel(real_server.target) as channel:
+        stub: Any = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        int8 = stub.Embed(pb.EmbedRequest(texts=texts, output_type=pb.OUTPUT_TYPE_INT8))
+        binary = stub.Embed(pb.EmbedRequest(texts=texts, output_type=pb.OUTPUT_TYPE_BINARY))
+        short = stub.Embed(
+            pb.EmbedRequest(texts=texts, output_type=pb.OUTPUT_TYPE_UBINARY, dimensions=16)
+        )
+    for kind, reply in (("int8", int8), ("binary", binary)):
+        rows = [np.frombuffer(e.data, dtype=np.int8).tolist() for e in reply.embeddings]
+        assert rows == expected[kind]
+        assert not any(e.values for e in reply.embeddings)  # bytes only: no floats
+    floats = np.array(expected["float"], dtype=np.float32)
+    cut = floats[:, :16] / np.linalg.norm(floats[:, :16], axis=1, keepdims=True)
+    assert [e.data for e in short.embeddings] == [row.tobytes() for row in np.packbits(cut > 0, 1)]

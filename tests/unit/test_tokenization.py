@@ -12,11 +12,13 @@ import pytest
 
 from embedd_server.core.errors import InputTooLong, InvalidInput
 from embedd_server.core.tokenization import (
+    ForeignIds,
     HuggingFaceTokenizer,
     LlamaTokenizer,
     Tokenized,
     Truncation,
     check_token_ids,
+    special_tokens,
     tokenize_texts,
 )
 from tests.fakes import fake_tokenizer_json
@@ -178,3 +180,21 @@ def test_an_unknown_vocabulary_size_checks_only_for_negative_ids() -> None:
     assert check_token_ids([[10**6]], 0, 8, truncation=Truncation()).sequences == [[10**6]]
     with pytest.raises(InvalidInput, match="token id -5"):
         check_token_ids([[-5]], 0, 8, truncation=Truncation())
+
+
+def test_special_tokens_are_what_every_encoding_shares(hf: HuggingFaceTokenizer) -> None:
+    assert special_tokens(hf) == ([CLS], [SEP])
+    assert special_tokens(_llama()) == ([CLS], [SEP])
+
+
+def test_foreign_ids_without_the_special_tokens_are_refused_with_the_hint() -> None:
+    foreign = ForeignIds(([CLS], [SEP]), "Send the texts.")
+    assert check_token_ids([[CLS, HELLO, SEP]], 16, 8, Truncation(), foreign).sequences == [
+        [CLS, HELLO, SEP]
+    ]
+    with pytest.raises(InvalidInput, match=r"Input 1's token ids.*Send the texts\.$") as caught:
+        check_token_ids([[CLS, SEP], [HELLO, CAT]], 16, 8, Truncation(), foreign)
+    assert caught.value.param == "input[1]"
+    with pytest.raises(InvalidInput, match=r"outside the model's vocabulary.*Send the texts\."):
+        check_token_ids([[CLS, 99, SEP]], 16, 8, Truncation(), foreign)
+    assert check_token_ids([[HELLO]], 16, 8, Truncation()).sequences == [[HELLO]]  # no check

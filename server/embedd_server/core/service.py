@@ -32,9 +32,11 @@ from embedd_server.core.scheduler import Job
 from embedd_server.core.tokenization import (
     DIRECTIONS,
     RIGHT,
+    ForeignIds,
     Tokenized,
     Truncation,
     check_token_ids,
+    special_tokens,
     tokenize_texts,
 )
 from embedd_server.engines.base import FloatMatrix
@@ -76,6 +78,9 @@ class EmbedParams:
     truncation_hint: str = ""
     # At most this many tokens per input (Cohere's max_tokens); None: the model's limit.
     max_tokens: int | None = None
+    # Where token ids usually come from another tokenizer (OpenAI's route: tiktoken's): what
+    # to tell the caller when they are not the model's; None: ids are taken as they are.
+    foreign_ids_hint: str | None = None
     # The forms wanted (core.quantization.OUTPUT_TYPES), all from one forward pass: "float"
     # fills EmbedOutcome.vectors (always filled), the others EmbedOutcome.compact.
     output_types: tuple[str, ...] = (FLOAT,)
@@ -300,7 +305,10 @@ class EmbeddingService:
             params.truncate, params.truncation_direction, params.truncation_hint
         )
         if params.token_ids:
-            return check_token_ids(params.token_ids, model.vocab_size, limit, truncation)
+            foreign = None
+            if params.foreign_ids_hint is not None:
+                foreign = ForeignIds(special_tokens(model.tokenizer), params.foreign_ids_hint)
+            return check_token_ids(params.token_ids, model.vocab_size, limit, truncation, foreign)
         if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
             return tokenize_texts(model.tokenizer, texts, limit, truncation)
         return await asyncio.to_thread(tokenize_texts, model.tokenizer, texts, limit, truncation)

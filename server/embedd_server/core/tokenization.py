@@ -148,11 +148,39 @@ def tokenize_texts(
     return Tokenized(sequences, cut)
 
 
+@dataclass(frozen=True)
+class ForeignIds:
+    """For routes where token ids usually come from another tokenizer (OpenAI's: tiktoken):
+    the ids must carry the model's own special tokens, and the errors say ``hint``."""
+
+    specials: tuple[list[int], list[int]]  # the ids every sequence starts and ends with
+    hint: str
+
+
+def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after every text ([CLS] and [SEP], BOS, EOS...):
+    what the encodings of two different one-word texts share at each end."""
+    first, second = tokenizer.encode_batch(["a", "b"])
+    start = 0
+    while start < min(len(first), len(second)) and first[start] == second[start]:
+        start += 1
+    end = 0
+    while end < min(len(first), len(second)) - start and first[-1 - end] == second[-1 - end]:
+        end += 1
+    return first[:start], first[len(first) - end :]
+
+
 def check_token_ids(
-    sequences: Sequence[Sequence[int]], vocab_size: int, max_tokens: int, truncation: Truncation
+    sequences: Sequence[Sequence[int]],
+    vocab_size: int,
+    max_tokens: int,
+    truncation: Truncation,
+    foreign: ForeignIds | None = None,
 ) -> Tokenized:
-    """Validates pre-tokenized input: ids in the vocabulary, lengths within the limit."""
+    """Validates pre-tokenized input: ids in the vocabulary (and with the model's special
+    tokens where ``foreign`` says so), lengths within the limit."""
     checked: list[list[int]] = []
+    hint = f" {foreign.hint}" if foreign else ""
     for index, ids in enumerate(sequences):
         if not ids:
             raise InvalidInput(f"Input {index} has no token ids.", param=f"input[{index}]")
@@ -160,9 +188,11 @@ def check_token_ids(
         if bad is not None:
             raise InvalidInput(
                 f"Input {index} has token id {bad}, outside the model's vocabulary "
-                f"(0..{vocab_size - 1}).",
+                f"(0..{vocab_size - 1}).{hint}",
                 param=f"input[{index}]",
             )
+        if foreign is not None:
+            _check_specials(index, ids, foreign)
         if len(ids) <= max_tokens:
             checked.append(list(ids))
             continue
@@ -171,6 +201,18 @@ def check_token_ids(
         kept = ids[len(ids) - max_tokens :] if truncation.direction == LEFT else ids[:max_tokens]
         checked.append(list(kept))
     return Tokenized(checked, sum(len(ids) > max_tokens for ids in sequences))
+
+
+def _check_specials(index: int, ids: Sequence[int], foreign: ForeignIds) -> None:
+    head, tail = foreign.specials
+    if list(ids[: len(head)]) == head and (not tail or list(ids[-len(tail) :]) == tail):
+        return
+    raise InvalidInput(
+        f"Input {index}'s token ids do not begin with {head} and end with {tail}, the special "
+        "tokens the model's own tokenizer adds (the Tokenize RPC returns such ids), so they "
+        f"are not this model's.{' ' + foreign.hint if foreign.hint else ''}",
+        param=f"input[{index}]",
+    )
 
 
 # --- The Hugging Face tokenizer rebuilt from a GGUF file's own vocabulary ----------------------

@@ -32,6 +32,12 @@ OPENAI_INPUT_SHAPES = (
 )
 # OpenAI's two, then the compact vectors (arrays of integers; core.quantization says how).
 ENCODING_FORMATS = (FLOAT, "base64", INT8, UINT8, BINARY, UBINARY)
+# Token ids sent to an OpenAI-shaped route are mostly tiktoken's, for OpenAI's vocabulary.
+TIKTOKEN_HINT = (
+    "Ids from another tokenizer (e.g. tiktoken's, which LangChain's OpenAIEmbeddings sends by "
+    "default) do not fit this model: send the texts instead (OpenAIEmbeddings("
+    "check_embedding_ctx_length=False))."
+)
 _MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32, as in the native TokenIds message
 
 
@@ -66,6 +72,7 @@ class RestRoutes:
             truncate=request.truncate if request.HasField("truncate") else self._openai_truncate,
             truncation_direction=request.truncation_direction or RIGHT,
             truncation_hint='send "truncate": true',
+            foreign_ids_hint=TIKTOKEN_HINT,
             prompt_name=request.prompt_name or None,
             prompt=request.prompt if request.HasField("prompt") else None,
             input_type=request.input_type or None,
