@@ -159,14 +159,16 @@ class ForeignIds:
 
 def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after every text ([CLS] and [SEP], BOS, EOS...):
-    what the encodings of two different one-word texts share at each end."""
-    first, second = tokenizer.encode_batch(["a", "b"])
+    what the encodings of a few different one-word texts share at each end."""
+    encodings = tokenizer.encode_batch(["a", "hello", "dog", "7"])
+    shortest = min(len(ids) for ids in encodings)
     start = 0
-    while start < min(len(first), len(second)) and first[start] == second[start]:
+    while start < shortest and len({ids[start] for ids in encodings}) == 1:
         start += 1
     end = 0
-    while end < min(len(first), len(second)) - start and first[-1 - end] == second[-1 - end]:
+    while end < shortest - start and len({ids[-1 - end] for ids in encodings}) == 1:
         end += 1
+    first = encodings[0]
     return first[:start], first[len(first) - end :]
 
 
