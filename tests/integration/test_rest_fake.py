@@ -573,3 +573,23 @@ def test_error_bodies_are_json_not_grpc(envoy: EnvoyProcess) -> None:
     assert reply.headers["content-type"] == "application/json"
     assert int(reply.headers["content-length"]) == len(reply.body)
     assert json.loads(reply.body)["error"]["code"] == "model_not_found"
+
+
+def test_openai_truncate_setting_is_the_default_of_the_field(tmp_path: Path) -> None:
+    long_text = "hello " * 40  # the fake models take 16 tokens
+    with (
+        ServerThread.with_fake_models(tmp_path / "models", openai_truncate=True) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = embedder(channel)
+        cut, call = stub.CreateEmbeddings.with_call(
+            pb.CreateEmbeddingsRequest(input=Value(string_value=long_text))
+        )
+        assert cut.usage.prompt_tokens == 16
+        assert dict(call.trailing_metadata())["x-embedd-truncated-inputs"] == "1"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateEmbeddings(
+                pb.CreateEmbeddingsRequest(input=Value(string_value=long_text), truncate=False)
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert '"truncate": true' in str(refused.value.details())
