@@ -174,6 +174,24 @@ def _optional_str(value: Any) -> str | None:
 PARAMETERS_FIELD = "embedd.tensor_elements"  # not a GGUF key: the sum over the file's tensors
 
 
+def read_float_array(path: Path, key: str, text_key: str, expected_text: str) -> Any:
+    """The float32 array stored under ``key`` as a numpy vector, provided ``text_key`` holds
+    ``expected_text``; None when either is absent or differs (or the file is unreadable)."""
+    from gguf import GGUFReader
+    from numpy import concatenate, float32
+
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, OSError):
+        return None
+    marker, field = reader.get_field(text_key), reader.get_field(key)
+    if marker is None or field is None or marker.contents() != expected_text:
+        return None
+    if not field.data:
+        return None
+    return concatenate([field.parts[index] for index in field.data]).astype(float32)
+
+
 def _read_fields(path: Path) -> dict[str, Any]:
     """Scalar and string metadata of a GGUF file; arrays are reported by their length, and
     the weights of all tensors as PARAMETERS_FIELD."""

@@ -9,11 +9,14 @@
   toward zero as numpy's ``astype`` does. Values outside the range are clipped to it
   (sentence-transformers lets them wrap around). The ranges are those of the model's own
   vectors of a fixed text set (:data:`CALIBRATION_TEXTS`), taken after ``dimensions`` and
-  normalization, exactly as the request's vectors are.
+  normalization, exactly as the request's vectors are. ``embedd import`` stores the model's
+  raw vectors of that set in the GGUF (:data:`CALIBRATION_VECTORS_KEY`); for a file without
+  them (or with those of another text set) the server embeds the set once, on first use.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,3 +173,11 @@ CALIBRATION_TEXTS: tuple[str, ...] = (
     "To install the package, run the installer, accept the license agreement, choose a "
     "destination folder and restart the computer when prompted.",
 )
+
+
+# The GGUF keys of the stored calibration: the model's raw (pooled, not normalized) vectors of
+# CALIBRATION_TEXTS as one float32 array, row after row, and the sha256 of the text set they
+# belong to (vectors of another set are ignored).
+CALIBRATION_VECTORS_KEY = "embedd.calibration.vectors"
+CALIBRATION_SET_KEY = "embedd.calibration.texts_sha256"
+CALIBRATION_SET_SHA256 = hashlib.sha256("\n".join(CALIBRATION_TEXTS).encode()).hexdigest()

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedd_server.core.catalog import POOLING_TYPES, ModelInfo
+from embedd_server.core.catalog import POOLING_TYPES, ModelInfo, read_float_array
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import InvalidInput, NotImplementedFeature, shorten
 from embedd_server.core.quantization import (
     CALIBRATED_TYPES,
+    CALIBRATION_SET_KEY,
+    CALIBRATION_SET_SHA256,
     CALIBRATION_TEXTS,
+    CALIBRATION_VECTORS_KEY,
     FLOAT,
     OUTPUT_TYPES,
     ByteMatrix,
@@ -174,18 +177,25 @@ class EmbeddingService:
             kind: quantize(vectors, kind, ranges) for kind in params.output_types if kind != FLOAT
         }
 
+    async def calibration_vectors(self, model_name: str) -> FloatMatrix:
+        """The model's raw vectors of the calibration texts: those stored in its file, else
+        computed (once per loaded file)."""
+        async with self.registry.use(model_name) as model:
+            return await self._calibration_vectors(model)
+
     async def _calibration_vectors(self, model: LoadedModel) -> FloatMatrix:
         """The model's raw vectors of the calibration texts (no prompt), computed once."""
         found = self._calibration.get(model.info)
+        if found is None:
+            found = await asyncio.to_thread(_stored_calibration, model.info)
         if found is None:
             calibration = EmbedParams(texts=CALIBRATION_TEXTS, prompt="")
             texts = model_texts(calibration, model.info, model.options.pooling or "")
             tokenized = tokenize_texts(
                 model.tokenizer, texts, model.info.max_input_tokens, Truncation()
             )
-            found = self._calibration[model.info] = await self._run(
-                model, tokenized.sequences, None
-            )
+            found = await self._run(model, tokenized.sequences, None)
+        self._calibration[model.info] = found
         return found
 
     async def load_if_needed(self, model_name: str, keep_alive_s: float | None = None) -> str:
@@ -340,6 +350,18 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+def _stored_calibration(info: ModelInfo) -> FloatMatrix | None:
+    """The calibration vectors `embedd import` stored in the model's file, if any."""
+    flat = read_float_array(
+        info.path, CALIBRATION_VECTORS_KEY, CALIBRATION_SET_KEY, CALIBRATION_SET_SHA256
+    )
+    shape = (len(CALIBRATION_TEXTS), info.dimensions)
+    if flat is None or flat.size != shape[0] * shape[1]:
+        return None
+    vectors: FloatMatrix = flat.reshape(shape)
+    return vectors
 
 
 def resolve_prompt(params: EmbedParams, info: ModelInfo) -> str:
