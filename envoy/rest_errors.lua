@@ -20,12 +20,14 @@ function envoy_on_request(request_handle)
   local metadata = request_handle:streamInfo():dynamicMetadata()
   if content_type:sub(1, 16) == "application/grpc" then
     metadata:set(NAMESPACE, "native_grpc", true)
-  elseif path:sub(1, 5) == "/api/" then
+  elseif path:sub(1, 5) == "/api/" or path == "/" then
     metadata:set(NAMESPACE, "ollama", true)
   elseif path:match("^/v[12]/rerank") then
     metadata:set(NAMESPACE, "rerank", true)
   elseif path:match("^/rerank") then
     metadata:set(NAMESPACE, "tei", true)
+  elseif path:sub(1, 4) == "/v2/" then
+    metadata:set(NAMESPACE, "cohere", true)
   end
 end
 
@@ -79,6 +81,8 @@ local function fallback_body(headers, metadata)
     if status == 429 then kind = "Overloaded" elseif status == 503 then kind = "Unhealthy"
     elseif status >= 500 then kind = "Backend" end
     return '{"error":' .. json_string(message) .. ',"error_type":"' .. kind .. '"}', status
+  if metadata["cohere"] then
+    return '{"message":' .. json_string(message) .. "}", status
   end
   local kind = "invalid_request_error"
   if status >= 500 then kind = "server_error" end

@@ -19,8 +19,10 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   bounded; ``google.protobuf.ListValue`` is an array of any JSON values;
 - every operation's non-2xx answer is documented as the error body of its route: OpenAI's
   ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
-  ``/api/``, ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's
-  ``{"error", "error_type"}`` on ``/rerank``.
+  ``/api/`` and at ``/``, Cohere's ``{"message": "..."}`` under ``/v2/``,
+  ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's ``{"error", "error_type"}``
+  on ``/rerank``;
+- a ``google.api.HttpBody`` answer (``GET /``) is the plain text it carries.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ OPENAI_ERROR = "OpenAIError"
 OLLAMA_ERROR = "OllamaError"
 RERANK_ERROR = "RerankError"
 TEI_ERROR = "TeiError"
+COHERE_ERROR = "CohereError"
+HTTP_BODY = "HttpBody"
 ERROR_DEFINITIONS: dict[str, Any] = {
     OPENAI_ERROR: {
         "type": "object",
@@ -135,6 +139,13 @@ ERROR_DEFINITIONS: dict[str, Any] = {
             },
         },
     },
+    COHERE_ERROR: {
+        "type": "object",
+        "description": "Cohere's error body: every non-2xx answer of the /v2 routes.",
+        "required": ["message"],
+        "additionalProperties": False,
+        "properties": {"message": {"type": "string", "minLength": 1}},
+    },
 }
 # REST path prefix -> its error body (the first match wins; else OpenAI's), as the server's
 # rpc/status.py shapes them.
@@ -142,6 +153,7 @@ ERRORS_BY_PATH = (
     ("/api/", OLLAMA_ERROR),
     ("/v1/rerank", RERANK_ERROR),
     ("/v2/rerank", RERANK_ERROR),
+    ("/v2/", COHERE_ERROR),
     ("/rerank", TEI_ERROR),
 )
 
@@ -228,16 +240,16 @@ def post_process(
     requests: set[str] = set()
     responses: set[str] = set()
     for path, methods in swagger["paths"].items():
-        for operation in methods.values():
+        for verb, operation in methods.items():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "body":
                     requests.add(_ref_name(parameter["schema"]))
+            if HTTP_BODY in _refs(operation["responses"]):
+                _plain_text(operation, verb)
             responses.update(_refs(operation["responses"]))
-            error = next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), None)
-            error = error or OPENAI_ERROR
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",
-                "schema": {"$ref": f"#/definitions/{error}"},
+                "schema": {"$ref": f"#/definitions/{_error_shape(path)}"},
             }
     responses = _closure(responses, definitions)
     for name, schema in definitions.items():
@@ -263,6 +275,22 @@ def post_process(
         ),
     }
     return {key: swagger[key] for key in ("swagger", "info", *swagger) if key in swagger}
+
+
+def _error_shape(path: str) -> str:
+    """The error body of a REST path (the root answers Ollama's clients)."""
+    if path == "/":
+        return OLLAMA_ERROR
+    return next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), OPENAI_ERROR)
+
+
+def _plain_text(operation: dict[str, Any], verb: str) -> None:
+    """An HttpBody answer: the server's text as it is (none for HEAD)."""
+    operation["produces"] = ["text/plain"]
+    answer: dict[str, Any] = {"description": "The text."}
+    if verb != "head":
+        answer["schema"] = {"type": "string"}
+    operation["responses"]["200"] = answer
 
 
 def _adjust_request(schema: dict[str, Any], message: descriptor_pb2.DescriptorProto) -> None:

@@ -94,6 +94,12 @@ class Metrics:
         self.input_tokens = Counter(
             "embedd_input_tokens", "Tokens of the inputs embedded.", ["model"], registry=registry
         )
+        self.truncated_inputs = Counter(
+            "embedd_truncated_inputs",
+            "Inputs cut to the model's limit (or a request's max_tokens) before embedding.",
+            ["model"],
+            registry=registry,
+        )
         self.worker_replacements = Counter(
             "embedd_worker_replacements",
             "Workers replaced after a crash or a hang.",

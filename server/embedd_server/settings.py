@@ -126,6 +126,11 @@ class Settings:
         False,
     )
     max_inputs_per_request: int = _opt("Most inputs one request may carry.", 2048)
+    openai_truncate: bool = _opt(
+        "Default of /v1/embeddings' `truncate` field: cut over-long inputs to the model's "
+        "limit instead of failing with context_length_exceeded (off: OpenAI's behaviour).",
+        False,
+    )
     max_queued_texts: int = _opt(
         "Bound of the scheduler's queue, in inputs. A request that does not fit is refused "
         "with RESOURCE_EXHAUSTED (HTTP 429) at once instead of waiting without bound.",

@@ -19,6 +19,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.convert.hf_to_gguf import import_model
+from embedd_server.core.catalog import read_model_info
+from embedd_server.core.quantization import CALIBRATION_TEXTS
+from embedd_server.core.service import _stored_calibration
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/all-MiniLM-L6-v2"
 MIN_COSINE = {"f32": 0.9999, "f16": 0.9999, "q8_0": 0.999}
@@ -95,6 +98,10 @@ def test_vectors_match_sentence_transformers(
     assert fields["sentence_transformers.max_seq_length"].contents() == 256
     assert fields["sentence_transformers.normalize"].contents() is True
     tokenizer = _stored_tokenizer(path)
+    # The int8 calibration: the model's own raw vectors of the fixed text set.
+    calibration = _stored_calibration(read_model_info(path))
+    assert calibration is not None
+    assert calibration.shape == (len(CALIBRATION_TEXTS), 384)
     encoder = _Encoder(path)
     try:
         cosines = []
@@ -102,6 +109,9 @@ def test_vectors_match_sentence_transformers(
             ids = tokenizer.encode(item["text"]).ids
             assert len(ids) == item["tokens"], item["text"]
             cosines.append(float(encoder.embed(ids) @ expected))
+        for text, stored in zip(CALIBRATION_TEXTS[:8], calibration, strict=False):
+            direct = encoder.embed(tokenizer.encode(text).ids)
+            assert float(direct @ stored) / np.linalg.norm(stored) >= MIN_COSINE[out_type]
     finally:
         encoder.close()
     worst = int(np.argmin(cosines))

@@ -20,6 +20,7 @@ from embedd_server.run.envoy import (
     K8S_CONFIG_DIR,
     K8S_DESCRIPTOR,
     LUA_FILTER,
+    TRAILERS_LUA_FILTER,
     render_compose_envoy_config,
     render_k8s_configmap,
     validate_envoy_config,
@@ -156,14 +157,15 @@ def test_configmap_is_the_rendering_of_envoy_dir() -> None:
 
 def test_configmap_envoy_config_passes_envoy_validate(tmp_path: Path) -> None:
     data = one("ConfigMap", "embedd-envoy")["data"]
-    lua = tmp_path / LUA_FILTER.name
-    lua.write_text(data[LUA_FILTER.name])
+    text = data["envoy.yaml"]
+    for name in (LUA_FILTER.name, TRAILERS_LUA_FILTER.name):
+        lua = tmp_path / name
+        lua.write_text(data[name])
+        assert f'"{K8S_CONFIG_DIR}/{name}"' in text
+        text = text.replace(f"{K8S_CONFIG_DIR}/{name}", str(lua))
     descriptor = tmp_path / "embedd_descriptor.pb"
     descriptor.write_bytes(DESCRIPTOR.read_bytes())  # what the init container copies
-    text = data["envoy.yaml"]
-    assert f'"{K8S_CONFIG_DIR}/{LUA_FILTER.name}"' in text
     assert f'"{K8S_DESCRIPTOR}"' in text
-    text = text.replace(f"{K8S_CONFIG_DIR}/{LUA_FILTER.name}", str(lua))
     text = text.replace(K8S_DESCRIPTOR, str(descriptor))
     config = tmp_path / "envoy.yaml"
     config.write_text(text)

@@ -110,3 +110,36 @@ def test_rest_routes_are_counted_as_their_rpc(stack: tuple[ServerThread, EnvoyPr
         if sample.name == "embedd_requests_total"
     }
     assert counted[("CreateEmbeddings", "OK")] >= 1
+
+
+def test_truncated_inputs_are_in_the_header_the_access_log_and_the_metric(
+    stack: tuple[ServerThread, EnvoyProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, envoy = stack
+    caplog.set_level(logging.INFO, logger="embedd_server")
+    long_text = "hello " * 40  # the fake models take 16 tokens
+    reply = http(
+        envoy.base_url + "/api/embed",
+        "POST",
+        body={"model": "fake", "input": [long_text, "hello", long_text]},
+        headers={"x-request-id": "cut-2"},
+    )
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-embedd-truncated-inputs"] == "2"
+    line = access_line(caplog, "cut-2")
+    assert (line.inputs, line.truncated) == (3, 2)  # type: ignore[attr-defined]
+    server.call(asyncio.sleep(0))
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.settings.metrics_port}/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    [counted] = [
+        sample.value
+        for sample in families["embedd_truncated_inputs"].samples
+        if sample.name == "embedd_truncated_inputs_total" and sample.labels["model"] == "fake"
+    ]
+    assert counted >= 2
+    # Native gRPC callers get the count as trailing metadata.
+    with grpc.insecure_channel(envoy.grpc_target) as channel:
+        _, call = pb_grpc.EmbedderStub(channel).Embed.with_call(
+            pb.EmbedRequest(texts=[long_text], truncation=pb.TRUNCATION_START)
+        )
+    assert dict(call.trailing_metadata())["x-embedd-truncated-inputs"] == "1"

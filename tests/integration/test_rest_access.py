@@ -11,18 +11,18 @@ from tests.envoy_proc import EnvoyProcess, HttpReply, http
 from tests.integration.test_rest_fake import assert_ollama_error, assert_openai_error
 from tests.servers import ServerThread
 
-KEY_A, KEY_B, KEY_C = "sk-a", "sk-b", "sk-c"
+KEY_A, KEY_B, KEY_C, KEY_D = "sk-a", "sk-b", "sk-c", "sk-d"
 EMBEDDINGS = {"model": "fake", "input": "hello"}
 
 
 @pytest.fixture(scope="module")
 def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
-    """Keys sk-a, sk-b, sk-c; one call per second per key, bursts of two."""
+    """Keys sk-a, sk-b, sk-c, sk-d; one call per second per key, bursts of two."""
     root = tmp_path_factory.mktemp("rest-access")
     with (
         ServerThread.with_fake_models(
             root / "models",
-            api_keys=f"{KEY_A},{KEY_B},{KEY_C}",
+            api_keys=f"{KEY_A},{KEY_B},{KEY_C},{KEY_D}",
             rate_limit_per_s=1,
             rate_limit_burst=2,
         ) as server,
@@ -97,3 +97,32 @@ def test_ollama_route_429_in_ollama_shape(envoy: EnvoyProcess) -> None:
     refused = replies[-1]
     assert "Rate limit exceeded" in assert_ollama_error(refused, 429)
     assert refused.headers["retry-after"] == "1"
+
+
+def test_new_routes_need_a_key_in_their_api_shape_but_health_does_not(
+    envoy: EnvoyProcess,
+) -> None:
+    for path in ("/", "/api/tags", "/api/version"):
+        assert assert_ollama_error(http(envoy.base_url + path), 401).startswith("Incorrect API key")
+    for path, body in [
+        ("/api/embeddings", {"model": "fake", "prompt": "hello"}),
+        ("/api/show", {"model": "fake"}),
+    ]:
+        assert assert_ollama_error(post(envoy, path, body, {}), 401).startswith("Incorrect")
+    cohere = post(envoy, "/v2/embed", {"texts": ["hello"]}, {})
+    assert cohere.status == 401, cohere.body
+    assert set(cohere.json()) == {"message"}
+    assert cohere.json()["message"].startswith("Incorrect API key provided")
+    for _ in range(5):  # open, and outside every rate limit
+        health = http(envoy.base_url + "/health")
+        assert (health.status, health.json()) == (200, {"status": "serving"})
+
+
+def test_cohere_route_429_in_cohere_shape(envoy: EnvoyProcess) -> None:
+    headers = {"authorization": f"Bearer {KEY_D}"}
+    replies = [post(envoy, "/v2/embed", {"texts": ["hello"]}, headers) for _ in range(3)]
+    assert [reply.status for reply in replies[:2]] == [200, 200]
+    refused = replies[2]
+    assert refused.status == 429, refused.body
+    assert refused.headers["retry-after"] == "1"
+    assert "Rate limit exceeded" in refused.json()["message"]

@@ -277,7 +277,7 @@ def test_official_client_models(client: openai.OpenAI) -> None:
         ({"input": [2, 999, 3]}, "invalid_request_error", "input[0]"),
         ({"input": ["hello"] * 2049}, "invalid_request_error", "input"),
         ({"input": [""]}, "invalid_request_error", "input[0]"),
-        ({"input": "hello", "encoding_format": "int8"}, "invalid_request_error", "encoding_format"),
+        ({"input": "hello", "encoding_format": "int4"}, "invalid_request_error", "encoding_format"),
         ({"input": "hello", "dimensions": 0}, "invalid_request_error", "dimensions"),
         ({"input": "hello", "dimensions": -3}, "invalid_request_error", "dimensions"),
         ({"input": "hello", "dimensions": 9}, "invalid_request_error", "dimensions"),
@@ -337,7 +337,7 @@ def test_malformed_json_is_400_in_openai_shape(envoy: EnvoyProcess) -> None:
 def test_unknown_path_is_404_in_openai_shape(envoy: EnvoyProcess) -> None:
     error = assert_openai_error(post(envoy, "/v1/nothing", {"input": "x"}), 404, "not_found")
     assert "/v1/nothing" in error["message"]
-    assert_openai_error(http(envoy.base_url + "/"), 404, "not_found")
+    assert_openai_error(http(envoy.base_url + "/nothing"), 404, "not_found")
     assert_openai_error(http(envoy.base_url + "/v1/models/fake", "DELETE"), 404, "not_found")
 
 
@@ -483,11 +483,15 @@ def test_not_serving_takes_the_server_out_then_back(tmp_path: Path) -> None:
         EnvoyProcess.start([server.target], tmp_path / "envoy") as envoy,
     ):
         assert post(envoy, "/v1/embeddings", {"input": "hello"}).status == 200
+        assert http(envoy.base_url + "/health").status == 200
         server.call(server.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        # GET /health says so at once (the RPC reads the state), before Envoy's checks do.
+        assert_openai_error(http(envoy.base_url + "/health"), 503, "service_unavailable")
         reply = wait_for_status(envoy, 503)
         assert_openai_error(reply, 503, "service_unavailable")
         server.call(server.server._set_health(health_pb2.HealthCheckResponse.SERVING))
         assert wait_for_status(envoy, 200).json()["model"] == "fake"
+        assert http(envoy.base_url + "/health").json() == {"status": "serving"}
 
 
 def wait_for_status(envoy: EnvoyProcess, status: int, timeout: float = 10) -> HttpReply:
@@ -569,3 +573,23 @@ def test_error_bodies_are_json_not_grpc(envoy: EnvoyProcess) -> None:
     assert reply.headers["content-type"] == "application/json"
     assert int(reply.headers["content-length"]) == len(reply.body)
     assert json.loads(reply.body)["error"]["code"] == "model_not_found"
+
+
+def test_openai_truncate_setting_is_the_default_of_the_field(tmp_path: Path) -> None:
+    long_text = "hello " * 40  # the fake models take 16 tokens
+    with (
+        ServerThread.with_fake_models(tmp_path / "models", openai_truncate=True) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = embedder(channel)
+        cut, call = stub.CreateEmbeddings.with_call(
+            pb.CreateEmbeddingsRequest(input=Value(string_value=long_text))
+        )
+        assert cut.usage.prompt_tokens == 16
+        assert dict(call.trailing_metadata())["x-embedd-truncated-inputs"] == "1"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateEmbeddings(
+                pb.CreateEmbeddingsRequest(input=Value(string_value=long_text), truncate=False)
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert '"truncate": true' in str(refused.value.details())

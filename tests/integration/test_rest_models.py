@@ -38,7 +38,17 @@ def test_load_ps_and_unload(envoy: EnvoyProcess) -> None:
     running = {model["name"]: model for model in ps["models"]}
     assert set(running) == {"fake", "other"}
     other = running["other"]
-    assert set(other) == {"name", "model", "size", "digest", "details", "expires_at", "size_vram"}
+    assert set(other) == {
+        "name",
+        "model",
+        "size",
+        "digest",
+        "details",
+        "expires_at",
+        "size_vram",
+        "context_length",
+    }
+    assert other["context_length"] == 16  # the fake model's limit
     assert isinstance(other["size"], int | float) and other["size"] > 0
     assert len(other["digest"]) == 64 and other["details"]["format"] == "gguf"
     unloaded = call(envoy, "POST", "/v1/models/unload", {"model": "other"})

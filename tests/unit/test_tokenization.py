@@ -12,11 +12,14 @@ import pytest
 
 from embedd_server.core.errors import InputTooLong, InvalidInput
 from embedd_server.core.tokenization import (
+    ForeignIds,
     HuggingFaceTokenizer,
     LlamaTokenizer,
     Tokenized,
     TokenizedPairs,
+    Truncation,
     check_token_ids,
+    special_tokens,
     tokenize_texts,
 )
 from tests.fakes import fake_tokenizer_json
@@ -59,6 +62,13 @@ def test_hf_truncation_keeps_the_closing_special_token(hf: HuggingFaceTokenizer)
     assert hf.encode_batch(["hello cat dog hello"])[0] == [CLS, HELLO, CAT, DOG, HELLO, SEP]
 
 
+def test_hf_truncation_from_the_left_keeps_the_end_and_both_special_tokens(
+    hf: HuggingFaceTokenizer,
+) -> None:
+    assert hf.encode_truncated("hello cat dog hello", 4, "left") == [CLS, DOG, HELLO, SEP]
+    assert hf.encode_truncated("hello cat dog hello", 4) == [CLS, HELLO, CAT, SEP]
+
+
 # --- llama.cpp's tokenizer ---------------------------------------------------------------------
 
 
@@ -67,6 +77,7 @@ def test_llama_truncation_keeps_the_last_token() -> None:
     assert tokenizer.encode_batch(["ab abc"]) == [[CLS, 102, 103, SEP]]
     assert tokenizer.encode_truncated("a ab abc abcd", 4) == [CLS, 101, 102, SEP]
     assert tokenizer.encode_truncated("a ab", 4) == [CLS, 101, 102, SEP]
+    assert tokenizer.encode_truncated("a ab abc abcd", 4, "left") == [CLS, 103, 104, SEP]
     assert tokenizer.id_to_token(7) == "<7>"
 
 
@@ -80,7 +91,7 @@ def test_llama_tokenizer_survives_text_that_is_not_valid_utf8() -> None:
 
 def test_over_long_texts_are_truncated_to_the_limit(hf: HuggingFaceTokenizer) -> None:
     texts = ["hello", "hello cat dog hello cat", "cat dog"]
-    tokenized = tokenize_texts(hf, texts, max_tokens=4, truncate=True)
+    tokenized = tokenize_texts(hf, texts, max_tokens=4, truncation=Truncation())
     assert tokenized.sequences == [[CLS, HELLO, SEP], [CLS, HELLO, CAT, SEP], [CLS, CAT, DOG, SEP]]
     assert tokenized.token_count == 3 + 4 + 4  # usage counts what was computed
 
@@ -89,14 +100,18 @@ def test_without_truncation_an_over_long_text_is_input_too_long(
     hf: HuggingFaceTokenizer,
 ) -> None:
     texts = ["cat dog", "hello cat dog hello cat"]
-    assert len(tokenize_texts(hf, texts[:1], max_tokens=4, truncate=False).sequences[0]) == 4
+    off = Truncation(enabled=False)
+    assert len(tokenize_texts(hf, texts[:1], max_tokens=4, truncation=off).sequences[0]) == 4
     with pytest.raises(InputTooLong) as caught:
-        tokenize_texts(hf, texts, max_tokens=4, truncate=False)
+        tokenize_texts(hf, texts, max_tokens=4, truncation=off)
     error = caught.value
     assert isinstance(error, InvalidInput)  # a client error, not a server one
     assert error.param == "input[1]"
     assert "Input 1 has 7 tokens" in error.message and "limit of 4" in error.message
-    assert "enable truncation" in error.message
+    assert error.message.endswith("; shorten it.")  # no way to truncate: none suggested
+    hinted = Truncation(enabled=False, hint='send "truncate": true')
+    with pytest.raises(InputTooLong, match='or send "truncate": true to cut it to the limit'):
+        tokenize_texts(hf, texts, max_tokens=4, truncation=hinted)
 
 
 class _CountingTokenizer:
@@ -108,7 +123,7 @@ class _CountingTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [[CLS, *(HELLO for _ in text.split()), SEP] for text in texts]
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = "right") -> list[int]:
         self.truncated.append(text)
         return [CLS, *([HELLO] * (max_tokens - 2)), SEP]
 
@@ -125,25 +140,30 @@ class _CountingTokenizer:
 def test_only_over_long_texts_are_tokenized_again() -> None:
     tokenizer = _CountingTokenizer()
     texts = ["a b", "a b c d e", "a b c"]  # 4, 7 and 5 tokens
-    tokenized = tokenize_texts(tokenizer, texts, max_tokens=5, truncate=True)
+    tokenized = tokenize_texts(tokenizer, texts, max_tokens=5, truncation=Truncation())
     assert tokenizer.truncated == ["a b c d e"]
     assert [len(ids) for ids in tokenized.sequences] == [4, 5, 5]
+    assert tokenized.truncated == 1
 
 
 # --- check_token_ids: pre-tokenized input ---------------------------------------------------------
 
 
 def test_token_ids_within_the_vocabulary_and_limit_pass_as_lists() -> None:
-    tokenized = check_token_ids([(CLS, HELLO, SEP), [CLS, SEP]], 16, 4, truncate=False)
+    off = Truncation(enabled=False)
+    tokenized = check_token_ids([(CLS, HELLO, SEP), [CLS, SEP]], 16, 4, truncation=off)
     assert tokenized == Tokenized([[CLS, HELLO, SEP], [CLS, SEP]])
     assert tokenized.token_count == 5
 
 
 def test_over_long_token_ids_are_cut_or_refused() -> None:
     ids = [CLS, HELLO, CAT, DOG, SEP]
-    assert check_token_ids([ids], 16, 3, truncate=True).sequences == [[CLS, HELLO, CAT]]
+    cut = check_token_ids([ids], 16, 3, truncation=Truncation())
+    assert cut.sequences == [[CLS, HELLO, CAT]] and cut.truncated == 1
+    left = check_token_ids([ids], 16, 3, truncation=Truncation(direction="left"))
+    assert left.sequences == [[CAT, DOG, SEP]]
     with pytest.raises(InputTooLong, match=r"Input 0 has 5 tokens.*limit of 3") as caught:
-        check_token_ids([ids], 16, 3, truncate=False)
+        check_token_ids([ids], 16, 3, truncation=Truncation(enabled=False))
     assert caught.value.param == "input[0]"
 
 
@@ -157,16 +177,16 @@ def test_over_long_token_ids_are_cut_or_refused() -> None:
 )
 def test_bad_token_ids_are_invalid_input(sequences: list[list[int]], words: list[str]) -> None:
     with pytest.raises(InvalidInput) as caught:
-        check_token_ids(sequences, 16, 8, truncate=True)
+        check_token_ids(sequences, 16, 8, truncation=Truncation())
     assert not isinstance(caught.value, InputTooLong)
     for word in words:
         assert word in caught.value.message
 
 
 def test_an_unknown_vocabulary_size_checks_only_for_negative_ids() -> None:
-    assert check_token_ids([[10**6]], 0, 8, truncate=True).sequences == [[10**6]]
+    assert check_token_ids([[10**6]], 0, 8, truncation=Truncation()).sequences == [[10**6]]
     with pytest.raises(InvalidInput, match="token id -5"):
-        check_token_ids([[-5]], 0, 8, truncate=True)
+        check_token_ids([[-5]], 0, 8, truncation=Truncation())
 
 
 # --- the prompt's length (include_prompt: false) -------------------------------------------------
@@ -189,3 +209,21 @@ def test_a_tokenizer_without_a_closing_token_counts_every_prompt_token() -> None
         return [CLS, *(100 + len(word) for word in text.split())]  # BOS only
 
     assert LlamaTokenizer(tokenize, str).prompt_length("hello cat", 64) == 3
+
+
+def test_special_tokens_are_what_every_encoding_shares(hf: HuggingFaceTokenizer) -> None:
+    assert special_tokens(hf) == ([CLS], [SEP])
+    assert special_tokens(_llama()) == ([CLS], [SEP])
+
+
+def test_foreign_ids_without_the_special_tokens_are_refused_with_the_hint() -> None:
+    foreign = ForeignIds(([CLS], [SEP]), "Send the texts.")
+    assert check_token_ids([[CLS, HELLO, SEP]], 16, 8, Truncation(), foreign).sequences == [
+        [CLS, HELLO, SEP]
+    ]
+    with pytest.raises(InvalidInput, match=r"Input 1's token ids.*Send the texts\.$") as caught:
+        check_token_ids([[CLS, SEP], [HELLO, CAT]], 16, 8, Truncation(), foreign)
+    assert caught.value.param == "input[1]"
+    with pytest.raises(InvalidInput, match=r"outside the model's vocabulary.*Send the texts\."):
+        check_token_ids([[CLS, 99, SEP]], 16, 8, Truncation(), foreign)
+    assert check_token_ids([[HELLO]], 16, 8, Truncation()).sequences == [[HELLO]]  # no check

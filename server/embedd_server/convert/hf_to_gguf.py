@@ -29,6 +29,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from embedd_server.convert.calibration import calibration_vectors
 from embedd_server.convert.families import Family, select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
@@ -49,7 +50,13 @@ from embedd_server.core.catalog import (
     PAIR_TOKEN_TYPES_KEY,
     PROMPTS_KEY,
 )
-from embedd_server.core.errors import ModelImportError
+from embedd_server.core.errors import EmbeddError, ModelImportError
+from embedd_server.core.quantization import (
+    CALIBRATION_SET_KEY,
+    CALIBRATION_SET_SHA256,
+    CALIBRATION_VECTORS_KEY,
+)
+from embedd_server.engines.base import FloatMatrix
 
 SUPPORTED_TYPES = ("f32", "f16", "q8_0")
 
@@ -145,26 +152,54 @@ def import_model(
         )
         stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
     tokenizer = family.load_tokenizer(model_dir)
-    writer = gguf.GGUFWriter(None, family.arch)
-    writer.add_name(target.stem)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(_FILE_TYPES[out_type])
-    family.add_hparams(writer)
-    writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
-    if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
-        writer.add_classifier_output_labels(list(family.labels))
-    notes = [*settings.notes, *family.add_vocab(writer, tokenizer, model_dir), *prompt_notes]
-    writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
-    _add_settings(writer, settings, stored_prompts)
     tensors = family.tensors(load_safetensors(model_dir), model_dir)
-    for gg, data, qtype in _converted(family, tensors, out_type, progress):
-        writer.add_tensor(gg, data, raw_dtype=qtype)
+    converted = list(_converted(family, tensors, out_type, progress))
+    vocab_notes: list[str] = []
+
+    def new_writer(calibration: FloatMatrix | None) -> gguf.GGUFWriter:
+        writer = gguf.GGUFWriter(None, family.arch)
+        writer.add_name(target.stem)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(_FILE_TYPES[out_type])
+        family.add_hparams(writer)
+        writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
+        if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
+            writer.add_classifier_output_labels(list(family.labels))
+        vocab_notes[:] = family.add_vocab(writer, tokenizer, model_dir)
+        writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
+        _add_settings(writer, settings, stored_prompts)
+        if calibration is not None:
+            writer.add_string(CALIBRATION_SET_KEY, CALIBRATION_SET_SHA256)
+            writer.add_array(CALIBRATION_VECTORS_KEY, calibration.reshape(-1).tolist())
+        for gg, data, qtype in converted:
+            writer.add_tensor(gg, data, raw_dtype=qtype)
+        return writer
+
+    calibration: FloatMatrix | None = None
+    calibration_notes: list[str] = []
+    if not family.reranker:  # a cross-encoder gives scores, not vectors to quantize
+        calibration, calibration_notes = _calibrate(target.stem, lambda path: new_writer(None))
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(target, lambda tmp: _write_file(writer, tmp))
-    for note in notes:
+    _write_atomically(target, lambda tmp: _write_file(new_writer(calibration), tmp))
+    for note in [*settings.notes, *vocab_notes, *prompt_notes, *calibration_notes]:
         (report or log.warning)(note)
     return target
+
+
+def _calibrate(
+    name: str, draft: Callable[[Path], gguf.GGUFWriter]
+) -> tuple[FloatMatrix | None, list[str]]:
+    """The model's calibration vectors for int8/uint8 (core.quantization), computed on a draft
+    of the file written to a temporary directory. A model the engines cannot run yet is still
+    imported, without them (the server then says why when it loads it)."""
+    with tempfile.TemporaryDirectory(prefix="embedd-import-") as scratch:
+        path = Path(scratch) / f"{name}.gguf"
+        _write_file(draft(path), path)
+        try:
+            return calibration_vectors(path), []
+        except EmbeddError as exc:
+            return None, [f"{name}: no int8 calibration stored ({exc.message})"]
 
 
 def _prompts(

@@ -102,6 +102,7 @@ class ModelInfo:
     # A cross-encoder whose pairs have token type 1 from the document on (BERT's tokenizer);
     # else every token of a pair has type 0 (XLM-RoBERTa, generic tokenizers).
     pair_token_types: bool = False
+    parameters: int = 0  # weights in the file's tensors
 
     @property
     def embedding(self) -> bool:
@@ -155,6 +156,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         default_prompt_name=_optional_str(fields.get(DEFAULT_PROMPT_NAME_KEY)),
         labels=labels,
         pair_token_types=_pair_token_types(fields, pooling),
+        parameters=int(fields.get(PARAMETERS_FIELD, 0)),
     )
 
 
@@ -208,8 +210,30 @@ def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+PARAMETERS_FIELD = "embedd.tensor_elements"  # not a GGUF key: the sum over the file's tensors
+
+
+def read_float_array(path: Path, key: str, text_key: str, expected_text: str) -> Any:
+    """The float32 array stored under ``key`` as a numpy vector, provided ``text_key`` holds
+    ``expected_text``; None when either is absent or differs (or the file is unreadable)."""
+    from gguf import GGUFReader
+    from numpy import concatenate, float32
+
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, OSError):
+        return None
+    marker, field = reader.get_field(text_key), reader.get_field(key)
+    if marker is None or field is None or marker.contents() != expected_text:
+        return None
+    if not field.data:
+        return None
+    return concatenate([field.parts[index] for index in field.data]).astype(float32)
+
+
 def _read_fields(path: Path) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file; arrays are reported by their length."""
+    """Scalar and string metadata of a GGUF file; arrays are reported by their length, and
+    the weights of all tensors as PARAMETERS_FIELD."""
     from gguf import GGUFReader  # heavy import, only where needed
 
     try:
@@ -224,6 +248,7 @@ def _read_fields(path: Path) -> dict[str, Any]:
             values[f"{key}.count"] = len(field.data)
         else:
             values[key] = field.contents()
+    values[PARAMETERS_FIELD] = sum(int(tensor.n_elements) for tensor in reader.tensors)
     return values
 
 

@@ -23,6 +23,7 @@ class RequestInfo:
     model: str = ""  # set only once the model is resolved, so labels stay few
     inputs: int = 0
     tokens: int = 0
+    truncated: int = 0  # inputs cut to the model's limit
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("embedd_request", default=None)
@@ -40,13 +41,14 @@ def note_model(model: str) -> None:
         info.model = model
 
 
-def note_inputs(model: str, inputs: int, tokens: int) -> None:
+def note_inputs(model: str, inputs: int, tokens: int, truncated: int = 0) -> None:
     """Records a batch of inputs of the RPC being served (streams add theirs up)."""
     info = _current.get()
     if info is not None:
         info.model = model
         info.inputs += inputs
         info.tokens += tokens
+        info.truncated += truncated
 
 
 def set_current_request(info: RequestInfo) -> None:

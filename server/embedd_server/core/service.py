@@ -10,13 +10,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedd_server.core.catalog import POOLING_TYPES, RERANK, ModelInfo
+from embedd_server.core.catalog import POOLING_TYPES, RERANK, ModelInfo, read_float_array
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import InvalidInput, ModelNotReranker, shorten
+from embedd_server.core.quantization import (
+    CALIBRATED_TYPES,
+    CALIBRATION_SET_KEY,
+    CALIBRATION_SET_SHA256,
+    CALIBRATION_TEXTS,
+    CALIBRATION_VECTORS_KEY,
+    FLOAT,
+    OUTPUT_TYPES,
+    ByteMatrix,
+    Ranges,
+    quantize,
+)
 from embedd_server.core.registry import LoadedModel, ModelRegistry
 from embedd_server.core.request_info import current_request, note_inputs, note_model
 from embedd_server.core.reranking import (
@@ -30,10 +42,15 @@ from embedd_server.core.reranking import (
 )
 from embedd_server.core.scheduler import Job
 from embedd_server.core.tokenization import (
+    DIRECTIONS,
+    RIGHT,
+    ForeignIds,
     Tokenized,
     TokenizedPairs,
     Tokenizer,
+    Truncation,
     check_token_ids,
+    special_tokens,
     tokenize_texts,
     too_long,
 )
@@ -65,6 +82,19 @@ class EmbedParams:
     dimensions: int | None = None
     normalize: bool = True
     truncate: bool = True
+    # "right" cuts the end of an over-long input (keeps its start), "left" cuts its start.
+    truncation_direction: str = RIGHT
+    # How the caller's protocol turns truncation on, for the error when it is off ("" where the
+    # route cannot truncate: the error then only says to shorten the input).
+    truncation_hint: str = ""
+    # At most this many tokens per input (Cohere's max_tokens); None: the model's limit.
+    max_tokens: int | None = None
+    # Where token ids usually come from another tokenizer (OpenAI's route: tiktoken's): what
+    # to tell the caller when they are not the model's; None: ids are taken as they are.
+    foreign_ids_hint: str | None = None
+    # The forms wanted (core.quantization.OUTPUT_TYPES), all from one forward pass: "float"
+    # fills EmbedOutcome.vectors (always filled), the others EmbedOutcome.compact.
+    output_types: tuple[str, ...] = (FLOAT,)
     keep_alive_s: float | None = None  # None: the model's own keep_alive
     # At most one of these three; none: the model's default prompt (see resolve_prompt).
     prompt_name: str | None = None
@@ -81,6 +111,10 @@ class EmbedOutcome:
     prompt_tokens: int
     load_seconds: float
     total_seconds: float
+    truncated_inputs: int = 0  # inputs cut to the limit
+    # Compact forms asked for, by output type: int8 / uint8 one byte per dimension, binary /
+    # ubinary 8 dimensions per byte.
+    compact: dict[str, ByteMatrix] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +145,8 @@ class EmbeddingService:
         self._settings = settings
         self.registry = registry
         self._metrics = registry.metrics
+        # Each model's raw vectors of CALIBRATION_TEXTS (for int8/uint8), made on first use.
+        self._calibration: dict[ModelInfo, FloatMatrix] = {}
 
     async def embed(self, params: EmbedParams, deadline: float | None = None) -> EmbedOutcome:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
@@ -130,17 +166,21 @@ class EmbeddingService:
             starts = prompt_pooling_starts(
                 model.info, model.tokenizer, prompt if texts else "", tokenized.sequences
             )
-            vectors = await self._run(
+            raw = await self._run(
                 model, tokenized.sequences, deadline, starts if pooling == "mean" else None
             )
             if starts is not None and pooling == "last":
-                _zero_prompt_only_rows(vectors, tokenized.sequences, starts)
+                _zero_prompt_only_rows(raw, tokenized.sequences, starts)
+            vectors = _post_process(raw, dimensions, params.normalize)
+            compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
             model=model.info.name,
-            vectors=_post_process(vectors, dimensions, params.normalize),
+            vectors=vectors,
+            compact=compact,
             prompt_tokens=tokenized.token_count,
             load_seconds=0.0 if was_loaded else model.load_seconds,
             total_seconds=time.perf_counter() - started,
+            truncated_inputs=tokenized.truncated,
         )
 
     async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankOutcome:
@@ -202,6 +242,46 @@ class EmbeddingService:
                     raise too_long(index, len(ids), limit, param=f"documents[{index}]")
         return tokenized
 
+    async def _compact(
+        self, model: LoadedModel, vectors: FloatMatrix, params: EmbedParams
+    ) -> dict[str, ByteMatrix]:
+        """The compact forms the request asks for, from its float vectors."""
+        ranges = None
+        if CALIBRATED_TYPES.intersection(params.output_types):
+            calibration = await self._calibration_vectors(model)
+            ranges = Ranges.of(_post_process(calibration, vectors.shape[1], params.normalize))
+        return {
+            kind: quantize(vectors, kind, ranges) for kind in params.output_types if kind != FLOAT
+        }
+
+    async def calibration_vectors(self, model_name: str) -> FloatMatrix:
+        """The model's raw vectors of the calibration texts: those stored in its file, else
+        computed (once per loaded file)."""
+        async with self.registry.use(model_name) as model:
+            return await self._calibration_vectors(model)
+
+    async def _calibration_vectors(self, model: LoadedModel) -> FloatMatrix:
+        """The model's raw vectors of the calibration texts (no prompt), computed once."""
+        found = self._calibration.get(model.info)
+        if found is None:
+            found = await asyncio.to_thread(_stored_calibration, model.info)
+        if found is None:
+            calibration = EmbedParams(texts=CALIBRATION_TEXTS, prompt="")
+            texts = model_texts(calibration, model.info, "")
+            tokenized = tokenize_texts(
+                model.tokenizer, texts, model.info.max_input_tokens, Truncation()
+            )
+            found = await self._run(model, tokenized.sequences, None)
+        self._calibration[model.info] = found
+        return found
+
+    async def load_if_needed(self, model_name: str, keep_alive_s: float | None = None) -> str:
+        """Loads the model as a call to embed would (keep_alive renewed), embeds nothing;
+        returns the model's name."""
+        async with self.registry.use(model_name, keep_alive_s) as model:
+            note_model(model.info.name)
+        return model.info.name
+
     async def tokenize(self, model_name: str, text: str) -> TokenizeOutcome:
         """Token ids and strings of a text, untruncated, with the model's tokenizer."""
         async with self.registry.use(model_name) as model:
@@ -254,6 +334,23 @@ class EmbeddingService:
         ]
 
     def _check_inputs(self, params: EmbedParams) -> None:
+        unknown = [kind for kind in params.output_types if kind not in OUTPUT_TYPES]
+        if unknown or not params.output_types:
+            raise InvalidInput(
+                f"The output type must be one of {', '.join(OUTPUT_TYPES)}; got "
+                f"'{shorten(unknown[0] if unknown else '')}'.",
+                param="output_type",
+            )
+        if params.truncation_direction not in DIRECTIONS:
+            raise InvalidInput(
+                f"truncation_direction must be 'right' or 'left'; got "
+                f"'{shorten(params.truncation_direction)}'.",
+                param="truncation_direction",
+            )
+        if params.max_tokens is not None and params.max_tokens < 1:
+            raise InvalidInput(
+                f"max_tokens must be at least 1; got {params.max_tokens}.", param="max_tokens"
+            )
         count = len(params.texts) + len(params.token_ids)
         if params.texts and params.token_ids:
             raise InvalidInput("Give either texts or token ids, not both.", param="input")
@@ -289,18 +386,26 @@ class EmbeddingService:
         self, params: EmbedParams, texts: Sequence[str], model: LoadedModel
     ) -> Tokenized:
         limit = model.info.max_input_tokens
-        if params.token_ids:
-            return check_token_ids(params.token_ids, model.vocab_size, limit, params.truncate)
-        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
-            return tokenize_texts(model.tokenizer, texts, limit, params.truncate)
-        return await asyncio.to_thread(
-            tokenize_texts, model.tokenizer, texts, limit, params.truncate
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        truncation = Truncation(
+            params.truncate, params.truncation_direction, params.truncation_hint
         )
+        if params.token_ids:
+            foreign = None
+            if params.foreign_ids_hint is not None:
+                foreign = ForeignIds(special_tokens(model.tokenizer), params.foreign_ids_hint)
+            return check_token_ids(params.token_ids, model.vocab_size, limit, truncation, foreign)
+        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
+            return tokenize_texts(model.tokenizer, texts, limit, truncation)
+        return await asyncio.to_thread(tokenize_texts, model.tokenizer, texts, limit, truncation)
 
     def _count_inputs(self, model: str, tokenized: Tokenized | TokenizedPairs) -> None:
         tokens = tokenized.token_count
         self._metrics.input_tokens.labels(model).inc(tokens)
-        note_inputs(model, len(tokenized.sequences), tokens)
+        if tokenized.truncated:
+            self._metrics.truncated_inputs.labels(model).inc(tokenized.truncated)
+        note_inputs(model, len(tokenized.sequences), tokens, tokenized.truncated)
 
     async def _run(
         self,
@@ -330,6 +435,18 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+def _stored_calibration(info: ModelInfo) -> FloatMatrix | None:
+    """The calibration vectors `embedd import` stored in the model's file, if any."""
+    flat = read_float_array(
+        info.path, CALIBRATION_VECTORS_KEY, CALIBRATION_SET_KEY, CALIBRATION_SET_SHA256
+    )
+    shape = (len(CALIBRATION_TEXTS), info.dimensions)
+    if flat is None or flat.size != shape[0] * shape[1]:
+        return None
+    vectors: FloatMatrix = flat.reshape(shape)
+    return vectors
 
 
 def resolve_prompt(params: EmbedParams, info: ModelInfo) -> str:

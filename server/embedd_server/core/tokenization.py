@@ -21,6 +21,12 @@ from tokenizers import Tokenizer as HFTokenizerImpl
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.errors import InputTooLong, InvalidInput, NotImplementedFeature
 
+# Truncation directions, as Hugging Face tokenizers (and TEI) name them: "right" cuts the end
+# of the text (keeps its start), "left" cuts its start (keeps its end).
+RIGHT = "right"
+LEFT = "left"
+DIRECTIONS = (RIGHT, LEFT)
+
 
 class Tokenizer(Protocol):
     """What the service needs of a tokenizer."""
@@ -28,8 +34,9 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids with special tokens, not truncated."""
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
-        """Ids with special tokens, cut to at most max_tokens the way the model was trained."""
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
+        """Ids with special tokens, cut to at most max_tokens the way the model was trained:
+        at the end (``right``, keeping the start) or at the start (``left``)."""
 
     def id_to_token(self, token_id: int) -> str:
         """The token's text, for reading."""
@@ -53,25 +60,25 @@ class HuggingFaceTokenizer:
         self._full = HFTokenizerImpl.from_str(tokenizer_json)
         self._full.no_truncation()
         self._full.no_padding()
-        self._truncating: dict[int, HFTokenizerImpl] = {}
+        self._truncating: dict[tuple[int, str], HFTokenizerImpl] = {}
         self._json = tokenizer_json
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         encodings = self._full.encode_batch(list(texts))
         return [encoding.ids for encoding in encodings]
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
-        return list(self._truncating_to(max_tokens).encode(text).ids)
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
+        return list(self._truncating_to(max_tokens, direction).encode(text).ids)
 
-    def _truncating_to(self, max_tokens: int) -> HFTokenizerImpl:
-        # tokenizers truncates inside the template, so [SEP] stays at the end, exactly as
-        # sentence-transformers does.
-        tokenizer = self._truncating.get(max_tokens)
+    def _truncating_to(self, max_tokens: int, direction: str = RIGHT) -> HFTokenizerImpl:
+        # tokenizers truncates inside the template, so [CLS] and [SEP] stay where they are,
+        # exactly as sentence-transformers does (and TEI for direction "left").
+        tokenizer = self._truncating.get((max_tokens, direction))
         if tokenizer is None:
             tokenizer = HFTokenizerImpl.from_str(self._json)
             tokenizer.no_padding()
-            tokenizer.enable_truncation(max_tokens)
-            self._truncating[max_tokens] = tokenizer
+            tokenizer.enable_truncation(max_tokens, direction=direction)
+            self._truncating[(max_tokens, direction)] = tokenizer
         return tokenizer
 
     def id_to_token(self, token_id: int) -> str:
@@ -81,7 +88,9 @@ class HuggingFaceTokenizer:
         # The truncating tokenizer's strategy is longest_first, transformers' default.
         encodings = self._truncating_to(max_tokens).encode_batch(list(pairs))
         return TokenizedPairs(
-            [list(e.ids) for e in encodings], [_second_segment(e.type_ids) for e in encodings]
+            [list(e.ids) for e in encodings],
+            [_second_segment(e.type_ids) for e in encodings],
+            truncated=sum(1 for e in encodings if e.overflowing),
         )
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
@@ -104,10 +113,12 @@ class LlamaTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self._tokenize(text.encode("utf-8", "replace")) for text in texts]
 
-    def encode_truncated(self, text: str, max_tokens: int) -> list[int]:
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
         ids = self._tokenize(text.encode("utf-8", "replace"))
         if len(ids) <= max_tokens:
             return ids
+        if direction == LEFT:  # keep the opening token (e.g. [CLS]/BOS) and the end
+            return [ids[0], *ids[len(ids) - max_tokens + 1 :]]
         # Keep the closing special token (e.g. [SEP]/EOS) as a trained model expects it.
         return [*ids[: max_tokens - 1], ids[-1]]
 
@@ -140,6 +151,7 @@ class TokenizedPairs:
 
     sequences: list[list[int]]
     token_type_starts: list[int]
+    truncated: int = 0  # how many pairs were cut to the limit
 
     @property
     def token_count(self) -> int:
@@ -151,40 +163,88 @@ class Tokenized:
     """The ids fed to the engine and the count billed as usage."""
 
     sequences: list[list[int]]
+    truncated: int = 0  # how many inputs were cut to the limit
 
     @property
     def token_count(self) -> int:
         return sum(len(ids) for ids in self.sequences)
 
 
-def too_long(index: int, tokens: int, limit: int, *, param: str | None = None) -> InputTooLong:
+@dataclass(frozen=True)
+class Truncation:
+    """Whether and how over-long inputs are cut, and how the caller's protocol turns it on."""
+
+    enabled: bool = True
+    direction: str = RIGHT
+    # What the error for an over-long input tells the caller to do to have it cut, in its
+    # protocol's words (e.g. 'send "truncate": true'); "" where the route cannot truncate.
+    hint: str = ""
+
+
+def too_long(
+    index: int, tokens: int, limit: int, hint: str = "", *, param: str | None = None
+) -> InputTooLong:
     """The error for an over-long input when truncation is off."""
+    remedy = f"shorten it, or {hint} to cut it to the limit" if hint else "shorten it"
     return InputTooLong(
-        f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; "
-        "shorten it or enable truncation.",
+        f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; {remedy}.",
         param=param or f"input[{index}]",
     )
 
 
 def tokenize_texts(
-    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, truncate: bool
+    tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, truncation: Truncation
 ) -> Tokenized:
     """Tokenizes texts, truncating over-long ones or failing with InputTooLong."""
     sequences = tokenizer.encode_batch(texts)
+    cut = 0
     for index, ids in enumerate(sequences):
         if len(ids) <= max_tokens:
             continue
-        if not truncate:
-            raise too_long(index, len(ids), max_tokens)
-        sequences[index] = tokenizer.encode_truncated(texts[index], max_tokens)
-    return Tokenized(sequences)
+        if not truncation.enabled:
+            raise too_long(index, len(ids), max_tokens, truncation.hint)
+        sequences[index] = tokenizer.encode_truncated(
+            texts[index], max_tokens, truncation.direction
+        )
+        cut += 1
+    return Tokenized(sequences, cut)
+
+
+@dataclass(frozen=True)
+class ForeignIds:
+    """For routes where token ids usually come from another tokenizer (OpenAI's: tiktoken):
+    the ids must carry the model's own special tokens, and the errors say ``hint``."""
+
+    specials: tuple[list[int], list[int]]  # the ids every sequence starts and ends with
+    hint: str
+
+
+def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after every text ([CLS] and [SEP], BOS, EOS...):
+    what the encodings of a few different one-word texts share at each end."""
+    encodings = tokenizer.encode_batch(["a", "hello", "dog", "7"])
+    shortest = min(len(ids) for ids in encodings)
+    start = 0
+    while start < shortest and len({ids[start] for ids in encodings}) == 1:
+        start += 1
+    end = 0
+    while end < shortest - start and len({ids[-1 - end] for ids in encodings}) == 1:
+        end += 1
+    first = encodings[0]
+    return first[:start], first[len(first) - end :]
 
 
 def check_token_ids(
-    sequences: Sequence[Sequence[int]], vocab_size: int, max_tokens: int, truncate: bool
+    sequences: Sequence[Sequence[int]],
+    vocab_size: int,
+    max_tokens: int,
+    truncation: Truncation,
+    foreign: ForeignIds | None = None,
 ) -> Tokenized:
-    """Validates pre-tokenized input: ids in the vocabulary, lengths within the limit."""
+    """Validates pre-tokenized input: ids in the vocabulary (and with the model's special
+    tokens where ``foreign`` says so), lengths within the limit."""
     checked: list[list[int]] = []
+    hint = f" {foreign.hint}" if foreign else ""
     for index, ids in enumerate(sequences):
         if not ids:
             raise InvalidInput(f"Input {index} has no token ids.", param=f"input[{index}]")
@@ -192,13 +252,31 @@ def check_token_ids(
         if bad is not None:
             raise InvalidInput(
                 f"Input {index} has token id {bad}, outside the model's vocabulary "
-                f"(0..{vocab_size - 1}).",
+                f"(0..{vocab_size - 1}).{hint}",
                 param=f"input[{index}]",
             )
-        if len(ids) > max_tokens and not truncate:
-            raise too_long(index, len(ids), max_tokens)
-        checked.append(list(ids[:max_tokens]))
-    return Tokenized(checked)
+        if foreign is not None:
+            _check_specials(index, ids, foreign)
+        if len(ids) <= max_tokens:
+            checked.append(list(ids))
+            continue
+        if not truncation.enabled:
+            raise too_long(index, len(ids), max_tokens, truncation.hint)
+        kept = ids[len(ids) - max_tokens :] if truncation.direction == LEFT else ids[:max_tokens]
+        checked.append(list(kept))
+    return Tokenized(checked, sum(len(ids) > max_tokens for ids in sequences))
+
+
+def _check_specials(index: int, ids: Sequence[int], foreign: ForeignIds) -> None:
+    head, tail = foreign.specials
+    if list(ids[: len(head)]) == head and (not tail or list(ids[-len(tail) :]) == tail):
+        return
+    raise InvalidInput(
+        f"Input {index}'s token ids do not begin with {head} and end with {tail}, the special "
+        "tokens the model's own tokenizer adds (the Tokenize RPC returns such ids), so they "
+        f"are not this model's.{' ' + foreign.hint if foreign.hint else ''}",
+        param=f"input[{index}]",
+    )
 
 
 # --- The Hugging Face tokenizer rebuilt from a GGUF file's own vocabulary ----------------------

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import datetime
-import functools
-import hashlib
-from pathlib import Path
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import LoadOptions
 from embedd_server.core.errors import NotImplementedFeature
 from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
 from embedd_server.core.tokenization import tokenizer_kind
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
+from embedd_server.rpc.ollama_shapes import model_digest, ollama_details
 from embedd_server.rpc.status import ollama_error_body, translate_errors
 
 # Ollama prints a far-future expiry for models kept forever.
@@ -109,12 +106,11 @@ def _running_message(running: RunningModel) -> pb.RunningModel:
         name=info.name,
         model=info.name,
         size=float(info.file_size_bytes),
-        digest=_digest(info),
-        details=pb.RunningModelDetails(
-            format="gguf", family=info.architecture, quantization_level=info.quantization.upper()
-        ),
+        digest=model_digest(info),
+        details=ollama_details(info),
         expires_at=_expiry(running.expires_in_s),
         size_vram=0.0,
+        context_length=info.max_input_tokens,
     )
 
 
@@ -126,14 +122,3 @@ def _expiry(seconds: float) -> str:
         when = _FOREVER
     when = min(when, _FOREVER)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _digest(info: ModelInfo) -> str:
-    return _file_digest(info.path, info.file_size_bytes, info.created)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: Path, size: int, mtime: int) -> str:
-    """sha256 of the GGUF file (cached per path, size and modification time)."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -15,7 +15,9 @@ from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.quantization import BINARY, FLOAT, INT8, OUTPUT_TYPES, UBINARY, UINT8
 from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.core.tokenization import RIGHT
 from embedd_server.engines.base import FloatMatrix
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
@@ -28,24 +30,33 @@ OPENAI_INPUT_SHAPES = (
     "input must be a string, an array of strings, an array of token ids or an array of "
     "arrays of token ids"
 )
-ENCODING_FORMATS = ("float", "base64")
+# OpenAI's two, then the compact vectors (arrays of integers; core.quantization says how).
+ENCODING_FORMATS = (FLOAT, "base64", INT8, UINT8, BINARY, UBINARY)
+# Token ids sent to an OpenAI-shaped route are mostly tiktoken's, for OpenAI's vocabulary.
+TIKTOKEN_HINT = (
+    "Ids from another tokenizer (e.g. tiktoken's, which LangChain's OpenAIEmbeddings sends by "
+    "default) do not fit this model: send the texts instead (OpenAIEmbeddings("
+    "check_embedding_ctx_length=False))."
+)
 _MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32, as in the native TokenIds message
 
 
 class RestRoutes:
     """The REST-facing RPCs of embedd.v1.Embedder (mixed into its servicer)."""
 
-    def __init__(self, service: EmbeddingService) -> None:
+    def __init__(self, service: EmbeddingService, openai_truncate: bool = False) -> None:
         self._rest_service = service
+        self._openai_truncate = openai_truncate
 
     @translate_errors()
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: Context
     ) -> pb.CreateEmbeddingsResponse:
-        encoding = request.encoding_format or "float"
+        encoding = request.encoding_format or FLOAT
         if encoding not in ENCODING_FORMATS:
             raise InvalidInput(
-                f"encoding_format must be 'float' or 'base64'; got '{shorten(encoding)}'.",
+                f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}; got "
+                f"'{shorten(encoding)}'.",
                 param="encoding_format",
             )
         texts, token_ids = openai_inputs(request.input if request.HasField("input") else None)
@@ -56,18 +67,29 @@ class RestRoutes:
             texts=texts,
             token_ids=token_ids,
             dimensions=_dimensions(request),
-            truncate=False,  # OpenAI errors (context_length_exceeded) rather than truncating
+            # OpenAI fails with context_length_exceeded: the default unless the server's
+            # openai_truncate setting or the request's truncate extension says otherwise.
+            truncate=request.truncate if request.HasField("truncate") else self._openai_truncate,
+            truncation_direction=request.truncation_direction or RIGHT,
+            truncation_hint='send "truncate": true',
+            foreign_ids_hint=TIKTOKEN_HINT,
             prompt_name=request.prompt_name or None,
             prompt=request.prompt if request.HasField("prompt") else None,
             input_type=request.input_type or None,
+            output_types=(encoding,) if encoding in OUTPUT_TYPES else (FLOAT,),
         )
         outcome = await self._rest_service.embed(params, deadline_of(context))
-        encode = _base64_value if encoding == "base64" else vector_messages.float_list_values
+        if encoding == "base64":
+            values = _base64_value(outcome.vectors)
+        elif encoding == FLOAT:
+            values = vector_messages.float_list_values(outcome.vectors)
+        else:
+            values = vector_messages.integer_list_values(outcome.compact[encoding])
         return pb.CreateEmbeddingsResponse(
             object="list",
             data=[
                 pb.OpenAIEmbedding(object="embedding", index=index, embedding=value)
-                for index, value in enumerate(encode(outcome.vectors))
+                for index, value in enumerate(values)
             ],
             model=outcome.model,
             usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
@@ -84,6 +106,7 @@ class RestRoutes:
             texts=texts,
             dimensions=_dimensions(request),
             truncate=request.truncate if request.HasField("truncate") else True,
+            truncation_hint='send "truncate": true (the default)',
             keep_alive_s=(
                 parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
             ),

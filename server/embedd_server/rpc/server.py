@@ -50,6 +50,7 @@ class EmbeddServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         # grpc.aio objects belong to the event loop they are made on: created in start().
         self.health: health_aio.HealthServicer | None = None
+        self.serving = False  # what the health service last reported for this server
         self._server: aio.Server | None = None
 
     def _build_server(self, health_servicer: health_aio.HealthServicer) -> aio.Server:
@@ -67,7 +68,12 @@ class EmbeddServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = EmbedderServicer(self.service, self.settings.stream_window)
+        servicer = EmbedderServicer(
+            self.service,
+            self.settings.stream_window,
+            serving=lambda: self.serving,
+            openai_truncate=self.settings.openai_truncate,
+        )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
@@ -116,6 +122,7 @@ class EmbeddServer:
         log.info("stopped")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self.serving = status == SERVING
         if self.health is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, status)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.core.errors import EmbeddError, InvalidInput
+from embedd_server.core.errors import EmbeddError, InvalidInput, Unavailable
+from embedd_server.core.quantization import BINARY, FLOAT, INT8, UBINARY, UINT8
 from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
+from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.cohere_routes import CohereRoutes
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.model_routes import ModelRoutes
+from embedd_server.rpc.ollama_routes import OllamaRoutes
 from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
@@ -27,35 +31,85 @@ def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
         dimensions=request.dimensions if request.HasField("dimensions") else None,
         normalize=request.normalize if request.HasField("normalize") else True,
         truncate=request.truncation != pb.TRUNCATION_NONE,
+        truncation_direction=LEFT if request.truncation == pb.TRUNCATION_START else RIGHT,
+        truncation_hint="set truncation to TRUNCATION_END or TRUNCATION_START",
         prompt_name=request.prompt_name or None,
         prompt=request.prompt if request.HasField("prompt") else None,
+        output_types=(_output_type(request.output_type),),
     )
+
+
+_OUTPUT_TYPES: dict[int, str] = {
+    pb.OUTPUT_TYPE_FLOAT: FLOAT,
+    pb.OUTPUT_TYPE_INT8: INT8,
+    pb.OUTPUT_TYPE_UINT8: UINT8,
+    pb.OUTPUT_TYPE_BINARY: BINARY,
+    pb.OUTPUT_TYPE_UBINARY: UBINARY,
+}
+
+
+def _output_type(value: int) -> str:
+    found = _OUTPUT_TYPES.get(value)
+    if found is None:
+        raise InvalidInput(f"output_type {value} is not a known OutputType.", param="output_type")
+    return found
 
 
 def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedResponse:
     """The core's EmbedOutcome as an EmbedResponse."""
+    [kind] = outcome.compact.keys() or [FLOAT]
+    if kind == FLOAT:
+        embeddings = vector_messages.embeddings(outcome.vectors)
+    else:
+        embeddings = [
+            pb.Embedding(index=index, data=row.tobytes())
+            for index, row in enumerate(outcome.compact[kind])
+        ]
     return pb.EmbedResponse(
         model=outcome.model,
-        embeddings=vector_messages.embeddings(outcome.vectors),
+        embeddings=embeddings,
         usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
         request_id=request_id,
     )
 
 
-class EmbedderServicer(RestRoutes, RerankRoutes, ModelRoutes, pb_grpc.EmbedderServicer):
-    """embedd.v1.Embedder over one EmbeddingService."""
+class EmbedderServicer(
+    RestRoutes, OllamaRoutes, CohereRoutes, RerankRoutes, ModelRoutes, pb_grpc.EmbedderServicer
+):
+    """embedd.v1.Embedder over one EmbeddingService.
 
-    def __init__(self, service: EmbeddingService, stream_window: int) -> None:
-        RestRoutes.__init__(self, service)
+    ``serving`` says whether the server serves (the gRPC health service's state), for the
+    REST health route; ``openai_truncate`` is /v1/embeddings' default for ``truncate``.
+    """
+
+    def __init__(
+        self,
+        service: EmbeddingService,
+        stream_window: int,
+        serving: Callable[[], bool] = lambda: True,
+        openai_truncate: bool = False,
+    ) -> None:
+        RestRoutes.__init__(self, service, openai_truncate)
+        OllamaRoutes.__init__(self, service)
+        CohereRoutes.__init__(self, service)
         RerankRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
         self._service = service
         self._stream_window = stream_window
+        self._serving = serving
 
     @translate_errors()
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         outcome = await self._service.embed(params_from_request(request), deadline_of(context))
         return response_from_outcome(outcome, request.request_id)
+
+    @translate_errors()
+    async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
+        if not self._serving():
+            raise Unavailable(
+                "The server is not serving (starting, draining or without workers); retry later."
+            )
+        return pb.HealthResponse(status="serving")
 
     @translate_stream_errors
     async def EmbedStream(

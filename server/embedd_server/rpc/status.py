@@ -111,6 +111,11 @@ def rerank_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"message": error.message, "detail": error.message}
 
 
+def cohere_error_body(error: EmbeddError) -> dict[str, Any]:
+    """Cohere's error object: {"message": "..."}."""
+    return {"message": error.message}
+
+
 # TEI's error_type per HTTP status class of ours.
 _TEI_ERROR_TYPES = {400: "Validation", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
 
@@ -121,13 +126,22 @@ def tei_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"error": error.message, "error_type": kind}
 
 
-# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins.
+# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins. The
+# root "/" answers Ollama's clients ("Ollama is running").
 _SHAPES_BY_PATH: tuple[tuple[str, BodyShape], ...] = (
     ("/api/", ollama_error_body),
     ("/v1/rerank", rerank_error_body),
     ("/v2/rerank", rerank_error_body),
+    ("/v2/", cohere_error_body),
     ("/rerank", tei_error_body),
 )
+
+
+def shape_of_path(path: str) -> BodyShape | None:
+    """The error shape of a REST path; None for OpenAI's (the default)."""
+    if path == "/":
+        return ollama_error_body
+    return next((shape for prefix, shape in _SHAPES_BY_PATH if path.startswith(prefix)), None)
 
 
 def _shapes_by_method() -> dict[str, BodyShape]:
@@ -137,8 +151,10 @@ def _shapes_by_method() -> dict[str, BodyShape]:
     for method in service.methods:
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         pattern = rule.WhichOneof("pattern")
-        path = getattr(rule, pattern) if pattern else ""
-        shape = next((s for prefix, s in _SHAPES_BY_PATH if path.startswith(prefix)), None)
+        if not pattern:
+            continue
+        path = rule.custom.path if pattern == "custom" else getattr(rule, pattern)
+        shape = shape_of_path(path)
         if shape is not None:
             found[f"/{service.full_name}/{method.name}"] = shape
     return found
@@ -149,7 +165,7 @@ _SHAPES_BY_METHOD = _shapes_by_method()
 
 def body_shape_for(method: str) -> BodyShape:
     """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...):
-    Ollama's, the rerank routes', TEI's, else OpenAI's."""
+    Ollama's, Cohere's, the rerank routes', TEI's, else OpenAI's."""
     return _SHAPES_BY_METHOD.get(method, openai_error_body)
 
 

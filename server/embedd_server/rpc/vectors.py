@@ -113,3 +113,21 @@ def nested_list_value(vectors: FloatMatrix) -> struct_pb2.ListValue:
         for row in _list_values(shortest_float32(vectors))
     )
     return struct_pb2.ListValue.FromString(b"".join(rows))
+
+
+def integer_list_values(rows: npt.NDArray[np.generic]) -> list[struct_pb2.Value]:
+    """Each row of an integer matrix (compact vectors) as a ``Value`` list of numbers."""
+    return [
+        struct_pb2.Value.FromString(_length_delimited(_VALUE_LIST, row))
+        for row in _list_values(np.asarray(rows, dtype=np.float64))
+    ]
+
+
+def nested_integer_list_value(rows: npt.NDArray[np.generic]) -> struct_pb2.ListValue:
+    """An integer matrix as a ``ListValue`` of rows, each a list of numbers."""
+    return struct_pb2.ListValue.FromString(
+        b"".join(
+            _length_delimited(_LIST_VALUES, _length_delimited(_VALUE_LIST, row))
+            for row in _list_values(np.asarray(rows, dtype=np.float64))
+        )
+    )

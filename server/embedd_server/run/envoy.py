@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from string import Template
 
 import embedd.v1
@@ -33,6 +33,7 @@ from embedd_server.settings import Settings, load_settings
 ENVOY_DIR = Path(__file__).parent / "envoy_templates"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.tmpl"
 LUA_FILTER = ENVOY_DIR / "rest_errors.lua"
+TRAILERS_LUA_FILTER = ENVOY_DIR / "rest_trailers.lua"  # beside LUA_FILTER wherever it goes
 DESCRIPTOR = Path(embedd.v1.__file__).parent / "embedd_descriptor.pb"
 
 ROUTE_TIMEOUT_S = 300  # REST requests: 2048 long inputs on CPU take a while
@@ -138,9 +139,10 @@ def render_k8s_configmap(settings: Settings | None = None) -> str:
     files = {
         "envoy.yaml": render_k8s_envoy_config(settings),
         LUA_FILTER.name: LUA_FILTER.read_text(),
+        TRAILERS_LUA_FILTER.name: TRAILERS_LUA_FILTER.read_text(),
     }
     lines = [
-        "# GENERATED from envoy/envoy.yaml.tmpl and envoy/rest_errors.lua: do not edit; run",
+        "# GENERATED from envoy/envoy.yaml.tmpl and envoy/*.lua: do not edit; run",
         "#   .venv/bin/python -m embedd_server.run.envoy k8s > deploy/k8s/envoy-configmap.yaml",
         "apiVersion: v1",
         "kind: ConfigMap",
@@ -177,6 +179,9 @@ def _render(
         "cluster_type": cluster_type,
         "max_ejection_percent": max_ejection_percent,
         "lua_path": json.dumps(str(lua_path)),  # a JSON string is a valid YAML scalar
+        "trailers_lua_path": json.dumps(
+            str(PurePosixPath(lua_path).with_name(TRAILERS_LUA_FILTER.name))
+        ),
         "descriptor_path": json.dumps(str(descriptor_path)),
         "endpoints": "\n".join(
             f"{_ENDPOINT_INDENT}- endpoint: {{address: {{socket_address: "

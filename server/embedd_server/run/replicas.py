@@ -173,7 +173,8 @@ async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
 
 def _log_serving(settings: Settings, upstreams: Sequence[str]) -> None:
     log.info(
-        "REST on http://%s:%d (OpenAI /v1/embeddings, Ollama /api/embed), gRPC on %s",
+        "REST on http://%s:%d (OpenAI /v1/embeddings, Ollama /api/embed, Cohere /v2/embed, "
+        "rerank /v1/rerank), gRPC on %s",
         settings.http_host,
         settings.http_port,
         ", ".join(upstreams),

@@ -41,8 +41,12 @@ from embedd_server.rpc.interceptors.handlers import (
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# How many of the call's inputs were cut to the model's limit (calls that embedded something);
+# Envoy passes trailers on as HTTP response headers of the same name.
+TRUNCATED_INPUTS_KEY = "x-embedd-truncated-inputs"
 MAX_ID_CHARS = 128  # a caller's id goes into logs: keep it a reasonable size
 QUIET_PREFIX = "/grpc.health.v1.Health/"  # probes every second: logged at DEBUG only
+QUIET_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health: a probe too
 Context = aio.ServicerContext[Any, Any]
 
 
@@ -65,7 +69,8 @@ class RequestContextInterceptor(WrappingInterceptor):
         full_method = details.method
         given = callers_request_id(details.invocation_metadata)
         info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1])
-        level = logging.DEBUG if full_method.startswith(QUIET_PREFIX) else logging.INFO
+        quiet = full_method.startswith(QUIET_PREFIX) or full_method in QUIET_METHODS
+        level = logging.DEBUG if quiet else logging.INFO
         return _wrapped(handler, _Call(info, self._metrics, level, echo=given is None))
 
 
@@ -82,6 +87,15 @@ class _Call:
         set_current_request(self.info)
         if self.echo:  # an error's own trailers replace these
             context.set_trailing_metadata(((REQUEST_ID_KEY, self.info.request_id),))
+
+    def succeeded(self, context: Context) -> None:
+        """Adds what the answer of a call that embedded inputs reports: how many were cut."""
+        if not self.info.inputs:
+            return
+        trailers = [(TRUNCATED_INPUTS_KEY, str(self.info.truncated))]
+        if self.echo:
+            trailers.append((REQUEST_ID_KEY, self.info.request_id))
+        context.set_trailing_metadata(tuple(trailers))
 
     def end(self, context: Context, failure: BaseException | None) -> None:
         seconds = time.perf_counter() - self.info.started
@@ -107,7 +121,7 @@ class _Call:
         if info.model:
             fields["model"] = info.model
         if info.inputs:
-            fields.update(inputs=info.inputs, tokens=info.tokens)
+            fields.update(inputs=info.inputs, tokens=info.tokens, truncated=info.truncated)
         log.log(self.log_level, "%s %s", info.method, code, extra=fields)
 
 
@@ -134,6 +148,7 @@ def _wrapped(handler: Handler, call: _Call) -> Handler:
         except BaseException as exc:
             call.end(context, exc)
             raise
+        call.succeeded(context)
         call.end(context, None)
         return response
 
@@ -143,6 +158,7 @@ def _wrapped(handler: Handler, call: _Call) -> Handler:
         try:
             async for response in original(request, context):
                 yield response
+            call.succeeded(context)
         except BaseException as exc:
             failure = exc
             raise

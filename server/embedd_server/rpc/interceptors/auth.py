@@ -1,6 +1,7 @@
 """Who may call: API keys and per-caller rate limits, as one gRPC server interceptor.
 
-When keys are configured, every RPC but the health service's must present one, as
+When keys are configured, every RPC but the health checks (the gRPC health service and the
+Health RPC behind GET /health) must present one, as
 ``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes the REST headers of
 the same names through). A rate limit is a token bucket per API key, or per client address when
 keys are off. Refusals go through :func:`embedd_server.rpc.status.abort`, like every other
@@ -33,6 +34,7 @@ from embedd_server.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks (Envoy's, Kubernetes') need no key
+OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health, for load balancers
 HOW_TO_SEND = "Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
 Clock = Callable[[], float]
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -148,7 +150,7 @@ class AccessInterceptor(WrappingInterceptor):
 
     def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         method = details.method
-        if method.startswith(OPEN_PREFIX):
+        if method.startswith(OPEN_PREFIX) or method in OPEN_METHODS:
             return handler
         metadata = tuple(details.invocation_metadata or ())
 
