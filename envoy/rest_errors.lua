@@ -81,6 +81,7 @@ local function fallback_body(headers, metadata)
     if status == 429 then kind = "Overloaded" elseif status == 503 then kind = "Unhealthy"
     elseif status >= 500 then kind = "Backend" end
     return '{"error":' .. json_string(message) .. ',"error_type":"' .. kind .. '"}', status
+  end
   if metadata["cohere"] then
     return '{"message":' .. json_string(message) .. "}", status
   end
