@@ -237,7 +237,8 @@ def run_process(tmp_path: Path) -> Iterator[RunProcess]:
 def test_embedd_run_serves_rest_and_grpc_and_stops_on_sigterm(run_process: RunProcess) -> None:
     run_process.wait_for_log(
         f"REST on http://127.0.0.1:{run_process.http_port} (OpenAI /v1/embeddings, "
-        f"Ollama /api/embed, Cohere /v2/embed), gRPC on 127.0.0.1:{run_process.grpc_port}"
+        f"Ollama /api/embed, Cohere /v2/embed, rerank /v1/rerank), gRPC on "
+        f"127.0.0.1:{run_process.grpc_port}"
     )
     base = f"http://127.0.0.1:{run_process.http_port}"
     reply = http(base + "/v1/embeddings", "POST", body={"input": "hello"})
