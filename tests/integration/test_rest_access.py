@@ -11,18 +11,18 @@ from tests.envoy_proc import EnvoyProcess, HttpReply, http
 from tests.integration.test_rest_fake import assert_ollama_error, assert_openai_error
 from tests.servers import ServerThread
 
-KEY_A, KEY_B, KEY_C, KEY_D = "sk-a", "sk-b", "sk-c", "sk-d"
+KEY_A, KEY_B, KEY_C, KEY_D, KEY_E = "sk-a", "sk-b", "sk-c", "sk-d", "sk-e"
 EMBEDDINGS = {"model": "fake", "input": "hello"}
 
 
 @pytest.fixture(scope="module")
 def envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
-    """Keys sk-a, sk-b, sk-c, sk-d; one call per second per key, bursts of two."""
+    """Keys sk-a .. sk-e; one call per second per key, bursts of two."""
     root = tmp_path_factory.mktemp("rest-access")
     with (
         ServerThread.with_fake_models(
             root / "models",
-            api_keys=f"{KEY_A},{KEY_B},{KEY_C},{KEY_D}",
+            api_keys=f"{KEY_A},{KEY_B},{KEY_C},{KEY_D},{KEY_E}",
             rate_limit_per_s=1,
             rate_limit_burst=2,
         ) as server,
@@ -126,3 +126,25 @@ def test_cohere_route_429_in_cohere_shape(envoy: EnvoyProcess) -> None:
     assert refused.status == 429, refused.body
     assert refused.headers["retry-after"] == "1"
     assert "Rate limit exceeded" in refused.json()["message"]
+
+
+def test_rerank_routes_need_a_key_and_are_rate_limited_in_their_shapes(
+    envoy: EnvoyProcess,
+) -> None:
+    body = {"model": "fake", "query": "q", "documents": ["d"]}
+    for path in ("/v1/rerank", "/v2/rerank"):
+        refused = post(envoy, path, body, {})
+        assert refused.status == 401, refused.body
+        assert set(refused.json()) == {"message", "detail"}
+        assert refused.json()["message"].startswith("Incorrect API key provided")
+    tei = post(envoy, "/rerank", {"query": "q", "texts": ["d"]}, {})
+    assert tei.status == 401, tei.body
+    assert set(tei.json()) == {"error", "error_type"}
+    headers = {"authorization": f"Bearer {KEY_E}"}
+    replies = [post(envoy, "/v1/rerank", body, headers) for _ in range(3)]
+    # Within the limit the call reaches the server ('fake' embeds: a 400 naming the routes).
+    assert [reply.status for reply in replies[:2]] == [400, 400]
+    assert "not a reranker" in replies[0].json()["message"]
+    assert replies[2].status == 429, replies[2].body
+    assert replies[2].headers["retry-after"] == "1"
+    assert "Rate limit exceeded" in replies[2].json()["detail"]
