@@ -120,6 +120,52 @@ class EmbedOptions:
         return request
 
 
+# The compact output types: the request's enum value and the dtype of one row's bytes.
+# binary/ubinary hold 8 dimensions a byte (sign bits, numpy.packbits order); int8/uint8 one
+# dimension a byte (ranges calibrated by the server). As sentence-transformers'
+# quantize_embeddings.
+COMPACT_TYPES: Final[dict[str, tuple[int, type[np.generic]]]] = {
+    "int8": (pb.OUTPUT_TYPE_INT8, np.int8),
+    "uint8": (pb.OUTPUT_TYPE_UINT8, np.uint8),
+    "binary": (pb.OUTPUT_TYPE_BINARY, np.int8),
+    "ubinary": (pb.OUTPUT_TYPE_UBINARY, np.uint8),
+}
+
+ByteMatrix = npt.NDArray[np.int8] | npt.NDArray[np.uint8]
+
+
+def compact_type(output_type: str) -> tuple[int, type[np.generic]]:
+    """The enum value and row dtype of a compact output type, or ValueError naming them."""
+    found = COMPACT_TYPES.get(output_type)
+    if found is None:
+        raise ValueError(
+            f"output_type must be one of {', '.join(COMPACT_TYPES)}; got {output_type!r}"
+        )
+    return found
+
+
+def compact_of(
+    response: pb.EmbedResponse, dtype: type[np.generic], expected: int | None = None
+) -> ByteMatrix:
+    """The response's compact vectors (``Embedding.data``) as an (n, bytes) matrix, rows
+    placed by their index."""
+    rows = response.embeddings
+    count = len(rows)
+    if expected is not None and count != expected:
+        raise InternalServerError(f"the server returned {count} vectors for {expected} inputs")
+    if count == 0:
+        return np.empty((0, 0), dtype=dtype)
+    width = len(rows[0].data)
+    matrix = np.empty((count, width), dtype=dtype)
+    placed = np.zeros(count, dtype=bool)
+    for row in rows:
+        if row.index >= count or placed[row.index] or len(row.data) != width:
+            raise InternalServerError("the server returned malformed vectors")
+        matrix[row.index] = np.frombuffer(row.data, dtype=dtype)
+        placed[row.index] = True
+    return matrix
+
+
 def rerank_request(
     query: str,
     documents: str | Iterable[str],

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from embedd._convert import (
     DEFAULT_TARGET,
+    ByteMatrix,
     EmbedOptions,
     EmbedResult,
     FloatMatrix,
@@ -22,6 +23,8 @@ from embedd._convert import (
     call_metadata,
     channel_options,
     check_batch_size,
+    compact_of,
+    compact_type,
     embed_result,
     health_request,
     is_serving,
@@ -101,6 +104,30 @@ class Client:
         inputs = as_texts(texts)
         request = EmbedOptions(model, dimensions, normalize, truncate).request(texts=inputs)
         return self._embed(request, len(inputs))
+
+    def embed_compact(
+        self,
+        texts: str | Sequence[str],
+        output_type: str,
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        truncate: bool = True,
+    ) -> ByteMatrix:
+        """Embeds texts as compact vectors: an (n, bytes) matrix, one row per text in order.
+
+        ``output_type``: ``"int8"`` / ``"uint8"`` (one byte a dimension, ranges calibrated by
+        the server on a fixed text set) or ``"binary"`` / ``"ubinary"`` (sign bits, 8
+        dimensions a byte; binary = ubinary - 128), as sentence-transformers'
+        ``quantize_embeddings``. ``dimensions`` applies before quantizing.
+        """
+        kind, dtype = compact_type(output_type)
+        inputs = as_texts(texts)
+        request = EmbedOptions(model, dimensions, True, truncate).request(texts=inputs)
+        request.output_type = kind  # type: ignore[assignment]
+        with rpc_errors():
+            response = self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+        return compact_of(response, dtype, len(inputs))
 
     def embed_tokens(
         self,
