@@ -146,6 +146,11 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return self.resolve(name) in self._loaded
 
+    def info_of_loaded(self, name: str) -> ModelInfo | None:
+        """The catalogue entry of a loaded model, without reading the models directory."""
+        loaded = self._loaded.get(self.resolve(name))
+        return None if loaded is None else loaded.info
+
     def engine_of(self, name: str) -> str:
         """The engine serving a loaded model ("llama.cpp", "onnxruntime"); "" when not loaded
         (the choice is made at load: embedd_server.engines.choice)."""

@@ -8,7 +8,7 @@ highest first; ties keep the documents' order, as a stable sort does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +84,12 @@ def check_rerank_params(params: RerankParams, max_documents: int) -> None:
         )
 
 
-def require_reranker(info: ModelInfo, rerankers: Sequence[str]) -> None:
-    """Raises ModelNotReranker, naming the routes and models that do rerank, unless ``info``
-    is a one-label cross-encoder."""
+def require_reranker(info: ModelInfo, rerankers: Callable[[], Sequence[str]]) -> None:
+    """Raises ModelNotReranker, naming the routes and the models that do rerank (asked of
+    ``rerankers`` only then: it reads the catalogue), unless ``info`` is a one-label
+    cross-encoder."""
     if info.task != RERANK:
-        available = ", ".join(rerankers) or "none (import a cross-encoder with `embedd import`)"
+        available = ", ".join(rerankers()) or "none (import a cross-encoder with `embedd import`)"
         raise ModelNotReranker(
             f"Model '{info.name}' is an embedding model, not a reranker (cross-encoder); use "
             f"it with {EMBED_ROUTES}. Rerankers here: {available}.",

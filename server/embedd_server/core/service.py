@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 # Tokenizing more text than this runs off the event loop, so other callers are not stalled.
 _INLINE_TOKENIZE_CHARS = 16_384
+_UNLIMITED_TOKENS = 1 << 30  # "no truncation" for a tokenizer that always truncates
 
 # Cohere's input_type -> the prompt names that play that role, in order of preference. The
 # first of them the model has with a non-empty text is used; none: no prompt at all (so a
@@ -152,7 +153,9 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        require_embedding(self.registry.info(params.model))
+        require_embedding(
+            self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
+        )
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
@@ -191,7 +194,7 @@ class EmbeddingService:
         started = time.perf_counter()
         check_rerank_params(params, self._settings.max_inputs_per_request)
         info = self.registry.info(params.model or self._first_reranker())
-        require_reranker(info, self._rerankers())
+        require_reranker(info, self._rerankers)
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             pairs = [(params.query, document) for document in params.documents]
             tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
@@ -229,17 +232,16 @@ class EmbeddingService:
         self, model: LoadedModel, pairs: list[tuple[str, str]], truncate: bool
     ) -> TokenizedPairs:
         limit = model.info.max_input_tokens
+        # Without truncation the pairs are encoded whole, once, and refused if any is too long.
+        cut_at = limit if truncate else _UNLIMITED_TOKENS
         encode = model.tokenizer.encode_pairs
         if sum(len(q) + len(d) for q, d in pairs) <= _INLINE_TOKENIZE_CHARS:
-            tokenized = encode(pairs, limit)
+            tokenized = encode(pairs, cut_at)
         else:
-            tokenized = await asyncio.to_thread(encode, pairs, limit)
-        if not truncate:
-            # Untruncated lengths, only to tell which pairs were cut.
-            full = model.tokenizer.encode_pairs(pairs, 1 << 30)
-            for index, ids in enumerate(full.sequences):
-                if len(ids) > limit:
-                    raise too_long(index, len(ids), limit, param=f"documents[{index}]")
+            tokenized = await asyncio.to_thread(encode, pairs, cut_at)
+        for index, ids in enumerate(tokenized.sequences):
+            if len(ids) > limit:
+                raise too_long(index, len(ids), limit, param=f"documents[{index}]")
         return tokenized
 
     async def _compact(
@@ -400,7 +402,7 @@ class EmbeddingService:
             return tokenize_texts(model.tokenizer, texts, limit, truncation)
         return await asyncio.to_thread(tokenize_texts, model.tokenizer, texts, limit, truncation)
 
-    def _count_inputs(self, model: str, tokenized: Tokenized | TokenizedPairs) -> None:
+    def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
         tokens = tokenized.token_count
         self._metrics.input_tokens.labels(model).inc(tokens)
         if tokenized.truncated:

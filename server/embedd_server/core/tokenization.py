@@ -9,6 +9,7 @@ files without it fall back to llama.cpp's own tokenizer.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -146,12 +147,11 @@ def _second_segment(type_ids: Sequence[int]) -> int:
 
 
 @dataclass(frozen=True)
-class TokenizedPairs:
-    """Pairs' ids and, per pair, the first token of type 1 (its length when none is)."""
+class Tokenized:
+    """The ids fed to the engine and the count billed as usage."""
 
     sequences: list[list[int]]
-    token_type_starts: list[int]
-    truncated: int = 0  # how many pairs were cut to the limit
+    truncated: int = dataclasses.field(default=0, kw_only=True)  # inputs cut to the limit
 
     @property
     def token_count(self) -> int:
@@ -159,15 +159,11 @@ class TokenizedPairs:
 
 
 @dataclass(frozen=True)
-class Tokenized:
-    """The ids fed to the engine and the count billed as usage."""
+class TokenizedPairs(Tokenized):
+    """Query/document pairs' ids and, per pair, the first token of type 1 (its length when
+    none is)."""
 
-    sequences: list[list[int]]
-    truncated: int = 0  # how many inputs were cut to the limit
-
-    @property
-    def token_count(self) -> int:
-        return sum(len(ids) for ids in self.sequences)
+    token_type_starts: list[int]
 
 
 @dataclass(frozen=True)
@@ -207,7 +203,7 @@ def tokenize_texts(
             texts[index], max_tokens, truncation.direction
         )
         cut += 1
-    return Tokenized(sequences, cut)
+    return Tokenized(sequences, truncated=cut)
 
 
 @dataclass(frozen=True)
@@ -264,7 +260,7 @@ def check_token_ids(
             raise too_long(index, len(ids), max_tokens, truncation.hint)
         kept = ids[len(ids) - max_tokens :] if truncation.direction == LEFT else ids[:max_tokens]
         checked.append(list(kept))
-    return Tokenized(checked, sum(len(ids) > max_tokens for ids in sequences))
+    return Tokenized(checked, truncated=sum(len(ids) > max_tokens for ids in sequences))
 
 
 def _check_specials(index: int, ids: Sequence[int], foreign: ForeignIds) -> None:

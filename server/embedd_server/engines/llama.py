@@ -226,6 +226,19 @@ class LlamaEngine:
         self._get_token_embeddings = llama_cpp.llama_get_embeddings  # type: ignore[attr-defined]
         self._dimensions = weights.dimensions
 
+    @classmethod
+    def from_spec(cls, weights: LlamaModelWeights, spec: EngineSpec) -> LlamaEngine:
+        """The context a worker's :class:`EngineSpec` describes, on ``weights``."""
+        return cls(
+            weights,
+            spec.max_tokens,
+            spec.max_sequences,
+            spec.n_threads,
+            pooling_type=spec.pooling_type,
+            exact_attention=spec.exact_attention,
+            pool_from_starts=spec.pool_from_starts,
+        )
+
     @property
     def dimensions(self) -> int:
         return self._dimensions
@@ -363,15 +376,7 @@ class LlamaRuntime:
     def new_engine(self) -> Engine:
         spec = self._spec
         if not self._processes:
-            return LlamaEngine(
-                self.weights,
-                spec.max_tokens,
-                spec.max_sequences,
-                spec.n_threads,
-                pooling_type=spec.pooling_type,
-                exact_attention=spec.exact_attention,
-                pool_from_starts=spec.pool_from_starts,
-            )
+            return LlamaEngine.from_spec(self.weights, spec)
         engine = ProcessEngine(spec)
         if engine.dimensions != self.dimensions:
             engine.close()

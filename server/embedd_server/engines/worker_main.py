@@ -51,15 +51,7 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
 
         return session.dimensions, embed_onnx
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
-    context = LlamaEngine(
-        weights,
-        spec.max_tokens,
-        spec.max_sequences,
-        spec.n_threads,
-        pooling_type=spec.pooling_type,
-        exact_attention=spec.exact_attention,
-        pool_from_starts=spec.pool_from_starts,
-    )
+    context = LlamaEngine.from_spec(weights, spec)
 
     def embed_llama(pack: Pack) -> FloatMatrix:
         return context.embed_packed(
