@@ -154,7 +154,7 @@ def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
 
 def test_gguf_f32_weights_equal_safetensors(tmp_path: Path, tiny_cls: graph.ModelSource) -> None:
     """GGUF lists dims reversed; the loader must give back the HF arrays bit for bit."""
-    from_gguf = graph.load_gguf(_gguf(TINY / "tiny-bert-cls", tmp_path, "f32"))
+    from_gguf = graph.load_bert_gguf(_gguf(TINY / "tiny-bert-cls", tmp_path, "f32"))
     gguf_eps = from_gguf.config.layer_norm_eps  # GGUF keeps it as float32, like the graph
     assert np.float32(gguf_eps) == np.float32(tiny_cls.config.layer_norm_eps)
     assert replace(from_gguf.config, layer_norm_eps=1e-12) == tiny_cls.config

@@ -39,7 +39,19 @@ FILE_TYPE_NAMES = {
 }
 
 RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a cross-encoder's classifier head
-EMBED, RERANK = "embed", "rerank"  # ModelInfo.task
+# ModelInfo.task: what a model is for, and so which RPCs and routes serve it.
+EMBED = "embed"  # one dense vector per text (Embed, /v1/embeddings, /api/embed, ...)
+RERANK = "rerank"  # a cross-encoder with one label: scores query/document pairs (Rerank)
+CLASSIFY = "classify"  # a sequence classifier with N labels: class probabilities (Classify)
+SPARSE = "sparse"  # SPLADE: one sparse vector over the vocabulary per text (EmbedSparse)
+TASKS = (EMBED, RERANK, CLASSIFY, SPARSE)
+# `embedd import` writes the task of a classifier or a sparse encoder here; a file without it
+# is a reranker when its pooling is rank (llama.cpp's converter), else an embedding model.
+TASK_KEY = "embedd.task"
+# A classifier's problem_type (config.json): "multi_label_classification" scores each label
+# with a sigmoid; anything else ("single_label_classification", none) a softmax over labels.
+PROBLEM_TYPE_KEY = "embedd.problem_type"
+MULTI_LABEL = "multi_label_classification"
 CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
 # A cross-encoder's pairs give the document token type 1 (its tokenizer's token_type_ids).
 PAIR_TOKEN_TYPES_KEY = "embedd.pair_token_types"
@@ -103,6 +115,12 @@ class ModelInfo:
     # else every token of a pair has type 0 (XLM-RoBERTa, generic tokenizers).
     pair_token_types: bool = False
     parameters: int = 0  # weights in the file's tensors
+    # The task the file declares (TASK_KEY); None: from the pooling (see :attr:`task`).
+    declared_task: str | None = None
+    # A classifier's or cross-encoder's label names in id order (``id2label``); () otherwise.
+    label_names: tuple[str, ...] = ()
+    # A classifier's problem_type (PROBLEM_TYPE_KEY): how logits become probabilities.
+    problem_type: str = ""
 
     @property
     def embedding(self) -> bool:
@@ -111,8 +129,11 @@ class ModelInfo:
 
     @property
     def task(self) -> str:
-        """``"rerank"`` for a cross-encoder (pooling ``rank``: scores a query/document pair),
-        else ``"embed"``."""
+        """What the model is for (one of TASKS): the file's own statement, else ``"rerank"``
+        for a cross-encoder (pooling ``rank``: scores a query/document pair), else
+        ``"embed"``."""
+        if self.declared_task in TASKS:
+            return self.declared_task
         return RERANK if self.pooling == POOLING_NAMES[RANK_POOLING] else EMBED
 
 
@@ -157,7 +178,18 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         labels=labels,
         pair_token_types=_pair_token_types(fields, pooling),
         parameters=int(fields.get(PARAMETERS_FIELD, 0)),
+        declared_task=_optional_str(fields.get(TASK_KEY)),
+        label_names=_label_names(fields, arch, labels),
+        problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
     )
+
+
+def _label_names(fields: dict[str, Any], arch: str, labels: int) -> tuple[str, ...]:
+    """The names of a classifier's outputs, else ``LABEL_i`` as transformers names them."""
+    names = fields.get(f"{arch}.{CLASSIFIER_LABELS_SUFFIX}")
+    if isinstance(names, list) and len(names) == labels:
+        return tuple(str(name) for name in names)
+    return tuple(f"LABEL_{i}" for i in range(labels))
 
 
 def _pair_token_types(fields: dict[str, Any], pooling: int) -> bool:
@@ -246,6 +278,8 @@ def _read_fields(path: Path) -> dict[str, Any]:
     for key, field in reader.fields.items():
         if _is_array(field):
             values[f"{key}.count"] = len(field.data)
+            if key.endswith(CLASSIFIER_LABELS_SUFFIX):  # a few label names: read them
+                values[key] = [str(name) for name in field.contents()]
         else:
             values[key] = field.contents()
     values[PARAMETERS_FIELD] = sum(int(tensor.n_elements) for tensor in reader.tensors)

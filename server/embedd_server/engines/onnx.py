@@ -316,7 +316,7 @@ class OnnxRuntime:
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = LlamaModelWeights(path, vocab_only=True)
         # A cross-encoder's rows are its logits, one per label.
-        self.dimensions = source.labels if source.pooling == "rank" else source.config.hidden_size
+        self.dimensions = source.dimensions
         self._spec: EngineSpec | None = None
         if processes:
             with tempfile.NamedTemporaryFile(

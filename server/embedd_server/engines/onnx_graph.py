@@ -25,10 +25,10 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -97,6 +97,40 @@ class BertConfig:
         )
 
 
+class GraphSource(Protocol):
+    """A model read from a GGUF file, ready to become an ONNX graph: what OnnxRuntime needs.
+
+    Every family's graph takes int64 ``input_ids`` and ``attention_mask`` ``[batch, seq]``
+    (optionally ``token_type_ids`` and ``pooling_mask``) and gives float32
+    ``sentence_embedding`` ``[batch, dimensions]``: the pooled, not normalized vector (after
+    any sentence-transformers ``Dense`` modules), a classifier's raw logits, or a sparse
+    encoder's vocabulary-wide weights.
+    """
+
+    @property
+    def pooling(self) -> str: ...
+
+    @property
+    def token_types(self) -> int: ...
+
+    @property
+    def dimensions(self) -> int: ...
+
+    @property
+    def max_seq_length(self) -> int: ...
+
+    @property
+    def normalize(self) -> bool: ...
+
+    def build(
+        self,
+        *,
+        token_type_input: bool = False,
+        hidden_output: bool = False,
+        pooling_mask_input: bool = False,
+    ) -> onnx.ModelProto: ...
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Weights (HF names, float32) and what the model's files say about using them."""
@@ -117,6 +151,11 @@ class ModelSource:
     def token_types(self) -> int:
         """Rows of the token type table: 2 for BERT (a pair's document is type 1)."""
         return int(self.weights["embeddings.token_type_embeddings.weight"].shape[0])
+
+    @property
+    def dimensions(self) -> int:
+        """Width of the graph's output: a cross-encoder's labels, else the hidden size."""
+        return self.labels if self.pooling == "rank" else self.config.hidden_size
 
     def build(
         self,
@@ -272,34 +311,59 @@ def _hf_max_length(src: Path) -> int | None:
     return None
 
 
-def load_gguf(path: str | os.PathLike[str]) -> ModelSource:
+# GGUF architecture -> the reader of such a file into a GraphSource. A family that ONNX
+# Runtime serves registers its reader here (its module, imported at the end of this one).
+GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {}
+
+
+def load_gguf(path: str | os.PathLike[str]) -> GraphSource:
+    """The GGUF file at ``path`` as a GraphSource, read by its architecture's reader."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = str(_gguf_field(reader, "general.architecture"))
+    read = GGUF_READERS.get(arch)
+    if read is None:
+        known = ", ".join(sorted(GGUF_READERS))
+        raise ValueError(f"{path}: architecture {arch!r}; ONNX Runtime serves {known}")
+    return read(reader, Path(path))
+
+
+def gguf_tensors(reader: Any) -> dict[str, Array]:
+    """Every tensor of a GGUF file as float32 in numpy (row-major) shapes, by GGUF name.
+
+    GGUF lists dimensions fastest-first (``[384, 30522]`` for a ``(30522, 384)`` embedding
+    table); f32 and f16 are read as is, quantized types dequantized by ``gguf``'s reference
+    code (numpy, slow but exact).
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    tensors: dict[str, Array] = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = np.asarray(tensor.data, dtype=np.float32)
+        else:
+            data = dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+        tensors[tensor.name] = data.reshape(shape)
+    return tensors
+
+
+def _load_bert_gguf(reader: Any, path: Path) -> ModelSource:
     """Reads a GGUF file in llama.cpp's BERT layout; every tensor is returned as float32.
 
     GGUF lists dimensions fastest-first (``[384, 30522]`` for a ``(30522, 384)`` embedding
     table); ``GGUFReader`` already gives numpy (row-major) shapes, and quantized tensors are
     dequantized to them. The shapes are checked against the HF layout either way.
     """
-    from gguf import GGMLQuantizationType, GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(path))
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "bert":
-        raise ValueError(f"{path}: architecture {arch!r}; only 'bert' is supported")
     config = BertConfig(
         hidden_size=int(_gguf_field(reader, "bert.embedding_length")),
         num_attention_heads=int(_gguf_field(reader, "bert.attention.head_count")),
         num_hidden_layers=int(_gguf_field(reader, "bert.block_count")),
         layer_norm_eps=float(_gguf_field(reader, "bert.attention.layer_norm_epsilon", 1e-12)),
     )
-    tensors: dict[str, Array] = {}
-    for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            data = np.asarray(tensor.data, dtype=np.float32)
-        else:  # bf16, q8_0, k-quants...: gguf's reference dequantizers (numpy, slow but exact)
-            data = dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
-        tensors[tensor.name] = data.reshape(shape)
+    tensors = gguf_tensors(reader)
     weights = canonical_weights(_from_gguf_names(tensors, config.num_hidden_layers), config)
     pooling_type = int(_gguf_field(reader, "bert.pooling_type", 1))
     if pooling_type not in _GGUF_POOLING:
@@ -317,6 +381,16 @@ def load_gguf(path: str | os.PathLike[str]) -> ModelSource:
         max_seq_length=min(max_len, positions),
         normalize=bool(_gguf_field(reader, "sentence_transformers.normalize", False)),
     )
+
+
+GGUF_READERS["bert"] = _load_bert_gguf
+
+
+def load_bert_gguf(path: str | os.PathLike[str]) -> ModelSource:
+    """A GGUF file in llama.cpp's BERT layout, with its weights and config in HF terms."""
+    from gguf import GGUFReader
+
+    return _load_bert_gguf(GGUFReader(str(path)), Path(path))
 
 
 def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
