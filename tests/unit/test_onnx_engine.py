@@ -106,7 +106,7 @@ def test_minilm_safetensors_parity(
 def test_minilm_gguf_f16_parity(
     tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
 ) -> None:
-    source = graph.load_gguf(_gguf(_minilm_dir(), tmp_path, "f16"))
+    source = graph.load_bert_gguf(_gguf(_minilm_dir(), tmp_path, "f16"))
     assert (source.pooling, source.max_seq_length, source.normalize) == ("mean", 256, True)
     vectors = OnnxEngine(source.build()).embed_batch(minilm_ids)
     assert _cosines(vectors, reference).min() >= EXACT
@@ -135,7 +135,7 @@ def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
     if weights == "safetensors":
         source = graph.load_hf_dir(folder)
     else:
-        source = graph.load_gguf(_gguf(folder, tmp_path, "f16"))
+        source = graph.load_bert_gguf(_gguf(folder, tmp_path, "f16"))
     assert (source.pooling, source.normalize, source.max_seq_length) == (
         pooling,
         normalize,

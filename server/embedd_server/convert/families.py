@@ -48,9 +48,6 @@ from embedd_server.core.errors import ModelImportError
 Shape = tuple[int, ...]
 Plan = list[tuple[str, str, Shape]]  # (Hugging Face name, GGUF name, expected shape)
 
-SUPPORTED = "BertModel (bert), XLMRobertaModel (xlm-roberta), Qwen3Model (qwen3)"
-SUPPORTED_RERANKERS = "BertForSequenceClassification, XLMRobertaForSequenceClassification"
-
 _GELU = frozenset({"gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"})
 _ST_DEFAULT = FamilyDefault(
     pooling="mean",
@@ -435,42 +432,3 @@ class Qwen3(Family):
         plan.append(("norm.weight", "output_norm.weight", (d,)))
         # The language-model head is not needed for embeddings (llama.cpp ties to token_embd).
         return list(self._pick(loaded, plan, ("lm_head.",), src).items())
-
-
-_BY_ARCHITECTURE: dict[str, type[Family]] = {
-    "BertModel": Bert,
-    "BertForMaskedLM": Bert,
-    "BertForPreTraining": Bert,
-    "XLMRobertaModel": XlmRoberta,
-    "XLMRobertaForMaskedLM": XlmRoberta,
-    "Qwen3Model": Qwen3,
-    "Qwen3ForCausalLM": Qwen3,
-    "BertForSequenceClassification": BertReranker,
-    "XLMRobertaForSequenceClassification": XlmRobertaReranker,
-}
-_BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
-
-
-def select_family(model_dir: Path) -> Family:
-    """The family of the model in ``model_dir``, from its config.json."""
-    path = model_dir / "config.json"
-    config = read_object(path, "a Hugging Face model directory needs its config.json")
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
-    if not isinstance(archs, list):
-        raise ModelImportError(f"{path}: architectures must be a list")
-    for arch in archs:
-        if str(arch).endswith("ForSequenceClassification") and arch not in _BY_ARCHITECTURE:
-            raise ModelImportError(
-                f"{path} describes {arch}, a cross-encoder (reranker) of a family embedd does "
-                f"not import; embedd imports the rerankers {SUPPORTED_RERANKERS} and the "
-                f"embedding models {SUPPORTED}"
-            )
-    family = next((_BY_ARCHITECTURE[a] for a in archs if a in _BY_ARCHITECTURE), None)
-    family = family or _BY_MODEL_TYPE.get(str(model_type))
-    if family is None:
-        described = ", ".join(map(str, archs)) or "no architectures"
-        raise ModelImportError(
-            f"{path} describes a {model_type} model ({described}); embedd imports {SUPPORTED}"
-        )
-    return family(path, config)

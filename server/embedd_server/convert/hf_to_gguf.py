@@ -30,7 +30,8 @@ import gguf
 import numpy as np
 
 from embedd_server.convert.calibration import calibration_vectors
-from embedd_server.convert.families import Family, select_family
+from embedd_server.convert.families import Family
+from embedd_server.convert.family_table import select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
 from embedd_server.convert.st_settings import (

@@ -37,9 +37,9 @@ from embedd_server.engines.onnx_graph import (
     META_VOCAB_SIZE,
     OUTPUT_NAME,
     POOLING_MASK_NAME,
-    load_gguf,
     quantize_int8,
 )
+from embedd_server.engines.onnx_models import load_gguf
 from embedd_server.engines.process import EngineSpec, ProcessEngine
 
 ENGINE_NAME = "onnxruntime"

@@ -311,24 +311,6 @@ def _hf_max_length(src: Path) -> int | None:
     return None
 
 
-# GGUF architecture -> the reader of such a file into a GraphSource. A family that ONNX
-# Runtime serves registers its reader here (its module, imported at the end of this one).
-GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {}
-
-
-def load_gguf(path: str | os.PathLike[str]) -> GraphSource:
-    """The GGUF file at ``path`` as a GraphSource, read by its architecture's reader."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = str(_gguf_field(reader, "general.architecture"))
-    read = GGUF_READERS.get(arch)
-    if read is None:
-        known = ", ".join(sorted(GGUF_READERS))
-        raise ValueError(f"{path}: architecture {arch!r}; ONNX Runtime serves {known}")
-    return read(reader, Path(path))
-
-
 def gguf_tensors(reader: Any) -> dict[str, Array]:
     """Every tensor of a GGUF file as float32 in numpy (row-major) shapes, by GGUF name.
 
@@ -350,7 +332,7 @@ def gguf_tensors(reader: Any) -> dict[str, Array]:
     return tensors
 
 
-def _load_bert_gguf(reader: Any, path: Path) -> ModelSource:
+def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
     """Reads a GGUF file in llama.cpp's BERT layout; every tensor is returned as float32.
 
     GGUF lists dimensions fastest-first (``[384, 30522]`` for a ``(30522, 384)`` embedding
@@ -358,14 +340,14 @@ def _load_bert_gguf(reader: Any, path: Path) -> ModelSource:
     dequantized to them. The shapes are checked against the HF layout either way.
     """
     config = BertConfig(
-        hidden_size=int(_gguf_field(reader, "bert.embedding_length")),
-        num_attention_heads=int(_gguf_field(reader, "bert.attention.head_count")),
-        num_hidden_layers=int(_gguf_field(reader, "bert.block_count")),
-        layer_norm_eps=float(_gguf_field(reader, "bert.attention.layer_norm_epsilon", 1e-12)),
+        hidden_size=int(gguf_field(reader, "bert.embedding_length")),
+        num_attention_heads=int(gguf_field(reader, "bert.attention.head_count")),
+        num_hidden_layers=int(gguf_field(reader, "bert.block_count")),
+        layer_norm_eps=float(gguf_field(reader, "bert.attention.layer_norm_epsilon", 1e-12)),
     )
     tensors = gguf_tensors(reader)
     weights = canonical_weights(_from_gguf_names(tensors, config.num_hidden_layers), config)
-    pooling_type = int(_gguf_field(reader, "bert.pooling_type", 1))
+    pooling_type = int(gguf_field(reader, "bert.pooling_type", 1))
     if pooling_type not in _GGUF_POOLING:
         raise ValueError(
             f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)"
@@ -373,27 +355,25 @@ def _load_bert_gguf(reader: Any, path: Path) -> ModelSource:
     if _GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
-    max_len = int(_gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
     return ModelSource(
         weights=weights,
         config=config,
         pooling=_GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
-        normalize=bool(_gguf_field(reader, "sentence_transformers.normalize", False)),
+        normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
     )
-
-
-GGUF_READERS["bert"] = _load_bert_gguf
 
 
 def load_bert_gguf(path: str | os.PathLike[str]) -> ModelSource:
     """A GGUF file in llama.cpp's BERT layout, with its weights and config in HF terms."""
     from gguf import GGUFReader
 
-    return _load_bert_gguf(GGUFReader(str(path)), Path(path))
+    return read_bert_gguf(GGUFReader(str(path)), Path(path))
 
 
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    """A GGUF metadata value; ``default`` when absent (None: the key is required)."""
     field = reader.fields.get(key)
     if field is None:
         if default is None:

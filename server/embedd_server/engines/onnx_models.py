@@ -1,0 +1,33 @@
+"""Which ONNX graph a GGUF file becomes: its architecture's reader.
+
+Each family that ONNX Runtime serves has a module with a reader ``(GGUFReader, path) ->
+GraphSource`` (``engines/onnx_graph.py`` for BERT's layout, which holds BERT, XLM-RoBERTa
+and the other llama.cpp ``bert`` files); this table lists them (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from embedd_server.engines.onnx_graph import GraphSource, gguf_field, read_bert_gguf
+
+# GGUF general.architecture -> the reader of such a file.
+GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {
+    "bert": read_bert_gguf,
+}
+
+
+def load_gguf(path: str | os.PathLike[str]) -> GraphSource:
+    """The GGUF file at ``path`` as a GraphSource, read by its architecture's reader."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = str(gguf_field(reader, "general.architecture"))
+    read = GGUF_READERS.get(arch)
+    if read is None:
+        known = ", ".join(sorted(GGUF_READERS))
+        raise ValueError(f"{path}: architecture {arch!r}; ONNX Runtime serves {known}")
+    return read(reader, Path(path))
