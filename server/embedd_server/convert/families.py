@@ -26,12 +26,13 @@ graph scores with pooling ``rank`` (the first token's state -> ``cls`` -> tanh -
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 
-from embedd_server.convert.files import Array, config_float, config_int, read_object
+from embedd_server.convert.files import Array, config_float, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import (
     HfTokenizer,
@@ -43,10 +44,21 @@ from embedd_server.convert.vocab import (
     template_specials,
 )
 from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+from embedd_server.core.dense import DenseLayer
 from embedd_server.core.errors import ModelImportError
 
 Shape = tuple[int, ...]
 Plan = list[tuple[str, str, Shape]]  # (Hugging Face name, GGUF name, expected shape)
+
+
+@dataclass(frozen=True)
+class NativeDense:
+    """Dense modules in an architecture's own layout: tensors (GGUF name, data) and uint32
+    keys."""
+
+    tensors: list[tuple[str, Array]]
+    keys: dict[str, int]
+
 
 _GELU = frozenset({"gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"})
 _ST_DEFAULT = FamilyDefault(
@@ -107,6 +119,12 @@ class Family(ABC):
     @abstractmethod
     def tensors(self, loaded: dict[str, Array], src: Path) -> list[tuple[str, Array]]:
         """(GGUF name, data) of every tensor llama.cpp needs, in writing order, checked."""
+
+    def native_dense(self, layers: tuple[DenseLayer, ...]) -> NativeDense | None:
+        """sentence-transformers Dense modules as the architecture's own tensors and keys,
+        which llama.cpp applies itself; None (the default) where llama.cpp has no such
+        tensors: the file then carries them under embedd's keys (core/dense.py)."""
+        return None
 
     def _pick(
         self,

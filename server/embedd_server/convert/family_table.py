@@ -15,6 +15,7 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.gemma3 import Gemma3Embedding
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -28,9 +29,15 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "Qwen3ForCausalLM": Qwen3,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
+    "Gemma3TextModel": Gemma3Embedding,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
-_BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
+_BY_MODEL_TYPE: dict[str, type[Family]] = {
+    "bert": Bert,
+    "xlm-roberta": XlmRoberta,
+    "qwen3": Qwen3,
+    "gemma3_text": Gemma3Embedding,
+}
 
 
 # What an error names: each family's base architecture (the first listed), then the heads.

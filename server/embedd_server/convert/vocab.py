@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,3 +292,60 @@ def _add_special_vocab(
     special.add_special_token.setdefault("eos", last is not None)
     special.special_token_ids.pop("cls", None)  # no GGUF key: llama.cpp uses BOS
     special.add_to_gguf(writer, quiet=True)
+
+
+# --- SentencePiece-style BPE with byte fallback (Gemma) --------------------------------------
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_NO_MERGE = -1e9  # a token no merge makes: llama.cpp's tokenizer never prefers building it
+
+
+def add_spm_bpe_vocab(
+    writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path, n_vocab: int
+) -> None:
+    """A SentencePiece-style BPE vocabulary (``▁`` for spaces, ``<0xNN>`` byte fallback) as
+    llama.cpp's ``llama`` tokenizer model: pieces, scores and token types.
+
+    llama.cpp's ``llama`` tokenizer merges, among adjacent pieces, the pair whose joined piece
+    has the highest score; BPE merges by rank. Scoring each piece by minus the rank of the
+    first merge that makes it gives the same order (as sentencepiece's own BPE scores do).
+    The server tokenizes with tokenizer.json in any case; these keys serve llama.cpp's loader
+    and a file used without tokenizer.json.
+    """
+    model = tk.json["model"]
+    if not model.get("byte_fallback"):
+        raise ModelImportError(f"{tk.path}: a SentencePiece-style BPE needs byte_fallback")
+    scores = _merge_scores(model.get("merges") or [], tk.path)
+    unk = model.get("unk_token")
+    tokens, types, token_scores = [], [], []
+    for token, entry_kind in _vocab_entries(tk, n_vocab):
+        kind = entry_kind
+        if _BYTE_TOKEN.fullmatch(token):
+            kind = TokenType.BYTE  # byte fallback pieces, whatever tokenizer.json calls them
+        elif token == unk:
+            kind = TokenType.UNKNOWN
+        tokens.append(token)
+        types.append(int(kind))
+        token_scores.append(scores.get(token, _NO_MERGE) if kind == TokenType.NORMAL else 0.0)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(token_scores)
+    writer.add_token_types(types)
+    normalizers = _walk(tk.json.get("normalizer"), "normalizers")
+    # Gemma's tokenizer replaces spaces with ▁ and prepends nothing; Llama's prepends ▁.
+    writer.add_add_space_prefix(
+        any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers)
+    )
+    _add_special_vocab(writer, tk, model_dir, n_vocab, merges=False)
+
+
+def _merge_scores(merges: list[Any], path: Path) -> dict[str, float]:
+    """Each piece a merge makes, scored minus the rank of the first merge that makes it."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        pair = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ModelImportError(f"{path}: BPE merge {merge!r} is not a pair of pieces")
+        scores.setdefault(str(pair[0]) + str(pair[1]), -float(rank))
+    return scores

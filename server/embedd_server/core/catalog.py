@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedd_server.core.dense import DENSE_COUNT_KEY, dense_key
 from embedd_server.core.errors import ModelLoadError
 
 # llama.cpp's enum llama_pooling_type.
@@ -159,8 +160,9 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         name=path.stem,
         path=path,
         architecture=arch,
-        # A cross-encoder's output is one logit per label, not a hidden-size vector.
-        dimensions=labels or int(fields.get(f"{arch}.embedding_length", 0)),
+        # A cross-encoder's output is one logit per label, not a hidden-size vector; after
+        # sentence-transformers Dense modules, the last one's width.
+        dimensions=labels or _dense_width(fields) or int(fields.get(f"{arch}.embedding_length", 0)),
         context_length=context_length,
         max_input_tokens=min(max_seq, context_length),
         pooling=POOLING_NAMES.get(pooling, str(pooling)),
@@ -182,6 +184,13 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         label_names=_label_names(fields, arch, labels),
         problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
     )
+
+
+def _dense_width(fields: dict[str, Any]) -> int:
+    """The output width of the Dense modules the file carries under embedd's keys; 0 without
+    them (llama.cpp's own gemma-embedding projections end at the hidden size)."""
+    count = int(fields.get(DENSE_COUNT_KEY, 0))
+    return int(fields.get(dense_key(count - 1, "out_features"), 0)) if count else 0
 
 
 def _label_names(fields: dict[str, Any], arch: str, labels: int) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
 
 Pooling = Literal["mean", "cls", "rank"]
 Array = npt.NDArray[Any]
@@ -140,6 +141,7 @@ class ModelSource:
     pooling: Pooling
     max_seq_length: int
     normalize: bool
+    dense: tuple[DenseLayer, ...] = ()  # sentence-transformers Dense modules after pooling
 
     @property
     def labels(self) -> int:
@@ -154,8 +156,11 @@ class ModelSource:
 
     @property
     def dimensions(self) -> int:
-        """Width of the graph's output: a cross-encoder's labels, else the hidden size."""
-        return self.labels if self.pooling == "rank" else self.config.hidden_size
+        """Width of the graph's output: a cross-encoder's labels, else the hidden size or
+        the last Dense module's width."""
+        if self.pooling == "rank":
+            return self.labels
+        return dense_width(self.dense, self.config.hidden_size)
 
     def build(
         self,
@@ -172,6 +177,7 @@ class ModelSource:
             token_type_input=token_type_input,
             hidden_output=hidden_output,
             pooling_mask_input=pooling_mask_input,
+            dense=self.dense,
         )
 
 
@@ -356,12 +362,15 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    dense = read_dense_gguf(reader)
+    check_stack(dense, config.hidden_size)
     return ModelSource(
         weights=weights,
         config=config,
         pooling=_GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
         normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
+        dense=dense,
     )
 
 
@@ -401,8 +410,9 @@ def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, A
 # --------------------------------------------------------------------------- graph
 
 
-class _Graph:
-    """Collects nodes and initializers; every value gets a fresh, readable name."""
+class Graph:
+    """Collects nodes and initializers; every value gets a fresh, readable name. Every
+    family's graph builder uses it."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -418,6 +428,7 @@ class _Graph:
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        """A node ``op_type(inputs)`` with attributes ``attrs``; returns its output's name."""
         self._count += 1
         out = f"{name}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
@@ -430,6 +441,7 @@ class _Graph:
         return self.op("Add", [self.op("MatMul", [x, w], prefix), b], prefix)
 
     def layer_norm(self, x: str, weights: Mapping[str, Array], prefix: str, eps: float) -> str:
+        """LayerNormalization over the last axis with ``prefix``'s weight and bias."""
         gamma = self.const(f"{prefix}.weight", weights[f"{prefix}.weight"])
         beta = self.const(f"{prefix}.bias", weights[f"{prefix}.bias"])
         return self.op("LayerNormalization", [x, gamma, beta], prefix, axis=-1, epsilon=eps)
@@ -443,8 +455,10 @@ def build_bert_model(
     token_type_input: bool = False,
     hidden_output: bool = False,
     pooling_mask_input: bool = False,
+    dense: Sequence[DenseLayer] = (),
 ) -> onnx.ModelProto:
-    """The ONNX graph (opset 17) of ``BertModel`` followed by pooling.
+    """The ONNX graph (opset 17) of ``BertModel`` followed by pooling (and ``dense``, the
+    sentence-transformers Dense modules, on the pooled vector).
 
     Inputs: ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``, and with
     ``token_type_input`` also ``token_type_ids`` (otherwise every token has type 0, as
@@ -466,7 +480,7 @@ def build_bert_model(
     w = canonical_weights(weights, config)
     if pooling == "rank" and "classifier.out_proj.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's classifier head")
-    g = _Graph()
+    g = Graph()
     batch_seq = ["batch", "sequence"]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
@@ -487,7 +501,8 @@ def build_bert_model(
         pooled = _classify(g, w, hidden)
         width = w["classifier.out_proj.weight"].shape[0]
     else:
-        pooled, width = _pool(g, hidden, pooling, pooling_mask), d
+        pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
+        width = dense_width(dense, d)
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
     if hidden_output:
@@ -513,7 +528,7 @@ def build_bert_model(
     return model
 
 
-def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
+def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
     """word + token type, + position (transformers' order), then LayerNorm."""
     p = "embeddings"
     words = g.op("Gather", [g.const(f"{p}.word", w[f"{p}.word_embeddings.weight"]), "input_ids"], p)
@@ -533,7 +548,7 @@ def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_typ
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
 
 
-def _mask_bias(g: _Graph) -> str:
+def _mask_bias(g: Graph) -> str:
     """``(1 - mask) * float32.min`` as ``[batch, 1, 1, seq]``, added to attention scores.
 
     Two Unsqueezes, then Cast, Sub, Mul: the exact pattern ORT's Attention fusion matches.
@@ -549,7 +564,7 @@ def _mask_bias(g: _Graph) -> str:
 
 
 def _layer(
-    g: _Graph, w: Mapping[str, Array], config: BertConfig, x: str, *, p: str, mask_bias: str
+    g: Graph, w: Mapping[str, Array], config: BertConfig, x: str, *, p: str, mask_bias: str
 ) -> str:
     """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward."""
     heads, head_size = config.num_attention_heads, config.head_size
@@ -582,14 +597,16 @@ def _layer(
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
 
 
-def _classify(g: _Graph, w: Mapping[str, Array], hidden: str) -> str:
+def _classify(g: Graph, w: Mapping[str, Array], hidden: str) -> str:
     """A cross-encoder's head on the first token: dense -> tanh -> dense, the raw logits."""
     first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
     dense = g.op("Tanh", [g.linear(first, w, "classifier.dense")], "head")
     return g.linear(dense, w, "classifier.out_proj")
 
 
-def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
+def pool_hidden(g: Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
+    """The pooled ``[batch, hidden]`` vector: the first row (``"cls"``) or the masked mean of
+    ``hidden`` over ``mask_input``'s tokens (int64 ``[batch, seq]``)."""
     if pooling == "cls":
         return g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "pool", axis=1)
     # sentence-transformers: sum(h * mask) / clamp(sum(mask), min=1e-9)
@@ -602,6 +619,27 @@ def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
     counts = g.op("ReduceSum", [mask, seq_axis], "pool", keepdims=0)
     counts = g.op("Max", [counts, g.const("tiny", np.array(1e-9, np.float32))], "pool")
     return g.op("Div", [summed, counts], "pool")
+
+
+_DENSE_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
+
+
+def append_dense(g: Graph, x: str, layers: Sequence[DenseLayer]) -> str:
+    """sentence-transformers Dense modules on the pooled vector ``x``, in order:
+    ``activation(x @ W.T + b)`` each (core/dense.py). Every family's graph ends with it."""
+    for index, layer in enumerate(layers):
+        p = f"dense.{index}"
+        x = g.op("MatMul", [x, g.const(f"{p}.weight_t", np.ascontiguousarray(layer.weight.T))], p)
+        if layer.bias is not None:
+            x = g.op("Add", [x, g.const(f"{p}.bias", layer.bias)], p)
+        if layer.activation != "identity":
+            x = g.op(_DENSE_OPS[layer.activation], [x], p)
+    return x
+
+
+def dense_width(layers: Sequence[DenseLayer], width: int) -> int:
+    """The width of a vector of ``width`` features after ``layers``."""
+    return layers[-1].out_features if layers else width
 
 
 # --------------------------------------------------------------------------- opt-in int8

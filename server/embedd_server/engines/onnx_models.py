@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embedd_server.engines.onnx_gemma3 import read_gemma3_gguf
 from embedd_server.engines.onnx_graph import GraphSource, gguf_field, read_bert_gguf
 
 # GGUF general.architecture -> the reader of such a file.
 GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {
     "bert": read_bert_gguf,
+    "gemma-embedding": read_gemma3_gguf,
 }
 
 
