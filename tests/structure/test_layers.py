@@ -17,7 +17,12 @@ TRANSPORT_FREE = ("embedd_server.core", "embedd_server.engines")
 TRANSPORT = ("grpc", "embedd.v1", "embedd_server.rpc", "embedd_server.run", "embedd_server.cli")
 # The ONNX engine's graphs are protobuf messages of the ONNX format (the onnx package), which
 # is not a transport; every other module of the core and the engines loads no protobuf at all.
-ONNX_MODULES = ("embedd_server.engines.onnx", "embedd_server.engines.onnx_graph")
+ONNX_MODULES = (
+    "embedd_server.engines.onnx",
+    "embedd_server.engines.onnx_graph",
+    "embedd_server.engines.onnx_models",
+    "embedd_server.engines.onnx_gemma3",
+)
 
 
 def _modules(base: Path, package: str) -> Iterator[tuple[str, Path]]:
