@@ -1,7 +1,8 @@
 """Convert a local Hugging Face / sentence-transformers model directory to GGUF.
 
 Uses only numpy, safetensors, tokenizers and the ``gguf`` package: no torch, no network.
-Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3) is written as
+Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3;
+:mod:`embedd_server.convert.gemma3`: Gemma3 encoders) is written as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes it (same keys, tensor names, tensor types and
 vocabulary form), so llama.cpp loads it and computes the same vectors. On top of that the
 file carries the whole ``tokenizer.json`` (``tokenizer.huggingface.json``) and what
@@ -9,6 +10,11 @@ sentence-transformers reads from the directory (:mod:`embedd_server.convert.st_s
 under ``sentence_transformers.*``: max_seq_length, normalize, do_lower_case, include_prompt,
 prompts (a JSON object, name to text) and default_prompt_name. The pooling goes into llama.cpp's
 own ``<arch>.pooling_type``.
+
+sentence-transformers ``Dense`` modules after the pooling (:mod:`embedd_server.convert.dense`)
+go in as the architecture's own tensors where llama.cpp applies them itself (EmbeddingGemma's
+``dense_2`` / ``dense_3``), else under embedd's ``embedd.dense.*`` keys
+(:mod:`embedd_server.core.dense`), which both engines apply.
 
 A cross-encoder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``)
 is written as llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
