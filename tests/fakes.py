@@ -116,6 +116,26 @@ def fake_vectors(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMa
     return np.stack([fake_vector(ids, dimensions) for ids in sequences])
 
 
+FAKE_VOCAB = len(SPECIALS) + len(WORDS)  # a fake sparse encoder's dimensions
+
+
+def sparse_vectors(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+    """A fake SPLADE engine: weight 1 + id/10 for each vocabulary entry the text holds, else
+    0 (the sparse encoder's row is the whole vocabulary)."""
+    rows = np.zeros((len(sequences), dimensions), dtype=np.float32)
+    for row, ids in zip(rows, sequences, strict=True):
+        for token in ids:
+            row[token] = 1.0 + token / 10
+    return rows
+
+
+def task_behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+    """Sparse rows for a model as wide as the fake vocabulary, else :func:`fake_vectors`."""
+    if dimensions == FAKE_VOCAB:
+        return sparse_vectors(sequences, dimensions)
+    return fake_vectors(sequences, dimensions)
+
+
 def on_token(token: int, action: Callable[[], object], then: Behaviour = fake_vectors) -> Behaviour:
     """Calls ``action`` (which may raise or block) on a batch holding ``token``; every batch
     that gets past it is computed by ``then``."""

@@ -37,12 +37,12 @@ from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.reranking import RerankParams
 from embedd_server.core.service import EmbeddingService, EmbedParams
 from embedd_server.core.sparse import sparse_rows
-from tests.fakes import FakeLoader, fake_vector, fake_vectors, write_fake_gguf
+from tests.fakes import FAKE_VOCAB as VOCAB
+from tests.fakes import FakeLoader, fake_vector, task_behaviour, write_fake_gguf
 
 T = TypeVar("T")
 CLS, SEP, HELLO, WORLD, THE, CAT = 2, 3, 4, 5, 6, 7
 LABELS = ("negative", "neutral", "positive")
-VOCAB = 16  # the fake tokenizer's: 4 specials + 12 words
 
 
 # --- scores -----------------------------------------------------------------------------------
@@ -104,19 +104,6 @@ def test_sparse_rows_are_the_non_zeros_by_ascending_index() -> None:
 # --- the service with fake models ---------------------------------------------------------------
 
 
-def sparse_behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> np.ndarray:
-    """A fake SPLADE engine: the weight of each vocabulary entry the text holds, else 0."""
-    rows = np.zeros((len(sequences), dimensions), dtype=np.float32)
-    for row, ids in zip(rows, sequences, strict=True):
-        for token in ids:
-            row[token] = 1.0 + token / 10
-    return rows
-
-
-def behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> np.ndarray:
-    return (sparse_behaviour if dimensions == VOCAB else fake_vectors)(sequences, dimensions)
-
-
 class Service:
     """An EmbeddingService over a fake model of every task."""
 
@@ -142,7 +129,7 @@ class Service:
         settings = EngineSettings(
             models_dir=models_dir, default_model="embedder", workers=1, max_inputs_per_request=8
         )
-        self.loader = FakeLoader(behaviour)
+        self.loader = FakeLoader(task_behaviour)
         self.registry = ModelRegistry(settings, self.loader)
         self.service = EmbeddingService(settings, self.registry)
         self.loop = asyncio.new_event_loop()
