@@ -250,6 +250,9 @@ def post_process(
                     requests.add(_ref_name(parameter["schema"]))
             if HTTP_BODY in _refs(operation["responses"]):
                 _plain_text(operation, verb)
+            answer = operation["responses"].get("200", {}).get("schema", {})
+            if answer.get("type") == "array":  # a ListValue (TEI's answers): any JSON items
+                answer["items"] = {}
             responses.update(_refs(operation["responses"]))
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",
