@@ -7,15 +7,23 @@ and in worker processes; its 96 reference texts are tokenized with its own token
 (truncated at the stored maximum, as transformers' pipeline does) and classified in packs,
 as the server's workers run them. The engine's rows are the raw logits; the probabilities
 (:func:`embedd_server.core.classes.class_probabilities`, a softmax for this single-label
-model) are held to ``reference/probabilities.npy`` within 1e-4 and the top label to the
-reference's. Pairs (the tokenizer's pair template) and a ``DistilBertForSequenceClassification``
+model) are held to ``reference/probabilities.npy`` and the top label to the reference's.
+Pairs (the tokenizer's pair template) and a ``DistilBertForSequenceClassification``
 (pre_classifier -> ReLU -> classifier, built from tiny-distilbert with a random head) are
 held to the independent NumPy encoder (tests/reference_encoder.py). No server is involved.
 
-llama.cpp runs the RoBERTa head (its rank pooling computes tanh) but its BERT graph's GELU is
-the tanh approximation, looked up in an f16 table: its probabilities miss the 1e-4 bar (the
-measured errors are printed and held to a looser bar here), so engine=auto serves f32/f16
-classifiers on ONNX Runtime. It cannot run DistilBERT's ReLU head at all: refused by name.
+Bars, measured (2026-12-07, onnxruntime 1.32, llama-cpp-python 0.3.36; printed by the tests):
+- ONNX Runtime, f32: probabilities within 1e-4 of the reference (worst 1.5e-6; logits 4.2e-6).
+- f16 files: rounding the weights to f16 moves the probabilities by up to 1.5e-3 whatever
+  computes them (the NumPy encoder in float64 on the f16-rounded weights gives the same
+  1.5e-3), so no engine can hold an f16 classifier to 1e-4 of the reference. What holds
+  ONNX Runtime to 1e-4 on an f16 file is the float64 computation on that file's own weights
+  (:func:`_file_reference`); to the stored reference the bar is 2e-3, top label equal.
+- llama.cpp (the RoBERTa head: its rank pooling computes tanh) computes GELU by the tanh
+  approximation looked up in an f16 table: probabilities within 2e-3 (worst 8.9e-4, f32) /
+  5e-3 (worst 2.4e-3, f16), top labels equal. That misses the bar, so engine=auto serves
+  f32/f16 classifiers on ONNX Runtime. llama.cpp cannot run DistilBERT's ReLU head at all:
+  refused by name.
 """
 
 from __future__ import annotations
@@ -37,15 +45,19 @@ from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.llama import LlamaRuntime
+from embedd_server.engines.onnx_graph import load_bert_gguf
 from tests.reference_encoder import EncoderReference
 from tests.unit.test_import_bertlike import make_distilbert_classifier
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 CLASSIFIER = "tiny-roberta-classifier"
 OUT_TYPES = ("f32", "f16")
-PROBABILITY_BAR = 1e-4  # the issue's bar, f32 and f16, ONNX Runtime
-# llama.cpp's tanh-approximated GELU: measured worst probability errors printed by the test.
-LLAMA_PROBABILITY_BAR = 5e-3
+PROBABILITY_BAR = 1e-4  # the issue's bar: against the reference (f32) or the file (f16)
+# engine -> out_type -> probability bar against the stored reference (module docstring).
+BARS = {
+    "onnxruntime": {"f32": PROBABILITY_BAR, "f16": 2e-3},
+    "llama.cpp": {"f32": 2e-3, "f16": 5e-3},
+}
 
 Floats = npt.NDArray[np.float64]
 
@@ -168,9 +180,32 @@ def test_probabilities_match_the_reference(
         f"{CLASSIFIER} {out_type} {engine} processes={processes}: max probability error "
         f"{error.max():.2e}, max logit error {logit_error.max():.2e}"
     )
-    bar = PROBABILITY_BAR if engine == "onnxruntime" else LLAMA_PROBABILITY_BAR
-    assert error.max() <= bar, int(np.argmax(error.max(axis=1)))
+    assert error.max() <= BARS[engine][out_type], int(np.argmax(error.max(axis=1)))
     np.testing.assert_array_equal(probabilities.argmax(axis=1), reference.argmax(axis=1))
+    if engine == "onnxruntime" and out_type == "f16":  # exact for the file's own weights
+        exact = _file_reference(info.path)
+        wanted = class_probabilities(np.array([exact.logits(ids) for ids in sequences]), "")
+        file_error = np.abs(probabilities - wanted).max()
+        print(f"  against the f16 file's own weights: max probability error {file_error:.2e}")
+        assert file_error <= PROBABILITY_BAR
+
+
+def _file_reference(path: Path) -> EncoderReference:
+    """The NumPy encoder on a GGUF file's own weights (f16 ones read exactly), as ONNX
+    Runtime's reader names them: what an exact engine computes from that file."""
+    source = load_bert_gguf(path)
+    weights = {name: value.astype(np.float64) for name, value in source.weights.items()}
+    if source.head_activation == "relu":  # the NumPy encoder knows the head by DistilBERT's names
+        for ours, theirs in (("classifier.dense", "pre_classifier"), ("classifier.out_proj", "classifier")):
+            for part in ("weight", "bias"):
+                weights[f"{theirs}.{part}"] = weights.pop(f"{ours}.{part}")
+    config = {
+        "model_type": "bert",  # the file's position table already starts at padding_idx + 1
+        "num_attention_heads": source.config.num_attention_heads,
+        "num_hidden_layers": source.config.num_hidden_layers,
+        "layer_norm_eps": source.config.layer_norm_eps,
+    }
+    return EncoderReference(weights, config)
 
 
 @pytest.mark.parametrize("out_type", OUT_TYPES)
@@ -185,11 +220,11 @@ def test_pairs_follow_the_pair_template(imported: dict[str, Path], out_type: str
     assert all(set(e.type_ids) == {0} for e in pairs)
     sequences = [e.ids for e in pairs]
     logits = _classify(info, "onnxruntime", sequences, processes=False)
-    reference = EncoderReference.load(src)
+    # f32: transformers' computation; f16: the same on the file's rounded weights.
+    reference = EncoderReference.load(src) if out_type == "f32" else _file_reference(info.path)
     expected = np.array([reference.logits(ids) for ids in sequences])
-    bar = 1e-4 if out_type == "f32" else 1e-2  # f16 weights round the encoder
     print(f"pairs {out_type}: max logit error {np.abs(logits - expected).max():.2e}")
-    np.testing.assert_allclose(logits, expected, atol=bar)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
     error = np.abs(class_probabilities(logits, "") - class_probabilities(expected, ""))
     assert error.max() <= PROBABILITY_BAR
 
@@ -223,7 +258,7 @@ def test_distilbert_relu_head_on_onnx(
     texts = _texts(MODELS / CLASSIFIER)
     sequences = [e.ids for e in tokenizer.encode_batch(texts)]
     logits = _classify(info, "onnxruntime", sequences, processes)
-    reference = EncoderReference.load(src)
+    reference = EncoderReference.load(src) if out_type == "f32" else _file_reference(info.path)
     expected = np.array([reference.logits(ids) for ids in sequences])
     probabilities = class_probabilities(logits, info.problem_type)
     wanted = class_probabilities(expected, info.problem_type)
