@@ -128,7 +128,9 @@ ERROR_DEFINITIONS: dict[str, Any] = {
     },
     TEI_ERROR: {
         "type": "object",
-        "description": "TEI's error body: every non-2xx answer of /rerank.",
+        "description": (
+            "TEI's error body: every non-2xx answer of /rerank, /predict and /embed_sparse."
+        ),
         "required": ["error", "error_type"],
         "additionalProperties": False,
         "properties": {
@@ -155,6 +157,8 @@ ERRORS_BY_PATH = (
     ("/v2/rerank", RERANK_ERROR),
     ("/v2/", COHERE_ERROR),
     ("/rerank", TEI_ERROR),
+    ("/predict", TEI_ERROR),
+    ("/embed_sparse", TEI_ERROR),
 )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import gguf
 
-from embedd_server.convert.files import Array, config_float, config_int, read_object
+from embedd_server.convert.files import Array, config_float, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import (
     HfTokenizer,

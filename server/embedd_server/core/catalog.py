@@ -167,18 +167,23 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
     pooling = int(fields.get(f"{arch}.pooling_type", 0))
     file_type = fields.get("general.file_type")
     labels = _labels(fields, arch, pooling)
+    vocab_size = int(fields.get("tokenizer.ggml.tokens.count", 0))
+    # A cross-encoder's output is one logit per label, a sparse encoder's one weight per
+    # vocabulary entry, not a hidden-size vector.
+    dimensions = labels or int(fields.get(f"{arch}.embedding_length", 0))
+    if fields.get(TASK_KEY) == SPARSE:
+        dimensions = vocab_size
     return ModelInfo(
         name=path.stem,
         path=path,
         architecture=arch,
-        # A cross-encoder's output is one logit per label, not a hidden-size vector.
-        dimensions=labels or int(fields.get(f"{arch}.embedding_length", 0)),
+        dimensions=dimensions,
         context_length=context_length,
         max_input_tokens=min(max_seq, context_length),
         pooling=POOLING_NAMES.get(pooling, str(pooling)),
         quantization=_quantization_name(file_type),
         normalizes=bool(fields.get(NORMALIZE_KEY, pooling in EMBEDDING_POOLINGS)),
-        vocab_size=int(fields.get("tokenizer.ggml.tokens.count", 0)),
+        vocab_size=vocab_size,
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
         created=mtime,
