@@ -127,11 +127,12 @@ _DISTILBERT_MODULES = {  # transformer.layer.N.<DistilBERT module> -> encoder.la
 def _distilbert_as_bert(weights: dict[str, Array]) -> dict[str, Array]:
     renamed: dict[str, Array] = {}
     for name, value in weights.items():
+        bert_name = name
         if name.startswith("transformer.layer."):
             layer, rest = name.removeprefix("transformer.layer.").split(".", 1)
             module, part = rest.rsplit(".", 1)
-            name = f"encoder.layer.{layer}.{_DISTILBERT_MODULES[module]}.{part}"
-        renamed[name] = value
+            bert_name = f"encoder.layer.{layer}.{_DISTILBERT_MODULES[module]}.{part}"
+        renamed[bert_name] = value
     return renamed
 
 

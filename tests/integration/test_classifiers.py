@@ -196,7 +196,10 @@ def _file_reference(path: Path) -> EncoderReference:
     source = load_bert_gguf(path)
     weights = {name: value.astype(np.float64) for name, value in source.weights.items()}
     if source.head_activation == "relu":  # the NumPy encoder knows the head by DistilBERT's names
-        for ours, theirs in (("classifier.dense", "pre_classifier"), ("classifier.out_proj", "classifier")):
+        for ours, theirs in (
+            ("classifier.dense", "pre_classifier"),
+            ("classifier.out_proj", "classifier"),
+        ):
             for part in ("weight", "bias"):
                 weights[f"{theirs}.{part}"] = weights.pop(f"{ours}.{part}")
     config = {

@@ -207,7 +207,7 @@ def test_auto_serves_the_bert_layout_on_onnx(
     """engine=auto: ONNX Runtime for every f32/f16 file in the `bert` layout (faster at the
     same vectors: docs/design.md, "Families"); llama.cpp for Qwen3 and quantized files."""
     auto = EngineSettings()
-    for (model, out_type), path in imported.items():
+    for (model, _), path in imported.items():
         expected = "llama.cpp" if model == "tiny-qwen3" else "onnxruntime"
         assert engine_for(read_model_info(path), auto, LoadOptions()) == expected, model
     for model in ("tiny-distilbert", "tiny-roberta"):

@@ -1,5 +1,6 @@
-"""Class probabilities from a classifier's logits (core/classes.py), as transformers computes
-them: softmax over the labels, a sigmoid per label for multi-label models, raw regression."""
+"""Class probabilities from a classifier's logits (core/classes.py), as transformers' pipeline
+computes them: softmax over the labels, a sigmoid per label for multi-label and one-label
+models, raw regression."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def test_multi_label_is_a_sigmoid_per_label() -> None:
     expected = [0.0, 1 / (1 + math.exp(2.0)), 0.5, 1 / (1 + math.exp(-2.0)), 1.0]
     np.testing.assert_allclose(probabilities[0], expected, atol=1e-15)
     assert probabilities.shape == (1, 5)
+
+
+def test_one_label_is_a_sigmoid_whatever_the_problem_type() -> None:
+    """transformers' pipeline: a single label (a cross-encoder's relevance) gets a sigmoid,
+    not a softmax (which would give 1.0 whatever the logit)."""
+    for problem_type in ("", "single_label_classification"):
+        probabilities = class_probabilities(np.array([[2.0], [-1.0]]), problem_type)
+        np.testing.assert_allclose(
+            probabilities[:, 0], [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))], rtol=1e-15
+        )
 
 
 def test_regression_returns_the_logits() -> None:

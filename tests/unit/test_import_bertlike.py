@@ -29,7 +29,9 @@ Tensors = dict[str, np.ndarray[Any, Any]]
 
 
 def _copy(model: str, destination: Path) -> Path:
-    return Path(shutil.copytree(MODELS / model, destination, ignore=shutil.ignore_patterns("reference")))
+    return Path(
+        shutil.copytree(MODELS / model, destination, ignore=shutil.ignore_patterns("reference"))
+    )
 
 
 def _config(src: Path) -> dict[str, Any]:

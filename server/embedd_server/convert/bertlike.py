@@ -70,7 +70,7 @@ class DistilBert(_Encoder):
     tokenizer_kind = "WordPiece"
     prefix = "distilbert."
     always_f32 = frozenset({"position_embd.weight"})
-    unused = (
+    unused: tuple[str, ...] = (
         "embeddings.position_ids",
         "vocab_transform.",  # DistilBertForMaskedLM's head
         "vocab_layer_norm.",

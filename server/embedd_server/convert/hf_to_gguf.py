@@ -179,13 +179,7 @@ def import_model(
         writer.add_file_type(_FILE_TYPES[out_type])
         family.add_hparams(writer)
         writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
-        writer.add_string(FAMILY_KEY, family.name)
-        if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
-            writer.add_classifier_output_labels(list(family.labels))
-            writer.add_string(HEAD_ACTIVATION_KEY, family.head_activation)
-        if family.task == CLASSIFY:
-            writer.add_string(TASK_KEY, CLASSIFY)
-            writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
+        _add_family_and_task(writer, family)
         vocab_notes[:] = family.add_vocab(writer, tokenizer, model_dir)
         writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
         _add_settings(writer, settings, stored_prompts)
@@ -205,6 +199,19 @@ def import_model(
     for note in [*settings.notes, *vocab_notes, *prompt_notes, *calibration_notes]:
         (report or log.warning)(note)
     return target
+
+
+def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
+    """The family's name; a model with a classifier head: its labels (llama.cpp's n_cls_out
+    is this array's length, 1 without it) and head activation; a classifier: its task and
+    problem_type."""
+    writer.add_string(FAMILY_KEY, family.name)
+    if family.labels:
+        writer.add_classifier_output_labels(list(family.labels))
+        writer.add_string(HEAD_ACTIVATION_KEY, family.head_activation)
+    if family.task == CLASSIFY:
+        writer.add_string(TASK_KEY, CLASSIFY)
+        writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
 
 
 def _calibrate(
