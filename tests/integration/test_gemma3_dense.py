@@ -145,7 +145,7 @@ def test_gemma3_matches_sentence_transformers(
 ) -> None:
     engines = gemma[out_type]
     info = engines.info
-    assert (info.architecture, info.family, info.pooling) == ("gemma-embedding",) * 2 + ("mean",)
+    assert (info.architecture, info.family, info.pooling) == ("gemma-embedding", "gemma3", "mean")
     assert (info.dimensions, info.normalizes, info.max_input_tokens) == (64, True, 128)
     assert info.prompts == _prompts()
     items = _texts(GEMMA)

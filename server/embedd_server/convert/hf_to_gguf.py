@@ -16,10 +16,15 @@ go in as the architecture's own tensors where llama.cpp applies them itself (Emb
 ``dense_2`` / ``dense_3``), else under embedd's ``embedd.dense.*`` keys
 (:mod:`embedd_server.core.dense`), which both engines apply.
 
-A cross-encoder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``)
-is written as llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
+A model with a classifier head (``BertForSequenceClassification``, ``XLMRobertaFor...``,
+``RobertaFor...``, ``CamembertFor...``, ``DistilBertForSequenceClassification``) is written as
+llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
 ``bert.classifier.output_labels``, its head in ``cls.*`` / ``cls.output.*``
-(:mod:`embedd_server.convert.families`), no Normalize and no prompts.
+(:mod:`embedd_server.convert.families`), the activation between them in
+``embedd.head_activation``, no Normalize and no prompts. One label is a cross-encoder
+(reranker); more labels a sequence classifier, which the file says with ``embedd.task``
+``classify`` and ``embedd.problem_type`` (how its logits become probabilities). Every file
+names its family under ``embedd.family`` (llama.cpp's ``bert`` holds several).
 """
 
 from __future__ import annotations
@@ -50,14 +55,20 @@ from embedd_server.convert.st_settings import (
     read_settings,
 )
 from embedd_server.core.catalog import (
+    CLASSIFY,
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
+    FAMILY_KEY,
+    HEAD_ACTIVATION_KEY,
     HF_TOKENIZER_KEY,
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
     PAIR_TOKEN_TYPES_KEY,
+    PROBLEM_TYPE_KEY,
     PROMPTS_KEY,
+    RERANK,
+    TASK_KEY,
 )
 from embedd_server.core.dense import DenseLayer, dense_metadata
 from embedd_server.core.errors import EmbeddError, ModelImportError
@@ -88,6 +99,8 @@ _POOLING_TYPES = {
     "lasttoken": gguf.PoolingType.LAST,
     "rank": gguf.PoolingType.RANK,
 }
+# What a model with a classifier head is called, by its task.
+_HEAD_KINDS = {RERANK: "cross-encoder (reranker)", CLASSIFY: "sequence classifier"}
 _GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "huggingface", "weights", "snapshot"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -136,14 +149,15 @@ def import_model(
     if family.reranker:
         if prompts:
             raise ModelImportError(
-                f"{src} is a cross-encoder (reranker): it scores a query with a document as "
-                "they are, without prompts; import it without --prompt",
+                f"{src} is a {_HEAD_KINDS[family.task]}: it scores texts and pairs as they "
+                "are, without prompts; import it without --prompt",
                 param="prompt",
             )
         settings = read_cross_encoder_settings(
             model_dir,
             family=family.name,
             labels=family.labels,
+            problem_type=family.problem_type if family.task == CLASSIFY else None,
             max_position_embeddings=family.max_position_embeddings,
             usable_positions=family.usable_positions,
             token_types=getattr(family, "n_token_types", 1),
@@ -174,8 +188,7 @@ def import_model(
         writer.add_file_type(_FILE_TYPES[out_type])
         family.add_hparams(writer)
         writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
-        if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
-            writer.add_classifier_output_labels(list(family.labels))
+        _add_family_and_task(writer, family)
         vocab_notes[:] = family.add_vocab(writer, tokenizer, model_dir)
         writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
         _add_settings(writer, settings, stored_prompts)
@@ -196,6 +209,19 @@ def import_model(
     for note in [*settings.notes, *vocab_notes, *prompt_notes, *calibration_notes]:
         (report or log.warning)(note)
     return target
+
+
+def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
+    """The family's name; a model with a classifier head: its labels (llama.cpp's n_cls_out
+    is this array's length, 1 without it) and head activation; a classifier: its task and
+    problem_type."""
+    writer.add_string(FAMILY_KEY, family.name)
+    if family.labels:
+        writer.add_classifier_output_labels(list(family.labels))
+        writer.add_string(HEAD_ACTIVATION_KEY, family.head_activation)
+    if family.task == CLASSIFY:
+        writer.add_string(TASK_KEY, CLASSIFY)
+        writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
 
 
 def _calibrate(

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from embedd_server.convert.files import optional_object, read_json, read_object
+from embedd_server.core.catalog import MULTI_LABEL
+from embedd_server.core.classes import REGRESSION
 from embedd_server.core.errors import ModelImportError
 
 # Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
@@ -177,40 +179,24 @@ def read_cross_encoder_settings(
     max_position_embeddings: int,
     usable_positions: int,
     token_types: int = 1,
+    problem_type: str | None = None,
 ) -> Settings:
-    """The settings sentence-transformers' ``CrossEncoder`` would load ``src`` with.
+    """The settings sentence-transformers' ``CrossEncoder`` (or transformers' classification
+    pipeline, for a ``problem_type``: a sequence classifier) would load ``src`` with.
 
     The maximum length is ``min(tokenizer_config.json's model_max_length, the positions the
     model has)``: CrossEncoder truncates at the tokenizer's maximum, and a pair longer than
-    the position table could not be run at all. Its notes say the model is a reranker, its
-    labels and what its scores are.
+    the position table could not be run at all. Its notes say the model is a reranker (or a
+    classifier), its labels and what its scores are.
     """
     notes: list[str] = []
     max_seq_length = _max_seq_length(src, {}, max_position_embeddings, usable_positions, notes)
     pair_token_types = _pair_token_types(src, family, token_types)
-    shown = ", ".join(labels)
-    if len(labels) == 1:
-        scores = (
-            f"one label ({shown}): a pair's relevance is sigmoid(logit), as "
-            "CrossEncoder.predict returns it"
-        )
+    if problem_type is not None:
+        first = _classifier_note(src, family, labels, problem_type, max_seq_length)
     else:
-        # CrossEncoder.predict applies no activation to a multi-label model's logits.
-        scores = (
-            f"{len(labels)} labels ({shown}): each pair gets one logit per label, as "
-            "CrossEncoder.predict returns them (no sigmoid)"
-        )
-    notes.insert(
-        0,
-        f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
-        f"pooling; {scores}; "
-        f"pairs are truncated longest-first at {max_seq_length} tokens; "
-        + (
-            "the document gets token type 1 (the tokenizer gives token_type_ids)"
-            if pair_token_types
-            else "every token has token type 0 (the tokenizer gives no token_type_ids)"
-        ),
-    )
+        first = _cross_encoder_note(src, family, labels, max_seq_length, pair_token_types)
+    notes.insert(0, first)
     activation = optional_object(src / "config.json").get("sentence_transformers")
     if isinstance(activation, dict) and "activation_fn" in activation:
         name = str(activation["activation_fn"]).rsplit(".", 1)[-1]
@@ -225,6 +211,50 @@ def read_cross_encoder_settings(
         max_seq_length=max_seq_length,
         notes=tuple(notes),
         pair_token_types=pair_token_types,
+    )
+
+
+def _cross_encoder_note(
+    src: Path, family: str, labels: tuple[str, ...], max_seq_length: int, pair_token_types: bool
+) -> str:
+    """What a cross-encoder's import gives: its labels, scores, truncation and token types."""
+    shown = ", ".join(labels)
+    if len(labels) == 1:
+        scores = (
+            f"one label ({shown}): a pair's relevance is sigmoid(logit), as "
+            "CrossEncoder.predict returns it"
+        )
+    else:
+        # CrossEncoder.predict applies no activation to a multi-label model's logits.
+        scores = (
+            f"{len(labels)} labels ({shown}): each pair gets one logit per label, as "
+            "CrossEncoder.predict returns them (no sigmoid)"
+        )
+    types = (
+        "the document gets token type 1 (the tokenizer gives token_type_ids)"
+        if pair_token_types
+        else "every token has token type 0 (the tokenizer gives no token_type_ids)"
+    )
+    return (
+        f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
+        f"pooling; {scores}; pairs are truncated longest-first at {max_seq_length} tokens; "
+        f"{types}"
+    )
+
+
+def _classifier_note(
+    src: Path, family: str, labels: tuple[str, ...], problem_type: str, max_seq_length: int
+) -> str:
+    """What a sequence classifier's import gives: its labels and how they are scored."""
+    scored = {
+        MULTI_LABEL: "a sigmoid per label (multi_label_classification)",
+        REGRESSION: "its raw logits (regression)",
+    }.get(problem_type, "a softmax over its labels")
+    return (
+        f"{src.name}: a sequence classifier of the {family} family with {len(labels)} labels "
+        f"({', '.join(labels)}), imported with rank pooling (its head); a text or a pair gets "
+        f"one logit per label, scored by {scored}; inputs are truncated at {max_seq_length} "
+        "tokens"
     )
 
 

@@ -44,14 +44,17 @@ class HfTokenizer:
         return {i: t for t, i in self.tokenizer.get_vocab(with_added_tokens=True).items()}
 
 
-def load_tokenizer(model_dir: Path, family: str, kind: str) -> HfTokenizer:
-    """``model_dir/tokenizer.json``, which must be of the ``kind`` the family uses."""
+def load_tokenizer(model_dir: Path, family: str, kind: str | tuple[str, ...]) -> HfTokenizer:
+    """``model_dir/tokenizer.json``, which must be of the ``kind`` (or one of the kinds) the
+    family uses."""
     path = model_dir / "tokenizer.json"
     parsed = read_object(path, "the model's Hugging Face tokenizer is needed")
     found = parsed.get("model", {}).get("type")
-    if found != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if found not in kinds:
         raise ModelImportError(
-            f"{path}: a {family} model's tokenizer must be {kind}, this one is {found}"
+            f"{path}: a {family} model's tokenizer must be {' or '.join(kinds)}, "
+            f"this one is {found}"
         )
     text = path.read_text(encoding="utf-8")
     try:

@@ -10,8 +10,9 @@ llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the
 cannot serve is then refused by name.
 
 llama.cpp cannot serve a cross-encoder with two token types (BERT's: the document of a pair
-is type 1; llama.cpp gives every token type 0), so such a model in a quantized file, which
-ONNX Runtime doesn't serve either, is refused with both reasons.
+is type 1; llama.cpp gives every token type 0) nor a classifier head whose activation is not
+tanh (DistilBERT's ReLU), so such a model in a quantized file, which ONNX Runtime doesn't serve
+either, is refused with both reasons.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import RERANK, ModelInfo
+from embedd_server.core.catalog import CLASSIFY, RERANK, ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
@@ -59,9 +60,9 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
 
 def llama_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't serve this model exactly; None when it can."""
-    if info.task != RERANK:
+    if info.task not in (RERANK, CLASSIFY):
         return None
-    return rank_refusal(info.pair_token_types)
+    return rank_refusal(info)
 
 
 def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str:
@@ -78,7 +79,7 @@ def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) 
         if refusal is None:
             raise ModelLoadError(
                 f"engine=llama.cpp cannot serve {info.name}: {why}. "
-                "Use engine=auto or engine=onnxruntime, which give each token its type."
+                "Use engine=auto or engine=onnxruntime, which compute it exactly."
             )
         raise ModelLoadError(
             f"No engine can serve {info.name}: llama.cpp because {why}; ONNX Runtime because "

@@ -12,10 +12,17 @@ graph: the masked mean of the last hidden state, or its first ([CLS]) row. Vecto
 normalized: dimensions and normalization are the service's business. Which ONNX Runtime
 optimizations keep them exact was measured (docs/design.md, "Engines").
 
-A cross-encoder (GGUF pooling type 4, ``rank``) gets its classifier head instead of a pooling:
-the first token's state -> dense (``cls``) -> tanh -> dense (``cls.output``), and the graph's
-output is the raw logits ``[batch, labels]`` (what ``BertForSequenceClassification``'s pooler +
-classifier and ``XLMRobertaForSequenceClassification``'s classification head compute).
+A cross-encoder or sequence classifier (GGUF pooling type 4, ``rank``) gets its classifier
+head instead of a pooling: the first token's state -> dense (``cls``) -> tanh, or the file's
+``embedd.head_activation`` (DistilBERT's ReLU) -> dense (``cls.output``), and the graph's output
+is the raw logits ``[batch, labels]`` (what ``BertForSequenceClassification``'s pooler +
+classifier, the ``RobertaForSequenceClassification`` family's classification head and
+``DistilBertForSequenceClassification``'s pre_classifier + classifier compute).
+
+The same layout holds DistilBERT (no token type table: the graph adds no type embedding),
+RoBERTa and CamemBERT (positions from ``padding_idx + 1``: the importer drops the table's
+first rows, so the graph numbers from 0 as for BERT) whatever their vocabulary: the graph
+takes token ids.
 """
 
 from __future__ import annotations
@@ -35,7 +42,13 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+from embedd_server.core.catalog import (
+    ENCODER_BLOCK_TENSORS,
+    ENCODER_EMBEDDING_TENSORS,
+    HEAD_ACTIVATION_KEY,
+    HEAD_ACTIVATIONS,
+    TANH,
+)
 from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
 
 Pooling = Literal["mean", "cls", "rank"]
@@ -141,6 +154,7 @@ class ModelSource:
     pooling: Pooling
     max_seq_length: int
     normalize: bool
+    head_activation: str = TANH  # between a classifier head's two layers
     dense: tuple[DenseLayer, ...] = ()  # sentence-transformers Dense modules after pooling
 
     @property
@@ -151,8 +165,10 @@ class ModelSource:
 
     @property
     def token_types(self) -> int:
-        """Rows of the token type table: 2 for BERT (a pair's document is type 1)."""
-        return int(self.weights["embeddings.token_type_embeddings.weight"].shape[0])
+        """Rows of the token type table: 2 for BERT (a pair's document is type 1), 0 for a
+        model without one (DistilBERT)."""
+        table = self.weights.get(TOKEN_TYPE_TABLE)
+        return 0 if table is None else int(table.shape[0])
 
     @property
     def dimensions(self) -> int:
@@ -177,11 +193,14 @@ class ModelSource:
             token_type_input=token_type_input,
             hidden_output=hidden_output,
             pooling_mask_input=pooling_mask_input,
+            head_activation=self.head_activation,
             dense=self.dense,
         )
 
 
 # --------------------------------------------------------------------------- weights
+
+TOKEN_TYPE_TABLE = "embeddings.token_type_embeddings.weight"  # optional: DistilBERT has none
 
 
 def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[str, Array]:
@@ -189,7 +208,8 @@ def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[
 
     Old checkpoints' LayerNorm ``gamma``/``beta`` are renamed ``weight``/``bias``. Tensors the
     encoder doesn't use (pooler, MLM head, ``position_ids``) are dropped. A cross-encoder's
-    head (``classifier.dense``, ``classifier.out_proj``) is kept when it is there.
+    head (``classifier.dense``, ``classifier.out_proj``) is kept when it is there, and so is
+    the token type table (a model without one, DistilBERT, adds no type embedding).
     """
     renamed = {_hf_name(name): value for name, value in weights.items()}
     expected = _expected_shapes(renamed, config)
@@ -220,17 +240,17 @@ def _expected_shapes(
     try:
         vocab = weights["embeddings.word_embeddings.weight"].shape[0]
         positions = weights["embeddings.position_embeddings.weight"].shape[0]
-        types = weights["embeddings.token_type_embeddings.weight"].shape[0]
         ff = weights["encoder.layer.0.intermediate.dense.weight"].shape[0]
     except KeyError as exc:
         raise ValueError(f"tensor {exc.args[0]!r} is missing; is this a BERT encoder?") from None
     shapes: dict[str, tuple[int, ...]] = {
         "embeddings.word_embeddings.weight": (vocab, d),
         "embeddings.position_embeddings.weight": (positions, d),
-        "embeddings.token_type_embeddings.weight": (types, d),
         "embeddings.LayerNorm.weight": (d,),
         "embeddings.LayerNorm.bias": (d,),
     }
+    if TOKEN_TYPE_TABLE in weights:
+        shapes[TOKEN_TYPE_TABLE] = (weights[TOKEN_TYPE_TABLE].shape[0], d)
     if "classifier.out_proj.weight" in weights:
         labels = weights["classifier.out_proj.weight"].shape[0]
         shapes["classifier.dense.weight"] = (d, d)
@@ -362,6 +382,12 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    activation = str(gguf_field(reader, HEAD_ACTIVATION_KEY, TANH))
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(
+            f"{path}: head activation {activation!r} is not supported "
+            f"({', '.join(HEAD_ACTIVATIONS)})"
+        )
     dense = read_dense_gguf(reader)
     check_stack(dense, config.hidden_size)
     return ModelSource(
@@ -370,6 +396,7 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         pooling=_GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
         normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
+        head_activation=activation,
         dense=dense,
     )
 
@@ -447,6 +474,9 @@ class Graph:
         return self.op("LayerNormalization", [x, gamma, beta], prefix, axis=-1, epsilon=eps)
 
 
+_Graph = Graph  # the name other families' graph modules were written against
+
+
 def build_bert_model(
     weights: Mapping[str, Array],
     config: BertConfig,
@@ -455,6 +485,7 @@ def build_bert_model(
     token_type_input: bool = False,
     hidden_output: bool = False,
     pooling_mask_input: bool = False,
+    head_activation: str = TANH,
     dense: Sequence[DenseLayer] = (),
 ) -> onnx.ModelProto:
     """The ONNX graph (opset 17) of ``BertModel`` followed by pooling (and ``dense``, the
@@ -467,7 +498,8 @@ def build_bert_model(
     last hidden state, not normalized; with ``hidden_output`` also ``last_hidden_state``.
     ``"rank"`` (a cross-encoder, whose weights hold ``classifier.dense`` and
     ``classifier.out_proj``): the output is instead the raw logits ``[batch, labels]`` of
-    the first row -> dense -> tanh -> dense.
+    the first row -> dense -> ``head_activation`` (tanh, or DistilBERT's relu) -> dense.
+    Weights without a token type table (DistilBERT) add no type embedding.
     With ``pooling_mask_input`` the mean is masked by another input, ``pooling_mask``
     (int64 ``[batch, seq]``): sentence-transformers' ``include_prompt: false`` attends to the
     prompt's tokens but leaves them out of the mean.
@@ -480,6 +512,10 @@ def build_bert_model(
     w = canonical_weights(weights, config)
     if pooling == "rank" and "classifier.out_proj.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's classifier head")
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"head activation {head_activation!r} is not supported")
+    if token_type_input and TOKEN_TYPE_TABLE not in w:
+        raise ValueError("token_type_ids need a token type table; this model has none")
     g = Graph()
     batch_seq = ["batch", "sequence"]
     inputs = [
@@ -498,7 +534,7 @@ def build_bert_model(
         hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
     d = config.hidden_size
     if pooling == "rank":
-        pooled = _classify(g, w, hidden)
+        pooled = _classify(g, w, hidden, head_activation)
         width = w["classifier.out_proj.weight"].shape[0]
     else:
         pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
@@ -521,7 +557,7 @@ def build_bert_model(
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
             META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
-            META_TOKEN_TYPES: str(w["embeddings.token_type_embeddings.weight"].shape[0]),
+            META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
         },
     )
     onnx.checker.check_model(model)
@@ -529,11 +565,14 @@ def build_bert_model(
 
 
 def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
-    """word + token type, + position (transformers' order), then LayerNorm."""
+    """word + token type, + position (transformers' order), then LayerNorm; without a token
+    type table (DistilBERT) word + position."""
     p = "embeddings"
     words = g.op("Gather", [g.const(f"{p}.word", w[f"{p}.word_embeddings.weight"]), "input_ids"], p)
-    types_table = w[f"{p}.token_type_embeddings.weight"]
-    if token_types:
+    types_table = w.get(TOKEN_TYPE_TABLE)
+    if types_table is None:
+        types = None
+    elif token_types:
         types = g.op("Gather", [g.const(f"{p}.token_type", types_table), "token_type_ids"], p)
     else:
         types = g.const(f"{p}.token_type_0", types_table[0])
@@ -544,7 +583,8 @@ def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_type
     zero = g.const("zero_1d", np.array([0], np.int64))
     positions_table = g.const(f"{p}.position", w[f"{p}.position_embeddings.weight"])
     positions = g.op("Slice", [positions_table, zero, seq_len, zero], p)  # axes [0]
-    summed = g.op("Add", [g.op("Add", [words, types], p), positions], p)
+    typed = words if types is None else g.op("Add", [words, types], p)
+    summed = g.op("Add", [typed, positions], p)
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
 
 
@@ -597,10 +637,12 @@ def _layer(
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
 
 
-def _classify(g: Graph, w: Mapping[str, Array], hidden: str) -> str:
-    """A cross-encoder's head on the first token: dense -> tanh -> dense, the raw logits."""
+def _classify(g: Graph, w: Mapping[str, Array], hidden: str, activation: str) -> str:
+    """A cross-encoder's head on the first token: dense -> tanh (or relu) -> dense, the raw
+    logits."""
     first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
-    dense = g.op("Tanh", [g.linear(first, w, "classifier.dense")], "head")
+    op = {"tanh": "Tanh", "relu": "Relu"}[activation]
+    dense = g.op(op, [g.linear(first, w, "classifier.dense")], "head")
     return g.linear(dense, w, "classifier.out_proj")
 
 
