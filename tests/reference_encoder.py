@@ -4,7 +4,8 @@ For behaviour that ``../shared/models`` has no stored reference of (e.g. sentenc
 ``include_prompt: false``, a cross-encoder's pair with token type 1), tests compute what
 sentence-transformers would: this module runs ``BertModel`` / ``XLMRobertaModel`` (and the
 heads of their ``*ForSequenceClassification``) from a model directory's safetensors in float64, with
-nothing of embedd's engines, graph builder or converter. It is first checked against the
+nothing of embedd's engines, graph builder or converter; and a SPLADE model's MLM head and
+pooling (``BertForMaskedLM`` + ``SpladePooling``). It is first checked against the
 stored reference (``test_include_prompt.py``), so agreement with it means agreement with
 sentence-transformers.
 """
@@ -100,6 +101,27 @@ class EncoderReference:
         else:
             dense, out = "pooler.dense", "classifier"
         return self._linear(np.tanh(self._linear(first, dense)), out)
+
+
+    def mlm_logits(self, ids: list[int]) -> Array:
+        """``BertForMaskedLM``'s logits ``[len(ids), vocab]``: dense, erf GELU, LayerNorm,
+        then the decoder (the word embeddings when it is tied, BERT's default)."""
+        p = "cls.predictions"
+        h = self._linear(self.hidden_states(ids), f"{p}.transform.dense")
+        h = self._layer_norm(h * 0.5 * (1.0 + _erf(h / math.sqrt(2.0))), f"{p}.transform.LayerNorm")
+        decoder = self.weights.get(f"{p}.decoder.weight", self.weights["embeddings.word_embeddings.weight"])
+        bias = self.weights.get(f"{p}.decoder.bias", self.weights.get(f"{p}.bias"))
+        out: Array = h @ decoder.T + bias
+        return out
+
+    def splade(self, ids: list[int], strategy: str = "max", activation: str = "relu") -> Array:
+        """SpladePooling of one sequence: log1p(relu(logits)) (log1p again for log1p_relu),
+        max or sum over its tokens, ``[vocab]``."""
+        weights = np.log1p(np.maximum(self.mlm_logits(ids), 0.0))
+        if activation == "log1p_relu":
+            weights = np.log1p(weights)
+        out: Array = weights.max(axis=0) if strategy == "max" else weights.sum(axis=0)
+        return out
 
 
 def mean_from(hidden: Array, start: int) -> Array:

@@ -2,7 +2,8 @@
 
 For the small models of ../shared/models (BERT with CLS pooling, BERT with mean pooling and
 raw vectors, XLM-RoBERTa in the sentence-transformers >= 5 layout, Qwen3 with last-token
-pooling), imported f32 and f16: the reference texts are tokenized with the model's own
+pooling, Mistral with last-token pooling and its e5-mistral query instruction), imported f32
+and f16: the reference texts are tokenized with the model's own
 tokenizer.json, truncated at its max_seq_length the way sentence-transformers does (inside the
 template, so [SEP] / </s> / <|endoftext|> stay), and must give the reference's token counts;
 llama.cpp embeds them in packs, as the server's workers do, with the pooling the GGUF names;
@@ -36,6 +37,14 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "tiny-bert-mean-raw": {"family": "bert", "pooling": "mean", "normalizes": False, "max": 32},
     "tiny-xlmr": {"family": "xlm-roberta", "pooling": "mean", "normalizes": True, "max": 64},
     "tiny-qwen3": {"family": "qwen3", "pooling": "last", "normalizes": True, "max": 128},
+    # Mistral is llama.cpp's `llama` architecture; the family is the importer's statement.
+    "tiny-mistral": {
+        "family": "mistral",
+        "pooling": "last",
+        "normalizes": True,
+        "max": 128,
+        "prompts": ("query",),
+    },
 }
 
 Vectors = npt.NDArray[np.float64]
@@ -118,7 +127,18 @@ def test_vectors_match_sentence_transformers(
     inputs = [item["text"].lower() if info.do_lower_case else item["text"] for item in texts]
     sequences = [encoding.ids for encoding in tokenizer.encode_batch(inputs)]
     assert [len(ids) for ids in sequences] == [item["tokens"] for item in texts]
+    _assert_close(model, out_type, path, info, sequences, reference, texts)
 
+
+def _assert_close(
+    label: str,
+    out_type: str,
+    path: Path,
+    info: ModelInfo,
+    sequences: list[list[int]],
+    reference: Vectors,
+    texts: list[dict[str, Any]],
+) -> None:
     vectors = _embed(path, info, sequences)
     if not info.normalizes:  # raw vectors: their length must match too
         np.testing.assert_allclose(
@@ -128,8 +148,33 @@ def test_vectors_match_sentence_transformers(
         np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
     )
     worst = int(np.argmin(cosines))
-    print(f"{model} {out_type}: min cosine {cosines[worst]:.7f}, mean {np.mean(cosines):.7f}")
+    print(f"{label} {out_type}: min cosine {cosines[worst]:.7f}, mean {np.mean(cosines):.7f}")
     assert cosines[worst] >= MIN_COSINE[out_type], texts[worst]["text"]
+
+
+PROMPTED = [(model, name) for model, row in EXPECTED.items() for name in row.get("prompts", ())]
+
+
+@pytest.mark.parametrize("out_type", list(MIN_COSINE))
+@pytest.mark.parametrize(("model", "prompt_name"), PROMPTED)
+def test_prompted_vectors_match_sentence_transformers(
+    imported: dict[tuple[str, str], Path], model: str, prompt_name: str, out_type: str
+) -> None:
+    """encode(texts, prompt_name=...): the stored prompt's text before each text, its tokens
+    pooled too (include_prompt), against reference/embeddings_<prompt>.npy."""
+    src = MODELS / model
+    path = imported[model, out_type]
+    info = read_model_info(path)
+    assert info.include_prompt
+    prompt = info.prompts[prompt_name]
+    assert prompt, f"{model}'s {prompt_name} prompt is empty: nothing to test"
+    texts = json.loads((src / "reference" / "texts.json").read_text(encoding="utf-8"))
+    reference = np.load(src / "reference" / f"embeddings_{prompt_name}.npy").astype(np.float64)
+    tokenizer = _tokenizer(src, info)
+    sequences = [e.ids for e in tokenizer.encode_batch([prompt + t["text"] for t in texts])]
+    plain = [len(e.ids) for e in tokenizer.encode_batch([t["text"] for t in texts])]
+    assert sum(map(len, sequences)) > sum(plain)  # the prompt's tokens are there
+    _assert_close(f"{model} {prompt_name}", out_type, path, info, sequences, reference, texts)
 
 
 @pytest.mark.parametrize("model", list(EXPECTED))

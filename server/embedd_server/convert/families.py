@@ -93,6 +93,10 @@ class Family(ABC):
         """Whether this is a cross-encoder: it scores a pair instead of embedding a text."""
         return bool(self.labels)
 
+    def check_max_seq_length(self, max_seq_length: int) -> None:
+        """Refuses a maximum input length the family's llama.cpp graph can't compute exactly
+        (e.g. longer than a sliding window it doesn't apply); every length by default."""
+
     def load_tokenizer(self, model_dir: Path) -> HfTokenizer:
         return load_tokenizer(model_dir, self.name, self.tokenizer_kind)
 

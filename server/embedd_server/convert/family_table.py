@@ -15,6 +15,7 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.mistral import Mistral
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -26,11 +27,18 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "XLMRobertaForMaskedLM": XlmRoberta,
     "Qwen3Model": Qwen3,
     "Qwen3ForCausalLM": Qwen3,
+    "MistralModel": Mistral,
+    "MistralForCausalLM": Mistral,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
-_BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
+_BY_MODEL_TYPE: dict[str, type[Family]] = {
+    "bert": Bert,
+    "xlm-roberta": XlmRoberta,
+    "qwen3": Qwen3,
+    "mistral": Mistral,
+}
 
 
 # What an error names: each family's base architecture (the first listed), then the heads.

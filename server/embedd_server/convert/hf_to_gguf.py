@@ -34,16 +34,20 @@ from embedd_server.convert.families import Family
 from embedd_server.convert.family_table import select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
+from embedd_server.convert.splade import read_splade_modules, splade_family
 from embedd_server.convert.st_settings import (
     RANK,
+    SPLADE,
     Settings,
     read_cross_encoder_settings,
     read_modules,
     read_settings,
+    read_sparse_settings,
 )
 from embedd_server.core.catalog import (
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
+    FAMILY_KEY,
     HF_TOKENIZER_KEY,
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
@@ -78,6 +82,8 @@ _POOLING_TYPES = {
     "cls": gguf.PoolingType.CLS,
     "lasttoken": gguf.PoolingType.LAST,
     "rank": gguf.PoolingType.RANK,
+    # llama.cpp has no SPLADE pooling: its own pooling is none (ONNX Runtime serves these).
+    SPLADE: gguf.PoolingType.NONE,
 }
 _GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "huggingface", "weights", "snapshot"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -121,10 +127,20 @@ def import_model(
         raise ModelImportError(
             f"{target} already exists; pass --overwrite to replace it or --name to choose another"
         )
-    modules = read_modules(src)
+    splade = read_splade_modules(src)
+    modules = None if splade else read_modules(src)
     model_dir = modules.transformer_dir if modules else src
-    family = select_family(model_dir)
-    if family.reranker:
+    family = splade_family(splade) if splade else select_family(model_dir)
+    if splade:
+        model_dir = splade.transformer_dir
+        settings = read_sparse_settings(
+            src,
+            model_dir,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
+    elif family.reranker:
         if prompts:
             raise ModelImportError(
                 f"{src} is a cross-encoder (reranker): it scores a query with a document as "
@@ -152,6 +168,7 @@ def import_model(
             usable_positions=family.usable_positions,
         )
         stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
+    family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
     tensors = family.tensors(load_safetensors(model_dir), model_dir)
     converted = list(_converted(family, tensors, out_type, progress))
@@ -164,6 +181,7 @@ def import_model(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(_FILE_TYPES[out_type])
         family.add_hparams(writer)
+        writer.add_string(FAMILY_KEY, family.name)
         writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
         if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
             writer.add_classifier_output_labels(list(family.labels))
@@ -179,7 +197,8 @@ def import_model(
 
     calibration: FloatMatrix | None = None
     calibration_notes: list[str] = []
-    if not family.reranker:  # a cross-encoder gives scores, not vectors to quantize
+    # A cross-encoder gives scores and a sparse encoder sparse weights: no vectors to quantize.
+    if not family.reranker and splade is None:
         calibration, calibration_notes = _calibrate(target.stem, lambda path: new_writer(None))
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(target, lambda tmp: _write_file(new_writer(calibration), tmp))

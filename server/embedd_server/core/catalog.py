@@ -55,6 +55,9 @@ MULTI_LABEL = "multi_label_classification"
 CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
 # A cross-encoder's pairs give the document token type 1 (its tokenizer's token_type_ids).
 PAIR_TOKEN_TYPES_KEY = "embedd.pair_token_types"
+# The family as `embedd import` knew it (e.g. "mistral", which llama.cpp's `llama` architecture
+# doesn't tell apart); a file without it gets the family its architecture implies.
+FAMILY_KEY = "embedd.family"
 
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
@@ -155,22 +158,27 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
     pooling = int(fields.get(f"{arch}.pooling_type", 0))
     file_type = fields.get("general.file_type")
     labels = _labels(fields, arch, pooling)
+    declared_task = _optional_str(fields.get(TASK_KEY))
+    vocab_size = int(fields.get("tokenizer.ggml.tokens.count", 0))
     return ModelInfo(
         name=path.stem,
         path=path,
         architecture=arch,
-        # A cross-encoder's output is one logit per label, not a hidden-size vector.
-        dimensions=labels or int(fields.get(f"{arch}.embedding_length", 0)),
+        # A cross-encoder's output is one logit per label, not a hidden-size vector; a sparse
+        # encoder's one weight per vocabulary entry.
+        dimensions=labels
+        or (vocab_size if declared_task == SPARSE else 0)
+        or int(fields.get(f"{arch}.embedding_length", 0)),
         context_length=context_length,
         max_input_tokens=min(max_seq, context_length),
         pooling=POOLING_NAMES.get(pooling, str(pooling)),
         quantization=_quantization_name(file_type),
         normalizes=bool(fields.get(NORMALIZE_KEY, pooling in EMBEDDING_POOLINGS)),
-        vocab_size=int(fields.get("tokenizer.ggml.tokens.count", 0)),
+        vocab_size=vocab_size,
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
         created=mtime,
-        family=_family(arch, fields.get("tokenizer.ggml.model")),
+        family=_family(arch, fields.get("tokenizer.ggml.model"), fields.get(FAMILY_KEY)),
         do_lower_case=bool(fields.get(DO_LOWER_CASE_KEY, False)),
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
@@ -178,7 +186,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         labels=labels,
         pair_token_types=_pair_token_types(fields, pooling),
         parameters=int(fields.get(PARAMETERS_FIELD, 0)),
-        declared_task=_optional_str(fields.get(TASK_KEY)),
+        declared_task=declared_task,
         label_names=_label_names(fields, arch, labels),
         problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
     )
@@ -210,8 +218,11 @@ def _labels(fields: dict[str, Any], arch: str, pooling: int) -> int:
     return int(fields.get(f"{arch}.{CLASSIFIER_LABELS_SUFFIX}.count", 1))
 
 
-def _family(arch: str, tokenizer_model: Any) -> str:
-    """The model family: llama.cpp's ``bert`` architecture holds BERT and XLM-RoBERTa."""
+def _family(arch: str, tokenizer_model: Any, stored: Any = None) -> str:
+    """The model family: the importer's own statement (FAMILY_KEY), else from the
+    architecture: llama.cpp's ``bert`` architecture holds BERT and XLM-RoBERTa."""
+    if stored:
+        return str(stored)
     if arch == "bert":
         return {"t5": "xlm-roberta", "gpt2": "roberta"}.get(str(tokenizer_model), "bert")
     return arch

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedd_server.core.catalog import RERANK, ModelInfo, read_model_info
+from embedd_server.core.catalog import EMBED, ModelInfo, read_model_info
 from embedd_server.core.durations import parse_duration
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import (
@@ -225,7 +225,8 @@ class ModelRegistry:
     # --- loading and retiring ------------------------------------------------------------------
 
     async def _load(self, info: ModelInfo, options: LoadOptions) -> LoadedModel:
-        if not info.embedding and info.task != RERANK and not options.pooling:
+        # Only an embedding model pools by llama.cpp's pooling; the other tasks by their head.
+        if not info.embedding and info.task == EMBED and not options.pooling:
             raise ModelNotEmbedding(
                 f"Model does not support embeddings: '{info.name}' has no pooling of its own "
                 f"(pooling '{info.pooling}', a causal LM?). Load it with a pooling type, e.g. "
