@@ -102,15 +102,16 @@ class EncoderReference:
             dense, out = "pooler.dense", "classifier"
         return self._linear(np.tanh(self._linear(first, dense)), out)
 
-
     def mlm_logits(self, ids: list[int]) -> Array:
         """``BertForMaskedLM``'s logits ``[len(ids), vocab]``: dense, erf GELU, LayerNorm,
         then the decoder (the word embeddings when it is tied, BERT's default)."""
         p = "cls.predictions"
         h = self._linear(self.hidden_states(ids), f"{p}.transform.dense")
         h = self._layer_norm(h * 0.5 * (1.0 + _erf(h / math.sqrt(2.0))), f"{p}.transform.LayerNorm")
-        decoder = self.weights.get(f"{p}.decoder.weight", self.weights["embeddings.word_embeddings.weight"])
-        bias = self.weights.get(f"{p}.decoder.bias", self.weights.get(f"{p}.bias"))
+        decoder = self.weights.get(
+            f"{p}.decoder.weight", self.weights["embeddings.word_embeddings.weight"]
+        )
+        bias = self.weights.get(f"{p}.decoder.bias", self.weights[f"{p}.bias"])
         out: Array = h @ decoder.T + bias
         return out
 

@@ -127,11 +127,20 @@ def test_vectors_match_sentence_transformers(
     inputs = [item["text"].lower() if info.do_lower_case else item["text"] for item in texts]
     sequences = [encoding.ids for encoding in tokenizer.encode_batch(inputs)]
     assert [len(ids) for ids in sequences] == [item["tokens"] for item in texts]
-    _assert_close(model, out_type, path, info, sequences, reference, texts)
+    _assert_close(
+        model,
+        out_type=out_type,
+        path=path,
+        info=info,
+        sequences=sequences,
+        reference=reference,
+        texts=texts,
+    )
 
 
 def _assert_close(
     label: str,
+    *,
     out_type: str,
     path: Path,
     info: ModelInfo,
@@ -174,7 +183,15 @@ def test_prompted_vectors_match_sentence_transformers(
     sequences = [e.ids for e in tokenizer.encode_batch([prompt + t["text"] for t in texts])]
     plain = [len(e.ids) for e in tokenizer.encode_batch([t["text"] for t in texts])]
     assert sum(map(len, sequences)) > sum(plain)  # the prompt's tokens are there
-    _assert_close(f"{model} {prompt_name}", out_type, path, info, sequences, reference, texts)
+    _assert_close(
+        f"{model} {prompt_name}",
+        out_type=out_type,
+        path=path,
+        info=info,
+        sequences=sequences,
+        reference=reference,
+        texts=texts,
+    )
 
 
 @pytest.mark.parametrize("model", list(EXPECTED))

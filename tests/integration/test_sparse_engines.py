@@ -191,7 +191,6 @@ def test_other_splade_poolings(tmp_path: Path, strategy: str, activation: str) -
         json.dumps({"pooling_strategy": strategy, "activation_function": activation})
     )
     info = read_model_info(import_model(src, tmp_path / "models", out_type="f32"))
-    texts, _ = _reference()
     sequences = _sequences(info)[::10]
     runtime = load_runtime(info, _settings("auto"), LoadOptions())
     try:

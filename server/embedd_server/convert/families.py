@@ -31,7 +31,7 @@ from typing import Any
 
 import gguf
 
-from embedd_server.convert.files import Array, config_float, config_int, read_object
+from embedd_server.convert.files import Array, config_float, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import (
     HfTokenizer,
@@ -96,6 +96,7 @@ class Family(ABC):
     def check_max_seq_length(self, max_seq_length: int) -> None:
         """Refuses a maximum input length the family's llama.cpp graph can't compute exactly
         (e.g. longer than a sliding window it doesn't apply); every length by default."""
+        del max_seq_length
 
     def load_tokenizer(self, model_dir: Path) -> HfTokenizer:
         return load_tokenizer(model_dir, self.name, self.tokenizer_kind)

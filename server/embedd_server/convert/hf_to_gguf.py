@@ -38,6 +38,7 @@ from embedd_server.convert.splade import read_splade_modules, splade_family
 from embedd_server.convert.st_settings import (
     RANK,
     SPLADE,
+    Modules,
     Settings,
     read_cross_encoder_settings,
     read_modules,
@@ -130,44 +131,19 @@ def import_model(
     splade = read_splade_modules(src)
     modules = None if splade else read_modules(src)
     model_dir = modules.transformer_dir if modules else src
-    family = splade_family(splade) if splade else select_family(model_dir)
     if splade:
         model_dir = splade.transformer_dir
-        settings = read_sparse_settings(
-            src,
-            model_dir,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
+    family = splade_family(splade) if splade else select_family(model_dir)
+    settings, stored_prompts, prompt_notes = _read_settings(
+        src, model_dir, modules, family, prompts or {}, sparse=splade is not None
+    )
+    if splade and out_type != "f32":
+        prompt_notes.append(
+            f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
+            "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
+            "SPLADE: 0.1% of the non-zeros); import it with --type f32 for exactly "
+            "SparseEncoder's non-zero entries"
         )
-        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
-    elif family.reranker:
-        if prompts:
-            raise ModelImportError(
-                f"{src} is a cross-encoder (reranker): it scores a query with a document as "
-                "they are, without prompts; import it without --prompt",
-                param="prompt",
-            )
-        settings = read_cross_encoder_settings(
-            model_dir,
-            family=family.name,
-            labels=family.labels,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
-            token_types=getattr(family, "n_token_types", 1),
-        )
-        stored_prompts: dict[str, str] = {}
-        prompt_notes: list[str] = []
-    else:
-        settings = read_settings(
-            src,
-            modules,
-            family=family.name,
-            default=family.default,
-            hidden_size=family.n_embd,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
-        )
-        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
     family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
     tensors = family.tensors(load_safetensors(model_dir), model_dir)
@@ -205,6 +181,53 @@ def import_model(
     for note in [*settings.notes, *vocab_notes, *prompt_notes, *calibration_notes]:
         (report or log.warning)(note)
     return target
+
+
+def _read_settings(
+    src: Path,
+    model_dir: Path,
+    modules: Modules | None,
+    family: Family,
+    prompts: Mapping[str, str],
+    *,
+    sparse: bool,
+) -> tuple[Settings, dict[str, str], list[str]]:
+    """What sentence-transformers reads from ``src`` for this family's model (a sparse
+    encoder, a cross-encoder or a bi-encoder), the prompts to store and notes about them."""
+    if sparse:
+        settings = read_sparse_settings(
+            src,
+            model_dir,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        return settings, *_prompts(src, model_dir, settings, prompts)
+    if family.reranker:
+        if prompts:
+            raise ModelImportError(
+                f"{src} is a cross-encoder (reranker): it scores a query with a document as "
+                "they are, without prompts; import it without --prompt",
+                param="prompt",
+            )
+        settings = read_cross_encoder_settings(
+            model_dir,
+            family=family.name,
+            labels=family.labels,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+            token_types=getattr(family, "n_token_types", 1),
+        )
+        return settings, {}, []
+    settings = read_settings(
+        src,
+        modules,
+        family=family.name,
+        default=family.default,
+        hidden_size=family.n_embd,
+        max_position_embeddings=family.max_position_embeddings,
+        usable_positions=family.usable_positions,
+    )
+    return settings, *_prompts(src, model_dir, settings, prompts)
 
 
 def _calibrate(

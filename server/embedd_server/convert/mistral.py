@@ -25,7 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from embedd_server.convert.families import Qwen3, Shape, _strip
+from embedd_server.convert.families import Plan, Qwen3, Shape, _strip
 from embedd_server.convert.files import Array, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import HfTokenizer, add_llama_vocab, is_sentencepiece_bpe
@@ -113,7 +113,7 @@ class Mistral(Qwen3):
             "ffn_up": (ff, d),
             "ffn_down": (d, ff),
         }
-        plan = [("embed_tokens.weight", "token_embd.weight", (self.n_vocab, d))]
+        plan: Plan = [("embed_tokens.weight", "token_embd.weight", (self.n_vocab, d))]
         for i in range(self.n_layer):
             for hf, gg in _BLOCK.items():
                 plan.append((f"layers.{i}.{hf}.weight", f"blk.{i}.{gg}.weight", shapes[gg]))

@@ -3,7 +3,8 @@
 Each family's vocabulary goes in the form llama.cpp's ``convert_hf_to_gguf.py`` writes for it,
 so that llama.cpp's own tokenizer works on the file: WordPiece as ``bert`` (the "phantom
 space" form), Unigram as ``t5`` (pieces, scores, token types), byte-level BPE as ``gpt2``
-(tokens and merges). The whole ``tokenizer.json`` goes in too, under
+(tokens and merges), SentencePiece BPE with byte fallback as ``llama`` (pieces, scores from the
+merge order, byte pieces). The whole ``tokenizer.json`` goes in too, under
 ``tokenizer.huggingface.json``: the server tokenizes with it, exactly as the reference does.
 """
 
@@ -343,10 +344,11 @@ def add_llama_vocab(
     types: list[int] = []
     for token, kind in entries:
         if kind == TokenType.NORMAL and _BYTE_TOKEN.fullmatch(token):
-            kind = TokenType.BYTE
+            types.append(int(TokenType.BYTE))
         elif token == unk:
-            kind = TokenType.UNKNOWN
-        types.append(int(kind))
+            types.append(int(TokenType.UNKNOWN))
+        else:
+            types.append(int(kind))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

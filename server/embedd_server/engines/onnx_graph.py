@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -254,7 +254,11 @@ def _expected_shapes(
         shapes[MLM_DECODER] = (vocab, d)
         shapes["cls.predictions.decoder.bias"] = (vocab,)
         shapes["cls.predictions.transform.dense.weight"] = (d, d)
-        for name in ("transform.dense.bias", "transform.LayerNorm.weight", "transform.LayerNorm.bias"):
+        for name in (
+            "transform.dense.bias",
+            "transform.LayerNorm.weight",
+            "transform.LayerNorm.bias",
+        ):
             shapes[f"cls.predictions.{name}"] = (d,)
     for i in range(config.num_hidden_layers):
         p = f"encoder.layer.{i}."
@@ -672,7 +676,10 @@ def _splade(g: _Graph, logits: str, strategy: str, activation: str) -> str:
         raise ValueError(f"SPLADE pooling {strategy!r} with {activation!r} is not supported")
     axes = g.const("axes_last", np.array([-1], np.int64))
     mask = g.op(
-        "Cast", [g.op("Unsqueeze", ["attention_mask", axes], "splade")], "splade", to=TensorProto.FLOAT
+        "Cast",
+        [g.op("Unsqueeze", ["attention_mask", axes], "splade")],
+        "splade",
+        to=TensorProto.FLOAT,
     )
     masked = g.op("Mul", [logits, mask], "splade")  # padding's logits become 0, as the reference
 
