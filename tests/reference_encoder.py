@@ -111,7 +111,9 @@ class EncoderReference:
         decoder = self.weights.get(
             f"{p}.decoder.weight", self.weights["embeddings.word_embeddings.weight"]
         )
-        bias = self.weights.get(f"{p}.decoder.bias", self.weights[f"{p}.bias"])
+        # Older checkpoints name the decoder's bias cls.predictions.bias.
+        bias = self.weights.get(f"{p}.decoder.bias")
+        bias = self.weights[f"{p}.bias"] if bias is None else bias
         out: Array = h @ decoder.T + bias
         return out
 
