@@ -199,3 +199,9 @@ def test_f16_import_says_the_support_may_differ(tmp_path: Path) -> None:
         make_tiny_splade(tmp_path / "s"), tmp_path / "m", out_type="f32", report=notes.append
     )
     assert not any("--type f32" in note for note in notes)
+
+
+def test_q8_0_is_refused_as_no_engine_serves_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelImportError) as refused:
+        import_model(make_tiny_splade(tmp_path / "s"), tmp_path / "m", out_type="q8_0")
+    assert "ONNX Runtime serves from f32 or f16 weights only, not q8_0" in refused.value.message

@@ -1,7 +1,8 @@
 """Convert a local Hugging Face / sentence-transformers model directory to GGUF.
 
 Uses only numpy, safetensors, tokenizers and the ``gguf`` package: no torch, no network.
-Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3) is written as
+Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3;
+:mod:`~embedd_server.convert.mistral`; SPLADE, :mod:`~embedd_server.convert.splade`) is written as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes it (same keys, tensor names, tensor types and
 vocabulary form), so llama.cpp loads it and computes the same vectors. On top of that the
 file carries the whole ``tokenizer.json`` (``tokenizer.huggingface.json``) and what
@@ -137,7 +138,14 @@ def import_model(
     settings, stored_prompts, prompt_notes = _read_settings(
         src, model_dir, modules, family, prompts or {}, sparse=splade is not None
     )
-    if splade and out_type != "f32":
+    if splade and out_type not in ("f32", "f16"):
+        raise ModelImportError(
+            f"{src} is a sparse (SPLADE) encoder, which ONNX Runtime serves from f32 or f16 "
+            f"weights only, not {out_type}; import it with --type f32 (SparseEncoder's exact "
+            "non-zero entries) or --type f16",
+            param="type",
+        )
+    if splade and out_type == "f16":
         prompt_notes.append(
             f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
             "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
