@@ -14,6 +14,20 @@
 
 local NAMESPACE = "embedd"
 
+-- TEI's routes (their errors in TEI's {"error", "error_type"} shape): rpc/status.py's
+-- _SHAPES_BY_PATH lists the same prefixes.
+local TEI_PREFIXES = { "/rerank", "/predict", "/embed_sparse" }
+
+local function is_tei(path)
+  for _, prefix in ipairs(TEI_PREFIXES) do
+    if path:sub(1, #prefix) == prefix then
+      local next_char = path:sub(#prefix + 1, #prefix + 1)
+      if next_char == "" or next_char == "?" or next_char == "/" then return true end
+    end
+  end
+  return false
+end
+
 function envoy_on_request(request_handle)
   local content_type = request_handle:headers():get("content-type") or ""
   local path = request_handle:headers():get(":path") or ""
@@ -24,7 +38,7 @@ function envoy_on_request(request_handle)
     metadata:set(NAMESPACE, "ollama", true)
   elseif path:match("^/v[12]/rerank") then
     metadata:set(NAMESPACE, "rerank", true)
-  elseif path:match("^/rerank") then
+  elseif is_tei(path) then
     metadata:set(NAMESPACE, "tei", true)
   elseif path:sub(1, 4) == "/v2/" then
     metadata:set(NAMESPACE, "cohere", true)

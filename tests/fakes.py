@@ -26,6 +26,8 @@ from embedd_server.core.catalog import (
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
     PAIR_TOKEN_TYPES_KEY,
+    PROBLEM_TYPE_KEY,
+    TASK_KEY,
     ModelInfo,
 )
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
@@ -59,8 +61,14 @@ def write_fake_gguf(
     include_prompt: bool = True,
     tokenizer_json: str | None = None,
     pair_token_types: bool | None = None,
+    task: str | None = None,
+    labels: Sequence[str] = (),
+    problem_type: str | None = None,
 ) -> Path:
-    """A GGUF file with a model's metadata (no tensors): enough for the catalogue."""
+    """A GGUF file with a model's metadata (no tensors): enough for the catalogue.
+
+    ``task`` (``classify``, ``sparse``) is written as ``embedd import`` writes it; ``labels``
+    are a classifier's output labels (pooling 4)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "bert")
     writer.add_uint32("bert.embedding_length", dimensions)
@@ -74,6 +82,12 @@ def write_fake_gguf(
     writer.add_bool(INCLUDE_PROMPT_KEY, include_prompt)
     if pair_token_types is not None:  # a cross-encoder's (pooling 4)
         writer.add_bool(PAIR_TOKEN_TYPES_KEY, pair_token_types)
+    if task is not None:
+        writer.add_string(TASK_KEY, task)
+    if labels:
+        writer.add_array("bert.classifier.output_labels", list(labels))
+    if problem_type is not None:
+        writer.add_string(PROBLEM_TYPE_KEY, problem_type)
     if padding_bytes:  # makes the file this much bigger (memory-budget tests)
         writer.add_string("test.padding", "x" * padding_bytes)
     writer.write_header_to_file()
@@ -100,6 +114,26 @@ Behaviour = Callable[[Sequence[Sequence[int]], int], FloatMatrix]
 def fake_vectors(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
     """The default behaviour: each sequence's :func:`fake_vector`."""
     return np.stack([fake_vector(ids, dimensions) for ids in sequences])
+
+
+FAKE_VOCAB = len(SPECIALS) + len(WORDS)  # a fake sparse encoder's dimensions
+
+
+def sparse_vectors(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+    """A fake SPLADE engine: weight 1 + id/10 for each vocabulary entry the text holds, else
+    0 (the sparse encoder's row is the whole vocabulary)."""
+    rows = np.zeros((len(sequences), dimensions), dtype=np.float32)
+    for row, ids in zip(rows, sequences, strict=True):
+        for token in ids:
+            row[token] = 1.0 + token / 10
+    return rows
+
+
+def task_behaviour(sequences: Sequence[Sequence[int]], dimensions: int) -> FloatMatrix:
+    """Sparse rows for a model as wide as the fake vocabulary, else :func:`fake_vectors`."""
+    if dimensions == FAKE_VOCAB:
+        return sparse_vectors(sequences, dimensions)
+    return fake_vectors(sequences, dimensions)
 
 
 def on_token(token: int, action: Callable[[], object], then: Behaviour = fake_vectors) -> Behaviour:
@@ -200,8 +234,9 @@ class FakeRuntime:
     ) -> None:
         self.info = info
         self.options = options
-        # A cross-encoder's engine gives one logit per label, as the real engines do.
-        self.dimensions = info.labels if info.task == "rerank" else info.dimensions
+        # A cross-encoder's engine gives one logit per label, a sparse encoder's one weight
+        # per vocabulary entry, as the real engines do (the catalogue's dimensions).
+        self.dimensions = info.dimensions
         self.vocab_size = info.vocab_size
         self.behaviour = behaviour
         self.calls: list[list[int]] = []

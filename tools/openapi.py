@@ -128,7 +128,9 @@ ERROR_DEFINITIONS: dict[str, Any] = {
     },
     TEI_ERROR: {
         "type": "object",
-        "description": "TEI's error body: every non-2xx answer of /rerank.",
+        "description": (
+            "TEI's error body: every non-2xx answer of /rerank, /predict and /embed_sparse."
+        ),
         "required": ["error", "error_type"],
         "additionalProperties": False,
         "properties": {
@@ -155,6 +157,8 @@ ERRORS_BY_PATH = (
     ("/v2/rerank", RERANK_ERROR),
     ("/v2/", COHERE_ERROR),
     ("/rerank", TEI_ERROR),
+    ("/predict", TEI_ERROR),
+    ("/embed_sparse", TEI_ERROR),
 )
 
 
@@ -246,6 +250,9 @@ def post_process(
                     requests.add(_ref_name(parameter["schema"]))
             if HTTP_BODY in _refs(operation["responses"]):
                 _plain_text(operation, verb)
+            answer = operation["responses"].get("200", {}).get("schema", {})
+            if answer.get("type") == "array":  # a ListValue (TEI's answers): any JSON items
+                answer["items"] = {}
             responses.update(_refs(operation["responses"]))
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",

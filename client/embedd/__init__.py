@@ -12,7 +12,17 @@ an :class:`EmbeddClientError` subclass (:class:`NotFound`, :class:`InvalidArgume
 The generated gRPC stubs are in :mod:`embedd.v1` for callers who want them.
 """
 
-from embedd._convert import EmbedResult, ModelInfo, RankedDocument, RerankResult, TokenizeResult
+from embedd._convert import (
+    ClassifyResult,
+    EmbedResult,
+    LabelScore,
+    ModelInfo,
+    RankedDocument,
+    RerankResult,
+    SparseResult,
+    SparseVector,
+    TokenizeResult,
+)
 from embedd.aio import AsyncClient
 from embedd.client import Client
 from embedd.errors import (
@@ -31,17 +41,21 @@ from embedd.errors import (
 __all__ = [
     "AsyncClient",
     "Cancelled",
+    "ClassifyResult",
     "Client",
     "DeadlineExceeded",
     "EmbedResult",
     "EmbeddClientError",
     "InternalServerError",
     "InvalidArgument",
+    "LabelScore",
     "ModelInfo",
     "NotFound",
     "RankedDocument",
     "RerankResult",
     "ResourceExhausted",
+    "SparseResult",
+    "SparseVector",
     "TokenizeResult",
     "Unauthenticated",
     "Unavailable",

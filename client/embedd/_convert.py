@@ -88,7 +88,54 @@ class ModelInfo:
     embedding: bool
     normalizes: bool
     engine: str = ""  # "llama.cpp" or "onnxruntime"; "" while not loaded
-    task: str = "embed"  # "embed", or "rerank" for a cross-encoder
+    task: str = "embed"  # "embed", "rerank" (cross-encoder), "classify" or "sparse" (SPLADE)
+    family: str = ""  # "bert", "xlm-roberta", "qwen3", "mpnet", ...
+    labels: tuple[str, ...] = ()  # a classifier's or cross-encoder's output labels, in id order
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One label of a classification and its score."""
+
+    label: str
+    #: softmax over the labels (sigmoid per label for a multi-label or one-label model), or
+    #: the logit with ``raw_scores``.
+    score: float
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """The answer of one classification: each input's labels, highest score first."""
+
+    #: One list per input, in input order.
+    predictions: list[list[LabelScore]]
+    model: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """One text's sparse vector: the non-zero weights, by token id (ascending)."""
+
+    indices: npt.NDArray[np.int64]
+    values: FloatMatrix
+
+    def dense(self, dimensions: int) -> FloatMatrix:
+        """The vector with its zeros: ``dimensions`` (the vocabulary size) float32 values."""
+        vector = np.zeros(dimensions, dtype=np.float32)
+        vector[self.indices] = self.values
+        return vector
+
+
+@dataclass(frozen=True)
+class SparseResult:
+    """The answer of one sparse embedding call."""
+
+    vectors: list[SparseVector]
+    model: str
+    #: The vectors' dimension: the model's vocabulary size.
+    dimensions: int
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -188,6 +235,63 @@ def rerank_request(
     if top_n is not None:
         request.top_n = top_n
     return request
+
+
+def classify_request(
+    inputs: str | tuple[str, str] | Iterable[str | tuple[str, str]],
+    *,
+    model: str,
+    raw_scores: bool,
+) -> pb.ClassifyRequest:
+    """A ClassifyRequest: a str is one text, a tuple of two strs one pair, else a list of
+    texts and pairs."""
+    items = [inputs] if isinstance(inputs, str | tuple) else list(inputs)
+    request = pb.ClassifyRequest(model=model, raw_scores=raw_scores)
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            request.inputs.add(text=item)
+        elif isinstance(item, tuple) and len(item) == 2:
+            request.inputs.add(
+                text=check_text(item[0], index), text_pair=check_text(item[1], index)
+            )
+        else:
+            raise TypeError(f"input {index} is a {type(item).__name__}, not a str or a pair")
+    return request
+
+
+def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
+    """A ClassifyResponse as a :class:`ClassifyResult`."""
+    return ClassifyResult(
+        predictions=[
+            [LabelScore(item.label, item.score) for item in result.labels]
+            for result in response.results
+        ],
+        model=response.model,
+        prompt_tokens=response.usage.prompt_tokens,
+    )
+
+
+def sparse_request(
+    texts: str | Iterable[str], *, model: str, prompt_name: str
+) -> pb.EmbedSparseRequest:
+    """An EmbedSparseRequest (a single str is one text)."""
+    return pb.EmbedSparseRequest(model=model, texts=as_texts(texts), prompt_name=prompt_name)
+
+
+def sparse_result(response: pb.EmbedSparseResponse) -> SparseResult:
+    """An EmbedSparseResponse as a :class:`SparseResult`."""
+    return SparseResult(
+        vectors=[
+            SparseVector(
+                np.asarray(vector.indices, dtype=np.int64),
+                np.asarray(vector.values, dtype=np.float32),
+            )
+            for vector in response.vectors
+        ],
+        model=response.model,
+        dimensions=response.dimensions,
+        prompt_tokens=response.usage.prompt_tokens,
+    )
 
 
 def rerank_result(response: pb.RerankResponse) -> RerankResult:
@@ -293,6 +397,7 @@ def model_info(message: pb.Model) -> ModelInfo:
     """A Model message as a :class:`ModelInfo`."""
     fields = {name: getattr(message, name) for name in _MODEL_FIELDS}
     fields["file_size_bytes"] = int(fields["file_size_bytes"])  # a double on the wire
+    fields["labels"] = tuple(fields["labels"])
     return ModelInfo(**fields)
 
 

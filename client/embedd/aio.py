@@ -13,11 +13,13 @@ from grpc_health.v1 import health_pb2_grpc
 from embedd._convert import (
     DEFAULT_TARGET,
     ByteMatrix,
+    ClassifyResult,
     EmbedOptions,
     EmbedResult,
     FloatMatrix,
     ModelInfo,
     RerankResult,
+    SparseResult,
     StreamState,
     TokenizeResult,
     as_texts,
@@ -26,6 +28,8 @@ from embedd._convert import (
     channel_options,
     check_batch_size,
     check_text,
+    classify_request,
+    classify_result,
     compact_of,
     compact_type,
     embed_result,
@@ -35,6 +39,8 @@ from embedd._convert import (
     rerank_request,
     rerank_result,
     rpc_errors,
+    sparse_request,
+    sparse_result,
     stream_requests,
     tokenize_result,
 )
@@ -219,6 +225,35 @@ class AsyncClient:
                 request, timeout=self.timeout, metadata=self._metadata
             )
         return rerank_result(response)
+
+    async def classify(
+        self,
+        inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]],
+        *,
+        model: str = "",
+        raw_scores: bool = False,
+    ) -> ClassifyResult:
+        """Every label's score for each input (a text, or a ``(text, text_pair)`` tuple) with
+        a sequence classifier, highest first. ``model`` "" is the server's first classifier;
+        ``raw_scores`` gives the logits instead of their softmax / sigmoid."""
+        request = classify_request(inputs, model=model, raw_scores=raw_scores)
+        with rpc_errors():
+            response = await self._stub.Classify(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        return classify_result(response)
+
+    async def embed_sparse(
+        self, texts: str | Sequence[str], *, model: str = "", prompt_name: str = ""
+    ) -> SparseResult:
+        """Sparse vectors of the texts with a sparse (SPLADE) encoder: each text's non-zero
+        weights by token id. ``model`` "" is the server's first sparse encoder."""
+        request = sparse_request(texts, model=model, prompt_name=prompt_name)
+        with rpc_errors():
+            response = await self._stub.EmbedSparse(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        return sparse_result(response)
 
     async def tokenize(self, text: str, *, model: str = "") -> TokenizeResult:
         """The token ids and token strings of a text with the model's tokenizer."""

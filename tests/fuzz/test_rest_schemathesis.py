@@ -46,7 +46,7 @@ from schemathesis.specs.openapi.checks import (
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
-from tests.fakes import write_fake_gguf
+from tests.fakes import FakeLoader, task_behaviour, write_fake_gguf
 from tests.servers import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +64,8 @@ OPERATIONS = [
     "POST /v1/rerank",
     "POST /v2/rerank",
     "POST /rerank",
+    "POST /predict",
+    "POST /embed_sparse",
     "GET /v1/models/{model}",
     "GET /v1/models",
     "GET /api/ps",
@@ -84,9 +86,13 @@ CHECKS = [
 ]
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 RERANK_ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
+# TEI's routes: bare JSON arrays when they succeed, {"error", "error_type"} when not.
+TEI_ROUTES = ("/rerank", "/predict", "/embed_sparse")
+CLASSES = ("negative", "neutral", "positive")  # the fake classifier's labels
 TEI_ERROR_TYPES = {"Validation", "Overloaded", "Unhealthy", "Backend"}
 # The fake models: 'fake' (the default; 8 dimensions) and 'other' (4); 16 tokens, ids 0..15;
-# and 'reranker', a fake cross-encoder (its "logit" a hash of the pair's ids).
+# 'reranker', a fake cross-encoder (its "logit" a hash of the pair's ids); 'sentiment', a fake
+# 3-label classifier; 'splade', a fake sparse encoder (a weight per token id it holds).
 SCHEMATHESIS_EXAMPLES = 200  # per operation and mode: 7 positive + 4 negative runs
 RAW_EXAMPLES = 200  # per POST route
 
@@ -108,8 +114,12 @@ FUZZ_SETTINGS = settings(
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, EnvoyProcess]]:
     root = tmp_path_factory.mktemp("fuzz-rest")
     write_fake_gguf(root / "models" / "reranker.gguf", pooling=4)
+    write_fake_gguf(root / "models" / "sentiment.gguf", pooling=4, task="classify", labels=CLASSES)
+    write_fake_gguf(root / "models" / "splade.gguf", pooling=0, task="sparse")
     with (
-        ServerThread.with_fake_models(root / "models", metrics_port=0) as server,
+        ServerThread.with_fake_models(
+            root / "models", FakeLoader(task_behaviour), metrics_port=0
+        ) as server,
         EnvoyProcess.start([server.target], root / "envoy") as envoy,
     ):
         yield server, envoy
@@ -155,7 +165,7 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
     assert not leaked, where
     document = json.loads(body)
     if 200 <= status < 300:
-        assert isinstance(document, list if path == "/rerank" else dict), where
+        assert isinstance(document, list if path in TEI_ROUTES else dict), where
         return document
     assert isinstance(document, dict), where
     if path in ("/v1/rerank", "/v2/rerank"):
@@ -163,7 +173,7 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
         assert isinstance(document["message"], str) and document["message"], where
         assert document["detail"] == document["message"], where
         return document
-    if path == "/rerank":
+    if path in TEI_ROUTES:
         assert set(document) == {"error", "error_type"}, where
         assert isinstance(document["error"], str) and document["error"], where
         assert document["error_type"] in TEI_ERROR_TYPES, where
@@ -229,6 +239,27 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
                 assert math.isclose(math.hypot(*row), 1, rel_tol=1e-4)
     else:
         assert all(isinstance(row, str) for row in rows)  # base64
+
+
+def assert_predictions_shape(document: list[Any]) -> None:
+    """A 200 from /predict: one input's labels (or a batch of them), best first, each label
+    once, probabilities in [0, 1] unless raw."""
+    rows = document if document and isinstance(document[0], list) else [document]
+    for row in rows:
+        assert sorted(item["label"] for item in row) == sorted(CLASSES)
+        scores = [item["score"] for item in row]
+        assert all(isinstance(x, float | int) and math.isfinite(x) for x in scores)
+        assert scores == sorted(scores, reverse=True)
+
+
+def assert_sparse_shape(document: list[Any]) -> None:
+    """A 200 from /embed_sparse: per input, token ids ascending within the vocabulary, finite
+    non-zero weights."""
+    assert document
+    for row in document:
+        indices = [item["index"] for item in row]
+        assert indices == sorted(set(indices)) and all(0 <= i < 16 for i in indices)
+        assert all(math.isfinite(item["value"]) and item["value"] != 0 for item in row)
 
 
 def assert_ranking_shape(path: str, document: Any) -> None:
@@ -366,6 +397,25 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         }
         for route in RERANK_ROUTES
     },
+    "/predict": {
+        "model": st.sampled_from(["sentiment", "reranker", "fake", "", "nope"]),
+        "inputs": st.one_of(
+            TEXTS,
+            st.lists(TEXTS, max_size=3),
+            st.lists(st.lists(TEXTS, max_size=3), max_size=4),
+            JSON_VALUES,
+        ),
+        "truncate": st.booleans(),
+        "truncation_direction": st.sampled_from(["right", "left", "Left", "", "middle"]),
+        "raw_scores": st.booleans(),
+    },
+    "/embed_sparse": {
+        "model": st.sampled_from(["splade", "fake", "", "nope"]),
+        "inputs": OLLAMA_INPUTS,
+        "truncate": st.booleans(),
+        "truncation_direction": st.sampled_from(["right", "left", "", "middle"]),
+        "prompt_name": PROMPT_NAMES,
+    },
 }
 
 
@@ -443,6 +493,24 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
             "raw_scores": st.booleans(),
         }
         for route in RERANK_ROUTES
+    },
+    "/predict": {
+        "model": st.sampled_from(["sentiment", ""]),
+        "inputs": st.one_of(
+            SHORT_SENTENCES,
+            st.lists(SHORT_SENTENCES, min_size=1, max_size=2),
+            st.lists(st.lists(SHORT_SENTENCES, min_size=1, max_size=2), min_size=1, max_size=4),
+        ),
+        "truncate": st.just(True),
+        "truncation_direction": st.sampled_from(["right", "left"]),
+        "raw_scores": st.booleans(),
+    },
+    "/embed_sparse": {
+        "model": st.sampled_from(["splade", ""]),
+        "inputs": SHORT_SENTENCES | st.lists(SHORT_SENTENCES, min_size=1, max_size=8),
+        "truncate": st.just(True),
+        "truncation_direction": st.sampled_from(["right", "left"]),
+        "prompt_name": st.just(""),
     },
 }
 
@@ -522,6 +590,10 @@ def test_schemathesis(
             assert_embeddings_shape(path, document)
         if response.status_code == 200 and path in RERANK_ROUTES:
             assert_ranking_shape(path, document)
+        if response.status_code == 200 and path == "/predict":
+            assert_predictions_shape(document)
+        if response.status_code == 200 and path == "/embed_sparse":
+            assert_sparse_shape(document)
         if mutates:
             listings_still_answer(envoy, session)
 
@@ -608,6 +680,8 @@ ROUTE_FIELDS = {
     "/v1/rerank": ["model", "query", "documents", "top_n", "return_documents", "raw_scores"],
     "/v2/rerank": ["model", "query", "documents", "top_n", "max_tokens_per_doc"],
     "/rerank": ["model", "query", "texts", "raw_scores", "return_text", "truncate"],
+    "/predict": ["model", "inputs", "raw_scores", "truncate", "truncation_direction"],
+    "/embed_sparse": ["model", "inputs", "truncate", "truncation_direction", "prompt_name"],
 }
 
 

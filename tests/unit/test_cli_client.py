@@ -12,10 +12,12 @@ import pytest
 from embedd import Client
 from embedd_server.cli.main import main
 from embedd_server.run.probes import free_port
+from tests.fakes import write_fake_gguf
 from tests.servers import ServerThread
 
 HINT = "is the server running? start it with `embedd serve`"
 TEXTS = ["hello world", "the cat sat on the mat", "a dog runs fast", "slow cat"]
+LABELS = ("negative", "neutral", "positive")
 
 
 @pytest.fixture
@@ -124,18 +126,85 @@ def test_models_table(fake_server: ServerThread, capsys: pytest.CaptureFixture[s
     header, *rows = out.rstrip("\n").splitlines()
     assert header.split() == [
         "NAME",
+        "FAMILY",
+        "TASK",
         "DIMS",
         "MAX",
         "TOKENS",
         "POOLING",
         "QUANTIZATION",
-        "TASK",
+        "ENGINE",
         "LOADED",
+        "LABELS",
     ]
     cells = {row.split()[0]: row.split() for row in rows}
-    assert cells["fake"] == ["fake", "8", "16", "mean", "f16", "embed", "yes"]
-    assert cells["other"][:2] == ["other", "4"]
+    assert cells["fake"] == ["fake", "bert", "embed", "8", "16", "mean", "f16", "fake", "yes"]
+    assert cells["other"][:4] == ["other", "bert", "embed", "4"]
     assert cells["other"][-1] in ("yes", "no")
+
+
+@pytest.fixture
+def task_server(tmp_path: Path) -> Iterator[ServerThread]:
+    """The fake server with a 3-label classifier and a sparse encoder besides its models."""
+    write_fake_gguf(tmp_path / "sentiment.gguf", pooling=4, task="classify", labels=LABELS)
+    write_fake_gguf(tmp_path / "splade.gguf", pooling=0, task="sparse")
+    with ServerThread.with_fake_models(tmp_path) as server:
+        yield server
+
+
+def test_classify_prints_each_texts_labels_best_first(
+    task_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(
+        capsys, "classify", "hello world", "a dog", "--json", *target_of(task_server)
+    )
+    assert code == 0
+    document = json.loads(out)
+    assert document["model"] == "sentiment"
+    with Client(task_server.target) as client:
+        expected = client.classify(["hello world", "a dog"])
+    assert document["results"] == [
+        [{"label": p.label, "score": round(p.score, 6)} for p in row]
+        for row in expected.predictions
+    ]
+    assert sorted(p["label"] for p in document["results"][0]) == sorted(LABELS)
+    code, out, _ = run(capsys, "classify", "hello", "--pair", "world", *target_of(task_server))
+    assert code == 0 and out.startswith("model: sentiment") and "positive" in out
+    code, _, err = run(capsys, "classify", "a", "b", "--pair", "c", *target_of(task_server))
+    assert_one_line_failure(code, err, "classify", "exactly one TEXT")
+
+
+def test_models_table_shows_a_classifiers_labels(
+    task_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "models", *target_of(task_server))
+    assert code == 0
+    cells = {row.split()[0]: row.split() for row in out.splitlines()[1:]}
+    assert cells["sentiment"][2] == "classify" and cells["sentiment"][-1] == ",".join(LABELS)
+    assert cells["splade"][2:4] == ["sparse", "16"]
+
+
+def test_embed_sparse_prints_the_non_zero_weights(
+    task_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "embed-sparse", "hello world", *target_of(task_server))
+    assert code == 0
+    document = json.loads(out)
+    assert (document["model"], document["dimensions"]) == ("splade", 16)
+    [vector] = document["vectors"]
+    with Client(task_server.target) as client:
+        [expected] = client.embed_sparse("hello world").vectors
+    assert vector["indices"] == expected.indices.tolist()
+    assert vector["values"] == [round(v, 6) for v in expected.values.tolist()]
+    code, out, _ = run(capsys, "embed-sparse", "--top", "2", "hello", *target_of(task_server))
+    assert code == 0 and out.startswith("model: splade") and len(out.splitlines()) == 4
+
+
+def test_classify_on_an_embedding_model_names_the_right_routes(
+    task_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "classify", "hi", "--model", "fake", *target_of(task_server))
+    assert_one_line_failure(code, err, "classify", "embedding model", "/v1/embeddings")
 
 
 def test_tokenize(fake_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:

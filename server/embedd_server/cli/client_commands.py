@@ -36,7 +36,8 @@ Body = Callable[[argparse.Namespace, "Client"], int]
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Registers embed, rerank, models, tokenize and embed-file on the ``embedd`` parser."""
+    """Registers embed, rerank, classify, embed-sparse, models, tokenize and embed-file on the
+    ``embedd`` parser."""
     formatter = argparse.RawDescriptionHelpFormatter
 
     embed = commands.add_parser(
@@ -108,12 +109,80 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _add_connection(rerank)
     rerank.set_defaults(handler=_client_command(_rerank))
 
+    classify = commands.add_parser(
+        "classify",
+        help="classify texts (or text pairs) with a classifier model",
+        description=_describe(
+            "Classifies each TEXT with a sequence-classification model of a running server "
+            "(e.g. a sentiment model) and prints, for each, its labels best first with their "
+            "scores (softmax over the labels; a sigmoid per label for a multi-label model). "
+            "--pair TEXT2 makes the one TEXT a pair, read as a cross-encoder reads a query and "
+            'a document. With --json, prints {"model", "results": [[{"label", "score"}]]}.'
+        ),
+        epilog="examples:\n"
+        '  embedd classify "I loved this film" "The food was cold"\n'
+        '  embedd classify --model roberta-sentiment --json "What a day"',
+        formatter_class=formatter,
+    )
+    classify.add_argument("texts", nargs="+", metavar="TEXT", help="a text (quote it)")
+    classify.add_argument(
+        "--pair",
+        metavar="TEXT2",
+        help="the second text of a pair (then exactly one TEXT)",
+    )
+    classify.add_argument(
+        "--model",
+        default="",
+        help="the classifier to use (default: the server's first classifier model)",
+    )
+    classify.add_argument(
+        "--raw-scores", action="store_true", help="print the logits instead of probabilities"
+    )
+    classify.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
+    _add_connection(classify)
+    classify.set_defaults(handler=_client_command(_classify))
+
+    sparse = commands.add_parser(
+        "embed-sparse",
+        help="sparse (SPLADE) vectors of texts: weights by vocabulary token",
+        description=_describe(
+            "Embeds each TEXT with a sparse encoder (SPLADE) of a running server and prints "
+            "its non-zero weights as JSON: "
+            '{"model", "dimensions", "vectors": [{"indices": [...], "values": [...]}]}. '
+            "--top N prints each text's N heaviest tokens as a table instead."
+        ),
+        epilog="examples:\n"
+        '  embedd embed-sparse "what is hybrid search"\n'
+        '  embedd embed-sparse --top 10 --model splade-v3 "the cat sat on the mat"',
+        formatter_class=formatter,
+    )
+    sparse.add_argument("texts", nargs="+", metavar="TEXT", help="a text (quote it)")
+    sparse.add_argument(
+        "--model",
+        default="",
+        help="the sparse encoder to use (default: the server's first sparse encoder)",
+    )
+    sparse.add_argument(
+        "--prompt-name", default="", metavar="NAME", help="a prompt of the model's, by name"
+    )
+    sparse.add_argument(
+        "--top",
+        type=_positive_int,
+        metavar="N",
+        help="print each text's N heaviest tokens (with their token strings) as a table",
+    )
+    _add_connection(sparse)
+    sparse.set_defaults(handler=_client_command(_embed_sparse))
+
     models = commands.add_parser(
         "models",
         help="list a running server's models",
         description=_describe(
-            "Lists the models of a running server: name, dimensions, maximum input "
-            "tokens, pooling, quantization and whether the model is loaded."
+            "Lists the models of a running server: name, family, task (embed, rerank, "
+            "classify or sparse), dimensions, maximum input tokens, pooling, quantization, "
+            "the engine serving it (once loaded) and a classifier's labels."
         ),
         formatter_class=formatter,
     )
@@ -319,17 +388,74 @@ def _models(args: argparse.Namespace, client: Client) -> int:
     rows = [
         [
             model.name,
+            model.family,
+            model.task,
             str(model.dimensions),
             str(model.max_input_tokens),
             model.pooling,
             model.quantization,
-            model.task,
+            model.engine or "-",
             "yes" if model.loaded else "no",
+            ",".join(model.labels) if model.task == "classify" else "",
         ]
         for model in client.models()
     ]
-    headers = ["NAME", "DIMS", "MAX TOKENS", "POOLING", "QUANTIZATION", "TASK", "LOADED"]
+    headers = [
+        "NAME",
+        "FAMILY",
+        "TASK",
+        "DIMS",
+        "MAX TOKENS",
+        "POOLING",
+        "QUANTIZATION",
+        "ENGINE",
+        "LOADED",
+        "LABELS",
+    ]
     print(_table(headers, rows))
+    return 0
+
+
+def _classify(args: argparse.Namespace, client: Client) -> int:
+    if args.pair is not None and len(args.texts) != 1:
+        return _fail(args, "--pair makes one pair: give exactly one TEXT with it")
+    inputs = [(args.texts[0], args.pair)] if args.pair is not None else list(args.texts)
+    result = client.classify(inputs, model=args.model, raw_scores=args.raw_scores)
+    if args.json:
+        results = [
+            [{"label": p.label, "score": round(p.score, 6)} for p in predictions]
+            for predictions in result.predictions
+        ]
+        print(json.dumps({"model": result.model, "results": results}, ensure_ascii=False))
+        return 0
+    rows = [
+        [f"[{index + 1}]", _label(args.texts[index], 40), p.label, f"{p.score:.4f}"]
+        for index, predictions in enumerate(result.predictions)
+        for p in predictions
+    ]
+    print(f"model: {result.model}")
+    print(_table(["TEXT", "", "LABEL", "SCORE"], rows))
+    return 0
+
+
+def _embed_sparse(args: argparse.Namespace, client: Client) -> int:
+    result = client.embed_sparse(args.texts, model=args.model, prompt_name=args.prompt_name)
+    if args.top is None:
+        vectors = [
+            {"indices": v.indices.tolist(), "values": [round(x, 6) for x in v.values.tolist()]}
+            for v in result.vectors
+        ]
+        print(
+            json.dumps({"model": result.model, "dimensions": result.dimensions, "vectors": vectors})
+        )
+        return 0
+    rows: list[list[str]] = []
+    for index, vector in enumerate(result.vectors):
+        heaviest = sorted(zip(vector.values.tolist(), vector.indices.tolist(), strict=True))[::-1]
+        for value, token_id in heaviest[: args.top]:
+            rows.append([f"[{index + 1}]", str(token_id), f"{value:.4f}"])
+    print(f"model: {result.model}")
+    print(_table(["TEXT", "TOKEN ID", "WEIGHT"], rows))
     return 0
 
 

@@ -158,17 +158,17 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
     pooling = int(fields.get(f"{arch}.pooling_type", 0))
     file_type = fields.get("general.file_type")
     labels = _labels(fields, arch, pooling)
-    declared_task = _optional_str(fields.get(TASK_KEY))
     vocab_size = int(fields.get("tokenizer.ggml.tokens.count", 0))
+    # A cross-encoder's output is one logit per label, a sparse encoder's one weight per
+    # vocabulary entry, not a hidden-size vector.
+    dimensions = labels or int(fields.get(f"{arch}.embedding_length", 0))
+    if fields.get(TASK_KEY) == SPARSE:
+        dimensions = vocab_size
     return ModelInfo(
         name=path.stem,
         path=path,
         architecture=arch,
-        # A cross-encoder's output is one logit per label, not a hidden-size vector; a sparse
-        # encoder's one weight per vocabulary entry.
-        dimensions=labels
-        or (vocab_size if declared_task == SPARSE else 0)
-        or int(fields.get(f"{arch}.embedding_length", 0)),
+        dimensions=dimensions,
         context_length=context_length,
         max_input_tokens=min(max_seq, context_length),
         pooling=POOLING_NAMES.get(pooling, str(pooling)),
@@ -186,7 +186,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         labels=labels,
         pair_token_types=_pair_token_types(fields, pooling),
         parameters=int(fields.get(PARAMETERS_FIELD, 0)),
-        declared_task=declared_task,
+        declared_task=_optional_str(fields.get(TASK_KEY)),
         label_names=_label_names(fields, arch, labels),
         problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
     )

@@ -42,12 +42,24 @@ class ModelNotFound(EmbeddError):
     """The requested model is not in the catalogue."""
 
 
-class ModelNotEmbedding(InvalidInput):
+class ModelWrongTask(InvalidInput):
+    """A model was asked for what its task does not do (core/tasks.py names the routes)."""
+
+
+class ModelNotEmbedding(ModelWrongTask):
     """The model cannot produce embeddings (e.g. a causal LM without pooling, a reranker)."""
 
 
-class ModelNotReranker(InvalidInput):
+class ModelNotReranker(ModelWrongTask):
     """A rerank was asked of a model that is not a cross-encoder."""
+
+
+class ModelNotClassifier(ModelWrongTask):
+    """A classification was asked of a model that is not a sequence classifier."""
+
+
+class ModelNotSparse(ModelWrongTask):
+    """Sparse vectors were asked of a model that is not a sparse (SPLADE) encoder."""
 
 
 class NotImplementedFeature(EmbeddError):

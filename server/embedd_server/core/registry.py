@@ -225,8 +225,7 @@ class ModelRegistry:
     # --- loading and retiring ------------------------------------------------------------------
 
     async def _load(self, info: ModelInfo, options: LoadOptions) -> LoadedModel:
-        # Only an embedding model pools by llama.cpp's pooling; the other tasks by their head.
-        if not info.embedding and info.task == EMBED and not options.pooling:
+        if info.task == EMBED and not info.embedding and not options.pooling:
             raise ModelNotEmbedding(
                 f"Model does not support embeddings: '{info.name}' has no pooling of its own "
                 f"(pooling '{info.pooling}', a causal LM?). Load it with a pooling type, e.g. "

@@ -14,16 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedd_server.core.catalog import RERANK, ModelInfo
-from embedd_server.core.errors import (
-    InvalidInput,
-    ModelNotEmbedding,
-    ModelNotReranker,
-    NotImplementedFeature,
-)
+from embedd_server.core.errors import InvalidInput, NotImplementedFeature
+from embedd_server.core.tasks import require_task
 from embedd_server.engines.base import FloatMatrix
-
-RERANK_ROUTES = "the Rerank RPC, POST /v1/rerank, /v2/rerank or /rerank"
-EMBED_ROUTES = "the Embed RPC, POST /v1/embeddings or /api/embed"
 
 
 @dataclass(frozen=True)
@@ -85,30 +78,14 @@ def check_rerank_params(params: RerankParams, max_documents: int) -> None:
 
 
 def require_reranker(info: ModelInfo, rerankers: Callable[[], Sequence[str]]) -> None:
-    """Raises ModelNotReranker, naming the routes and the models that do rerank (asked of
-    ``rerankers`` only then: it reads the catalogue), unless ``info`` is a one-label
-    cross-encoder."""
-    if info.task != RERANK:
-        available = ", ".join(rerankers()) or "none (import a cross-encoder with `embedd import`)"
-        raise ModelNotReranker(
-            f"Model '{info.name}' is an embedding model, not a reranker (cross-encoder); use "
-            f"it with {EMBED_ROUTES}. Rerankers here: {available}.",
-            param="model",
-        )
+    """Raises ModelNotReranker, naming the routes of the model's own task and the models that
+    do rerank (asked of ``rerankers`` only then: it reads the catalogue), unless ``info`` is
+    a one-label cross-encoder."""
+    require_task(info, RERANK, rerankers)
     if info.labels != 1:
         raise NotImplementedFeature(
             f"Model '{info.name}' is a classifier with {info.labels} labels; reranking needs a "
             "cross-encoder with one relevance label.",
-            param="model",
-        )
-
-
-def require_embedding(info: ModelInfo) -> None:
-    """Raises ModelNotEmbedding when ``info`` is a reranker asked for embeddings."""
-    if info.task == RERANK:
-        raise ModelNotEmbedding(
-            f"Model '{info.name}' is a reranker (cross-encoder): it scores query/document "
-            f"pairs and gives no embeddings; use it with {RERANK_ROUTES}.",
             param="model",
         )
 

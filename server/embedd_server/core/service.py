@@ -14,9 +14,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedd_server.core.catalog import POOLING_TYPES, RERANK, ModelInfo, read_float_array
+from embedd_server.core.catalog import (
+    CLASSIFY,
+    EMBED,
+    POOLING_TYPES,
+    RERANK,
+    SPARSE,
+    ModelInfo,
+    read_float_array,
+)
+from embedd_server.core.classifying import (
+    ClassifyOutcome,
+    ClassifyParams,
+    check_classify_params,
+    class_scores,
+    labelled,
+)
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import InvalidInput, ModelNotReranker, shorten
+from embedd_server.core.errors import (
+    InvalidInput,
+    ModelNotClassifier,
+    ModelNotEmbedding,
+    ModelNotReranker,
+    ModelNotSparse,
+    ModelWrongTask,
+    shorten,
+)
 from embedd_server.core.quantization import (
     CALIBRATED_TYPES,
     CALIBRATION_SET_KEY,
@@ -36,11 +59,12 @@ from embedd_server.core.reranking import (
     RerankParams,
     check_rerank_params,
     ranked,
-    require_embedding,
     require_reranker,
     scores_of,
 )
 from embedd_server.core.scheduler import Job
+from embedd_server.core.sparse import SparseRow, sparse_rows
+from embedd_server.core.tasks import TASK_NOUNS, require_task
 from embedd_server.core.tokenization import (
     DIRECTIONS,
     RIGHT,
@@ -119,6 +143,27 @@ class EmbedOutcome:
 
 
 @dataclass(frozen=True)
+class SparseOutcome:
+    """Sparse vectors (one per input, in order) and what they cost."""
+
+    model: str
+    rows: list[SparseRow]  # each: token ids ascending, their weights
+    dimensions: int  # the vocabulary size
+    prompt_tokens: int
+    total_seconds: float
+    truncated_inputs: int = 0
+
+
+# The error for "no model of this task is installed".
+_REFUSALS_BY_TASK: dict[str, type[ModelWrongTask]] = {
+    EMBED: ModelNotEmbedding,
+    RERANK: ModelNotReranker,
+    CLASSIFY: ModelNotClassifier,
+    SPARSE: ModelNotSparse,
+}
+
+
+@dataclass(frozen=True)
 class TokenizeOutcome:
     model: str
     ids: list[int]
@@ -153,27 +198,12 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        require_embedding(
-            self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
-        )
+        info = self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
+        require_task(info, EMBED, lambda: self._models_for(EMBED))
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
-            prompt = resolve_prompt(params, model.info)
-            texts = model_texts(params, model.info, prompt)
-            tokenize_started = time.perf_counter()
-            tokenized = await self._tokenize(params, texts, model)
-            self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
-            self._count_inputs(model.info.name, tokenized)
-            pooling = model.options.pooling or model.info.pooling
-            starts = prompt_pooling_starts(
-                model.info, model.tokenizer, prompt if texts else "", tokenized.sequences
-            )
-            raw = await self._run(
-                model, tokenized.sequences, deadline, starts if pooling == "mean" else None
-            )
-            if starts is not None and pooling == "last":
-                _zero_prompt_only_rows(raw, tokenized.sequences, starts)
+            raw, tokenized = await self._encode(params, model, deadline)
             vectors = _post_process(raw, dimensions, params.normalize)
             compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
@@ -185,6 +215,108 @@ class EmbeddingService:
             total_seconds=time.perf_counter() - started,
             truncated_inputs=tokenized.truncated,
         )
+
+    async def _encode(
+        self, params: EmbedParams, model: LoadedModel, deadline: float | None
+    ) -> tuple[FloatMatrix, Tokenized]:
+        """The engine's raw rows for the request's texts (prompt prepended, tokenized, cut),
+        and the tokens they were computed from."""
+        prompt = resolve_prompt(params, model.info)
+        texts = model_texts(params, model.info, prompt)
+        tokenize_started = time.perf_counter()
+        tokenized = await self._tokenize(params, texts, model)
+        self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
+        self._count_inputs(model.info.name, tokenized)
+        pooling = model.options.pooling or model.info.pooling
+        starts = prompt_pooling_starts(
+            model.info, model.tokenizer, prompt if texts else "", tokenized.sequences
+        )
+        raw = await self._run(
+            model, tokenized.sequences, deadline, starts if pooling == "mean" else None
+        )
+        if starts is not None and pooling == "last":
+            _zero_prompt_only_rows(raw, tokenized.sequences, starts)
+        return raw, tokenized
+
+    async def embed_sparse(
+        self, params: EmbedParams, deadline: float | None = None
+    ) -> SparseOutcome:
+        """Sparse vectors of the texts from a sparse (SPLADE) encoder: each text's non-zero
+        weights over the vocabulary, as sentence-transformers' SparseEncoder.encode."""
+        started = time.perf_counter()
+        self._check_inputs(params)
+        info = self.registry.info(params.model or self._first_for(SPARSE))
+        require_task(info, SPARSE, lambda: self._models_for(SPARSE))
+        async with self.registry.use(info.name, params.keep_alive_s) as model:
+            raw, tokenized = await self._encode(params, model, deadline)
+        return SparseOutcome(
+            model=model.info.name,
+            rows=sparse_rows(raw),
+            dimensions=int(raw.shape[1]) if raw.ndim == 2 else model.dimensions,
+            prompt_tokens=tokenized.token_count,
+            total_seconds=time.perf_counter() - started,
+            truncated_inputs=tokenized.truncated,
+        )
+
+    async def classify(
+        self, params: ClassifyParams, deadline: float | None = None
+    ) -> ClassifyOutcome:
+        """Every label's score for each text or text pair, from a sequence classifier (or a
+        one-label cross-encoder, as TEI's /predict allows); each input is one work item of
+        the model's fair queue."""
+        started = time.perf_counter()
+        check_classify_params(params, self._settings.max_inputs_per_request)
+        if params.truncation_direction not in DIRECTIONS:
+            raise InvalidInput(
+                f"truncation_direction must be 'right' or 'left'; got "
+                f"'{shorten(params.truncation_direction)}'.",
+                param="truncation_direction",
+            )
+        info = self.registry.info(params.model or self._first_for(CLASSIFY))
+        require_task(info, CLASSIFY, lambda: self._models_for(CLASSIFY), accepted=(RERANK,))
+        async with self.registry.use(info.name, params.keep_alive_s) as model:
+            tokenized = await self._tokenize_inputs(model, params)
+            self._count_inputs(model.info.name, tokenized)
+            # Token type 1 for a pair's second text only where the model's tokenizer gives it.
+            types = tokenized.token_type_starts if model.info.pair_token_types else None
+            logits = await self._run(model, tokenized.sequences, deadline, token_type_starts=types)
+        scores = class_scores(logits, model.info.problem_type, params.raw_scores)
+        return ClassifyOutcome(
+            model=model.info.name,
+            predictions=labelled(scores, model.info.label_names),
+            prompt_tokens=tokenized.token_count,
+            total_seconds=time.perf_counter() - started,
+            truncated_inputs=tokenized.truncated,
+        )
+
+    async def _tokenize_inputs(self, model: LoadedModel, params: ClassifyParams) -> TokenizedPairs:
+        """A classification's texts and pairs, each as the model reads it, in order, with
+        where each pair's second text begins (a text's length for a single text)."""
+        singles = [i for i, item in enumerate(params.inputs) if len(item) == 1]
+        pairs = [i for i, item in enumerate(params.inputs) if len(item) == 2]
+        sequences: list[list[int]] = [[] for _ in params.inputs]
+        type_starts = [0] * len(params.inputs)
+        truncated = 0
+        if singles:
+            truncation = Truncation(
+                params.truncate, params.truncation_direction, params.truncation_hint
+            )
+            texts = [params.inputs[i][0] for i in singles]
+            limit = model.info.max_input_tokens
+            tokenized = await asyncio.to_thread(
+                tokenize_texts, model.tokenizer, texts, limit, truncation
+            )
+            truncated += tokenized.truncated
+            for index, ids in zip(singles, tokenized.sequences, strict=True):
+                sequences[index], type_starts[index] = ids, len(ids)
+        if pairs:
+            both = [(params.inputs[i][0], params.inputs[i][-1]) for i in pairs]
+            encoded = await self._tokenize_pairs(model, both, params.truncate, pairs)
+            for index, ids, start in zip(
+                pairs, encoded.sequences, encoded.token_type_starts, strict=True
+            ):
+                sequences[index], type_starts[index] = ids, start
+        return TokenizedPairs(sequences, type_starts, truncated=truncated)
 
     async def rerank(self, params: RerankParams, deadline: float | None = None) -> RerankOutcome:
         """Scores every document against the query with a cross-encoder and ranks them.
@@ -215,7 +347,23 @@ class EmbeddingService:
         )
 
     def _rerankers(self) -> list[str]:
-        return [info.name for info in self.registry.catalogue() if info.task == RERANK]
+        return self._models_for(RERANK)
+
+    def _models_for(self, task: str) -> list[str]:
+        """The catalogue's models of a task, by name."""
+        return [info.name for info in self.registry.catalogue() if info.task == task]
+
+    def _first_for(self, task: str) -> str:
+        """The model a request of ``task`` without a model name goes to: the first of the
+        catalogue with that task."""
+        found = self._models_for(task)
+        if not found:
+            raise _REFUSALS_BY_TASK[task](
+                f"No {TASK_NOUNS[task]} is installed; import one with `embedd import DIR` "
+                "and name it.",
+                param="model",
+            )
+        return found[0]
 
     def _first_reranker(self) -> str:
         """The model a rerank without a model name goes to: the first cross-encoder."""
@@ -229,8 +377,14 @@ class EmbeddingService:
         return rerankers[0]
 
     async def _tokenize_pairs(
-        self, model: LoadedModel, pairs: list[tuple[str, str]], truncate: bool
+        self,
+        model: LoadedModel,
+        pairs: list[tuple[str, str]],
+        truncate: bool,
+        positions: Sequence[int] | None = None,
     ) -> TokenizedPairs:
+        """Pairs as the model reads them; an over-long one is InputTooLong naming its place
+        in the request (``positions[i]``, default i)."""
         limit = model.info.max_input_tokens
         # Without truncation the pairs are encoded whole, once, and refused if any is too long.
         cut_at = limit if truncate else _UNLIMITED_TOKENS
@@ -241,7 +395,9 @@ class EmbeddingService:
             tokenized = await asyncio.to_thread(encode, pairs, cut_at)
         for index, ids in enumerate(tokenized.sequences):
             if len(ids) > limit:
-                raise too_long(index, len(ids), limit, param=f"documents[{index}]")
+                where = index if positions is None else positions[index]
+                param = f"documents[{where}]" if positions is None else f"inputs[{where}]"
+                raise too_long(where, len(ids), limit, param=param)
         return tokenized
 
     async def _compact(

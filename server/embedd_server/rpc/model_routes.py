@@ -41,6 +41,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         default_prompt_name=info.default_prompt_name or "",
         tokenizer=tokenizer_kind(info),
         task=info.task,
+        labels=info.label_names,
     )
 
 

@@ -12,6 +12,7 @@ from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
+from embedd_server.core.catalog import EMBED, SPARSE
 from embedd_server.core.service import EmbeddingService, EmbedParams
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
@@ -80,7 +81,8 @@ class OllamaRoutes:
     async def OllamaShow(
         self, request: pb.OllamaShowRequest, context: Context
     ) -> pb.OllamaShowResponse:
-        info = self._ollama_service.get_model(request.model or request.name).info
+        status = self._ollama_service.get_model(request.model or request.name)
+        info = status.info
         model_info = struct_pb2.Struct()
         model_info.update(
             {
@@ -92,13 +94,19 @@ class OllamaRoutes:
                 # model has one), which is what a client chunking its texts needs.
                 f"{info.architecture}.context_length": info.max_input_tokens,
                 f"{info.architecture}.pooling_type": info.pooling,
+                # embedd's own: what the model is and what serves it ("" until loaded).
+                "embedd.family": info.family,
+                "embedd.task": info.task,
+                "embedd.engine": status.engine,
             }
         )
+        if info.label_names:
+            model_info["embedd.labels"] = list(info.label_names)
         return pb.OllamaShowResponse(
             modelfile=f"FROM {info.path.name}\n",
             details=ollama_details(info),
             model_info=model_info,
-            capabilities=["embedding"],
+            capabilities=["embedding"] if info.task in (EMBED, SPARSE) else [],
             modified_at=rfc3339(info.created),
         )
 

@@ -15,8 +15,8 @@ def ollama_details(info: ModelInfo) -> pb.RunningModelDetails:
     """Ollama's ``details`` object of a model."""
     return pb.RunningModelDetails(
         format="gguf",
-        family=info.architecture,
-        families=[info.architecture],
+        family=info.family,
+        families=[info.family],
         parameter_size=parameter_size(info.parameters),
         quantization_level=info.quantization.upper(),
     )

@@ -20,6 +20,7 @@ from embedd_server.rpc.ollama_routes import OllamaRoutes
 from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
+from embedd_server.rpc.task_routes import TaskRoutes
 
 
 def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
@@ -74,7 +75,13 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
 
 
 class EmbedderServicer(
-    RestRoutes, OllamaRoutes, CohereRoutes, RerankRoutes, ModelRoutes, pb_grpc.EmbedderServicer
+    RestRoutes,
+    OllamaRoutes,
+    CohereRoutes,
+    RerankRoutes,
+    TaskRoutes,
+    ModelRoutes,
+    pb_grpc.EmbedderServicer,
 ):
     """embedd.v1.Embedder over one EmbeddingService.
 
@@ -93,6 +100,7 @@ class EmbedderServicer(
         OllamaRoutes.__init__(self, service)
         CohereRoutes.__init__(self, service)
         RerankRoutes.__init__(self, service)
+        TaskRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
         self._service = service
         self._stream_window = stream_window

@@ -60,6 +60,8 @@ STATUS_TABLE: dict[type[EmbeddError], Status] = {
     errors.InputTooLong: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "context_length_exceeded"),
     errors.ModelNotEmbedding: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_embedding"),
     errors.ModelNotReranker: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_reranker"),
+    errors.ModelNotClassifier: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_classifier"),
+    errors.ModelNotSparse: Status(Code.INVALID_ARGUMENT, 400, _INVALID, "model_not_sparse"),
     errors.ModelNotFound: Status(Code.NOT_FOUND, 404, _INVALID, "model_not_found"),
     errors.NotFound: Status(Code.NOT_FOUND, 404, _INVALID, "not_found"),
     errors.NotImplementedFeature: Status(
@@ -134,6 +136,8 @@ _SHAPES_BY_PATH: tuple[tuple[str, BodyShape], ...] = (
     ("/v2/rerank", rerank_error_body),
     ("/v2/", cohere_error_body),
     ("/rerank", tei_error_body),
+    ("/predict", tei_error_body),
+    ("/embed_sparse", tei_error_body),
 )
 
 
