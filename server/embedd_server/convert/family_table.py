@@ -23,6 +23,7 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.mistral import Mistral
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -40,6 +41,8 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "RobertaForMaskedLM": Roberta,
     "CamembertModel": Camembert,
     "CamembertForMaskedLM": Camembert,
+    "MistralModel": Mistral,
+    "MistralForCausalLM": Mistral,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
@@ -54,6 +57,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "roberta": Roberta,
     "camembert": Camembert,
     "qwen3": Qwen3,
+    "mistral": Mistral,
 }
 
 
