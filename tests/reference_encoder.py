@@ -111,6 +111,30 @@ class EncoderReference:
             dense, out = "pooler.dense", "classifier"
         return self._linear(np.tanh(self._linear(first, dense)), out)
 
+    def mlm_logits(self, ids: list[int]) -> Array:
+        """``BertForMaskedLM``'s logits ``[len(ids), vocab]``: dense, erf GELU, LayerNorm,
+        then the decoder (the word embeddings when it is tied, BERT's default)."""
+        p = "cls.predictions"
+        h = self._linear(self.hidden_states(ids), f"{p}.transform.dense")
+        h = self._layer_norm(h * 0.5 * (1.0 + _erf(h / math.sqrt(2.0))), f"{p}.transform.LayerNorm")
+        decoder = self.weights.get(
+            f"{p}.decoder.weight", self.weights["embeddings.word_embeddings.weight"]
+        )
+        # Older checkpoints name the decoder's bias cls.predictions.bias.
+        bias = self.weights.get(f"{p}.decoder.bias")
+        bias = self.weights[f"{p}.bias"] if bias is None else bias
+        out: Array = h @ decoder.T + bias
+        return out
+
+    def splade(self, ids: list[int], strategy: str = "max", activation: str = "relu") -> Array:
+        """SpladePooling of one sequence: log1p(relu(logits)) (log1p again for log1p_relu),
+        max or sum over its tokens, ``[vocab]``."""
+        weights = np.log1p(np.maximum(self.mlm_logits(ids), 0.0))
+        if activation == "log1p_relu":
+            weights = np.log1p(weights)
+        out: Array = weights.max(axis=0) if strategy == "max" else weights.sum(axis=0)
+        return out
+
 
 _DISTILBERT_MODULES = {  # transformer.layer.N.<DistilBERT module> -> encoder.layer.N.<BERT's>
     "attention.q_lin": "attention.self.query",

@@ -3,8 +3,9 @@ against sentence-transformers' own vectors.
 
 For the small models of ../shared/models (BERT with CLS pooling, BERT with mean pooling and
 raw vectors, XLM-RoBERTa in the sentence-transformers >= 5 layout, Qwen3 with last-token
-pooling, DistilBERT with raw mean vectors, RoBERTa with byte-level BPE; CamemBERT as
-tiny-xlmr relabelled, its layout and vocabulary being XLM-R's), imported f32 and f16: the
+pooling, DistilBERT with raw mean vectors, RoBERTa with byte-level BPE, Mistral with
+last-token pooling and its e5-mistral query instruction; CamemBERT as tiny-xlmr relabelled,
+its layout and vocabulary being XLM-R's), imported f32 and f16: the
 reference texts are tokenized with the model's own
 tokenizer.json, truncated at its max_seq_length the way sentence-transformers does (inside the
 template, so [SEP] / </s> / <|endoftext|> stay), and must give the reference's token counts;
@@ -47,9 +48,18 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "tiny-qwen3": {"family": "qwen3", "pooling": "last", "normalizes": True, "max": 128},
     "tiny-distilbert": {"family": "distilbert", "pooling": "mean", "normalizes": False, "max": 48},
     "tiny-roberta": {"family": "roberta", "pooling": "mean", "normalizes": True, "max": 64},
+    # Mistral is llama.cpp's `llama` architecture; the family is the importer's statement.
+    "tiny-mistral": {
+        "family": "mistral",
+        "pooling": "last",
+        "normalizes": True,
+        "max": 128,
+        "prompts": ("query",),
+    },
 }
 # The models in llama.cpp's `bert` layout: ONNX Runtime serves them too (engine=auto's pick).
-ONNX_MODELS = [m for m in EXPECTED if m != "tiny-qwen3"]
+DECODERS = ("tiny-qwen3", "tiny-mistral")  # llama.cpp only
+ONNX_MODELS = [m for m in EXPECTED if m not in DECODERS]
 
 Vectors = npt.NDArray[np.float64]
 
@@ -184,7 +194,27 @@ def _check_vectors(src: Path, path: Path, expected: dict[str, Any], engine_name:
     inputs = [item["text"].lower() if info.do_lower_case else item["text"] for item in texts]
     sequences = [encoding.ids for encoding in tokenizer.encode_batch(inputs)]
     assert [len(ids) for ids in sequences] == [item["tokens"] for item in texts]
+    _assert_close(
+        src.name,
+        path=path,
+        info=info,
+        sequences=sequences,
+        reference=reference,
+        texts=texts,
+        engine_name=engine_name,
+    )
 
+
+def _assert_close(
+    label: str,
+    *,
+    path: Path,
+    info: ModelInfo,
+    sequences: list[list[int]],
+    reference: Vectors,
+    texts: list[dict[str, Any]],
+    engine_name: str = "llama.cpp",
+) -> None:
     vectors = _embed(path, info, sequences, engine_name)
     if not info.normalizes:  # raw vectors: their length must match too
         np.testing.assert_allclose(
@@ -195,7 +225,7 @@ def _check_vectors(src: Path, path: Path, expected: dict[str, Any], engine_name:
     )
     worst = int(np.argmin(cosines))
     print(
-        f"{src.name} {info.quantization} {engine_name}: min cosine {cosines[worst]:.7f}, "
+        f"{label} {info.quantization} {engine_name}: min cosine {cosines[worst]:.7f}, "
         f"mean {np.mean(cosines):.7f}"
     )
     assert cosines[worst] >= MIN_COSINE[info.quantization], texts[worst]["text"]
@@ -208,11 +238,43 @@ def test_auto_serves_the_bert_layout_on_onnx(
     same vectors: docs/design.md, "Families"); llama.cpp for Qwen3 and quantized files."""
     auto = EngineSettings()
     for (model, _), path in imported.items():
-        expected = "llama.cpp" if model == "tiny-qwen3" else "onnxruntime"
+        expected = "llama.cpp" if model in DECODERS else "onnxruntime"
         assert engine_for(read_model_info(path), auto, LoadOptions()) == expected, model
     for model in ("tiny-distilbert", "tiny-roberta"):
         q8 = import_model(MODELS / model, tmp_path, out_type="q8_0", report=lambda note: None)
         assert engine_for(read_model_info(q8), auto, LoadOptions()) == "llama.cpp", model
+
+
+PROMPTED = [(model, name) for model, row in EXPECTED.items() for name in row.get("prompts", ())]
+
+
+@pytest.mark.parametrize("out_type", list(MIN_COSINE))
+@pytest.mark.parametrize(("model", "prompt_name"), PROMPTED)
+def test_prompted_vectors_match_sentence_transformers(
+    imported: dict[tuple[str, str], Path], model: str, prompt_name: str, out_type: str
+) -> None:
+    """encode(texts, prompt_name=...): the stored prompt's text before each text, its tokens
+    pooled too (include_prompt), against reference/embeddings_<prompt>.npy."""
+    src = MODELS / model
+    path = imported[model, out_type]
+    info = read_model_info(path)
+    assert info.include_prompt
+    prompt = info.prompts[prompt_name]
+    assert prompt, f"{model}'s {prompt_name} prompt is empty: nothing to test"
+    texts = json.loads((src / "reference" / "texts.json").read_text(encoding="utf-8"))
+    reference = np.load(src / "reference" / f"embeddings_{prompt_name}.npy").astype(np.float64)
+    tokenizer = _tokenizer(src, info)
+    sequences = [e.ids for e in tokenizer.encode_batch([prompt + t["text"] for t in texts])]
+    plain = [len(e.ids) for e in tokenizer.encode_batch([t["text"] for t in texts])]
+    assert sum(map(len, sequences)) > sum(plain)  # the prompt's tokens are there
+    _assert_close(
+        f"{model} {prompt_name}",
+        path=path,
+        info=info,
+        sequences=sequences,
+        reference=reference,
+        texts=texts,
+    )
 
 
 @pytest.mark.parametrize("model", list(EXPECTED))

@@ -129,6 +129,11 @@ class Family(ABC):
             return EMBED
         return RERANK if len(self.labels) == 1 else CLASSIFY
 
+    def check_max_seq_length(self, max_seq_length: int) -> None:
+        """Refuses a maximum input length the family's llama.cpp graph can't compute exactly
+        (e.g. longer than a sliding window it doesn't apply); every length by default."""
+        del max_seq_length
+
     def load_tokenizer(self, model_dir: Path) -> HfTokenizer:
         return load_tokenizer(model_dir, self.name, self.tokenizer_kind)
 

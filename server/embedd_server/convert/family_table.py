@@ -24,6 +24,7 @@ from embedd_server.convert.families import (
 )
 from embedd_server.convert.files import read_object
 from embedd_server.convert.gemma3 import Gemma3Embedding
+from embedd_server.convert.mistral import Mistral
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -41,6 +42,8 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "RobertaForMaskedLM": Roberta,
     "CamembertModel": Camembert,
     "CamembertForMaskedLM": Camembert,
+    "MistralModel": Mistral,
+    "MistralForCausalLM": Mistral,
     "Gemma3TextModel": Gemma3Embedding,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
@@ -56,6 +59,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "roberta": Roberta,
     "camembert": Camembert,
     "qwen3": Qwen3,
+    "mistral": Mistral,
     "gemma3_text": Gemma3Embedding,
 }
 

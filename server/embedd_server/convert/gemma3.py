@@ -43,7 +43,7 @@ import numpy as np
 
 from embedd_server.convert.families import _ST_DEFAULT, Family, NativeDense, Plan, Shape, _strip
 from embedd_server.convert.files import Array, config_float, config_int
-from embedd_server.convert.vocab import HfTokenizer, add_spm_bpe_vocab
+from embedd_server.convert.vocab import HfTokenizer, add_llama_vocab
 from embedd_server.core.dense import DenseLayer
 from embedd_server.core.errors import ModelImportError
 
@@ -133,7 +133,7 @@ class Gemma3Embedding(Family):
         writer.add_causal_attention(False)
 
     def add_vocab(self, writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path) -> list[str]:
-        add_spm_bpe_vocab(writer, tk, model_dir, self.n_vocab)
+        add_llama_vocab(writer, tk, model_dir, self.n_vocab)
         return []
 
     def tensors(self, loaded: dict[str, Array], src: Path) -> list[tuple[str, Array]]:

@@ -2,7 +2,8 @@
 
 Uses only numpy, safetensors, tokenizers and the ``gguf`` package: no torch, no network.
 Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3;
-:mod:`embedd_server.convert.gemma3`: Gemma3 encoders) is written as
+:mod:`~embedd_server.convert.mistral`; SPLADE, :mod:`~embedd_server.convert.splade`; Gemma3
+encoders, :mod:`~embedd_server.convert.gemma3`) is written as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes it (same keys, tensor names, tensor types and
 vocabulary form), so llama.cpp loads it and computes the same vectors. On top of that the
 file carries the whole ``tokenizer.json`` (``tokenizer.huggingface.json``) and what
@@ -46,13 +47,16 @@ from embedd_server.convert.families import Family, NativeDense
 from embedd_server.convert.family_table import select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
+from embedd_server.convert.splade import read_splade_modules, splade_family
 from embedd_server.convert.st_settings import (
     RANK,
+    SPLADE,
     Modules,
     Settings,
     read_cross_encoder_settings,
     read_modules,
     read_settings,
+    read_sparse_settings,
 )
 from embedd_server.core.catalog import (
     CLASSIFY,
@@ -98,6 +102,8 @@ _POOLING_TYPES = {
     "cls": gguf.PoolingType.CLS,
     "lasttoken": gguf.PoolingType.LAST,
     "rank": gguf.PoolingType.RANK,
+    # llama.cpp has no SPLADE pooling: its own pooling is none (ONNX Runtime serves these).
+    SPLADE: gguf.PoolingType.NONE,
 }
 # What a model with a classifier head is called, by its task.
 _HEAD_KINDS = {RERANK: "cross-encoder (reranker)", CLASSIFY: "sequence classifier"}
@@ -143,38 +149,30 @@ def import_model(
         raise ModelImportError(
             f"{target} already exists; pass --overwrite to replace it or --name to choose another"
         )
-    modules = read_modules(src)
+    splade = read_splade_modules(src)
+    modules = None if splade else read_modules(src)
     model_dir = modules.transformer_dir if modules else src
-    family = select_family(model_dir)
-    if family.reranker:
-        if prompts:
-            raise ModelImportError(
-                f"{src} is a {_HEAD_KINDS[family.task]}: it scores texts and pairs as they "
-                "are, without prompts; import it without --prompt",
-                param="prompt",
-            )
-        settings = read_cross_encoder_settings(
-            model_dir,
-            family=family.name,
-            labels=family.labels,
-            problem_type=family.problem_type if family.task == CLASSIFY else None,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
-            token_types=getattr(family, "n_token_types", 1),
+    if splade:
+        model_dir = splade.transformer_dir
+    family = splade_family(splade) if splade else select_family(model_dir)
+    settings, stored_prompts, prompt_notes = _read_settings(
+        src, model_dir, modules, family, prompts or {}, sparse=splade is not None
+    )
+    if splade and out_type not in ("f32", "f16"):
+        raise ModelImportError(
+            f"{src} is a sparse (SPLADE) encoder, which ONNX Runtime serves from f32 or f16 "
+            f"weights only, not {out_type}; import it with --type f32 (SparseEncoder's exact "
+            "non-zero entries) or --type f16",
+            param="type",
         )
-        stored_prompts: dict[str, str] = {}
-        prompt_notes: list[str] = []
-    else:
-        settings = read_settings(
-            src,
-            modules,
-            family=family.name,
-            default=family.default,
-            hidden_size=family.n_embd,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
+    if splade and out_type == "f16":
+        prompt_notes.append(
+            f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
+            "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
+            "SPLADE: 0.1% of the non-zeros); import it with --type f32 for exactly "
+            "SparseEncoder's non-zero entries"
         )
-        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
+    family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
     tensors, dense, native_dense = _weights(family, model_dir, modules)
     converted = list(_converted(family, tensors, out_type, progress))
@@ -202,7 +200,8 @@ def import_model(
 
     calibration: FloatMatrix | None = None
     calibration_notes: list[str] = []
-    if not family.reranker:  # a cross-encoder gives scores, not vectors to quantize
+    # A cross-encoder gives scores and a sparse encoder sparse weights: no vectors to quantize.
+    if not family.reranker and splade is None:
         calibration, calibration_notes = _calibrate(target.stem, lambda path: new_writer(None))
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(target, lambda tmp: _write_file(new_writer(calibration), tmp))
@@ -222,6 +221,54 @@ def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
     if family.task == CLASSIFY:
         writer.add_string(TASK_KEY, CLASSIFY)
         writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
+
+
+def _read_settings(
+    src: Path,
+    model_dir: Path,
+    modules: Modules | None,
+    family: Family,
+    prompts: Mapping[str, str],
+    *,
+    sparse: bool,
+) -> tuple[Settings, dict[str, str], list[str]]:
+    """What sentence-transformers reads from ``src`` for this family's model (a sparse
+    encoder, a cross-encoder or a bi-encoder), the prompts to store and notes about them."""
+    if sparse:
+        settings = read_sparse_settings(
+            src,
+            model_dir,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        return settings, *_prompts(src, model_dir, settings, prompts)
+    if family.reranker:
+        if prompts:
+            raise ModelImportError(
+                f"{src} is a {_HEAD_KINDS[family.task]}: it scores texts and pairs as they "
+                "are, without prompts; import it without --prompt",
+                param="prompt",
+            )
+        settings = read_cross_encoder_settings(
+            model_dir,
+            family=family.name,
+            labels=family.labels,
+            problem_type=family.problem_type if family.task == CLASSIFY else None,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+            token_types=getattr(family, "n_token_types", 1),
+        )
+        return settings, {}, []
+    settings = read_settings(
+        src,
+        modules,
+        family=family.name,
+        default=family.default,
+        hidden_size=family.n_embd,
+        max_position_embeddings=family.max_position_embeddings,
+        usable_positions=family.usable_positions,
+    )
+    return settings, *_prompts(src, model_dir, settings, prompts)
 
 
 def _calibrate(

@@ -33,6 +33,7 @@ from embedd_server.core.errors import ModelImportError
 # Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
 SUPPORTED_POOLINGS = ("mean", "cls", "lasttoken")
 RANK = "rank"  # a cross-encoder's "pooling": its classifier head on the first token
+SPLADE = "splade"  # a sparse encoder's "pooling": SpladePooling over its MLM logits
 _POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -258,6 +259,41 @@ def _classifier_note(
     )
 
 
+def read_sparse_settings(
+    src: Path,
+    transformer_dir: Path,
+    *,
+    max_position_embeddings: int,
+    usable_positions: int,
+) -> Settings:
+    """The settings sentence-transformers' ``SparseEncoder`` would load ``src`` with: the
+    maximum length as for a bi-encoder, its prompts; no Normalize (SPLADE weights are used
+    as they are, scored by dot product)."""
+    notes: list[str] = []
+    st_config = optional_object(transformer_dir / "sentence_bert_config.json")
+    max_seq_length = _max_seq_length(
+        transformer_dir, st_config, max_position_embeddings, usable_positions, notes
+    )
+    path = transformer_dir / "sentence_bert_config.json"
+    do_lower_case = _bool(st_config, "do_lower_case", path)
+    config_path = src / "config_sentence_transformers.json"
+    prompts, default_prompt_name = _read_prompts(config_path, model_type="SparseEncoder")
+    if optional_object(config_path).get("max_active_dims") is not None:
+        raise ModelImportError(
+            f"{config_path}: max_active_dims keeps only the largest weights of each vector; "
+            "embedd returns every non-zero weight. Remove max_active_dims to import the model"
+        )
+    return Settings(
+        pooling=SPLADE,
+        normalize=False,
+        max_seq_length=max_seq_length,
+        do_lower_case=do_lower_case,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        notes=tuple(notes),
+    )
+
+
 # transformers' tokenizer classes that hand the model token_type_ids (their
 # model_input_names); the generic TokenizersBackend / PreTrainedTokenizerFast and
 # XLM-RoBERTa's do not.
@@ -343,13 +379,18 @@ def _read_pooling(pooling_dir: Path, hidden_size: int) -> tuple[str, bool]:
     return modes[0], _bool(config, "include_prompt", path, default=True)
 
 
-def _read_prompts(path: Path) -> tuple[dict[str, str], str | None]:
+def _read_prompts(
+    path: Path, model_type: str = "SentenceTransformer"
+) -> tuple[dict[str, str], str | None]:
+    """Prompts and default prompt name of a ``model_type`` model's configuration (a
+    SparseEncoder's modules.json lists SpladePooling, a SentenceTransformer's Pooling)."""
     config = optional_object(path)
-    model_type = config.get("model_type", "SentenceTransformer")
-    if model_type != "SentenceTransformer":
+    found = config.get("model_type", model_type)
+    if found != model_type:
         raise ModelImportError(
-            f"{path}: model_type {model_type!r}; only SentenceTransformer (bi-encoder) "
-            "models are imported"
+            f"{path}: model_type {found!r}; embedd imports SentenceTransformer (bi-encoder) "
+            "models with a Pooling module and SparseEncoder (SPLADE) models with a "
+            "SpladePooling module"
         )
     prompts = config.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(

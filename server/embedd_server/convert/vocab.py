@@ -3,7 +3,8 @@
 Each family's vocabulary goes in the form llama.cpp's ``convert_hf_to_gguf.py`` writes for it,
 so that llama.cpp's own tokenizer works on the file: WordPiece as ``bert`` (the "phantom
 space" form), Unigram as ``t5`` (pieces, scores, token types), byte-level BPE as ``gpt2``
-(tokens and merges). The whole ``tokenizer.json`` goes in too, under
+(tokens and merges), SentencePiece BPE with byte fallback as ``llama`` (pieces, scores from the
+merge order, byte pieces). The whole ``tokenizer.json`` goes in too, under
 ``tokenizer.huggingface.json``: the server tokenizes with it, exactly as the reference does.
 """
 
@@ -297,58 +298,66 @@ def _add_special_vocab(
     special.add_to_gguf(writer, quiet=True)
 
 
-# --- SentencePiece-style BPE with byte fallback (Gemma) --------------------------------------
+# --- SentencePiece BPE with byte fallback (Mistral, Llama 2) ---------------------------------
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_NO_MERGE = -1e9  # a token no merge makes: llama.cpp's tokenizer never prefers building it
 
 
-def add_spm_bpe_vocab(
+def is_sentencepiece_bpe(tk: HfTokenizer) -> bool:
+    """Whether a BPE tokenizer.json is SentencePiece's (byte fallback, "\u2581" for spaces), as
+    Mistral's and Llama 2's are, rather than byte-level BPE (GPT-2's, Qwen's)."""
+    model = tk.json.get("model") or {}
+    pre = _walk(tk.json.get("pre_tokenizer"), "pretokenizers")
+    return bool(model.get("byte_fallback")) or any(p.get("type") == "Metaspace" for p in pre)
+
+
+def _merge_scores(model: dict[str, Any]) -> dict[str, float]:
+    """Each merged piece's score as SentencePiece's BPE gives it: the earlier its merge, the
+    higher (llama.cpp's ``llama`` tokenizer merges the highest-scoring pair first)."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _adds_space_prefix(tk: HfTokenizer) -> bool:
+    """Whether the tokenizer puts "\u2581" before the text (a Prepend normalizer, or a
+    Metaspace pre-tokenizer that prepends), as SentencePiece's add_dummy_prefix does."""
+    normalizers = _walk(tk.json.get("normalizer"), "normalizers")
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers):
+        return True
+    for pre in _walk(tk.json.get("pre_tokenizer"), "pretokenizers"):
+        if pre.get("type") == "Metaspace":
+            scheme = pre.get("prepend_scheme")
+            return scheme != "never" if scheme else bool(pre.get("add_prefix_space", True))
+    return False
+
+
+def add_llama_vocab(
     writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path, n_vocab: int
 ) -> None:
-    """A SentencePiece-style BPE vocabulary (``▁`` for spaces, ``<0xNN>`` byte fallback) as
-    llama.cpp's ``llama`` tokenizer model: pieces, scores and token types.
-
-    llama.cpp's ``llama`` tokenizer merges, among adjacent pieces, the pair whose joined piece
-    has the highest score; BPE merges by rank. Scoring each piece by minus the rank of the
-    first merge that makes it gives the same order (as sentencepiece's own BPE scores do).
-    The server tokenizes with tokenizer.json in any case; these keys serve llama.cpp's loader
-    and a file used without tokenizer.json.
-    """
-    model = tk.json["model"]
-    if not model.get("byte_fallback"):
-        raise ModelImportError(f"{tk.path}: a SentencePiece-style BPE needs byte_fallback")
-    scores = _merge_scores(model.get("merges") or [], tk.path)
-    unk = model.get("unk_token")
-    tokens, types, token_scores = [], [], []
-    for token, entry_kind in _vocab_entries(tk, n_vocab):
-        kind = entry_kind
+    """A SentencePiece BPE vocabulary (byte fallback) as llama.cpp's ``llama`` tokenizer
+    model: pieces, scores from the merge order, byte pieces ``<0xXX>`` typed BYTE, as
+    llama.cpp's converter writes a ``tokenizer.model``."""
+    entries = list(_vocab_entries(tk, n_vocab))
+    scores = _merge_scores(tk.json["model"])
+    unk = tk.json["model"].get("unk_token")
+    tokens = [token for token, _ in entries]
+    types: list[int] = []
+    for token, kind in entries:
         if _BYTE_TOKEN.fullmatch(token):
-            kind = TokenType.BYTE  # byte fallback pieces, whatever tokenizer.json calls them
+            # Byte pieces whatever tokenizer.json calls them (Gemma's are special added
+            # tokens): llama.cpp's byte fallback needs them typed BYTE.
+            types.append(int(TokenType.BYTE))
         elif token == unk:
-            kind = TokenType.UNKNOWN
-        tokens.append(token)
-        types.append(int(kind))
-        token_scores.append(scores.get(token, _NO_MERGE) if kind == TokenType.NORMAL else 0.0)
+            types.append(int(TokenType.UNKNOWN))
+        else:
+            types.append(int(kind))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_scores(token_scores)
+    writer.add_token_scores([scores.get(token, 0.0) for token in tokens])
     writer.add_token_types(types)
-    normalizers = _walk(tk.json.get("normalizer"), "normalizers")
-    # Gemma's tokenizer replaces spaces with ▁ and prepends nothing; Llama's prepends ▁.
-    writer.add_add_space_prefix(
-        any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers)
-    )
+    writer.add_add_space_prefix(_adds_space_prefix(tk))
     _add_special_vocab(writer, tk, model_dir, n_vocab, merges=False)
-
-
-def _merge_scores(merges: list[Any], path: Path) -> dict[str, float]:
-    """Each piece a merge makes, scored minus the rank of the first merge that makes it."""
-    scores: dict[str, float] = {}
-    for rank, merge in enumerate(merges):
-        pair = merge.split(" ", 1) if isinstance(merge, str) else merge
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise ModelImportError(f"{path}: BPE merge {merge!r} is not a pair of pieces")
-        scores.setdefault(str(pair[0]) + str(pair[1]), -float(rank))
-    return scores

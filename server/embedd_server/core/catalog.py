@@ -56,7 +56,7 @@ MULTI_LABEL = "multi_label_classification"
 CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
 # A cross-encoder's pairs give the document token type 1 (its tokenizer's token_type_ids).
 PAIR_TOKEN_TYPES_KEY = "embedd.pair_token_types"
-# The family as `embedd import` knew it (distilbert, roberta, camembert, ...): llama.cpp's
+# The family as `embedd import` knew it (distilbert, roberta, camembert, mistral, ...): llama.cpp's
 # architecture `bert` holds several; a file without it gets the family from its architecture
 # and tokenizer.
 FAMILY_KEY = "embedd.family"

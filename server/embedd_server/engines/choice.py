@@ -12,7 +12,8 @@ cannot serve is then refused by name.
 llama.cpp cannot serve a cross-encoder with two token types (BERT's: the document of a pair
 is type 1; llama.cpp gives every token type 0) nor a classifier head whose activation is not
 tanh (DistilBERT's ReLU), so such a model in a quantized file, which ONNX Runtime doesn't serve
-either, is refused with both reasons.
+either, is refused with both reasons. Nor can it serve a SPLADE sparse encoder (``task``
+sparse: an MLM head and SPLADE pooling): ONNX Runtime alone does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import CLASSIFY, RERANK, ModelInfo
+from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
@@ -46,7 +47,10 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
     if info.architecture not in _ONNX_ARCHITECTURES:
         served = ", ".join(sorted(_ONNX_ARCHITECTURES))
         return f"architecture {info.architecture!r} (ONNX Runtime serves {served})"
-    if options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
+    if info.task == SPARSE:  # SPLADE pools in its own graph, whatever llama.cpp's pooling says
+        if options.pooling is not None:
+            return f"pooling {options.pooling!r} (a SPLADE model pools with SpladePooling only)"
+    elif options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
         return (
             f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
             "scores with a cross-encoder's own head)"
@@ -60,6 +64,11 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
 
 def llama_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't serve this model exactly; None when it can."""
+    if info.task == SPARSE:
+        return (
+            "it is a SPLADE sparse encoder, and llama.cpp has neither its masked-language-model "
+            "head nor SPLADE pooling"
+        )
     if info.task not in (RERANK, CLASSIFY):
         return None
     return rank_refusal(info)
