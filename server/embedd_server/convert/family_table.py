@@ -15,6 +15,7 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -26,11 +27,19 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "XLMRobertaForMaskedLM": XlmRoberta,
     "Qwen3Model": Qwen3,
     "Qwen3ForCausalLM": Qwen3,
+    "ModernBertModel": ModernBert,
+    "ModernBertForMaskedLM": ModernBert,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
+    "ModernBertForSequenceClassification": ModernBertClassifier,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
-_BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
+_BY_MODEL_TYPE: dict[str, type[Family]] = {
+    "bert": Bert,
+    "xlm-roberta": XlmRoberta,
+    "qwen3": Qwen3,
+    "modernbert": ModernBert,
+}
 
 
 # What an error names: each family's base architecture (the first listed), then the heads.

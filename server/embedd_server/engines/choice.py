@@ -31,7 +31,7 @@ from embedd_server.engines.llama import (
 log = logging.getLogger(__name__)
 
 AUTO, _, ONNX = ENGINES
-_ONNX_ARCHITECTURES = frozenset({"bert"})
+_ONNX_ARCHITECTURES = frozenset({"bert", "modern-bert"})
 _ONNX_POOLINGS = frozenset({"mean", "cls", "rank"})
 _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 
@@ -41,7 +41,10 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
     model; None when it can."""
     n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
     if info.architecture not in _ONNX_ARCHITECTURES:
-        return f"architecture {info.architecture!r} (ONNX Runtime serves BERT encoders)"
+        return (
+            f"architecture {info.architecture!r} (ONNX Runtime serves "
+            f"{', '.join(sorted(_ONNX_ARCHITECTURES))})"
+        )
     if options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
         return (
             f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
