@@ -90,7 +90,9 @@ class ModernBertReference:
         heads = int(c["num_attention_heads"])
         d = int(c["hidden_size"]) // heads
         n = len(ids)
-        x = _layer_norm(w["embeddings.tok_embeddings.weight"][ids], w["embeddings.norm.weight"], eps)
+        x = _layer_norm(
+            w["embeddings.tok_embeddings.weight"][ids], w["embeddings.norm.weight"], eps
+        )
         positions = np.arange(n, dtype=np.float64)
         distance = np.abs(positions[:, None] - positions[None, :])
         half_window = int(c.get("local_attention", 128)) // 2
@@ -127,7 +129,9 @@ class ModernBertReference:
         """ModernBertForSequenceClassification's raw logits of one sequence."""
         c, w = self.config, self.weights
         pooled = self.embed(ids, str(c.get("classifier_pooling", "cls")))
-        dense = activation(str(c.get("classifier_activation", "gelu")), w["head.dense.weight"] @ pooled)
+        dense = activation(
+            str(c.get("classifier_activation", "gelu")), w["head.dense.weight"] @ pooled
+        )
         normed = _layer_norm(dense, w["head.norm.weight"], float(c.get("norm_eps", 1e-5)))
         out: Floats = w["classifier.weight"] @ normed + w["classifier.bias"]
         return out

@@ -165,7 +165,11 @@ def test_the_files_say_what_the_directories_do(imported: dict[tuple[str, str], P
         assert (info.prompts, info.include_prompt) == (config["prompts"], True)
         assert info.quantization == out_type
         reranker = read_model_info(imported[RERANKER, out_type])
-        assert (reranker.family, reranker.task, reranker.pooling) == ("modern-bert", "rerank", "rank")
+        assert (reranker.family, reranker.task, reranker.pooling) == (
+            "modern-bert",
+            "rerank",
+            "rank",
+        )
         assert (reranker.labels, reranker.label_names, reranker.pair_token_types) == (
             1,
             ("LABEL_0",),

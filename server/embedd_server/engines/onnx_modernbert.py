@@ -151,7 +151,9 @@ def read_modernbert_gguf(reader: Any, path: Path) -> ModernBertSource:
     n_layer = int(gguf_field(reader, f"{ARCH}.block_count"))
     pooling_type = int(gguf_field(reader, f"{ARCH}.pooling_type", 1))
     if pooling_type not in _GGUF_POOLING:
-        raise ValueError(f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)")
+        raise ValueError(
+            f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)"
+        )
     classifier_pooling = int(gguf_field(reader, f"{ARCH}.classifier.pooling_type", 1))
     if classifier_pooling not in _CLASSIFIER_POOLING:
         raise ValueError(
@@ -241,7 +243,7 @@ def build_modernbert_model(
     for i in range(config.num_hidden_layers):
         theta = config.local_theta if config.sliding[i] else config.global_theta
         bias = biases[config.sliding[i]]
-        hidden = _layer(g, w, config, hidden, i, bias, rope[theta])
+        hidden = _layer(g, w, config, hidden, i=i, mask_bias=bias, rope=rope[theta])
     hidden = _norm(g, w, hidden, "output_norm", config.norm_eps)
     if pooling == "rank":
         pooled = _classify(g, w, config, hidden)
@@ -302,7 +304,9 @@ def _slice_last(g: _Graph, x: str, start: int, end: int, name: str) -> str:
     return g.op("Slice", [x, starts, ends, axes], name)
 
 
-def _rope_tables(g: _Graph, config: ModernBertConfig, theta: float, seq_len: str) -> tuple[str, str]:
+def _rope_tables(
+    g: _Graph, config: ModernBertConfig, theta: float, seq_len: str
+) -> tuple[str, str]:
     """cos and sin ``[seq, head_size]`` of positions 0..seq-1, as transformers computes them
     in float32: ``inv_freq = 1 / theta ** (arange(0, d, 2) / d)``, ``emb = cat(f, f)``."""
     d = config.head_size
@@ -344,13 +348,16 @@ def _mask_biases(g: _Graph, config: ModernBertConfig, seq_len: str) -> dict[bool
         cols = g.op("Unsqueeze", [positions, g.const("axes_0", np.array([0], np.int64))], "win")
         distance = g.op("Abs", [g.op("Sub", [rows, cols], "win")], "win")
         half = g.const("window_half", np.array(config.window // 2, np.int64))
-        near = g.op("Cast", [g.op("LessOrEqual", [distance, half], "win")], "win", to=TensorProto.FLOAT)
+        near = g.op(
+            "Cast", [g.op("LessOrEqual", [distance, half], "win")], "win", to=TensorProto.FLOAT
+        )
         biases[True] = bias(g.op("Mul", [keys, near], "win"))  # [batch, 1, seq, seq]
     return biases
 
 
-def _rotate(g: _Graph, x: str, cos: str, sin: str, d: int, p: str) -> str:
+def _rotate(g: _Graph, x: str, rope: tuple[str, str], *, d: int, p: str) -> str:
     """RoPE: ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = cat(-x2, x1)``."""
+    cos, sin = rope
     x1 = _slice_last(g, x, 0, d // 2, p)
     x2 = _slice_last(g, x, d // 2, d, p)
     rotated = g.op("Concat", [g.op("Neg", [x2], p), x1], p, axis=-1)
@@ -370,7 +377,9 @@ def _activation(g: _Graph, x: str, name: str, p: str) -> str:
         kappa = g.const("gelu_kappa", np.array(0.044715, np.float32))
         cube = g.op("Mul", [g.op("Mul", [x, x], p), x], p)
         inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, kappa], p)], p), beta], p)
-        return g.op("Mul", [g.op("Mul", [x, half], p), g.op("Add", [g.op("Tanh", [inner], p), one], p)], p)
+        return g.op(
+            "Mul", [g.op("Mul", [x, half], p), g.op("Add", [g.op("Tanh", [inner], p), one], p)], p
+        )
     return g.op("Mul", [x, g.op("Sigmoid", [x], p)], p)  # silu
 
 
@@ -379,6 +388,7 @@ def _layer(
     w: Mapping[str, Array],
     config: ModernBertConfig,
     x: str,
+    *,
     i: int,
     mask_bias: str,
     rope: tuple[str, str],
@@ -394,11 +404,12 @@ def _layer(
     def part(index: int) -> str:  # [batch, heads, seq, head_size]
         return g.op("Gather", [qkv, g.const(f"i64_scalar_{index}", np.array(index, np.int64))], p)
 
-    cos, sin = rope
-    q = _rotate(g, part(0), cos, sin, d, p)
-    k = _rotate(g, part(1), cos, sin, d, p)
+    q = _rotate(g, part(0), rope, d=d, p=p)
+    k = _rotate(g, part(1), rope, d=d, p=p)
     scale = g.const(f"scale_{d}", np.array(d**-0.5, np.float32))
-    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], p, perm=[0, 1, 3, 2])], p), scale], p)
+    scores = g.op(
+        "Mul", [g.op("MatMul", [q, g.op("Transpose", [k], p, perm=[0, 1, 3, 2])], p), scale], p
+    )
     probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], p)], p, axis=-1)
     context = g.op("Transpose", [g.op("MatMul", [probs, part(2)], p)], p, perm=[0, 2, 1, 3])
     merge = g.const("merge_shape", np.array([0, 0, config.hidden_size], np.int64))
