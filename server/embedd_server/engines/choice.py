@@ -1,8 +1,9 @@
 """Which engine serves a model: the runtime loader the server hands the registry.
 
 ``engine = "auto"`` (the default) picks ONNX Runtime for what it was measured to serve faster
-at the same vectors (docs/design.md, "Engines"): a BERT encoder with mean or CLS pooling, or a
-BERT / XLM-RoBERTa cross-encoder (pooling rank), f32 or f16 weights, on the CPU. Everything
+at the same vectors (docs/design.md, "Engines" and "Families"): a BERT or ModernBERT encoder
+with mean or CLS pooling, or a BERT / XLM-RoBERTa / ModernBERT cross-encoder (pooling rank),
+f32 or f16 weights, on the CPU. Everything
 else (other architectures, quantized files, pooling chosen at load time, GPU offload) runs on
 llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the forced engine
 cannot serve is then refused by name.
