@@ -212,6 +212,8 @@ def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
     if family.task == CLASSIFY:
         writer.add_string(TASK_KEY, CLASSIFY)
         writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
+
+
 def _read_settings(
     src: Path,
     model_dir: Path,
