@@ -25,6 +25,7 @@ from embedd_server.convert.families import (
 from embedd_server.convert.files import read_object
 from embedd_server.convert.gemma3 import Gemma3Embedding
 from embedd_server.convert.mistral import Mistral
+from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -44,12 +45,15 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "CamembertForMaskedLM": Camembert,
     "MistralModel": Mistral,
     "MistralForCausalLM": Mistral,
+    "ModernBertModel": ModernBert,
+    "ModernBertForMaskedLM": ModernBert,
     "Gemma3TextModel": Gemma3Embedding,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
     "RobertaForSequenceClassification": RobertaClassifier,
     "CamembertForSequenceClassification": CamembertClassifier,
+    "ModernBertForSequenceClassification": ModernBertClassifier,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
 _BY_MODEL_TYPE: dict[str, type[Family]] = {
@@ -60,6 +64,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "camembert": Camembert,
     "qwen3": Qwen3,
     "mistral": Mistral,
+    "modernbert": ModernBert,
     "gemma3_text": Gemma3Embedding,
 }
 

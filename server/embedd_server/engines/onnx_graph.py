@@ -524,9 +524,6 @@ class Graph:
         return self.op("LayerNormalization", [x, gamma, beta], prefix, axis=-1, epsilon=eps)
 
 
-_Graph = Graph  # the name other families' graph modules were written against
-
-
 def build_bert_model(
     weights: Mapping[str, Array],
     config: BertConfig,
@@ -846,3 +843,8 @@ class _DropAdvice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing before quantization" not in record.getMessage()
+
+
+# The names family graph modules written before Graph and pool_hidden were public use.
+_Graph = Graph
+_pool = pool_hidden
