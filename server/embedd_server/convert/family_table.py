@@ -25,6 +25,7 @@ from embedd_server.convert.families import (
 from embedd_server.convert.files import read_object
 from embedd_server.convert.mistral import Mistral
 from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
+from embedd_server.convert.mpnet import MPNet
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -46,6 +47,8 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "MistralForCausalLM": Mistral,
     "ModernBertModel": ModernBert,
     "ModernBertForMaskedLM": ModernBert,
+    "MPNetModel": MPNet,
+    "MPNetForMaskedLM": MPNet,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
@@ -63,6 +66,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "qwen3": Qwen3,
     "mistral": Mistral,
     "modernbert": ModernBert,
+    "mpnet": MPNet,
 }
 
 
