@@ -10,7 +10,7 @@ ONNX graph in the packs the server makes (one thread). Bar: cosine >= 0.99999 (f
 which transformers leaves out of the position count; pooling without a prompt) is checked
 against a float64 NumPy MPNet written from transformers' code, itself first checked against
 the reference. Then which engine serves the model: ONNX Runtime, and llama.cpp refuses it by
-name.
+name; and the served vectors, over gRPC and over REST through Envoy, to the same bars.
 
 ``python -m tests.integration.test_family_mpnet [ROUNDS]`` prints the ONNX graph's texts/s.
 """
@@ -22,15 +22,19 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
+from embedd.v1 import embedder_pb2 as pb
+from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.core.catalog import ModelInfo, read_model_info
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
@@ -38,6 +42,8 @@ from embedd_server.core.errors import ModelLoadError
 from embedd_server.core.quantization import CALIBRATION_VECTORS_KEY
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.onnx import OnnxEngine, OnnxRuntime
+from tests.envoy_proc import EnvoyProcess, http
+from tests.servers import ServerProcess, server_behind_envoy
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 SRC = MODELS / "tiny-mpnet"
@@ -120,7 +126,7 @@ def test_vectors_match_sentence_transformers(imported: dict[str, Path], out_type
     assert [len(ids) for ids in sequences] == [t["tokens"] for t in texts]
     cosines = _cosines(_embed(_engine(info.path), sequences), reference)
     worst = int(np.argmin(cosines))
-    print(f"tiny-mpnet {out_type}: min cosine {cosines[worst]:.10f}, mean {np.mean(cosines):.10f}")
+    print(f"tiny-mpnet {out_type}: min cosine 1 - {1 - cosines[worst]:.1e}")
     assert cosines[worst] >= MIN_COSINE[out_type], texts[worst]["text"]
 
 
@@ -243,6 +249,46 @@ def test_a_padding_token_inside_a_text_is_not_counted_as_a_position(
     assert _cosines(padded, expected)[0] >= 0.9999999
 
 
+def _longer_copy(root: Path, positions: int) -> Path:
+    """tiny-mpnet with a position table of ``positions`` rows (seeded random rows added), so
+    that inputs reach the distances the reference's 64 tokens don't (the buckets' logarithmic
+    range up to 128 and beyond)."""
+    copy = root / f"tiny-mpnet-{positions}"
+    copy.mkdir()
+    (copy / "tokenizer.json").write_bytes((SRC / "tokenizer.json").read_bytes())
+    weights = dict(load_file(str(SRC / "model.safetensors")))
+    table = weights["embeddings.position_embeddings.weight"]
+    extra = np.random.default_rng(20).normal(0, 0.02, (positions - len(table), table.shape[1]))
+    weights["embeddings.position_embeddings.weight"] = np.concatenate(
+        [table, extra.astype(np.float32)]
+    )
+    save_file(weights, str(copy / "model.safetensors"))
+    for name, key, value in (
+        ("config.json", "max_position_embeddings", positions),
+        ("tokenizer_config.json", "model_max_length", positions - 2),
+    ):
+        config = json.loads((SRC / name).read_text(encoding="utf-8"))
+        config[key] = value
+        (copy / name).write_text(json.dumps(config), encoding="utf-8")
+    return copy
+
+
+def test_long_inputs_match_the_numpy_reference(tmp_path: Path) -> None:
+    src = _longer_copy(tmp_path, 302)
+    path = import_model(src, tmp_path / "out", out_type="f32", report=lambda note: None)
+    info = read_model_info(path)
+    assert info.max_input_tokens == 300
+    text = " ".join(t["text"] for t in _texts()[:40])
+    tokenizer = Tokenizer.from_str((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer.enable_truncation(300)
+    ids = tokenizer.encode(text).ids
+    assert len(ids) == 300
+    reference = MPNetReference(src)
+    expected = np.stack([reference.hidden_states(s).mean(axis=0) for s in (ids, ids[:150])])
+    got = _engine(path).embed_batch([ids, ids[:150]]).astype(np.float64)  # one padded batch
+    assert _cosines(got, expected).min() >= 0.9999999
+
+
 def test_pooling_can_leave_out_a_prompt(
     imported: dict[str, Path], numpy_mpnet: MPNetReference
 ) -> None:
@@ -286,17 +332,27 @@ def test_auto_serves_mpnet_on_onnx_runtime_and_llama_cpp_refuses_it_by_name(
         assert "pooling 'cls'" in pooled.value.message
 
 
-def test_the_served_runtime_tokenizes_with_the_files_tokenizer(imported: dict[str, Path]) -> None:
+@pytest.mark.parametrize("processes", [False, True])
+def test_the_served_runtime_tokenizes_with_the_files_tokenizer(
+    imported: dict[str, Path], processes: bool
+) -> None:
     """llama.cpp cannot load an ``mpnet`` file, not even its vocabulary: the runtime reads
-    the tokenizer.json the file carries."""
+    the tokenizer.json the file carries; its workers (threads or processes) embed as above."""
     info = read_model_info(imported["f16"])
-    runtime = load_runtime(info, EngineSettings(worker_processes=False), LoadOptions())
+    settings = EngineSettings(worker_processes=processes, onnx_threads=1)
+    runtime = load_runtime(info, settings, LoadOptions())
+    engine = runtime.new_engine()
     try:
         assert runtime.engine_name == "onnxruntime"
         assert runtime.vocab_size == 4000
-        assert runtime.tokenize(b"A man plays") == _tokenizer(info).encode("A man plays").ids
+        ids = _tokenizer(info).encode("A man plays").ids
+        assert runtime.tokenize(b"A man plays") == ids
         assert runtime.token_text(0) == "<s>"
+        expected = _engine(info.path).embed_batch([ids]).astype(np.float64)
+        got = engine.embed_batch([ids]).astype(np.float64)
+        assert _cosines(got, expected)[0] >= 0.9999999
     finally:
+        engine.close()
         runtime.close()
 
 
@@ -317,6 +373,64 @@ def test_a_quantized_mpnet_is_served_by_onnx_runtime_dequantized(
     sequences = [e.ids for e in _tokenizer(info).encode_batch([t["text"] for t in texts])]
     reference = np.load(SRC / "reference" / "embeddings.npy").astype(np.float64)[:32]
     assert _cosines(_embed(_engine(path), sequences), reference).min() >= 0.999
+
+
+# --- served: gRPC, and REST through Envoy -------------------------------------------------------
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    envoy: EnvoyProcess
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``embedd serve`` (engine auto, worker processes) on the f32 and f16 imports."""
+    models = tmp_path_factory.mktemp("served-mpnet")
+    for out_type in MIN_COSINE:
+        import_model(SRC, models, out_type=out_type, name=f"mpnet-{out_type}")
+    args = ["--default-model", "mpnet-f16", "--keep-alive", "-1"]
+    with server_behind_envoy(models, args, tmp_path_factory.mktemp("envoy")) as (server, envoy):
+        yield Served(server, envoy)
+
+
+def _check_served(vectors: Vectors, tokens: int, out_type: str, route: str) -> None:
+    texts = _texts()
+    reference = np.load(SRC / "reference" / "embeddings.npy").astype(np.float64)
+    assert tokens == sum(t["tokens"] for t in texts)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)  # Normalize
+    cosines = _cosines(vectors, reference)
+    print(f"served {route} tiny-mpnet {out_type}: min cosine 1 - {1 - cosines.min():.1e}")
+    assert cosines.min() >= MIN_COSINE[out_type], texts[int(cosines.argmin())]["text"]
+
+
+@pytest.mark.parametrize("out_type", list(MIN_COSINE))
+def test_served_over_grpc(served: Served, out_type: str) -> None:
+    texts = [t["text"] for t in _texts()]
+    with grpc.insecure_channel(served.server.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        reply = stub.Embed(pb.EmbedRequest(model=f"mpnet-{out_type}", texts=texts), timeout=120)
+    vectors = np.array([list(e.values) for e in reply.embeddings], dtype=np.float64)
+    _check_served(vectors, reply.usage.prompt_tokens, out_type, "gRPC")
+
+
+@pytest.mark.parametrize("out_type", list(MIN_COSINE))
+def test_served_over_rest(served: Served, out_type: str) -> None:
+    body = {
+        "model": f"mpnet-{out_type}",
+        "input": [t["text"] for t in _texts()],
+        "encoding_format": "float",
+        "truncate": True,  # OpenAI's route refuses an over-long input unless asked to cut it
+    }
+    reply = http(served.envoy.base_url + "/v1/embeddings", "POST", body=body, timeout=300)
+    assert reply.status == 200, reply.body
+    answer = reply.json()
+    vectors = np.array([d["embedding"] for d in answer["data"]], dtype=np.float64)
+    _check_served(vectors, answer["usage"]["prompt_tokens"], out_type, "REST")
+    models = {m["id"]: m for m in http(served.envoy.base_url + "/v1/models").json()["data"]}
+    shown = models[f"mpnet-{out_type}"]
+    assert (shown["family"], shown["engine"], shown["task"]) == ("mpnet", "onnxruntime", "embed")
 
 
 # --- speed ---------------------------------------------------------------------------------------
