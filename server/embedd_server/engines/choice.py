@@ -47,12 +47,25 @@ _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str | None:
     """Why ONNX Runtime can't (or, being slower or less exact there, shouldn't) serve this
     model; None when it can."""
-    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
     if info.architecture not in _ONNX_ARCHITECTURES:
         return (
             f"architecture {info.architecture!r} (ONNX Runtime serves "
             f"{', '.join(sorted(_ONNX_ARCHITECTURES))})"
         )
+    if (why := _pooling_refusal(info, options)) is not None:
+        return why
+    if info.architecture in _LLAMA_LACKS:
+        return None  # its only engine: any weights, on the CPU
+    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
+    if info.quantization not in _ONNX_WEIGHTS:
+        return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
+    if n_gpu_layers != 0:
+        return "GPU offload (llama.cpp serves GPUs)"
+    return None
+
+
+def _pooling_refusal(info: ModelInfo, options: LoadOptions) -> str | None:
+    """Why ONNX Runtime's graph can't pool this model as asked; None when it can."""
     if info.task == SPARSE:  # SPLADE pools in its own graph, whatever llama.cpp's pooling says
         if options.pooling is not None:
             return f"pooling {options.pooling!r} (a SPLADE model pools with SpladePooling only)"
@@ -61,12 +74,6 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
             "scores with a cross-encoder's own head)"
         )
-    if info.architecture in _LLAMA_LACKS:
-        return None
-    if info.quantization not in _ONNX_WEIGHTS:
-        return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
-    if n_gpu_layers != 0:
-        return "GPU offload (llama.cpp serves GPUs)"
     return None
 
 
