@@ -26,6 +26,7 @@ from embedd_server.convert.files import read_object
 from embedd_server.convert.gemma3 import Gemma3Embedding
 from embedd_server.convert.mistral import Mistral
 from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
+from embedd_server.convert.mpnet import MPNet
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -48,6 +49,8 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "ModernBertModel": ModernBert,
     "ModernBertForMaskedLM": ModernBert,
     "Gemma3TextModel": Gemma3Embedding,
+    "MPNetModel": MPNet,
+    "MPNetForMaskedLM": MPNet,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
@@ -66,6 +69,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "mistral": Mistral,
     "modernbert": ModernBert,
     "gemma3_text": Gemma3Embedding,
+    "mpnet": MPNet,
 }
 
 

@@ -67,6 +67,10 @@ HEAD_ACTIVATION_KEY = "embedd.head_activation"
 TANH, RELU = "tanh", "relu"
 HEAD_ACTIVATIONS = (TANH, RELU)
 
+# GGUF architectures of embedd's own, for families llama.cpp has no graph for (it cannot load
+# such a file, not even its vocabulary): architecture -> the family's name.
+OWN_ARCHITECTURES = {"mpnet": "MPNet"}
+
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
 NORMALIZE_KEY = "sentence_transformers.normalize"

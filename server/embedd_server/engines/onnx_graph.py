@@ -73,7 +73,7 @@ META_VOCAB_SIZE = "embedd.vocab_size"
 META_TOKEN_TYPES = "embedd.type_vocab_size"
 
 # llama.cpp's enum llama_pooling_type
-_GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
+GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
 # A cross-encoder's head, by the names the graph uses (XLM-RoBERTa's), and its GGUF names.
 HEAD_TENSORS = {"classifier.dense": "cls", "classifier.out_proj": "cls.output"}
 _GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
@@ -402,11 +402,11 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         return _splade_source(reader, path, named, config)
     weights = canonical_weights(named, config)
     pooling_type = int(gguf_field(reader, "bert.pooling_type", 1))
-    if pooling_type not in _GGUF_POOLING:
+    if pooling_type not in GGUF_POOLING:
         raise ValueError(
             f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)"
         )
-    if _GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
+    if GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
@@ -421,7 +421,7 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
     return ModelSource(
         weights=weights,
         config=config,
-        pooling=_GGUF_POOLING[pooling_type],
+        pooling=GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
         normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
         head_activation=activation,
@@ -570,21 +570,14 @@ def build_bert_model(
     if pooling == "splade" and MLM_DECODER not in w:
         raise ValueError("pooling splade needs a masked language model's head (cls.predictions)")
     g = Graph()
-    batch_seq = ["batch", "sequence"]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, batch_seq),
-    ]
-    if token_type_input:
-        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, batch_seq))
-    pooling_mask = "attention_mask"
-    if pooling_mask_input and pooling == "mean":
-        pooling_mask = POOLING_MASK_NAME
-        inputs.append(helper.make_tensor_value_info(pooling_mask, TensorProto.INT64, batch_seq))
+    inputs, pooling_mask = graph_inputs(
+        token_type_input=token_type_input,
+        pooling_mask_input=pooling_mask_input and pooling == "mean",
+    )
     hidden = _embeddings(g, w, config, token_type_input)
-    bias = _mask_bias(g)
+    bias = attention_mask_bias(g)
     for i in range(config.num_hidden_layers):
-        hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
+        hidden = encoder_layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
     d = config.hidden_size
     if pooling == "rank":
         pooled = _classify(g, w, hidden, head_activation)
@@ -595,27 +588,66 @@ def build_bert_model(
     else:
         pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
         width = dense_width(dense, d)
-    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
-    if hidden_output:
-        g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
-        outputs.append(
-            helper.make_tensor_value_info(HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*batch_seq, d])
-        )
-    graph = helper.make_graph(g.nodes, "bert_encoder", inputs, outputs, g.initializers)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
-    )
-    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
-    helper.set_model_props(
-        model,
-        {
+    return finish_model(
+        g,
+        "bert_encoder",
+        inputs,
+        (pooled, width),
+        hidden=(hidden, d) if hidden_output else None,
+        meta={
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
             META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
             META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
         },
     )
+
+
+_BATCH_SEQ = ["batch", "sequence"]
+
+
+def graph_inputs(
+    *, token_type_input: bool, pooling_mask_input: bool
+) -> tuple[list[onnx.ValueInfoProto], str]:
+    """An encoder graph's inputs (int64 ``[batch, seq]``: ``input_ids``, ``attention_mask``,
+    optionally ``token_type_ids`` and ``pooling_mask``) and the name of the mean's mask."""
+    names = ["input_ids", "attention_mask"]
+    if token_type_input:
+        names.append("token_type_ids")
+    if pooling_mask_input:
+        names.append(POOLING_MASK_NAME)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _BATCH_SEQ) for n in names]
+    return inputs, POOLING_MASK_NAME if pooling_mask_input else "attention_mask"
+
+
+def finish_model(
+    g: Graph,
+    name: str,
+    inputs: list[onnx.ValueInfoProto],
+    output: tuple[str, int],
+    *,
+    hidden: tuple[str, int] | None,
+    meta: Mapping[str, str],
+) -> onnx.ModelProto:
+    """The checked opset-17 model of ``g``: ``output`` (value, width) becomes
+    ``sentence_embedding`` ``[batch, width]``, ``hidden`` (value, width), when given,
+    ``last_hidden_state``; ``meta`` goes into the model's properties for OnnxEngine."""
+    pooled, width = output
+    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
+    if hidden is not None:
+        g.nodes.append(helper.make_node("Identity", [hidden[0]], [HIDDEN_OUTPUT_NAME]))
+        outputs.append(
+            helper.make_tensor_value_info(
+                HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*_BATCH_SEQ, hidden[1]]
+            )
+        )
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
+    )
+    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
+    helper.set_model_props(model, dict(meta))
     onnx.checker.check_model(model)
     return model
 
@@ -644,7 +676,7 @@ def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_type
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
 
 
-def _mask_bias(g: Graph) -> str:
+def attention_mask_bias(g: Graph) -> str:
     """``(1 - mask) * float32.min`` as ``[batch, 1, 1, seq]``, added to attention scores.
 
     Two Unsqueezes, then Cast, Sub, Mul: the exact pattern ORT's Attention fusion matches.
@@ -659,10 +691,21 @@ def _mask_bias(g: Graph) -> str:
     return g.op("Mul", [inverted, minimum], "mask")
 
 
-def _layer(
-    g: Graph, w: Mapping[str, Array], config: BertConfig, x: str, *, p: str, mask_bias: str
+def encoder_layer(
+    g: Graph,
+    w: Mapping[str, Array],
+    config: BertConfig,
+    x: str,
+    *,
+    p: str,
+    mask_bias: str,
+    position_bias: str | None = None,
 ) -> str:
-    """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward."""
+    """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward.
+
+    Weights by BERT's Hugging Face names under ``p``. ``position_bias`` (MPNet's relative
+    position bias, ``[1 or batch, heads, seq, seq]``) is added to the scaled scores before the
+    mask, as transformers' ``MPNetSelfAttention`` adds it."""
     heads, head_size = config.num_attention_heads, config.head_size
     split = g.const(f"{p}.split_shape", np.array([0, 0, heads, head_size], np.int64))
 
@@ -675,6 +718,8 @@ def _layer(
     v = heads_of("value", [0, 2, 1, 3])
     scale = g.const(f"{p}.scale", np.array(math.sqrt(head_size), np.float32))
     scores = g.op("Div", [g.op("MatMul", [q, k], p), scale], p)
+    if position_bias is not None:
+        scores = g.op("Add", [scores, position_bias], p)
     probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], p)], p, axis=-1)
     context = g.op("Transpose", [g.op("MatMul", [probs, v], p)], p, perm=[0, 2, 1, 3])
     merge = g.const(f"{p}.merge_shape", np.array([0, 0, config.hidden_size], np.int64))
@@ -843,8 +888,3 @@ class _DropAdvice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing before quantization" not in record.getMessage()
-
-
-# The names family graph modules written before Graph and pool_hidden were public use.
-_Graph = Graph
-_pool = pool_hidden
