@@ -354,7 +354,7 @@ def start_embedd(
     rest_url = None
     if with_envoy:
         http_port = free_port()
-        command += ["--http-port", str(http_port), "--envoy-admin-port", str(free_port())]
+        command += ["--http-port", str(http_port)]
         rest_url = f"http://127.0.0.1:{http_port}"
         checks.append(functools.partial(probes.http_ok, rest_url + "/v1/models"))
 

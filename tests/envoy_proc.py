@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from embedd_server.run.envoy import write_envoy_config
-from embedd_server.run.envoy_process import envoy_command
+from embedd_server.run.envoy_process import admin_ready, admin_request, envoy_command
 from embedd_server.run.probes import free_port
 from embedd_server.settings import Settings
 
@@ -56,14 +58,20 @@ def http(
 
 
 class EnvoyProcess:
-    """``envoy -c <rendered config>`` as a subprocess; its log goes to a file."""
+    """``envoy -c <rendered config>`` as a subprocess; its log goes to a file. Its admin
+    interface is a unix socket in a private directory of its own (``admin_socket``)."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], settings: Settings, log_path: Path
+        self,
+        process: subprocess.Popen[bytes],
+        settings: Settings,
+        log_path: Path,
+        admin_socket: Path,
     ) -> None:
         self.process = process
         self.settings = settings
         self.log_path = log_path
+        self.admin_socket = admin_socket
         self.base_url = f"http://127.0.0.1:{settings.http_port}"
         self.grpc_target = f"127.0.0.1:{settings.http_port}"
 
@@ -71,15 +79,20 @@ class EnvoyProcess:
     def start(
         cls, upstreams: Sequence[str], workdir: Path, timeout: float = 30, **overrides: Any
     ) -> EnvoyProcess:
-        """Starts Envoy in front of ``upstreams`` (host:port) and waits until it is ready."""
+        """Starts Envoy in front of ``upstreams`` (host:port) and waits until it is ready.
+        ``overrides`` are settings (e.g. the servers' ``proxy_secret``)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        settings = Settings(http_port=free_port(), envoy_admin_port=free_port(), **overrides)
-        config = write_envoy_config(settings, workdir / "envoy.yaml", upstreams=upstreams)
+        settings = Settings(http_port=free_port(), **overrides)
+        # A short private (0700) directory: unix socket paths are short, pytest's are long.
+        admin_socket = Path(tempfile.mkdtemp(prefix="embedd-admin-")) / "admin.sock"
+        config = write_envoy_config(
+            settings, workdir / "envoy.yaml", upstreams=upstreams, admin_socket=admin_socket
+        )
         log_path = workdir / "envoy.log"
         command = [*envoy_command(config), "--concurrency", "2"]
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        envoy = cls(process, settings, log_path)
+        envoy = cls(process, settings, log_path, admin_socket)
         try:
             envoy.wait_ready(timeout)
         except BaseException:
@@ -87,9 +100,11 @@ class EnvoyProcess:
             raise
         return envoy
 
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.envoy_admin_port}"
+    def admin(self, path: str) -> str:
+        """The body of a GET of Envoy's admin ``path`` (over its unix socket)."""
+        status, body = admin_request(self.admin_socket, path, timeout=5)
+        assert status == 200, (path, status, body)
+        return body
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Polls the admin /ready until Envoy is LIVE (or fails with Envoy's log)."""
@@ -97,19 +112,14 @@ class EnvoyProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"envoy exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.admin_url + "/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if admin_ready(self.admin_socket):
+                return
             time.sleep(0.1)
         raise TimeoutError(f"envoy not ready within {timeout}s:\n{self.log()}")
 
     def upstream_health(self) -> str:
         """The admin /clusters health flags of the upstream endpoints (e.g. 'healthy')."""
-        with urllib.request.urlopen(self.admin_url + "/clusters", timeout=5) as reply:
-            text: str = reply.read().decode()
+        text = self.admin("/clusters")
         return "\n".join(line for line in text.splitlines() if "health_flags" in line)
 
     def log(self) -> str:
@@ -123,6 +133,7 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        shutil.rmtree(self.admin_socket.parent, ignore_errors=True)
         return self.process.returncode
 
     def __enter__(self) -> EnvoyProcess:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -158,9 +159,11 @@ class ServerProcess:
 def server_behind_envoy(
     models_dir: Path, args: Sequence[str], envoy_dir: Path
 ) -> Iterator[tuple[ServerProcess, EnvoyProcess]]:
-    """`embedd serve` on ``models_dir`` (with ``args``) and Envoy's REST in front of it."""
+    """`embedd serve` on ``models_dir`` (with ``args``) and Envoy's REST in front of it,
+    sharing a proxy secret as `embedd run`'s do (the servers believe Envoy's client address)."""
+    secret = secrets.token_urlsafe(16)
     with (
-        ServerProcess.start(models_dir, args) as server,
-        EnvoyProcess.start([server.target], envoy_dir) as envoy,
+        ServerProcess.start(models_dir, [*args, "--proxy-secret", secret]) as server,
+        EnvoyProcess.start([server.target], envoy_dir, proxy_secret=secret) as envoy,
     ):
         yield server, envoy

@@ -40,7 +40,48 @@ class Settings:
         "Address Envoy's REST listener binds (embedd run); 0.0.0.0 in a container.", "127.0.0.1"
     )
     http_port: int = _opt("Port of Envoy's REST listener (OpenAI and Ollama routes).", 8080)
-    envoy_admin_port: int = _opt("Port of Envoy's admin interface (loopback only).", 9901)
+    # --- Envoy at the edge (embedd run, compose, k8s): admin, timeouts, limits, client address
+    envoy_admin_socket: str = _opt(
+        "Unix socket of Envoy's admin interface (embedd run), created with mode 0600 in a "
+        "directory only this user may enter (0700); empty: a private temporary directory of "
+        "the run. The admin interface listens on no TCP port: keep it private, it can stop "
+        "Envoy.",
+        "",
+    )
+    envoy_header_timeout_s: float = _opt(
+        "Seconds a client gets to send a request's headers once it has started; a slower "
+        "connection is closed (slowloris).",
+        10.0,
+    )
+    envoy_idle_timeout_s: float = _opt(
+        "Seconds a client connection may stay open with no request in flight, and a request "
+        "may go without any data either way, before Envoy closes it.",
+        300.0,
+    )
+    envoy_max_connections: int = _opt(
+        "Most client connections Envoy holds open at once (all clients together); past it new "
+        "connections are closed at once.",
+        10000,
+    )
+    envoy_max_streams_per_connection: int = _opt(
+        "Most concurrent HTTP/2 streams (gRPC calls) on one client connection; a client "
+        "queues the rest.",
+        100,
+    )
+    xff_trusted_hops: int = _opt(
+        "Proxies in front of Envoy whose X-Forwarded-For entries are trusted (0: Envoy is the "
+        "edge and the client address is the connection's peer). Per-address rate limits use "
+        "the address Envoy determines this way, never what the client claims.",
+        0,
+    )
+    proxy_secret: str = _opt(
+        "Shared secret Envoy sends the servers with each call (x-embedd-proxy-secret) so they "
+        "believe the client address it determined (x-embedd-client-address); a call without it "
+        "is limited by its own peer address. embedd run makes one per run; set the same value "
+        "on Envoy and the servers in compose or Kubernetes. Letters, digits, '-' and '_'.",
+        "",
+        secret=True,
+    )
     models_dir: Path = _opt(
         "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
     )
@@ -189,7 +230,18 @@ class Settings:
             (self.threads_per_worker >= 1, "threads_per_worker must be at least 1"),
             (0 <= self.grpc_port <= 65535, "grpc_port must be 0..65535"),
             (0 <= self.http_port <= 65535, "http_port must be 0..65535"),
-            (0 <= self.envoy_admin_port <= 65535, "envoy_admin_port must be 0..65535"),
+            (self.envoy_header_timeout_s > 0, "envoy_header_timeout_s must be positive"),
+            (self.envoy_idle_timeout_s > 0, "envoy_idle_timeout_s must be positive"),
+            (self.envoy_max_connections >= 1, "envoy_max_connections must be at least 1"),
+            (
+                self.envoy_max_streams_per_connection >= 1,
+                "envoy_max_streams_per_connection must be at least 1",
+            ),
+            (self.xff_trusted_hops >= 0, "xff_trusted_hops must not be negative"),
+            (
+                all(c.isascii() and (c.isalnum() or c in "-_") for c in self.proxy_secret),
+                "proxy_secret may hold only letters, digits, '-' and '_'",
+            ),
             (self.batch_tokens >= 1, "batch_tokens must be at least 1"),
             (self.batch_sequences >= 1, "batch_sequences must be at least 1"),
             (self.max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1"),

@@ -29,7 +29,7 @@ def test_default_config_passes_envoy_validate(tmp_path: Path) -> None:
     validate_envoy_config(path)  # raises with Envoy's message otherwise
     text = path.read_text()
     assert "port_value: 8080" in text  # REST listener
-    assert "port_value: 9901" in text  # admin
+    assert "admin:" not in text  # no admin interface unless a private socket is given
     assert '{address: "127.0.0.1", port_value: 50051}' in text  # the gRPC upstream
     assert str(DESCRIPTOR.resolve()) in text
     assert str(LUA_FILTER) in text
@@ -41,8 +41,6 @@ def test_ports_limits_and_upstreams_come_from_settings(tmp_path: Path) -> None:
         [
             "--http-port",
             "18081",
-            "--envoy-admin-port",
-            "19902",
             "--grpc-host",
             "0.0.0.0",
             "--grpc-port",
@@ -53,7 +51,6 @@ def test_ports_limits_and_upstreams_come_from_settings(tmp_path: Path) -> None:
     )
     text = render_envoy_config(settings)
     assert "{address: 127.0.0.1, port_value: 18081}" in text
-    assert "{address: 127.0.0.1, port_value: 19902}" in text  # admin on loopback only
     assert '{address: "127.0.0.1", port_value: 15052}' in text  # wildcard -> this machine
     assert text.count(f"{8 * 1024 * 1024}") >= 3  # both transcoder limits and buffers
     path = tmp_path / "envoy.yaml"
@@ -70,7 +67,7 @@ def test_rest_listens_where_http_host_says(tmp_path: Path, http_host: str, liste
     settings = settings_from_argv(["--http-host", http_host, "--http-port", "18082"])
     text = render_envoy_config(settings)
     assert f"{{address: {listens_on}, port_value: 18082}}" in text
-    assert "{address: 127.0.0.1, port_value: 9901}" in text  # admin stays on loopback
+    assert "admin:" not in text  # never on a TCP port, whatever http_host is
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     validate_envoy_config(path)

@@ -172,9 +172,9 @@ def test_configmap_envoy_config_passes_envoy_validate(tmp_path: Path) -> None:
     validate_envoy_config(config)  # raises with Envoy's message
 
 
-def test_configmap_envoy_admin_is_loopback_and_rest_listens_on_the_pod() -> None:
+def test_configmap_envoy_has_no_admin_and_rest_listens_on_the_pod() -> None:
     config = envoy_config()
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert "admin" not in config  # nothing in the pod can POST /quitquitquit
     [listener] = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
     port = listener["address"]["socket_address"]["port_value"]
@@ -251,6 +251,9 @@ def test_compose_envoy_config_passes_envoy_validate(tmp_path: Path) -> None:
     assert "type: STRICT_DNS" in text
     assert '{address: "server", port_value: 50051}' in text
     assert f"{{address: 0.0.0.0, port_value: {environment['EMBEDD_HTTP_PORT']}}}" in text
+    assert "admin:" not in text  # no admin interface: the healthcheck connects to REST
+    health = " ".join(compose()["envoy"]["healthcheck"]["test"])
+    assert "9901" not in health and environment["EMBEDD_HTTP_PORT"] in health
     config = tmp_path / "envoy.yaml"
     config.write_text(text)
     validate_envoy_config(config)

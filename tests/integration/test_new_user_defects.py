@@ -219,8 +219,6 @@ class EmbeddRun:
             str(MODELS_DIR),
             "--http-port",
             str(self.ports.http),
-            "--envoy-admin-port",
-            str(self.ports.admin),
             "--grpc-port",
             str(self.ports.grpc),
             "--metrics-port",

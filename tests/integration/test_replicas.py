@@ -6,7 +6,7 @@ SIGTERM `embedd run` -> every request the servers accepted is answered 200, the 
 503 (or find the port closed once the servers are gone), and the process exits 0. Each prints
 what it measured. Also, without the model: what the children are told, the ports checked, and
 the rendered cluster/route configuration (health checks, outlier detection, retries, admin on
-loopback).
+a private unix socket).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from embedd_server.run.envoy import render_envoy_config
+from embedd_server.run.envoy_process import admin_request
 from embedd_server.run.probes import free_port
 from embedd_server.run.replicas import (
     PortInUse,
@@ -85,9 +86,7 @@ def test_grpc_port_0_gives_distinct_free_ports() -> None:
 
 def test_a_replica_port_in_use_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     with _taken_port_above_a_free_one() as port:
-        settings = Settings(
-            grpc_port=port - 1, replicas=2, http_port=free_port(), envoy_admin_port=free_port()
-        )
+        settings = Settings(grpc_port=port - 1, replicas=2, http_port=free_port())
         with pytest.raises(PortInUse, match=rf"port {port} \(grpc_port\+1, replica 1\)"):
             check_ports_free(settings)
 
@@ -129,11 +128,14 @@ def _first_route(routes: list[dict[str, Any]], path: str, native: bool) -> dict[
     raise AssertionError(f"no route for {path}")
 
 
-def test_rendered_config_health_checks_outliers_retries_and_loopback_admin() -> None:
-    settings = Settings(http_port=18080, envoy_admin_port=19901, grpc_port=15051, replicas=2)
+def test_rendered_config_health_checks_outliers_retries_and_socket_admin() -> None:
+    settings = Settings(http_port=18080, grpc_port=15051, replicas=2)
     upstreams = [f"127.0.0.1:{port}" for port in replica_ports(settings)]
-    config = yaml.safe_load(render_envoy_config(settings, upstreams=upstreams))
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    admin_socket = Path("/run/embedd/admin.sock")
+    config = yaml.safe_load(
+        render_envoy_config(settings, upstreams=upstreams, admin_socket=admin_socket)
+    )
+    assert config["admin"]["address"] == {"pipe": {"path": str(admin_socket), "mode": 0o600}}
     [cluster] = config["static_resources"]["clusters"]
     endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [
@@ -193,7 +195,9 @@ class ReplicatedRun:
     """`embedd run --replicas N` as a subprocess on free ports; its log in a file."""
 
     def __init__(self, tmp_path: Path, replicas: int = 2) -> None:
-        self.http_port, self.admin_port = free_port(), free_port()
+        self.http_port = free_port()
+        # Envoy's admin socket: a short private (0700) directory (pytest's paths are long).
+        self.admin_socket = Path(tempfile.mkdtemp(prefix="embedd-admin-")) / "admin.sock"
         first = consecutive_free_ports(replicas)
         self.grpc_ports = list(range(first, first + replicas))
         self.log_path = tmp_path / "run.log"
@@ -209,8 +213,8 @@ class ReplicatedRun:
             str(MODELS_DIR),
             "--http-port",
             str(self.http_port),
-            "--envoy-admin-port",
-            str(self.admin_port),
+            "--envoy-admin-socket",
+            str(self.admin_socket),
             "--grpc-port",
             str(first),
             "--metrics-port",
@@ -256,9 +260,7 @@ class ReplicatedRun:
 
     def upstreams(self) -> dict[int, dict[str, str]]:
         """Envoy's admin /clusters for the replicas: port -> {stat or flag: value}."""
-        url = f"http://127.0.0.1:{self.admin_port}/clusters"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
+        _, text = admin_request(self.admin_socket, "/clusters", timeout=5)
         table: dict[int, dict[str, str]] = {}
         for line in text.splitlines():
             parts = line.split("::")
@@ -269,9 +271,8 @@ class ReplicatedRun:
 
     def retry_stats(self) -> dict[str, int]:
         """Envoy's retry and ejection counters of the replicas' cluster."""
-        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.embedd_grpc\\."
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
+        stats = "/stats?filter=^cluster\\.embedd_grpc\\."
+        _, text = admin_request(self.admin_socket, stats, timeout=5)
         wanted = ("upstream_rq_retry", "outlier_detection.ejections_enforced_total")
         found = {}
         for line in text.splitlines():
@@ -305,6 +306,7 @@ class ReplicatedRun:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.admin_socket.parent, ignore_errors=True)
 
 
 @pytest.fixture

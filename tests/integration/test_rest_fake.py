@@ -539,7 +539,7 @@ def test_full_queue_is_429_in_both_shapes(tmp_path: Path) -> None:
     ("field", "flag", "env"),
     [
         ("http_port", "--http-port", "EMBEDD_HTTP_PORT"),
-        ("envoy_admin_port", "--envoy-admin-port", "EMBEDD_ENVOY_ADMIN_PORT"),
+        ("grpc_port", "--grpc-port", "EMBEDD_GRPC_PORT"),
     ],
 )
 def test_port_in_use_is_one_clear_line(
@@ -549,7 +549,7 @@ def test_port_in_use_is_one_clear_line(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = Settings(**{field: port}, grpc_port=0)
+        settings = Settings(**{"grpc_port": 0, "http_port": free_port(), field: port})
         with pytest.raises(PortInUse) as caught:
             check_ports_free(settings)
         message = str(caught.value)
@@ -565,7 +565,7 @@ def test_port_in_use_is_one_clear_line(
 
 
 def test_free_ports_pass_the_check() -> None:
-    check_ports_free(Settings(http_port=free_port(), envoy_admin_port=free_port(), grpc_port=0))
+    check_ports_free(Settings(http_port=free_port(), grpc_port=0))
 
 
 def test_error_bodies_are_json_not_grpc(envoy: EnvoyProcess) -> None:

@@ -171,7 +171,7 @@ class RunProcess:
     """`embedd run` as a subprocess on free ports, its log in a file."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.http_port, self.admin_port, self.grpc_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port = free_port(), free_port()
         self.log_path = tmp_path / "run.log"
         command = [
             sys.executable,
@@ -182,8 +182,6 @@ class RunProcess:
             str(MODELS_DIR),
             "--http-port",
             str(self.http_port),
-            "--envoy-admin-port",
-            str(self.admin_port),
             "--grpc-port",
             str(self.grpc_port),
         ]

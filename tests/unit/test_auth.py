@@ -112,8 +112,16 @@ def test_presented_key_and_client_address() -> None:
     assert presented_key((("authorization", "Basic abc"), ("x-api-key", KEY_B))) == KEY_B
     assert presented_key((("authorization", "Bearer "),)) is None
     assert presented_key(()) is None
-    forwarded = (("x-forwarded-for", "6.6.6.6, 10.0.0.7"),)
-    assert client_address(forwarded, "ipv4:127.0.0.1:5000") == "10.0.0.7"
+    # What a caller claims never counts: X-Forwarded-For, or Envoy's headers without the
+    # proxy secret (or with a wrong one); with it, the address Envoy determined.
+    claimed = (("x-forwarded-for", "6.6.6.6, 10.0.0.7"), ("x-embedd-client-address", "10.0.0.8"))
+    assert client_address(claimed, "ipv4:127.0.0.1:5000") == "127.0.0.1"
+    assert client_address(claimed, "ipv4:127.0.0.1:5000", "s3cret") == "127.0.0.1"
+    wrong = (*claimed, ("x-embedd-proxy-secret", "guess"))
+    assert client_address(wrong, "ipv4:127.0.0.1:5000", "s3cret") == "127.0.0.1"
+    proven = (*claimed, ("x-embedd-proxy-secret", "s3cret"))
+    assert client_address(proven, "ipv4:127.0.0.1:5000", "s3cret") == "10.0.0.8"
+    assert client_address(proven, "ipv4:127.0.0.1:5000") == "127.0.0.1"  # no secret: peer
     assert client_address((), "ipv4:10.1.2.3:5000") == "10.1.2.3"
     assert client_address((), "ipv6:[::1]:5000") == "[::1]"
     assert client_address((), "unix:/tmp/socket") == "unix:/tmp/socket"
@@ -271,7 +279,9 @@ def test_rate_limit_per_key_with_retry_after_then_recovery(tmp_path: Path) -> No
 
 def test_rate_limit_per_client_address_without_keys(tmp_path: Path) -> None:
     with (
-        ServerThread.with_fake_models(tmp_path, rate_limit_per_s=0.5) as server,
+        ServerThread.with_fake_models(
+            tmp_path, rate_limit_per_s=0.5, proxy_secret="s3cret"
+        ) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         embed(channel)  # the peer's address: 127.0.0.1
@@ -279,7 +289,17 @@ def test_rate_limit_per_client_address_without_keys(tmp_path: Path) -> None:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert trailers(error)["retry-after"] == "2"
         assert "per client address" in details(error)
-        forwarded = (("x-forwarded-for", "10.0.0.1"),)
+        # A direct caller's claims do not pick another bucket (issue 21)...
+        for claim in (
+            (("x-forwarded-for", "10.0.0.1"),),
+            (("x-embedd-client-address", "10.0.0.2"),),
+            (("x-embedd-client-address", "10.0.0.3"), ("x-embedd-proxy-secret", "guess")),
+        ):
+            assert rpc_error(lambda: embed(channel, claim)).code() == (  # noqa: B023
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+        # ...the address our Envoy determined (it holds the secret) does.
+        forwarded = (("x-embedd-client-address", "10.0.0.1"), ("x-embedd-proxy-secret", "s3cret"))
         embed(channel, forwarded)  # another client behind the proxy
         assert rpc_error(lambda: embed(channel, forwarded)).code() == (
             grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from string import Template
 
 import embedd.v1
+from embedd_server.rpc.interceptors.auth import CLIENT_ADDRESS_HEADER, PROXY_SECRET_HEADER
 from embedd_server.settings import Settings, load_settings
 
 ENVOY_DIR = Path(__file__).parent / "envoy_templates"
@@ -71,11 +73,14 @@ def render_envoy_config(
     settings: Settings,
     descriptor: Path | None = None,
     upstreams: Sequence[str] | None = None,
+    admin_socket: Path | None = None,
 ) -> str:
     """Envoy's YAML for these settings (``embedd run``: REST on ``settings.http_host``).
 
     ``upstreams`` are the gRPC servers' ``host:port`` addresses (default: the one server at
-    ``settings.grpc_address``; its port must not be 0 by then).
+    ``settings.grpc_address``; its port must not be 0 by then). ``admin_socket``: the unix
+    socket of Envoy's admin interface (its directory must be private: see
+    :func:`private_admin_socket`); None: no admin interface.
     """
     descriptor = (descriptor or DESCRIPTOR).resolve()
     if not descriptor.is_file():
@@ -94,6 +99,7 @@ def render_envoy_config(
         lua_path=LUA_FILTER,
         descriptor_path=descriptor,
         max_ejection_percent=MAX_EJECTION_PERCENT if len(endpoints) > 1 else 0,
+        admin_socket=admin_socket,
     )
 
 
@@ -103,9 +109,10 @@ def render_k8s_envoy_config(
     config_dir: str = K8S_CONFIG_DIR,
     descriptor_path: str = K8S_DESCRIPTOR,
 ) -> str:
-    """Envoy's YAML for the Kubernetes example: REST on all interfaces of the pod (admin stays
-    on loopback), one STRICT_DNS endpoint naming the server Service (headless: one address per
-    ready pod) on ``settings.grpc_port``. Paths are the pod's, not this machine's."""
+    """Envoy's YAML for the Kubernetes example: REST on all interfaces of the pod (no admin
+    interface: the probes are TCP probes of the listener), one STRICT_DNS endpoint naming the
+    server Service (headless: one address per ready pod) on ``settings.grpc_port``. Paths are
+    the pod's, not this machine's."""
     return _render(
         settings,
         listen_address="0.0.0.0",
@@ -167,12 +174,12 @@ def _render(
     lua_path: Path | str,
     descriptor_path: Path | str,
     max_ejection_percent: int,
+    admin_socket: Path | None = None,
 ) -> str:
-    values = {
+    values: dict[str, object] = {
         # An IPv6 address needs quotes in a YAML flow mapping; IPv4 reads as it is.
         "listen_address": json.dumps(listen_address) if ":" in listen_address else listen_address,
         "http_port": settings.http_port,
-        "admin_port": settings.envoy_admin_port,
         "max_body_bytes": settings.max_message_bytes,
         "route_timeout_s": ROUTE_TIMEOUT_S,
         "health_interval_s": HEALTH_INTERVAL_S,
@@ -188,11 +195,77 @@ def _render(
             f"{{address: {json.dumps(host)}, port_value: {port}}}}}}}"
             for host, port in endpoints
         ),
+        **_edge_values(settings, admin_socket),
     }
     template = TEMPLATE.read_text()
-    body = template[template.index("\nadmin:") + 1 :]  # without the template's own header
+    body = template[template.index("\n\n") + 2 :]  # without the template's own header
     header = "# Rendered by embedd_server.run.envoy from envoy/envoy.yaml.tmpl (see there).\n"
     return header + Template(body).substitute(values)
+
+
+# --- edge hardening (issue 21): admin socket, timeouts, limits, client address --------------
+
+ADMIN_SOCKET_MODE = 0o600  # the socket file; its directory is 0o700
+_VIRTUAL_HOST_INDENT = " " * 24
+
+
+def _edge_values(settings: Settings, admin_socket: Path | None) -> dict[str, object]:
+    """The template's edge-hardening placeholders for these settings."""
+    if settings.proxy_secret:
+        secret_header = (
+            f"{_VIRTUAL_HOST_INDENT}- header: {{key: {PROXY_SECRET_HEADER}, "
+            f"value: {json.dumps(settings.proxy_secret)}}}\n"
+            f"{_VIRTUAL_HOST_INDENT}  append_action: OVERWRITE_IF_EXISTS_OR_ADD"
+        )
+        removed = ""
+    else:  # nothing to prove: a client's own header must not reach the servers either
+        secret_header, removed = "", PROXY_SECRET_HEADER
+    return {
+        "admin": _admin_section(admin_socket),
+        "client_address_header": CLIENT_ADDRESS_HEADER,
+        "max_connections": settings.envoy_max_connections,
+        "xff_trusted_hops": settings.xff_trusted_hops,
+        "header_timeout_s": f"{settings.envoy_header_timeout_s:g}",
+        "request_timeout_s": ROUTE_TIMEOUT_S,
+        "idle_timeout_s": f"{settings.envoy_idle_timeout_s:g}",
+        "max_streams": settings.envoy_max_streams_per_connection,
+        "proxy_secret_header": secret_header,
+        "removed_headers": removed,
+    }
+
+
+def _admin_section(admin_socket: Path | None) -> str:
+    if admin_socket is None:
+        return "# (no admin interface)"
+    path = json.dumps(str(admin_socket))
+    return f"admin:\n  address:\n    pipe: {{path: {path}, mode: {ADMIN_SOCKET_MODE}}}"
+
+
+def private_admin_socket(settings: Settings, workdir: Path) -> Path:
+    """Where Envoy's admin socket goes: ``settings.envoy_admin_socket``, else ``admin.sock``
+    in a new 0700 directory under ``workdir``. A directory that exists must belong to this
+    user and be closed to others (EnvoyConfigError otherwise): whoever can reach the socket
+    can stop Envoy."""
+    if settings.envoy_admin_socket:
+        socket_path = Path(settings.envoy_admin_socket).expanduser().absolute()
+    else:
+        socket_path = workdir / "admin" / "admin.sock"
+    directory = socket_path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise EnvoyConfigError(
+            f"the directory of Envoy's admin socket, {directory}, is open to other users "
+            f"(mode {info.st_mode & 0o777:o}): make it 0700 (chmod 700 {directory}) or choose "
+            "another envoy_admin_socket."
+        )
+    # Unix socket paths are short (108 bytes on Linux).
+    if len(os.fsencode(socket_path)) >= 108:
+        raise EnvoyConfigError(
+            f"Envoy's admin socket path {socket_path} is too long for a unix socket (at most "
+            "107 bytes): choose a shorter envoy_admin_socket."
+        )
+    return socket_path
 
 
 def write_envoy_config(
@@ -200,9 +273,10 @@ def write_envoy_config(
     path: Path,
     descriptor: Path | None = None,
     upstreams: Sequence[str] | None = None,
+    admin_socket: Path | None = None,
 ) -> Path:
     """Renders the configuration into ``path`` and returns it."""
-    path.write_text(render_envoy_config(settings, descriptor, upstreams))
+    path.write_text(render_envoy_config(settings, descriptor, upstreams, admin_socket))
     return path
 
 

@@ -14,8 +14,10 @@ unexpectedly is restarted with backoff; Envoy takes it back once its health chec
 Shutdown (SIGINT/SIGTERM): the server(s) go NOT_SERVING and drain (children get SIGTERM; their
 ``EmbeddServer.stop`` does NOT_SERVING -> drain) while Envoy still carries the answers of calls
 in flight and retries refused calls elsewhere; once every server has exited, Envoy stops
-accepting connections, finishes the replies it holds, and is stopped. If Envoy dies, the
-servers are stopped too and the exit code is non-zero.
+accepting connections, finishes the replies it holds, and is stopped. If Envoy dies, it is
+restarted like a replica (with backoff; the servers keep running, so only the calls Envoy held
+are lost); if it keeps dying right after each start, the servers are stopped and the exit code
+is non-zero. Envoy's admin interface is a unix socket in the run's private (0700) directory.
 
 Envoy and the children run in their own process groups so that a terminal's Ctrl-C reaches
 only this process, which then stops everything in order. They never outlive it: if it is killed
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 import signal
 import socket
 import sys
@@ -39,13 +42,13 @@ from pathlib import Path
 
 from embedd_server.rpc.server import SERVICE_NAME, EmbeddServer, StartupError
 from embedd_server.run.children import bound_to_parent
-from embedd_server.run.envoy import EnvoyConfigError, connect_host, write_envoy_config
-from embedd_server.run.envoy_process import (
-    EnvoyFailed,
-    drain_and_stop_envoy,
-    start_envoy,
-    wait_ready,
+from embedd_server.run.envoy import (
+    EnvoyConfigError,
+    connect_host,
+    private_admin_socket,
+    write_envoy_config,
 )
+from embedd_server.run.envoy_process import EnvoyFailed, EnvoySupervisor
 from embedd_server.run.probes import grpc_serving, port_free
 from embedd_server.settings import Settings, child_environment, env_name
 
@@ -83,7 +86,6 @@ def check_ports_free(settings: Settings) -> None:
     """Fails fast, before any model is loaded, if a port ``embedd run`` needs is taken."""
     wanted = [
         (settings.http_host, settings.http_port, "http_port", ""),
-        ("127.0.0.1", settings.envoy_admin_port, "envoy_admin_port", ""),
         (settings.grpc_host, settings.grpc_port, "grpc_port", ""),
     ]
     if settings.grpc_port != 0:
@@ -104,12 +106,34 @@ def run_with_envoy(settings: Settings) -> int:
     """Runs server(s) and Envoy until a signal (exit 0) or a failure (non-zero). For the CLI."""
     try:
         check_ports_free(settings)
+        settings = with_proxy_secret(settings)
         if settings.replicas > 1:
             return asyncio.run(_supervise_replicas(settings, replica_ports(settings)))
         return asyncio.run(_supervise(settings))
     except (PortInUse, StartupError, EnvoyConfigError, EnvoyFailed) as exc:
         print(f"embedd run: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, EnvoyFailed) else 1
+
+
+def with_proxy_secret(settings: Settings) -> Settings:
+    """``settings`` with a proxy secret (a new random one unless one is set): Envoy proves
+    with it that the client address it sends is the one it determined, so a direct gRPC
+    caller cannot pick another caller's rate-limit bucket by claiming an address."""
+    if settings.proxy_secret:
+        return settings
+    return settings.replace(proxy_secret=secrets.token_urlsafe(32))
+
+
+async def _start_envoy(
+    settings: Settings, workdir: Path, upstreams: Sequence[str]
+) -> EnvoySupervisor:
+    """Renders Envoy's config into the run's private ``workdir`` and starts Envoy."""
+    admin_socket = private_admin_socket(settings, workdir)
+    config = workdir / "envoy.yaml"
+    write_envoy_config(settings, config, upstreams=upstreams, admin_socket=admin_socket)
+    envoy = EnvoySupervisor(config, admin_socket)
+    await envoy.start()
+    return envoy
 
 
 def _stop_event() -> asyncio.Event:
@@ -126,21 +150,17 @@ async def _supervise(settings: Settings) -> int:
     server = EmbeddServer(settings)
     await server.start()
     upstream = f"{settings.grpc_host}:{server.port}"
-    envoy: asyncio.subprocess.Process | None = None
-    with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:
+    envoy: EnvoySupervisor | None = None
+    with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:  # mode 0700
         try:
-            config = Path(workdir) / "envoy.yaml"
-            write_envoy_config(settings, config, upstreams=[upstream])
-            envoy = await start_envoy(config)
-            await wait_ready(envoy, settings.envoy_admin_port)
+            envoy = await _start_envoy(settings, Path(workdir), [upstream])
             _log_serving(settings, [upstream])
-            if await envoy_exits_first(envoy, stop_requested):
-                raise EnvoyFailed(f"Envoy exited unexpectedly with code {envoy.returncode}")
+            await _first_done(envoy.keep_running(), stop_requested.wait())  # raises EnvoyFailed
             log.info("signal received: draining the server, then stopping Envoy")
         finally:
             await server.stop()  # NOT_SERVING and drain; Envoy still carries answers in flight
             if envoy is not None:
-                await drain_and_stop_envoy(envoy, settings.envoy_admin_port)
+                await envoy.drain_and_stop()
     return 0
 
 
@@ -148,26 +168,22 @@ async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
     """N replicas: ``embedd serve`` children, restarted when they die, behind one Envoy."""
     stop_requested = _stop_event()
     pool = ReplicaPool(settings, ports)
-    envoy: asyncio.subprocess.Process | None = None
+    envoy: EnvoySupervisor | None = None
     upstreams = [f"{settings.grpc_host}:{port}" for port in ports]
-    with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:  # mode 0700
         try:
             if not await _first_done(pool.start(), stop_requested.wait()):
                 log.info("signal received while starting: stopping the replicas")
                 return 0
-            config = Path(workdir) / "envoy.yaml"
-            write_envoy_config(settings, config, upstreams=upstreams)
-            envoy = await start_envoy(config)
-            await wait_ready(envoy, settings.envoy_admin_port)
+            envoy = await _start_envoy(settings, Path(workdir), upstreams)
             _log_serving(settings, upstreams)
             pool.supervise()
-            if await envoy_exits_first(envoy, stop_requested):
-                raise EnvoyFailed(f"Envoy exited unexpectedly with code {envoy.returncode}")
+            await _first_done(envoy.keep_running(), stop_requested.wait())  # raises EnvoyFailed
             log.info("signal received: draining the %d replicas, then stopping Envoy", len(ports))
         finally:
             await pool.stop()  # each: NOT_SERVING and drain; Envoy still carries the answers
             if envoy is not None:
-                await drain_and_stop_envoy(envoy, settings.envoy_admin_port)
+                await envoy.drain_and_stop()
     return 0
 
 
@@ -344,10 +360,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-async def envoy_exits_first(
-    envoy: asyncio.subprocess.Process, stop_requested: asyncio.Event
-) -> bool:
-    """Waits for a stop signal or Envoy's exit; True if Envoy exited first."""
-    return await _first_done(envoy.wait(), stop_requested.wait())

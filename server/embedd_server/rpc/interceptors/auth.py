@@ -4,8 +4,10 @@ When keys are configured, every RPC but the health checks (the gRPC health servi
 Health RPC behind GET /health) must present one, as
 ``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes the REST headers of
 the same names through). A rate limit is a token bucket per API key, or per client address when
-keys are off. Refusals go through :func:`embedd_server.rpc.status.abort`, like every other
-error, so REST callers get 401 / 429 bodies in their API's shape.
+keys are off: the address Envoy determined (``x-embedd-client-address``) when the call carries
+Envoy's proxy secret, else the call's own gRPC peer; what a caller claims (X-Forwarded-For,
+metadata) never picks its bucket. Refusals go through :func:`embedd_server.rpc.status.abort`,
+like every other error, so REST callers get 401 / 429 bodies in their API's shape.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from embedd_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
+# Set by our Envoy on every call it forwards (envoy/envoy.yaml.tmpl, edge hardening): the
+# client address it determined, and the secret that proves Envoy wrote it.
+CLIENT_ADDRESS_HEADER = "x-embedd-client-address"
+PROXY_SECRET_HEADER = "x-embedd-proxy-secret"
 OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks (Envoy's, Kubernetes') need no key
 OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health, for load balancers
 HOW_TO_SEND = "Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
@@ -131,12 +137,18 @@ def presented_key(metadata: Metadata) -> str | None:
     return values.get("x-api-key", "").strip() or None
 
 
-def client_address(metadata: Metadata, peer: str) -> str:
-    """The caller's host: the last X-Forwarded-For entry (the one our Envoy appended; those
-    before it are the client's own claims), else the gRPC peer without its port."""
-    forwarded = [_text(value) for name, value in metadata if name == "x-forwarded-for"]
-    if forwarded and (last := forwarded[-1].rsplit(",", 1)[-1].strip()):
-        return last
+def client_address(metadata: Metadata, peer: str, proxy_secret: str = "") -> str:
+    """The caller's host. Through our Envoy (the call carries ``proxy_secret``, which Envoy
+    adds and no client can forge): the address Envoy determined from the connection (and
+    ``xff_trusted_hops`` proxies' X-Forwarded-For), which it writes over whatever the client
+    sent. Otherwise: the gRPC peer without its port; X-Forwarded-For or other metadata a
+    direct caller sends is its own claim and is ignored."""
+    if proxy_secret:
+        values = {name: _text(value) for name, value in metadata}
+        presented = values.get(PROXY_SECRET_HEADER, "").encode()
+        address = values.get(CLIENT_ADDRESS_HEADER, "").strip()
+        if address and hmac.compare_digest(presented, proxy_secret.encode()):
+            return address
     kind, _, address = peer.partition(":")  # "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678"
     return address.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
 
@@ -144,9 +156,10 @@ def client_address(metadata: Metadata, peer: str) -> str:
 class AccessInterceptor(WrappingInterceptor):
     """Checks the API key and the rate limit of every call before its handler runs."""
 
-    def __init__(self, keys: KeyStore, limiter: RateLimiter | None) -> None:
+    def __init__(self, keys: KeyStore, limiter: RateLimiter | None, proxy_secret: str = "") -> None:
         self._keys = keys
         self._limiter = limiter
+        self._proxy_secret = proxy_secret
 
     def wrap(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         method = details.method
@@ -170,7 +183,8 @@ class AccessInterceptor(WrappingInterceptor):
                 raise Unauthenticated(f"Incorrect API key provided. {HOW_TO_SEND}")
             caller, scope = key, "API key"
         else:
-            caller, scope = client_address(metadata, peer), "client address"
+            caller = client_address(metadata, peer, self._proxy_secret)
+            scope = "client address"
         limiter = self._limiter
         if limiter is not None and (wait := limiter.take(caller)):
             raise RateLimited(
@@ -219,4 +233,4 @@ def interceptors(settings: Settings) -> list[aio.ServerInterceptor]:
         else "off"
     )
     log.info("access: %d API key(s) required; rate limit %s", len(keys), limit)
-    return [AccessInterceptor(keys, limiter)]
+    return [AccessInterceptor(keys, limiter, settings.proxy_secret)]
