@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import openai
@@ -155,13 +156,11 @@ def _until_admitted(base_url: str, body: object, admitted: list[float], started:
 # --- the per-address rate limit: what Envoy saw, not what the caller claims ---------------------
 
 SECRET = "test-proxy-secret"
-RATE = {"rate_limit_per_s": 0.05, "rate_limit_burst": 2}  # 2 calls, then none for 20 s
+RATE: dict[str, Any] = {"rate_limit_per_s": 0.05, "rate_limit_burst": 2}  # 2, then 1 per 20 s
 
 
 @contextlib.contextmanager
-def limited(
-    tmp_path: Path, **envoy_settings: object
-) -> Iterator[tuple[ServerThread, EnvoyProcess]]:
+def limited(tmp_path: Path, **envoy_settings: Any) -> Iterator[tuple[ServerThread, EnvoyProcess]]:
     """A rate-limited fake server (no keys: buckets per client address) behind Envoy, the two
     sharing a proxy secret as `embedd run`'s do."""
     with (
