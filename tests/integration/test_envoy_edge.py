@@ -303,9 +303,11 @@ class Run:
             os.kill(pid, signal.SIGKILL)  # a failed test's leftover
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[Run]:
-    process = Run(tmp_path)
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One `embedd run` for the tests below (the model loads once): the admin test leaves it
+    as it was; the SIGKILL test, last, leaves it with a restarted Envoy."""
+    process = Run(tmp_path_factory.mktemp("run"))
     try:
         process.wait_for_log(f"REST on http://127.0.0.1:{process.http_port}")
         yield process
