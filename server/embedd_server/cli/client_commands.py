@@ -171,7 +171,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--top",
         type=_positive_int,
         metavar="N",
-        help="print each text's N heaviest tokens (with their token strings) as a table",
+        help="print each text's N heaviest token ids and their weights as a table",
     )
     _add_connection(sparse)
     sparse.set_defaults(handler=_client_command(_embed_sparse))

@@ -173,6 +173,8 @@ def predict_inputs(value: struct_pb2.Value) -> tuple[list[ClassifyInput], bool]:
 def _sequence(items: list[struct_pb2.Value], where: str) -> ClassifyInput:
     """One or two strings: a text or a pair."""
     if not 1 <= len(items) <= 2 or any(i.WhichOneof("kind") != "string_value" for i in items):
+        if where == "inputs":  # the whole of inputs: say what it may be
+            raise InvalidInput(f"{PREDICT_SHAPES}; got a list of {len(items)}.", param=where)
         raise InvalidInput(
             f"{where} must be one string or a pair of strings; {PREDICT_SHAPES}.", param=where
         )
