@@ -143,6 +143,7 @@ class InProcess:
     pairs: int
     seconds: float
     other_cores: float = 0.0  # other processes on the machine meanwhile: noise
+    engine_cores: float = 0.0  # this process and its worker processes: the engines' CPU
 
     @property
     def pairs_per_s(self) -> float:
@@ -448,6 +449,7 @@ def measure_in_process(
         done,
         took,
         meter.cores(meter.other_cpu),
+        meter.cores(meter.own_cpu + meter.workers_cpu),
     )
 
 

@@ -1268,11 +1268,19 @@ def _families_bench() -> FamiliesBench:
 
     def legs(requests: tuple[int, int], errors: int = 0) -> list[ServedLeg]:
         return [
-            served_leg(LoadResult(count, errors, 2.0, [0.004]), callers, 16, other_cores=0.1)
+            served_leg(
+                LoadResult(count, errors, 2.0, [0.004]),
+                callers,
+                16,
+                server_cores=1.6,
+                other_cores=0.1,
+            )
             for callers, count in zip((1, 4), requests, strict=True)
         ]
 
-    in_process = InProcess("2 worker processes x all cores' threads, packs ≤256 tok", 8000, 2.0)
+    in_process = InProcess(
+        "2 worker processes x all cores' threads, packs ≤256 tok", 8000, 2.0, engine_cores=1.6
+    )
     return FamiliesBench(
         source="../shared/models",
         leg_s=2.0,
@@ -1316,11 +1324,17 @@ def test_the_families_table_has_a_row_per_model_and_engine_measured() -> None:
     assert onnx.ratio(onnx.leg(4)) == pytest.approx(0.4)
     assert llama.ratio(llama.leg(4)) is None  # nothing answered: no ratio
     assert llama.other_cores == 0.8
+    # The server took 1.6 cores for 1,600 texts/s, the engines 1.6 for 4,000: 2.5x the CPU.
+    assert onnx.cpu_ratio(onnx.leg(4)) == pytest.approx(2.5)
+    assert llama.cpu_ratio(llama.leg(4)) is None
+    assert onnx.in_process is not None
+    unknown = dataclasses.replace(onnx.in_process, engine_cores=0.0)
+    no_cores = EngineResult("onnxruntime", unknown, onnx.served)
+    assert no_cores.cpu_ratio(no_cores.leg(4)) is None  # the engines' CPU unknown
     model = ["`tiny-a`", "bert", "embed"]
-    assert table_rows(bench) == [
-        [*model, "onnxruntime (auto)", "15.5", "4,000", "800", "1,600", "0.20x / 0.40x", "0.10"],
-        [*model, "llama.cpp", "15.5", "2,000", "400 (3 errors)", "—", "0.20x / —", "0.80"],
-    ]
+    onnx_row = [*model, "onnxruntime (auto)", "15.5", "4,000", "800", "1,600", "0.20x / 0.40x"]
+    llama_row = [*model, "llama.cpp", "15.5", "2,000", "400 (3 errors)", "—", "0.20x / —"]
+    assert table_rows(bench) == [[*onnx_row, "2.50x", "0.10"], [*llama_row, "—", "0.80"]]
 
 
 def test_the_families_section_says_what_the_numbers_mean_and_what_was_not_measured() -> None:
@@ -1332,6 +1346,8 @@ def test_the_families_section_says_what_the_numbers_mean_and_what_was_not_measur
     assert "tiny random-weight test models" in text and "absolute texts/s say nothing" in text
     assert "served/in-process ratio" in text
     assert "| `tiny-a` | bert | embed | onnxruntime (auto) | 15.5 | 4,000 | 800 | 1,600 |" in text
+    assert "| 0.20x / 0.40x | 2.50x | 0.10 |" in text
+    assert "a served/in-process ratio above 1x is that" in text  # the noise line explains
     assert "- `tiny-c`: not imported: config.json describes a foo model" in text
     assert "- `tiny-b` on onnxruntime: refused: architecture 'qwen3'" in text
     assert "- `tiny-b` on llama.cpp: **failed**: it broke" in text
