@@ -471,8 +471,8 @@ def noise_line(bench: FamiliesBench) -> str:
         f"**Shared machine: other processes used up to {worst:.2f} cores during these "
         "measurements (the last column); treat the texts/s and the ratios as rough and re-run "
         "on a quiet machine.** The kernel shares busy cores among the runnable processes, so "
-        "the server (its main process, its worker processes and the load generator) can get "
-        "a larger share than the engines alone in-process: a served/in-process ratio above "
+        "the server's processes (and the load generator beside them) can get a larger share "
+        "than the engines alone in-process: a served/in-process ratio above "
         "1x is that, not a server faster than its engine; the CPU per text column is not "
         "swayed by it."
     )
