@@ -38,7 +38,9 @@ pytestmark = pytest.mark.real_model
 MODELS = SHARED / "models"
 CLASSIFIER, SPLADE, RERANKER = "tiny-roberta-classifier", "tiny-splade", "tiny-modernbert-reranker"
 OUT_TYPES = ("f32", "f16")
-PROBABILITY_ERROR = {"f32": 1e-4, "f16": 1e-3}
+# f16: rounding the weights alone moves the probabilities by 1.5e-3 (the float64 computation
+# on the f16 weights gives the same; docs/design.md, "Families").
+PROBABILITY_ERROR = {"f32": 1e-4, "f16": 2e-3}
 SCORE_ERROR = {"f32": 1e-4, "f16": 1e-3}
 SPARSE_COSINE = 0.9999
 

@@ -354,9 +354,9 @@ def _only_pytorch_bin(src: Path) -> None:
     (src / "pytorch_model.bin").write_bytes(b"not really")
 
 
-def _roberta(src: Path) -> None:
+def _albert(src: Path) -> None:
     config = json.loads((src / "config.json").read_text())
-    config.update(model_type="roberta", architectures=["RobertaModel"])
+    config.update(model_type="albert", architectures=["AlbertModel"])
     _write_json(src / "config.json", config)
 
 
@@ -377,7 +377,7 @@ BREAKERS: dict[str, tuple[Breaker, str]] = {
     "no tokenizer": (lambda s: (s / "tokenizer.json").unlink(), "tokenizer.json"),
     "no pooling": (lambda s: (s / "1_Pooling" / "config.json").unlink(), "1_Pooling"),
     "max pooling": (_max_pooling, "1_Pooling/config.json: unsupported pooling mode"),
-    "not bert": (_roberta, "config.json describes a roberta model"),
+    "not bert": (_albert, "config.json describes a albert model"),
     "missing tensor": (_drop_tensor, "encoder.layer.1.output.dense.weight"),
     "wrong shape": (_bigger_vocab, "'embeddings.word_embeddings.weight'"),
 }
@@ -539,7 +539,7 @@ def _sparse_encoder(src: Path) -> None:
 
 def _cross_encoder(src: Path) -> None:
     config = json.loads((src / "config.json").read_text())
-    config["architectures"] = ["DistilBertForSequenceClassification"]
+    config["architectures"] = ["AlbertForSequenceClassification"]
     _write_json(src / "config.json", config)
 
 
@@ -559,9 +559,10 @@ SETTINGS_BREAKERS: dict[str, tuple[Breaker, str]] = {
     "sparse encoder": (_sparse_encoder, "config_sentence_transformers.json: model_type"),
     "cross-encoder": (
         _cross_encoder,
-        "DistilBertForSequenceClassification, a cross-encoder (reranker) of a family embedd "
-        "does not import; embedd imports the rerankers BertForSequenceClassification, "
-        "XLMRobertaForSequenceClassification",
+        "AlbertForSequenceClassification, a cross-encoder (reranker) or sequence classifier "
+        "of a family embedd does not import; embedd imports the rerankers and classifiers "
+        "BertForSequenceClassification, XLMRobertaForSequenceClassification, "
+        "DistilBertForSequenceClassification, RobertaForSequenceClassification",
     ),
     "pooling dimension": (_pooling_dimension, "embedding dimension 7 differs"),
     "bad max length": (_bad_max_length, "sentence_bert_config.json: max_seq_length"),
@@ -1178,7 +1179,9 @@ def test_reranker_is_written_as_llama_cpp_loads_one(
     assert info.prompts == {}
 
 
-def test_reranker_with_more_labels_keeps_them_all(tmp_path: Path) -> None:
+def test_more_labels_make_a_classifier_that_keeps_them_all(tmp_path: Path) -> None:
+    """More than one label: a sequence classifier (task classify, as TEI decides), in the
+    reranker's layout, with its problem_type (transformers' default: single-label)."""
     src = make_tiny_bert_reranker(tmp_path / "nli", labels=3)
     config = json.loads((src / "config.json").read_text())
     config["id2label"] = {"2": "neutral", "0": "contradiction", "1": "entailment"}
@@ -1187,10 +1190,42 @@ def test_reranker_with_more_labels_keeps_them_all(tmp_path: Path) -> None:
     out = import_model(src, tmp_path / "models", report=notes.append)
     f = _fields(out)
     assert f["bert.classifier.output_labels"] == ["contradiction", "entailment", "neutral"]
+    assert f["bert.pooling_type"] == int(gguf.PoolingType.RANK)
+    assert f["embedd.task"] == "classify"
+    assert f["embedd.problem_type"] == "single_label_classification"
+    assert f["embedd.head_activation"] == "tanh"
+    assert f["embedd.family"] == "bert"
     assert _tensors(out)["cls.output.weight"].shape.tolist() == [HIDDEN, 3]
-    assert read_model_info(out).labels == 3
-    assert "3 labels (contradiction, entailment, neutral)" in notes[0]
-    assert "no sigmoid" in notes[0]
+    info = read_model_info(out)
+    assert (info.task, info.labels, info.label_names, info.problem_type) == (
+        "classify",
+        3,
+        ("contradiction", "entailment", "neutral"),
+        "single_label_classification",
+    )
+    assert "a sequence classifier of the bert family with 3 labels" in notes[0]
+    assert "(contradiction, entailment, neutral)" in notes[0]
+    assert "scored by a softmax over its labels" in notes[0]
+
+
+def test_a_multi_label_classifier_says_so(tmp_path: Path) -> None:
+    src = make_tiny_bert_reranker(tmp_path / "tags", labels=2)
+    config = json.loads((src / "config.json").read_text())
+    config["problem_type"] = "multi_label_classification"
+    _write_json(src / "config.json", config)
+    notes: list[str] = []
+    info = read_model_info(import_model(src, tmp_path / "models", report=notes.append))
+    assert (info.task, info.problem_type) == ("classify", "multi_label_classification")
+    assert "scored by a sigmoid per label" in notes[0]
+
+
+def test_an_unknown_problem_type_is_refused(tmp_path: Path) -> None:
+    src = make_tiny_bert_reranker(tmp_path / "odd", labels=2)
+    config = json.loads((src / "config.json").read_text())
+    config["problem_type"] = "ranking"
+    _write_json(src / "config.json", config)
+    with pytest.raises(ModelImportError, match=r"problem_type 'ranking' is not one of"):
+        import_model(src, tmp_path / "models")
 
 
 def test_llama_cpp_reads_the_reranker_head(tmp_path: Path) -> None:
@@ -1226,9 +1261,9 @@ def _no_classifier(src: Path) -> None:
     save_file(tensors, str(src / "model.safetensors"))
 
 
-def _roberta_reranker(src: Path) -> None:
+def _albert_reranker(src: Path) -> None:
     config = json.loads((src / "config.json").read_text())
-    config.update(model_type="roberta", architectures=["RobertaForSequenceClassification"])
+    config.update(model_type="albert", architectures=["AlbertForSequenceClassification"])
     _write_json(src / "config.json", config)
 
 
@@ -1240,9 +1275,9 @@ RERANKER_BREAKERS: dict[str, tuple[Breaker, str]] = {
     "labels not numbered": (_gappy_labels, "id2label must number its labels 0 to 1"),
     "no classifier": (_no_classifier, "tensor 'classifier.weight' is missing"),
     "other reranker family": (
-        _roberta_reranker,
-        "RobertaForSequenceClassification, a cross-encoder (reranker) of a family embedd "
-        "does not import",
+        _albert_reranker,
+        "AlbertForSequenceClassification, a cross-encoder (reranker) or sequence classifier "
+        "of a family embedd does not import",
     ),
 }
 

@@ -26,6 +26,7 @@ graph scores with pooling ``rank`` (the first token's state -> ``cls`` -> tanh -
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,16 @@ from embedd_server.convert.vocab import (
     load_tokenizer,
     template_specials,
 )
-from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+from embedd_server.core.catalog import (
+    CLASSIFY,
+    EMBED,
+    ENCODER_BLOCK_TENSORS,
+    ENCODER_EMBEDDING_TENSORS,
+    MULTI_LABEL,
+    RERANK,
+    TANH,
+)
+from embedd_server.core.classes import REGRESSION, SINGLE_LABEL
 from embedd_server.core.errors import ModelImportError
 
 Shape = tuple[int, ...]
@@ -88,10 +98,28 @@ class Family(ABC):
         """The context length llama.cpp gets: positions an input can really take."""
         return self.max_position_embeddings
 
+    # A classifier's problem_type (config.json; for one label, a reranker, "regression").
+    problem_type = ""
+    # The activation between the head's two layers (``cls`` and ``cls.output``).
+    head_activation = TANH
+
     @property
     def reranker(self) -> bool:
-        """Whether this is a cross-encoder: it scores a pair instead of embedding a text."""
+        """Whether this model scores with a classifier head instead of embedding a text: a
+        cross-encoder (one label, :data:`RERANK`) or a sequence classifier (:data:`CLASSIFY`)."""
         return bool(self.labels)
+
+    @property
+    def task(self) -> str:
+        """What the model is for: one label is a reranker (as TEI decides), more labels a
+        sequence classifier, none an embedding model."""
+        if not self.labels:
+            return EMBED
+        return RERANK if len(self.labels) == 1 else CLASSIFY
+    def check_max_seq_length(self, max_seq_length: int) -> None:
+        """Refuses a maximum input length the family's llama.cpp graph can't compute exactly
+        (e.g. longer than a sliding window it doesn't apply); every length by default."""
+        del max_seq_length
 
     def load_tokenizer(self, model_dir: Path) -> HfTokenizer:
         return load_tokenizer(model_dir, self.name, self.tokenizer_kind)
@@ -192,8 +220,13 @@ class _Encoder(Family):
         writer.add_causal_attention(False)
 
     # A cross-encoder's head, (Hugging Face module after the prefix, GGUF name): the dense
-    # layer followed by tanh, then the output projection (one row per label).
+    # layer followed by ``head_activation``, then the output projection (one row per label).
     head: tuple[tuple[str, str], tuple[str, str]] | None = None
+    # Hugging Face module -> GGUF name: the embeddings, and each layer's modules under
+    # ``{layer_prefix}.N.`` (a family without a token type table leaves it out).
+    embedding_tensors: Mapping[str, str] = ENCODER_EMBEDDING_TENSORS
+    block_tensors: Mapping[str, str] = ENCODER_BLOCK_TENSORS
+    layer_prefix = "encoder.layer"
 
     def tensors(self, loaded: dict[str, Array], src: Path) -> list[tuple[str, Array]]:
         loaded = {_gamma_beta(k): v for k, v in _strip(loaded, (self.prefix,)).items()}
@@ -205,9 +238,10 @@ class _Encoder(Family):
         }
         plan: Plan = [
             (f"{hf}.weight", f"{gg}.weight", shapes.get(gg, (d,)))
-            for hf, gg in ENCODER_EMBEDDING_TENSORS.items()
+            for hf, gg in self.embedding_tensors.items()
         ]
-        plan.append(("embeddings.LayerNorm.bias", "token_embd_norm.bias", (d,)))
+        norm = next(hf for hf, gg in self.embedding_tensors.items() if gg == "token_embd_norm")
+        plan.append((f"{norm}.bias", "token_embd_norm.bias", (d,)))
         block: dict[str, Shape] = {
             "attn_output_norm": (d,),
             "layer_output_norm": (d,),
@@ -215,11 +249,12 @@ class _Encoder(Family):
             "ffn_down": (d, ff),
         }
         for i in range(self.n_layer):
-            for hf, gg in ENCODER_BLOCK_TENSORS.items():
+            layer = f"{self.layer_prefix}.{i}"
+            for hf, gg in self.block_tensors.items():
                 weight = block.get(gg, (d, d))
                 bias = (ff,) if gg == "ffn_up" else (d,)
-                plan.append((f"encoder.layer.{i}.{hf}.weight", f"blk.{i}.{gg}.weight", weight))
-                plan.append((f"encoder.layer.{i}.{hf}.bias", f"blk.{i}.{gg}.bias", bias))
+                plan.append((f"{layer}.{hf}.weight", f"blk.{i}.{gg}.weight", weight))
+                plan.append((f"{layer}.{hf}.bias", f"blk.{i}.{gg}.bias", bias))
         if self.head is not None:
             (dense, dense_gg), (out, out_gg) = self.head
             n = len(self.labels)
@@ -268,6 +303,23 @@ class _Reranker(_Encoder):
     def __init__(self, config_path: Path, config: dict[str, Any]) -> None:
         super().__init__(config_path, config)
         self.labels = _label_names(config, config_path)
+        self.problem_type = _problem_type(config, config_path, len(self.labels))
+
+
+_PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+
+
+def _problem_type(config: dict[str, Any], path: Path, labels: int) -> str:
+    """config.json's ``problem_type``, or what transformers infers for inference: a
+    regression for one label (a reranker's relevance), else a single-label classification."""
+    value = config.get("problem_type")
+    if value is None:
+        return REGRESSION if labels == 1 else SINGLE_LABEL
+    if value not in _PROBLEM_TYPES:
+        raise ModelImportError(
+            f"{path}: problem_type {value!r} is not one of {', '.join(_PROBLEM_TYPES)}"
+        )
+    return str(value)
 
 
 def _label_names(config: dict[str, Any], path: Path) -> tuple[str, ...]:

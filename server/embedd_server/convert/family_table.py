@@ -6,6 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedd_server.convert.bertlike import (
+    Camembert,
+    CamembertClassifier,
+    DistilBert,
+    DistilBertClassifier,
+    Roberta,
+    RobertaClassifier,
+)
 from embedd_server.convert.families import (
     Bert,
     BertReranker,
@@ -15,6 +23,7 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.mistral import Mistral
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -26,11 +35,30 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "XLMRobertaForMaskedLM": XlmRoberta,
     "Qwen3Model": Qwen3,
     "Qwen3ForCausalLM": Qwen3,
+    "DistilBertModel": DistilBert,
+    "DistilBertForMaskedLM": DistilBert,
+    "RobertaModel": Roberta,
+    "RobertaForMaskedLM": Roberta,
+    "CamembertModel": Camembert,
+    "CamembertForMaskedLM": Camembert,
+    "MistralModel": Mistral,
+    "MistralForCausalLM": Mistral,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
+    "DistilBertForSequenceClassification": DistilBertClassifier,
+    "RobertaForSequenceClassification": RobertaClassifier,
+    "CamembertForSequenceClassification": CamembertClassifier,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
-_BY_MODEL_TYPE: dict[str, type[Family]] = {"bert": Bert, "xlm-roberta": XlmRoberta, "qwen3": Qwen3}
+_BY_MODEL_TYPE: dict[str, type[Family]] = {
+    "bert": Bert,
+    "xlm-roberta": XlmRoberta,
+    "distilbert": DistilBert,
+    "roberta": Roberta,
+    "camembert": Camembert,
+    "qwen3": Qwen3,
+    "mistral": Mistral,
+}
 
 
 # What an error names: each family's base architecture (the first listed), then the heads.
@@ -54,9 +82,9 @@ def select_family(model_dir: Path) -> Family:
     for arch in archs:
         if str(arch).endswith("ForSequenceClassification") and arch not in _BY_ARCHITECTURE:
             raise ModelImportError(
-                f"{path} describes {arch}, a cross-encoder (reranker) of a family embedd does "
-                f"not import; embedd imports the rerankers {SUPPORTED_RERANKERS} and the "
-                f"embedding models {SUPPORTED}"
+                f"{path} describes {arch}, a cross-encoder (reranker) or sequence classifier "
+                f"of a family embedd does not import; embedd imports the rerankers and "
+                f"classifiers {SUPPORTED_RERANKERS} and the embedding models {SUPPORTED}"
             )
     family = next((_BY_ARCHITECTURE[a] for a in archs if a in _BY_ARCHITECTURE), None)
     family = family or _BY_MODEL_TYPE.get(str(model_type))

@@ -1,7 +1,8 @@
 """Convert a local Hugging Face / sentence-transformers model directory to GGUF.
 
 Uses only numpy, safetensors, tokenizers and the ``gguf`` package: no torch, no network.
-Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3) is written as
+Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3;
+:mod:`~embedd_server.convert.mistral`; SPLADE, :mod:`~embedd_server.convert.splade`) is written as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes it (same keys, tensor names, tensor types and
 vocabulary form), so llama.cpp loads it and computes the same vectors. On top of that the
 file carries the whole ``tokenizer.json`` (``tokenizer.huggingface.json``) and what
@@ -10,10 +11,15 @@ under ``sentence_transformers.*``: max_seq_length, normalize, do_lower_case, inc
 prompts (a JSON object, name to text) and default_prompt_name. The pooling goes into llama.cpp's
 own ``<arch>.pooling_type``.
 
-A cross-encoder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``)
-is written as llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
+A model with a classifier head (``BertForSequenceClassification``, ``XLMRobertaFor...``,
+``RobertaFor...``, ``CamembertFor...``, ``DistilBertForSequenceClassification``) is written as
+llama.cpp loads a reranker: pooling type ``rank`` (4), its label names in
 ``bert.classifier.output_labels``, its head in ``cls.*`` / ``cls.output.*``
-(:mod:`embedd_server.convert.families`), no Normalize and no prompts.
+(:mod:`embedd_server.convert.families`), the activation between them in
+``embedd.head_activation``, no Normalize and no prompts. One label is a cross-encoder
+(reranker); more labels a sequence classifier, which the file says with ``embedd.task``
+``classify`` and ``embedd.problem_type`` (how its logits become probabilities). Every file
+names its family under ``embedd.family`` (llama.cpp's ``bert`` holds several).
 """
 
 from __future__ import annotations
@@ -34,22 +40,32 @@ from embedd_server.convert.families import Family
 from embedd_server.convert.family_table import select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
+from embedd_server.convert.splade import read_splade_modules, splade_family
 from embedd_server.convert.st_settings import (
     RANK,
+    SPLADE,
+    Modules,
     Settings,
     read_cross_encoder_settings,
     read_modules,
     read_settings,
+    read_sparse_settings,
 )
 from embedd_server.core.catalog import (
+    CLASSIFY,
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
+    FAMILY_KEY,
+    HEAD_ACTIVATION_KEY,
     HF_TOKENIZER_KEY,
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
     NORMALIZE_KEY,
     PAIR_TOKEN_TYPES_KEY,
+    PROBLEM_TYPE_KEY,
     PROMPTS_KEY,
+    RERANK,
+    TASK_KEY,
 )
 from embedd_server.core.errors import EmbeddError, ModelImportError
 from embedd_server.core.quantization import (
@@ -78,7 +94,11 @@ _POOLING_TYPES = {
     "cls": gguf.PoolingType.CLS,
     "lasttoken": gguf.PoolingType.LAST,
     "rank": gguf.PoolingType.RANK,
+    # llama.cpp has no SPLADE pooling: its own pooling is none (ONNX Runtime serves these).
+    SPLADE: gguf.PoolingType.NONE,
 }
+# What a model with a classifier head is called, by its task.
+_HEAD_KINDS = {RERANK: "cross-encoder (reranker)", CLASSIFY: "sequence classifier"}
 _GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "huggingface", "weights", "snapshot"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -121,37 +141,30 @@ def import_model(
         raise ModelImportError(
             f"{target} already exists; pass --overwrite to replace it or --name to choose another"
         )
-    modules = read_modules(src)
+    splade = read_splade_modules(src)
+    modules = None if splade else read_modules(src)
     model_dir = modules.transformer_dir if modules else src
-    family = select_family(model_dir)
-    if family.reranker:
-        if prompts:
-            raise ModelImportError(
-                f"{src} is a cross-encoder (reranker): it scores a query with a document as "
-                "they are, without prompts; import it without --prompt",
-                param="prompt",
-            )
-        settings = read_cross_encoder_settings(
-            model_dir,
-            family=family.name,
-            labels=family.labels,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
-            token_types=getattr(family, "n_token_types", 1),
+    if splade:
+        model_dir = splade.transformer_dir
+    family = splade_family(splade) if splade else select_family(model_dir)
+    settings, stored_prompts, prompt_notes = _read_settings(
+        src, model_dir, modules, family, prompts or {}, sparse=splade is not None
+    )
+    if splade and out_type not in ("f32", "f16"):
+        raise ModelImportError(
+            f"{src} is a sparse (SPLADE) encoder, which ONNX Runtime serves from f32 or f16 "
+            f"weights only, not {out_type}; import it with --type f32 (SparseEncoder's exact "
+            "non-zero entries) or --type f16",
+            param="type",
         )
-        stored_prompts: dict[str, str] = {}
-        prompt_notes: list[str] = []
-    else:
-        settings = read_settings(
-            src,
-            modules,
-            family=family.name,
-            default=family.default,
-            hidden_size=family.n_embd,
-            max_position_embeddings=family.max_position_embeddings,
-            usable_positions=family.usable_positions,
+    if splade and out_type == "f16":
+        prompt_notes.append(
+            f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
+            "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
+            "SPLADE: 0.1% of the non-zeros); import it with --type f32 for exactly "
+            "SparseEncoder's non-zero entries"
         )
-        stored_prompts, prompt_notes = _prompts(src, model_dir, settings, prompts or {})
+    family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
     tensors = family.tensors(load_safetensors(model_dir), model_dir)
     converted = list(_converted(family, tensors, out_type, progress))
@@ -165,8 +178,7 @@ def import_model(
         writer.add_file_type(_FILE_TYPES[out_type])
         family.add_hparams(writer)
         writer.add_pooling_type(_POOLING_TYPES[settings.pooling])
-        if family.labels:  # llama.cpp's n_cls_out is this array's length (1 without it)
-            writer.add_classifier_output_labels(list(family.labels))
+        _add_family_and_task(writer, family)
         vocab_notes[:] = family.add_vocab(writer, tokenizer, model_dir)
         writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
         _add_settings(writer, settings, stored_prompts)
@@ -179,13 +191,73 @@ def import_model(
 
     calibration: FloatMatrix | None = None
     calibration_notes: list[str] = []
-    if not family.reranker:  # a cross-encoder gives scores, not vectors to quantize
+    # A cross-encoder gives scores and a sparse encoder sparse weights: no vectors to quantize.
+    if not family.reranker and splade is None:
         calibration, calibration_notes = _calibrate(target.stem, lambda path: new_writer(None))
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(target, lambda tmp: _write_file(new_writer(calibration), tmp))
     for note in [*settings.notes, *vocab_notes, *prompt_notes, *calibration_notes]:
         (report or log.warning)(note)
     return target
+
+
+def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
+    """The family's name; a model with a classifier head: its labels (llama.cpp's n_cls_out
+    is this array's length, 1 without it) and head activation; a classifier: its task and
+    problem_type."""
+    writer.add_string(FAMILY_KEY, family.name)
+    if family.labels:
+        writer.add_classifier_output_labels(list(family.labels))
+        writer.add_string(HEAD_ACTIVATION_KEY, family.head_activation)
+    if family.task == CLASSIFY:
+        writer.add_string(TASK_KEY, CLASSIFY)
+        writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
+def _read_settings(
+    src: Path,
+    model_dir: Path,
+    modules: Modules | None,
+    family: Family,
+    prompts: Mapping[str, str],
+    *,
+    sparse: bool,
+) -> tuple[Settings, dict[str, str], list[str]]:
+    """What sentence-transformers reads from ``src`` for this family's model (a sparse
+    encoder, a cross-encoder or a bi-encoder), the prompts to store and notes about them."""
+    if sparse:
+        settings = read_sparse_settings(
+            src,
+            model_dir,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+        )
+        return settings, *_prompts(src, model_dir, settings, prompts)
+    if family.reranker:
+        if prompts:
+            raise ModelImportError(
+                f"{src} is a {_HEAD_KINDS[family.task]}: it scores texts and pairs as they "
+                "are, without prompts; import it without --prompt",
+                param="prompt",
+            )
+        settings = read_cross_encoder_settings(
+            model_dir,
+            family=family.name,
+            labels=family.labels,
+            problem_type=family.problem_type if family.task == CLASSIFY else None,
+            max_position_embeddings=family.max_position_embeddings,
+            usable_positions=family.usable_positions,
+            token_types=getattr(family, "n_token_types", 1),
+        )
+        return settings, {}, []
+    settings = read_settings(
+        src,
+        modules,
+        family=family.name,
+        default=family.default,
+        hidden_size=family.n_embd,
+        max_position_embeddings=family.max_position_embeddings,
+        usable_positions=family.usable_positions,
+    )
+    return settings, *_prompts(src, model_dir, settings, prompts)
 
 
 def _calibrate(

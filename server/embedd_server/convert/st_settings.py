@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from embedd_server.convert.files import optional_object, read_json, read_object
+from embedd_server.core.catalog import MULTI_LABEL
+from embedd_server.core.classes import REGRESSION
 from embedd_server.core.errors import ModelImportError
 
 # Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
 SUPPORTED_POOLINGS = ("mean", "cls", "lasttoken")
 RANK = "rank"  # a cross-encoder's "pooling": its classifier head on the first token
+SPLADE = "splade"  # a sparse encoder's "pooling": SpladePooling over its MLM logits
 _POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -166,40 +169,24 @@ def read_cross_encoder_settings(
     max_position_embeddings: int,
     usable_positions: int,
     token_types: int = 1,
+    problem_type: str | None = None,
 ) -> Settings:
-    """The settings sentence-transformers' ``CrossEncoder`` would load ``src`` with.
+    """The settings sentence-transformers' ``CrossEncoder`` (or transformers' classification
+    pipeline, for a ``problem_type``: a sequence classifier) would load ``src`` with.
 
     The maximum length is ``min(tokenizer_config.json's model_max_length, the positions the
     model has)``: CrossEncoder truncates at the tokenizer's maximum, and a pair longer than
-    the position table could not be run at all. Its notes say the model is a reranker, its
-    labels and what its scores are.
+    the position table could not be run at all. Its notes say the model is a reranker (or a
+    classifier), its labels and what its scores are.
     """
     notes: list[str] = []
     max_seq_length = _max_seq_length(src, {}, max_position_embeddings, usable_positions, notes)
     pair_token_types = _pair_token_types(src, family, token_types)
-    shown = ", ".join(labels)
-    if len(labels) == 1:
-        scores = (
-            f"one label ({shown}): a pair's relevance is sigmoid(logit), as "
-            "CrossEncoder.predict returns it"
-        )
+    if problem_type is not None:
+        first = _classifier_note(src, family, labels, problem_type, max_seq_length)
     else:
-        # CrossEncoder.predict applies no activation to a multi-label model's logits.
-        scores = (
-            f"{len(labels)} labels ({shown}): each pair gets one logit per label, as "
-            "CrossEncoder.predict returns them (no sigmoid)"
-        )
-    notes.insert(
-        0,
-        f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
-        f"pooling; {scores}; "
-        f"pairs are truncated longest-first at {max_seq_length} tokens; "
-        + (
-            "the document gets token type 1 (the tokenizer gives token_type_ids)"
-            if pair_token_types
-            else "every token has token type 0 (the tokenizer gives no token_type_ids)"
-        ),
-    )
+        first = _cross_encoder_note(src, family, labels, max_seq_length, pair_token_types)
+    notes.insert(0, first)
     activation = optional_object(src / "config.json").get("sentence_transformers")
     if isinstance(activation, dict) and "activation_fn" in activation:
         name = str(activation["activation_fn"]).rsplit(".", 1)[-1]
@@ -214,6 +201,85 @@ def read_cross_encoder_settings(
         max_seq_length=max_seq_length,
         notes=tuple(notes),
         pair_token_types=pair_token_types,
+    )
+
+
+def _cross_encoder_note(
+    src: Path, family: str, labels: tuple[str, ...], max_seq_length: int, pair_token_types: bool
+) -> str:
+    """What a cross-encoder's import gives: its labels, scores, truncation and token types."""
+    shown = ", ".join(labels)
+    if len(labels) == 1:
+        scores = (
+            f"one label ({shown}): a pair's relevance is sigmoid(logit), as "
+            "CrossEncoder.predict returns it"
+        )
+    else:
+        # CrossEncoder.predict applies no activation to a multi-label model's logits.
+        scores = (
+            f"{len(labels)} labels ({shown}): each pair gets one logit per label, as "
+            "CrossEncoder.predict returns them (no sigmoid)"
+        )
+    types = (
+        "the document gets token type 1 (the tokenizer gives token_type_ids)"
+        if pair_token_types
+        else "every token has token type 0 (the tokenizer gives no token_type_ids)"
+    )
+    return (
+        f"{src.name}: a cross-encoder (reranker) of the {family} family, imported with rank "
+        f"pooling; {scores}; pairs are truncated longest-first at {max_seq_length} tokens; "
+        f"{types}"
+    )
+
+
+def _classifier_note(
+    src: Path, family: str, labels: tuple[str, ...], problem_type: str, max_seq_length: int
+) -> str:
+    """What a sequence classifier's import gives: its labels and how they are scored."""
+    scored = {
+        MULTI_LABEL: "a sigmoid per label (multi_label_classification)",
+        REGRESSION: "its raw logits (regression)",
+    }.get(problem_type, "a softmax over its labels")
+    return (
+        f"{src.name}: a sequence classifier of the {family} family with {len(labels)} labels "
+        f"({', '.join(labels)}), imported with rank pooling (its head); a text or a pair gets "
+        f"one logit per label, scored by {scored}; inputs are truncated at {max_seq_length} "
+        "tokens"
+    )
+
+
+def read_sparse_settings(
+    src: Path,
+    transformer_dir: Path,
+    *,
+    max_position_embeddings: int,
+    usable_positions: int,
+) -> Settings:
+    """The settings sentence-transformers' ``SparseEncoder`` would load ``src`` with: the
+    maximum length as for a bi-encoder, its prompts; no Normalize (SPLADE weights are used
+    as they are, scored by dot product)."""
+    notes: list[str] = []
+    st_config = optional_object(transformer_dir / "sentence_bert_config.json")
+    max_seq_length = _max_seq_length(
+        transformer_dir, st_config, max_position_embeddings, usable_positions, notes
+    )
+    path = transformer_dir / "sentence_bert_config.json"
+    do_lower_case = _bool(st_config, "do_lower_case", path)
+    config_path = src / "config_sentence_transformers.json"
+    prompts, default_prompt_name = _read_prompts(config_path, model_type="SparseEncoder")
+    if optional_object(config_path).get("max_active_dims") is not None:
+        raise ModelImportError(
+            f"{config_path}: max_active_dims keeps only the largest weights of each vector; "
+            "embedd returns every non-zero weight. Remove max_active_dims to import the model"
+        )
+    return Settings(
+        pooling=SPLADE,
+        normalize=False,
+        max_seq_length=max_seq_length,
+        do_lower_case=do_lower_case,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        notes=tuple(notes),
     )
 
 
@@ -302,13 +368,18 @@ def _read_pooling(pooling_dir: Path, hidden_size: int) -> tuple[str, bool]:
     return modes[0], _bool(config, "include_prompt", path, default=True)
 
 
-def _read_prompts(path: Path) -> tuple[dict[str, str], str | None]:
+def _read_prompts(
+    path: Path, model_type: str = "SentenceTransformer"
+) -> tuple[dict[str, str], str | None]:
+    """Prompts and default prompt name of a ``model_type`` model's configuration (a
+    SparseEncoder's modules.json lists SpladePooling, a SentenceTransformer's Pooling)."""
     config = optional_object(path)
-    model_type = config.get("model_type", "SentenceTransformer")
-    if model_type != "SentenceTransformer":
+    found = config.get("model_type", model_type)
+    if found != model_type:
         raise ModelImportError(
-            f"{path}: model_type {model_type!r}; only SentenceTransformer (bi-encoder) "
-            "models are imported"
+            f"{path}: model_type {found!r}; embedd imports SentenceTransformer (bi-encoder) "
+            "models with a Pooling module and SparseEncoder (SPLADE) models with a "
+            "SpladePooling module"
         )
     prompts = config.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(

@@ -3,7 +3,8 @@
 Each family's vocabulary goes in the form llama.cpp's ``convert_hf_to_gguf.py`` writes for it,
 so that llama.cpp's own tokenizer works on the file: WordPiece as ``bert`` (the "phantom
 space" form), Unigram as ``t5`` (pieces, scores, token types), byte-level BPE as ``gpt2``
-(tokens and merges). The whole ``tokenizer.json`` goes in too, under
+(tokens and merges), SentencePiece BPE with byte fallback as ``llama`` (pieces, scores from the
+merge order, byte pieces). The whole ``tokenizer.json`` goes in too, under
 ``tokenizer.huggingface.json``: the server tokenizes with it, exactly as the reference does.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +45,17 @@ class HfTokenizer:
         return {i: t for t, i in self.tokenizer.get_vocab(with_added_tokens=True).items()}
 
 
-def load_tokenizer(model_dir: Path, family: str, kind: str) -> HfTokenizer:
-    """``model_dir/tokenizer.json``, which must be of the ``kind`` the family uses."""
+def load_tokenizer(model_dir: Path, family: str, kind: str | tuple[str, ...]) -> HfTokenizer:
+    """``model_dir/tokenizer.json``, which must be of the ``kind`` (or one of the kinds) the
+    family uses."""
     path = model_dir / "tokenizer.json"
     parsed = read_object(path, "the model's Hugging Face tokenizer is needed")
     found = parsed.get("model", {}).get("type")
-    if found != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if found not in kinds:
         raise ModelImportError(
-            f"{path}: a {family} model's tokenizer must be {kind}, this one is {found}"
+            f"{path}: a {family} model's tokenizer must be {' or '.join(kinds)}, "
+            f"this one is {found}"
         )
     text = path.read_text(encoding="utf-8")
     try:
@@ -291,3 +296,66 @@ def _add_special_vocab(
     special.add_special_token.setdefault("eos", last is not None)
     special.special_token_ids.pop("cls", None)  # no GGUF key: llama.cpp uses BOS
     special.add_to_gguf(writer, quiet=True)
+
+
+# --- SentencePiece BPE with byte fallback (Mistral, Llama 2) ---------------------------------
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def is_sentencepiece_bpe(tk: HfTokenizer) -> bool:
+    """Whether a BPE tokenizer.json is SentencePiece's (byte fallback, "\u2581" for spaces), as
+    Mistral's and Llama 2's are, rather than byte-level BPE (GPT-2's, Qwen's)."""
+    model = tk.json.get("model") or {}
+    pre = _walk(tk.json.get("pre_tokenizer"), "pretokenizers")
+    return bool(model.get("byte_fallback")) or any(p.get("type") == "Metaspace" for p in pre)
+
+
+def _merge_scores(model: dict[str, Any]) -> dict[str, float]:
+    """Each merged piece's score as SentencePiece's BPE gives it: the earlier its merge, the
+    higher (llama.cpp's ``llama`` tokenizer merges the highest-scoring pair first)."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _adds_space_prefix(tk: HfTokenizer) -> bool:
+    """Whether the tokenizer puts "\u2581" before the text (a Prepend normalizer, or a
+    Metaspace pre-tokenizer that prepends), as SentencePiece's add_dummy_prefix does."""
+    normalizers = _walk(tk.json.get("normalizer"), "normalizers")
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers):
+        return True
+    for pre in _walk(tk.json.get("pre_tokenizer"), "pretokenizers"):
+        if pre.get("type") == "Metaspace":
+            scheme = pre.get("prepend_scheme")
+            return scheme != "never" if scheme else bool(pre.get("add_prefix_space", True))
+    return False
+
+
+def add_llama_vocab(
+    writer: gguf.GGUFWriter, tk: HfTokenizer, model_dir: Path, n_vocab: int
+) -> None:
+    """A SentencePiece BPE vocabulary (byte fallback) as llama.cpp's ``llama`` tokenizer
+    model: pieces, scores from the merge order, byte pieces ``<0xXX>`` typed BYTE, as
+    llama.cpp's converter writes a ``tokenizer.model``."""
+    entries = list(_vocab_entries(tk, n_vocab))
+    scores = _merge_scores(tk.json["model"])
+    unk = tk.json["model"].get("unk_token")
+    tokens = [token for token, _ in entries]
+    types: list[int] = []
+    for token, kind in entries:
+        if kind == TokenType.NORMAL and _BYTE_TOKEN.fullmatch(token):
+            types.append(int(TokenType.BYTE))
+        elif token == unk:
+            types.append(int(TokenType.UNKNOWN))
+        else:
+            types.append(int(kind))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([scores.get(token, 0.0) for token in tokens])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(_adds_space_prefix(tk))
+    _add_special_vocab(writer, tk, model_dir, n_vocab, merges=False)

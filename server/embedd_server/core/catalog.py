@@ -55,6 +55,16 @@ MULTI_LABEL = "multi_label_classification"
 CLASSIFIER_LABELS_SUFFIX = "classifier.output_labels"  # {arch}.<this>: the output label names
 # A cross-encoder's pairs give the document token type 1 (its tokenizer's token_type_ids).
 PAIR_TOKEN_TYPES_KEY = "embedd.pair_token_types"
+# The family as `embedd import` knew it (distilbert, roberta, camembert, mistral, ...): llama.cpp's
+# architecture `bert` holds several; a file without it gets the family from its architecture
+# and tokenizer.
+FAMILY_KEY = "embedd.family"
+# The activation between a classifier head's two layers: tanh (BERT's pooler, RoBERTa's
+# classification head, what llama.cpp's rank pooling computes) unless the file says otherwise
+# (DistilBERT's pre_classifier is followed by a ReLU).
+HEAD_ACTIVATION_KEY = "embedd.head_activation"
+TANH, RELU = "tanh", "relu"
+HEAD_ACTIVATIONS = (TANH, RELU)
 
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
@@ -104,7 +114,7 @@ class ModelInfo:
     hf_tokenizer_json: str | None
     file_size_bytes: int
     created: int
-    family: str = "unknown"  # bert, xlm-roberta, qwen3, ... (architecture + tokenizer kind)
+    family: str = "unknown"  # bert, xlm-roberta, roberta, distilbert, qwen3, ... (FAMILY_KEY)
     do_lower_case: bool = False
     include_prompt: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
@@ -121,6 +131,8 @@ class ModelInfo:
     label_names: tuple[str, ...] = ()
     # A classifier's problem_type (PROBLEM_TYPE_KEY): how logits become probabilities.
     problem_type: str = ""
+    # The activation after a cross-encoder's or classifier's first head layer.
+    head_activation: str = TANH
 
     @property
     def embedding(self) -> bool:
@@ -175,7 +187,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
         created=mtime,
-        family=_family(arch, fields.get("tokenizer.ggml.model")),
+        family=_family(fields, arch),
         do_lower_case=bool(fields.get(DO_LOWER_CASE_KEY, False)),
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
         prompts=_prompts(path, fields.get(PROMPTS_KEY)),
@@ -186,6 +198,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         declared_task=_optional_str(fields.get(TASK_KEY)),
         label_names=_label_names(fields, arch, labels),
         problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
+        head_activation=str(fields.get(HEAD_ACTIVATION_KEY, TANH)),
     )
 
 
@@ -215,10 +228,14 @@ def _labels(fields: dict[str, Any], arch: str, pooling: int) -> int:
     return int(fields.get(f"{arch}.{CLASSIFIER_LABELS_SUFFIX}.count", 1))
 
 
-def _family(arch: str, tokenizer_model: Any) -> str:
-    """The model family: llama.cpp's ``bert`` architecture holds BERT and XLM-RoBERTa."""
+def _family(fields: dict[str, Any], arch: str) -> str:
+    """The model family: as `embedd import` stored it, else guessed from the architecture and
+    tokenizer (llama.cpp's ``bert`` architecture holds BERT, XLM-RoBERTa, RoBERTa, ...)."""
+    if (stored := fields.get(FAMILY_KEY)) is not None:
+        return str(stored)
     if arch == "bert":
-        return {"t5": "xlm-roberta", "gpt2": "roberta"}.get(str(tokenizer_model), "bert")
+        tokenizer_model = str(fields.get("tokenizer.ggml.model"))
+        return {"t5": "xlm-roberta", "gpt2": "roberta"}.get(tokenizer_model, "bert")
     return arch
 
 

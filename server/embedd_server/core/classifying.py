@@ -1,10 +1,11 @@
 """Classification's rules, whatever protocol a request came in: what a valid request is and
 how a classifier's logits become labelled scores.
 
-Scores are what transformers' text-classification pipeline (and TEI's /predict) give: the
-softmax over the labels, or each label's sigmoid for a model whose ``problem_type`` is
-``multi_label_classification`` or that has a single label (a cross-encoder); ``raw_scores``
-gives the logits. Each input's labels are sorted by score, highest first.
+Scores are what transformers' text-classification pipeline (and TEI's /predict) give
+(core/classes.py): the softmax over the labels, or each label's sigmoid for a model whose
+``problem_type`` is ``multi_label_classification`` or that has a single label (a
+cross-encoder), the logits of a regression model; ``raw_scores`` gives the logits. Each
+input's labels are sorted by score, highest first.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from embedd_server.core.catalog import MULTI_LABEL
+from embedd_server.core.classes import Floats, class_probabilities
 from embedd_server.core.errors import InvalidInput
 from embedd_server.core.tokenization import RIGHT
 from embedd_server.engines.base import FloatMatrix
@@ -76,21 +76,15 @@ def check_classify_params(params: ClassifyParams, max_inputs: int) -> None:
             )
 
 
-def class_scores(logits: FloatMatrix, problem_type: str, raw: bool) -> npt.NDArray[np.float64]:
-    """Each row's scores, in float64: the logits when ``raw``; else a sigmoid per label for a
-    multi-label model or a one-label model, else the softmax over the labels."""
-    values = logits.astype(np.float64)
+def class_scores(logits: FloatMatrix, problem_type: str, raw: bool) -> Floats:
+    """Each row's scores, in float64: the logits when ``raw``, else the model's class
+    probabilities (core/classes.py: softmax, or a sigmoid per label)."""
     if raw:
-        return values
-    if problem_type == MULTI_LABEL or values.shape[1] == 1:
-        result: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-values))
-        return result
-    shifted = np.exp(values - values.max(axis=1, keepdims=True))
-    softmax: npt.NDArray[np.float64] = shifted / shifted.sum(axis=1, keepdims=True)
-    return softmax
+        return logits.astype(np.float64)
+    return class_probabilities(logits, problem_type)
 
 
-def labelled(scores: npt.NDArray[np.float64], labels: Sequence[str]) -> list[list[LabelScore]]:
+def labelled(scores: Floats, labels: Sequence[str]) -> list[list[LabelScore]]:
     """Each row's labels with their scores, highest first (ties keep the labels' order)."""
     rows: list[list[LabelScore]] = []
     for row in scores:

@@ -8,8 +8,10 @@ llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the
 cannot serve is then refused by name.
 
 llama.cpp cannot serve a cross-encoder with two token types (BERT's: the document of a pair
-is type 1; llama.cpp gives every token type 0), so such a model in a quantized file, which
-ONNX Runtime doesn't serve either, is refused with both reasons.
+is type 1; llama.cpp gives every token type 0) nor a classifier head whose activation is not
+tanh (DistilBERT's ReLU), so such a model in a quantized file, which ONNX Runtime doesn't serve
+either, is refused with both reasons. Nor can it serve a SPLADE sparse encoder (``task``
+sparse: an MLM head and SPLADE pooling): ONNX Runtime alone does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import RERANK, ModelInfo
+from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
@@ -42,7 +44,10 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
     n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
     if info.architecture not in _ONNX_ARCHITECTURES:
         return f"architecture {info.architecture!r} (ONNX Runtime serves BERT encoders)"
-    if options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
+    if info.task == SPARSE:  # SPLADE pools in its own graph, whatever llama.cpp's pooling says
+        if options.pooling is not None:
+            return f"pooling {options.pooling!r} (a SPLADE model pools with SpladePooling only)"
+    elif options.pooling is not None or info.pooling not in _ONNX_POOLINGS:
         return (
             f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
             "scores with a cross-encoder's own head)"
@@ -56,9 +61,14 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
 
 def llama_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't serve this model exactly; None when it can."""
-    if info.task != RERANK:
+    if info.task == SPARSE:
+        return (
+            "it is a SPLADE sparse encoder, and llama.cpp has neither its masked-language-model "
+            "head nor SPLADE pooling"
+        )
+    if info.task not in (RERANK, CLASSIFY):
         return None
-    return rank_refusal(info.pair_token_types)
+    return rank_refusal(info)
 
 
 def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str:
@@ -75,7 +85,7 @@ def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) 
         if refusal is None:
             raise ModelLoadError(
                 f"engine=llama.cpp cannot serve {info.name}: {why}. "
-                "Use engine=auto or engine=onnxruntime, which give each token its type."
+                "Use engine=auto or engine=onnxruntime, which compute it exactly."
             )
         raise ModelLoadError(
             f"No engine can serve {info.name}: llama.cpp because {why}; ONNX Runtime because "

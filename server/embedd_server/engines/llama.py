@@ -13,7 +13,8 @@ classifier head on each sequence's first token and the engine returns its raw lo
 label (``llama_model_n_cls_out``). llama.cpp's BERT graph adds token type 0's embedding to
 every token, so a cross-encoder whose pairs give the document token type 1 (BERT with BERT's
 tokenizer) is refused at load rather than scored wrong; one whose pairs are all type 0
-(XLM-RoBERTa, or a generic tokenizer) runs.
+(XLM-RoBERTa, or a generic tokenizer) runs. Its rank pooling applies tanh between the head's
+two layers, so a head with another activation (DistilBERT's ReLU) is refused too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.catalog import POOLING_TYPES, RANK_POOLING, ModelInfo, read_model_info
+from embedd_server.core.catalog import (
+    POOLING_TYPES,
+    RANK_POOLING,
+    TANH,
+    ModelInfo,
+    read_model_info,
+)
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Engine
@@ -109,10 +116,10 @@ def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None
     asked to pool like an embedding model."""
     if not weights.rank:
         return
-    if (why := rank_refusal(read_model_info(weights.path).pair_token_types)) is not None:
+    if (why := rank_refusal(read_model_info(weights.path))) is not None:
         raise ModelLoadError(
             f"llama.cpp cannot serve {weights.path.name}: {why}. Use engine=auto or "
-            "engine=onnxruntime, which give each token its type."
+            "engine=onnxruntime, which compute it exactly."
         )
     if pooling_type is not None and pooling_type != RANK_POOLING:
         raise ModelLoadError(
@@ -121,10 +128,15 @@ def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None
         )
 
 
-def rank_refusal(pair_token_types: bool) -> str | None:
-    """Why llama.cpp can't score a cross-encoder whose pairs do (or don't) give the document
-    token type 1; None when it can."""
-    if not pair_token_types:
+def rank_refusal(info: ModelInfo) -> str | None:
+    """Why llama.cpp can't score a cross-encoder or classifier: its pairs give the document
+    token type 1, or its head has an activation other than tanh; None when it can."""
+    if info.head_activation != TANH:
+        return (
+            f"its classifier head applies {info.head_activation} between its two layers, and "
+            "llama.cpp's rank pooling applies tanh, so its scores would be wrong"
+        )
+    if not info.pair_token_types:
         return None
     return (
         "it is a cross-encoder whose pairs give the document token type 1, and llama.cpp "

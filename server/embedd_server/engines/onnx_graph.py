@@ -12,10 +12,22 @@ graph: the masked mean of the last hidden state, or its first ([CLS]) row. Vecto
 normalized: dimensions and normalization are the service's business. Which ONNX Runtime
 optimizations keep them exact was measured (docs/design.md, "Engines").
 
-A cross-encoder (GGUF pooling type 4, ``rank``) gets its classifier head instead of a pooling:
-the first token's state -> dense (``cls``) -> tanh -> dense (``cls.output``), and the graph's
-output is the raw logits ``[batch, labels]`` (what ``BertForSequenceClassification``'s pooler +
-classifier and ``XLMRobertaForSequenceClassification``'s classification head compute).
+A cross-encoder or sequence classifier (GGUF pooling type 4, ``rank``) gets its classifier
+head instead of a pooling: the first token's state -> dense (``cls``) -> tanh, or the file's
+``embedd.head_activation`` (DistilBERT's ReLU) -> dense (``cls.output``), and the graph's output
+is the raw logits ``[batch, labels]`` (what ``BertForSequenceClassification``'s pooler +
+classifier, the ``RobertaForSequenceClassification`` family's classification head and
+``DistilBertForSequenceClassification``'s pre_classifier + classifier compute).
+
+The same layout holds DistilBERT (no token type table: the graph adds no type embedding),
+RoBERTa and CamemBERT (positions from ``padding_idx + 1``: the importer drops the table's
+first rows, so the graph numbers from 0 as for BERT) whatever their vocabulary: the graph
+takes token ids.
+
+A SPLADE sparse encoder (``embedd.task`` ``sparse``: ``BertForMaskedLM`` + ``SpladePooling``)
+gets its MLM head (``cls.predictions``: dense -> GELU -> LayerNorm -> decoder) and SPLADE's
+pooling: ``log(1 + relu(logits))`` (once more for ``log1p_relu``) over the text's tokens, by max
+or sum; the output is ``[batch, vocabulary]`` (mostly zeros).
 """
 
 from __future__ import annotations
@@ -35,9 +47,18 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS, ENCODER_EMBEDDING_TENSORS
+from embedd_server.core.catalog import (
+    ENCODER_BLOCK_TENSORS,
+    ENCODER_EMBEDDING_TENSORS,
+    HEAD_ACTIVATION_KEY,
+    HEAD_ACTIVATIONS,
+    SPARSE,
+    TANH,
+    TASK_KEY,
+)
+from embedd_server.core.sparse import MLM_HEAD_TENSORS, SPLADE_ACTIVATION_KEY, SPLADE_POOLING_KEY
 
-Pooling = Literal["mean", "cls", "rank"]
+Pooling = Literal["mean", "cls", "rank", "splade"]
 Array = npt.NDArray[Any]
 
 OPSET = 17  # LayerNormalization is a standard op from 17 on
@@ -55,6 +76,7 @@ _GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
 # A cross-encoder's head, by the names the graph uses (XLM-RoBERTa's), and its GGUF names.
 HEAD_TENSORS = {"classifier.dense": "cls", "classifier.out_proj": "cls.output"}
 _GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
+MLM_DECODER = "cls.predictions.decoder.weight"  # a SPLADE model's MLM decoder (vocab x hidden)
 
 
 @dataclass(frozen=True)
@@ -140,6 +162,10 @@ class ModelSource:
     pooling: Pooling
     max_seq_length: int
     normalize: bool
+    head_activation: str = TANH  # between a classifier head's two layers
+    # A SPLADE model's SpladePooling: "max" or "sum" over the tokens, "relu" or "log1p_relu".
+    splade_pooling: str = "max"
+    splade_activation: str = "relu"
 
     @property
     def labels(self) -> int:
@@ -149,12 +175,17 @@ class ModelSource:
 
     @property
     def token_types(self) -> int:
-        """Rows of the token type table: 2 for BERT (a pair's document is type 1)."""
-        return int(self.weights["embeddings.token_type_embeddings.weight"].shape[0])
+        """Rows of the token type table: 2 for BERT (a pair's document is type 1), 0 for a
+        model without one (DistilBERT)."""
+        table = self.weights.get(TOKEN_TYPE_TABLE)
+        return 0 if table is None else int(table.shape[0])
 
     @property
     def dimensions(self) -> int:
-        """Width of the graph's output: a cross-encoder's labels, else the hidden size."""
+        """Width of the graph's output: a cross-encoder's labels, a SPLADE model's
+        vocabulary, else the hidden size."""
+        if self.pooling == "splade":
+            return int(self.weights[MLM_DECODER].shape[0])
         return self.labels if self.pooling == "rank" else self.config.hidden_size
 
     def build(
@@ -172,10 +203,14 @@ class ModelSource:
             token_type_input=token_type_input,
             hidden_output=hidden_output,
             pooling_mask_input=pooling_mask_input,
+            head_activation=self.head_activation,
+            splade=(self.splade_pooling, self.splade_activation),
         )
 
 
 # --------------------------------------------------------------------------- weights
+
+TOKEN_TYPE_TABLE = "embeddings.token_type_embeddings.weight"  # optional: DistilBERT has none
 
 
 def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[str, Array]:
@@ -183,7 +218,8 @@ def canonical_weights(weights: Mapping[str, Array], config: BertConfig) -> dict[
 
     Old checkpoints' LayerNorm ``gamma``/``beta`` are renamed ``weight``/``bias``. Tensors the
     encoder doesn't use (pooler, MLM head, ``position_ids``) are dropped. A cross-encoder's
-    head (``classifier.dense``, ``classifier.out_proj``) is kept when it is there.
+    head (``classifier.dense``, ``classifier.out_proj``) is kept when it is there, and so is
+    the token type table (a model without one, DistilBERT, adds no type embedding).
     """
     renamed = {_hf_name(name): value for name, value in weights.items()}
     expected = _expected_shapes(renamed, config)
@@ -214,23 +250,33 @@ def _expected_shapes(
     try:
         vocab = weights["embeddings.word_embeddings.weight"].shape[0]
         positions = weights["embeddings.position_embeddings.weight"].shape[0]
-        types = weights["embeddings.token_type_embeddings.weight"].shape[0]
         ff = weights["encoder.layer.0.intermediate.dense.weight"].shape[0]
     except KeyError as exc:
         raise ValueError(f"tensor {exc.args[0]!r} is missing; is this a BERT encoder?") from None
     shapes: dict[str, tuple[int, ...]] = {
         "embeddings.word_embeddings.weight": (vocab, d),
         "embeddings.position_embeddings.weight": (positions, d),
-        "embeddings.token_type_embeddings.weight": (types, d),
         "embeddings.LayerNorm.weight": (d,),
         "embeddings.LayerNorm.bias": (d,),
     }
+    if TOKEN_TYPE_TABLE in weights:
+        shapes[TOKEN_TYPE_TABLE] = (weights[TOKEN_TYPE_TABLE].shape[0], d)
     if "classifier.out_proj.weight" in weights:
         labels = weights["classifier.out_proj.weight"].shape[0]
         shapes["classifier.dense.weight"] = (d, d)
         shapes["classifier.dense.bias"] = (d,)
         shapes["classifier.out_proj.weight"] = (labels, d)
         shapes["classifier.out_proj.bias"] = (labels,)
+    if MLM_DECODER in weights:
+        shapes[MLM_DECODER] = (vocab, d)
+        shapes["cls.predictions.decoder.bias"] = (vocab,)
+        shapes["cls.predictions.transform.dense.weight"] = (d, d)
+        for name in (
+            "transform.dense.bias",
+            "transform.LayerNorm.weight",
+            "transform.LayerNorm.bias",
+        ):
+            shapes[f"cls.predictions.{name}"] = (d,)
     for i in range(config.num_hidden_layers):
         p = f"encoder.layer.{i}."
         for square in ("self.query", "self.key", "self.value", "output.dense"):
@@ -346,7 +392,10 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         layer_norm_eps=float(gguf_field(reader, "bert.attention.layer_norm_epsilon", 1e-12)),
     )
     tensors = gguf_tensors(reader)
-    weights = canonical_weights(_from_gguf_names(tensors, config.num_hidden_layers), config)
+    named = _from_gguf_names(tensors, config.num_hidden_layers)
+    if gguf_field(reader, TASK_KEY, "") == SPARSE:
+        return _splade_source(reader, path, named, config)
+    weights = canonical_weights(named, config)
     pooling_type = int(gguf_field(reader, "bert.pooling_type", 1))
     if pooling_type not in _GGUF_POOLING:
         raise ValueError(
@@ -356,12 +405,41 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    activation = str(gguf_field(reader, HEAD_ACTIVATION_KEY, TANH))
+    if activation not in HEAD_ACTIVATIONS:
+        raise ValueError(
+            f"{path}: head activation {activation!r} is not supported "
+            f"({', '.join(HEAD_ACTIVATIONS)})"
+        )
     return ModelSource(
         weights=weights,
         config=config,
         pooling=_GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
         normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
+        head_activation=activation,
+    )
+
+
+def _splade_source(
+    reader: Any, path: Path, named: dict[str, Array], config: BertConfig
+) -> ModelSource:
+    """A SPLADE model's GGUF: the encoder, its MLM head (a tied decoder is the word
+    embeddings) and its SpladePooling settings."""
+    named.setdefault(MLM_DECODER, named["embeddings.word_embeddings.weight"])
+    if "cls.predictions.decoder.bias" not in named:
+        raise ValueError(f"{path}: a sparse encoder without its MLM head (mlm.* tensors)")
+    weights = canonical_weights(named, config)
+    positions = weights["embeddings.position_embeddings.weight"].shape[0]
+    max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
+    return ModelSource(
+        weights=weights,
+        config=config,
+        pooling="splade",
+        max_seq_length=min(max_len, positions),
+        normalize=False,
+        splade_pooling=str(gguf_field(reader, SPLADE_POOLING_KEY, "max")),
+        splade_activation=str(gguf_field(reader, SPLADE_ACTIVATION_KEY, "relu")),
     )
 
 
@@ -388,7 +466,7 @@ def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, A
         for hf, gg in ENCODER_EMBEDDING_TENSORS.items()
         for part in ("weight", "bias")
     }
-    for hf, gg in HEAD_TENSORS.items():
+    for hf, gg in (*HEAD_TENSORS.items(), *MLM_HEAD_TENSORS.items()):
         for part in ("weight", "bias"):
             names[f"{gg}.{part}"] = f"{hf}.{part}"
     for i in range(n_layers):
@@ -443,6 +521,8 @@ def build_bert_model(
     token_type_input: bool = False,
     hidden_output: bool = False,
     pooling_mask_input: bool = False,
+    head_activation: str = TANH,
+    splade: tuple[str, str] = ("max", "relu"),
 ) -> onnx.ModelProto:
     """The ONNX graph (opset 17) of ``BertModel`` followed by pooling.
 
@@ -453,19 +533,29 @@ def build_bert_model(
     last hidden state, not normalized; with ``hidden_output`` also ``last_hidden_state``.
     ``"rank"`` (a cross-encoder, whose weights hold ``classifier.dense`` and
     ``classifier.out_proj``): the output is instead the raw logits ``[batch, labels]`` of
-    the first row -> dense -> tanh -> dense.
+    the first row -> dense -> ``head_activation`` (tanh, or DistilBERT's relu) -> dense.
+    Weights without a token type table (DistilBERT) add no type embedding.
     With ``pooling_mask_input`` the mean is masked by another input, ``pooling_mask``
     (int64 ``[batch, seq]``): sentence-transformers' ``include_prompt: false`` attends to the
     prompt's tokens but leaves them out of the mean.
+    ``"splade"`` (weights with ``cls.predictions``): the MLM head's logits pooled as
+    ``SpladePooling`` with ``splade`` = (pooling strategy, activation) pools them; the output
+    is ``[batch, vocabulary]``.
     The operations follow transformers' eager ``BertModel`` in order (the additions of the
     embeddings, division of the scores by sqrt(head size), mask bias of float32's minimum,
     erf GELU), so float32 results agree to rounding.
     """
-    if pooling not in ("mean", "cls", "rank"):
-        raise ValueError(f"pooling {pooling!r} is not supported (mean, cls or rank)")
+    if pooling not in ("mean", "cls", "rank", "splade"):
+        raise ValueError(f"pooling {pooling!r} is not supported (mean, cls, rank or splade)")
     w = canonical_weights(weights, config)
     if pooling == "rank" and "classifier.out_proj.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's classifier head")
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ValueError(f"head activation {head_activation!r} is not supported")
+    if token_type_input and TOKEN_TYPE_TABLE not in w:
+        raise ValueError("token_type_ids need a token type table; this model has none")
+    if pooling == "splade" and MLM_DECODER not in w:
+        raise ValueError("pooling splade needs a masked language model's head (cls.predictions)")
     g = _Graph()
     batch_seq = ["batch", "sequence"]
     inputs = [
@@ -484,8 +574,11 @@ def build_bert_model(
         hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
     d = config.hidden_size
     if pooling == "rank":
-        pooled = _classify(g, w, hidden)
+        pooled = _classify(g, w, hidden, head_activation)
         width = w["classifier.out_proj.weight"].shape[0]
+    elif pooling == "splade":
+        logits = _mlm_logits(g, w, hidden, config.layer_norm_eps)
+        pooled, width = _splade(g, logits, *splade), w[MLM_DECODER].shape[0]
     else:
         pooled, width = _pool(g, hidden, pooling, pooling_mask), d
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
@@ -506,7 +599,7 @@ def build_bert_model(
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
             META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
-            META_TOKEN_TYPES: str(w["embeddings.token_type_embeddings.weight"].shape[0]),
+            META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
         },
     )
     onnx.checker.check_model(model)
@@ -514,11 +607,14 @@ def build_bert_model(
 
 
 def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
-    """word + token type, + position (transformers' order), then LayerNorm."""
+    """word + token type, + position (transformers' order), then LayerNorm; without a token
+    type table (DistilBERT) word + position."""
     p = "embeddings"
     words = g.op("Gather", [g.const(f"{p}.word", w[f"{p}.word_embeddings.weight"]), "input_ids"], p)
-    types_table = w[f"{p}.token_type_embeddings.weight"]
-    if token_types:
+    types_table = w.get(TOKEN_TYPE_TABLE)
+    if types_table is None:
+        types = None
+    elif token_types:
         types = g.op("Gather", [g.const(f"{p}.token_type", types_table), "token_type_ids"], p)
     else:
         types = g.const(f"{p}.token_type_0", types_table[0])
@@ -529,7 +625,8 @@ def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_typ
     zero = g.const("zero_1d", np.array([0], np.int64))
     positions_table = g.const(f"{p}.position", w[f"{p}.position_embeddings.weight"])
     positions = g.op("Slice", [positions_table, zero, seq_len, zero], p)  # axes [0]
-    summed = g.op("Add", [g.op("Add", [words, types], p), positions], p)
+    typed = words if types is None else g.op("Add", [words, types], p)
+    summed = g.op("Add", [typed, positions], p)
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
 
 
@@ -572,20 +669,71 @@ def _layer(
     eps = config.layer_norm_eps
     h = g.layer_norm(g.op("Add", [attended, x], p), w, f"{p}.attention.output.LayerNorm", eps)
     up = g.linear(h, w, f"{p}.intermediate.dense")
-    # Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the form ORT's Gelu fusion recognises.
-    sqrt2 = g.const("sqrt2", np.array(math.sqrt(2), np.float32))
-    one = g.const("f_one", np.array(1.0, np.float32))
-    half = g.const("half", np.array(0.5, np.float32))
-    erf = g.op("Erf", [g.op("Div", [up, sqrt2], p)], p)
-    gelu = g.op("Mul", [g.op("Mul", [up, g.op("Add", [erf, one], p)], p), half], p)
-    down = g.linear(gelu, w, f"{p}.output.dense")
+    down = g.linear(_gelu(g, up, p), w, f"{p}.output.dense")
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
 
 
-def _classify(g: _Graph, w: Mapping[str, Array], hidden: str) -> str:
-    """A cross-encoder's head on the first token: dense -> tanh -> dense, the raw logits."""
+def _gelu(g: _Graph, x: str, p: str) -> str:
+    """Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the form ORT's Gelu fusion recognises."""
+    sqrt2 = g.const("sqrt2", np.array(math.sqrt(2), np.float32))
+    one = g.const("f_one", np.array(1.0, np.float32))
+    half = g.const("half", np.array(0.5, np.float32))
+    erf = g.op("Erf", [g.op("Div", [x, sqrt2], p)], p)
+    return g.op("Mul", [g.op("Mul", [x, g.op("Add", [erf, one], p)], p), half], p)
+
+
+def _mlm_logits(g: _Graph, w: Mapping[str, Array], hidden: str, eps: float) -> str:
+    """``BertOnlyMLMHead``: dense -> GELU -> LayerNorm -> decoder, ``[batch, seq, vocab]``."""
+    p = "cls.predictions"
+    dense = g.linear(hidden, w, f"{p}.transform.dense")
+    transformed = g.layer_norm(_gelu(g, dense, p), w, f"{p}.transform.LayerNorm", eps)
+    return g.linear(transformed, w, f"{p}.decoder")
+
+
+def _log1p(g: _Graph, x: str) -> str:
+    """log(1 + x) to float32's precision for x >= 0, also where 1 + x rounds to 1 (ONNX has no
+    Log1p; log(1 + x) would turn a weight below 6e-8 into 0): log(u) * x / (u - 1) with
+    u = 1 + x, and x itself where u - 1 is 0 (Goldberg's formula)."""
+    one = g.const("f_one", np.array(1.0, np.float32))
+    u = g.op("Add", [x, one], "log1p")
+    d = g.op("Sub", [u, one], "log1p")
+    ratio = g.op("Div", [g.op("Mul", [g.op("Log", [u], "log1p"), x], "log1p"), d], "log1p")
+    zero = g.op("Equal", [d, g.const("f_zero", np.array(0.0, np.float32))], "log1p")
+    return g.op("Where", [zero, x, ratio], "log1p")
+
+
+def _splade(g: _Graph, logits: str, strategy: str, activation: str) -> str:
+    """SpladePooling: act(relu(logits * mask)) pooled over the tokens, act = log1p (twice for
+    ``log1p_relu``). For max the activation is monotonic, so it is applied to the maximum
+    (the same numbers, on [batch, vocab] instead of [batch, seq, vocab])."""
+    if strategy not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
+        raise ValueError(f"SPLADE pooling {strategy!r} with {activation!r} is not supported")
+    axes = g.const("axes_last", np.array([-1], np.int64))
+    mask = g.op(
+        "Cast",
+        [g.op("Unsqueeze", ["attention_mask", axes], "splade")],
+        "splade",
+        to=TensorProto.FLOAT,
+    )
+    masked = g.op("Mul", [logits, mask], "splade")  # padding's logits become 0, as the reference
+
+    def act(x: str) -> str:
+        weights = _log1p(g, g.op("Relu", [x], "splade"))
+        return _log1p(g, weights) if activation == "log1p_relu" else weights
+
+    if strategy == "max":
+        # Opset 17's ReduceMax takes its axes as an attribute (ReduceSum as an input).
+        return act(g.op("ReduceMax", [masked], "splade", axes=[1], keepdims=0))
+    seq_axis = g.const("axes_seq", np.array([1], np.int64))
+    return g.op("ReduceSum", [act(masked), seq_axis], "splade", keepdims=0)
+
+
+def _classify(g: _Graph, w: Mapping[str, Array], hidden: str, activation: str) -> str:
+    """A cross-encoder's head on the first token: dense -> tanh (or relu) -> dense, the raw
+    logits."""
     first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
-    dense = g.op("Tanh", [g.linear(first, w, "classifier.dense")], "head")
+    op = {"tanh": "Tanh", "relu": "Relu"}[activation]
+    dense = g.op(op, [g.linear(first, w, "classifier.dense")], "head")
     return g.linear(dense, w, "classifier.out_proj")
 
 
