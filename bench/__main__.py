@@ -92,8 +92,8 @@ FULL = Profile(
     stsb_pairs=None,
     rerank_s=4.0,
     rerank_warmup_s=0.5,
-    families_s=0.75,
-    families_warmup_s=0.2,
+    families_s=0.6,  # ~25 model/engine pairs, each with its server's start: ~3 min on 2 cores
+    families_warmup_s=0.15,
     families_auto_only=False,
 )
 QUICK = Profile(
