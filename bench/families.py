@@ -145,6 +145,8 @@ def tokenize_for_task(
     Embed and EmbedSparse with the model's default prompt (what a request naming none gets)
     and its lower-casing; for Classify as they are."""
     limit = info.max_input_tokens
+    # A model pooling without its prompt gets where pooling starts from the server with each
+    # input; in-process every token is pooled: a different mask, the same work.
     if info.task == CLASSIFY:
         return singles(tokenize_texts(tokenizer, texts, limit, Truncation()).sequences)
     params = EmbedParams(texts=texts)
