@@ -40,9 +40,18 @@ CLASSIFIER, SPLADE, RERANKER = "tiny-roberta-classifier", "tiny-splade", "tiny-m
 OUT_TYPES = ("f32", "f16")
 # f16: rounding the weights alone moves the probabilities by 1.5e-3 (the float64 computation
 # on the f16 weights gives the same; docs/design.md, "Families").
+# The issue's bars hold for f32, the type these models are imported with by default. An f16
+# file's own rounding moves its outputs past them before any engine runs (measured: the
+# probabilities by 1.55e-3, the ModernBERT reranker's scores by 4.8e-3, 42 of SPLADE's 49,686
+# non-zero entries flip at values below 1e-3; the engines equal a float64 computation on the
+# file's own weights to 1e-4: tests/integration/test_classifiers.py, test_modernbert.py,
+# test_sparse_engines.py), so f16 is held to what its rounding allows, rankings and top labels
+# unchanged.
 PROBABILITY_ERROR = {"f32": 1e-4, "f16": 2e-3}
-SCORE_ERROR = {"f32": 1e-4, "f16": 1e-3}
+SCORE_ERROR = {"f32": 1e-4, "f16": 6e-3}
 SPARSE_COSINE = 0.9999
+SPARSE_FLIPS = {"f32": 0, "f16": 50}  # entries in one model's support and not the other's
+SPARSE_FLIP_BELOW = 1e-3  # ... and each of them that small
 
 Vectors = npt.NDArray[np.float64]
 
@@ -169,17 +178,23 @@ def _check_sparse(rows: list[tuple[list[int], list[float]]], out_type: str) -> N
     reference = _sparse_reference()
     assert len(rows) == len(reference)
     vocab = int(np.load(MODELS / SPLADE / "reference" / "sparse.npz")["vocab_size"])
-    worst, mismatched = 1.0, 0
+    worst, mismatched, largest = 1.0, 0, 0.0
     for (indices, values), (ref_indices, ref_values) in zip(rows, reference, strict=True):
         assert indices == sorted(indices)
         got, want = np.zeros(vocab), np.zeros(vocab)
         got[indices], want[ref_indices] = values, ref_values
         cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
         worst = min(worst, cosine)
-        mismatched += len(set(indices) ^ set(ref_indices.tolist()))
-    print(f"MIN {SPLADE}-{out_type} sparse cosine {worst:.7f}, support differences {mismatched}")
+        flipped = list(set(indices) ^ set(ref_indices.tolist()))
+        mismatched += len(flipped)
+        largest = max([largest, *np.abs(got[flipped]), *np.abs(want[flipped])])
+    print(
+        f"MIN {SPLADE}-{out_type} sparse cosine {worst:.7f}, support differences {mismatched} "
+        f"(largest {largest:.1e})"
+    )
     assert worst >= SPARSE_COSINE
-    assert mismatched == 0
+    assert mismatched <= SPARSE_FLIPS[out_type]
+    assert largest < SPARSE_FLIP_BELOW
 
 
 @pytest.mark.parametrize("out_type", OUT_TYPES)
@@ -249,6 +264,17 @@ def test_modernbert_reranker_over_grpc_and_teis_rerank(served: Served, out_type:
 
 
 # --- the catalogue and the wrong task ---------------------------------------------------------
+
+
+def test_scorers_import_as_f32_by_default(tmp_path: Path) -> None:
+    """Without --type: f32 for a classifier, a sparse encoder and a reranker (f16 would move
+    their outputs past the bars), f16 for an embedding model."""
+    from embedd_server.core.catalog import read_model_info
+
+    expected = {CLASSIFIER: "f32", SPLADE: "f32", RERANKER: "f32", "tiny-bert-cls": "f16"}
+    for model, quantization in expected.items():
+        path = import_model(MODELS / model, tmp_path, report=lambda note: None)
+        assert read_model_info(path).quantization == quantization, model
 
 
 def test_models_show_family_task_engine_and_labels(served: Served) -> None:

@@ -192,12 +192,14 @@ def test_refusals_name_the_file_and_what_is_supported(tmp_path: Path, case: str)
 
 def test_f16_import_says_the_support_may_differ(tmp_path: Path) -> None:
     notes: list[str] = []
-    import_model(make_tiny_splade(tmp_path / "s"), tmp_path / "m", report=notes.append)
+    path = import_model(
+        make_tiny_splade(tmp_path / "s"), tmp_path / "m", out_type="f16", report=notes.append
+    )
     assert any("import it with --type f32 for exactly" in note for note in notes)
     notes.clear()
-    import_model(
-        make_tiny_splade(tmp_path / "s"), tmp_path / "m", out_type="f32", report=notes.append
-    )
+    path.unlink()
+    default = import_model(make_tiny_splade(tmp_path / "s"), tmp_path / "m", report=notes.append)
+    assert read_model_info(default).quantization == "f32"  # a sparse encoder's default type
     assert not any("--type f32" in note for note in notes)
 
 

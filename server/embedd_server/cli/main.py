@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="convert a Hugging Face model directory to GGUF")
     imp.add_argument("source", type=Path, help="directory with config.json, model.safetensors...")
     imp.add_argument(
-        "--type", default="f16", choices=("f32", "f16", "q8_0"), help="weight type (default f16)"
+        "--type",
+        choices=("f32", "f16", "q8_0"),
+        help="weight type (default: f16 for an embedding model; f32 for a reranker, classifier "
+        "or sparse encoder, whose scores f16 rounding moves past the reference's bars)",
     )
     imp.add_argument("--name", help="model name (file stem); default from the directory name")
     imp.add_argument(

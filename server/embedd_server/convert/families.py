@@ -116,6 +116,7 @@ class Family(ABC):
         if not self.labels:
             return EMBED
         return RERANK if len(self.labels) == 1 else CLASSIFY
+
     def check_max_seq_length(self, max_seq_length: int) -> None:
         """Refuses a maximum input length the family's llama.cpp graph can't compute exactly
         (e.g. longer than a sliding window it doesn't apply); every length by default."""

@@ -24,6 +24,7 @@ from embedd_server.convert.families import (
 )
 from embedd_server.convert.files import read_object
 from embedd_server.convert.mistral import Mistral
+from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -43,11 +44,14 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "CamembertForMaskedLM": Camembert,
     "MistralModel": Mistral,
     "MistralForCausalLM": Mistral,
+    "ModernBertModel": ModernBert,
+    "ModernBertForMaskedLM": ModernBert,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
     "RobertaForSequenceClassification": RobertaClassifier,
     "CamembertForSequenceClassification": CamembertClassifier,
+    "ModernBertForSequenceClassification": ModernBertClassifier,
 }
 # config.json's model_type, for a directory whose architectures name none of the above.
 _BY_MODEL_TYPE: dict[str, type[Family]] = {
@@ -58,6 +62,7 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "camembert": Camembert,
     "qwen3": Qwen3,
     "mistral": Mistral,
+    "modernbert": ModernBert,
 }
 
 

@@ -55,6 +55,7 @@ from embedd_server.core.catalog import (
     CLASSIFY,
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
+    EMBED,
     FAMILY_KEY,
     HEAD_ACTIVATION_KEY,
     HF_TOKENIZER_KEY,
@@ -65,6 +66,7 @@ from embedd_server.core.catalog import (
     PROBLEM_TYPE_KEY,
     PROMPTS_KEY,
     RERANK,
+    SPARSE,
     TASK_KEY,
 )
 from embedd_server.core.errors import EmbeddError, ModelImportError
@@ -107,7 +109,7 @@ def import_model(
     src: Path,
     models_dir: Path,
     *,
-    out_type: str = "f16",
+    out_type: str | None = None,
     name: str | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
@@ -117,7 +119,8 @@ def import_model(
     """Convert the model directory ``src`` into ``models_dir/<name>.gguf``; return that path.
 
     ``out_type`` is one of :data:`SUPPORTED_TYPES`: 2-D weights take it, norms and biases
-    stay f32 (as llama.cpp does). ``name`` defaults to :func:`default_name`. ``prompts``
+    stay f32 (as llama.cpp does); None picks :func:`default_type` for the model's task.
+    ``name`` defaults to :func:`default_name`. ``prompts``
     add to (or replace) the directory's own prompts, or where it has none, those of the
     curated table (:mod:`embedd_server.convert.prompts`) for the model's original name. The
     file is written to a temporary file in ``models_dir`` and renamed into place, so a
@@ -128,7 +131,7 @@ def import_model(
     modules.json. Every failure the user can fix raises :class:`ModelImportError` naming the
     file, key or tensor at fault and what is supported.
     """
-    if out_type not in SUPPORTED_TYPES:
+    if out_type is not None and out_type not in SUPPORTED_TYPES:
         raise ModelImportError(
             f"unsupported output type {out_type!r}; use one of {', '.join(SUPPORTED_TYPES)}",
             param="type",
@@ -136,11 +139,7 @@ def import_model(
     src = Path(src)
     if not src.is_dir():
         raise ModelImportError(f"{src} is not a directory; pass a Hugging Face model directory")
-    target = Path(models_dir) / f"{_check_name(name) if name else default_name(src, out_type)}.gguf"
-    if target.exists() and not overwrite:
-        raise ModelImportError(
-            f"{target} already exists; pass --overwrite to replace it or --name to choose another"
-        )
+    name = _check_name(name) if name else None
     splade = read_splade_modules(src)
     modules = None if splade else read_modules(src)
     model_dir = modules.transformer_dir if modules else src
@@ -150,19 +149,13 @@ def import_model(
     settings, stored_prompts, prompt_notes = _read_settings(
         src, model_dir, modules, family, prompts or {}, sparse=splade is not None
     )
-    if splade and out_type not in ("f32", "f16"):
+    out_type = out_type or default_type(SPARSE if splade else family.task)
+    if splade:
+        prompt_notes.extend(_sparse_type_notes(src, out_type))
+    target = Path(models_dir) / f"{name or default_name(src, out_type)}.gguf"
+    if target.exists() and not overwrite:
         raise ModelImportError(
-            f"{src} is a sparse (SPLADE) encoder, which ONNX Runtime serves from f32 or f16 "
-            f"weights only, not {out_type}; import it with --type f32 (SparseEncoder's exact "
-            "non-zero entries) or --type f16",
-            param="type",
-        )
-    if splade and out_type == "f16":
-        prompt_notes.append(
-            f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
-            "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
-            "SPLADE: 0.1% of the non-zeros); import it with --type f32 for exactly "
-            "SparseEncoder's non-zero entries"
+            f"{target} already exists; pass --overwrite to replace it or --name to choose another"
         )
     family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
@@ -212,6 +205,8 @@ def _add_family_and_task(writer: gguf.GGUFWriter, family: Family) -> None:
     if family.task == CLASSIFY:
         writer.add_string(TASK_KEY, CLASSIFY)
         writer.add_string(PROBLEM_TYPE_KEY, family.problem_type)
+
+
 def _read_settings(
     src: Path,
     model_dir: Path,
@@ -311,6 +306,36 @@ def _add_settings(writer: gguf.GGUFWriter, settings: Settings, prompts: Mapping[
         writer.add_string(DEFAULT_PROMPT_NAME_KEY, settings.default_prompt_name)
     if settings.pooling == RANK:
         writer.add_bool(PAIR_TOKEN_TYPES_KEY, settings.pair_token_types)
+
+
+def _sparse_type_notes(src: Path, out_type: str) -> list[str]:
+    """A sparse encoder's weight type: refused where ONNX Runtime can't serve it, a note where
+    f16 rounding moves its smallest weights across zero."""
+    if out_type not in ("f32", "f16"):
+        raise ModelImportError(
+            f"{src} is a sparse (SPLADE) encoder, which ONNX Runtime serves from f32 or f16 "
+            f"weights only, not {out_type}; import it with --type f32 (SparseEncoder's exact "
+            "non-zero entries) or --type f16",
+            param="type",
+        )
+    if out_type == "f16":
+        return [
+            f"{src.name}: a sparse encoder in {out_type}: the weights' rounding moves its "
+            "weights by up to ~1e-3, so a few that small become 0 or not (measured on a tiny "
+            "SPLADE: 0.1% of the non-zeros); import it with --type f32 for exactly "
+            "SparseEncoder's non-zero entries"
+        ]
+    return []
+
+
+def default_type(task: str) -> str:
+    """The weight type a model is imported with when none is asked for: f16 for an embedding
+    model (its vectors stay at cosine >= 0.9999 to the reference, half the size of f32), f32
+    for a model whose outputs are scores, class probabilities or a sparse vector's non-zero
+    entries: the rounding of its weights to f16 alone moved the shared models' probabilities
+    by 1.5e-3, a ModernBERT reranker's scores by 4.8e-3 and 42 of a SPLADE model's 49,686
+    non-zero entries (docs/design.md, "Families"), past the bars those outputs are held to."""
+    return "f16" if task == EMBED else "f32"
 
 
 def default_name(src: Path, out_type: str = "f16") -> str:

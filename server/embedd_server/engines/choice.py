@@ -1,8 +1,9 @@
 """Which engine serves a model: the runtime loader the server hands the registry.
 
 ``engine = "auto"`` (the default) picks ONNX Runtime for what it was measured to serve faster
-at the same vectors (docs/design.md, "Engines"): a BERT encoder with mean or CLS pooling, or a
-BERT / XLM-RoBERTa cross-encoder (pooling rank), f32 or f16 weights, on the CPU. Everything
+at the same vectors (docs/design.md, "Engines" and "Families"): a BERT or ModernBERT encoder
+with mean or CLS pooling, or a BERT / XLM-RoBERTa / ModernBERT cross-encoder (pooling rank),
+f32 or f16 weights, on the CPU. Everything
 else (other architectures, quantized files, pooling chosen at load time, GPU offload) runs on
 llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the forced engine
 cannot serve is then refused by name.
@@ -33,7 +34,7 @@ from embedd_server.engines.llama import (
 log = logging.getLogger(__name__)
 
 AUTO, _, ONNX = ENGINES
-_ONNX_ARCHITECTURES = frozenset({"bert"})
+_ONNX_ARCHITECTURES = frozenset({"bert", "modern-bert"})
 _ONNX_POOLINGS = frozenset({"mean", "cls", "rank"})
 _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 
@@ -43,7 +44,10 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
     model; None when it can."""
     n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
     if info.architecture not in _ONNX_ARCHITECTURES:
-        return f"architecture {info.architecture!r} (ONNX Runtime serves BERT encoders)"
+        return (
+            f"architecture {info.architecture!r} (ONNX Runtime serves "
+            f"{', '.join(sorted(_ONNX_ARCHITECTURES))})"
+        )
     if info.task == SPARSE:  # SPLADE pools in its own graph, whatever llama.cpp's pooling says
         if options.pooling is not None:
             return f"pooling {options.pooling!r} (a SPLADE model pools with SpladePooling only)"

@@ -130,8 +130,9 @@ def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None
 
 def rank_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't score a cross-encoder or classifier: its pairs give the document
-    token type 1, or its head has an activation other than tanh; None when it can."""
-    if info.head_activation != TANH:
+    token type 1, or its BERT-layout head has an activation other than tanh (llama.cpp's
+    ``bert`` rank pooling applies tanh; ``modern-bert`` applies its own); None when it can."""
+    if info.architecture == "bert" and info.head_activation != TANH:
         return (
             f"its classifier head applies {info.head_activation} between its two layers, and "
             "llama.cpp's rank pooling applies tanh, so its scores would be wrong"

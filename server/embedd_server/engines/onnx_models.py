@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from embedd_server.engines.onnx_graph import GraphSource, gguf_field, read_bert_gguf
+from embedd_server.engines.onnx_modernbert import read_modernbert_gguf
 
 # GGUF general.architecture -> the reader of such a file.
 GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {
     "bert": read_bert_gguf,
+    "modern-bert": read_modernbert_gguf,
 }
 
 
