@@ -552,7 +552,7 @@ def _bad_max_length(src: Path) -> None:
 
 
 SETTINGS_BREAKERS: dict[str, tuple[Breaker, str]] = {
-    "dense module": (_modules_with_dense, "modules.json: module '2_Dense' has type"),
+    "dense module without its files": (_modules_with_dense, "2_Dense/config.json is missing"),
     "two poolings": (_two_poolings, "1_Pooling/config.json: unsupported pooling mode (cls + mean)"),
     "weighted mean": (_weighted_mean, "unsupported pooling mode (weightedmean)"),
     "unknown default prompt": (_unknown_default_prompt, "default_prompt_name 'passage'"),

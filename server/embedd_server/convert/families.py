@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,21 @@ from embedd_server.core.catalog import (
     TANH,
 )
 from embedd_server.core.classes import REGRESSION, SINGLE_LABEL
+from embedd_server.core.dense import DenseLayer
 from embedd_server.core.errors import ModelImportError
 
 Shape = tuple[int, ...]
 Plan = list[tuple[str, str, Shape]]  # (Hugging Face name, GGUF name, expected shape)
+
+
+@dataclass(frozen=True)
+class NativeDense:
+    """Dense modules in an architecture's own layout: tensors (GGUF name, data) and uint32
+    keys."""
+
+    tensors: list[tuple[str, Array]]
+    keys: dict[str, int]
+
 
 _GELU = frozenset({"gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"})
 _ST_DEFAULT = FamilyDefault(
@@ -136,6 +148,12 @@ class Family(ABC):
     @abstractmethod
     def tensors(self, loaded: dict[str, Array], src: Path) -> list[tuple[str, Array]]:
         """(GGUF name, data) of every tensor llama.cpp needs, in writing order, checked."""
+
+    def native_dense(self, layers: tuple[DenseLayer, ...]) -> NativeDense | None:
+        """sentence-transformers Dense modules as the architecture's own tensors and keys,
+        which llama.cpp applies itself; None (the default) where llama.cpp has no such
+        tensors: the file then carries them under embedd's keys (core/dense.py)."""
+        return None
 
     def _pick(
         self,

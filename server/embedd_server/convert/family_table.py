@@ -23,8 +23,10 @@ from embedd_server.convert.families import (
     XlmRobertaReranker,
 )
 from embedd_server.convert.files import read_object
+from embedd_server.convert.gemma3 import Gemma3Embedding
 from embedd_server.convert.mistral import Mistral
 from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
+from embedd_server.convert.mpnet import MPNet
 from embedd_server.core.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
@@ -46,6 +48,9 @@ _BY_ARCHITECTURE: dict[str, type[Family]] = {
     "MistralForCausalLM": Mistral,
     "ModernBertModel": ModernBert,
     "ModernBertForMaskedLM": ModernBert,
+    "Gemma3TextModel": Gemma3Embedding,
+    "MPNetModel": MPNet,
+    "MPNetForMaskedLM": MPNet,
     "BertForSequenceClassification": BertReranker,
     "XLMRobertaForSequenceClassification": XlmRobertaReranker,
     "DistilBertForSequenceClassification": DistilBertClassifier,
@@ -63,6 +68,8 @@ _BY_MODEL_TYPE: dict[str, type[Family]] = {
     "qwen3": Qwen3,
     "mistral": Mistral,
     "modernbert": ModernBert,
+    "gemma3_text": Gemma3Embedding,
+    "mpnet": MPNet,
 }
 
 

@@ -2,7 +2,8 @@
 
 Uses only numpy, safetensors, tokenizers and the ``gguf`` package: no torch, no network.
 Each family (:mod:`embedd_server.convert.families`: BERT, XLM-RoBERTa, Qwen3;
-:mod:`~embedd_server.convert.mistral`; SPLADE, :mod:`~embedd_server.convert.splade`) is written as
+:mod:`~embedd_server.convert.mistral`; SPLADE, :mod:`~embedd_server.convert.splade`; Gemma3
+encoders, :mod:`~embedd_server.convert.gemma3`) is written as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes it (same keys, tensor names, tensor types and
 vocabulary form), so llama.cpp loads it and computes the same vectors. On top of that the
 file carries the whole ``tokenizer.json`` (``tokenizer.huggingface.json``) and what
@@ -10,6 +11,11 @@ sentence-transformers reads from the directory (:mod:`embedd_server.convert.st_s
 under ``sentence_transformers.*``: max_seq_length, normalize, do_lower_case, include_prompt,
 prompts (a JSON object, name to text) and default_prompt_name. The pooling goes into llama.cpp's
 own ``<arch>.pooling_type``.
+
+sentence-transformers ``Dense`` modules after the pooling (:mod:`embedd_server.convert.dense`)
+go in as the architecture's own tensors where llama.cpp applies them itself (EmbeddingGemma's
+``dense_2`` / ``dense_3``), else under embedd's ``embedd.dense.*`` keys
+(:mod:`embedd_server.core.dense`), which both engines apply.
 
 A model with a classifier head (``BertForSequenceClassification``, ``XLMRobertaFor...``,
 ``RobertaFor...``, ``CamembertFor...``, ``DistilBertForSequenceClassification``) is written as
@@ -36,7 +42,8 @@ import gguf
 import numpy as np
 
 from embedd_server.convert.calibration import calibration_vectors
-from embedd_server.convert.families import Family
+from embedd_server.convert.dense import read_dense_modules
+from embedd_server.convert.families import Family, NativeDense
 from embedd_server.convert.family_table import select_family
 from embedd_server.convert.files import Array, load_safetensors
 from embedd_server.convert.prompts import curated_prompts, original_names
@@ -69,6 +76,7 @@ from embedd_server.core.catalog import (
     SPARSE,
     TASK_KEY,
 )
+from embedd_server.core.dense import DenseLayer, dense_metadata
 from embedd_server.core.errors import EmbeddError, ModelImportError
 from embedd_server.core.quantization import (
     CALIBRATION_SET_KEY,
@@ -159,7 +167,7 @@ def import_model(
         )
     family.check_max_seq_length(settings.max_seq_length)
     tokenizer = family.load_tokenizer(model_dir)
-    tensors = family.tensors(load_safetensors(model_dir), model_dir)
+    tensors, dense, native_dense = _weights(family, model_dir, modules)
     converted = list(_converted(family, tensors, out_type, progress))
     vocab_notes: list[str] = []
 
@@ -175,6 +183,7 @@ def import_model(
         vocab_notes[:] = family.add_vocab(writer, tokenizer, model_dir)
         writer.add_string(HF_TOKENIZER_KEY, tokenizer.text)
         _add_settings(writer, settings, stored_prompts)
+        _add_dense(writer, dense, native_dense)
         if calibration is not None:
             writer.add_string(CALIBRATION_SET_KEY, CALIBRATION_SET_SHA256)
             writer.add_array(CALIBRATION_VECTORS_KEY, calibration.reshape(-1).tolist())
@@ -306,6 +315,36 @@ def _add_settings(writer: gguf.GGUFWriter, settings: Settings, prompts: Mapping[
         writer.add_string(DEFAULT_PROMPT_NAME_KEY, settings.default_prompt_name)
     if settings.pooling == RANK:
         writer.add_bool(PAIR_TOKEN_TYPES_KEY, settings.pair_token_types)
+
+
+def _weights(
+    family: Family, model_dir: Path, modules: Modules | None
+) -> tuple[list[tuple[str, Array]], tuple[DenseLayer, ...], NativeDense | None]:
+    """The tensors to write, the Dense modules after pooling, and those modules in the
+    architecture's own layout where llama.cpp applies them itself (their tensors are then
+    among the first)."""
+    tensors = family.tensors(load_safetensors(model_dir), model_dir)
+    dense = read_dense_modules(modules.dense_dirs, family.n_embd) if modules else ()
+    native = family.native_dense(dense) if dense else None
+    if native is not None:
+        tensors += native.tensors
+    return tensors, dense, native
+
+
+def _add_dense(
+    writer: gguf.GGUFWriter, dense: tuple[DenseLayer, ...], native: NativeDense | None
+) -> None:
+    """The Dense modules' keys: the architecture's own (llama.cpp applies its tensors), else
+    embedd's, which carry the weights too (core/dense.py)."""
+    if native is not None:
+        for key, number in native.keys.items():
+            writer.add_uint32(key, number)
+        return
+    for key, value in dense_metadata(dense).items():
+        if isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, value)
 
 
 def _sparse_type_notes(src: Path, out_type: str) -> list[str]:

@@ -42,7 +42,7 @@ _POOLING_FLAGS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
+_MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,18 @@ class Settings:
 
 @dataclass(frozen=True)
 class Modules:
-    """The module list of ``modules.json``: where the Transformer and Pooling live."""
+    """The module list of ``modules.json``: where the Transformer, Pooling and any Dense
+    modules (in order) live."""
 
     transformer_dir: Path
     pooling_dir: Path | None
     normalize: bool
+    dense_dirs: tuple[Path, ...] = ()
 
 
 def read_modules(src: Path) -> Modules | None:
-    """``src/modules.json`` (None when absent): Transformer, then Pooling, then Normalize."""
+    """``src/modules.json`` (None when absent): Transformer, then Pooling, then any number of
+    Dense modules, then optionally Normalize."""
     path = src / "modules.json"
     if not path.is_file():
         return None
@@ -96,18 +99,26 @@ def read_modules(src: Path) -> Modules | None:
         if kind not in _MODULE_KINDS:
             raise ModelImportError(
                 f"{path}: module {module.get('path', '')!r} has type {type_name!r}; embedd "
-                "imports a Transformer followed by a Pooling and optionally a Normalize module "
-                "(no Dense, LayerNorm or other modules)"
+                "imports a Transformer followed by a Pooling, any Dense modules and optionally "
+                "a Normalize module (no LayerNorm or other modules)"
             )
         kinds.append(kind)
         dirs.append(src / str(module.get("path", "")))
-    allowed = (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
-    if kinds not in allowed:
+    dense = 2
+    while dense < len(kinds) and kinds[dense] == "Dense":
+        dense += 1
+    normalize = kinds[dense:] == ["Normalize"]
+    if kinds[:2] != ["Transformer", "Pooling"] or not (normalize or dense == len(kinds)):
         raise ModelImportError(
-            f"{path} lists the modules {kinds}; embedd imports Transformer, Pooling "
-            "and optionally Normalize, in that order"
+            f"{path} lists the modules {kinds}; embedd imports Transformer, Pooling, any "
+            "Dense modules and optionally Normalize, in that order"
         )
-    return Modules(transformer_dir=dirs[0], pooling_dir=dirs[1], normalize=len(kinds) == 3)
+    return Modules(
+        transformer_dir=dirs[0],
+        pooling_dir=dirs[1],
+        normalize=normalize,
+        dense_dirs=tuple(dirs[2:dense]),
+    )
 
 
 def read_settings(

@@ -346,7 +346,9 @@ def add_llama_vocab(
     tokens = [token for token, _ in entries]
     types: list[int] = []
     for token, kind in entries:
-        if kind == TokenType.NORMAL and _BYTE_TOKEN.fullmatch(token):
+        if _BYTE_TOKEN.fullmatch(token):
+            # Byte pieces whatever tokenizer.json calls them (Gemma's are special added
+            # tokens): llama.cpp's byte fallback needs them typed BYTE.
             types.append(int(TokenType.BYTE))
         elif token == unk:
             types.append(int(TokenType.UNKNOWN))

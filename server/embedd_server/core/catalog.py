@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedd_server.core.dense import DENSE_COUNT_KEY, dense_key
 from embedd_server.core.errors import ModelLoadError
 
 # llama.cpp's enum llama_pooling_type.
@@ -65,6 +66,10 @@ FAMILY_KEY = "embedd.family"
 HEAD_ACTIVATION_KEY = "embedd.head_activation"
 TANH, RELU = "tanh", "relu"
 HEAD_ACTIVATIONS = (TANH, RELU)
+
+# GGUF architectures of embedd's own, for families llama.cpp has no graph for (it cannot load
+# such a file, not even its vocabulary): architecture -> the family's name.
+OWN_ARCHITECTURES = {"mpnet": "MPNet"}
 
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"
 MAX_SEQ_LENGTH_KEY = "sentence_transformers.max_seq_length"
@@ -169,8 +174,9 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
     labels = _labels(fields, arch, pooling)
     vocab_size = int(fields.get("tokenizer.ggml.tokens.count", 0))
     # A cross-encoder's output is one logit per label, a sparse encoder's one weight per
-    # vocabulary entry, not a hidden-size vector.
-    dimensions = labels or int(fields.get(f"{arch}.embedding_length", 0))
+    # vocabulary entry, not a hidden-size vector; after sentence-transformers Dense modules,
+    # the last one's width.
+    dimensions = labels or _dense_width(fields) or int(fields.get(f"{arch}.embedding_length", 0))
     if fields.get(TASK_KEY) == SPARSE:
         dimensions = vocab_size
     return ModelInfo(
@@ -200,6 +206,13 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         problem_type=str(fields.get(PROBLEM_TYPE_KEY, "")),
         head_activation=str(fields.get(HEAD_ACTIVATION_KEY, TANH)),
     )
+
+
+def _dense_width(fields: dict[str, Any]) -> int:
+    """The output width of the Dense modules the file carries under embedd's keys; 0 without
+    them (llama.cpp's own gemma-embedding projections end at the hidden size)."""
+    count = int(fields.get(DENSE_COUNT_KEY, 0))
+    return int(fields.get(dense_key(count - 1, "out_features"), 0)) if count else 0
 
 
 def _label_names(fields: dict[str, Any], arch: str, labels: int) -> tuple[str, ...]:

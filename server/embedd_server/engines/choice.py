@@ -2,11 +2,13 @@
 
 ``engine = "auto"`` (the default) picks ONNX Runtime for what it was measured to serve faster
 at the same vectors (docs/design.md, "Engines" and "Families"): a BERT or ModernBERT encoder
-with mean or CLS pooling, or a BERT / XLM-RoBERTa / ModernBERT cross-encoder (pooling rank),
-f32 or f16 weights, on the CPU. Everything
+with mean or CLS pooling, a BERT / XLM-RoBERTa / ModernBERT cross-encoder (pooling rank), or a
+Gemma3 encoder (``gemma-embedding``, EmbeddingGemma: llama.cpp's tanh-GELU goes through an f16
+table, ONNX Runtime is exact and was measured faster), f32 or f16 weights, on the CPU. Everything
 else (other architectures, quantized files, pooling chosen at load time, GPU offload) runs on
-llama.cpp. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces one; a model the forced engine
-cannot serve is then refused by name.
+llama.cpp, except MPNet (architecture ``mpnet``, ours), which llama.cpp has no graph for: ONNX
+Runtime serves it in every case it can. ``engine = "llama.cpp"`` or ``"onnxruntime"`` forces
+one; a model the forced engine cannot serve is then refused by name.
 
 llama.cpp cannot serve a cross-encoder with two token types (BERT's: the document of a pair
 is type 1; llama.cpp gives every token type 0) nor a classifier head whose activation is not
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
+from embedd_server.core.catalog import CLASSIFY, OWN_ARCHITECTURES, RERANK, SPARSE, ModelInfo
 from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Runtime
@@ -34,7 +36,11 @@ from embedd_server.engines.llama import (
 log = logging.getLogger(__name__)
 
 AUTO, _, ONNX = ENGINES
-_ONNX_ARCHITECTURES = frozenset({"bert", "modern-bert"})
+_ONNX_ARCHITECTURES = frozenset({"bert", "gemma-embedding", "modern-bert", "mpnet"})
+# Architectures of ours, which llama.cpp has no graph for: ONNX Runtime is their only engine,
+# so it serves whatever weights it reads (quantized ones dequantized), on the CPU even where
+# the settings offload to a GPU.
+_LLAMA_LACKS = OWN_ARCHITECTURES
 _ONNX_POOLINGS = frozenset({"mean", "cls", "rank"})
 _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 
@@ -42,12 +48,25 @@ _ONNX_WEIGHTS = frozenset({"f32", "f16"})
 def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions) -> str | None:
     """Why ONNX Runtime can't (or, being slower or less exact there, shouldn't) serve this
     model; None when it can."""
-    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
     if info.architecture not in _ONNX_ARCHITECTURES:
         return (
             f"architecture {info.architecture!r} (ONNX Runtime serves "
             f"{', '.join(sorted(_ONNX_ARCHITECTURES))})"
         )
+    if (why := _pooling_refusal(info, options)) is not None:
+        return why
+    if info.architecture in _LLAMA_LACKS:
+        return None  # its only engine: any weights, on the CPU
+    n_gpu_layers = settings.n_gpu_layers if options.n_gpu_layers is None else options.n_gpu_layers
+    if info.quantization not in _ONNX_WEIGHTS:
+        return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
+    if n_gpu_layers != 0:
+        return "GPU offload (llama.cpp serves GPUs)"
+    return None
+
+
+def _pooling_refusal(info: ModelInfo, options: LoadOptions) -> str | None:
+    """Why ONNX Runtime's graph can't pool this model as asked; None when it can."""
     if info.task == SPARSE:  # SPLADE pools in its own graph, whatever llama.cpp's pooling says
         if options.pooling is not None:
             return f"pooling {options.pooling!r} (a SPLADE model pools with SpladePooling only)"
@@ -56,15 +75,13 @@ def onnx_refusal(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             f"pooling {options.pooling or info.pooling!r} (ONNX Runtime pools mean or cls, or "
             "scores with a cross-encoder's own head)"
         )
-    if info.quantization not in _ONNX_WEIGHTS:
-        return f"{info.quantization} weights (ONNX Runtime computes f32 from f32 or f16)"
-    if n_gpu_layers != 0:
-        return "GPU offload (llama.cpp serves GPUs)"
     return None
 
 
 def llama_refusal(info: ModelInfo) -> str | None:
     """Why llama.cpp can't serve this model exactly; None when it can."""
+    if (family := _LLAMA_LACKS.get(info.architecture)) is not None:
+        return f"llama.cpp has no {family} architecture; engine=auto or onnxruntime serve it"
     if info.task == SPARSE:
         return (
             "it is a SPLADE sparse encoder, and llama.cpp has neither its masked-language-model "
@@ -86,6 +103,13 @@ def engine_for(info: ModelInfo, settings: EngineSettings, options: LoadOptions) 
     if settings.engine == ONNX or (settings.engine == AUTO and refusal is None):
         return ONNX
     if (why := llama_refusal(info)) is not None:
+        if info.architecture in _LLAMA_LACKS:
+            if refusal is None:
+                raise ModelLoadError(f"engine=llama.cpp cannot serve {info.name}: {why}.")
+            raise ModelLoadError(
+                f"No engine can serve {info.name}: {why}, but ONNX Runtime not with its "
+                f"{refusal}. Load it with the pooling its file names."
+            )
         if refusal is None:
             raise ModelLoadError(
                 f"engine=llama.cpp cannot serve {info.name}: {why}. "

@@ -35,6 +35,13 @@ from embedd_server.core.catalog import (
     ModelInfo,
     read_model_info,
 )
+from embedd_server.core.dense import (
+    DENSE_COUNT_KEY,
+    DenseLayer,
+    apply_dense,
+    check_stack,
+    read_dense_gguf,
+)
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Engine
@@ -94,6 +101,12 @@ class LlamaModelWeights:
             )
         else:
             self.dimensions = int(self.model.n_embd()) or _embedding_length(metadata)
+        # The width of llama.cpp's pooled rows; sentence-transformers Dense modules that
+        # llama.cpp doesn't apply (all but gemma-embedding's own) are applied after it.
+        self.pooled_width = self.dimensions
+        self.dense = _dense_layers(path, metadata)
+        if self.dense:
+            self.dimensions = self.dense[-1].out_features
         self.vocab_size = int(self.model.n_vocab())
         self._lock = threading.Lock()  # guards tokenize calls from several threads
 
@@ -109,6 +122,24 @@ class LlamaModelWeights:
 
     def close(self) -> None:
         self.model.close()
+
+
+def _dense_layers(path: Path, metadata: dict[str, str]) -> tuple[DenseLayer, ...]:
+    """The Dense modules the file carries under embedd's keys (core/dense.py), which this
+    engine applies to llama.cpp's pooled vectors; none for most files."""
+    if int(metadata.get(DENSE_COUNT_KEY, "0")) == 0:
+        return ()
+    from gguf import GGUFReader
+
+    try:
+        layers = read_dense_gguf(GGUFReader(path, "r"))
+        check_stack(layers, int(_embedding_length(metadata)))
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{path.name}: its Dense modules cannot be read ({exc}); re-create the file with "
+            "`embedd import`."
+        ) from None
+    return layers
 
 
 def check_rank_model(weights: LlamaModelWeights, pooling_type: int | None = None) -> None:
@@ -238,6 +269,8 @@ class LlamaEngine:
         self._get_embeddings = llama_cpp.llama_get_embeddings_seq  # type: ignore[attr-defined]
         self._get_token_embeddings = llama_cpp.llama_get_embeddings  # type: ignore[attr-defined]
         self._dimensions = weights.dimensions
+        self._pooled_width = weights.pooled_width  # llama.cpp's rows, before self._dense
+        self._dense = weights.dense
 
     @classmethod
     def from_spec(cls, weights: LlamaModelWeights, spec: EngineSpec) -> LlamaEngine:
@@ -290,8 +323,8 @@ class LlamaEngine:
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         if self._pool_from_starts:
-            return self._mean_from_starts(lengths, starts)
-        vectors = np.empty((len(lengths), self._dimensions), dtype=np.float32)
+            return self._with_dense(self._mean_from_starts(lengths, starts))
+        vectors = np.empty((len(lengths), self._pooled_width), dtype=np.float32)
         for index in range(len(lengths)):
             pointer = self._get_embeddings(self._ctx.ctx, index)
             if not pointer:
@@ -299,9 +332,13 @@ class LlamaEngine:
             # One copy straight out of llama.cpp's buffer: no per-float Python objects. With
             # pooling rank the buffer holds the sequence's n_cls_out logits.
             vectors[index] = np.ctypeslib.as_array(
-                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._dimensions,)
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._pooled_width,)
             )
-        return vectors
+        return self._with_dense(vectors)
+
+    def _with_dense(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The pooled vectors through the file's Dense modules (float64), if it has any."""
+        return apply_dense(vectors, self._dense) if self._dense else vectors
 
     def _mean_from_starts(
         self, lengths: Int32Array, starts: Int32Array | None
@@ -312,7 +349,7 @@ class LlamaEngine:
             raise RuntimeError("llama.cpp returned no token embeddings")
         token_vectors = np.ctypeslib.as_array(
             ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
-            shape=(int(lengths.sum()), self._dimensions),
+            shape=(int(lengths.sum()), self._pooled_width),
         )
         return masked_means(
             token_vectors, lengths, starts_array(None, lengths) if starts is None else starts

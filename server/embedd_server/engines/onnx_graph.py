@@ -56,6 +56,7 @@ from embedd_server.core.catalog import (
     TANH,
     TASK_KEY,
 )
+from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
 from embedd_server.core.sparse import MLM_HEAD_TENSORS, SPLADE_ACTIVATION_KEY, SPLADE_POOLING_KEY
 
 Pooling = Literal["mean", "cls", "rank", "splade"]
@@ -72,7 +73,7 @@ META_VOCAB_SIZE = "embedd.vocab_size"
 META_TOKEN_TYPES = "embedd.type_vocab_size"
 
 # llama.cpp's enum llama_pooling_type
-_GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
+GGUF_POOLING: dict[int, Pooling] = {1: "mean", 2: "cls", 4: "rank"}
 # A cross-encoder's head, by the names the graph uses (XLM-RoBERTa's), and its GGUF names.
 HEAD_TENSORS = {"classifier.dense": "cls", "classifier.out_proj": "cls.output"}
 _GELU = frozenset({"gelu", "gelu_python"})  # exact (erf) GELU; the tanh forms would differ
@@ -166,6 +167,7 @@ class ModelSource:
     # A SPLADE model's SpladePooling: "max" or "sum" over the tokens, "relu" or "log1p_relu".
     splade_pooling: str = "max"
     splade_activation: str = "relu"
+    dense: tuple[DenseLayer, ...] = ()  # sentence-transformers Dense modules after pooling
 
     @property
     def labels(self) -> int:
@@ -183,10 +185,12 @@ class ModelSource:
     @property
     def dimensions(self) -> int:
         """Width of the graph's output: a cross-encoder's labels, a SPLADE model's
-        vocabulary, else the hidden size."""
+        vocabulary, else the hidden size or the last Dense module's width."""
         if self.pooling == "splade":
             return int(self.weights[MLM_DECODER].shape[0])
-        return self.labels if self.pooling == "rank" else self.config.hidden_size
+        if self.pooling == "rank":
+            return self.labels
+        return dense_width(self.dense, self.config.hidden_size)
 
     def build(
         self,
@@ -205,6 +209,7 @@ class ModelSource:
             pooling_mask_input=pooling_mask_input,
             head_activation=self.head_activation,
             splade=(self.splade_pooling, self.splade_activation),
+            dense=self.dense,
         )
 
 
@@ -397,11 +402,11 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
         return _splade_source(reader, path, named, config)
     weights = canonical_weights(named, config)
     pooling_type = int(gguf_field(reader, "bert.pooling_type", 1))
-    if pooling_type not in _GGUF_POOLING:
+    if pooling_type not in GGUF_POOLING:
         raise ValueError(
             f"{path}: pooling type {pooling_type} is not supported (mean, cls or rank)"
         )
-    if _GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
+    if GGUF_POOLING[pooling_type] == "rank" and "classifier.out_proj.weight" not in weights:
         raise ValueError(f"{path}: a cross-encoder (pooling rank) without its cls.output tensors")
     positions = weights["embeddings.position_embeddings.weight"].shape[0]
     max_len = int(gguf_field(reader, "sentence_transformers.max_seq_length", positions))
@@ -411,13 +416,16 @@ def read_bert_gguf(reader: Any, path: Path) -> ModelSource:
             f"{path}: head activation {activation!r} is not supported "
             f"({', '.join(HEAD_ACTIVATIONS)})"
         )
+    dense = read_dense_gguf(reader)
+    check_stack(dense, config.hidden_size)
     return ModelSource(
         weights=weights,
         config=config,
-        pooling=_GGUF_POOLING[pooling_type],
+        pooling=GGUF_POOLING[pooling_type],
         max_seq_length=min(max_len, positions),
         normalize=bool(gguf_field(reader, "sentence_transformers.normalize", False)),
         head_activation=activation,
+        dense=dense,
     )
 
 
@@ -479,8 +487,9 @@ def _from_gguf_names(tensors: Mapping[str, Array], n_layers: int) -> dict[str, A
 # --------------------------------------------------------------------------- graph
 
 
-class _Graph:
-    """Collects nodes and initializers; every value gets a fresh, readable name."""
+class Graph:
+    """Collects nodes and initializers; every value gets a fresh, readable name. Every
+    family's graph builder uses it."""
 
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -496,6 +505,7 @@ class _Graph:
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        """A node ``op_type(inputs)`` with attributes ``attrs``; returns its output's name."""
         self._count += 1
         out = f"{name}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
@@ -508,6 +518,7 @@ class _Graph:
         return self.op("Add", [self.op("MatMul", [x, w], prefix), b], prefix)
 
     def layer_norm(self, x: str, weights: Mapping[str, Array], prefix: str, eps: float) -> str:
+        """LayerNormalization over the last axis with ``prefix``'s weight and bias."""
         gamma = self.const(f"{prefix}.weight", weights[f"{prefix}.weight"])
         beta = self.const(f"{prefix}.bias", weights[f"{prefix}.bias"])
         return self.op("LayerNormalization", [x, gamma, beta], prefix, axis=-1, epsilon=eps)
@@ -523,8 +534,10 @@ def build_bert_model(
     pooling_mask_input: bool = False,
     head_activation: str = TANH,
     splade: tuple[str, str] = ("max", "relu"),
+    dense: Sequence[DenseLayer] = (),
 ) -> onnx.ModelProto:
-    """The ONNX graph (opset 17) of ``BertModel`` followed by pooling.
+    """The ONNX graph (opset 17) of ``BertModel`` followed by pooling (and ``dense``, the
+    sentence-transformers Dense modules, on the pooled vector).
 
     Inputs: ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``, and with
     ``token_type_input`` also ``token_type_ids`` (otherwise every token has type 0, as
@@ -556,22 +569,15 @@ def build_bert_model(
         raise ValueError("token_type_ids need a token type table; this model has none")
     if pooling == "splade" and MLM_DECODER not in w:
         raise ValueError("pooling splade needs a masked language model's head (cls.predictions)")
-    g = _Graph()
-    batch_seq = ["batch", "sequence"]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, batch_seq),
-    ]
-    if token_type_input:
-        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, batch_seq))
-    pooling_mask = "attention_mask"
-    if pooling_mask_input and pooling == "mean":
-        pooling_mask = POOLING_MASK_NAME
-        inputs.append(helper.make_tensor_value_info(pooling_mask, TensorProto.INT64, batch_seq))
+    g = Graph()
+    inputs, pooling_mask = graph_inputs(
+        token_type_input=token_type_input,
+        pooling_mask_input=pooling_mask_input and pooling == "mean",
+    )
     hidden = _embeddings(g, w, config, token_type_input)
-    bias = _mask_bias(g)
+    bias = attention_mask_bias(g)
     for i in range(config.num_hidden_layers):
-        hidden = _layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
+        hidden = encoder_layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
     d = config.hidden_size
     if pooling == "rank":
         pooled = _classify(g, w, hidden, head_activation)
@@ -580,33 +586,73 @@ def build_bert_model(
         logits = _mlm_logits(g, w, hidden, config.layer_norm_eps)
         pooled, width = _splade(g, logits, *splade), w[MLM_DECODER].shape[0]
     else:
-        pooled, width = _pool(g, hidden, pooling, pooling_mask), d
-    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
-    if hidden_output:
-        g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
-        outputs.append(
-            helper.make_tensor_value_info(HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*batch_seq, d])
-        )
-    graph = helper.make_graph(g.nodes, "bert_encoder", inputs, outputs, g.initializers)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
-    )
-    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
-    helper.set_model_props(
-        model,
-        {
+        pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
+        width = dense_width(dense, d)
+    return finish_model(
+        g,
+        "bert_encoder",
+        inputs,
+        (pooled, width),
+        hidden=(hidden, d) if hidden_output else None,
+        meta={
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
             META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
             META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
         },
     )
+
+
+_BATCH_SEQ = ["batch", "sequence"]
+
+
+def graph_inputs(
+    *, token_type_input: bool, pooling_mask_input: bool
+) -> tuple[list[onnx.ValueInfoProto], str]:
+    """An encoder graph's inputs (int64 ``[batch, seq]``: ``input_ids``, ``attention_mask``,
+    optionally ``token_type_ids`` and ``pooling_mask``) and the name of the mean's mask."""
+    names = ["input_ids", "attention_mask"]
+    if token_type_input:
+        names.append("token_type_ids")
+    if pooling_mask_input:
+        names.append(POOLING_MASK_NAME)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _BATCH_SEQ) for n in names]
+    return inputs, POOLING_MASK_NAME if pooling_mask_input else "attention_mask"
+
+
+def finish_model(
+    g: Graph,
+    name: str,
+    inputs: list[onnx.ValueInfoProto],
+    output: tuple[str, int],
+    *,
+    hidden: tuple[str, int] | None,
+    meta: Mapping[str, str],
+) -> onnx.ModelProto:
+    """The checked opset-17 model of ``g``: ``output`` (value, width) becomes
+    ``sentence_embedding`` ``[batch, width]``, ``hidden`` (value, width), when given,
+    ``last_hidden_state``; ``meta`` goes into the model's properties for OnnxEngine."""
+    pooled, width = output
+    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
+    if hidden is not None:
+        g.nodes.append(helper.make_node("Identity", [hidden[0]], [HIDDEN_OUTPUT_NAME]))
+        outputs.append(
+            helper.make_tensor_value_info(
+                HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*_BATCH_SEQ, hidden[1]]
+            )
+        )
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
+    )
+    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
+    helper.set_model_props(model, dict(meta))
     onnx.checker.check_model(model)
     return model
 
 
-def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
+def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
     """word + token type, + position (transformers' order), then LayerNorm; without a token
     type table (DistilBERT) word + position."""
     p = "embeddings"
@@ -630,7 +676,7 @@ def _embeddings(g: _Graph, w: Mapping[str, Array], config: BertConfig, token_typ
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
 
 
-def _mask_bias(g: _Graph) -> str:
+def attention_mask_bias(g: Graph) -> str:
     """``(1 - mask) * float32.min`` as ``[batch, 1, 1, seq]``, added to attention scores.
 
     Two Unsqueezes, then Cast, Sub, Mul: the exact pattern ORT's Attention fusion matches.
@@ -645,10 +691,21 @@ def _mask_bias(g: _Graph) -> str:
     return g.op("Mul", [inverted, minimum], "mask")
 
 
-def _layer(
-    g: _Graph, w: Mapping[str, Array], config: BertConfig, x: str, *, p: str, mask_bias: str
+def encoder_layer(
+    g: Graph,
+    w: Mapping[str, Array],
+    config: BertConfig,
+    x: str,
+    *,
+    p: str,
+    mask_bias: str,
+    position_bias: str | None = None,
 ) -> str:
-    """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward."""
+    """One post-LayerNorm encoder layer: self-attention, then the GELU feed-forward.
+
+    Weights by BERT's Hugging Face names under ``p``. ``position_bias`` (MPNet's relative
+    position bias, ``[1 or batch, heads, seq, seq]``) is added to the scaled scores before the
+    mask, as transformers' ``MPNetSelfAttention`` adds it."""
     heads, head_size = config.num_attention_heads, config.head_size
     split = g.const(f"{p}.split_shape", np.array([0, 0, heads, head_size], np.int64))
 
@@ -661,6 +718,8 @@ def _layer(
     v = heads_of("value", [0, 2, 1, 3])
     scale = g.const(f"{p}.scale", np.array(math.sqrt(head_size), np.float32))
     scores = g.op("Div", [g.op("MatMul", [q, k], p), scale], p)
+    if position_bias is not None:
+        scores = g.op("Add", [scores, position_bias], p)
     probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], p)], p, axis=-1)
     context = g.op("Transpose", [g.op("MatMul", [probs, v], p)], p, perm=[0, 2, 1, 3])
     merge = g.const(f"{p}.merge_shape", np.array([0, 0, config.hidden_size], np.int64))
@@ -673,7 +732,7 @@ def _layer(
     return g.layer_norm(g.op("Add", [down, h], p), w, f"{p}.output.LayerNorm", eps)
 
 
-def _gelu(g: _Graph, x: str, p: str) -> str:
+def _gelu(g: Graph, x: str, p: str) -> str:
     """Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the form ORT's Gelu fusion recognises."""
     sqrt2 = g.const("sqrt2", np.array(math.sqrt(2), np.float32))
     one = g.const("f_one", np.array(1.0, np.float32))
@@ -682,7 +741,7 @@ def _gelu(g: _Graph, x: str, p: str) -> str:
     return g.op("Mul", [g.op("Mul", [x, g.op("Add", [erf, one], p)], p), half], p)
 
 
-def _mlm_logits(g: _Graph, w: Mapping[str, Array], hidden: str, eps: float) -> str:
+def _mlm_logits(g: Graph, w: Mapping[str, Array], hidden: str, eps: float) -> str:
     """``BertOnlyMLMHead``: dense -> GELU -> LayerNorm -> decoder, ``[batch, seq, vocab]``."""
     p = "cls.predictions"
     dense = g.linear(hidden, w, f"{p}.transform.dense")
@@ -690,7 +749,7 @@ def _mlm_logits(g: _Graph, w: Mapping[str, Array], hidden: str, eps: float) -> s
     return g.linear(transformed, w, f"{p}.decoder")
 
 
-def _log1p(g: _Graph, x: str) -> str:
+def _log1p(g: Graph, x: str) -> str:
     """log(1 + x) to float32's precision for x >= 0, also where 1 + x rounds to 1 (ONNX has no
     Log1p; log(1 + x) would turn a weight below 6e-8 into 0): log(u) * x / (u - 1) with
     u = 1 + x, and x itself where u - 1 is 0 (Goldberg's formula)."""
@@ -702,7 +761,7 @@ def _log1p(g: _Graph, x: str) -> str:
     return g.op("Where", [zero, x, ratio], "log1p")
 
 
-def _splade(g: _Graph, logits: str, strategy: str, activation: str) -> str:
+def _splade(g: Graph, logits: str, strategy: str, activation: str) -> str:
     """SpladePooling: act(relu(logits * mask)) pooled over the tokens, act = log1p (twice for
     ``log1p_relu``). For max the activation is monotonic, so it is applied to the maximum
     (the same numbers, on [batch, vocab] instead of [batch, seq, vocab])."""
@@ -728,7 +787,7 @@ def _splade(g: _Graph, logits: str, strategy: str, activation: str) -> str:
     return g.op("ReduceSum", [act(masked), seq_axis], "splade", keepdims=0)
 
 
-def _classify(g: _Graph, w: Mapping[str, Array], hidden: str, activation: str) -> str:
+def _classify(g: Graph, w: Mapping[str, Array], hidden: str, activation: str) -> str:
     """A cross-encoder's head on the first token: dense -> tanh (or relu) -> dense, the raw
     logits."""
     first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
@@ -737,7 +796,9 @@ def _classify(g: _Graph, w: Mapping[str, Array], hidden: str, activation: str) -
     return g.linear(dense, w, "classifier.out_proj")
 
 
-def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
+def pool_hidden(g: Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
+    """The pooled ``[batch, hidden]`` vector: the first row (``"cls"``) or the masked mean of
+    ``hidden`` over ``mask_input``'s tokens (int64 ``[batch, seq]``)."""
     if pooling == "cls":
         return g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "pool", axis=1)
     # sentence-transformers: sum(h * mask) / clamp(sum(mask), min=1e-9)
@@ -750,6 +811,27 @@ def _pool(g: _Graph, hidden: str, pooling: Pooling, mask_input: str) -> str:
     counts = g.op("ReduceSum", [mask, seq_axis], "pool", keepdims=0)
     counts = g.op("Max", [counts, g.const("tiny", np.array(1e-9, np.float32))], "pool")
     return g.op("Div", [summed, counts], "pool")
+
+
+_DENSE_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
+
+
+def append_dense(g: Graph, x: str, layers: Sequence[DenseLayer]) -> str:
+    """sentence-transformers Dense modules on the pooled vector ``x``, in order:
+    ``activation(x @ W.T + b)`` each (core/dense.py). Every family's graph ends with it."""
+    for index, layer in enumerate(layers):
+        p = f"dense.{index}"
+        x = g.op("MatMul", [x, g.const(f"{p}.weight_t", np.ascontiguousarray(layer.weight.T))], p)
+        if layer.bias is not None:
+            x = g.op("Add", [x, g.const(f"{p}.bias", layer.bias)], p)
+        if layer.activation != "identity":
+            x = g.op(_DENSE_OPS[layer.activation], [x], p)
+    return x
+
+
+def dense_width(layers: Sequence[DenseLayer], width: int) -> int:
+    """The width of a vector of ``width`` features after ``layers``."""
+    return layers[-1].out_features if layers else width
 
 
 # --------------------------------------------------------------------------- opt-in int8

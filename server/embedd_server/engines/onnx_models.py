@@ -2,7 +2,8 @@
 
 Each family that ONNX Runtime serves has a module with a reader ``(GGUFReader, path) ->
 GraphSource`` (``engines/onnx_graph.py`` for BERT's layout, which holds BERT, XLM-RoBERTa
-and the other llama.cpp ``bert`` files); this table lists them (docs/extending.md).
+and the other llama.cpp ``bert`` files; ``engines/onnx_mpnet.py`` for MPNet); this table
+lists them (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embedd_server.engines.onnx_gemma3 import read_gemma3_gguf
 from embedd_server.engines.onnx_graph import GraphSource, gguf_field, read_bert_gguf
 from embedd_server.engines.onnx_modernbert import read_modernbert_gguf
+from embedd_server.engines.onnx_mpnet import read_mpnet_gguf
 
 # GGUF general.architecture -> the reader of such a file.
 GGUF_READERS: dict[str, Callable[[Any, Path], GraphSource]] = {
     "bert": read_bert_gguf,
+    "gemma-embedding": read_gemma3_gguf,
     "modern-bert": read_modernbert_gguf,
+    "mpnet": read_mpnet_gguf,  # an architecture of ours: llama.cpp has no MPNet
 }
 
 

@@ -41,11 +41,11 @@ from embedd_server.engines.onnx_graph import (
     OUTPUT_NAME,
     POOLING_MASK_NAME,
     Array,
+    Graph,
     Pooling,
-    _Graph,
-    _pool,
     gguf_field,
     gguf_tensors,
+    pool_hidden,
 )
 
 ARCH = "modern-bert"
@@ -225,7 +225,7 @@ def build_modernbert_model(
     w = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in weights.items()}
     if pooling == "rank" and "cls.output.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's cls.output tensors")
-    g = _Graph()
+    g = Graph()
     batch_seq = ["batch", "sequence"]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
@@ -249,7 +249,7 @@ def build_modernbert_model(
         pooled = _classify(g, w, config, hidden)
         width = w["cls.output.weight"].shape[0]
     else:
-        pooled, width = _pool(g, hidden, pooling, pooling_mask), config.hidden_size
+        pooled, width = pool_hidden(g, hidden, pooling, pooling_mask), config.hidden_size
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
     if hidden_output:
@@ -281,7 +281,7 @@ def _thetas(config: ModernBertConfig) -> set[float]:
     return {config.local_theta if s else config.global_theta for s in config.sliding}
 
 
-def _norm(g: _Graph, w: Mapping[str, Array], x: str, name: str, eps: float) -> str:
+def _norm(g: Graph, w: Mapping[str, Array], x: str, name: str, eps: float) -> str:
     """LayerNorm without bias (ModernBERT's norm_bias false); with one when the file has it."""
     inputs = [x, g.const(f"{name}.weight", w[f"{name}.weight"])]
     if f"{name}.bias" in w:
@@ -289,7 +289,7 @@ def _norm(g: _Graph, w: Mapping[str, Array], x: str, name: str, eps: float) -> s
     return g.op("LayerNormalization", inputs, name, axis=-1, epsilon=eps)
 
 
-def _matmul(g: _Graph, w: Mapping[str, Array], x: str, name: str) -> str:
+def _matmul(g: Graph, w: Mapping[str, Array], x: str, name: str) -> str:
     """``x @ W.T`` (+ the bias where the file has one)."""
     out = g.op("MatMul", [x, g.const(f"{name}.weight_t", w[f"{name}.weight"].T)], name)
     if f"{name}.bias" in w:
@@ -297,16 +297,14 @@ def _matmul(g: _Graph, w: Mapping[str, Array], x: str, name: str) -> str:
     return out
 
 
-def _slice_last(g: _Graph, x: str, start: int, end: int, name: str) -> str:
+def _slice_last(g: Graph, x: str, start: int, end: int, name: str) -> str:
     starts = g.const(f"i64_{start}", np.array([start], np.int64))
     ends = g.const(f"i64_{end}", np.array([end], np.int64))
     axes = g.const("axes_last", np.array([-1], np.int64))
     return g.op("Slice", [x, starts, ends, axes], name)
 
 
-def _rope_tables(
-    g: _Graph, config: ModernBertConfig, theta: float, seq_len: str
-) -> tuple[str, str]:
+def _rope_tables(g: Graph, config: ModernBertConfig, theta: float, seq_len: str) -> tuple[str, str]:
     """cos and sin ``[seq, head_size]`` of positions 0..seq-1, as transformers computes them
     in float32: ``inv_freq = 1 / theta ** (arange(0, d, 2) / d)``, ``emb = cat(f, f)``."""
     d = config.head_size
@@ -324,7 +322,7 @@ def _rope_tables(
     return tables[0], tables[1]
 
 
-def _mask_biases(g: _Graph, config: ModernBertConfig, seq_len: str) -> dict[bool, str]:
+def _mask_biases(g: Graph, config: ModernBertConfig, seq_len: str) -> dict[bool, str]:
     """The attention biases, by whether the layer slides: ``(1 - allowed) * float32.min``,
     global ``[batch, 1, 1, seq]`` (padding), sliding ``[batch, 1, seq, seq]`` (padding and
     the window, combined before the bias so no score gets two minima)."""
@@ -355,7 +353,7 @@ def _mask_biases(g: _Graph, config: ModernBertConfig, seq_len: str) -> dict[bool
     return biases
 
 
-def _rotate(g: _Graph, x: str, rope: tuple[str, str], *, d: int, p: str) -> str:
+def _rotate(g: Graph, x: str, rope: tuple[str, str], *, d: int, p: str) -> str:
     """RoPE: ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = cat(-x2, x1)``."""
     cos, sin = rope
     x1 = _slice_last(g, x, 0, d // 2, p)
@@ -364,7 +362,7 @@ def _rotate(g: _Graph, x: str, rope: tuple[str, str], *, d: int, p: str) -> str:
     return g.op("Add", [g.op("Mul", [x, cos], p), g.op("Mul", [rotated, sin], p)], p)
 
 
-def _activation(g: _Graph, x: str, name: str, p: str) -> str:
+def _activation(g: Graph, x: str, name: str, p: str) -> str:
     """transformers' ACT2FN[name]: exact (erf) GELU, tanh GELU or SiLU."""
     half = g.const("half", np.array(0.5, np.float32))
     one = g.const("f_one", np.array(1.0, np.float32))
@@ -384,7 +382,7 @@ def _activation(g: _Graph, x: str, name: str, p: str) -> str:
 
 
 def _layer(
-    g: _Graph,
+    g: Graph,
     w: Mapping[str, Array],
     config: ModernBertConfig,
     x: str,
@@ -423,10 +421,10 @@ def _layer(
     return g.op("Add", [x, _matmul(g, w, glu, f"{p}.ffn_down")], p)
 
 
-def _classify(g: _Graph, w: Mapping[str, Array], config: ModernBertConfig, hidden: str) -> str:
+def _classify(g: Graph, w: Mapping[str, Array], config: ModernBertConfig, hidden: str) -> str:
     """ModernBertForSequenceClassification's head: pooled -> dense -> activation -> norm ->
     classifier, each part where the file has it (as llama.cpp's rank pooling takes them)."""
-    x = _pool(g, hidden, config.classifier_pooling, "attention_mask")
+    x = pool_hidden(g, hidden, config.classifier_pooling, "attention_mask")
     if "cls.weight" in w:
         x = _activation(g, _matmul(g, w, x, "cls"), config.head_activation, "head")
         if "cls.norm.weight" in w:
