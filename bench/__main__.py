@@ -92,7 +92,7 @@ FULL = Profile(
     stsb_pairs=None,
     rerank_s=4.0,
     rerank_warmup_s=0.5,
-    families_s=0.6,  # ~25 model/engine pairs, each with its server's start: ~3 min on 2 cores
+    families_s=0.6,  # x ~26 model/engine pairs; their servers' and workers' starts take longer
     families_warmup_s=0.15,
     families_auto_only=False,
 )

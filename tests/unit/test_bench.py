@@ -1415,8 +1415,8 @@ def test_the_families_part_is_chosen_by_default_or_alone_and_kept_short() -> Non
     args = parse_args(["--only", "families", "--families", "/models"])
     assert args.only == {"families"} and args.families == Path("/models")
     assert parse_args([]).families == DEFAULT_MODELS == Path(DEFAULT_MODELS).parent / "models"
-    # Per model and engine: in-process, then each served leg after its warm-up; some 25 of
-    # them (and each one's server start) fit in ~3 minutes.
+    # Per model and engine: in-process, then each served leg after its warm-up, under 3 s
+    # (some 26 of them, each also starting its engines and server: a few minutes in all).
     legs = len(CONCURRENCIES)
     assert (legs + 1) * FULL.families_s + legs * FULL.families_warmup_s < 3.0
     assert not FULL.families_auto_only and QUICK.families_auto_only
