@@ -51,7 +51,7 @@ from embedd_server.core.tokenization import TokenizedPairs, Tokenizer, Truncatio
 
 DEFAULT_MODELS = REPO.parent / "shared" / "models"
 REPORT_NAME = FAMILIES_REPORT
-OUT_TYPE = "f16"
+OUT_TYPE: str | None = None  # each model's default type, as `embedd import` picks it (f16 or f32)
 TEXTS_PER_REQUEST = 16  # an Embed / EmbedSparse / Classify request's texts
 CONCURRENCIES = (1, 4)
 IN_PROCESS_TEXTS = 250_000  # the inputs cycled to this many: the engines never run dry ...
@@ -410,7 +410,8 @@ def render_section(bench: FamiliesBench, heading: str = "##") -> str:
         "got (on a shared machine the texts/s follow that share).\n"
     )
     out.append(
-        f"Each directory of `{bench.source}` imported {OUT_TYPE} (each into a directory of its "
+        f"Each directory of `{bench.source}` imported {OUT_TYPE or 'with its default type'} "
+        "(f16 for an embedding model, f32 for a scorer; each into a directory of its "
         "own, so that a served catalogue holds only the model measured), on each engine that "
         "serves it (engine forced; `(auto)`: what `engine=auto` picks). Texts: STS-B test "
         "sentences; a reranker's inputs are pairs, a query followed by its "
