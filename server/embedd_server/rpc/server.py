@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -23,6 +24,7 @@ from embedd_server.rpc.interceptors.decode_guard import DecodeGuard
 from embedd_server.rpc.reflection import enable_reflection
 from embedd_server.rpc.servicer import EmbedderServicer
 from embedd_server.settings import Settings
+from embedd_server.tls import TlsError, load_server_tls
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,9 @@ class EmbeddServer:
         self.health = health_aio.HealthServicer()
         self._server = server = self._build_server(self.health)
         try:
-            self.port = server.add_insecure_port(self.settings.grpc_address)
+            self.port = _add_port(server, self.settings)
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.grpc_address} ({exc}); is another server "
@@ -99,7 +103,12 @@ class EmbeddServer:
         await self._set_health(NOT_SERVING)
         await server.start()
         self.registry.start()
-        log.info("gRPC listening on %s:%d", self.settings.grpc_host, self.port)
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            self.settings.grpc_host,
+            self.port,
+            _transport(self.settings),
+        )
         try:
             await self.registry.get(self.settings.default_model)
         except EmbeddError as exc:
@@ -132,6 +141,29 @@ class EmbeddServer:
         if model == self.settings.default_model and self._loop is not None:
             log.error("every worker of the default model died: reporting NOT_SERVING")
             asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), self._loop)
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+def _add_port(server: aio.Server, settings: Settings) -> int:
+    """Binds the gRPC port: TLS (mutual with a client CA) when the settings name a
+    certificate, else plaintext. Raises TlsError for bad TLS files, before binding."""
+    material = load_server_tls(settings)
+    if material is None:
+        return server.add_insecure_port(settings.grpc_address)
+    credentials = grpc.ssl_server_credentials(
+        [(material.private_key, material.certificate_chain)],
+        root_certificates=material.client_ca,
+        require_client_auth=material.mutual,
+    )
+    return server.add_secure_port(settings.grpc_address, credentials)
+
+
+def _transport(settings: Settings) -> str:
+    if not settings.tls:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca else "TLS"
 
 
 async def serve(settings: Settings, loader: RuntimeLoader = load_runtime) -> None:
