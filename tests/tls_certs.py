@@ -69,9 +69,7 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _leaf(
-    directory: Path, name: str, ca: tuple[Path, Path], extensions: str
-) -> tuple[Path, Path]:
+def _leaf(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
     key = _key(directory / f"{name}.key")
     request = directory / f"{name}.csr"
     cert = directory / f"{name}.pem"

@@ -113,7 +113,7 @@ def test_a_key_of_another_certificate_is_one_clear_line(pki: Pki) -> None:
 def test_missing_files_name_the_setting(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(TlsError, match=r"tls_key: .*nope.pem is not a file.*EMBEDD_TLS_KEY"):
         check_server_tls(tls_settings(pki, tls_key=str(tmp_path / "nope.pem")))
-    with pytest.raises(TlsError, match="tls_client_ca: .* is not a file"):
+    with pytest.raises(TlsError, match=r"tls_client_ca: .* is not a file"):
         check_server_tls(tls_settings(pki, tls_client_ca=str(tmp_path / "nope.pem")))
 
 

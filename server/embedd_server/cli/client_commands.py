@@ -365,7 +365,8 @@ def _client_command(body: Body) -> Callable[[argparse.Namespace], int]:
         except ValueError as exc:  # contradicting TLS options (the client says which)
             return _fail(args, str(exc))
         except Unavailable as exc:
-            return _fail(args, _unavailable_message(target, exc.details))
+            tls = bool(_tls_options(args)) or target.lower().startswith("https://")
+            return _fail(args, _unavailable_message(target, exc.details, tls))
         except EmbeddClientError as exc:
             return _fail(args, exc.details or str(exc))
         except CommandError as exc:
@@ -393,13 +394,26 @@ def _fail(args: argparse.Namespace, message: str) -> int:
     return EXIT_FAILURE
 
 
-def _unavailable_message(target: str, details: str) -> str:
+def _unavailable_message(target: str, details: str, tls: bool = False) -> str:
     lowered = details.lower()
     if any(word in lowered for word in ("ssl", "handshake", "certificate", "tls")):
         return (
             f"the TLS handshake with the server at {target} failed ({details}): check --tls-ca "
             "(the CA of the server's certificate) and, if the server requires client "
             "certificates, --tls-cert and --tls-key"
+        )
+    # A TLS server closes a plaintext connection, and a mutual-TLS server one without a
+    # client certificate it trusts, with nothing more said than this.
+    if "socket closed" in lowered or "connection reset" in lowered:
+        if tls:
+            return (
+                f"the server at {target} closed the connection ({details}): if it requires "
+                "client certificates (mutual TLS), give --tls-cert and --tls-key of a "
+                "certificate its CA signed"
+            )
+        return (
+            f"the server at {target} closed the connection ({details}): if it serves TLS, "
+            "connect with --tls-ca PEM (or --tls, or an https:// target)"
         )
     if "connect" in lowered or "dns" in lowered or "unreachable" in lowered:
         return f"cannot reach the server at {target}: {SERVER_HINT}"

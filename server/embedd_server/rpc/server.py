@@ -24,7 +24,7 @@ from embedd_server.rpc.interceptors.decode_guard import DecodeGuard
 from embedd_server.rpc.reflection import enable_reflection
 from embedd_server.rpc.servicer import EmbedderServicer
 from embedd_server.settings import Settings
-from embedd_server.tls import TlsError, load_server_tls
+from embedd_server.tls import ServerTls, TlsError, load_server_tls
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,14 @@ class EmbeddServer:
     async def start(self) -> int:
         """Binds the port, loads the default model, then reports SERVING. Returns the port."""
         self._loop = asyncio.get_running_loop()
+        try:  # before any grpc object exists: nothing to clean up after a bad file
+            tls = load_server_tls(self.settings)
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
         self.health = health_aio.HealthServicer()
         self._server = server = self._build_server(self.health)
         try:
-            self.port = _add_port(server, self.settings)
-        except TlsError as exc:
-            raise StartupError(str(exc)) from None
+            self.port = _add_port(server, self.settings.grpc_address, tls)
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.grpc_address} ({exc}); is another server "
@@ -146,18 +148,17 @@ class EmbeddServer:
 # --- TLS ------------------------------------------------------------------------------------
 
 
-def _add_port(server: aio.Server, settings: Settings) -> int:
-    """Binds the gRPC port: TLS (mutual with a client CA) when the settings name a
-    certificate, else plaintext. Raises TlsError for bad TLS files, before binding."""
-    material = load_server_tls(settings)
-    if material is None:
-        return server.add_insecure_port(settings.grpc_address)
+def _add_port(server: aio.Server, address: str, tls: ServerTls | None) -> int:
+    """Binds the gRPC port: TLS (mutual with a client CA) when there is TLS material, else
+    plaintext."""
+    if tls is None:
+        return server.add_insecure_port(address)
     credentials = grpc.ssl_server_credentials(
-        [(material.private_key, material.certificate_chain)],
-        root_certificates=material.client_ca,
-        require_client_auth=material.mutual,
+        [(tls.private_key, tls.certificate_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.mutual,
     )
-    return server.add_secure_port(settings.grpc_address, credentials)
+    return server.add_secure_port(address, credentials)
 
 
 def _transport(settings: Settings) -> str:
