@@ -195,8 +195,9 @@ class Settings:
     )
     tls_client_ca: str = _opt(
         "PEM CA certificate(s) of the clients (mutual TLS): with it, every connection must "
-        "present a client certificate signed by one of them, or the handshake is refused "
-        "(health checks included). Needs tls_cert.",
+        "present a client certificate signed by one of them, or the handshake is refused, "
+        "REST and gRPC alike. embedd serve: health checks on its port need one too (embedd "
+        "run's own probes use the plaintext loopback behind Envoy). Needs tls_cert.",
         "",
     )
     log_level: str = _opt("Log level: debug, info, warning or error.", "info")

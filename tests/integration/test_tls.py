@@ -365,16 +365,17 @@ def _wait_for_line(
         time.sleep(0.1)
 
 
-def test_embedd_run_refuses_a_missing_key_before_starting_anything(
-    pki: Pki, tmp_path: Path
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_a_missing_key_is_one_line_before_anything_starts(
+    pki: Pki, tmp_path: Path, command: str
 ) -> None:
-    command = [
-        sys.executable, "-m", "embedd_server.cli.main", "run",
+    argv = [
+        sys.executable, "-m", "embedd_server.cli.main", command,
         "--http-port", str(free_port()), "--envoy-admin-port", str(free_port()),
         "--grpc-port", "0", "--metrics-port", "0", "--models-dir", str(tmp_path),
         "--tls-cert", str(pki.server_cert), "--tls-key", str(tmp_path / "missing.key"),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "embedd run: tls_key: " in done.stderr and "is not a file" in done.stderr
+    assert f"embedd {command}: tls_key: " in done.stderr and "is not a file" in done.stderr
     assert "Traceback" not in done.stderr

@@ -17,6 +17,11 @@ in flight and retries refused calls elsewhere; once every server has exited, Env
 accepting connections, finishes the replies it holds, and is stopped. If Envoy dies, the
 servers are stopped too and the exit code is non-zero.
 
+TLS (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``): Envoy terminates it on its port, for
+REST and native gRPC alike; the server(s) behind it are told the same settings without TLS and
+on the loopback (:func:`backend_settings`), so the supervisor's health probes and Envoy's
+health checks stay plaintext on 127.0.0.1 and no plaintext port is reachable from outside.
+
 Envoy and the children run in their own process groups so that a terminal's Ctrl-C reaches
 only this process, which then stops everything in order. They never outlive it: if it is killed
 (SIGKILL, the OOM killer), the kernel kills them too (:mod:`embedd_server.run.children`), and
