@@ -13,7 +13,11 @@ import yaml  # type: ignore[import-untyped]
 
 from embedd._convert import connection
 from embedd_server.cli.main import build_parser
-from embedd_server.run.envoy import render_envoy_config, validate_envoy_config
+from embedd_server.run.envoy import (
+    render_compose_envoy_config,
+    render_envoy_config,
+    validate_envoy_config,
+)
 from embedd_server.run.replicas import backend_settings, replica_settings
 from embedd_server.settings import (
     Settings,
@@ -184,6 +188,17 @@ def test_envoys_tls_block_is_valid_for_envoy(pki: Pki, tmp_path: Path) -> None:
         validate_envoy_config(config)
     plain = yaml.safe_load(render_envoy_config(Settings(), upstreams=["127.0.0.1:50051"]))
     assert "transport_socket" not in plain["static_resources"]["listeners"][0]["filter_chains"][0]
+
+
+def test_composes_envoy_takes_tls_from_its_environment(pki: Pki) -> None:
+    environ = {
+        "EMBEDD_TLS_CERT": str(pki.server_cert),
+        "EMBEDD_TLS_KEY": str(pki.server_key),
+        "EMBEDD_TLS_CLIENT_CA": str(pki.ca),
+    }
+    text = render_compose_envoy_config(load_settings(environ=environ), "server")
+    chain = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0]
+    assert chain["transport_socket"]["typed_config"]["require_client_certificate"] is True
 
 
 # --- the client's channel -------------------------------------------------------------------------
