@@ -350,10 +350,11 @@ def connection(
     True, or when any ``tls_*`` argument is given; plaintext for ``http://`` or a bare
     ``host:port`` without them.
 
-    ``tls_ca``: the CA certificate(s) that signed the server's certificate (default: the
-    system's roots). ``tls_cert`` / ``tls_key``: this client's certificate chain and private
-    key, for a server that asks for one (mutual TLS); they go together. ``tls_server_name``:
-    the name to check the server's certificate against when it is not the target's host.
+    ``tls_ca``: the CA certificate(s) that signed the server's certificate (default: grpc's
+    bundle of public CAs, or the file GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names). ``tls_cert`` /
+    ``tls_key``: this client's certificate chain and private key, for a server that asks for
+    one (mutual TLS); they go together. ``tls_server_name``: the name to check the server's
+    certificate against when it is not the target's host.
     """
     bare, scheme_tls = _split_scheme(target)
     tls_given = any(value is not None for value in (tls_ca, tls_cert, tls_key, tls_server_name))

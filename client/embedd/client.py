@@ -57,11 +57,11 @@ class Client:
 
     TLS: a target ``https://host:port``, ``tls=True`` or any ``tls_*`` argument makes the
     channel TLS (plaintext otherwise). ``tls_ca`` is the CA that signed the server's
-    certificate (default: the system's roots); ``tls_cert`` and ``tls_key`` are this client's
-    certificate and key for a server that requires one (mutual TLS); ``tls_server_name``
-    checks the server's certificate against another name than the target's host. Each is a
-    PEM file's path or its content as bytes. Behind ``embedd run``, gRPC over TLS is on
-    Envoy's port (the REST port)::
+    certificate (default: grpc's bundle of public CAs); ``tls_cert`` and ``tls_key`` are this
+    client's certificate and key for a server that requires one (mutual TLS);
+    ``tls_server_name`` checks the server's certificate against another name than the
+    target's host. Each is a PEM file's path or its content as bytes. Behind ``embedd run``,
+    gRPC over TLS is on Envoy's port (the REST port)::
 
         Client("https://embedd.example.com:8080", tls_ca="ca.pem")
 

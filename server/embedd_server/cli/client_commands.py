@@ -289,8 +289,8 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
         "--tls",
         dest="client_tls",
         action="store_true",
-        help="connect with TLS, checking the server's certificate against the system's CAs "
-        "(or --tls-ca)",
+        help="connect with TLS, checking the server's certificate against grpc's bundle of "
+        "public CAs (or --tls-ca)",
     )
     tls.add_argument(
         "--tls-ca",
