@@ -318,6 +318,7 @@ def test_embedd_run_mtls_with_replicas(pki: Pki, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "embedd_server.cli.main", "run",
         "--replicas", "2", "--workers", "1", "--models-dir", str(MODELS_DIR),
+        "--engine", "llama.cpp",  # loads in about a second: TLS does not depend on the engine
         "--http-port", str(http_port), "--envoy-admin-port", str(admin_port),
         "--grpc-host", "0.0.0.0", "--grpc-port", "0", "--metrics-port", "0",
         "--tls-cert", str(pki.server_cert), "--tls-key", str(key),
