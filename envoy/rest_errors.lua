@@ -71,7 +71,7 @@ end
 -- grpc-status -> OpenAI error code, for errors that came without a prepared body.
 local GRPC_CODES = {
   ["1"] = "cancelled", ["2"] = "internal_error", ["3"] = "invalid_request_error",
-  ["4"] = "timeout", ["5"] = "not_found", ["8"] = "rate_limit_exceeded",
+  ["4"] = "timeout", ["5"] = "not_found", ["7"] = "permission_denied", ["8"] = "rate_limit_exceeded",
   ["12"] = "not_implemented", ["13"] = "internal_error", ["14"] = "service_unavailable",
   ["16"] = "invalid_api_key",
 }

@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -605,8 +605,8 @@ def test_truncate_must_be_a_json_boolean(envoy: EnvoyProcess) -> None:
         error = reply.json()["error"]
         assert set(error) == OPENAI_ERROR_KEYS and error["param"] == "truncate"
         assert error["message"] == f"truncate must be a JSON boolean (true or false); got {kind}."
-    for value in (True, False, None):
-        assert post(envoy, "/v1/embeddings", {"input": "hello", "truncate": value}).status == 200
+    for allowed in (True, False, None):
+        assert post(envoy, "/v1/embeddings", {"input": "hello", "truncate": allowed}).status == 200
 
 
 def test_cohere_texts_must_be_a_list_of_strings(envoy: EnvoyProcess) -> None:
@@ -672,7 +672,7 @@ def test_a_callers_grpc_timeout_is_a_504_saying_the_deadline_passed(tmp_path: Pa
     # Each input takes 0.2 s, the caller allows 50 ms: grpcio ends the call itself
     # (DEADLINE_EXCEEDED, none of our trailers), which Envoy's error filter once reported as
     # "Internal server error".
-    routes = [
+    routes: list[tuple[str, dict[str, Any], Callable[[Any], str]]] = [
         ("/v1/embeddings", {"input": "hello"}, lambda body: body["error"]["message"]),
         ("/api/embed", {"model": "fake", "input": "hello"}, lambda body: body["error"]),
         ("/v2/embed", {"texts": ["hello"]}, lambda body: body["message"]),
