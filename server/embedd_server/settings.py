@@ -62,7 +62,9 @@ class Settings:
     keep_alive: str = _opt(
         "How long a model other than the default stays loaded when idle, as Ollama's "
         'keep_alive: a duration ("5m", "1h"), seconds, 0 (unload after each request) or '
-        "negative (forever). Requests may set their own. The default model stays loaded.",
+        "negative (forever). Requests may set their own, except for the default model, which "
+        "stays loaded (requests' keep_alive for it is ignored; it is never unloaded), and for a "
+        "model whose keep_alive an admin set with a load.",
         "5m",
     )
     memory_budget_mb: int = _opt(
@@ -158,6 +160,18 @@ class Settings:
         secret=True,
     )
     api_keys_file: str = _opt("File with one API key per line ('#' starts a comment).", "")
+    admin_api_keys: str = _opt(
+        "Comma-separated admin keys, sent like API keys and accepted wherever one is. Model "
+        "control needs one: loading a model with options or a keep_alive, and unloading "
+        "(POST /v1/models/load and /v1/models/unload, gRPC LoadModel and UnloadModel); other "
+        "keys get 403 / PERMISSION_DENIED. With no admin key (here or in admin_api_keys_file) "
+        "model control is refused, except on a server with no keys at all whose listeners "
+        "(grpc_host, http_host) are all on loopback, for callers on loopback. Requests' "
+        "keep_alive never changes the default model or a model whose keep_alive an admin set.",
+        "",
+        secret=True,
+    )
+    admin_api_keys_file: str = _opt("File with one admin key per line ('#' starts a comment).", "")
     rate_limit_per_s: float = _opt(
         "Requests per second allowed per API key (per client address when keys are off), as a "
         "token bucket; 0 means no limit. Over it: 429 / RESOURCE_EXHAUSTED with Retry-After.",

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Metadata (headers) one call may carry: above Envoy's max_request_headers_kb (60) plus the
+# headers Envoy adds and HPACK's 32 bytes per entry.
+MAX_METADATA_BYTES = 128 * 1024
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -68,6 +71,11 @@ class EmbeddServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # grpcio's defaults (8 KiB soft, 16 KiB hard; between them it refuses at
+                # random) are below what Envoy lets through (max_request_headers_kb): REST
+                # callers' headers are bounded by Envoy with a 431, not here.
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ],
         )
         servicer = EmbedderServicer(
