@@ -114,8 +114,9 @@ $(GHZ):
 ## peers installed here (TEI, Infinity, Ollama, llama-cpp-python's server; each skipped with the
 ## reason when absent: see docs/benchmarks/README.md), interleaved; prints the tables, writes
 ## docs/benchmarks/latest.{md,png}; then a reranker's pairs/s served vs in-process
-## (docs/benchmarks/rerank.md). BENCH_ARGS=--quick: short; BENCH_ARGS='--only tei,embedd' or
-## '--only rerank'.
+## (docs/benchmarks/rerank.md), and every model family's texts/s on each engine, in-process and
+## served (docs/benchmarks/families.md). BENCH_ARGS=--quick: short; BENCH_ARGS='--only
+## tei,embedd', '--only rerank' or '--only families'.
 bench: $(STAMP) model
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	@test -x $(GHZ) || { command -v go >/dev/null && $(MAKE) --no-print-directory ghz; } || \

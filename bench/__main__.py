@@ -12,6 +12,9 @@
    minutes. Then embedd's EmbedStream, and the STS-B score of each server's vectors.
 4. Reranking (bench/rerank.py): a cross-encoder's pairs/s served by `embedd serve` against
    the same engine in-process on the same pairs; also written to docs/benchmarks/rerank.md.
+5. Families (bench/families.py): every model directory of ../shared/models (a tiny model per
+   family and task) imported, and its texts/s on each engine that serves it, in-process and
+   served by `embedd serve --engine <engine>`; also written to docs/benchmarks/families.md.
 
 The first 1,200 STS-B test sentences and ~200-token passages built from consecutive
 sentences. Prints the tables and writes docs/benchmarks/latest.md and latest.png.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench import ceiling, loadgen, peers, procs, quality, report, rerank
+from bench import ceiling, families, loadgen, peers, procs, quality, report, rerank
 from bench.loadgen import Endpoint
 from bench.report import GRPC, GRPC_INT8, REST, STREAM, BenchRun, Leg
 from bench.texts import REPO, TextSet, load_text_sets
@@ -50,8 +53,9 @@ T = TypeVar("T")
 # What a run can be limited to with --only.
 CEILING, FLOOR, EMBEDD, INT8 = "ceiling", "floor", "embedd", "int8"
 TEI, INFINITY, OLLAMA, LLAMA_SERVER = "tei", "infinity", "ollama", "llama-cpp-python"
-RERANK = "rerank"
-PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER, RERANK)
+RERANK, FAMILIES = "rerank", "families"
+PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER, RERANK, FAMILIES)
+OWN_REPORT_PARTS = {RERANK, FAMILIES}  # each writes a report of its own, not latest.md
 PEER_PARTS = {
     peers.TEI: TEI,
     peers.INFINITY: INFINITY,
@@ -73,6 +77,9 @@ class Profile:
     stsb_pairs: int | None  # None: all 1,379
     rerank_s: float  # the rerank part: in-process, and each served leg, this long
     rerank_warmup_s: float  # before each served leg, the same load
+    families_s: float  # the families part: per model and engine, in-process and each leg
+    families_warmup_s: float
+    families_auto_only: bool  # each model on the engine engine=auto picks only
 
 
 FULL = Profile(
@@ -85,6 +92,9 @@ FULL = Profile(
     stsb_pairs=None,
     rerank_s=4.0,
     rerank_warmup_s=0.5,
+    families_s=0.6,  # x ~26 model/engine pairs; their servers' and workers' starts take longer
+    families_warmup_s=0.15,
+    families_auto_only=False,
 )
 QUICK = Profile(
     ceiling_s=1.5,
@@ -96,6 +106,9 @@ QUICK = Profile(
     stsb_pairs=200,
     rerank_s=1.5,
     rerank_warmup_s=0.3,
+    families_s=0.3,
+    families_warmup_s=0.1,
+    families_auto_only=True,
 )
 
 
@@ -653,6 +666,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="the rerank part's cross-encoder: a Hugging Face directory, imported f32 "
         "(default: ../shared/models/tiny-bert-reranker)",
     )
+    parser.add_argument(
+        "--families",
+        type=Path,
+        default=families.DEFAULT_MODELS,
+        help="the families part's directory of Hugging Face model directories, each imported "
+        "f16 (default: ../shared/models)",
+    )
     return parser.parse_args(list(argv))
 
 
@@ -783,15 +803,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    if RERANK in parts:
-        _say("reranking (a cross-encoder in-process, then served):")
-        measure_rerank(run, args.reranker.resolve(), profile, args.out)
+    measure_own_report_parts(run, args, parts, profile)
 
     run.seconds = time.perf_counter() - started
-    if not parts - {RERANK}:  # latest.md and its plot are of the other parts: left as they are
-        _say("")
-        _say(run.rerank_section)
-        _say(f"wrote {args.out / rerank.REPORT_NAME}; the run took {run.seconds / 60:.1f} min")
+    if not parts - OWN_REPORT_PARTS:  # latest.md and its plot are of the other parts: left
+        say_own_reports(run, args.out)
         return 0
     markdown = report.render_markdown(run)
     (args.out / "latest.md").write_text(markdown + "\n", encoding="utf-8")
@@ -800,6 +816,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     _say(markdown)
     _say(f"wrote {args.out / 'latest.md'} and latest.png; the run took {run.seconds / 60:.1f} min")
     return 0
+
+
+def measure_own_report_parts(
+    run: BenchRun, args: argparse.Namespace, parts: set[str], profile: Profile
+) -> None:
+    """The parts that write a report of their own (and a section of the run's)."""
+    if RERANK in parts:
+        _say("reranking (a cross-encoder in-process, then served):")
+        measure_rerank(run, args.reranker.resolve(), profile, args.out)
+    if FAMILIES in parts:
+        _say("model families (each model on each engine, in-process, then served):")
+        measure_families(run, args.families.resolve(), profile, args.out)
+
+
+def say_own_reports(run: BenchRun, out: Path) -> None:
+    """Prints the sections of a run of only the parts with reports of their own."""
+    written = []
+    for section, name in (
+        (run.rerank_section, rerank.REPORT_NAME),
+        (run.families_section, families.REPORT_NAME),
+    ):
+        if section:
+            _say("")
+            _say(section)
+            written.append(str(out / name))
+    _say(f"wrote {', '.join(written)}; the run took {run.seconds / 60:.1f} min")
 
 
 def measure_rerank(run: BenchRun, source: Path, profile: Profile, out: Path) -> None:
@@ -818,6 +860,28 @@ def measure_rerank(run: BenchRun, source: Path, profile: Profile, out: Path) -> 
         quick=run.quick,
     )
     (out / rerank.REPORT_NAME).write_text(document, encoding="utf-8")
+
+
+def measure_families(run: BenchRun, models: Path, profile: Profile, out: Path) -> None:
+    """The families part: its section goes into the run's report and, on its own, into
+    ``out``/families.md (so that ``--only families`` leaves latest.md as it was)."""
+    bench = families.run_families(
+        models,
+        seconds=profile.families_s,
+        warmup_s=profile.families_warmup_s,
+        say=_say,
+        auto_only=profile.families_auto_only,
+    )
+    run.families_section = families.render_section(bench)
+    document = families.render_document(
+        bench,
+        cpu_model=run.cpu_model,
+        cores=run.cores,
+        date=run.date,
+        command=run.command,
+        quick=run.quick,
+    )
+    (out / families.REPORT_NAME).write_text(document, encoding="utf-8")
 
 
 def measure_engines(

@@ -154,6 +154,7 @@ class CpuMeter:
         self._own = time.process_time()
         self._children = _reaped_children_cpu()
         self._busy = machine_busy_seconds()
+        self._workers = self._worker_cpus()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -165,6 +166,17 @@ class CpuMeter:
         self.own_cpu = time.process_time() - self._own
         self.children_cpu = _reaped_children_cpu() - self._children
         self.busy = machine_busy_seconds() - self._busy
+        self.workers_cpu = sum(
+            max(0.0, cpu - self._workers.get(pid, 0.0)) for pid, cpu in self._worker_cpus().items()
+        )
+
+    def _worker_cpus(self) -> dict[int, float]:
+        """CPU seconds by pid of this process's live descendants when no server is measured:
+        an in-process measurement's engine worker processes (its own work, not noise: they
+        are reaped, and so counted in ``children_cpu``, only once the engines close)."""
+        if self._server_pid is not None:
+            return {}
+        return {pid: cpu_seconds(pid) for pid in descendants(os.getpid())[1:]}
 
     def _server_cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self._server_pids)
@@ -184,8 +196,10 @@ class CpuMeter:
 
     @property
     def other_cpu(self) -> float:
-        """Busy CPU not accounted to the server, the load generator or this process."""
-        return max(0.0, self.busy - self.server_cpu - self.own_cpu - self.children_cpu)
+        """Busy CPU not accounted to the server, the load generator, this process or its
+        worker processes."""
+        accounted = self.server_cpu + self.own_cpu + self.children_cpu + self.workers_cpu
+        return max(0.0, self.busy - accounted)
 
 
 def _reaped_children_cpu() -> float:

@@ -127,6 +127,7 @@ class BenchRun:
     stsb: dict[str, float] = field(default_factory=dict)  # system -> STS-B Spearman x100
     stsb_pairs: int = 0
     rerank_section: str = ""  # bench.rerank's Markdown section, when this run measured it
+    families_section: str = ""  # bench.families' Markdown section, when this run measured it
 
     def best_ceiling(self, text_set: str, engine: str | None = None) -> CeilingResult | None:
         """The fastest configuration of ``engine`` (by default the one embedd serves this
@@ -630,6 +631,8 @@ def render_markdown(run: BenchRun) -> str:
 
     out.append(render_rerank_link(run))
     out.append("")
+    out.append(render_families_link(run))
+    out.append("")
 
     out.append("## Every leg\n")
     out.append(_legs_table(run))
@@ -639,6 +642,7 @@ def render_markdown(run: BenchRun) -> str:
 
 
 RERANK_REPORT = "rerank.md"
+FAMILIES_REPORT = "families.md"
 
 
 def render_rerank_link(run: BenchRun) -> str:
@@ -651,6 +655,19 @@ def render_rerank_link(run: BenchRun) -> str:
         "## Reranking (issue 13)\n\n"
         f"Not measured in this run: the last rerank measurement is in [{RERANK_REPORT}]"
         f"({RERANK_REPORT}) (`make bench BENCH_ARGS='--only rerank'`)."
+    )
+
+
+def render_families_link(run: BenchRun) -> str:
+    """The families section when this run measured it, and where it is kept on its own (a
+    run of ``--only families`` writes only that file)."""
+    link = f"[{FAMILIES_REPORT}]({FAMILIES_REPORT})"
+    if run.families_section:
+        return f"{run.families_section}\n\nThe same section on its own: {link}."
+    return (
+        "## Families (issue 20)\n\n"
+        f"Not part of this run: the last measurement of every model family is in {link} "
+        "(`make bench BENCH_ARGS='--only families'`)."
     )
 
 

@@ -143,6 +143,7 @@ class InProcess:
     pairs: int
     seconds: float
     other_cores: float = 0.0  # other processes on the machine meanwhile: noise
+    engine_cores: float = 0.0  # this process and its worker processes: the engines' CPU
 
     @property
     def pairs_per_s(self) -> float:
@@ -421,16 +422,18 @@ def measure_in_process(
     )
     sample = cycled(tokenized, count)
     engines: list[Engine] = []
-    with procs.CpuMeter(None) as meter:
-        try:
-            engines = [runtime.new_engine() for _ in range(settings.workers)]
-            decode_all(
-                engines,
-                sample.sequences,
-                batch,
-                max_packs=WARMUP_DECODES,
-                token_type_starts=sample.token_type_starts,
-            )
+    try:
+        engines = [runtime.new_engine() for _ in range(settings.workers)]
+        decode_all(
+            engines,
+            sample.sequences,
+            batch,
+            max_packs=WARMUP_DECODES,
+            token_type_starts=sample.token_type_starts,
+        )
+        # Metered from here: the engines' start and warm-up are not the measurement, and the
+        # worker processes' CPU is the engines' (procs.CpuMeter), not other processes'.
+        with procs.CpuMeter(None) as meter:
             done, took = decode_all(
                 engines,
                 sample.sequences,
@@ -438,14 +441,15 @@ def measure_in_process(
                 seconds,
                 token_type_starts=sample.token_type_starts,
             )
-        finally:
-            for engine in engines:
-                engine.close()
+    finally:
+        for engine in engines:
+            engine.close()
     return InProcess(
         layout_label(runtime.engine_name, settings),
         done,
         took,
         meter.cores(meter.other_cpu),
+        meter.cores(meter.own_cpu + meter.workers_cpu),
     )
 
 

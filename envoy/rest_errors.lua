@@ -28,13 +28,33 @@ local function is_tei(path)
   return false
 end
 
+-- The most header bytes (names and values) a REST request may carry. Above it the request is
+-- refused here with 431, in its API's error shape (the local reply mappers of envoy.yaml.tmpl
+-- shape the text this filter answers with). Envoy's own limit, max_request_headers_kb (60 KiB),
+-- lies above this one; what it refuses gets the same 431 in OpenAI's shape, as it is refused
+-- before any filter knows the route. The gRPC server accepts more than either (rpc/server.py).
+local MAX_HEADER_KIB = 32
+local MAX_HEADER_BYTES = MAX_HEADER_KIB * 1024
+local HEADERS_TOO_LARGE = "Request Header Fields Too Large: the request's headers take more " ..
+  "than " .. MAX_HEADER_KIB .. " KiB; send fewer or shorter headers."
+
+local function header_bytes(headers)
+  local total = 0
+  for name, value in pairs(headers) do
+    total = total + #name + #value
+  end
+  return total
+end
+
 function envoy_on_request(request_handle)
   local content_type = request_handle:headers():get("content-type") or ""
   local path = request_handle:headers():get(":path") or ""
   local metadata = request_handle:streamInfo():dynamicMetadata()
   if content_type:sub(1, 16) == "application/grpc" then
     metadata:set(NAMESPACE, "native_grpc", true)
-  elseif path:sub(1, 5) == "/api/" or path == "/" then
+    return
+  end
+  if path:sub(1, 5) == "/api/" or path == "/" then
     metadata:set(NAMESPACE, "ollama", true)
   elseif path:match("^/v[12]/rerank") then
     metadata:set(NAMESPACE, "rerank", true)
@@ -43,12 +63,15 @@ function envoy_on_request(request_handle)
   elseif path:sub(1, 4) == "/v2/" then
     metadata:set(NAMESPACE, "cohere", true)
   end
+  if header_bytes(request_handle:headers()) > MAX_HEADER_BYTES then
+    request_handle:respond({[":status"] = "431", ["content-type"] = "text/plain"}, HEADERS_TOO_LARGE)
+  end
 end
 
 -- grpc-status -> OpenAI error code, for errors that came without a prepared body.
 local GRPC_CODES = {
   ["1"] = "cancelled", ["2"] = "internal_error", ["3"] = "invalid_request_error",
-  ["4"] = "timeout", ["5"] = "not_found", ["8"] = "rate_limit_exceeded",
+  ["4"] = "timeout", ["5"] = "not_found", ["7"] = "permission_denied", ["8"] = "rate_limit_exceeded",
   ["12"] = "not_implemented", ["13"] = "internal_error", ["14"] = "service_unavailable",
   ["16"] = "invalid_api_key",
 }
@@ -73,7 +96,13 @@ local function fallback_body(headers, metadata)
   local status = tonumber(headers:get(":status")) or 500
   local message = percent_decode(headers:get("grpc-message") or "")
   local code = GRPC_CODES[headers:get("grpc-status")] or "internal_error"
-  if headers:get("grpc-status") == "8" then
+  if headers:get("grpc-status") == "4" then
+    -- A REST caller's own grpc-timeout header ran out: grpcio ends the call without our body.
+    status = 504
+    code = "timeout"
+    message = "The request's deadline (its grpc-timeout header) passed before the server " ..
+      "finished; send a longer grpc-timeout, or none."
+  elseif headers:get("grpc-status") == "8" then
     -- Our own overload errors carry a body; a bare RESOURCE_EXHAUSTED is grpcio's message-size
     -- limit (max_message_mb), which the transcoder would otherwise report as a misleading 429.
     status = 413

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 import grpc
 import numpy as np
@@ -314,6 +316,79 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
     ]
+
+
+# --- the channel: plaintext or TLS ----------------------------------------------------------
+
+#: A PEM file: its path, or its content as bytes.
+PemSource = str | os.PathLike[str] | bytes
+
+_SCHEMES = {"https://": True, "http://": False}
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How a client reaches its server: the gRPC target, the TLS credentials (None for a
+    plaintext channel) and the channel options."""
+
+    target: str
+    credentials: grpc.ChannelCredentials | None = dataclasses.field(repr=False)
+    options: list[tuple[str, Any]]
+
+
+def connection(
+    target: str,
+    *,
+    max_message_mb: int,
+    tls: bool | None = None,
+    tls_ca: PemSource | None = None,
+    tls_cert: PemSource | None = None,
+    tls_key: PemSource | None = None,
+    tls_server_name: str | None = None,
+) -> Connection:
+    """The channel of a client. TLS when the target starts with ``https://``, when ``tls`` is
+    True, or when any ``tls_*`` argument is given; plaintext for ``http://`` or a bare
+    ``host:port`` without them.
+
+    ``tls_ca``: the CA certificate(s) that signed the server's certificate (default: grpc's
+    bundle of public CAs, or the file GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names). ``tls_cert`` /
+    ``tls_key``: this client's certificate chain and private key, for a server that asks for
+    one (mutual TLS); they go together. ``tls_server_name``: the name to check the server's
+    certificate against when it is not the target's host.
+    """
+    bare, scheme_tls = _split_scheme(target)
+    tls_given = any(value is not None for value in (tls_ca, tls_cert, tls_key, tls_server_name))
+    if scheme_tls is False and (tls or tls_given):
+        raise ValueError(f"target {target!r} says http:// (plaintext) but TLS options are given")
+    if tls is False and (scheme_tls or tls_given):
+        raise ValueError("tls=False contradicts an https:// target or tls_* options")
+    options: list[tuple[str, Any]] = list(channel_options(max_message_mb))
+    if not (tls or scheme_tls or tls_given):
+        return Connection(bare, None, options)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both (or neither)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca),
+        private_key=_pem(tls_key),
+        certificate_chain=_pem(tls_cert),
+    )
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return Connection(bare, credentials, options)
+
+
+def _split_scheme(target: str) -> tuple[str, bool | None]:
+    """``https://host:port`` -> ("host:port", True); no scheme -> (target, None)."""
+    for scheme, secure in _SCHEMES.items():
+        if target.lower().startswith(scheme):
+            return target[len(scheme) :].rstrip("/"), secure
+    return target, None
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).expanduser().read_bytes()
 
 
 def call_metadata(metadata: Iterable[tuple[str, str]], api_key: str | None) -> Metadata:

@@ -18,6 +18,7 @@ from embedd._convert import (
     EmbedResult,
     FloatMatrix,
     ModelInfo,
+    PemSource,
     RerankResult,
     SparseResult,
     StreamState,
@@ -25,13 +26,13 @@ from embedd._convert import (
     as_texts,
     as_token_ids,
     call_metadata,
-    channel_options,
     check_batch_size,
     check_text,
     classify_request,
     classify_result,
     compact_of,
     compact_type,
+    connection,
     embed_result,
     health_request,
     is_serving,
@@ -67,11 +68,28 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
         max_message_mb: int = 64,
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(metadata, api_key)
-        self._channel = aio.insecure_channel(target, options=channel_options(max_message_mb))
+        way = connection(
+            target,
+            max_message_mb=max_message_mb,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+        )
+        if way.credentials is None:
+            self._channel = aio.insecure_channel(way.target, options=way.options)
+        else:
+            self._channel = aio.secure_channel(way.target, way.credentials, options=way.options)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -16,6 +16,7 @@ from embedd._convert import (
     EmbedResult,
     FloatMatrix,
     ModelInfo,
+    PemSource,
     RerankResult,
     SparseResult,
     StreamState,
@@ -23,12 +24,12 @@ from embedd._convert import (
     as_texts,
     as_token_ids,
     call_metadata,
-    channel_options,
     check_batch_size,
     classify_request,
     classify_result,
     compact_of,
     compact_type,
+    connection,
     embed_result,
     health_request,
     is_serving,
@@ -54,6 +55,16 @@ class Client:
     adds ``authorization: Bearer <api_key>``. ``max_message_mb`` bounds messages both ways,
     like the server's setting of the same name.
 
+    TLS: a target ``https://host:port``, ``tls=True`` or any ``tls_*`` argument makes the
+    channel TLS (plaintext otherwise). ``tls_ca`` is the CA that signed the server's
+    certificate (default: grpc's bundle of public CAs); ``tls_cert`` and ``tls_key`` are this
+    client's certificate and key for a server that requires one (mutual TLS);
+    ``tls_server_name`` checks the server's certificate against another name than the
+    target's host. Each is a PEM file's path or its content as bytes. Behind ``embedd run``,
+    gRPC over TLS is on Envoy's port (the REST port)::
+
+        Client("https://embedd.example.com:8080", tls_ca="ca.pem")
+
     Every method raises an :class:`embedd.EmbeddClientError` subclass when the call fails.
     Use it as a context manager, or call :meth:`close`::
 
@@ -69,11 +80,28 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
         max_message_mb: int = 64,
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(metadata, api_key)
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_mb))
+        way = connection(
+            target,
+            max_message_mb=max_message_mb,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+        )
+        if way.credentials is None:
+            self._channel = grpc.insecure_channel(way.target, options=way.options)
+        else:
+            self._channel = grpc.secure_channel(way.target, way.credentials, options=way.options)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -103,7 +103,9 @@ class Settings:
     keep_alive: str = _opt(
         "How long a model other than the default stays loaded when idle, as Ollama's "
         'keep_alive: a duration ("5m", "1h"), seconds, 0 (unload after each request) or '
-        "negative (forever). Requests may set their own. The default model stays loaded.",
+        "negative (forever). Requests may set their own, except for the default model, which "
+        "stays loaded (requests' keep_alive for it is ignored; it is never unloaded), and for a "
+        "model whose keep_alive an admin set with a load.",
         "5m",
     )
     memory_budget_mb: int = _opt(
@@ -199,6 +201,18 @@ class Settings:
         secret=True,
     )
     api_keys_file: str = _opt("File with one API key per line ('#' starts a comment).", "")
+    admin_api_keys: str = _opt(
+        "Comma-separated admin keys, sent like API keys and accepted wherever one is. Model "
+        "control needs one: loading a model with options or a keep_alive, and unloading "
+        "(POST /v1/models/load and /v1/models/unload, gRPC LoadModel and UnloadModel); other "
+        "keys get 403 / PERMISSION_DENIED. With no admin key (here or in admin_api_keys_file) "
+        "model control is refused, except on a server with no keys at all whose listeners "
+        "(grpc_host, http_host) are all on loopback, for callers on loopback. Requests' "
+        "keep_alive never changes the default model or a model whose keep_alive an admin set.",
+        "",
+        secret=True,
+    )
+    admin_api_keys_file: str = _opt("File with one admin key per line ('#' starts a comment).", "")
     rate_limit_per_s: float = _opt(
         "Requests per second allowed per API key (per client address when keys are off), as a "
         "token bucket; 0 means no limit. Over it: 429 / RESOURCE_EXHAUSTED with Retry-After.",
@@ -220,6 +234,26 @@ class Settings:
         "embedd run: server processes behind Envoy (gRPC ports grpc_port, grpc_port+1, ...), "
         "health-checked and restarted when they die.",
         1,
+    )
+    # --- TLS (embedd_server.tls) ------------------------------------------------------------
+    tls_cert: str = _opt(
+        "PEM certificate chain (server certificate first) to serve TLS with; empty: plaintext. "
+        "embedd serve: on the gRPC port. embedd run: on Envoy's port (REST and native gRPC "
+        "alike), while the gRPC replicas behind Envoy listen in plaintext on 127.0.0.1 only. "
+        "Needs tls_key. The files are read at start: restart to rotate them.",
+        "",
+    )
+    tls_key: str = _opt(
+        "PEM private key of tls_cert (unencrypted). Keep it readable by this user only "
+        "(mode 0600, or 0640 for a dedicated group): a more open file gets a warning.",
+        "",
+    )
+    tls_client_ca: str = _opt(
+        "PEM CA certificate(s) of the clients (mutual TLS): with it, every connection must "
+        "present a client certificate signed by one of them, or the handshake is refused, "
+        "REST and gRPC alike. embedd serve: health checks on its port need one too (embedd "
+        "run's own probes use the plaintext loopback behind Envoy). Needs tls_cert.",
+        "",
     )
     log_level: str = _opt("Log level: debug, info, warning or error.", "info")
     log_json: bool = _opt("Write logs as one JSON object per line.", False)
@@ -263,6 +297,7 @@ class Settings:
         ]
         problems = [message for ok, message in checks if not ok]
         problems += _alias_problems(self.model_aliases)
+        problems += _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         problems += _duration_problems("keep_alive", self.keep_alive)
         if problems:
             raise SettingsError("; ".join(problems))
@@ -272,6 +307,23 @@ class Settings:
         """model_aliases as a mapping alias -> model."""
         pairs = (item.split("=", 1) for item in self.model_aliases.split(",") if item.strip())
         return {alias.strip(): model.strip() for alias, model in pairs}
+
+    @property
+    def tls(self) -> bool:
+        """Whether the public listener serves TLS (tls_cert and tls_key are set)."""
+        return bool(self.tls_cert)
+
+    def without_tls(self) -> Settings:
+        """These settings for a server behind a TLS-terminating Envoy: plaintext gRPC on the
+        loopback (embedd run's replicas), so that only Envoy's TLS port is reachable."""
+        host = self.grpc_host.strip("[]")
+        loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+        return self.replace(
+            tls_cert="",
+            tls_key="",
+            tls_client_ca="",
+            grpc_host=self.grpc_host if loopback else "127.0.0.1",
+        )
 
     @property
     def grpc_address(self) -> str:
@@ -298,6 +350,15 @@ class Settings:
 def _alias_problems(text: str) -> list[str]:
     bad = [item for item in text.split(",") if item.strip() and "=" not in item]
     return [f"model_aliases: '{item.strip()}' is not alias=model" for item in bad]
+
+
+def _tls_problems(cert: str, key: str, client_ca: str) -> list[str]:
+    """What is missing for TLS (files themselves are checked at start, embedd_server.tls)."""
+    if bool(cert) != bool(key):
+        return ["tls_cert and tls_key go together: give both (or neither, for plaintext)"]
+    if client_ca and not cert:
+        return ["tls_client_ca (mutual TLS) needs tls_cert and tls_key: the server's own TLS"]
+    return []
 
 
 def _duration_problems(name: str, text: str) -> list[str]:

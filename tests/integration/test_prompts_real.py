@@ -56,9 +56,8 @@ FAMILIES = {
 }
 MIN_COSINE = {"f32": 0.99999, "f16": 0.9999}
 ENGINES = ("llama.cpp", "auto")
-# llama.cpp has no MPNet; it runs Gemma3 but not to the bar (its tanh-GELU comes from an f16
-# table: docs/design.md, "Families"), so auto never gives it one and neither does this test.
-NOT_ON_LLAMA_CPP = frozenset({"tiny-mpnet", "tiny-gemma3-embed"})
+# llama.cpp has no MPNet (engine=llama.cpp refuses it: tests/integration/test_family_mpnet.py).
+NOT_ON_LLAMA_CPP = frozenset({"tiny-mpnet"})
 ROUTES = ("grpc", "openai", "ollama")
 NO_PROMPT = ""  # the case "no prompt_name": the model's default (none for these models)
 

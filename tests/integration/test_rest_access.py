@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -148,3 +149,29 @@ def test_rerank_routes_need_a_key_and_are_rate_limited_in_their_shapes(
     assert replies[2].status == 429, replies[2].body
     assert replies[2].headers["retry-after"] == "1"
     assert "Rate limit exceeded" in replies[2].json()["detail"]
+
+
+def test_model_control_needs_an_admin_key_over_rest(tmp_path: Path) -> None:
+    admin, user = "sk-admin", "sk-user"
+    with (
+        ServerThread.with_fake_models(
+            tmp_path / "models", api_keys=user, admin_api_keys=admin
+        ) as server,
+        EnvoyProcess.start([server.target], tmp_path / "envoy") as envoy,
+    ):
+        load = {"model": "other", "keep_alive": -1}
+        for path, body in [("/v1/models/load", load), ("/v1/models/unload", {"model": "other"})]:
+            refused = post(envoy, path, body, {"authorization": f"Bearer {user}"})
+            error = assert_openai_error(refused, 403, "permission_denied")
+            assert "needs an admin key; this API key is not one" in error["message"]
+            done = post(envoy, path, body, {"authorization": f"Bearer {admin}"})
+            assert done.status == 200, done.body
+        # Not even an admin may unload the default model: it stays loaded, as --help says.
+        default = post(envoy, "/v1/models/unload", {"model": "fake"}, {"x-api-key": admin})
+        error = assert_openai_error(default, 409, "conflict")
+        assert "'fake' is the default model, which stays loaded" in error["message"]
+        # A user's keep_alive 0 on the default model leaves it loaded.
+        ollama = {"model": "fake", "input": "hi", "keep_alive": 0}
+        assert post(envoy, "/api/embed", ollama, {"x-api-key": user}).status == 200
+        server.call(server.server.registry.reap())
+        assert server.server.registry.is_loaded("fake") and server.server.registry.loads == 2

@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from embedd_server.run.probes import free_port
 from embedd_server.run.replicas import PortInUse, check_ports_free, run_with_envoy
 from embedd_server.settings import Settings
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
-from tests.fakes import FakeLoader, engine_error, on_token
+from tests.fakes import FakeLoader, engine_error, on_token, slow
 from tests.servers import ServerThread
 
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
@@ -589,7 +589,102 @@ def test_openai_truncate_setting_is_the_default_of_the_field(tmp_path: Path) -> 
         assert dict(call.trailing_metadata())["x-embedd-truncated-inputs"] == "1"
         with pytest.raises(grpc.RpcError) as refused:
             stub.CreateEmbeddings(
-                pb.CreateEmbeddingsRequest(input=Value(string_value=long_text), truncate=False)
+                pb.CreateEmbeddingsRequest(
+                    input=Value(string_value=long_text), truncate=Value(bool_value=False)
+                )
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert '"truncate": true' in str(refused.value.details())
+
+
+def test_truncate_must_be_a_json_boolean(envoy: EnvoyProcess) -> None:
+    # The transcoder alone would read "yes" (or "1", "t") into a bool field as true.
+    for value, kind in (("yes", "a string"), ("true", "a string"), (1, "a number")):
+        reply = post(envoy, "/v1/embeddings", {"input": "hello", "truncate": value})
+        assert reply.status == 400, value
+        error = reply.json()["error"]
+        assert set(error) == OPENAI_ERROR_KEYS and error["param"] == "truncate"
+        assert error["message"] == f"truncate must be a JSON boolean (true or false); got {kind}."
+    for allowed in (True, False, None):
+        assert post(envoy, "/v1/embeddings", {"input": "hello", "truncate": allowed}).status == 200
+
+
+def test_cohere_texts_must_be_a_list_of_strings(envoy: EnvoyProcess) -> None:
+    plain = post(envoy, "/v2/embed", {"texts": "hello", "input_type": "search_query"})
+    assert plain.status == 400
+    assert plain.json() == {
+        "message": 'texts must be an array of strings (e.g. "texts": ["hello"]); got a string.'
+    }
+    mixed = post(envoy, "/v2/embed", {"texts": ["hello", 3]})
+    assert (mixed.status, mixed.json()) == (
+        400,
+        {"message": "texts[1] must be a string; got a number."},
+    )
+    listed = post(envoy, "/v2/embed", {"texts": ["hello", "cat"]})
+    assert listed.status == 200 and listed.json()["texts"] == ["hello", "cat"]
+
+
+HEADERS_TOO_LARGE = (
+    "Request Header Fields Too Large: the request's headers take more than 32 KiB; send fewer "
+    "or shorter headers."
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        (
+            "/v1/embeddings",
+            {"input": "hello"},
+            {
+                "error": {
+                    "message": HEADERS_TOO_LARGE,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_header_fields_too_large",
+                }
+            },
+        ),
+        ("/api/embed", {"model": "fake", "input": "hello"}, {"error": HEADERS_TOO_LARGE}),
+        ("/v2/embed", {"texts": ["hello"]}, {"message": HEADERS_TOO_LARGE}),
+        (
+            "/rerank",
+            {"query": "q", "texts": ["d"]},
+            {"error": HEADERS_TOO_LARGE, "error_type": "Validation"},
+        ),
+    ],
+)
+def test_oversized_headers_are_431_in_the_routes_shape(
+    envoy: EnvoyProcess, path: str, body: Any, expected: Any
+) -> None:
+    # 59 KiB: under Envoy's own bound, so it once reached grpcio, whose metadata limit made it
+    # a misleading 413. 33 KiB: just over the documented 32 KiB.
+    # Over 60 KiB Envoy refuses before any filter knows the route: OpenAI's shape for all.
+    for kib in (33, 59, 100) if path == "/v1/embeddings" else (33, 59):
+        reply = http(envoy.base_url + path, "POST", body=body, headers={"x-big": "a" * kib * 1024})
+        assert (reply.status, reply.json()) == (431, expected), kib
+    # Below the bound, big headers reach the server (whose metadata limit is higher).
+    fine = http(envoy.base_url + path, "POST", body=body, headers={"x-big": "a" * 24 * 1024})
+    assert fine.status != 431 and fine.status < 500
+
+
+def test_a_callers_grpc_timeout_is_a_504_saying_the_deadline_passed(tmp_path: Path) -> None:
+    # Each input takes 0.2 s, the caller allows 50 ms: grpcio ends the call itself
+    # (DEADLINE_EXCEEDED, none of our trailers), which Envoy's error filter once reported as
+    # "Internal server error".
+    routes: list[tuple[str, dict[str, Any], Callable[[Any], str]]] = [
+        ("/v1/embeddings", {"input": "hello"}, lambda body: body["error"]["message"]),
+        ("/api/embed", {"model": "fake", "input": "hello"}, lambda body: body["error"]),
+        ("/v2/embed", {"texts": ["hello"]}, lambda body: body["message"]),
+    ]
+    with (
+        ServerThread.with_fake_models(tmp_path / "models", FakeLoader(slow(0.2))) as server,
+        EnvoyProcess.start([server.target], tmp_path / "envoy") as envoy,
+    ):
+        for path, body, message_of in routes:
+            reply = http(envoy.base_url + path, "POST", body=body, headers={"grpc-timeout": "50m"})
+            assert reply.status == 504, path
+            message = message_of(reply.json())
+            assert "deadline (its grpc-timeout header) passed" in message, path
+            if path == "/v1/embeddings":
+                assert reply.json()["error"]["code"] == "timeout"

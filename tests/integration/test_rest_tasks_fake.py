@@ -89,7 +89,8 @@ def test_embed_sparse_answers_teis_shape(stack: tuple[ServerThread, EnvoyProcess
     ("path", "body", "status", "words"),
     [
         ("/predict", {"inputs": []}, 400, "inputs must be"),
-        ("/predict", {"inputs": ["a", "b", "c"]}, 400, "one string or a pair"),
+        ("/predict", {"inputs": ["a", "b", "c"]}, 400, "got a list of 3"),
+        ("/predict", {"inputs": [["a", "b", "c"]]}, 400, "one string or a pair"),
         ("/predict", {"inputs": [["hello"], "world"]}, 400, "inputs[1] is not a list"),
         ("/predict", {"inputs": 7}, 400, "inputs must be"),
         ("/predict", {"inputs": ""}, 400, "empty text"),

@@ -13,13 +13,18 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.struct_pb2 import Value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.core.errors import PermissionDenied
 from embedd_server.rpc.interceptors.auth import (
+    MODEL_CONTROL_METHODS,
+    AccessInterceptor,
     KeyStore,
+    ModelControl,
     RateLimiter,
     client_address,
     interceptors,
@@ -100,9 +105,22 @@ def test_missing_keys_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
         read_keys_file(empty)
 
 
-def test_no_interceptor_when_access_control_is_off() -> None:
-    assert interceptors(Settings()) == []
-    assert len(interceptors(Settings(rate_limit_per_s=1))) == 1
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def test_only_model_control_is_guarded_when_access_control_is_off() -> None:
+    [interceptor] = interceptors(Settings())
+    assert isinstance(interceptor, AccessInterceptor)
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request
+    )
+    for method in ("/embedd.v1.Embedder/Embed", "/embedd.v1.Embedder/CreateEmbeddings"):
+        assert interceptor.wrap(handler, _Details(method)) is handler  # no per-call cost
+    for method in MODEL_CONTROL_METHODS:
+        assert interceptor.wrap(handler, _Details(method)) is not handler
 
 
 def test_presented_key_and_client_address() -> None:
@@ -199,7 +217,11 @@ def test_streams_and_model_management_need_a_key(channel: grpc.Channel) -> None:
     unload = functools.partial(stub.UnloadModel, pb.UnloadModelRequest(model="other"))
     for call in (load, unload):
         assert rpc_error(call).code() == grpc.StatusCode.UNAUTHENTICATED
-    assert load(metadata=bearer(KEY_A)).model.id == "other"
+        # API keys but no admin key: model control is off for every key.
+        error = rpc_error(functools.partial(call, metadata=bearer(KEY_A)))
+        body = assert_refused(error, grpc.StatusCode.PERMISSION_DENIED, 403)
+        assert "this server has API keys but no admin key" in body["error"]["message"]
+        assert "--admin-api-keys" in body["error"]["message"]
 
 
 def test_ollama_route_gets_ollama_shape(channel: grpc.Channel) -> None:
@@ -304,3 +326,114 @@ def test_rate_limit_per_client_address_without_keys(tmp_path: Path) -> None:
         assert rpc_error(lambda: embed(channel, forwarded)).code() == (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
+
+
+# --- model control: admin keys ------------------------------------------------------------------
+
+ADMIN = "sk-admin-0123456789"
+
+
+def _control_calls(stub: pb_grpc.EmbedderStub) -> dict[str, Callable[..., Any]]:
+    return {
+        "load with options": functools.partial(
+            stub.LoadModel, pb.LoadModelRequest(model="other", pooling="mean", n_gpu_layers=0)
+        ),
+        "load with keep_alive": functools.partial(
+            stub.LoadModel, pb.LoadModelRequest(model="other", keep_alive=Value(number_value=-1))
+        ),
+        "unload": functools.partial(stub.UnloadModel, pb.UnloadModelRequest(model="other")),
+    }
+
+
+def test_model_control_needs_an_admin_key(tmp_path: Path) -> None:
+    with (
+        ServerThread.with_fake_models(
+            tmp_path, api_keys=f"{KEY_A}", admin_api_keys=ADMIN
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        for name, call in _control_calls(stub).items():
+            error = rpc_error(functools.partial(call, metadata=bearer(KEY_A)))
+            body = assert_refused(error, grpc.StatusCode.PERMISSION_DENIED, 403)
+            assert body["error"]["code"] == "permission_denied", name
+            assert body["error"]["type"] == "invalid_request_error", name
+            assert "needs an admin key; this API key is not one" in body["error"]["message"]
+            assert KEY_A not in details(error) and ADMIN not in details(error)
+            for metadata in [(), bearer(WRONG)]:
+                refused = rpc_error(functools.partial(call, metadata=metadata))
+                assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert call(metadata=bearer(ADMIN)).model.id == "other", name
+        # An admin key is also an API key; an API key still embeds.
+        assert embed(channel, bearer(ADMIN)).model == "fake"
+        assert embed(channel, (("x-api-key", KEY_A),)).model == "fake"
+
+
+def test_admin_keys_alone_guard_model_control_and_leave_embeddings_open(tmp_path: Path) -> None:
+    admin_file = tmp_path / "admin.keys"
+    admin_file.write_text(f"# operators\n{ADMIN}\n")
+    with (
+        ServerThread.with_fake_models(
+            tmp_path / "models", admin_api_keys_file=str(admin_file)
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        assert embed(channel).model == "fake"
+        load = _control_calls(stub)["load with keep_alive"]
+        missing = rpc_error(load)
+        assert missing.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "needs an admin key; none was sent" in details(missing)
+        assert rpc_error(functools.partial(load, metadata=bearer(WRONG))).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert load(metadata=(("x-api-key", ADMIN),)).model.loaded
+
+
+def test_without_keys_model_control_is_local_only(tmp_path: Path) -> None:
+    # The defaults (loopback listeners, no keys): a developer's machine needs no key.
+    with (
+        ServerThread.with_fake_models(tmp_path / "local") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        assert all(call().model.id == "other" for call in _control_calls(stub).values())
+    # Listening beyond loopback (a container's 0.0.0.0) without an admin key: refused, even
+    # to a caller on loopback, while embeddings stay open.
+    with (
+        ServerThread.with_fake_models(tmp_path / "exposed", http_host="0.0.0.0") as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        for name, call in _control_calls(stub).items():
+            body = assert_refused(rpc_error(call), grpc.StatusCode.PERMISSION_DENIED, 403)
+            assert (
+                "allowed only from loopback on a server listening on loopback"
+                in (body["error"]["message"])
+            ), name
+        assert embed(channel).model == "fake"
+
+
+def test_model_control_of_a_caller_elsewhere_is_refused_without_keys() -> None:
+    control = ModelControl(KeyStore([]), KeyStore([]), local_only=True, proxy_secret="s3cret")
+    control.check(None, (), "ipv4:127.0.0.1:5000")
+    control.check(None, (), "ipv6:[::1]:5000")
+    through_envoy = (("x-embedd-client-address", "127.0.0.1"), ("x-embedd-proxy-secret", "s3cret"))
+    control.check(None, through_envoy, "ipv4:127.0.0.1:1")  # a local REST caller
+    for metadata, peer in [
+        ((), "ipv4:10.0.0.7:5000"),
+        # A REST caller elsewhere, as our Envoy (it holds the secret) reports it:
+        (
+            (("x-embedd-client-address", "10.0.0.7"), ("x-embedd-proxy-secret", "s3cret")),
+            "ipv4:127.0.0.1:1",
+        ),
+        # A caller elsewhere claiming to be local, without the secret (or with a wrong one):
+        ((("x-embedd-client-address", "127.0.0.1"),), "ipv4:10.0.0.7:5000"),
+        (
+            (("x-embedd-client-address", "127.0.0.1"), ("x-embedd-proxy-secret", "x")),
+            "ipv4:10.0.0.7:5000",
+        ),
+        ((("x-forwarded-for", "127.0.0.1"),), "ipv4:10.0.0.7:5000"),
+    ]:
+        with pytest.raises(PermissionDenied):
+            control.check(None, metadata, peer)

@@ -23,6 +23,7 @@ from bench.ceiling import (
     decode_all,
     engine_settings,
 )
+from bench.families import EngineResult, FamiliesBench, FamilyResult
 from bench.loadgen import (
     Endpoint,
     LoadResult,
@@ -58,13 +59,17 @@ from bench.report import (
 from bench.rerank import (
     InProcess,
     RerankBench,
+    ServedLeg,
     render_document,
     render_section,
     served_leg,
     summary_line,
 )
 from bench.texts import build_passages, read_sentences
+from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import EngineSettings
+from embedd_server.core.tokenization import TokenizedPairs
+from embedd_server.engines.base import FloatMatrix
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
 GHZ_REPORT = {
@@ -1062,3 +1067,427 @@ def test_only_rerank_writes_its_own_report_and_leaves_latest_md_alone(
     assert written.startswith("# embedd benchmark: reranking")
     assert "Served / in-process at 4 callers: **0.40x**" in written
     assert "`make bench BENCH_ARGS='--only rerank --quick --out" in written
+
+
+# --- issue 20: the families part -----------------------------------------------------------------
+
+
+def _model_info(**changes: object) -> ModelInfo:
+    """A small BERT embedding model's catalogue entry, with ``changes``."""
+    info = ModelInfo(
+        name="tiny-x",
+        path=Path("/nowhere/tiny-x/tiny-x.gguf"),
+        architecture="bert",
+        dimensions=4,
+        context_length=64,
+        max_input_tokens=6,
+        pooling="mean",
+        quantization="f16",
+        normalizes=True,
+        vocab_size=100,
+        hf_tokenizer_json=None,
+        file_size_bytes=0,
+        created=0,
+        family="bert",
+    )
+    return dataclasses.replace(info, **changes)  # type: ignore[arg-type]
+
+
+class _WordTokenizer:
+    """[1] + one id per word (its length) + [2]; a pair's document starts after its query's
+    [2]. Records what it was asked to encode."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def _ids(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return [1, *(len(word) for word in text.split()), 2]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._ids(text) for text in texts]
+
+    def encode_truncated(self, text: str, max_tokens: int, direction: str = "right") -> list[int]:
+        ids = self._ids(text)
+        return [*ids[: max_tokens - 1], 2]
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
+        sequences = [self._ids(query) + self._ids(document)[1:] for query, document in pairs]
+        starts = [len(self._ids(query)) for query, _ in pairs]
+        return TokenizedPairs([ids[:max_tokens] for ids in sequences], starts)
+
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        return len(self._ids(prompt)) - 1
+
+
+def test_family_requests_are_consecutive_sentences_in_the_rpc_of_the_models_task() -> None:
+    from bench.families import rpc_name, task_requests, text_batches
+    from embedd.v1 import embedder_pb2 as pb
+
+    sentences = [f"s{i}" for i in range(7)]
+    batches = text_batches(sentences, 3)
+    assert batches == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]  # the incomplete last one dropped
+    with pytest.raises(ValueError, match="need 8 sentences"):
+        text_batches(sentences, 8)
+    embed = pb.EmbedRequest.FromString(task_requests("embed", "m", batches)[1])
+    assert (embed.model, list(embed.texts)) == ("m", ["s3", "s4", "s5"])
+    assert not embed.prompt_name and not embed.HasField("prompt")  # the model's default prompt
+    sparse = pb.EmbedSparseRequest.FromString(task_requests("sparse", "m", batches)[0])
+    assert (sparse.model, list(sparse.texts)) == ("m", ["s0", "s1", "s2"])
+    classify = pb.ClassifyRequest.FromString(task_requests("classify", "m", batches)[0])
+    assert [(i.text, i.HasField("text_pair")) for i in classify.inputs] == [
+        ("s0", False),
+        ("s1", False),
+        ("s2", False),
+    ]
+    assert not classify.raw_scores  # probabilities, as a caller gets them by default
+    with pytest.raises(ValueError, match="takes no texts"):
+        task_requests("rerank", "m", batches)
+    assert [rpc_name(task) for task in ("embed", "rerank", "classify", "sparse")] == [
+        "Embed",
+        "Rerank",
+        "Classify",
+        "EmbedSparse",
+    ]
+
+
+def test_every_rpc_the_families_part_calls_is_a_method_of_the_embedder_service() -> None:
+    from bench.families import METHODS
+    from embedd.v1 import embedder_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["Embedder"]
+    assert set(METHODS) == {"embed", "rerank", "classify", "sparse"}
+    for method in METHODS.values():
+        package_service, name = method.strip("/").split("/")
+        assert package_service == service.full_name and name in service.methods_by_name
+
+
+def test_family_texts_are_tokenized_as_the_server_does_for_the_models_task() -> None:
+    from bench.families import tokenize_for_task
+
+    texts = ["One two", "Three four five six seven"]
+    prompted = _model_info(
+        prompts={"query": "Find: ", "document": ""},
+        default_prompt_name="query",
+        do_lower_case=True,
+    )
+    tokenizer = _WordTokenizer()
+    embed = tokenize_for_task(prompted, tokenizer, texts)
+    # The default prompt prepended and lower-cased, as an Embed request naming none gets it;
+    # the long text cut to the model's 6 tokens.
+    assert tokenizer.texts[:2] == ["find: one two", "find: three four five six seven"]
+    assert embed.sequences == [[1, 5, 3, 3, 2], [1, 5, 5, 4, 4, 2]]
+    assert embed.token_type_starts == [5, 6]  # texts: no token of type 1
+    sparse = tokenize_for_task(
+        dataclasses.replace(prompted, declared_task="sparse"), tokenizer, texts
+    )
+    assert sparse.sequences == embed.sequences
+    tokenizer = _WordTokenizer()
+    classify = tokenize_for_task(
+        dataclasses.replace(prompted, declared_task="classify"), tokenizer, texts
+    )
+    assert tokenizer.texts[:2] == texts  # a classifier reads the texts as they are
+    assert classify.sequences[0] == [1, 3, 3, 2]
+
+
+def test_a_rerankers_pairs_keep_token_types_only_where_the_model_has_them() -> None:
+    from bench.families import tokenize_pairs
+
+    pairs = [("a b", "c"), ("a", "b c d e f g")]
+    bert = _model_info(pooling="rank", pair_token_types=True)
+    typed = tokenize_pairs(bert, _WordTokenizer(), pairs)
+    assert typed.token_type_starts == [4, 3]  # the document's first token
+    assert typed.sequences[1] == [1, 1, 2, 1, 1, 1]  # cut to the model's 6 tokens
+    untyped = tokenize_pairs(
+        dataclasses.replace(bert, pair_token_types=False), _WordTokenizer(), pairs
+    )
+    assert untyped.sequences == typed.sequences
+    assert untyped.token_type_starts == [6, 6]  # type 0 throughout: the server passes none
+
+
+def test_a_family_workload_is_requests_of_its_task_and_the_same_inputs_tokenized() -> None:
+    from bench.families import TEXTS_PER_REQUEST, build_workload
+    from bench.rerank import DOCUMENTS, QUERIES, RerankQuery
+    from embedd.v1 import embedder_pb2 as pb
+
+    sentences = [f"w{i} x" for i in range(QUERIES * (DOCUMENTS + 1) + 5)]
+    embed = build_workload(_model_info(), _WordTokenizer(), sentences)
+    assert embed.task == "embed" and embed.per_request == TEXTS_PER_REQUEST
+    assert len(embed.requests) == len(sentences) // TEXTS_PER_REQUEST
+    assert len(embed.tokenized.sequences) == len(embed.requests) * TEXTS_PER_REQUEST
+    assert embed.first == sentences[:TEXTS_PER_REQUEST]
+    assert embed.mean_tokens == 4.0
+    reranker = build_workload(_model_info(pooling="rank"), _WordTokenizer(), sentences)
+    assert reranker.task == "rerank" and reranker.per_request == DOCUMENTS
+    assert len(reranker.requests) == QUERIES
+    assert len(reranker.tokenized.sequences) == QUERIES * DOCUMENTS
+    assert reranker.first == RerankQuery(sentences[0], sentences[1 : DOCUMENTS + 1])
+    assert pb.RerankRequest.FromString(reranker.requests[0]).query == sentences[0]
+
+
+def test_the_in_process_job_is_bounded_by_its_result_matrix() -> None:
+    from bench.families import IN_PROCESS_RESULT_BYTES, IN_PROCESS_TEXTS, in_process_count
+
+    assert in_process_count(64) == IN_PROCESS_TEXTS
+    wide = 30_522  # a SPLADE model's vocabulary: its dimensions
+    assert in_process_count(wide) == IN_PROCESS_RESULT_BYTES // (4 * wide) < IN_PROCESS_TEXTS
+
+
+def test_a_served_answer_is_checked_for_its_tasks_shape() -> None:
+    from bench.families import classes_fault, embeddings_fault, sparse_fault
+
+    vectors = np.ones((2, 4), dtype=np.float32)
+    assert embeddings_fault(vectors, 2, 4) == ""
+    assert "shape (2, 4), expected (3, 4)" in embeddings_fault(vectors, 3, 4)
+    vectors[1, 2] = np.nan
+    assert embeddings_fault(vectors, 2, 4) == "non-finite values"
+
+    def sparse(
+        indices: list[int], values: list[float]
+    ) -> tuple[npt.NDArray[np.int64], FloatMatrix]:
+        return np.array(indices, dtype=np.int64), np.array(values, dtype=np.float32)
+
+    good = [sparse([1, 5], [0.5, 1.0]), sparse([], [])]
+    assert sparse_fault(good, 2, 10) == ""
+    assert "1 vectors for 2 texts" in sparse_fault(good[:1], 2, 10)
+    assert "not ascending" in sparse_fault([sparse([5, 1], [1.0, 1.0])], 1, 10)
+    assert "not ascending" in sparse_fault([sparse([1, 10], [1.0, 1.0])], 1, 10)  # past vocab
+    assert "not positive" in sparse_fault([sparse([1, 2], [1.0, 0.0])], 1, 10)
+    assert classes_fault([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]], 2, 3) == ""
+    assert "1 classifications for 2 texts" in classes_fault([[0.7, 0.2, 0.1]], 2, 3)
+    assert "2 labels, the model has 3" in classes_fault([[0.7, 0.3]], 1, 3)
+    assert "not highest first" in classes_fault([[0.2, 0.7, 0.1]], 1, 3)
+
+
+def _families_bench() -> FamiliesBench:
+    """tiny-a measured on both engines (ONNX Runtime its auto choice, 4,000 texts/s), tiny-b
+    refused by ONNX Runtime and failing on llama.cpp, tiny-c not imported."""
+
+    def legs(requests: tuple[int, int], errors: int = 0) -> list[ServedLeg]:
+        return [
+            served_leg(
+                LoadResult(count, errors, 2.0, [0.004]),
+                callers,
+                16,
+                server_cores=1.6,
+                other_cores=0.1,
+            )
+            for callers, count in zip((1, 4), requests, strict=True)
+        ]
+
+    in_process = InProcess(
+        "2 worker processes x all cores' threads, packs ≤256 tok", 8000, 2.0, engine_cores=1.6
+    )
+    return FamiliesBench(
+        source="../shared/models",
+        leg_s=2.0,
+        models=[
+            FamilyResult(
+                "tiny-a",
+                family="bert",
+                task="embed",
+                mean_tokens=15.5,
+                auto_engine="onnxruntime",
+                engines=[
+                    EngineResult("onnxruntime", in_process, legs((100, 200))),
+                    EngineResult(
+                        "llama.cpp",
+                        dataclasses.replace(in_process, pairs=4000, other_cores=0.8),
+                        legs((50, 0), errors=3),
+                    ),
+                ],
+            ),
+            FamilyResult(
+                "tiny-b",
+                family="qwen3",
+                task="embed",
+                auto_engine="llama.cpp",
+                engines=[
+                    EngineResult("onnxruntime", refusal="architecture 'qwen3'"),
+                    EngineResult("llama.cpp", error="it broke"),
+                ],
+            ),
+            FamilyResult("tiny-c", import_error="config.json describes a foo model"),
+        ],
+    )
+
+
+def test_the_families_table_has_a_row_per_model_and_engine_measured() -> None:
+    from bench.families import table_rows
+
+    bench = _families_bench()
+    onnx, llama = bench.models[0].engines
+    assert onnx.ratio(onnx.leg(1)) == pytest.approx(0.2)  # 800 texts/s served vs 4,000
+    assert onnx.ratio(onnx.leg(4)) == pytest.approx(0.4)
+    assert llama.ratio(llama.leg(4)) is None  # nothing answered: no ratio
+    assert llama.other_cores == 0.8
+    # The server took 1.6 cores for 1,600 texts/s, the engines 1.6 for 4,000: 2.5x the CPU.
+    assert onnx.cpu_ratio(onnx.leg(4)) == pytest.approx(2.5)
+    assert llama.cpu_ratio(llama.leg(4)) is None
+    assert onnx.in_process is not None
+    unknown = dataclasses.replace(onnx.in_process, engine_cores=0.0)
+    no_cores = EngineResult("onnxruntime", unknown, onnx.served)
+    assert no_cores.cpu_ratio(no_cores.leg(4)) is None  # the engines' CPU unknown
+    model = ["`tiny-a`", "bert", "embed"]
+    onnx_row = [*model, "onnxruntime (auto)", "15.5", "4,000", "800", "1,600", "0.20x / 0.40x"]
+    llama_row = [*model, "llama.cpp", "15.5", "2,000", "400 (3 errors)", "—", "0.20x / —"]
+    assert table_rows(bench) == [[*onnx_row, "2.50x", "0.10"], [*llama_row, "—", "0.80"]]
+
+
+def test_the_families_section_says_what_the_numbers_mean_and_what_was_not_measured() -> None:
+    from bench.families import render_document, render_section
+
+    bench = _families_bench()
+    text = render_section(bench)
+    assert text.startswith("## Families: texts/s per model family and engine (issue 20)")
+    assert "tiny random-weight test models" in text and "absolute texts/s say nothing" in text
+    assert "served/in-process ratio" in text
+    assert "| `tiny-a` | bert | embed | onnxruntime (auto) | 15.5 | 4,000 | 800 | 1,600 |" in text
+    assert "| 0.20x / 0.40x | 2.50x | 0.10 |" in text
+    assert "a served/in-process ratio above 1x is that" in text  # the noise line explains
+    assert "- `tiny-c`: not imported: config.json describes a foo model" in text
+    assert "- `tiny-b` on onnxruntime: refused: architecture 'qwen3'" in text
+    assert "- `tiny-b` on llama.cpp: **failed**: it broke" in text
+    assert "other processes used up to 0.80 cores" in text
+    assert "`--quick`" not in text
+    bench.auto_only = True
+    assert "on the engine `engine=auto` picks only (`--quick`)" in render_section(bench)
+    empty = render_section(FamiliesBench(source="x"))
+    assert "No model was measured." in empty and "Shared machine" not in empty
+    document = render_document(
+        bench, cpu_model="Test CPU", cores=2, date="2026-12-07", command="make bench", quick=True
+    )
+    assert document.startswith("# embedd benchmark: model families")
+    assert "Test CPU, 2 cores" in document
+    assert "`make bench`; `--only families` runs this part alone." in document
+
+
+def test_a_model_the_importer_refuses_is_listed_with_the_errors_first_line(
+    tmp_path: Path,
+) -> None:
+    from bench.families import measure_model, model_dirs
+
+    source = tmp_path / "models" / "tiny-foo"
+    source.mkdir(parents=True)
+    config = {"architectures": ["FooModel"], "model_type": "foo", "hidden_size": 8}
+    (source / "config.json").write_text(json.dumps(config))
+    (tmp_path / "models" / "not-a-model").mkdir()
+    assert model_dirs(tmp_path / "models") == [source]
+    said: list[str] = []
+    result = measure_model(source, tmp_path / "out", ["a b"] * 40, 0.1, 0.1, say=said.append)
+    assert result.model == "tiny-foo" and not result.engines and not result.family
+    assert "foo" in result.import_error and "\n" not in result.import_error
+    assert said == [f"tiny-foo: not imported: {result.import_error}"]
+
+
+def test_each_engine_is_asked_as_the_server_asks_it_when_forced() -> None:
+    from bench.families import auto_engine, engine_refusal
+
+    bert = _model_info()
+    assert engine_refusal(bert, "onnxruntime") == engine_refusal(bert, "llama.cpp") == ""
+    assert auto_engine(bert) == "onnxruntime"
+    qwen3 = _model_info(architecture="qwen3", pooling="last", family="qwen3")
+    assert "architecture 'qwen3'" in engine_refusal(qwen3, "onnxruntime")
+    assert auto_engine(qwen3) == "llama.cpp"
+    quantized = _model_info(quantization="q8_0")
+    assert "q8_0 weights" in engine_refusal(quantized, "onnxruntime")
+
+
+def test_an_engine_that_fails_is_reported_and_the_part_goes_on() -> None:
+    from bench.families import Workload, measure_engine
+
+    workload = Workload("embed", TokenizedPairs([[1, 2]], [2]), [b""], 1, ["a"])
+    said: list[str] = []
+    result = measure_engine(_model_info(), workload, "llama.cpp", 0.1, 0.1, say=said.append)
+    assert result.in_process is None and not result.served and not result.refusal
+    assert result.error and "\n" not in result.error  # the missing file, in one line
+    assert said == [f"  llama.cpp: failed: {result.error}"]
+
+
+def test_the_families_part_is_chosen_by_default_or_alone_and_kept_short() -> None:
+    from bench.__main__ import FAMILIES, FULL, QUICK, parse_args
+    from bench.families import CONCURRENCIES, DEFAULT_MODELS
+
+    assert FAMILIES in parse_args([]).only
+    args = parse_args(["--only", "families", "--families", "/models"])
+    assert args.only == {"families"} and args.families == Path("/models")
+    assert parse_args([]).families == DEFAULT_MODELS == Path(DEFAULT_MODELS).parent / "models"
+    # Per model and engine: in-process, then each served leg after its warm-up, under 3 s
+    # (some 26 of them, each also starting its engines and server: a few minutes in all).
+    legs = len(CONCURRENCIES)
+    assert (legs + 1) * FULL.families_s + legs * FULL.families_warmup_s < 3.0
+    assert not FULL.families_auto_only and QUICK.families_auto_only
+    assert QUICK.families_s < FULL.families_s
+
+
+def test_only_families_writes_its_own_report_and_leaves_latest_md_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.__main__ as main_module
+    from bench import ceiling, families
+    from bench.texts import TextSet
+
+    texts = TextSet("sentences", ["a b"], [[1, 2, 3]])
+    monkeypatch.setattr(ceiling, "auto_engine", lambda model: "onnxruntime")
+    monkeypatch.setattr(
+        main_module, "load_text_sets", lambda model: (texts, dataclasses.replace(texts), None)
+    )
+    asked: list[tuple[Path, float, float, bool]] = []
+
+    def run_families(
+        models: Path, *, seconds: float, warmup_s: float, say: object, auto_only: bool
+    ) -> FamiliesBench:
+        asked.append((models, seconds, warmup_s, auto_only))
+        return _families_bench()
+
+    monkeypatch.setattr(families, "run_families", run_families)
+    (tmp_path / "latest.md").write_text("the last full run\n")
+    args = ["--only", "families", "--quick", "--out", str(tmp_path), "--families", str(tmp_path)]
+    assert main_module.main(args) == 0
+    assert asked == [(tmp_path, 0.3, 0.1, True)]  # --quick: short, the auto engine only
+    assert (tmp_path / "latest.md").read_text() == "the last full run\n"
+    assert not (tmp_path / "rerank.md").exists()
+    written = (tmp_path / "families.md").read_text()
+    assert written.startswith("# embedd benchmark: model families")
+    assert "| `tiny-a` | bert | embed | onnxruntime (auto) |" in written
+    assert "`make bench BENCH_ARGS='--only families --quick --out" in written
+
+
+def test_latest_md_holds_the_families_section_or_links_the_last_one() -> None:
+    run = BenchRun(cpu_model="CPU", cores=2, quick=True, date="d", command="make bench")
+    text = render_markdown(run)
+    assert "Not part of this run: the last measurement of every model family is in " in text
+    assert "[families.md](families.md)" in text
+    run.families_section = "## Families: measured\n\nthe table"
+    text = render_markdown(run)
+    assert (
+        "## Families: measured\n\nthe table\n\nThe same section on its own: [families.md]" in text
+    )
+    assert "Not part of this run: the last measurement of every model family" not in text
+
+
+def test_the_cpu_meter_counts_live_worker_processes_as_the_measurements_own() -> None:
+    import subprocess
+    import sys
+
+    from bench.procs import CpuMeter
+
+    # A child that burns 0.3 s of CPU, says so, then waits (alive, not reaped) for its stdin.
+    burn = (
+        "import sys, time\n"
+        "while time.process_time() < 0.3: pass\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with CpuMeter(None) as meter:
+        child = subprocess.Popen(
+            [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+    child.communicate("")
+    assert meter.children_cpu == 0.0  # reaped only after the meter stopped
+    assert meter.workers_cpu >= 0.25  # its CPU (in clock ticks) is the measurement's ...
+    assert meter.other_cpu <= meter.busy - meter.workers_cpu  # ... not other processes'

@@ -312,6 +312,9 @@ def test_default_names(tmp_path: Path) -> None:
     assert default_name(tmp_path / "All-MiniLM-L6-v2") == "all-minilm-l6-v2"
     assert default_name(tmp_path / "All-MiniLM-L6-v2", "q8_0") == "all-minilm-l6-v2-q8_0"
     assert default_name(tmp_path / "All-MiniLM-L6-v2", "f32") == "all-minilm-l6-v2-f32"
+    # A reranker's, classifier's or sparse encoder's usual type is f32: no suffix for it.
+    assert default_name(tmp_path / "Reranker", "f32", usual="f32") == "reranker"
+    assert default_name(tmp_path / "Reranker", "f16", usual="f32") == "reranker-f16"
     generic = tmp_path / "pkg" / "model"
     generic.mkdir(parents=True)
     assert default_name(generic) == "pkg"

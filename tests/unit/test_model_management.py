@@ -151,11 +151,10 @@ def test_memory_budget_evicts_least_recently_used_idle_models(tmp_path: Path) ->
         grpc.insecure_channel(server.target) as channel,
     ):
         stub = pb_grpc.EmbedderStub(channel)
-        stub.UnloadModel(pb.UnloadModelRequest(model="fake"))
         for name in ("a", "b", "a"):  # b is now the least recently used
             stub.Embed(pb.EmbedRequest(texts=["hi"], model=name))
         stub.Embed(pb.EmbedRequest(texts=["hi"], model="c"))
-        assert set(_running(stub)) == {"a", "c"}
+        assert set(_running(stub)) == {"a", "c", "fake"}  # the default model is never evicted
         # With every loaded model busy, a load that does not fit is refused at once.
         gate.clear()  # the workers of a and c block inside their next decode
         blocked = [
@@ -214,3 +213,102 @@ def test_builtin_models_dir_adds_models_and_models_dir_wins(tmp_path: Path) -> N
         with pytest.raises(grpc.RpcError) as missing:
             stub.Embed(pb.EmbedRequest(texts=["a"], model="../builtin/fake"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- nothing one caller asks for changes what the others get -------------------------------------
+
+
+def _models(stub: pb_grpc.EmbedderStub) -> dict[str, pb.Model]:
+    return {model.id: model for model in stub.ListModels(pb.ListModelsRequest()).data}
+
+
+def _reap(server: ServerThread) -> None:
+    """One pass of the reaper now (it would retire idle models whose keep_alive ran out)."""
+    server.call(server.server.registry.reap())
+
+
+def test_a_load_never_replaces_a_models_own_pooling(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    before = stub.Embed(pb.EmbedRequest(texts=["hello cat"]))
+    for model in ("fake", "other"):  # loaded (the default) or not
+        request = pb.LoadModelRequest(model=model, pooling="cls")
+        error = _error(lambda request=request: stub.LoadModel(request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{model}' pools with 'mean', its own pooling" in str(error.details())
+        assert "import it again under another name" in str(error.details())
+    assert all(runtime.options.pooling is None for runtime in fake_server.loader.runtimes)
+    assert stub.Embed(pb.EmbedRequest(texts=["hello cat"])) == before
+    assert _models(stub)["fake"].pooling == "mean"
+    # Asking for the pooling it has is no change: the loaded instance stays.
+    loads = fake_server.server.registry.loads
+    assert stub.LoadModel(pb.LoadModelRequest(model="fake", pooling="mean")).model.loaded
+    assert fake_server.server.registry.loads == loads
+
+
+def test_a_loaded_model_is_not_reloaded_with_other_options(tmp_path: Path) -> None:
+    write_fake_gguf(tmp_path / "causal.gguf", pooling=0)
+    with (
+        ServerThread.with_fake_models(tmp_path) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.EmbedderStub(channel)
+        assert _models(stub)["causal"].pooling == "none"
+        stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="mean"))
+        assert _models(stub)["causal"].pooling == "mean"  # what it serves with, honestly
+        before = stub.Embed(pb.EmbedRequest(texts=["hello cat"], model="causal"))
+        loads = server.server.registry.loads
+        for request in (
+            pb.LoadModelRequest(model="causal", pooling="last"),
+            pb.LoadModelRequest(model="causal", n_gpu_layers=-1),
+        ):
+            error = _error(lambda request=request: stub.LoadModel(request))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "every caller of it shares that instance" in str(error.details())
+            assert "unload it first" in str(error.details())
+            assert _trailer_code(error) == "conflict"
+        assert server.server.registry.loads == loads
+        assert stub.Embed(pb.EmbedRequest(texts=["hello cat"], model="causal")) == before
+        assert _models(stub)["causal"].pooling == "mean"
+        # Unloaded first, it may be loaded with another pooling, which the catalogue shows.
+        stub.UnloadModel(pb.UnloadModelRequest(model="causal"))
+        stub.LoadModel(pb.LoadModelRequest(model="causal", pooling="last"))
+        assert _models(stub)["causal"].pooling == "last"
+        # The default model cannot be unloaded, so it says to restart instead.
+        error = _error(lambda: stub.LoadModel(pb.LoadModelRequest(model="fake", n_gpu_layers=-1)))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "it is the default model, which stays loaded" in str(error.details())
+
+
+def test_the_default_model_stays_loaded(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    runtime = fake_server.runtime
+    error = _error(lambda: stub.UnloadModel(pb.UnloadModelRequest(model="")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'fake' is the default model, which stays loaded" in str(error.details())
+    zero = Value(number_value=0)
+    stub.OllamaEmbed(
+        pb.OllamaEmbedRequest(model="fake", input=Value(string_value="hi"), keep_alive=zero)
+    )
+    reply = stub.LoadModel(pb.LoadModelRequest(model="fake", keep_alive=zero))
+    assert reply.message.endswith("keep_alive ignored: the default model stays loaded")
+    _reap(fake_server)
+    assert _running(stub)["fake"].startswith("2318-") and not runtime.closed
+    assert fake_server.server.registry.loads == 1
+
+
+def test_requests_keep_alive_does_not_unpin_a_model_an_admin_pinned(
+    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+) -> None:
+    stub.LoadModel(pb.LoadModelRequest(model="other", keep_alive=Value(number_value=-1)))
+    request = pb.OllamaEmbedRequest(
+        model="other", input=Value(string_value="hello"), keep_alive=Value(number_value=0)
+    )
+    assert stub.OllamaEmbed(request).model == "other"
+    _reap(fake_server)
+    assert _running(stub)["other"].startswith("2318-")
+    # Unpinned by the admin's unload, the model follows requests' keep_alive again.
+    stub.UnloadModel(pb.UnloadModelRequest(model="other"))
+    assert stub.OllamaEmbed(request).model == "other"
+    _wait_until(lambda: "other" not in _running(stub), timeout=1.0)

@@ -349,3 +349,32 @@ def test_undecodable_requests_are_invalid_argument(fake_server: ServerThread) ->
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "could not be decoded" in str(error.details())
     assert stream_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_unknown_truncation_value_is_refused_naming_the_field(
+    stub: pb_grpc.EmbedderStub,
+) -> None:
+    # Protobuf enums are open: 99 arrives as 99 and must not be taken for a known mode.
+    unknown = cast(pb.Truncation.ValueType, 99)
+    calls = {
+        "Embed": lambda: stub.Embed(pb.EmbedRequest(texts=["hi"], truncation=unknown)),
+        "EmbedStream": lambda: list(
+            stub.EmbedStream(iter([pb.EmbedRequest(texts=["hi"], truncation=unknown)]))
+        ),
+        "Rerank": lambda: stub.Rerank(
+            pb.RerankRequest(query="q", documents=["d"], truncation=unknown)
+        ),
+        "Classify": lambda: stub.Classify(
+            pb.ClassifyRequest(inputs=[pb.ClassifyInput(text="hi")], truncation=unknown)
+        ),
+        "EmbedSparse": lambda: stub.EmbedSparse(
+            pb.EmbedSparseRequest(texts=["hi"], truncation=unknown)
+        ),
+    }
+    for name, call in calls.items():
+        error = _error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "truncation 99 is not a known Truncation" in str(error.details()), name
+        assert "TRUNCATION_END (1)" in str(error.details()), name
+    known = stub.Embed(pb.EmbedRequest(texts=["hi"], truncation=pb.TRUNCATION_START))
+    assert len(known.embeddings) == 1

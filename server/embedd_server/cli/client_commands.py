@@ -171,7 +171,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--top",
         type=_positive_int,
         metavar="N",
-        help="print each text's N heaviest tokens (with their token strings) as a table",
+        help="print each text's N heaviest token ids and their weights as a table",
     )
     _add_connection(sparse)
     sparse.set_defaults(handler=_client_command(_embed_sparse))
@@ -274,6 +274,46 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"TOML settings file to read the server's address from. Env: {CONFIG_ENV}.",
     )
+    _add_tls(parser)
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    # dest client_tls_*: the server's own tls_* settings (load_settings) must not see them.
+    tls = parser.add_argument_group(
+        "TLS",
+        "A server started with --tls-cert speaks TLS: `embedd serve` on its gRPC port, "
+        "`embedd run` on Envoy's port (--target HOST:HTTP_PORT). Any of these options, or a "
+        "target https://HOST:PORT, connects with TLS.",
+    )
+    tls.add_argument(
+        "--tls",
+        dest="client_tls",
+        action="store_true",
+        help="connect with TLS, checking the server's certificate against grpc's bundle of "
+        "public CAs (or --tls-ca)",
+    )
+    tls.add_argument(
+        "--tls-ca",
+        dest="client_tls_ca",
+        metavar="PEM",
+        help="CA certificate(s) that signed the server's certificate",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        dest="client_tls_cert",
+        metavar="PEM",
+        help="this client's certificate chain, for a server that requires one (mutual TLS, "
+        "the server's --tls-client-ca); needs --tls-key",
+    )
+    tls.add_argument(
+        "--tls-key", dest="client_tls_key", metavar="PEM", help="the private key of --tls-cert"
+    )
+    tls.add_argument(
+        "--tls-server-name",
+        dest="client_tls_server_name",
+        metavar="NAME",
+        help="the name the server's certificate must carry, when it is not --target's host",
+    )
 
 
 def _describe(*paragraphs: str) -> str:
@@ -315,10 +355,18 @@ def _client_command(body: Body) -> Callable[[argparse.Namespace], int]:
 
         target, max_message_mb = _connection(args)
         try:
-            with Client(target, timeout=args.timeout, max_message_mb=max_message_mb) as client:
+            with Client(
+                target,
+                timeout=args.timeout,
+                max_message_mb=max_message_mb,
+                **_tls_options(args),
+            ) as client:
                 return body(args, client)
+        except ValueError as exc:  # contradicting TLS options (the client says which)
+            return _fail(args, str(exc))
         except Unavailable as exc:
-            return _fail(args, _unavailable_message(target, exc.details))
+            tls = bool(_tls_options(args)) or target.lower().startswith("https://")
+            return _fail(args, _unavailable_message(target, exc.details, tls))
         except EmbeddClientError as exc:
             return _fail(args, exc.details or str(exc))
         except CommandError as exc:
@@ -329,13 +377,44 @@ def _client_command(body: Body) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+def _tls_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's tls_* keywords from the TLS flags (those given)."""
+    options = {
+        "tls": True if args.client_tls else None,
+        "tls_ca": args.client_tls_ca,
+        "tls_cert": args.client_tls_cert,
+        "tls_key": args.client_tls_key,
+        "tls_server_name": args.client_tls_server_name,
+    }
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _fail(args: argparse.Namespace, message: str) -> int:
     print(f"embedd {args.command}: {message}", file=sys.stderr)
     return EXIT_FAILURE
 
 
-def _unavailable_message(target: str, details: str) -> str:
+def _unavailable_message(target: str, details: str, tls: bool = False) -> str:
     lowered = details.lower()
+    if any(word in lowered for word in ("ssl", "handshake", "certificate", "tls")):
+        return (
+            f"the TLS handshake with the server at {target} failed ({details}): check --tls-ca "
+            "(the CA of the server's certificate) and, if the server requires client "
+            "certificates, --tls-cert and --tls-key"
+        )
+    # A TLS server closes a plaintext connection, and a mutual-TLS server one without a
+    # client certificate it trusts, with nothing more said than this.
+    if "socket closed" in lowered or "connection reset" in lowered:
+        if tls:
+            return (
+                f"the server at {target} closed the connection ({details}): if it requires "
+                "client certificates (mutual TLS), give --tls-cert and --tls-key of a "
+                "certificate its CA signed"
+            )
+        return (
+            f"the server at {target} closed the connection ({details}): if it serves TLS, "
+            "connect with --tls-ca PEM (or --tls, or an https:// target)"
+        )
     if "connect" in lowered or "dns" in lowered or "unreachable" in lowered:
         return f"cannot reach the server at {target}: {SERVER_HINT}"
     return f"the server at {target} is unavailable ({details}); {SERVER_HINT}"

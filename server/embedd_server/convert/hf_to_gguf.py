@@ -157,10 +157,11 @@ def import_model(
     settings, stored_prompts, prompt_notes = _read_settings(
         src, model_dir, modules, family, prompts or {}, sparse=splade is not None
     )
-    out_type = out_type or default_type(SPARSE if splade else family.task)
+    usual = default_type(SPARSE if splade else family.task)
+    out_type = out_type or usual
     if splade:
         prompt_notes.extend(_sparse_type_notes(src, out_type))
-    target = Path(models_dir) / f"{name or default_name(src, out_type)}.gguf"
+    target = Path(models_dir) / f"{name or default_name(src, out_type, usual)}.gguf"
     if target.exists() and not overwrite:
         raise ModelImportError(
             f"{target} already exists; pass --overwrite to replace it or --name to choose another"
@@ -377,10 +378,11 @@ def default_type(task: str) -> str:
     return "f16" if task == EMBED else "f32"
 
 
-def default_name(src: Path, out_type: str = "f16") -> str:
+def default_name(src: Path, out_type: str = "f16", usual: str = "f16") -> str:
     """The default model name for ``src``: its directory name, lower-cased, plus a type suffix.
 
-    f16 gets no suffix (``all-minilm-l6-v2``); other types get ``-q8_0`` / ``-f32``. For a
+    The model's usual type (:func:`default_type`: f16 for an embedding model) gets no suffix
+    (``all-minilm-l6-v2``); other types get ``-q8_0`` / ``-f32`` / ``-f16``. For a
     Hugging Face cache snapshot the repository name is used; for a generic directory name
     such as ``model`` the model card's ``# title`` (or else the parent directory's name).
     """
@@ -392,7 +394,7 @@ def default_name(src: Path, out_type: str = "f16") -> str:
     else:
         base = src.name
     stem = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.") or "model"
-    return stem if out_type == "f16" else f"{stem}-{out_type}"
+    return stem if out_type == usual else f"{stem}-{out_type}"
 
 
 def _readme_title(readme: Path) -> str | None:

@@ -86,6 +86,14 @@ class Unauthenticated(EmbeddError):
     """The call carries no API key, or one the server does not know."""
 
 
+class PermissionDenied(EmbeddError):
+    """The caller is known but may not do this (e.g. model control without an admin key)."""
+
+
+class Conflict(EmbeddError):
+    """The request contradicts the server's state (e.g. a model loaded with other options)."""
+
+
 class Unavailable(EmbeddError):
     """The server is starting, draining or a worker failed: retryable."""
 

@@ -10,12 +10,19 @@ Loaded models are used through leases (:meth:`ModelRegistry.use`). A model is re
 out of service, then freed once its leases end) when its keep_alive runs out, when its file
 disappears, on an explicit unload, or to make room under the memory budget. A retired model is
 never handed out again, so no caller sees a pool that is being built or torn down.
+
+Every caller of a model shares its one loaded instance, so nothing one caller asks for may
+change what the others get: a model's own pooling is never replaced, a loaded model is never
+reloaded with other options (unload it first), and a pinned model's keep_alive (the default
+model's: forever; one set by an explicit load) is not changed by requests' keep_alive. The
+default model is never unloaded, expired or evicted for room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -23,10 +30,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedd_server.core.catalog import EMBED, ModelInfo, read_model_info
+from embedd_server.core.catalog import EMBED, POOLING_NAMES, ModelInfo, read_model_info
 from embedd_server.core.durations import parse_duration
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import (
+    Conflict,
+    InvalidInput,
     ModelLoadError,
     ModelNotEmbedding,
     ModelNotFound,
@@ -47,6 +56,7 @@ from embedd_server.metrics import Metrics, ModelGauges
 log = logging.getLogger(__name__)
 
 _REAP_INTERVAL_S = 0.25
+_NO_POOLING = frozenset({POOLING_NAMES[0], POOLING_NAMES[-1]})  # "none", "unspecified"
 
 
 @dataclass
@@ -61,6 +71,9 @@ class LoadedModel:
     load_seconds: float
     options: LoadOptions
     keep_alive_s: float  # after each use; math.inf: forever
+    # Requests' keep_alive leave keep_alive_s alone: the default model, or one whose keep_alive
+    # an explicit load (model control) set.
+    pinned: bool = False
     expires_at: float = math.inf  # time.monotonic()
     last_used: float = field(default_factory=time.monotonic)
     leases: int = 0
@@ -108,6 +121,10 @@ class ModelRegistry:
         """The model a request means: '' is the default model; aliases map to models."""
         name = name or self._settings.default_model
         return self._settings.aliases.get(name, name)
+
+    def is_default(self, name: str) -> bool:
+        """Whether ``name`` (an alias, or '') means the default model."""
+        return self.resolve(name) == self.resolve("")
 
     def _model_dirs(self) -> list[Path]:
         """Where models are looked for, first match wins: models_dir, then the built-in one."""
@@ -157,6 +174,12 @@ class ModelRegistry:
         model = self._loaded.get(self.resolve(name))
         return model.runtime.engine_name if model is not None else ""
 
+    def pooling_of(self, name: str) -> str:
+        """The pooling a loaded model serves with (a causal LM's is chosen at load); "" when
+        it is not loaded."""
+        model = self._loaded.get(self.resolve(name))
+        return "" if model is None else model.options.pooling or model.info.pooling
+
     def loaded_models(self) -> Sequence[LoadedModel]:
         return list(self._loaded.values())
 
@@ -180,7 +203,8 @@ class ModelRegistry:
         finally:
             model.leases -= 1
             model.last_used = time.monotonic()
-            seconds = model.keep_alive_s if keep_alive_s is None else keep_alive_s
+            # A request's keep_alive applies to models nobody pinned (Ollama's behaviour).
+            seconds = model.keep_alive_s if keep_alive_s is None or model.pinned else keep_alive_s
             model.expires_at = model.last_used + seconds
             if model.leases == 0:
                 model.idle.set()
@@ -188,35 +212,79 @@ class ModelRegistry:
                     self._wake_reaper.set()
 
     async def get(self, name: str, options: LoadOptions | None = None) -> LoadedModel:
-        """The loaded model, loading it first if needed (one load for concurrent callers)."""
+        """The loaded model, loading it first if needed (one load for concurrent callers).
+
+        ``options`` (an explicit load's) must agree with the model's own pooling and, when it
+        is loaded already, with the options it was loaded with: callers share the instance.
+        """
         name = self.resolve(name)
         loaded = self._loaded.get(name)
-        if loaded is not None and (options is None or options == loaded.options):
-            return loaded
+        if loaded is not None:
+            return loaded if options is None else self._same_options(loaded, options)
         async with self._load_locks.setdefault(name, asyncio.Lock()):
             loaded = self._loaded.get(name)
-            if loaded is not None and options is not None and options != loaded.options:
-                await self._retire(loaded, "reloading with other options")
-                loaded = None
-            if loaded is None:
-                loaded = await self._load(self.info(name), options or LoadOptions())
-                self._loaded[name] = loaded
+            if loaded is not None:
+                return loaded if options is None else self._same_options(loaded, options)
+            info = self.info(name)
+            loaded = await self._load(info, _keeping_own_pooling(info, options or LoadOptions()))
+            self._loaded[name] = loaded
         return loaded
+
+    def _same_options(self, loaded: LoadedModel, options: LoadOptions) -> LoadedModel:
+        """``loaded`` when ``options`` ask for nothing it does not do; else Conflict."""
+        options = _keeping_own_pooling(loaded.info, options)
+        gpu_layers = loaded.options.n_gpu_layers
+        current = {
+            "pooling": loaded.options.pooling or loaded.info.pooling,
+            "n_gpu_layers": self._settings.n_gpu_layers if gpu_layers is None else gpu_layers,
+        }
+        asked = {"pooling": options.pooling, "n_gpu_layers": options.n_gpu_layers}
+        changed = [
+            key for key, value in asked.items() if value is not None and value != current[key]
+        ]
+        if not changed:
+            return loaded
+        name = loaded.info.name
+        remedy = (
+            "it is the default model, which stays loaded: restart the server with other "
+            "settings (e.g. --n-gpu-layers)"
+            if self.is_default(name)
+            else f'unload it first (POST /v1/models/unload {{"model": "{name}"}}), then '
+            "load it with the new options"
+        )
+        raise Conflict(
+            f"Model '{name}' is loaded with "
+            + ", ".join(f"{key} {current[key]!r}" for key in changed)
+            + ", and every caller of it shares that instance: loading it with "
+            + ", ".join(f"{key} {asked[key]!r}" for key in changed)
+            + f" would change what they get. To change it, {remedy}.",
+            param=changed[0],
+        )
 
     async def load(
         self, name: str, options: LoadOptions, keep_alive_s: float | None
     ) -> LoadedModel:
-        """An explicit load; keep_alive (if given) becomes the model's idle time."""
+        """An explicit load (model control). A keep_alive, if given, becomes the model's idle
+        time and pins it (requests' keep_alive no longer change it); the default model's is
+        forever and stays so."""
         model = await self.get(name, options)
-        if keep_alive_s is not None:
+        if keep_alive_s is not None and not self.is_default(model.info.name):
             model.keep_alive_s = keep_alive_s
             model.expires_at = time.monotonic() + keep_alive_s
+            model.pinned = True
             self._wake_reaper.set()
         return model
 
     async def unload(self, name: str) -> ModelInfo:
-        """Retires a loaded model: new calls load it afresh, calls in flight finish first."""
+        """Retires a loaded model: new calls load it afresh, calls in flight finish first.
+        The default model stays loaded: unloading it is a Conflict."""
         info = self.info(name)
+        if self.is_default(info.name):
+            raise Conflict(
+                f"'{info.name}' is the default model, which stays loaded (--default-model); it "
+                "cannot be unloaded. To free it, restart the server with another default model.",
+                param="model",
+            )
         loaded = self._loaded.get(info.name)
         if loaded is not None:
             await self._retire(loaded, "unload requested")
@@ -269,8 +337,9 @@ class ModelRegistry:
             self._settings.workers,
             seconds,
         )
-        keep = math.inf if info.name == self._settings.default_model else self._default_keep_alive
-        model = LoadedModel(info, runtime, tokenizer, queue, pool, seconds, options, keep)
+        default = self.is_default(info.name)
+        keep = math.inf if default else self._default_keep_alive
+        model = LoadedModel(info, runtime, tokenizer, queue, pool, seconds, options, keep, default)
         model.expires_at = time.monotonic() + keep
         model.idle.set()
         return model
@@ -281,7 +350,11 @@ class ModelRegistry:
         if not budget:
             return
         while self._bytes_loaded() + info.file_size_bytes > budget:
-            idle = [m for m in self._loaded.values() if m.leases == 0 and m.info != info]
+            idle = [
+                m
+                for m in self._loaded.values()
+                if m.leases == 0 and m.info != info and not self.is_default(m.info.name)
+            ]
             if not idle:
                 raise Overloaded(
                     f"Loading '{info.name}' ({info.file_size_bytes >> 20} MiB) would exceed the "
@@ -341,6 +414,26 @@ class ModelRegistry:
                 await self._reaper
         for model in list(self._loaded.values()):
             await self._retire(model, "shutting down")
+
+
+def _keeping_own_pooling(info: ModelInfo, options: LoadOptions) -> LoadOptions:
+    """``options`` without a pooling that only repeats the model's own; InvalidInput for one
+    that would replace it (every caller of the model would get other vectors)."""
+    own = info.pooling if info.pooling not in _NO_POOLING else None
+    if options.pooling is None or own is None:
+        return options
+    if options.pooling == own:
+        return dataclasses.replace(options, pooling=None)
+    raise InvalidInput(
+        f"'{info.name}' pools with '{own}', its own pooling (from its GGUF file); a load "
+        f"cannot give it '{shorten(options.pooling)}' instead, since every caller of "
+        f"'{info.name}' would then get other vectors. To embed with '{shorten(options.pooling)}' "
+        "pooling, make that a model of its own: import it again under another name from a "
+        "sentence-transformers directory whose Pooling module selects it (embedd import DIR "
+        "--name NAME). Only a model without pooling of its own (a causal LM) takes a pooling "
+        "at load.",
+        param="pooling",
+    )
 
 
 def _plausible_name(name: str) -> bool:

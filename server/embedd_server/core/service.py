@@ -176,6 +176,7 @@ class ModelStatus:
     info: ModelInfo
     loaded: bool
     engine: str = ""  # the engine serving it; "" when not loaded
+    pooling: str = ""  # the pooling it serves with when loaded; "": the file's own (info.pooling)
 
 
 @dataclass(frozen=True)
@@ -460,12 +461,21 @@ class EmbeddingService:
 
     def _status(self, info: ModelInfo) -> ModelStatus:
         loaded = self.registry.is_loaded(info.name)
-        return ModelStatus(info, loaded, self.registry.engine_of(info.name) if loaded else "")
+        if not loaded:
+            return ModelStatus(info, loaded=False)
+        return ModelStatus(
+            info, True, self.registry.engine_of(info.name), self.registry.pooling_of(info.name)
+        )
+
+    def is_default_model(self, name: str) -> bool:
+        """Whether ``name`` (an alias, or '') means the default model."""
+        return self.registry.is_default(name)
 
     async def load_model(
         self, name: str, options: LoadOptions, keep_alive_s: float | None
     ) -> ModelStatus:
-        """Loads a model now (or reloads it with other options)."""
+        """Loads a model now (model control): InvalidInput for a pooling that would replace
+        the model's own, Conflict for options other than those it is loaded with."""
         if options.pooling is not None and options.pooling not in POOLING_TYPES:
             raise InvalidInput(
                 f"pooling must be one of {', '.join(POOLING_TYPES)}; got "
@@ -474,7 +484,8 @@ class EmbeddingService:
             )
         model = await self.registry.load(name, options, keep_alive_s)
         note_model(model.info.name)
-        return ModelStatus(model.info, loaded=True, engine=model.runtime.engine_name)
+        pooling = model.options.pooling or model.info.pooling
+        return ModelStatus(model.info, True, model.runtime.engine_name, pooling)
 
     async def unload_model(self, name: str) -> ModelStatus:
         """Unloads a model once its calls in flight have finished."""

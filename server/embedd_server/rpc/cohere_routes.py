@@ -15,6 +15,7 @@ from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.engines.base import FloatMatrix
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
+from embedd_server.rpc.json_fields import string_list
 from embedd_server.rpc.status import cohere_error_body, translate_errors
 
 BASE64 = "base64"  # little-endian float32, base64: computed from the float vectors
@@ -79,7 +80,8 @@ class CohereRoutes:
         self, request: pb.CohereEmbedRequest, context: Context
     ) -> pb.CohereEmbedResponse:
         _refuse_non_text(request)
-        if not request.texts:
+        texts = string_list(request.texts if request.HasField("texts") else None, "texts")
+        if not texts:
             raise InvalidInput("texts is missing or empty; give at least one text.", param="texts")
         types = _embedding_types(request)
         truncate, direction = _truncation(request)
@@ -90,7 +92,7 @@ class CohereRoutes:
             )
         params = EmbedParams(
             model=request.model,
-            texts=list(request.texts),
+            texts=texts,
             dimensions=request.output_dimension if request.HasField("output_dimension") else None,
             truncate=truncate,
             truncation_direction=direction,
@@ -113,7 +115,7 @@ class CohereRoutes:
             id=str(uuid.uuid4()),
             response_type="embeddings_by_type",
             embeddings=embeddings,
-            texts=list(request.texts),
+            texts=texts,
             meta=pb.CohereMeta(
                 api_version=pb.CohereApiVersion(version=API_VERSION),
                 billed_units=pb.CohereBilledUnits(input_tokens=float(outcome.prompt_tokens)),

@@ -29,7 +29,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         name=info.name,
         dimensions=info.dimensions,
         max_input_tokens=info.max_input_tokens,
-        pooling=info.pooling,
+        pooling=status.pooling or info.pooling,  # what it serves with: a causal LM's from its load
         quantization=info.quantization,
         loaded=status.loaded,
         file_size_bytes=info.file_size_bytes,
@@ -79,9 +79,10 @@ class ModelRoutes:
             parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
         )
         status = await self._models_service.load_model(request.model, options, keep_alive)
-        return pb.LoadModelResponse(
-            message="Model loaded successfully", model=model_message(status)
-        )
+        message = "Model loaded successfully"
+        if keep_alive is not None and self._models_service.is_default_model(request.model):
+            message += "; keep_alive ignored: the default model stays loaded"
+        return pb.LoadModelResponse(message=message, model=model_message(status))
 
     @translate_errors()
     async def UnloadModel(

@@ -18,6 +18,7 @@ from embedd_server.core.reranking import RerankOutcome, RerankParams
 from embedd_server.core.service import EmbeddingService
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.status import rerank_error_body, tei_error_body, translate_errors
+from embedd_server.rpc.truncation import native_truncation
 
 DOCUMENT_SHAPES = 'each document must be a string or an object with a "text" string'
 
@@ -37,7 +38,7 @@ class RerankRoutes:
             top_n=request.top_n if request.HasField("top_n") else None,
             return_documents=request.return_documents,
             raw_scores=request.raw_scores,
-            truncate=request.truncation != pb.TRUNCATION_NONE,
+            truncate=native_truncation(request.truncation)[0],
         )
         outcome = await self._rerank_service.rerank(params, deadline_of(context))
         return pb.RerankResponse(

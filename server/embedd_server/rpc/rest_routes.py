@@ -21,6 +21,7 @@ from embedd_server.core.tokenization import RIGHT
 from embedd_server.engines.base import FloatMatrix
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
+from embedd_server.rpc.json_fields import optional_bool
 from embedd_server.rpc.keep_alive import parse_keep_alive
 from embedd_server.rpc.status import ollama_error_body, translate_errors
 
@@ -69,7 +70,7 @@ class RestRoutes:
             dimensions=_dimensions(request),
             # OpenAI fails with context_length_exceeded: the default unless the server's
             # openai_truncate setting or the request's truncate extension says otherwise.
-            truncate=request.truncate if request.HasField("truncate") else self._openai_truncate,
+            truncate=_openai_truncate(request, self._openai_truncate),
             truncation_direction=request.truncation_direction or RIGHT,
             truncation_hint='send "truncate": true',
             foreign_ids_hint=TIKTOKEN_HINT,
@@ -122,6 +123,12 @@ class RestRoutes:
             load_duration=float(round(outcome.load_seconds * 1e9)),
             prompt_eval_count=outcome.prompt_tokens,
         )
+
+
+def _openai_truncate(request: pb.CreateEmbeddingsRequest, default: bool) -> bool:
+    """The request's ``truncate`` extension (a JSON boolean), else the server's default."""
+    given = optional_bool(request.truncate if request.HasField("truncate") else None, "truncate")
+    return default if given is None else given
 
 
 def _dimensions(request: pb.CreateEmbeddingsRequest | pb.OllamaEmbedRequest) -> int | None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -23,11 +24,15 @@ from embedd_server.rpc.interceptors.decode_guard import DecodeGuard
 from embedd_server.rpc.reflection import enable_reflection
 from embedd_server.rpc.servicer import EmbedderServicer
 from embedd_server.settings import Settings
+from embedd_server.tls import ServerTls, TlsError, load_server_tls
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Metadata (headers) one call may carry: above Envoy's max_request_headers_kb (60) plus the
+# headers Envoy adds and HPACK's 32 bytes per entry.
+MAX_METADATA_BYTES = 128 * 1024
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -66,6 +71,11 @@ class EmbeddServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # grpcio's defaults (8 KiB soft, 16 KiB hard; between them it refuses at
+                # random) are below what Envoy lets through (max_request_headers_kb): REST
+                # callers' headers are bounded by Envoy with a 431, not here.
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ],
         )
         servicer = EmbedderServicer(
@@ -82,10 +92,14 @@ class EmbeddServer:
     async def start(self) -> int:
         """Binds the port, loads the default model, then reports SERVING. Returns the port."""
         self._loop = asyncio.get_running_loop()
+        try:  # before any grpc object exists: nothing to clean up after a bad file
+            tls = load_server_tls(self.settings)
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
         self.health = health_aio.HealthServicer()
         self._server = server = self._build_server(self.health)
         try:
-            self.port = server.add_insecure_port(self.settings.grpc_address)
+            self.port = _add_port(server, self.settings.grpc_address, tls)
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.grpc_address} ({exc}); is another server "
@@ -99,7 +113,12 @@ class EmbeddServer:
         await self._set_health(NOT_SERVING)
         await server.start()
         self.registry.start()
-        log.info("gRPC listening on %s:%d", self.settings.grpc_host, self.port)
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            self.settings.grpc_host,
+            self.port,
+            _transport(self.settings),
+        )
         try:
             await self.registry.get(self.settings.default_model)
         except EmbeddError as exc:
@@ -132,6 +151,28 @@ class EmbeddServer:
         if model == self.settings.default_model and self._loop is not None:
             log.error("every worker of the default model died: reporting NOT_SERVING")
             asyncio.run_coroutine_threadsafe(self._set_health(NOT_SERVING), self._loop)
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+def _add_port(server: aio.Server, address: str, tls: ServerTls | None) -> int:
+    """Binds the gRPC port: TLS (mutual with a client CA) when there is TLS material, else
+    plaintext."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    credentials = grpc.ssl_server_credentials(
+        [(tls.private_key, tls.certificate_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.mutual,
+    )
+    return server.add_secure_port(address, credentials)
+
+
+def _transport(settings: Settings) -> str:
+    if not settings.tls:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca else "TLS"
 
 
 async def serve(settings: Settings, loader: RuntimeLoader = load_runtime) -> None:

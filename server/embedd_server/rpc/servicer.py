@@ -11,7 +11,6 @@ from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.core.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.core.quantization import BINARY, FLOAT, INT8, UBINARY, UINT8
 from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
-from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.cohere_routes import CohereRoutes
 from embedd_server.rpc.context import Context, deadline_of
@@ -21,18 +20,20 @@ from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
 from embedd_server.rpc.task_routes import TaskRoutes
+from embedd_server.rpc.truncation import native_truncation
 
 
 def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
     """An EmbedRequest as the core's EmbedParams."""
+    truncate, direction = native_truncation(request.truncation)
     return EmbedParams(
         model=request.model,
         texts=list(request.texts),
         token_ids=[list(sequence.ids) for sequence in request.token_ids],
         dimensions=request.dimensions if request.HasField("dimensions") else None,
         normalize=request.normalize if request.HasField("normalize") else True,
-        truncate=request.truncation != pb.TRUNCATION_NONE,
-        truncation_direction=LEFT if request.truncation == pb.TRUNCATION_START else RIGHT,
+        truncate=truncate,
+        truncation_direction=direction,
         truncation_hint="set truncation to TRUNCATION_END or TRUNCATION_START",
         prompt_name=request.prompt_name or None,
         prompt=request.prompt if request.HasField("prompt") else None,

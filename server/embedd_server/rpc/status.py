@@ -71,6 +71,8 @@ STATUS_TABLE: dict[type[EmbeddError], Status] = {
         Code.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded", "rate_limit_exceeded"
     ),
     errors.Unauthenticated: Status(Code.UNAUTHENTICATED, 401, _INVALID, "invalid_api_key"),
+    errors.PermissionDenied: Status(Code.PERMISSION_DENIED, 403, _INVALID, "permission_denied"),
+    errors.Conflict: Status(Code.FAILED_PRECONDITION, 409, _INVALID, "conflict"),
     errors.Unavailable: Status(Code.UNAVAILABLE, 503, "server_error", "service_unavailable"),
     errors.Cancelled: Status(Code.CANCELLED, 499, "server_error", "cancelled"),
     errors.DeadlineExceeded: Status(Code.DEADLINE_EXCEEDED, 504, "server_error", "timeout"),

@@ -18,6 +18,7 @@ from embedd_server.core.service import EmbeddingService, EmbedParams, SparseOutc
 from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.status import tei_error_body, translate_errors
+from embedd_server.rpc.truncation import native_truncation
 
 PREDICT_SHAPES = (
     'inputs must be a string, a pair [string, string], or a batch of them [["a"], ["a", "b"], ...]'
@@ -34,12 +35,13 @@ class TaskRoutes:
 
     @translate_errors()
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        truncate, direction = native_truncation(request.truncation)
         params = ClassifyParams(
             model=request.model,
             inputs=[_native_input(item) for item in request.inputs],
             raw_scores=request.raw_scores,
-            truncate=request.truncation != pb.TRUNCATION_NONE,
-            truncation_direction=LEFT if request.truncation == pb.TRUNCATION_START else RIGHT,
+            truncate=truncate,
+            truncation_direction=direction,
             truncation_hint=_NATIVE_TRUNCATE_HINT,
         )
         outcome = await self._task_service.classify(params, deadline_of(context))
@@ -75,11 +77,12 @@ class TaskRoutes:
     async def EmbedSparse(
         self, request: pb.EmbedSparseRequest, context: Context
     ) -> pb.EmbedSparseResponse:
+        truncate, direction = native_truncation(request.truncation)
         params = EmbedParams(
             model=request.model,
             texts=list(request.texts),
-            truncate=request.truncation != pb.TRUNCATION_NONE,
-            truncation_direction=LEFT if request.truncation == pb.TRUNCATION_START else RIGHT,
+            truncate=truncate,
+            truncation_direction=direction,
             truncation_hint=_NATIVE_TRUNCATE_HINT,
             prompt_name=request.prompt_name or None,
             prompt=request.prompt if request.HasField("prompt") else None,
@@ -173,6 +176,8 @@ def predict_inputs(value: struct_pb2.Value) -> tuple[list[ClassifyInput], bool]:
 def _sequence(items: list[struct_pb2.Value], where: str) -> ClassifyInput:
     """One or two strings: a text or a pair."""
     if not 1 <= len(items) <= 2 or any(i.WhichOneof("kind") != "string_value" for i in items):
+        if where == "inputs":  # the whole of inputs: say what it may be
+            raise InvalidInput(f"{PREDICT_SHAPES}; got a list of {len(items)}.", param=where)
         raise InvalidInput(
             f"{where} must be one string or a pair of strings; {PREDICT_SHAPES}.", param=where
         )

@@ -190,6 +190,7 @@ def _render(
             str(PurePosixPath(lua_path).with_name(TRAILERS_LUA_FILTER.name))
         ),
         "descriptor_path": json.dumps(str(descriptor_path)),
+        "downstream_tls": downstream_tls(settings),
         "endpoints": "\n".join(
             f"{_ENDPOINT_INDENT}- endpoint: {{address: {{socket_address: "
             f"{{address: {json.dumps(host)}, port_value: {port}}}}}}}"
@@ -266,6 +267,53 @@ def private_admin_socket(settings: Settings, workdir: Path) -> Path:
             "107 bytes): choose a shorter envoy_admin_socket."
         )
     return socket_path
+
+
+# --- TLS / mTLS -----------------------------------------------------------------------------
+
+_TLS_CONTEXT_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+)
+_TLS_INDENT = " " * 10  # the filter chain's keys, where the template's placeholder sits
+
+
+def downstream_tls(settings: Settings) -> str:
+    """The listener's ``transport_socket`` for the TLS settings ("" for plaintext), rendered
+    at the start of the filter chain (the template's ``- ${downstream_tls}filters:``).
+
+    Envoy reads the files itself (by path; they are read at start: restart to rotate them).
+    ALPN offers h2 first (gRPC needs it) and HTTP/1.1 (curl, urllib, OpenAI's client). With a
+    client CA, a connection without a certificate signed by it fails its handshake, REST and
+    gRPC alike."""
+    if not settings.tls:
+        return ""
+    context = [
+        f'"@type": {_TLS_CONTEXT_TYPE}',
+        "common_tls_context:",
+        "  alpn_protocols: [h2, http/1.1]",
+        "  tls_params: {tls_minimum_protocol_version: TLSv1_2}",
+        "  tls_certificates:",
+        f"    - certificate_chain: {{filename: {_tls_path(settings.tls_cert)}}}",
+        f"      private_key: {{filename: {_tls_path(settings.tls_key)}}}",
+    ]
+    if settings.tls_client_ca:
+        context += [
+            "  validation_context:",
+            f"    trusted_ca: {{filename: {_tls_path(settings.tls_client_ca)}}}",
+            "require_client_certificate: true",
+        ]
+    lines = [
+        "transport_socket:",
+        "  name: envoy.transport_sockets.tls",
+        "  typed_config:",
+        *(f"    {line}" for line in context),
+    ]
+    return f"\n{_TLS_INDENT}".join(lines) + f"\n{_TLS_INDENT}"
+
+
+def _tls_path(name: str) -> str:
+    """An absolute path as a YAML scalar (Envoy's working directory need not be ours)."""
+    return json.dumps(os.path.abspath(os.path.expanduser(name)))
 
 
 def write_envoy_config(

@@ -35,9 +35,20 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def grpc_serving(target: str, service: str = "", timeout: float = 1.0) -> bool:
-    """Whether the gRPC health service at ``target`` reports ``service`` SERVING (one check)."""
-    with grpc.insecure_channel(target) as channel:
+def grpc_serving(
+    target: str,
+    service: str = "",
+    timeout: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
+    """Whether the gRPC health service at ``target`` reports ``service`` SERVING (one check).
+    ``credentials``: TLS (a server started with --tls-cert); default plaintext, as
+    ``embedd run``'s replicas always are (Envoy terminates TLS in front of them)."""
+    if credentials is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, credentials)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

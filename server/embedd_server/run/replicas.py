@@ -19,6 +19,11 @@ restarted like a replica (with backoff; the servers keep running, so only the ca
 are lost); if it keeps dying right after each start, the servers are stopped and the exit code
 is non-zero. Envoy's admin interface is a unix socket in the run's private (0700) directory.
 
+TLS (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``): Envoy terminates it on its port, for
+REST and native gRPC alike; the server(s) behind it are told the same settings without TLS and
+on the loopback (:func:`backend_settings`), so the supervisor's health probes and Envoy's
+health checks stay plaintext on 127.0.0.1 and no plaintext port is reachable from outside.
+
 Envoy and the children run in their own process groups so that a terminal's Ctrl-C reaches
 only this process, which then stops everything in order. They never outlive it: if it is killed
 (SIGKILL, the OOM killer), the kernel kills them too (:mod:`embedd_server.run.children`), and
@@ -51,6 +56,7 @@ from embedd_server.run.envoy import (
 from embedd_server.run.envoy_process import EnvoyFailed, EnvoySupervisor
 from embedd_server.run.probes import grpc_serving, port_free
 from embedd_server.settings import Settings, child_environment, env_name
+from embedd_server.tls import TlsError, check_server_tls
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +111,15 @@ def check_ports_free(settings: Settings) -> None:
 def run_with_envoy(settings: Settings) -> int:
     """Runs server(s) and Envoy until a signal (exit 0) or a failure (non-zero). For the CLI."""
     try:
-        check_ports_free(settings)
-        settings = with_proxy_secret(settings)
+        check_server_tls(settings)  # Envoy reads the files; a bad one is one line, here
+        settings = with_proxy_secret(settings)  # before backend: the servers need it too
+        backend = backend_settings(settings)
+        check_ports_free(backend)
         if settings.replicas > 1:
-            return asyncio.run(_supervise_replicas(settings, replica_ports(settings)))
-        return asyncio.run(_supervise(settings))
-    except (PortInUse, StartupError, EnvoyConfigError, EnvoyFailed) as exc:
+            ports = replica_ports(backend)
+            return asyncio.run(_supervise_replicas(settings, backend, ports))
+        return asyncio.run(_supervise(settings, backend))
+    except (PortInUse, StartupError, EnvoyConfigError, EnvoyFailed, TlsError) as exc:
         print(f"embedd run: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, EnvoyFailed) else 1
 
@@ -136,6 +145,24 @@ async def _start_envoy(
     return envoy
 
 
+def backend_settings(settings: Settings) -> Settings:
+    """What the gRPC server(s) behind Envoy are told. With TLS, Envoy terminates it (REST and
+    native gRPC on its port) and the servers listen in plaintext on the loopback only: a
+    plaintext gRPC port on another interface would let callers around TLS (and mTLS)."""
+    if not settings.tls:
+        return settings
+    backend = settings.without_tls()
+    if backend.grpc_host != settings.grpc_host:
+        log.warning(
+            "TLS is on: the gRPC server(s) behind Envoy listen in plaintext on %s only, not on "
+            "grpc_host %s; clients reach gRPC over TLS on Envoy's port %d",
+            backend.grpc_host,
+            settings.grpc_host,
+            settings.http_port,
+        )
+    return backend
+
+
 def _stop_event() -> asyncio.Event:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,12 +171,12 @@ def _stop_event() -> asyncio.Event:
     return stop_requested
 
 
-async def _supervise(settings: Settings) -> int:
-    """One replica: the server in this process."""
+async def _supervise(settings: Settings, backend: Settings) -> int:
+    """One replica: the server in this process (told ``backend``; Envoy ``settings``)."""
     stop_requested = _stop_event()
-    server = EmbeddServer(settings)
+    server = EmbeddServer(backend)
     await server.start()
-    upstream = f"{settings.grpc_host}:{server.port}"
+    upstream = f"{backend.grpc_host}:{server.port}"
     envoy: EnvoySupervisor | None = None
     with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:  # mode 0700
         try:
@@ -164,12 +191,13 @@ async def _supervise(settings: Settings) -> int:
     return 0
 
 
-async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
-    """N replicas: ``embedd serve`` children, restarted when they die, behind one Envoy."""
+async def _supervise_replicas(settings: Settings, backend: Settings, ports: Sequence[int]) -> int:
+    """N replicas: ``embedd serve`` children (told ``backend``), restarted when they die,
+    behind one Envoy (told ``settings``)."""
     stop_requested = _stop_event()
-    pool = ReplicaPool(settings, ports)
+    pool = ReplicaPool(backend, ports)
     envoy: EnvoySupervisor | None = None
-    upstreams = [f"{settings.grpc_host}:{port}" for port in ports]
+    upstreams = [f"{backend.grpc_host}:{port}" for port in ports]
     with tempfile.TemporaryDirectory(prefix="embedd-envoy-") as workdir:  # mode 0700
         try:
             if not await _first_done(pool.start(), stop_requested.wait()):
@@ -188,6 +216,17 @@ async def _supervise_replicas(settings: Settings, ports: Sequence[int]) -> int:
 
 
 def _log_serving(settings: Settings, upstreams: Sequence[str]) -> None:
+    if settings.tls:
+        log.info(
+            "REST on https://%s:%d and gRPC over %s on the same port (OpenAI /v1/embeddings, "
+            "Ollama /api/embed, Cohere /v2/embed, rerank /v1/rerank); plaintext gRPC behind "
+            "it on %s",
+            settings.http_host,
+            settings.http_port,
+            "mutual TLS" if settings.tls_client_ca else "TLS",
+            ", ".join(upstreams),
+        )
+        return
     log.info(
         "REST on http://%s:%d (OpenAI /v1/embeddings, Ollama /api/embed, Cohere /v2/embed, "
         "rerank /v1/rerank), gRPC on %s",
