@@ -174,6 +174,7 @@ def _render(
         "http_port": settings.http_port,
         "admin_port": settings.envoy_admin_port,
         "max_body_bytes": settings.max_message_bytes,
+        "max_request_bytes": settings.max_request_bytes,
         "route_timeout_s": ROUTE_TIMEOUT_S,
         "health_interval_s": HEALTH_INTERVAL_S,
         "cluster_type": cluster_type,
