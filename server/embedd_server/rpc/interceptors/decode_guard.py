@@ -5,9 +5,11 @@ Envoy hands the server what the JSON said: a path parameter with invalid UTF-8 (
 ``Value`` nested deeper than Python protobuf's recursion limit decodes with a DecodeError,
 which grpcio would answer with UNKNOWN (HTTP 500). This interceptor wraps each method's
 request deserializer: an undecodable message becomes a marker the handler turns into an
-:class:`~embedd_server.core.errors.InvalidInput` with the route's usual error body. The size check happens on the same bytes, before any
-decoding: grpcio's own limit (``max_message_mb``) would answer with a message that names
-neither the setting nor what to do.
+:class:`~embedd_server.core.errors.InvalidInput` with the route's usual error body.
+
+The size check happens on the same bytes, before any decoding: grpcio's own limit
+(``max_message_mb``) would answer with a message that names neither the setting nor what to
+do.
 """
 
 from __future__ import annotations
