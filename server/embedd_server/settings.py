@@ -188,7 +188,21 @@ class Settings:
     stream_window: int = _opt(
         "Batches of one EmbedStream the server reads ahead of its answers (flow control).", 4
     )
-    max_message_mb: int = _opt("Largest gRPC message, in MiB, either way.", 64)
+    max_message_mb: int = _opt(
+        "Largest gRPC message, in MiB, either way: what grpcio receives at all (requests are "
+        "then held to max_request_bytes) and the largest response it sends.",
+        64,
+    )
+    max_request_bytes: int = _opt(
+        "Largest request body, in bytes: a REST body (Envoy answers 413 in the route's error "
+        "shape without passing it on) or a gRPC request message (RESOURCE_EXHAUSTED), each "
+        "message of a stream alike. Like TEI's 2 MB payload limit; 2 MiB of text is about "
+        "500,000 tokens, twice what the scheduler queues (max_queued_tokens). Raise it for "
+        "bulk jobs with long texts, or use EmbedStream (the limit is per message). Over-long "
+        "texts are cut by characters before tokenizing, so the size of a text costs parsing, "
+        "not tokenizing.",
+        2 * 1024 * 1024,
+    )
     shutdown_grace_s: float = _opt(
         "On SIGTERM/SIGINT, seconds calls in flight get to finish before the server exits.",
         30.0,
@@ -283,6 +297,7 @@ class Settings:
             (self.max_queued_tokens >= 1, "max_queued_tokens must be at least 1"),
             (self.stream_window >= 1, "stream_window must be at least 1"),
             (self.max_message_mb >= 1, "max_message_mb must be at least 1"),
+            (self.max_request_bytes >= 1024, "max_request_bytes must be at least 1024"),
             (self.shutdown_grace_s >= 0, "shutdown_grace_s must not be negative"),
             (self.memory_budget_mb >= 0, "memory_budget_mb must not be negative"),
             (self.rate_limit_per_s >= 0, "rate_limit_per_s must not be negative"),
@@ -332,6 +347,12 @@ class Settings:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def max_receive_bytes(self) -> int:
+        """What grpcio may receive of one message: at least max_request_bytes, so that the
+        server's own check (which names the setting) answers a request over that limit."""
+        return max(self.max_message_bytes, self.max_request_bytes + 1)
 
     def engine_settings(self) -> EngineSettings:
         """The part of the settings the core and the engines are configured with."""

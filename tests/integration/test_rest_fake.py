@@ -504,9 +504,10 @@ def wait_for_status(envoy: EnvoyProcess, status: int, timeout: float = 10) -> Ht
 
 
 def test_message_over_the_servers_limit_is_413(tmp_path: Path) -> None:
+    limit = 1 << 20
     with (
-        ServerThread.with_fake_models(tmp_path / "models", max_message_mb=1) as server,
-        EnvoyProcess.start([server.target], tmp_path / "envoy", max_message_mb=1) as envoy,
+        ServerThread.with_fake_models(tmp_path / "models", max_request_bytes=limit) as server,
+        EnvoyProcess.start([server.target], tmp_path / "envoy", max_request_bytes=limit) as envoy,
     ):
         big = {"input": ["hello world " * 50_000] * 3}  # ~1.8 MB
         error = assert_openai_error(post(envoy, "/v1/embeddings", big), 413, "request_too_large")

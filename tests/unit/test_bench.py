@@ -68,7 +68,7 @@ from bench.rerank import (
 from bench.texts import build_passages, read_sentences
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import EngineSettings
-from embedd_server.core.tokenization import TokenizedPairs
+from embedd_server.core.tokenization import Counted, TokenizedPairs
 from embedd_server.engines.base import FloatMatrix
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
@@ -1110,6 +1110,14 @@ class _WordTokenizer:
     def encode_truncated(self, text: str, max_tokens: int, direction: str = "right") -> list[int]:
         ids = self._ids(text)
         return [*ids[: max_tokens - 1], 2]
+
+    def encode_bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: str = "right"
+    ) -> list[Counted]:
+        return [
+            Counted(ids if len(ids) <= max_tokens else [*ids[: max_tokens - 1], 2], len(ids))
+            for ids in self.encode_batch(texts)
+        ]
 
     def id_to_token(self, token_id: int) -> str:
         return str(token_id)

@@ -207,6 +207,7 @@ TRANSPORT_ONLY = {
     "rate_limit_burst",
     "metrics_port",
     "max_message_mb",
+    "max_request_bytes",
     "stream_window",
     "shutdown_grace_s",
     "replicas",

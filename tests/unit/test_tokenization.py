@@ -6,8 +6,6 @@ unknown words [UNK]=1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from embedd_server.core.errors import InputTooLong, InvalidInput
@@ -16,7 +14,6 @@ from embedd_server.core.tokenization import (
     HuggingFaceTokenizer,
     LlamaTokenizer,
     Tokenized,
-    TokenizedPairs,
     Truncation,
     check_token_ids,
     special_tokens,
@@ -114,36 +111,33 @@ def test_without_truncation_an_over_long_text_is_input_too_long(
         tokenize_texts(hf, texts, max_tokens=4, truncation=hinted)
 
 
-class _CountingTokenizer:
-    """A tokenizer that records which texts were truncated."""
-
-    def __init__(self) -> None:
-        self.truncated: list[str] = []
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [[CLS, *(HELLO for _ in text.split()), SEP] for text in texts]
-
-    def encode_truncated(self, text: str, max_tokens: int, direction: str = "right") -> list[int]:
-        self.truncated.append(text)
-        return [CLS, *([HELLO] * (max_tokens - 2)), SEP]
-
-    def id_to_token(self, token_id: int) -> str:
-        return str(token_id)
-
-    def prompt_length(self, prompt: str, max_tokens: int) -> int:
-        return len(self.encode_batch([prompt])[0]) - 1
-
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
-        raise AssertionError("not used here")
+def test_a_long_text_is_tokenized_only_as_far_as_its_kept_ids(
+    hf: HuggingFaceTokenizer,
+) -> None:
+    text = "hello cat dog " * 100_000  # 300,000 tokens
+    for direction, kept in (("right", [HELLO, CAT, DOG]), ("left", [HELLO, CAT, DOG])):
+        [counted] = hf.encode_bounded([text], 5, direction)
+        assert counted.ids == [CLS, *kept, SEP] == hf.encode_truncated(text, 5, direction)
+        assert not counted.exact  # only a part was tokenized: the count is a lower bound
+        assert 5 < counted.tokens < 1_000
+    short = hf.encode_bounded(["hello cat dog hello"], 5)[0]
+    assert (short.ids, short.tokens, short.exact) == ([CLS, HELLO, CAT, DOG, SEP], 6, True)
 
 
-def test_only_over_long_texts_are_tokenized_again() -> None:
-    tokenizer = _CountingTokenizer()
-    texts = ["a b", "a b c d e", "a b c"]  # 4, 7 and 5 tokens
-    tokenized = tokenize_texts(tokenizer, texts, max_tokens=5, truncation=Truncation())
-    assert tokenizer.truncated == ["a b c d e"]
-    assert [len(ids) for ids in tokenized.sequences] == [4, 5, 5]
-    assert tokenized.truncated == 1
+def test_a_long_text_without_truncation_reports_a_lower_bound(hf: HuggingFaceTokenizer) -> None:
+    with pytest.raises(InputTooLong) as caught:
+        tokenize_texts(hf, ["cat " * 100_000], max_tokens=4, truncation=Truncation(False))
+    assert "Input 0 has at least " in caught.value.message
+    assert "tokens (only its start was tokenized), more than the model's limit of 4" in (
+        caught.value.message
+    )
+
+
+def test_only_over_long_texts_count_as_truncated(hf: HuggingFaceTokenizer) -> None:
+    texts = ["hello", "hello cat dog hello cat", "cat " * 10_000, "cat dog"]
+    tokenized = tokenize_texts(hf, texts, max_tokens=4, truncation=Truncation())
+    assert [len(ids) for ids in tokenized.sequences] == [3, 4, 4, 4]
+    assert tokenized.truncated == 2
 
 
 # --- check_token_ids: pre-tokenized input ---------------------------------------------------------

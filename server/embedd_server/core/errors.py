@@ -82,6 +82,10 @@ class RateLimited(Overloaded):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLarge(EmbeddError):
+    """The request is larger than the server accepts (``--max-request-bytes``)."""
+
+
 class Unauthenticated(EmbeddError):
     """The call carries no API key, or one the server does not know."""
 

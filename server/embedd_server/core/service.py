@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 
@@ -84,7 +85,9 @@ log = logging.getLogger(__name__)
 
 # Tokenizing more text than this runs off the event loop, so other callers are not stalled.
 _INLINE_TOKENIZE_CHARS = 16_384
-_UNLIMITED_TOKENS = 1 << 30  # "no truncation" for a tokenizer that always truncates
+_UNLIMITED_TOKENS = 1 << 30
+_P = ParamSpec("_P")
+_T = TypeVar("_T")  # "no truncation" for a tokenizer that always truncates
 
 # Cohere's input_type -> the prompt names that play that role, in order of preference. The
 # first of them the model has with a non-empty text is used; none: no prompt at all (so a
@@ -229,8 +232,13 @@ class EmbeddingService:
         self._metrics.tokenize_time.observe(time.perf_counter() - tokenize_started)
         self._count_inputs(model.info.name, tokenized)
         pooling = model.options.pooling or model.info.pooling
-        starts = prompt_pooling_starts(
-            model.info, model.tokenizer, prompt if texts else "", tokenized.sequences
+        starts = await _off_loop_if_long(
+            len(prompt),
+            prompt_pooling_starts,
+            model.info,
+            model.tokenizer,
+            prompt if texts else "",
+            tokenized.sequences,
         )
         raw = await self._run(
             model, tokenized.sequences, deadline, starts if pooling == "mean" else None
@@ -389,11 +397,8 @@ class EmbeddingService:
         limit = model.info.max_input_tokens
         # Without truncation the pairs are encoded whole, once, and refused if any is too long.
         cut_at = limit if truncate else _UNLIMITED_TOKENS
-        encode = model.tokenizer.encode_pairs
-        if sum(len(q) + len(d) for q, d in pairs) <= _INLINE_TOKENIZE_CHARS:
-            tokenized = encode(pairs, cut_at)
-        else:
-            tokenized = await asyncio.to_thread(encode, pairs, cut_at)
+        chars = sum(len(q) + len(d) for q, d in pairs)
+        tokenized = await _off_loop_if_long(chars, model.tokenizer.encode_pairs, pairs, cut_at)
         for index, ids in enumerate(tokenized.sequences):
             if len(ids) > limit:
                 where = index if positions is None else positions[index]
@@ -445,7 +450,8 @@ class EmbeddingService:
         """Token ids and strings of a text, untruncated, with the model's tokenizer."""
         async with self.registry.use(model_name) as model:
             note_model(model.info.name)
-            ids = model.tokenizer.encode_batch([text])[0]
+            encoded = await _off_loop_if_long(len(text), model.tokenizer.encode_batch, [text])
+            ids = encoded[0]
         return TokenizeOutcome(
             model=model.info.name,
             ids=ids,
@@ -565,9 +571,14 @@ class EmbeddingService:
             if params.foreign_ids_hint is not None:
                 foreign = ForeignIds(special_tokens(model.tokenizer), params.foreign_ids_hint)
             return check_token_ids(params.token_ids, model.vocab_size, limit, truncation, foreign)
-        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
-            return tokenize_texts(model.tokenizer, texts, limit, truncation)
-        return await asyncio.to_thread(tokenize_texts, model.tokenizer, texts, limit, truncation)
+        return await _off_loop_if_long(
+            sum(len(text) for text in texts),
+            tokenize_texts,
+            model.tokenizer,
+            texts,
+            limit,
+            truncation,
+        )
 
     def _count_inputs(self, model: str, tokenized: Tokenized) -> None:
         tokens = tokenized.token_count
@@ -604,6 +615,17 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+async def _off_loop_if_long(
+    chars: int, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> _T:
+    """``work(...)``, which tokenizes ``chars`` characters: on the event loop when they are
+    few (a thread hop costs more than a short text), else in a thread, so that other callers
+    are not stalled meanwhile (the tokenizers release the GIL while they work)."""
+    if chars <= _INLINE_TOKENIZE_CHARS:
+        return work(*args, **kwargs)
+    return await asyncio.to_thread(work, *args, **kwargs)
 
 
 def _stored_calibration(info: ModelInfo) -> FloatMatrix | None:

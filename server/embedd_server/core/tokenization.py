@@ -28,6 +28,19 @@ RIGHT = "right"
 LEFT = "left"
 DIRECTIONS = (RIGHT, LEFT)
 
+# A text longer than this many characters per kept token (plus UNSETTLED_PIECES) is not
+# tokenized whole: first only its start (its end, for left truncation), then twice as much
+# each round, until enough of the tokens are known to be the whole text's (see
+# settled_tokens). The guess only sets how many rounds that takes (English text has 4-5
+# characters per token, CJK 1-2); it never changes the ids kept.
+CHARS_PER_TOKEN_GUESS = 8
+# The pieces (pre-tokenizer words) of a part that lie next to its cut may come out otherwise
+# in the whole text: the cut can split a word, a run of spaces or a normalization sequence
+# (NFC composition, a sentencepiece charsmap entry), or end a regex alternative early (GPT-2's
+# "'re"). Each changes only characters within a few of the cut, so this many pieces, each of
+# at least one normalized character, are left out of the count of tokens known.
+UNSETTLED_PIECES = 8
+
 
 class Tokenizer(Protocol):
     """What the service needs of a tokenizer."""
@@ -38,6 +51,12 @@ class Tokenizer(Protocol):
     def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
         """Ids with special tokens, cut to at most max_tokens the way the model was trained:
         at the end (``right``, keeping the start) or at the start (``left``)."""
+
+    def encode_bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: str = RIGHT
+    ) -> list[Counted]:
+        """Each text's ids as :meth:`encode_truncated` gives them, and its token count; a
+        long text may be tokenized only in part, its count then a lower bound."""
 
     def id_to_token(self, token_id: int) -> str:
         """The token's text, for reading."""
@@ -69,7 +88,56 @@ class HuggingFaceTokenizer:
         return [encoding.ids for encoding in encodings]
 
     def encode_truncated(self, text: str, max_tokens: int, direction: str = RIGHT) -> list[int]:
-        return list(self._truncating_to(max_tokens, direction).encode(text).ids)
+        # encode_batch, not encode: only the batch call lets go of the GIL while it works, so
+        # a long text does not stop every other thread (the event loop included).
+        return list(self._truncating_to(max_tokens, direction).encode_batch([text])[0].ids)
+
+    def encode_bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: str = RIGHT
+    ) -> list[Counted]:
+        """Ids exactly as tokenizing each whole text and truncating it gives them, without
+        tokenizing the whole of a long text: its start (end, for ``left``) is tokenized in
+        growing parts until more than the tokens kept are settled (:func:`settled_tokens`);
+        those are the whole text's first (last) tokens, so the part truncated gives the same
+        ids. Such a text's count is a lower bound (``exact`` False). Texts for which no part
+        settles enough (e.g. megabytes of spaces) are tokenized whole."""
+        specials = self._full.num_special_tokens_to_add(False)
+        budget = max_tokens - specials  # the text's own tokens kept
+        found: dict[int, Counted] = {}
+        first = (max(budget, 0) + UNSETTLED_PIECES) * CHARS_PER_TOKEN_GUESS
+        pending = {i: first for i, text in enumerate(texts) if budget >= 1 and len(text) > first}
+        while pending:
+            parts = {i: _part(texts[i], chars, direction) for i, chars in pending.items()}
+            encodings = self._full.encode_batch(list(parts.values()), add_special_tokens=False)
+            settled: dict[int, int] = {}
+            grown: dict[int, int] = {}
+            for (index, chars), encoding in zip(pending.items(), encodings, strict=True):
+                known = settled_tokens(encoding.word_ids, direction)
+                if known > budget:
+                    settled[index] = known
+                elif 2 * chars < len(texts[index]):
+                    grown[index] = 2 * chars
+            if settled:
+                cut = self._truncating_to(max_tokens, direction).encode_batch(
+                    [parts[i] for i in settled]
+                )
+                for (index, known), encoding in zip(settled.items(), cut, strict=True):
+                    found[index] = Counted(list(encoding.ids), known + specials, exact=False)
+            pending = grown
+        whole = [i for i in range(len(texts)) if i not in found]
+        for index, counted in zip(
+            whole, self._whole([texts[i] for i in whole], max_tokens, direction), strict=True
+        ):
+            found[index] = counted
+        return [found[i] for i in range(len(texts))]
+
+    def _whole(self, texts: Sequence[str], max_tokens: int, direction: str) -> list[Counted]:
+        """Texts tokenized whole, the over-long ones again with truncation."""
+        sequences = self.encode_batch(texts) if texts else []
+        over = [i for i, ids in enumerate(sequences) if len(ids) > max_tokens]
+        cut = self._truncating_to(max_tokens, direction).encode_batch([texts[i] for i in over])
+        kept = dict(zip(over, (list(e.ids) for e in cut), strict=True))
+        return [Counted(kept.get(i, ids), len(ids)) for i, ids in enumerate(sequences)]
 
     def _truncating_to(self, max_tokens: int, direction: str = RIGHT) -> HFTokenizerImpl:
         # tokenizers truncates inside the template, so [CLS] and [SEP] stay where they are,
@@ -95,7 +163,7 @@ class HuggingFaceTokenizer:
         )
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
-        encoding = self._truncating_to(max_tokens).encode(prompt)
+        encoding = self._truncating_to(max_tokens).encode_batch([prompt])[0]
         closing = bool(encoding.ids) and bool(encoding.special_tokens_mask[-1])
         return len(encoding.ids) - (1 if closing else 0)
 
@@ -123,6 +191,22 @@ class LlamaTokenizer:
         # Keep the closing special token (e.g. [SEP]/EOS) as a trained model expects it.
         return [*ids[: max_tokens - 1], ids[-1]]
 
+    def encode_bounded(
+        self, texts: Sequence[str], max_tokens: int, direction: str = RIGHT
+    ) -> list[Counted]:
+        # llama.cpp's tokenizer says nothing of words, so nothing tells where a part of a text
+        # would settle: each text is tokenized whole (ctypes lets go of the GIL meanwhile).
+        counted = []
+        for ids in self.encode_batch(texts):
+            kept = ids
+            if len(ids) > max_tokens:
+                if direction == LEFT:
+                    kept = [ids[0], *ids[len(ids) - max_tokens + 1 :]]
+                else:
+                    kept = [*ids[: max_tokens - 1], ids[-1]]
+            counted.append(Counted(kept, len(ids)))
+        return counted
+
     def id_to_token(self, token_id: int) -> str:
         return self._detokenize(token_id)
 
@@ -141,9 +225,49 @@ class LlamaTokenizer:
         return len(ids) - (1 if closing else 0)
 
 
+def _part(text: str, chars: int, direction: str) -> str:
+    """The ``chars`` characters of ``text`` that truncation in ``direction`` keeps."""
+    return text[len(text) - chars :] if direction == LEFT else text[:chars]
+
+
+def settled_tokens(word_ids: Sequence[int | None], direction: str) -> int:
+    """How many tokens of a part of a text are certainly the whole text's: counted from the
+    end truncation keeps (the start for ``right``), all but those of the
+    :data:`UNSETTLED_PIECES` pieces nearest the cut.
+
+    Normalizers and pre-tokenizers are local (a character's normalization and the piece
+    boundaries depend on the characters within a few of it) and the model encodes each piece
+    alone (WordPiece, Unigram, BPE), so the pieces away from the cut are those of the whole
+    text, and so are their tokens. ``word_ids`` are the part's tokens' pieces, special tokens
+    not added (an added token in the text is a piece of its own)."""
+    toward_cut = list(word_ids) if direction == RIGHT else list(reversed(word_ids))
+    near: set[object] = set()
+    unsettled = 0
+    for position, word in zip(
+        range(len(toward_cut) - 1, -1, -1), reversed(toward_cut), strict=True
+    ):
+        key: object = ("token", position) if word is None else word
+        if key not in near:
+            if len(near) == UNSETTLED_PIECES:
+                break
+            near.add(key)
+        unsettled += 1
+    return len(toward_cut) - unsettled
+
+
 def _second_segment(type_ids: Sequence[int]) -> int:
     """The first position of token type 1 (the length when there is none)."""
     return next((i for i, kind in enumerate(type_ids) if kind == 1), len(type_ids))
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One text's ids, cut to a limit where it is over it, and its token count: exact, or
+    (``exact`` False: only part of the text was tokenized) a lower bound."""
+
+    ids: list[int]
+    tokens: int
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,12 +302,24 @@ class Truncation:
 
 
 def too_long(
-    index: int, tokens: int, limit: int, hint: str = "", *, param: str | None = None
+    index: int,
+    tokens: int,
+    limit: int,
+    hint: str = "",
+    *,
+    param: str | None = None,
+    at_least: bool = False,
 ) -> InputTooLong:
-    """The error for an over-long input when truncation is off."""
+    """The error for an over-long input when truncation is off; ``at_least``: ``tokens`` is
+    a lower bound (only the start of a long text was tokenized)."""
     remedy = f"shorten it, or {hint} to cut it to the limit" if hint else "shorten it"
+    count = (
+        f"at least {tokens} tokens (only its start was tokenized)"
+        if at_least
+        else f"{tokens} tokens"
+    )
     return InputTooLong(
-        f"Input {index} has {tokens} tokens, more than the model's limit of {limit}; {remedy}.",
+        f"Input {index} has {count}, more than the model's limit of {limit}; {remedy}.",
         param=param or f"input[{index}]",
     )
 
@@ -191,18 +327,20 @@ def too_long(
 def tokenize_texts(
     tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int, truncation: Truncation
 ) -> Tokenized:
-    """Tokenizes texts, truncating over-long ones or failing with InputTooLong."""
-    sequences = tokenizer.encode_batch(texts)
+    """Tokenizes texts, truncating over-long ones or failing with InputTooLong. A long text is
+    tokenized only as far as needed to know its kept ids exactly
+    (:meth:`Tokenizer.encode_bounded`)."""
+    sequences: list[list[int]] = []
     cut = 0
-    for index, ids in enumerate(sequences):
-        if len(ids) <= max_tokens:
-            continue
-        if not truncation.enabled:
-            raise too_long(index, len(ids), max_tokens, truncation.hint)
-        sequences[index] = tokenizer.encode_truncated(
-            texts[index], max_tokens, truncation.direction
-        )
-        cut += 1
+    counted = tokenizer.encode_bounded(texts, max_tokens, truncation.direction)
+    for index, text in enumerate(counted):
+        if text.tokens > max_tokens:
+            if not truncation.enabled:
+                raise too_long(
+                    index, text.tokens, max_tokens, truncation.hint, at_least=not text.exact
+                )
+            cut += 1
+        sequences.append(text.ids)
     return Tokenized(sequences, truncated=cut)
 
 

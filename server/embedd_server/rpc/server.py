@@ -59,17 +59,18 @@ class EmbeddServer:
         self._server: aio.Server | None = None
 
     def _build_server(self, health_servicer: health_aio.HealthServicer) -> aio.Server:
-        limit = self.settings.max_message_bytes
         server = aio.server(
             # Request ids first, so calls refused by access control are logged and counted too.
             interceptors=[
                 RequestContextInterceptor(self.metrics),
                 *auth.interceptors(self.settings),
-                DecodeGuard(),  # innermost: it swaps the request deserializer
+                # Innermost: it swaps the request deserializer, which refuses a message
+                # over max_request_bytes undecoded.
+                DecodeGuard(self.settings.max_request_bytes),
             ],
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", self.settings.max_receive_bytes),
+                ("grpc.max_send_message_length", self.settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # grpcio's defaults (8 KiB soft, 16 KiB hard; between them it refuses at
                 # random) are below what Envoy lets through (max_request_headers_kb): REST

@@ -70,6 +70,7 @@ STATUS_TABLE: dict[type[EmbeddError], Status] = {
     errors.Overloaded: Status(
         Code.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded", "rate_limit_exceeded"
     ),
+    errors.RequestTooLarge: Status(Code.RESOURCE_EXHAUSTED, 413, _INVALID, "request_too_large"),
     errors.Unauthenticated: Status(Code.UNAUTHENTICATED, 401, _INVALID, "invalid_api_key"),
     errors.PermissionDenied: Status(Code.PERMISSION_DENIED, 403, _INVALID, "permission_denied"),
     errors.Conflict: Status(Code.FAILED_PRECONDITION, 409, _INVALID, "conflict"),

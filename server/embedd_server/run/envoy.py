@@ -181,6 +181,7 @@ def _render(
         "listen_address": json.dumps(listen_address) if ":" in listen_address else listen_address,
         "http_port": settings.http_port,
         "max_body_bytes": settings.max_message_bytes,
+        "max_request_bytes": settings.max_request_bytes,
         "route_timeout_s": ROUTE_TIMEOUT_S,
         "health_interval_s": HEALTH_INTERVAL_S,
         "cluster_type": cluster_type,
