@@ -244,13 +244,13 @@ def test_embed_stream_answers_in_order_with_bounded_read_ahead(tmp_path: Path) -
 
         # The client offers more than the window; the server reads the window's batches...
         wait_until(
-            lambda: pulled > window + 1 and read() == window * 10,
+            lambda: pulled > window + 1 and read() >= window * 10,
             f"the server read {window} batches while the client offered more",
         )
         # ...and no more: its event loop goes on (it answers other calls), the stream waits.
         for _ in range(3):
             assert stub.Tokenize(pb.TokenizeRequest(text="hello")).count == 3
-        assert read() == window * 10, f"{read()} inputs read from one stream"
+        assert read() == window * 10, f"{read()} inputs read from one stream, not {window * 10}"
         gate.set()
         ids = [response.request_id for response in responses]
         assert ids == [str(number) for number in range(200)] and pulled == 200
