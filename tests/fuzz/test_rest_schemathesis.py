@@ -99,7 +99,11 @@ RAW_EXAMPLES = 200  # per POST route
 
 # A failing example with a 100 kB text makes Hypothesis warn about its repr; the failure is
 # what matters (and pyproject turns warnings into errors).
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+# Every test here fuzzes one shared server with hundreds of requests: slow (make test-fast).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+    pytest.mark.slow,
+]
 
 FUZZ_SETTINGS = settings(
     derandomize=True,

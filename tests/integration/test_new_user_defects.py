@@ -39,7 +39,8 @@ from embedd_server.run.probes import free_port, port_free
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR
 from tests.envoy_proc import HttpReply, http
 
-pytestmark = pytest.mark.real_model
+# `embedd run` started, SIGKILLed and started again per layout: ~40 s each here.
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 GONE_WITHIN_S = 10.0  # after SIGKILL of `embedd run`, every descendant must be gone by then
 START_TIMEOUT_S = 120.0
