@@ -22,7 +22,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= localhost/embedd:$(VERSION)
 export IMAGE
 
-.PHONY: setup deps protos model run serve test test-unit lint fmt clean
+.PHONY: setup deps protos model run serve test test-fast test-unit test-image lint fmt clean
 
 ## setup: venv, pinned dependencies (compiles llama.cpp once), stubs, default model, Envoy.
 setup: deps protos model
@@ -65,12 +65,27 @@ run:
 serve:
 	$(VENV)/bin/embedd serve --models-dir $(MODELS_DIR)
 
-## test: the whole suite (unit + real model + real Envoy).
+## test: the suite (unit, real model, real Envoy, fuzz, layering): needs nothing beyond
+## `make setup`. The container image's tests are `make test-image`.
 test:
 	$(PY) -m pytest -q
 
+## test-fast: the same without the tests marked `slow` (each over ~5 s here: whole-server
+## runs, fuzzing, SIGKILLs), for the edit-test loop; `make test` before a commit.
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
 test-unit:
 	$(PY) -m pytest -q tests/unit
+
+## test-image: the container image built, run, called and stopped (tests/image). Needs podman
+## (with runc) or docker, and mmdebstrap offline: `apt-get install -y podman runc mmdebstrap`
+## as root (.ci/run does). Apart from `make test` because of that, and its minutes.
+test-image:
+	@command -v podman >/dev/null || command -v docker >/dev/null || { \
+	  echo "make test-image needs podman or docker: as root, apt-get install -y podman runc mmdebstrap" >&2; \
+	  exit 1; }
+	$(PY) -m pytest -q tests/image
 
 ## lint: ruff and mypy.
 lint:

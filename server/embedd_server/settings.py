@@ -115,18 +115,18 @@ class Settings:
         0,
     )
     workers: int = _opt(
-        "Workers, each owning its own llama.cpp context. On CPU, one worker per core with one "
-        "thread each was fastest (docs/design.md).",
+        "Workers of each loaded model, each owning one engine (an ONNX Runtime session or a "
+        "llama.cpp context). On CPU, one worker per core was fastest (docs/design.md).",
         2,
     )
     worker_processes: bool = _opt(
-        "Run each worker's llama.cpp context in a process of its own (true) or in a thread of "
-        "the server (false). Both were equally fast on 2 CPU cores; with processes a crash in "
-        "llama.cpp costs one worker process (its pack runs again on a new one), not the "
-        "server, and a hung decode can be killed. Processes share the memory-mapped weights "
-        "but each takes some memory of its own (docs/design.md). With GPU offload "
-        "(n_gpu_layers != 0) workers are always threads, so the GPU holds one copy of the "
-        "weights.",
+        "Run each worker's engine (ONNX Runtime session or llama.cpp context) in a process of "
+        "its own (true) or in a thread of the server (false). Both were equally fast on 2 CPU "
+        "cores; with processes a crash in llama.cpp costs one worker process (its pack runs "
+        "again on a new one), not the server, and a hung decode can be killed. Each process "
+        "takes some memory of its own (llama.cpp's share the memory-mapped weights; "
+        "docs/design.md). With GPU offload (n_gpu_layers != 0) workers are always threads, so "
+        "the GPU holds one copy of the weights.",
         True,
     )
     threads_per_worker: int = _opt(
@@ -141,20 +141,27 @@ class Settings:
         "longer than this still runs, alone.",
         128,
     )
-    batch_sequences: int = _opt("Most inputs a worker packs into one decode.", 32)
+    batch_sequences: int = _opt(
+        "Most inputs a worker packs into one decode (llama.cpp) or one padded batch (ONNX "
+        "Runtime).",
+        32,
+    )
     n_gpu_layers: int = _opt(
         "Layers offloaded to the GPU when llama.cpp is built with CUDA (-1: all, 0: CPU only).",
         0,
     )
     engine: str = _opt(
-        "Engine of each model: auto (ONNX Runtime for BERT encoders with f32/f16 weights on "
-        "the CPU, where it was measured faster at the same vectors; llama.cpp for everything "
-        "else), llama.cpp or onnxruntime. /v1/models says which engine serves each model.",
+        "Engine of each model: auto (ONNX Runtime for the encoders, their rerankers, "
+        "classifiers and SPLADE models with f32/f16 weights on the CPU, where it was measured "
+        "exact and faster; llama.cpp for the decoders, quantized files and GPUs), llama.cpp or "
+        "onnxruntime. /v1/models says which engine serves each model.",
         "auto",
     )
     onnx_batch_tokens: int = _opt(
-        "ONNX Runtime engine: most tokens of one worker's pack, run as padded batches sorted "
-        "by length (the measurements behind the default are in docs/design.md).",
+        "ONNX Runtime engine: most tokens of one worker's pack (what it takes from the queue) "
+        "and of each padded batch the pack is run as (inputs x the longest, sorted by length); "
+        "an input longer than this still runs, alone. 256 beat 2048 (docs/design.md). The "
+        "engine's own default, 8192, applies only where it is built directly (tests, bench).",
         256,
     )
     onnx_threads: int = _opt(

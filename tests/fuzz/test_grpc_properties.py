@@ -6,7 +6,8 @@ must be answered either OK with the right shape (one vector per input, in order,
 requested length, unit norm unless normalize is off) or with a clean status (INVALID_ARGUMENT,
 NOT_FOUND or RESOURCE_EXHAUSTED and a message), never INTERNAL or UNKNOWN. The fake engine's
 vector of an input does not depend on what it is batched with. Raw bytes that are not an
-EmbedRequest get grpcio's own answer, and the server stays healthy. Derandomized throughout.
+EmbedRequest get grpcio's own answer. The server the tests fuzzed is healthy afterwards (the
+module's server fixture checks it at teardown). Derandomized throughout.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ EXAMPLES = 600
 
 # A failing example with a 100 kB text makes Hypothesis warn about its repr; the failure is
 # what matters (and pyproject turns warnings into errors).
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+# Every test here fuzzes one shared server with hundreds of requests: slow (make test-fast).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+    pytest.mark.slow,
+]
 
 FUZZ_SETTINGS = settings(
     derandomize=True,
@@ -65,22 +70,34 @@ class Native:
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Native]:
+    """One server for the whole module. After the tests that used it (whichever ran, in any
+    order), the same server must still be healthy: checked here, at teardown, so that a
+    server the fuzzing broke fails the run (as an error of the last test that used it)."""
     root = tmp_path_factory.mktemp("fuzz-grpc")
     with (
         ServerThread.with_fake_models(root / "models", metrics_port=0) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
-        yield Native(server, channel, stub)
+        fuzzed = Native(server, channel, stub)
+        yield fuzzed
+        assert_healthy(fuzzed)
+
+
+async def _no_op() -> None:
+    return None
 
 
 def assert_healthy(native: Native) -> None:
+    """SERVING (the server and the Embedder service), normal requests answered, and the
+    server's event loop still runs."""
     health = health_pb2_grpc.HealthStub(native.channel)
     for service in ("", "embedd.v1.Embedder"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     answer = native.stub.Embed(pb.EmbedRequest(texts=["hello world", "a dog"]), timeout=30)
     assert [len(e.values) for e in answer.embeddings] == [8, 8]
+    native.server.call(_no_op())
 
 
 # --- strategies --------------------------------------------------------------------------------
@@ -310,13 +327,3 @@ def test_raw_bytes_get_grpcios_own_answer(native: Native, raw: bytes) -> None:
         return
     event("OK")
     pb.EmbedResponse.FromString(reply)
-
-
-def test_server_healthy_afterwards(native: Native) -> None:
-    """After all of the above (this module's last test): SERVING, and normal requests work."""
-    assert_healthy(native)
-    native.server.call(_no_op())  # the server's event loop still runs
-
-
-async def _no_op() -> None:
-    return None

@@ -15,8 +15,9 @@ Required of every answer: no 5xx; a 2xx is the documented JSON (or GET /'s text)
 status is the route's well-formed error body (OpenAI's {"error": {"message", "type", "param",
 "code"}}, Ollama's {"error": "..."} under /api/ and at /, {"message", "detail"} on /v1/rerank
 and /v2/rerank, Cohere's {"message": "..."} under /v2/ otherwise, TEI's {"error",
-"error_type"} on /rerank), as application/json, with no grpc-* header. The server
-is healthy afterwards. Everything is derandomized: the same requests on every run.
+"error_type"} on /rerank), as application/json, with no grpc-* header. The server and
+Envoy the tests fuzzed are healthy afterwards (the module's fixture checks them at teardown).
+Everything is derandomized: the same requests on every run.
 """
 
 from __future__ import annotations
@@ -98,7 +99,11 @@ RAW_EXAMPLES = 200  # per POST route
 
 # A failing example with a 100 kB text makes Hypothesis warn about its repr; the failure is
 # what matters (and pyproject turns warnings into errors).
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+# Every test here fuzzes one shared server with hundreds of requests: slow (make test-fast).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+    pytest.mark.slow,
+]
 
 FUZZ_SETTINGS = settings(
     derandomize=True,
@@ -112,6 +117,9 @@ FUZZ_SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, EnvoyProcess]]:
+    """One server and Envoy for the whole module. After the tests that used them (whichever
+    ran, in any order), the same pair must still be healthy: checked here, at teardown, so
+    that a server the fuzzing broke fails the run (as an error of the last test using it)."""
     root = tmp_path_factory.mktemp("fuzz-rest")
     write_fake_gguf(root / "models" / "reranker.gguf", pooling=4)
     write_fake_gguf(root / "models" / "sentiment.gguf", pooling=4, task="classify", labels=CLASSES)
@@ -123,6 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThre
         EnvoyProcess.start([server.target], root / "envoy") as envoy,
     ):
         yield server, envoy
+        assert_healthy(server, envoy)
 
 
 @pytest.fixture(scope="module")
@@ -549,6 +558,30 @@ def listings_still_answer(envoy: EnvoyProcess, session: requests.Session) -> Non
         case.validate_response(response, checks=CHECKS)
 
 
+def assert_healthy(server: ServerThread, envoy: EnvoyProcess) -> None:
+    """SERVING, directly and through Envoy; Envoy's upstream healthy; embeddings answered over
+    gRPC and REST; the listings still answer."""
+    for target in (server.target, envoy.grpc_target):
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "embedd.v1.Embedder"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub: Any = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+            answer = stub.Embed(pb.EmbedRequest(texts=["hello world"]), timeout=30)
+            assert len(answer.embeddings[0].values) == 8
+    assert "healthy" in envoy.upstream_health()
+    for route, body in (
+        ("/v1/embeddings", {"model": "fake", "input": ["hello world", "the cat"]}),
+        ("/api/embed", {"model": "other", "input": "hello world"}),
+    ):
+        reply = http(envoy.base_url + route, "POST", body=body)
+        assert reply.status == 200, reply.body
+        assert_embeddings_shape(route, check_reply(route, reply))
+    with requests.Session() as session:
+        listings_still_answer(envoy, session)
+
+
 # Negative cases only where there is something to violate: a body. (A GET without parameters
 # has none; GET /v1/models/{model}'s string is satisfied by any text.)
 SCHEMATHESIS_RUNS = [
@@ -918,28 +951,3 @@ def test_long_values_in_error_messages(envoy: EnvoyProcess, reset_models: None) 
                 f"{method} {route[:30]} ({fields}) -> {reply.status}: {reply.body[:120]!r}"
             )
     assert not failures, "\n".join(failures)
-
-
-def test_server_healthy_afterwards(
-    stack: tuple[ServerThread, EnvoyProcess], session: requests.Session
-) -> None:
-    """After all of the above (this module's last test): SERVING, and normal requests work."""
-    server, envoy = stack
-    for target in (server.target, envoy.grpc_target):
-        with grpc.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", "embedd.v1.Embedder"):
-                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            stub: Any = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
-            answer = stub.Embed(pb.EmbedRequest(texts=["hello world"]), timeout=30)
-            assert len(answer.embeddings[0].values) == 8
-    assert "healthy" in envoy.upstream_health()
-    for route, body in (
-        ("/v1/embeddings", {"model": "fake", "input": ["hello world", "the cat"]}),
-        ("/api/embed", {"model": "other", "input": "hello world"}),
-    ):
-        reply = http(envoy.base_url + route, "POST", body=body)
-        assert reply.status == 200, reply.body
-        assert_embeddings_shape(route, check_reply(route, reply))
-    listings_still_answer(envoy, session)

@@ -3,9 +3,10 @@ run as `make image-run` runs it, answering REST (Envoy inside the container) and
 reference vectors, healthy by its HEALTHCHECK, stopping cleanly on SIGTERM within the grace
 period, and serving models from a mounted directory beside its built-in default.
 
-Needs podman (or docker) and, offline, mmdebstrap: `.ci/run` installs them. Without a working
-engine these tests fail with the install command; they never skip. The build reuses the
-engine's cached layers, so after the first build it takes seconds.
+Run by `make test-image` (not `make test`: `pytest` collects only pyproject's testpaths, which
+leave tests/image out). Needs podman (or docker) and, offline, mmdebstrap: `.ci/run` installs
+them. Without a working engine these tests fail with the install command; they never skip. The
+build reuses the engine's cached layers, so after the first build it takes seconds.
 """
 
 from __future__ import annotations

@@ -405,6 +405,7 @@ def _check_served(vectors: Vectors, tokens: int, out_type: str, route: str) -> N
     assert cosines.min() >= MIN_COSINE[out_type], texts[int(cosines.argmin())]["text"]
 
 
+@pytest.mark.slow  # the `served` server and Envoy take ~20 s to start here
 @pytest.mark.parametrize("out_type", list(MIN_COSINE))
 def test_served_over_grpc(served: Served, out_type: str) -> None:
     texts = [t["text"] for t in _texts()]
@@ -415,6 +416,7 @@ def test_served_over_grpc(served: Served, out_type: str) -> None:
     _check_served(vectors, reply.usage.prompt_tokens, out_type, "gRPC")
 
 
+@pytest.mark.slow  # shares the `served` fixture with the gRPC test
 @pytest.mark.parametrize("out_type", list(MIN_COSINE))
 def test_served_over_rest(served: Served, out_type: str) -> None:
     body = {

@@ -67,6 +67,7 @@ def _report(scenario: str, sent: int, outcomes: Counter[str], allowed: set[str])
     assert answered == sent and failed == 0 and outcomes["LOST"] == 0
 
 
+@pytest.mark.slow  # a real server flooded (~35 s here)
 def test_overload_flood_is_refused_at_once_never_lost(tmp_path: Path) -> None:
     (tmp_path / f"{DEFAULT_MODEL}.gguf").symlink_to(
         (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve()
@@ -152,6 +153,7 @@ def _real_model_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # a real server under load, its workers SIGKILLed and replaced (~45 s here)
 def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
     tmp_path: Path,
 ) -> None:
@@ -196,6 +198,7 @@ def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
     print(f"killed {workers}, replaced by {replacements}")
 
 
+@pytest.mark.slow  # waits out the worker timeout, then the replacement (~40 s here)
 def test_a_hung_worker_process_is_killed_and_replaced(tmp_path: Path) -> None:
     args = ["--workers", "1", "--worker-timeout-s", "2"]
     with ServerProcess.start(_real_model_dir(tmp_path), args) as server:

@@ -275,6 +275,7 @@ def _check_raw(vectors: Vectors, expected: Vectors, bar: float, what: str) -> No
     np.testing.assert_allclose(lengths, np.linalg.norm(expected, axis=1), rtol=1e-3)
 
 
+@pytest.mark.slow  # imports and runs a BERT with Dense modules on both engines (7-10 s here)
 @pytest.mark.parametrize("out_type", list(MIN_COSINE))
 def test_bert_with_a_dense_module(bert_dense: BertDense, tmp_path: Path, out_type: str) -> None:
     """Both engines give the reference's vectors, the Dense module applied after pooling."""
@@ -291,6 +292,7 @@ def test_bert_with_a_dense_module(bert_dense: BertDense, tmp_path: Path, out_typ
         engines.close()
 
 
+@pytest.mark.slow  # worker processes started per engine (10-15 s here)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dense_modules_in_worker_processes(
     bert_dense: BertDense, tmp_path: Path, engine: str
@@ -319,6 +321,7 @@ def test_auto_picks_onnx_runtime_for_gemma3(gemma: dict[str, Engines]) -> None:
         assert engine_for(engines.info, EngineSettings(), LoadOptions()) == "onnxruntime"
 
 
+@pytest.mark.slow  # ~15 s here
 def test_gemma3_with_dense_modules_llama_cpp_does_not_apply(
     tmp_path: Path, gemma: dict[str, Engines]
 ) -> None:

@@ -43,7 +43,8 @@ HARDER = [
     "",
 ]
 
-pytestmark = pytest.mark.real_model
+# The module's fixture strips a copy of every model, MiniLM's 45 MB included (30 s here).
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 def _texts(model: str) -> list[str]:

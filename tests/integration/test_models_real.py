@@ -101,6 +101,7 @@ def seconds_until(rfc3339: str) -> float:
     return (when - datetime.datetime.now(datetime.UTC)).total_seconds()
 
 
+@pytest.mark.slow  # imports MiniLM into a running server (~16 s here)
 def test_an_imported_model_appears_serves_and_disappears_without_restart(
     stub: Any, models_dir: Path
 ) -> None:
@@ -147,6 +148,7 @@ def test_a_causal_lm_is_refused_without_pooling_and_served_with_it(stub: Any) ->
     wait_until(lambda: TINY not in running(stub), timeout=2.0)
 
 
+@pytest.mark.slow  # waits for real keep-alive expiries (~14 s here)
 def test_a_short_keep_alive_expires_and_keep_alive_zero_unloads(
     stub: Any, models_dir: Path
 ) -> None:

@@ -13,8 +13,10 @@ and a real Envoy.
 3. ``file_size_bytes`` in ``GET /v1/models`` (REST through Envoy) was a JSON string; it is a JSON
    number equal to the GGUF file's size on disk. Checked on the restarted runs of 2.
 
-One ``embedd run`` is SIGKILLed and one restarted per layout (a module-scoped fixture); the
-tests of a layout use its restarted run in the order written here, the SIGTERM test last.
+One ``embedd run`` is SIGKILLed per layout (a module-scoped fixture), and one started again on
+its ports is shared by the tests of that layout. Each test stands alone, in any order or
+selection: the SIGTERM test stops the shared restart, so a test after it gets a new one, again
+on the same ports.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from embedd_server.run.probes import free_port, port_free
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR
 from tests.envoy_proc import HttpReply, http
 
-pytestmark = pytest.mark.real_model
+# `embedd run` started, SIGKILLed and started again per layout: ~40 s each here.
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 GONE_WITHIN_S = 10.0  # after SIGKILL of `embedd run`, every descendant must be gone by then
 START_TIMEOUT_S = 120.0
@@ -307,35 +310,49 @@ def sigkill_and_watch(run: EmbeddRun) -> Aftermath:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class KilledAndRestarted:
+    """An ``embedd run`` SIGKILLed, what became of its descendants, and the runs started on
+    its ports since."""
+
     replicas: int
     killed: EmbeddRun
     aftermath: Aftermath
-    restarted: EmbeddRun  # started on the same ports after the kill; not waited for
+    log_dir: Path
+    runs: list[EmbeddRun] = field(default_factory=list)
+
+    def restarted(self) -> EmbeddRun:
+        """A serving ``embedd run`` on the killed one's ports: the one the tests share, or a
+        new one if a test stopped it."""
+        if not self.runs or self.runs[-1].process.poll() is not None:
+            log = self.log_dir / f"restarted-{len(self.runs)}.log"
+            self.runs.append(EmbeddRun(self.killed.ports, self.replicas, log))
+        run = self.runs[-1]
+        run.wait_serving()
+        return run
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-replica", "two-replicas"])
 def killed_and_restarted(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KilledAndRestarted]:
-    """An ``embedd run`` (one replica, or EMBEDD_REPLICAS=2) serving REST, SIGKILLed; then a
-    new ``embedd run`` on the same ports. Anything the kill left behind is killed before the
-    restart (and reported by the SIGKILL test), so the restart tests stand on their own."""
+    """An ``embedd run`` (one replica, or EMBEDD_REPLICAS=2) serving REST, SIGKILLed. Anything
+    the kill left behind is killed before a restart (and reported by the SIGKILL test), so the
+    restart tests stand on their own."""
     replicas: int = request.param
     tmp = tmp_path_factory.mktemp(f"sigkill-{replicas}")
-    ports = Ports.pick(replicas)
-    first = EmbeddRun(ports, replicas, tmp / "killed.log")
+    first = EmbeddRun(Ports.pick(replicas), replicas, tmp / "killed.log")
     try:
         first.wait_serving()
         aftermath = sigkill_and_watch(first)
     finally:
         first.kill_everything()
-    second = EmbeddRun(ports, replicas, tmp / "restarted.log")
+    case = KilledAndRestarted(replicas, first, aftermath, tmp)
     try:
-        yield KilledAndRestarted(replicas, first, aftermath, second)
+        yield case
     finally:
-        second.kill_everything()
+        for run in case.runs:
+            run.kill_everything()
 
 
 # --- 2. SIGKILL of `embedd run` leaves nothing behind; the ports serve again ------------------
@@ -371,8 +388,7 @@ def test_embedd_run_serves_again_on_the_same_ports_after_a_sigkill(
 ) -> None:
     """A new ``embedd run`` on the ports of the killed one starts (no "port in use") and
     answers an embedding over REST."""
-    run = killed_and_restarted.restarted
-    run.wait_serving()
+    run = killed_and_restarted.restarted()
     reply = run.embed("A dog runs in the park.")
     assert reply.status == 200, reply.body
     [item] = reply.json()["data"]
@@ -384,8 +400,7 @@ def test_models_file_size_bytes_is_a_json_number(
 ) -> None:
     """``GET /v1/models`` and ``GET /v1/models/{id}`` through Envoy give ``file_size_bytes`` as
     a JSON number (an integer value, not a string) equal to the GGUF file's size on disk."""
-    run = killed_and_restarted.restarted
-    run.wait_serving()
+    run = killed_and_restarted.restarted()
     on_disk = (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").stat().st_size
     listed = http(run.base_url + "/v1/models", timeout=30)
     assert listed.status == 200, listed.body
@@ -404,9 +419,9 @@ def test_models_file_size_bytes_is_a_json_number(
 def test_restarted_embedd_run_stops_cleanly_on_sigterm(
     killed_and_restarted: KilledAndRestarted,
 ) -> None:
-    """The restarted ``embedd run`` exits 0 on SIGTERM, with every descendant stopped."""
-    run = killed_and_restarted.restarted
-    run.wait_serving()
+    """An ``embedd run`` restarted after the SIGKILL exits 0 on SIGTERM, with every
+    descendant stopped."""
+    run = killed_and_restarted.restarted()
     tree = run.descendants()
     assert tree
     run.process.send_signal(signal.SIGTERM)

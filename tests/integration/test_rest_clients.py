@@ -296,6 +296,7 @@ def pair_cosines(firsts: Matrix, seconds: Matrix) -> npt.NDArray[np.float64]:
     return cosines
 
 
+@pytest.mark.slow  # the STS-B test set, three vector types
 def test_int8_and_binary_rank_stsb_pairs_as_float_does(envoy: EnvoyProcess) -> None:
     """One pass over the STS-B test sentences through /v2/embed (float, int8, ubinary): int8
     cosine's Spearman within 0.03 of float's; binary (Hamming distance) reported."""

@@ -142,6 +142,7 @@ def test_models_through_the_official_client(client: openai.OpenAI) -> None:
     assert client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
 
 
+@pytest.mark.slow  # the STS-B test set through Envoy (its gRPC twin: ~55 s here)
 def test_stsb_over_rest(client: openai.OpenAI) -> None:
     stsb = read_stsb(STSB_TEST)
     assert len(stsb.scores) == 1379

@@ -295,6 +295,7 @@ def test_rate_limit_per_key_with_retry_after_then_recovery(tmp_path: Path) -> No
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(5):  # health checks are never limited
             health.Check(health_pb2.HealthCheckRequest())
+        # Not synchronisation: waiting as long as Retry-After says is what is under test.
         time.sleep(float(trailers(error)["retry-after"]))
         assert embed(channel, bearer(KEY_A)).model == "fake"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -127,15 +127,22 @@ def test_embed_stream_options(client: Client) -> None:
 
 def test_embed_stream_reads_lazily_and_stops_when_abandoned(client: Client) -> None:
     pulled = itertools.count()
-    endless = (text_of(next(pulled) % 1000) for _ in itertools.count())
-    stream = client.embed_stream(endless, batch_size=5)
+    readers: set[threading.Thread] = set()  # the threads that pulled texts from it
+
+    def endless() -> Iterator[str]:
+        while True:
+            readers.add(threading.current_thread())
+            yield text_of(next(pulled) % 1000)
+
+    stream = client.embed_stream(endless(), batch_size=5)
     first = list(itertools.islice(stream, 3))
     stream.close()  # cancels the call: an endless generator must not be drained
-    time.sleep(0.2)
-    settled = next(pulled)
-    time.sleep(0.2)
-    assert next(pulled) == settled + 1  # nothing reads the generator any more
-    assert settled < 10_000
+    # grpcio reads the requests on a thread of its own, which ends with the call.
+    (reader,) = readers
+    assert reader is not threading.current_thread()
+    reader.join(timeout=5)
+    assert not reader.is_alive(), "the generator is still being read after close()"
+    assert next(pulled) < 10_000  # read lazily: far from drained
     assert [len(batch) for batch in first] == [5, 5, 5]
     np.testing.assert_array_equal(np.concatenate(first), client.embed(list(texts(15))))
     assert client.health()

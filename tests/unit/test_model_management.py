@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +18,7 @@ from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.settings import Settings
 from tests.fakes import FakeLoader, gated, slow, write_fake_gguf
 from tests.servers import ServerThread
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -30,13 +30,6 @@ def stub(fake_server: ServerThread) -> Iterator[pb_grpc.EmbedderStub]:
 def _running(stub: pb_grpc.EmbedderStub) -> dict[str, str]:
     reply = stub.ListRunning(pb.ListRunningRequest())
     return {model.name: model.expires_at for model in reply.models}
-
-
-def _wait_until(condition: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _error(call: Any) -> grpc.RpcError:
@@ -61,7 +54,7 @@ def test_models_added_or_removed_show_up_without_restart(
     assert "third" in _running(stub)
     (models_dir / "third.gguf").unlink()
     assert "third" not in [m.id for m in stub.ListModels(pb.ListModelsRequest()).data]
-    _wait_until(lambda: "third" not in _running(stub))
+    wait_until(lambda: "third" not in _running(stub), "'third' unloaded", timeout=3.0)
     assert fake_server.loader.runtimes[-1].closed
 
 
@@ -79,7 +72,7 @@ def test_keep_alive_zero_unloads_after_the_request(stub: pb_grpc.EmbedderStub) -
         model="other", input=Value(string_value="hello"), keep_alive=Value(number_value=0)
     )
     assert stub.OllamaEmbed(request).model == "other"
-    _wait_until(lambda: "other" not in _running(stub), timeout=1.0)
+    wait_until(lambda: "other" not in _running(stub), "'other' unloaded", timeout=1.0)
 
 
 def test_a_short_keep_alive_expires_and_ps_shows_it(stub: pb_grpc.EmbedderStub) -> None:
@@ -87,7 +80,7 @@ def test_a_short_keep_alive_expires_and_ps_shows_it(stub: pb_grpc.EmbedderStub) 
     running = _running(stub)
     assert running["other"].startswith("20") and running["other"].endswith("Z")
     assert running["fake"].startswith("2318-")  # the default model stays loaded
-    _wait_until(lambda: "other" not in _running(stub), timeout=3.0)
+    wait_until(lambda: "other" not in _running(stub), "'other' expired", timeout=3.0)
     assert "fake" in _running(stub)
 
 
@@ -100,7 +93,8 @@ def test_explicit_unload_lets_calls_in_flight_finish(tmp_path: Path) -> None:
         stub.LoadModel(pb.LoadModelRequest(model="other"))
         runtime = server.loader.runtimes[-1]
         in_flight = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 50, model="other"))
-        time.sleep(0.05)
+        # In flight: the engine has its first batch (the slow engine takes 0.01 s per text).
+        wait_until(lambda: runtime.calls, "the engine started on the 50 texts")
         reply = stub.UnloadModel(pb.UnloadModelRequest(model="other"))
         assert reply.message == "Model unloaded successfully" and not reply.model.loaded
         assert len(in_flight.result(timeout=10).embeddings) == 50
@@ -157,10 +151,16 @@ def test_memory_budget_evicts_least_recently_used_idle_models(tmp_path: Path) ->
         assert set(_running(stub)) == {"a", "c", "fake"}  # the default model is never evicted
         # With every loaded model busy, a load that does not fit is refused at once.
         gate.clear()  # the workers of a and c block inside their next decode
+        runtimes = [r for r in server.loader.runtimes if r.info.name in ("a", "c") and not r.closed]
+        assert len(runtimes) == 2
+        calls_before = [len(runtime.calls) for runtime in runtimes]
         blocked = [
             stub.Embed.future(pb.EmbedRequest(texts=["hi"], model=name)) for name in ("a", "c")
         ]
-        time.sleep(0.2)
+        wait_until(
+            lambda: all(len(r.calls) > n for r, n in zip(runtimes, calls_before, strict=True)),
+            "a worker of a and of c inside its decode",
+        )
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["hi"], model="b"), timeout=5))
         gate.set()
         assert all(f.result(timeout=5).embeddings for f in blocked)
@@ -182,7 +182,7 @@ def test_default_model_is_never_expired_by_the_server_default(tmp_path: Path) ->
         stub = pb_grpc.EmbedderStub(channel)
         stub.Embed(pb.EmbedRequest(texts=["hi"], model="other"))
         stub.Embed(pb.EmbedRequest(texts=["hi"]))
-        _wait_until(lambda: "other" not in _running(stub))
+        wait_until(lambda: "other" not in _running(stub), "'other' unloaded", timeout=3.0)
         assert "fake" in _running(stub)
 
 

@@ -228,17 +228,19 @@ def test_bad_input_is_refused(tiny_cls: graph.ModelSource) -> None:
 def test_abort_stops_a_running_call(minilm_model: bytes, minilm_ids: list[list[int]]) -> None:
     engine = OnnxEngine(minilm_model)
     failures: list[BaseException] = []
+    running = threading.Event()  # one call done: the loop of calls is under way
 
     def run() -> None:
         try:
             for _ in range(20):  # far longer than the test waits
                 engine.embed_batch(minilm_ids)
+                running.set()
         except BaseException as exc:
             failures.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.3)
+    assert running.wait(30), failures
     started = time.monotonic()
     engine.abort()
     thread.join(timeout=10)

@@ -179,6 +179,11 @@ def test_a_big_rerank_does_not_hold_back_a_small_one(tmp_path: Path) -> None:
     service = Service(tmp_path, FakeLoader(slow(0.005)))
     try:
 
+        async def computing() -> None:
+            """Until the reranker's engine has the big rerank's first pairs."""
+            while not any(r.info.name == "reranker" and r.calls for r in service.loader.runtimes):
+                await asyncio.sleep(0.005)
+
         async def both() -> tuple[float, float]:
             started = time.monotonic()
             big = asyncio.create_task(
@@ -186,7 +191,7 @@ def test_a_big_rerank_does_not_hold_back_a_small_one(tmp_path: Path) -> None:
                     RerankParams(model="reranker", query="hello", documents=["cat"] * 300)
                 )
             )
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(computing(), 5)  # the small one arrives behind the big one
             await service.service.rerank(
                 RerankParams(model="reranker", query="hello", documents=["world"])
             )

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.core.scheduler import FairQueue
 from tests.fakes import (
     FakeLoader,
     engine_error,
@@ -30,8 +31,10 @@ from tests.fakes import (
     worker_killed,
 )
 from tests.servers import ServerThread
+from tests.waiting import wait_until
 
 HELLO, CAT, DOG = 4, 7, 12
+ACCESS_LOGGER = "embedd_server.rpc.interceptors.access_log"
 
 
 @pytest.fixture
@@ -50,6 +53,12 @@ def _serving(
         grpc.insecure_channel(server.target) as channel,
     ):
         yield server, pb_grpc.EmbedderStub(channel)
+
+
+def _queue(server: ServerThread) -> FairQueue:
+    """The queue of the server's default model (loaded at start, the only one loaded)."""
+    [model] = server.server.registry.loaded_models()
+    return model.queue
 
 
 def _error(call: object) -> grpc.RpcError:
@@ -159,9 +168,9 @@ def test_a_workers_log_line_names_the_requests_of_its_batch(
 
 
 def test_a_small_request_does_not_wait_for_a_big_batch(tmp_path: Path) -> None:
-    with _serving(tmp_path, FakeLoader(slow(0.005))) as (_, stub):
+    with _serving(tmp_path, FakeLoader(slow(0.005))) as (server, stub):
         big = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 400))
-        time.sleep(0.05)
+        wait_until(lambda: server.runtime.calls, "the big batch is being computed")
         started = time.perf_counter()
         stub.Embed(pb.EmbedRequest(texts=["dog"]))
         small_seconds = time.perf_counter() - started
@@ -170,15 +179,26 @@ def test_a_small_request_does_not_wait_for_a_big_batch(tmp_path: Path) -> None:
         assert len(big.result().embeddings) == 400
 
 
-def test_deadline_and_cancellation_drop_queued_work(tmp_path: Path) -> None:
+def test_deadline_and_cancellation_drop_queued_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     gate = threading.Event()  # workers block on their first batch: everything else queues
-    with _serving(tmp_path, FakeLoader(gated(gate))) as (server, stub):
+    with (
+        _serving(tmp_path, FakeLoader(gated(gate))) as (server, stub),
+        caplog.at_level(logging.INFO, logger=ACCESS_LOGGER),
+    ):
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["cat"] * 500), timeout=0.3))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        queue = _queue(server)
+        before = queue.queued_items
         cancelled = stub.Embed.future(pb.EmbedRequest(texts=["dog"] * 500))
-        time.sleep(0.2)
+        wait_until(lambda: queue.queued_items == before + 500, "the 500 dogs queued")
         cancelled.cancel()
-        time.sleep(0.2)
+        # The server logs the call once its handler ended, which dropped the queued job.
+        wait_until(
+            lambda: any(r.getMessage() == "Embed CANCELLED" for r in caplog.records),
+            "the server saw the cancellation",
+        )
         gate.set()
         stub.Embed(pb.EmbedRequest(texts=["hello"]))
         computed = [ids for ids in server.runtime.calls if ids[1] in (CAT, DOG)]
@@ -190,9 +210,10 @@ def test_deadline_and_cancellation_drop_queued_work(tmp_path: Path) -> None:
 def test_a_full_queue_is_refused_at_once(tmp_path: Path) -> None:
     gate = threading.Event()
     loader = FakeLoader(gated(gate))
-    with _serving(tmp_path, loader, max_queued_texts=10, batch_sequences=1) as (_, stub):
+    with _serving(tmp_path, loader, max_queued_texts=10, batch_sequences=1) as (server, stub):
         waiting = stub.Embed.future(pb.EmbedRequest(texts=["cat"] * 8))
-        time.sleep(0.2)
+        # Each of the two workers holds one input inside its decode; six wait in the queue.
+        wait_until(lambda: _queue(server).queued_items == 6, "six of the eight queued")
         started = time.perf_counter()
         error = _error(lambda: stub.Embed(pb.EmbedRequest(texts=["dog"] * 5)))
         assert time.perf_counter() - started < 1
@@ -214,10 +235,22 @@ def test_embed_stream_answers_in_order_with_bounded_read_ahead(tmp_path: Path) -
                 yield pb.EmbedRequest(texts=["hello cat dog"] * 10, request_id=str(number))
 
         responses = stub.EmbedStream(batches())
-        time.sleep(0.5)
         window = server.settings.stream_window
-        queued = server.server.registry.loaded_models()[0].queue.queued_items
-        assert queued <= window * 10, f"{queued} inputs queued for one stream"
+        queue = _queue(server)
+
+        def read() -> int:
+            """Inputs the server took from the stream: queued, or inside a (gated) decode."""
+            return queue.queued_items + len(server.runtime.calls)
+
+        # The client offers more than the window; the server reads the window's batches...
+        wait_until(
+            lambda: pulled > window + 1 and read() >= window * 10,
+            f"the server read {window} batches while the client offered more",
+        )
+        # ...and no more: its event loop goes on (it answers other calls), the stream waits.
+        for _ in range(3):
+            assert stub.Tokenize(pb.TokenizeRequest(text="hello")).count == 3
+        assert read() == window * 10, f"{read()} inputs read from one stream, not {window * 10}"
         gate.set()
         ids = [response.request_id for response in responses]
         assert ids == [str(number) for number in range(200)] and pulled == 200
@@ -304,7 +337,7 @@ def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path: Path) 
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         in_flight = stub.Embed.future(pb.EmbedRequest(texts=["hello cat"] * 100))
-        time.sleep(0.1)
+        wait_until(lambda: server.runtime.calls, "the 100 texts are being computed")
         stopper = threading.Thread(target=server.stop, kwargs={"grace": 10})
         stopper.start()
         assert len(in_flight.result(timeout=10).embeddings) == 100

@@ -33,6 +33,7 @@ from tests.fakes import (
     worker_killed,
     write_fake_gguf,
 )
+from tests.waiting import wait_until
 
 CAT, DOG = 7, 12
 DIMENSIONS = 8
@@ -109,13 +110,6 @@ def _error(loop: asyncio.AbstractEventLoop, job: Job, timeout: float = 5) -> Emb
     with pytest.raises(EmbeddError) as caught:
         _result(loop, job, timeout)
     return caught.value
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 # --- running batches -----------------------------------------------------------------------------
@@ -292,7 +286,7 @@ def test_when_no_worker_can_start_every_waiting_caller_is_answered(
     )
     in_flight = _job(loop, [2, DOG, 3])
     queue.submit(in_flight)
-    _wait_until(lambda: bool(runtime.calls))  # the worker holds it inside its decode
+    wait_until(lambda: runtime.calls, "the worker holds it inside its decode")
     waiting = [_job(loop, [2, CAT, 3]), _job(loop, [2, CAT, 3], [2, CAT, 3])]
     for job in waiting:
         queue.submit(job)
@@ -310,16 +304,25 @@ def test_when_no_worker_can_start_every_waiting_caller_is_answered(
 
 
 def test_stop_lets_the_workers_finish_what_is_queued(
-    pools: _Pools, loop: asyncio.AbstractEventLoop
+    pools: _Pools, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
     pool, queue, _ = pools.start(gated(gate), workers=2)
     jobs = [_job(loop, *([2, CAT, 3] for _ in range(10))) for _ in range(3)]
     for job in jobs:
         queue.submit(job)
+    closed = threading.Event()  # set once stop() has closed the queue, with work still queued
+    close = queue.close
+
+    def close_and_tell(reason: EmbeddError | None = None) -> None:
+        close(reason)
+        closed.set()
+
+    monkeypatch.setattr(queue, "close", close_and_tell)
     stopper = threading.Thread(target=pool.stop, kwargs={"timeout": 5})
     stopper.start()
-    time.sleep(0.1)
+    assert closed.wait(5), "stop() did not close the queue"
+    assert queue.queued_items > 0  # what stop() must let the workers finish
     gate.set()
     stopper.join(10)
     assert not stopper.is_alive() and pool.alive == 0
@@ -429,6 +432,9 @@ def test_stop_waits_for_a_replacement_whose_engine_is_being_created(
     stopper.join(0.5)  # today stop() returns at once, before the replacement even exists
     go_on.set()
     stopper.join(10)
-    _wait_until(lambda: len(engines) == 2 and engines[1].closed_at is not None)
+    wait_until(
+        lambda: len(engines) == 2 and engines[1].closed_at is not None,
+        "the replacement's engine closed",
+    )
     replacement_closed = engines[1].closed_at
     assert replacement_closed is not None and replacement_closed <= stopped_at[0]

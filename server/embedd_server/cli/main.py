@@ -13,13 +13,15 @@ from embedd_server.core.errors import EmbeddError
 from embedd_server.settings import SettingsError, add_arguments, load_settings
 
 DESCRIPTION = """\
-embedd: a text-embedding service. gRPC (embedd.v1.Embedder) on llama.cpp workers, with
-OpenAI's and Ollama's REST APIs through Envoy.
+embedd: embeddings, reranking, classification and sparse vectors from GGUF models, run
+by ONNX Runtime or llama.cpp workers. gRPC (embedd.v1.Embedder), with OpenAI's, Ollama's,
+Cohere's, Jina's and TEI's REST APIs through Envoy.
 
   embedd run                  gRPC server + Envoy REST on the default model
   embedd serve                the gRPC server alone
   embedd import DIR           convert a Hugging Face model directory to GGUF
   embedd embed TEXT...        embed texts with a running server
+  embedd rerank QUERY DOC...  rank documents (also: classify, embed-sparse, models, ...)
 """
 
 
