@@ -311,4 +311,4 @@ def test_requests_keep_alive_does_not_unpin_a_model_an_admin_pinned(
     # Unpinned by the admin's unload, the model follows requests' keep_alive again.
     stub.UnloadModel(pb.UnloadModelRequest(model="other"))
     assert stub.OllamaEmbed(request).model == "other"
-    _wait_until(lambda: "other" not in _running(stub), timeout=1.0)
+    wait_until(lambda: "other" not in _running(stub), "'other' expired", timeout=3.0)
