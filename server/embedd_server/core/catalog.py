@@ -160,11 +160,13 @@ def read_model_info(path: Path) -> ModelInfo:
         stat = path.stat()
     except OSError as exc:
         raise ModelLoadError(f"Cannot read model file {path}: {exc.strerror}.") from None
-    return _read_cached(path, stat.st_size, int(stat.st_mtime))
+    # Keyed by the modification time in nanoseconds: a file rewritten within the same second
+    # with the same size is another file.
+    return _read_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
+def _read_cached(path: Path, size: int, mtime_ns: int) -> ModelInfo:
     fields = _read_fields(path)
     arch = str(fields.get("general.architecture", "unknown"))
     context_length = int(fields.get(f"{arch}.context_length", 512))
@@ -192,7 +194,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         vocab_size=vocab_size,
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
-        created=mtime,
+        created=mtime_ns // 1_000_000_000,
         family=_family(fields, arch),
         do_lower_case=bool(fields.get(DO_LOWER_CASE_KEY, False)),
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
