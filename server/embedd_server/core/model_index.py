@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 from embedd_server.core.catalog import ModelInfo, read_model_info
 from embedd_server.core.errors import ModelLoadError
+from embedd_server.core.tokenization import tokenizer_kind
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,13 @@ class IndexEntry:
     stamp: FileStamp
     info: ModelInfo | None
     error: str = ""  # ModelLoadError's message when info is None
+
+
+def read_indexed(path: Path) -> ModelInfo:
+    """What the index keeps of a file: its metadata and how it tokenizes (for a file without
+    tokenizer.json that means reading its vocabulary too). Blocking: run it in a thread."""
+    info = read_model_info(path)
+    return dataclasses.replace(info, tokenizer=tokenizer_kind(info))
 
 
 def file_sha256(path: Path) -> str:
@@ -101,7 +110,7 @@ class ModelIndex:
         self,
         directories: Callable[[], Sequence[Path]],
         *,
-        read: Callable[[Path], ModelInfo] = read_model_info,
+        read: Callable[[Path], ModelInfo] = read_indexed,
         digest: Callable[[Path], str] = file_sha256,
         interval_s: float = SCAN_INTERVAL_S,
     ) -> None:

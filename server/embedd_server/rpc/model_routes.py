@@ -8,7 +8,6 @@ from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.engine_settings import LoadOptions
 from embedd_server.core.errors import NotImplementedFeature
 from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
-from embedd_server.core.tokenization import tokenizer_kind
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
 from embedd_server.rpc.ollama_shapes import ollama_details
@@ -39,7 +38,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         family=info.family,
         prompts=info.prompts,
         default_prompt_name=info.default_prompt_name or "",
-        tokenizer=tokenizer_kind(info),
+        tokenizer=info.tokenizer,  # the index's: never read on a request
         task=info.task,
         labels=info.label_names,
     )
