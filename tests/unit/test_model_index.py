@@ -20,6 +20,7 @@ from typing import Any
 
 import gguf
 import grpc
+import numpy as np
 import pytest
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Value
@@ -27,6 +28,7 @@ from google.protobuf.struct_pb2 import Value
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.core import catalog
+from embedd_server.core.errors import ModelLoadError
 from tests.fakes import write_fake_gguf
 from tests.servers import ServerThread
 
@@ -67,11 +69,16 @@ class ReadLog:
 
 @pytest.fixture
 def read_log(monkeypatch: pytest.MonkeyPatch) -> ReadLog:
-    """Instruments gguf's reader and hashlib's file hasher (what the catalogue and the
-    digests of /api/tags read files with)."""
+    """Instruments the catalogue's metadata reader, gguf's reader and hashlib's file hasher
+    (what the catalogue, tokenizer kinds and the digests of /api/tags read files with)."""
     log = ReadLog()
     reader_init = gguf.GGUFReader.__init__
     file_digest = hashlib.file_digest
+    read_fields = catalog._read_fields
+
+    def metadata(path: Path) -> dict[str, Any]:
+        log.note(f"metadata {path.name}")
+        return read_fields(path)
 
     def reader(self: gguf.GGUFReader, path: Any, *args: Any, **kwargs: Any) -> None:
         log.note(f"read {Path(path).name}")
@@ -81,6 +88,7 @@ def read_log(monkeypatch: pytest.MonkeyPatch) -> ReadLog:
         log.note(f"hash {Path(getattr(handle, 'name', '?')).name}")
         return file_digest(handle, *args, **kwargs)
 
+    monkeypatch.setattr(catalog, "_read_fields", metadata)
     monkeypatch.setattr(gguf.GGUFReader, "__init__", reader)
     monkeypatch.setattr(hashlib, "file_digest", digest)
     return log
@@ -277,3 +285,86 @@ def _measure(
         quiet += _run(stub, [], WINDOW_S / ROUNDS)
         busy += _run(stub, others, WINDOW_S / ROUNDS)
     return quiet, busy
+
+
+# --- the metadata reader -------------------------------------------------------------------
+
+
+def _every_kind_of_field(path: Path, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) -> Path:
+    """A GGUF file with a value of each type, arrays of strings, numbers and arrays, a
+    classifier's labels and two tensors."""
+    writer = gguf.GGUFWriter(str(path), "bert", endianess=endianess)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -100)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_float32("t.f32", 0.1)
+    writer.add_uint64("t.u64", 2**63)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float64("t.f64", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.text", "héllo ✓")
+    writer.add_array("tokenizer.ggml.tokens", ["[PAD]", "ünï", "", "x" * 300])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0, 0.0])
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_array("bert.classifier.output_labels", ["négatif", "positive"])
+    writer.add_tensor("a", np.zeros((3, 5), dtype=np.float32))
+    writer.add_tensor("b", np.zeros(7, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("endianess", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_the_metadata_reader_reads_what_ggufs_reader_reads(
+    tmp_path: Path, endianess: gguf.GGUFEndian
+) -> None:
+    files = [
+        _every_kind_of_field(tmp_path / "every.gguf", endianess),
+        write_fake_gguf(tmp_path / "fake.gguf", padding_bytes=1000),
+        write_fake_gguf(tmp_path / "sentiment.gguf", pooling=4, labels=("neg", "pos")),
+    ]
+    for path in files:
+        fields = catalog._read_fields(path)
+        expected = catalog._read_fields_with_gguf(path)
+        # gguf's reader counts a nested array's innermost elements (3), not its 2 arrays.
+        fields.pop("t.nested.count", None)
+        expected.pop("t.nested.count", None)
+        assert fields == expected, path.name
+        assert [type(value) for value in fields.values()] == [
+            type(value) for value in expected.values()
+        ]
+    fields = catalog._read_fields(files[0])
+    assert fields["tokenizer.ggml.tokens.count"] == 4 and "tokenizer.ggml.tokens" not in fields
+    assert fields["bert.classifier.output_labels"] == ["négatif", "positive"]
+    assert fields[catalog.PARAMETERS_FIELD] == 3 * 5 + 7
+    assert fields["t.text"] == "héllo ✓" and fields["t.u64"] == 2**63
+    if endianess == gguf.GGUFEndian.LITTLE:  # (a big-endian file is read by gguf's reader)
+        assert fields["t.nested.count"] == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: b"",  # empty
+        lambda data: b"GGML" + data[4:],  # not GGUF
+        lambda data: data[:4] + (9).to_bytes(4, "little") + data[8:],  # unknown version
+        lambda data: data[:100],  # cut inside the header
+        lambda data: data[:-20] if len(data) > 200 else data[:40],  # cut in the tensor list
+    ],
+)
+def test_a_damaged_file_is_refused_with_what_to_do(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    path = _every_kind_of_field(tmp_path / "every.gguf")
+    header_end = path.stat().st_size - (3 * 5 * 4 + 7 * 2 + 32)  # the tensors' data, aligned
+    data = path.read_bytes()[:header_end]
+    path.write_bytes(damage(data))
+    with pytest.raises(ModelLoadError) as refused:
+        catalog.read_model_info(path)
+    assert "is not a readable GGUF file" in refused.value.message
+    assert "re-create it with `embedd import`" in refused.value.message
