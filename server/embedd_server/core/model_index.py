@@ -1,10 +1,12 @@
 """The model catalogue as an index: each ``<name>.gguf``'s metadata and sha256, read once per
 version of the file (its size and modification time), never on the event loop.
 
-Reading a real model's GGUF metadata takes seconds (gguf's reader walks the whole vocabulary)
-and its sha256 reads every byte. Done on the event loop, as once, one listing or one request
-for an unknown model froze every call of the server for as long as it took. The index reads
-and hashes in worker threads; requests get what it holds:
+A file's metadata took seconds to read with gguf's reader (it walks the whole vocabulary;
+core.gguf_metadata now takes milliseconds), a file without tokenizer.json has its vocabulary
+rebuilt to tell how it tokenizes, and its sha256 reads every byte. Done on the event loop, as
+before this index, with a cache of 64 files, one listing or one request for an unknown model
+froze every call of the server for as long as that took. The index reads and hashes in
+worker threads; requests get what it holds:
 
 - a look-up by name stats the model's file (no read) and reads it only when that version of
   the file is not indexed yet (a new or replaced file), in a thread, once for all callers;
@@ -13,7 +15,7 @@ and hashes in worker threads; requests get what it holds:
   are read, removed ones dropped; concurrent listings share one scan;
 - unknown-model errors and the "first model of this task" choice use the index as it is;
 - digests are computed by a background task, one file at a time, and awaited by the routes
-  that report them (Ollama's ``/api/tags``, ``/api/show``, ``/api/ps``).
+  that report them (Ollama's ``/api/tags`` and ``/api/ps``).
 
 A background task rescans every :data:`SCAN_INTERVAL_S`, so a new file is usually read and
 hashed before anyone asks for it. Everything but the reading and hashing runs on the event
