@@ -83,7 +83,11 @@ class Settings:
         secret=True,
     )
     models_dir: Path = _opt(
-        "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
+        "Directory of GGUF models; each <name>.gguf is a model. Each file's metadata and "
+        "sha256 are read once per version (size and modification time) in background "
+        "threads, so listings and requests for unknown models read no model file; files added "
+        "or removed are seen without a restart.",
+        Path("models"),
     )
     builtin_models_dir: str = _opt(
         "A second directory of GGUF models, looked in after models_dir (a file of the same "

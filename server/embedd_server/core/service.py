@@ -202,8 +202,8 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
-        require_task(info, EMBED, lambda: self._models_for(EMBED))
+        info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
+        await self._require_task(info, EMBED)
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
@@ -254,8 +254,8 @@ class EmbeddingService:
         weights over the vocabulary, as sentence-transformers' SparseEncoder.encode."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = self.registry.info(params.model or self._first_for(SPARSE))
-        require_task(info, SPARSE, lambda: self._models_for(SPARSE))
+        info = await self.registry.info(params.model or await self._first_for(SPARSE))
+        await self._require_task(info, SPARSE)
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             raw, tokenized = await self._encode(params, model, deadline)
         return SparseOutcome(
@@ -281,8 +281,8 @@ class EmbeddingService:
                 f"'{shorten(params.truncation_direction)}'.",
                 param="truncation_direction",
             )
-        info = self.registry.info(params.model or self._first_for(CLASSIFY))
-        require_task(info, CLASSIFY, lambda: self._models_for(CLASSIFY), accepted=(RERANK,))
+        info = await self.registry.info(params.model or await self._first_for(CLASSIFY))
+        await self._require_task(info, CLASSIFY, accepted=(RERANK,))
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             tokenized = await self._tokenize_inputs(model, params)
             self._count_inputs(model.info.name, tokenized)
@@ -334,8 +334,9 @@ class EmbeddingService:
         workers with other callers instead of holding them."""
         started = time.perf_counter()
         check_rerank_params(params, self._settings.max_inputs_per_request)
-        info = self.registry.info(params.model or self._first_reranker())
-        require_reranker(info, self._rerankers)
+        info = await self.registry.info(params.model or await self._first_reranker())
+        rerankers = await self._models_for(RERANK) if info.task != RERANK else []
+        require_reranker(info, lambda: rerankers)
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             pairs = [(params.query, document) for document in params.documents]
             tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
@@ -355,17 +356,22 @@ class EmbeddingService:
             total_seconds=time.perf_counter() - started,
         )
 
-    def _rerankers(self) -> list[str]:
-        return self._models_for(RERANK)
+    async def _require_task(
+        self, info: ModelInfo, wanted: str, accepted: Sequence[str] = ()
+    ) -> None:
+        """core.tasks.require_task, with the models of ``wanted`` from the index (asked
+        only for the error)."""
+        serving = [] if info.task in (wanted, *accepted) else await self._models_for(wanted)
+        require_task(info, wanted, lambda: serving, accepted)
 
-    def _models_for(self, task: str) -> list[str]:
-        """The catalogue's models of a task, by name."""
-        return [info.name for info in self.registry.catalogue() if info.task == task]
+    async def _models_for(self, task: str) -> list[str]:
+        """The catalogue's models of a task, by name (from the index as it is)."""
+        return [info.name for info in await self.registry.catalogue() if info.task == task]
 
-    def _first_for(self, task: str) -> str:
+    async def _first_for(self, task: str) -> str:
         """The model a request of ``task`` without a model name goes to: the first of the
         catalogue with that task."""
-        found = self._models_for(task)
+        found = await self._models_for(task)
         if not found:
             raise _REFUSALS_BY_TASK[task](
                 f"No {TASK_NOUNS[task]} is installed; import one with `embedd import DIR` "
@@ -374,9 +380,9 @@ class EmbeddingService:
             )
         return found[0]
 
-    def _first_reranker(self) -> str:
+    async def _first_reranker(self) -> str:
         """The model a rerank without a model name goes to: the first cross-encoder."""
-        rerankers = self._rerankers()
+        rerankers = await self._models_for(RERANK)
         if not rerankers:
             raise ModelNotReranker(
                 "No reranker (cross-encoder) model is installed; import one with `embedd "
@@ -459,11 +465,18 @@ class EmbeddingService:
             max_input_tokens=model.info.max_input_tokens,
         )
 
-    def list_models(self) -> list[ModelStatus]:
-        return [self._status(info) for info in self.registry.catalogue()]
+    async def list_models(self) -> list[ModelStatus]:
+        """Every model of the models directories as they are now (files just added or
+        removed included), from the index: no file is read here unless it is new."""
+        return [self._status(info) for info in await self.registry.catalogue(fresh=True)]
 
-    def get_model(self, name: str) -> ModelStatus:
-        return self._status(self.registry.info(name))
+    async def get_model(self, name: str) -> ModelStatus:
+        return self._status(await self.registry.info(name))
+
+    async def digest(self, info: ModelInfo) -> str:
+        """sha256 of the model's GGUF file, hex, computed once per file version by the
+        index's background task (never in the request)."""
+        return await self.registry.digest(info)
 
     def _status(self, info: ModelInfo) -> ModelStatus:
         loaded = self.registry.is_loaded(info.name)

@@ -17,7 +17,7 @@ from embedd_server.core.service import EmbeddingService, EmbedParams
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.keep_alive import parse_keep_alive
-from embedd_server.rpc.ollama_shapes import model_digest, ollama_details, rfc3339
+from embedd_server.rpc.ollama_shapes import ollama_details, rfc3339
 from embedd_server.rpc.rest_routes import ollama_prompt_options
 from embedd_server.rpc.status import ollama_error_body, translate_errors
 
@@ -63,6 +63,7 @@ class OllamaRoutes:
     async def OllamaTags(
         self, request: pb.OllamaTagsRequest, context: Context
     ) -> pb.OllamaTagsResponse:
+        service = self._ollama_service
         return pb.OllamaTagsResponse(
             models=[
                 pb.OllamaModel(
@@ -70,10 +71,10 @@ class OllamaRoutes:
                     model=status.info.name,
                     modified_at=rfc3339(status.info.created),
                     size=float(status.info.file_size_bytes),
-                    digest=model_digest(status.info),
+                    digest=await service.digest(status.info),
                     details=ollama_details(status.info),
                 )
-                for status in self._ollama_service.list_models()
+                for status in await service.list_models()
             ]
         )
 
@@ -81,7 +82,7 @@ class OllamaRoutes:
     async def OllamaShow(
         self, request: pb.OllamaShowRequest, context: Context
     ) -> pb.OllamaShowResponse:
-        status = self._ollama_service.get_model(request.model or request.name)
+        status = await self._ollama_service.get_model(request.model or request.name)
         info = status.info
         model_info = struct_pb2.Struct()
         model_info.update(
