@@ -101,7 +101,9 @@ class Settings:
     model_aliases: str = _opt(
         "Other names for local models, as alias=model pairs separated by commas (in the config "
         "file also a [model_aliases] table), e.g. text-embedding-3-small=all-minilm-l6-v2, so "
-        "existing OpenAI code works unchanged.",
+        "existing OpenAI code works unchanged. Aliases are listed (GET /v1/models, with "
+        "alias_of; Ollama's /api/tags) and answer under their own name; as in Ollama, "
+        "NAME:latest and library/NAME mean NAME, for models and aliases alike.",
         "",
     )
     keep_alive: str = _opt(

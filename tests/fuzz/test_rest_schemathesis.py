@@ -62,6 +62,7 @@ OPERATIONS = [
     "POST /api/embeddings",
     "POST /v2/embed",
     "POST /api/show",
+    "POST /api/pull",
     "POST /v1/rerank",
     "POST /v2/rerank",
     "POST /rerank",
@@ -165,10 +166,8 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
     """No 5xx; JSON; a non-2xx is the route's error body. Returns the parsed JSON."""
     where = f"{path} -> {status}: {body[:500]!r}"
     assert status < 500 or is_deliberate_501(path, status, body), where
-    if path == "/" and status == 200:  # "Ollama is running" (nothing for HEAD)
-        assert headers.get("content-type", "").startswith("text/plain"), where
-        assert body in (b"Ollama is running", b""), where
-        return None
+    if status == 200 and path in ("/", "/api/pull"):  # HttpBody answers
+        return assert_http_body(path, headers, body, where)
     assert headers.get("content-type") == "application/json", where
     leaked = [name for name in headers if name.startswith(("grpc-", "x-http-"))]
     assert not leaked, where
@@ -207,6 +206,25 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
     return document
 
 
+def assert_http_body(path: str, headers: dict[str, str], body: bytes, where: str) -> Any:
+    """The 200 of a route whose answer is not one JSON document. "/": "Ollama is running"
+    (nothing for HEAD). /api/pull of a model that is here: Ollama's NDJSON progress, or with
+    "stream": false its last line as one JSON object (returned)."""
+    kind = headers.get("content-type", "")
+    if path == "/":
+        assert kind.startswith("text/plain"), where
+        assert body in (b"Ollama is running", b""), where
+        return None
+    if kind == "application/x-ndjson":
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert lines == [{"status": "pulling manifest"}, {"status": "success"}], where
+    else:
+        assert kind.startswith("application/json"), where
+        lines = [json.loads(body)]
+        assert lines == [{"status": "success"}], where
+    return lines[-1]
+
+
 def is_deliberate_501(path: str, status: int, body: bytes) -> bool:
     """Loading a model with "embedding": false is documented as 501 not_implemented_error
     (docs/rest.md): embedd serves embeddings only."""
@@ -226,6 +244,9 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
     the compact types)."""
     if path == "/api/embed":
         rows = document["embeddings"]
+        if rows == []:  # no input: the model loaded, nothing embedded (Ollama's answer)
+            assert set(document) == {"model", "embeddings"}
+            return
     elif path == "/api/embeddings":
         rows = [document["embedding"]]
         if rows == [[]]:  # an empty prompt: an empty vector, as Ollama answers it
@@ -297,6 +318,10 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 MODELS = st.sampled_from(["fake", "other", "", "nope", "FAKE", "fake ", "../fake", "other\x00"])
+# Ollama's forms of a name (core.model_names) and their near misses.
+TAGGED_MODELS = MODELS | st.sampled_from(
+    ["fake:latest", "library/fake", "registry.ollama.ai/library/other:latest", "fake:v2", ":latest"]
+)
 WORDS = st.sampled_from(["hello", "world", "the", "cat", "sat", "on", "mat", "dog", "zebra"])
 SENTENCES = st.lists(WORDS, min_size=1, max_size=20).map(" ".join)
 TEXTS = st.one_of(
@@ -346,6 +371,7 @@ OLLAMA_OPTIONS = st.one_of(
             "prompt": PROMPTS | JSON_SCALARS,
             "input_type": INPUT_TYPE_VALUES,
             "temperature": JSON_SCALARS,
+            "num_ctx": DIMENSIONS | JSON_SCALARS,
         },
     ),
     st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3),
@@ -379,8 +405,9 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "images": JSON_VALUES,
     },
     "/api/show": {"model": MODELS, "name": MODELS, "verbose": st.booleans()},
+    "/api/pull": {"model": TAGGED_MODELS, "name": TAGGED_MODELS, "stream": st.booleans()},
     "/api/embed": {
-        "model": MODELS,
+        "model": TAGGED_MODELS,
         "input": OLLAMA_INPUTS,
         "dimensions": DIMENSIONS,
         "keep_alive": KEEP_ALIVES,
@@ -468,6 +495,11 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "inputs": st.just(OMIT),
     },
     "/api/show": {"model": st.sampled_from(["fake", "other", ""]), "name": st.just(OMIT)},
+    "/api/pull": {
+        "model": st.sampled_from(["fake", "other:latest", "library/fake"]),
+        "name": st.just(OMIT),
+        "stream": st.booleans(),
+    },
     "/api/embed": {
         "model": st.sampled_from(["fake", "other", ""]),
         "input": st.one_of(TEXTS.filter(bool), st.lists(TEXTS.filter(bool), min_size=1)),
@@ -475,7 +507,13 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "keep_alive": st.sampled_from(["5m", "1h", 0, -1, 30, None]),
         "truncate": st.just(True),
         "options": st.sampled_from(
-            [{}, {"input_type": "search_query"}, {"prompt": "query: "}, {"temperature": 0.5}]
+            [
+                {},
+                {"input_type": "search_query"},
+                {"prompt": "query: "},
+                {"temperature": 0.5},
+                {"num_ctx": 3},
+            ]
         ),
     },
     "/v1/models/load": {
@@ -708,6 +746,7 @@ ROUTE_FIELDS = {
         "inputs",
     ],
     "/api/show": ["model", "name", "verbose"],
+    "/api/pull": ["model", "name", "stream", "insecure"],
     "/v1/models/load": ["model", "embedding", "n_gpu_layers", "keep_alive", "pooling"],
     "/v1/models/unload": ["model"],
     "/v1/rerank": ["model", "query", "documents", "top_n", "return_documents", "raw_scores"],

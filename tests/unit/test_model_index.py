@@ -117,7 +117,9 @@ def test_no_request_reads_or_hashes_a_model_file_on_the_event_loop(
         assert listed["fake"].tokenizer == "exact"
         tags = stub.OllamaTags(pb.OllamaTagsRequest()).models
         other_digest = hashlib.sha256((tmp_path / "other.gguf").read_bytes()).hexdigest()
-        assert {tag.name: tag.digest for tag in tags}["other"] == other_digest
+        assert {tag.name: tag.digest for tag in tags}[
+            "other:latest"
+        ] == other_digest  # as Ollama names it
         # A new file, a replaced one and a removed one are seen at once, as before.
         shutil.copy(tmp_path / "other.gguf", tmp_path / "third.gguf")
         write_fake_gguf(tmp_path / "other.gguf", dimensions=16)
@@ -126,7 +128,7 @@ def test_no_request_reads_or_hashes_a_model_file_on_the_event_loop(
         names = [model.id for model in stub.ListModels(pb.ListModelsRequest()).data]
         assert names == ["fake", "other", "third", "vocab-only"]
         tags = stub.OllamaTags(pb.OllamaTagsRequest()).models
-        assert {tag.name: tag.digest for tag in tags}["third"] == other_digest
+        assert {tag.name: tag.digest for tag in tags}["third:latest"] == other_digest
         assert stub.OllamaShow(pb.OllamaShowRequest(model="third")).model_info
         assert stub.Embed(pb.EmbedRequest(texts=["cat"], model="third")).model == "third"
         assert {model.name for model in stub.ListRunning(pb.ListRunningRequest()).models} == {

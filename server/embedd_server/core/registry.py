@@ -45,6 +45,7 @@ from embedd_server.core.errors import (
     shorten,
 )
 from embedd_server.core.model_index import ModelIndex
+from embedd_server.core.model_names import plain_name
 from embedd_server.core.scheduler import FairQueue
 from embedd_server.core.tokenization import (
     HuggingFaceTokenizer,
@@ -122,9 +123,30 @@ class ModelRegistry:
         return self._settings.models_dir
 
     def resolve(self, name: str) -> str:
-        """The model a request means: '' is the default model; aliases map to models."""
-        name = name or self._settings.default_model
+        """The model a request means: '' is the default model; aliases map to models; Ollama's
+        ``x:latest`` (and ``library/x``) is ``x`` (core.model_names)."""
+        name = self._requested(name)
         return self._settings.aliases.get(name, name)
+
+    def alias_named(self, name: str) -> str:
+        """The alias ``name`` means ('' when it names a model itself)."""
+        name = self._requested(name)
+        return name if name in self._settings.aliases else ""
+
+    def _requested(self, name: str) -> str:
+        """The model or alias ``name`` means, before aliases are followed. A model or alias
+        literally named with a tag (``x:latest``) keeps its name; else the tag goes."""
+        name = name or self._settings.default_model
+        plain = plain_name(name)
+        if plain == name or name in self._settings.aliases or self._has_file(name):
+            return name
+        return plain
+
+    def _has_file(self, name: str) -> bool:
+        """Whether a models directory holds ``<name>.gguf``."""
+        return _plausible_name(name) and any(
+            (directory / f"{name}.gguf").is_file() for directory in self._model_dirs()
+        )
 
     def is_default(self, name: str) -> bool:
         """Whether ``name`` (an alias, or '') means the default model."""

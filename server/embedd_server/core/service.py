@@ -7,6 +7,7 @@ plain types here and back; every rule about inputs, limits and vectors lives in 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -117,6 +118,8 @@ class EmbedParams:
     truncation_hint: str = ""
     # At most this many tokens per input (Cohere's max_tokens); None: the model's limit.
     max_tokens: int | None = None
+    # What the caller's protocol calls max_tokens (Ollama's: "options.num_ctx"), for errors.
+    max_tokens_param: str = "max_tokens"
     # Where token ids usually come from another tokenizer (OpenAI's route: tiktoken's): what
     # to tell the caller when they are not the model's; None: ids are taken as they are.
     foreign_ids_hint: str | None = None
@@ -180,6 +183,7 @@ class ModelStatus:
     loaded: bool
     engine: str = ""  # the engine serving it; "" when not loaded
     pooling: str = ""  # the pooling it serves with when loaded; "": the file's own (info.pooling)
+    alias: str = ""  # the alias (--model-aliases) this entry is listed or asked for under
 
 
 @dataclass(frozen=True)
@@ -471,12 +475,23 @@ class EmbeddingService:
         return [self._status(info) for info in await self.registry.catalogue(fresh=True)]
 
     async def get_model(self, name: str) -> ModelStatus:
-        return self._status(await self.registry.info(name))
+        """The model ``name`` means; asked for by an alias, the entry carries the alias."""
+        status = self._status(await self.registry.info(name))
+        return dataclasses.replace(status, alias=self.registry.alias_named(name))
 
     async def digest(self, info: ModelInfo) -> str:
         """sha256 of the model's GGUF file, hex, computed once per file version by the
         index's background task (never in the request)."""
         return await self.registry.digest(info)
+
+    async def list_aliases(self) -> list[ModelStatus]:
+        """An entry per alias (--model-aliases) whose model is in the catalogue, by alias."""
+        models = {info.name: info for info in await self.registry.catalogue()}
+        return [
+            dataclasses.replace(self._status(models[target]), alias=alias)
+            for alias, target in sorted(self._settings.aliases.items())
+            if target in models
+        ]
 
     def _status(self, info: ModelInfo) -> ModelStatus:
         loaded = self.registry.is_loaded(info.name)
@@ -576,6 +591,8 @@ class EmbeddingService:
         limit = model.info.max_input_tokens
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
+            if params.texts:
+                _check_room_for_text(params, model.tokenizer)
         truncation = Truncation(
             params.truncate, params.truncation_direction, params.truncation_hint
         )
@@ -750,6 +767,19 @@ def _prompt_list(info: ModelInfo) -> str:
     if not info.prompts:
         return "it has no prompts (send a literal prompt instead)."
     return "its prompts are: " + ", ".join(f"'{name}'" for name in info.prompts) + "."
+
+
+def _check_room_for_text(params: EmbedParams, tokenizer: Tokenizer) -> None:
+    """InvalidInput when ``max_tokens`` leaves no token for text after the special tokens the
+    model adds to each input (a tokenizer asked to cut below those cuts nothing)."""
+    specials = len(tokenizer.encode_batch([""])[0])
+    if params.max_tokens is not None and params.max_tokens <= specials:
+        raise InvalidInput(
+            f"{params.max_tokens_param} {params.max_tokens} leaves no room for text: this "
+            f"model's special tokens take {specials} of each input's tokens; give at least "
+            f"{specials + 1}.",
+            param=params.max_tokens_param,
+        )
 
 
 def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:

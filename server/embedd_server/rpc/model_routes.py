@@ -18,14 +18,16 @@ _FOREVER = datetime.datetime(2318, 1, 1, tzinfo=datetime.UTC)
 
 
 def model_message(status: ModelStatus) -> pb.Model:
-    """A catalogue entry as the Model message (OpenAI's model object plus our fields)."""
+    """A catalogue entry as the Model message (OpenAI's model object plus our fields); an
+    alias's entry is its model's, under the alias's name."""
     info = status.info
     return pb.Model(
-        id=info.name,
+        id=status.alias or info.name,
         object="model",
         created=info.created,
         owned_by="embedd",
-        name=info.name,
+        name=status.alias or info.name,
+        alias_of=info.name if status.alias else "",
         dimensions=info.dimensions,
         max_input_tokens=info.max_input_tokens,
         pooling=status.pooling or info.pooling,  # what it serves with: a causal LM's from its load
@@ -54,7 +56,9 @@ class ModelRoutes:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        models = [model_message(status) for status in await self._models_service.list_models()]
+        service = self._models_service
+        statuses = await service.list_models() + await service.list_aliases()
+        models = [model_message(status) for status in statuses]
         return pb.ListModelsResponse(object="list", data=models)
 
     @translate_errors()
