@@ -195,7 +195,8 @@ def expected_ok(request: pb.EmbedRequest) -> bool | None:
     dimensions = DIMENSIONS.get(request.model, 0)
     strict = request.truncation == pb.TRUNCATION_NONE
     invalid = (
-        request.model not in DIMENSIONS
+        request.truncation not in pb.Truncation.values()  # an unknown value: INVALID_ARGUMENT
+        or request.model not in DIMENSIONS
         or (request.texts and request.token_ids)
         or not 1 <= count <= MAX_INPUTS
         or not all(request.texts)
