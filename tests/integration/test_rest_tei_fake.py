@@ -128,6 +128,21 @@ def test_embed_all_answers_every_tokens_hidden_state(stack: Stack) -> None:
     assert np.asarray(cut[0]) == pytest.approx(fake_token_states([CLS, THE, CAT, SEP], 8))
 
 
+def test_embed_all_on_an_engine_without_token_states_is_teis_backend_error(
+    stack: Stack,
+) -> None:
+    assert post(stack, "/embed", {"inputs": "hello", "model": "other"}).status == 200
+    [runtime] = [r for r in stack[0].loader.runtimes if r.info.name == "other"]
+    runtime.token_states = False  # as llama.cpp's runtime: pooled vectors only
+    try:
+        reply = post(stack, "/embed_all", {"inputs": "hello", "model": "other"})
+    finally:
+        runtime.token_states = True
+    assert (reply.status, reply.json()["error_type"]) == (424, "Backend"), reply.body
+    assert "pooled vectors only" in reply.json()["error"]
+    assert "ONNX Runtime" in reply.json()["error"]
+
+
 def test_tokenize_answers_teis_token_objects(stack: Stack) -> None:
     reply = post(stack, "/tokenize", {"inputs": "hello  world"})
     assert reply.status == 200, reply.body
