@@ -64,11 +64,13 @@ def write_fake_gguf(
     task: str | None = None,
     labels: Sequence[str] = (),
     problem_type: str | None = None,
+    hf_tokenizer: bool = True,
 ) -> Path:
     """A GGUF file with a model's metadata (no tensors): enough for the catalogue.
 
     ``task`` (``classify``, ``sparse``) is written as ``embedd import`` writes it; ``labels``
-    are a classifier's output labels (pooling 4)."""
+    are a classifier's output labels (pooling 4). Without ``hf_tokenizer`` the file has no
+    tokenizer.json, as one from llama.cpp's converter."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "bert")
     writer.add_uint32("bert.embedding_length", dimensions)
@@ -76,7 +78,8 @@ def write_fake_gguf(
     writer.add_uint32("bert.pooling_type", pooling)
     writer.add_uint32("general.file_type", 1)
     writer.add_array("tokenizer.ggml.tokens", SPECIALS + WORDS)
-    writer.add_string(HF_TOKENIZER_KEY, tokenizer_json or fake_tokenizer_json())
+    if hf_tokenizer:  # without: as a file of llama.cpp's converter, its vocabulary only
+        writer.add_string(HF_TOKENIZER_KEY, tokenizer_json or fake_tokenizer_json())
     writer.add_uint32(MAX_SEQ_LENGTH_KEY, max_seq_length)
     writer.add_bool(NORMALIZE_KEY, True)
     writer.add_bool(INCLUDE_PROMPT_KEY, include_prompt)

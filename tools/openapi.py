@@ -15,14 +15,17 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   are bounded to int32 (larger values are a parse error); ``google.protobuf.Value`` fields
   (``input``, ``keep_alive``) are any JSON: the server validates their shape;
 - response objects list the fields always printed (``always_print_primitive_fields``: every
-  scalar and repeated field; message fields only when set) and nothing else; uint32 fields are
-  bounded; ``google.protobuf.ListValue`` is an array of any JSON values;
+  scalar and repeated field; message fields and proto3 ``optional`` fields only when set) and
+  nothing else; uint32 fields are bounded; ``google.protobuf.ListValue`` is an array of any
+  JSON values;
 - every operation's non-2xx answer is documented as the error body of its route: OpenAI's
   ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
   ``/api/`` and at ``/``, Cohere's ``{"message": "..."}`` under ``/v2/``,
   ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's ``{"error", "error_type"}``
   on TEI's routes (``POST /`` included);
-- a ``google.api.HttpBody`` answer (``GET /``) is the plain text it carries.
+- a ``google.api.HttpBody`` answer is what it carries: the plain text of ``GET /``, Ollama's
+  NDJSON progress (or, with ``"stream": false``, one JSON object) of ``POST /api/pull``, TEI's
+  empty ``GET /ping``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,16 @@ RERANK_ERROR = "RerankError"
 TEI_ERROR = "TeiError"
 COHERE_ERROR = "CohereError"
 HTTP_BODY = "HttpBody"
+# HttpBody answers that are not plain text: path -> (media types, the 200's schema).
+PULL_PROGRESS = {
+    "type": "object",
+    "required": ["status"],
+    "additionalProperties": False,
+    "properties": {"status": {"type": "string", "enum": ["pulling manifest", "success"]}},
+}
+HTTP_BODY_ANSWERS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "/api/pull": (["application/x-ndjson", "application/json"], PULL_PROGRESS),
+}
 ERROR_DEFINITIONS: dict[str, Any] = {
     OPENAI_ERROR: {
         "type": "object",
@@ -262,7 +275,7 @@ def post_process(
                 if parameter["in"] == "body":
                     requests.add(_ref_name(parameter["schema"]))
             if HTTP_BODY in _refs(operation["responses"]):
-                _plain_text(operation, verb)
+                _http_body(operation, path, verb)
             answer = operation["responses"].get("200", {}).get("schema", {})
             if answer.get("type") == "array":  # a ListValue (TEI's answers): any JSON items
                 answer["items"] = {}
@@ -307,8 +320,17 @@ def _error_shape(path: str, verb: str) -> str:
     return next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), OPENAI_ERROR)
 
 
-def _plain_text(operation: dict[str, Any], verb: str) -> None:
-    """An HttpBody answer: the server's text as it is (none for HEAD)."""
+def _http_body(operation: dict[str, Any], path: str, verb: str) -> None:
+    """An HttpBody answer: the server's bytes as they are (none for HEAD); plain text unless
+    HTTP_BODY_ANSWERS says otherwise."""
+    if path in HTTP_BODY_ANSWERS:
+        media_types, schema = HTTP_BODY_ANSWERS[path]
+        operation["produces"] = media_types
+        operation["responses"]["200"] = {
+            "description": "NDJSON, one such object a line; with stream false, one object.",
+            "schema": schema,
+        }
+        return
     operation["produces"] = ["text/plain"]
     answer: dict[str, Any] = {"description": "The text."}
     if verb != "head":
@@ -335,6 +357,8 @@ def _adjust_response(schema: dict[str, Any], message: descriptor_pb2.DescriptorP
             prop.get("items", prop).update(UINT32)
         if field.type_name == ".google.protobuf.ListValue":  # the plugin says: objects
             prop.update({"type": "array", "items": {}})
+        if field.proto3_optional:  # printed only when set
+            continue
         if field.label == F.LABEL_REPEATED or field.type != F.TYPE_MESSAGE:
             required.append(field.name)
     if required:

@@ -83,7 +83,11 @@ class Settings:
         secret=True,
     )
     models_dir: Path = _opt(
-        "Directory of GGUF models; each <name>.gguf is a model.", Path("models")
+        "Directory of GGUF models; each <name>.gguf is a model. Each file's metadata and "
+        "sha256 are read once per version (size and modification time) in background "
+        "threads, so listings and requests for unknown models read no model file; files added "
+        "or removed are seen without a restart.",
+        Path("models"),
     )
     builtin_models_dir: str = _opt(
         "A second directory of GGUF models, looked in after models_dir (a file of the same "
@@ -97,7 +101,9 @@ class Settings:
     model_aliases: str = _opt(
         "Other names for local models, as alias=model pairs separated by commas (in the config "
         "file also a [model_aliases] table), e.g. text-embedding-3-small=all-minilm-l6-v2, so "
-        "existing OpenAI code works unchanged.",
+        "existing OpenAI code works unchanged. Aliases are listed (GET /v1/models, with "
+        "alias_of; Ollama's /api/tags) and answer under their own name; as in Ollama, "
+        "NAME:latest and library/NAME mean NAME, for models and aliases alike.",
         "",
     )
     keep_alive: str = _opt(

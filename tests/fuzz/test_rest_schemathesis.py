@@ -63,6 +63,7 @@ OPERATIONS = [
     "POST /api/embeddings",
     "POST /v2/embed",
     "POST /api/show",
+    "POST /api/pull",
     "POST /v1/rerank",
     "POST /v2/rerank",
     "POST /rerank",
@@ -195,9 +196,8 @@ def assert_well_formed(
     where = f"{method} {path} -> {status}: {body[:500]!r}"
     assert status < 500 or is_deliberate_501(path, status, body), where
     tei = path in (*TEI_ROUTES, "/info", "/ping") or (path == "/" and method == "POST")
-    if status == 200 and (path == "/ping" or (path == "/" and not tei)):
-        assert_plain_answer(path, headers, body, where)
-        return None
+    if status == 200 and (path in ("/ping", "/api/pull") or (path == "/" and not tei)):
+        return assert_http_body(path, headers, body, where)  # HttpBody answers
     assert headers.get("content-type") == "application/json", where
     leaked = [name for name in headers if name.startswith(("grpc-", "x-http-"))]
     assert not leaked, where
@@ -236,13 +236,26 @@ def assert_well_formed(
     return document
 
 
-def assert_plain_answer(path: str, headers: dict[str, str], body: bytes, where: str) -> None:
-    """GET /'s "Ollama is running" (nothing for HEAD), TEI's /ping's empty 200."""
+def assert_http_body(path: str, headers: dict[str, str], body: bytes, where: str) -> Any:
+    """The 200 of a route whose answer is not one JSON document. "/": "Ollama is running"
+    (nothing for HEAD). /api/pull of a model that is here: Ollama's NDJSON progress, or with
+    "stream": false its last line as one JSON object (returned). /ping: TEI's empty 200."""
+    kind = headers.get("content-type", "")
     if path == "/ping":
         assert body == b"", where
-        return
-    assert headers.get("content-type", "").startswith("text/plain"), where
-    assert body in (b"Ollama is running", b""), where
+        return None
+    if path == "/":
+        assert kind.startswith("text/plain"), where
+        assert body in (b"Ollama is running", b""), where
+        return None
+    if kind == "application/x-ndjson":
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert lines == [{"status": "pulling manifest"}, {"status": "success"}], where
+    else:
+        assert kind.startswith("application/json"), where
+        lines = [json.loads(body)]
+        assert lines == [{"status": "success"}], where
+    return lines[-1]
 
 
 def is_deliberate_501(path: str, status: int, body: bytes) -> bool:
@@ -264,6 +277,9 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
     the compact types)."""
     if path == "/api/embed":
         rows = document["embeddings"]
+        if rows == []:  # no input: the model loaded, nothing embedded (Ollama's answer)
+            assert set(document) == {"model", "embeddings"}
+            return
     elif path == "/api/embeddings":
         rows = [document["embedding"]]
         if rows == [[]]:  # an empty prompt: an empty vector, as Ollama answers it
@@ -363,6 +379,10 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 MODELS = st.sampled_from(["fake", "other", "", "nope", "FAKE", "fake ", "../fake", "other\x00"])
+# Ollama's forms of a name (core.model_names) and their near misses.
+TAGGED_MODELS = MODELS | st.sampled_from(
+    ["fake:latest", "library/fake", "registry.ollama.ai/library/other:latest", "fake:v2", ":latest"]
+)
 WORDS = st.sampled_from(["hello", "world", "the", "cat", "sat", "on", "mat", "dog", "zebra"])
 SENTENCES = st.lists(WORDS, min_size=1, max_size=20).map(" ".join)
 TEXTS = st.one_of(
@@ -412,6 +432,7 @@ OLLAMA_OPTIONS = st.one_of(
             "prompt": PROMPTS | JSON_SCALARS,
             "input_type": INPUT_TYPE_VALUES,
             "temperature": JSON_SCALARS,
+            "num_ctx": DIMENSIONS | JSON_SCALARS,
         },
     ),
     st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3),
@@ -445,8 +466,9 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "images": JSON_VALUES,
     },
     "/api/show": {"model": MODELS, "name": MODELS, "verbose": st.booleans()},
+    "/api/pull": {"model": TAGGED_MODELS, "name": TAGGED_MODELS, "stream": st.booleans()},
     "/api/embed": {
-        "model": MODELS,
+        "model": TAGGED_MODELS,
         "input": OLLAMA_INPUTS,
         "dimensions": DIMENSIONS,
         "keep_alive": KEEP_ALIVES,
@@ -596,6 +618,11 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "inputs": st.just(OMIT),
     },
     "/api/show": {"model": st.sampled_from(["fake", "other", ""]), "name": st.just(OMIT)},
+    "/api/pull": {
+        "model": st.sampled_from(["fake", "other:latest", "library/fake"]),
+        "name": st.just(OMIT),
+        "stream": st.booleans(),
+    },
     "/api/embed": {
         "model": st.sampled_from(["fake", "other", ""]),
         "input": st.one_of(TEXTS.filter(bool), st.lists(TEXTS.filter(bool), min_size=1)),
@@ -603,7 +630,13 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "keep_alive": st.sampled_from(["5m", "1h", 0, -1, 30, None]),
         "truncate": st.just(True),
         "options": st.sampled_from(
-            [{}, {"input_type": "search_query"}, {"prompt": "query: "}, {"temperature": 0.5}]
+            [
+                {},
+                {"input_type": "search_query"},
+                {"prompt": "query: "},
+                {"temperature": 0.5},
+                {"num_ctx": 3},
+            ]
         ),
     },
     "/v1/models/load": {
@@ -904,6 +937,7 @@ ROUTE_FIELDS = {
         "inputs",
     ],
     "/api/show": ["model", "name", "verbose"],
+    "/api/pull": ["model", "name", "stream", "insecure"],
     "/v1/models/load": ["model", "embedding", "n_gpu_layers", "keep_alive", "pooling"],
     "/v1/models/unload": ["model"],
     "/v1/rerank": ["model", "query", "documents", "top_n", "return_documents", "raw_scores"],

@@ -92,7 +92,8 @@ def test_ollama_client_list_show_ps(envoy: EnvoyProcess) -> None:
 
 
 def check_list_show_ps(client: ollama.Client) -> None:
-    [listed] = [m for m in client.list().models if m.model == DEFAULT_MODEL]
+    # Listed as Ollama lists a model: with its tag.
+    [listed] = [m for m in client.list().models if m.model == f"{DEFAULT_MODEL}:latest"]
     assert isinstance(listed.modified_at, datetime.datetime)
     assert listed.size is not None and listed.size > 10_000_000
     assert listed.digest is not None and len(listed.digest) == 64

@@ -248,14 +248,15 @@ def test_tokenize_is_untruncated_with_token_strings(svc: Harness) -> None:
 
 
 def test_models_are_listed_with_their_loaded_state(svc: Harness) -> None:
-    assert [(s.info.name, s.loaded) for s in svc.service.list_models()] == [
+    assert [(s.info.name, s.loaded) for s in svc.run(svc.service.list_models())] == [
         ("fake", False),
         ("other", False),
     ]
     svc.embed(EmbedParams(texts=["hello"]))
-    assert svc.service.get_model("fake").loaded and not svc.service.get_model("other").loaded
+    assert svc.run(svc.service.get_model("fake")).loaded
+    assert not svc.run(svc.service.get_model("other")).loaded
     with pytest.raises(ModelNotFound):
-        svc.service.get_model("nope")
+        svc.run(svc.service.get_model("nope"))
 
 
 def test_loading_with_an_unknown_pooling_is_invalid(svc: Harness) -> None:

@@ -150,7 +150,7 @@ def svc(tmp_path: Path) -> Iterator[Service]:
 
 
 def test_the_catalogue_says_each_models_task_labels_and_dimensions(svc: Service) -> None:
-    infos = {info.name: info for info in svc.registry.catalogue()}
+    infos = {info.name: info for info in svc.run(svc.registry.catalogue())}
     assert {name: info.task for name, info in infos.items()} == {
         "embedder": EMBED,
         "reranker": RERANK,

@@ -11,6 +11,7 @@ from typing import Any
 
 from embedd_server.core.dense import DENSE_COUNT_KEY, dense_key
 from embedd_server.core.errors import ModelLoadError
+from embedd_server.core.gguf_metadata import ForeignGguf, read_metadata
 
 # llama.cpp's enum llama_pooling_type.
 POOLING_NAMES = {-1: "unspecified", 0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
@@ -138,6 +139,10 @@ class ModelInfo:
     problem_type: str = ""
     # The activation after a cross-encoder's or classifier's first head layer.
     head_activation: str = TANH
+    # How the model tokenizes ("exact" or "llama.cpp": tokenization.tokenizer_kind), which for
+    # a file without tokenizer.json means reading its vocabulary: filled in by the model index
+    # off the event loop; "" in a ModelInfo read directly. Not part of equality.
+    tokenizer: str = dataclasses.field(default="", compare=False)
 
     @property
     def embedding(self) -> bool:
@@ -160,11 +165,13 @@ def read_model_info(path: Path) -> ModelInfo:
         stat = path.stat()
     except OSError as exc:
         raise ModelLoadError(f"Cannot read model file {path}: {exc.strerror}.") from None
-    return _read_cached(path, stat.st_size, int(stat.st_mtime))
+    # Keyed by the modification time in nanoseconds: a file rewritten within the same second
+    # with the same size is another file.
+    return _read_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
+def _read_cached(path: Path, size: int, mtime_ns: int) -> ModelInfo:
     fields = _read_fields(path)
     arch = str(fields.get("general.architecture", "unknown"))
     context_length = int(fields.get(f"{arch}.context_length", 512))
@@ -192,7 +199,7 @@ def _read_cached(path: Path, size: int, mtime: int) -> ModelInfo:
         vocab_size=vocab_size,
         hf_tokenizer_json=_optional_str(fields.get(HF_TOKENIZER_KEY)),
         file_size_bytes=size,
-        created=mtime,
+        created=mtime_ns // 1_000_000_000,
         family=_family(fields, arch),
         do_lower_case=bool(fields.get(DO_LOWER_CASE_KEY, False)),
         include_prompt=bool(fields.get(INCLUDE_PROMPT_KEY, True)),
@@ -300,15 +307,37 @@ def read_float_array(path: Path, key: str, text_key: str, expected_text: str) ->
 
 def _read_fields(path: Path) -> dict[str, Any]:
     """Scalar and string metadata of a GGUF file; arrays are reported by their length, and
-    the weights of all tensors as PARAMETERS_FIELD."""
+    the weights of all tensors as PARAMETERS_FIELD (a classifier's label names in full).
+
+    Read with core.gguf_metadata in milliseconds (gguf's reader takes seconds over a
+    vocabulary); a big-endian file with gguf's reader."""
+    try:
+        found = read_metadata(path, wanted=lambda key: key.endswith(CLASSIFIER_LABELS_SUFFIX))
+    except ForeignGguf:
+        return _read_fields_with_gguf(path)
+    except (ValueError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+    values = found.values
+    for key in [key for key in values if key.endswith(CLASSIFIER_LABELS_SUFFIX)]:
+        values[key] = [str(name) for name in values[key]]
+    values[PARAMETERS_FIELD] = found.tensor_elements
+    return values
+
+
+def _unreadable(path: Path, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path.name} is not a readable GGUF file ({exc}); re-create it with `embedd import`."
+    )
+
+
+def _read_fields_with_gguf(path: Path) -> dict[str, Any]:
+    """What _read_fields returns, read with gguf's GGUFReader (slow over a vocabulary)."""
     from gguf import GGUFReader  # heavy import, only where needed
 
     try:
         reader = GGUFReader(path, "r")
     except (ValueError, OSError) as exc:
-        raise ModelLoadError(
-            f"{path.name} is not a readable GGUF file ({exc}); re-create it with `embedd import`."
-        ) from None
+        raise _unreadable(path, exc) from None
     values: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if _is_array(field):

@@ -40,7 +40,27 @@ class EmptyInput(InvalidInput):
 
 
 class InputTooLong(InvalidInput):
-    """An input has more tokens than the model accepts and truncation is off."""
+    """An input has more tokens than the model accepts and truncation is off.
+
+    ``index``, ``tokens`` and ``limit`` say which input, how many tokens it has (a lower bound
+    when ``at_least``) and how many it may have, for routes that word the error their API's
+    way."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        index: int = 0,
+        tokens: int = 0,
+        limit: int = 0,
+        at_least: bool = False,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.index = index
+        self.tokens = tokens
+        self.limit = limit
+        self.at_least = at_least
 
 
 class ModelNotFound(EmbeddError):

@@ -2,9 +2,11 @@
 
 Every ``<name>.gguf`` in the models directory (and in the built-in models directory, where
 the models directory has no file of that name) is a model named ``<name>`` (plus aliases from
-the settings); the directories are read on each look-up, so models added or removed appear or
-disappear without a restart. A model loads on first use or on an explicit load: its weights
-once, then one engine per worker; concurrent first requests wait for that one load.
+the settings). What the files say is kept in an index (:mod:`embedd_server.core.model_index`)
+read off the event loop, once per version of each file; look-ups stat the file and listings
+rescan the directories, so models added or removed appear or disappear without a restart.
+A model loads on first use or on an explicit load: its weights once, then one engine per
+worker; concurrent first requests wait for that one load.
 
 Loaded models are used through leases (:meth:`ModelRegistry.use`). A model is retired (taken
 out of service, then freed once its leases end) when its keep_alive runs out, when its file
@@ -30,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedd_server.core.catalog import EMBED, POOLING_NAMES, ModelInfo, read_model_info
+from embedd_server.core.catalog import EMBED, POOLING_NAMES, ModelInfo
 from embedd_server.core.durations import parse_duration
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import (
@@ -42,6 +44,8 @@ from embedd_server.core.errors import (
     Overloaded,
     shorten,
 )
+from embedd_server.core.model_index import ModelIndex
+from embedd_server.core.model_names import plain_name
 from embedd_server.core.scheduler import FairQueue
 from embedd_server.core.tokenization import (
     HuggingFaceTokenizer,
@@ -107,6 +111,7 @@ class ModelRegistry:
         self._default_keep_alive = _keep_alive_seconds(settings.keep_alive)
         self._reaper: asyncio.Task[None] | None = None
         self._wake_reaper = asyncio.Event()
+        self._index = ModelIndex(self._model_dirs)
         self.loads = 0  # how many loads happened (for tests and metrics)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._gauges)
@@ -118,9 +123,30 @@ class ModelRegistry:
         return self._settings.models_dir
 
     def resolve(self, name: str) -> str:
-        """The model a request means: '' is the default model; aliases map to models."""
-        name = name or self._settings.default_model
+        """The model a request means: '' is the default model; aliases map to models; Ollama's
+        ``x:latest`` (and ``library/x``) is ``x`` (core.model_names)."""
+        name = self._requested(name)
         return self._settings.aliases.get(name, name)
+
+    def alias_named(self, name: str) -> str:
+        """The alias ``name`` means ('' when it names a model itself)."""
+        name = self._requested(name)
+        return name if name in self._settings.aliases else ""
+
+    def _requested(self, name: str) -> str:
+        """The model or alias ``name`` means, before aliases are followed. A model or alias
+        literally named with a tag (``x:latest``) keeps its name; else the tag goes."""
+        name = name or self._settings.default_model
+        plain = plain_name(name)
+        if plain == name or name in self._settings.aliases or self._has_file(name):
+            return name
+        return plain
+
+    def _has_file(self, name: str) -> bool:
+        """Whether a models directory holds ``<name>.gguf``."""
+        return _plausible_name(name) and any(
+            (directory / f"{name}.gguf").is_file() for directory in self._model_dirs()
+        )
 
     def is_default(self, name: str) -> bool:
         """Whether ``name`` (an alias, or '') means the default model."""
@@ -131,34 +157,30 @@ class ModelRegistry:
         builtin = self._settings.builtin_models_dir
         return [self.models_dir, *([Path(builtin)] if builtin else [])]
 
-    def catalogue(self) -> list[ModelInfo]:
-        """Every model of the models directories, by name."""
-        found: dict[str, Path] = {}
-        for directory in reversed(self._model_dirs()):  # the first directory's files win
-            if directory.is_dir():
-                found |= {path.stem: path for path in directory.glob("*.gguf")}
-        infos = []
-        for path in (found[name] for name in sorted(found)):
-            try:
-                infos.append(read_model_info(path))
-            except ModelLoadError as exc:  # one broken file must not hide the others
-                log.warning("skipping %s: %s", path.name, exc.message)
-        return infos
+    async def catalogue(self, *, fresh: bool = False) -> list[ModelInfo]:
+        """Every usable model of the models directories, by name, from the index: ``fresh``
+        after rescanning the directories (files just added or removed are seen), else as
+        indexed (at most one background scan interval old)."""
+        return await self._index.models(fresh=fresh)
 
-    def info(self, name: str) -> ModelInfo:
+    async def info(self, name: str) -> ModelInfo:
         """The catalogue entry of a model, or ModelNotFound listing the available ones."""
         name = self.resolve(name)
-        path = None
-        if _plausible_name(name):  # before any path is built from it
-            paths = (directory / f"{name}.gguf" for directory in self._model_dirs())
-            path = next((candidate for candidate in paths if candidate.is_file()), None)
-        if path is None:
-            available = ", ".join(info.name for info in self.catalogue()) or "none"
+        entry = await self._index.lookup(name) if _plausible_name(name) else None
+        if entry is None:
+            available = ", ".join(info.name for info in await self.catalogue()) or "none"
             raise ModelNotFound(
                 f"The model '{shorten(name)}' does not exist. Available models: {available}.",
                 param="model",
             )
-        return read_model_info(path)
+        if entry.info is None:
+            raise ModelLoadError(entry.error)
+        return entry.info
+
+    async def digest(self, info: ModelInfo) -> str:
+        """sha256 of the model's file, hex, as the index computed it off the event loop ("" for
+        a file replaced or removed since ``info`` was read)."""
+        return await self._index.digest(info)
 
     def is_loaded(self, name: str) -> bool:
         return self.resolve(name) in self._loaded
@@ -225,7 +247,7 @@ class ModelRegistry:
             loaded = self._loaded.get(name)
             if loaded is not None:
                 return loaded if options is None else self._same_options(loaded, options)
-            info = self.info(name)
+            info = await self.info(name)
             loaded = await self._load(info, _keeping_own_pooling(info, options or LoadOptions()))
             self._loaded[name] = loaded
         return loaded
@@ -278,7 +300,7 @@ class ModelRegistry:
     async def unload(self, name: str) -> ModelInfo:
         """Retires a loaded model: new calls load it afresh, calls in flight finish first.
         The default model stays loaded: unloading it is a Conflict."""
-        info = self.info(name)
+        info = await self.info(name)
         if self.is_default(info.name):
             raise Conflict(
                 f"'{info.name}' is the default model, which stays loaded (--default-model); it "
@@ -386,9 +408,11 @@ class ModelRegistry:
     # --- expiry --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts unloading expired and deleted models (call on the server's event loop)."""
+        """Starts unloading expired and deleted models and indexing the models directories
+        in the background (call on the server's event loop)."""
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
+        self._index.start()
 
     async def _reap_forever(self) -> None:
         while True:
@@ -407,7 +431,8 @@ class ModelRegistry:
                 await self._retire(model, "keep_alive expired")
 
     async def close(self) -> None:
-        """Stops expiry, then drains and frees every loaded model."""
+        """Stops expiry and indexing, then drains and frees every loaded model."""
+        await self._index.close()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,6 +7,7 @@ plain types here and back; every rule about inputs, limits and vectors lives in 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -120,6 +121,8 @@ class EmbedParams:
     truncation_hint: str = ""
     # At most this many tokens per input (Cohere's max_tokens); None: the model's limit.
     max_tokens: int | None = None
+    # What the caller's protocol calls max_tokens (Ollama's: "options.num_ctx"), for errors.
+    max_tokens_param: str = "max_tokens"
     # Where token ids usually come from another tokenizer (OpenAI's route: tiktoken's): what
     # to tell the caller when they are not the model's; None: ids are taken as they are.
     foreign_ids_hint: str | None = None
@@ -203,6 +206,7 @@ class ModelStatus:
     loaded: bool
     engine: str = ""  # the engine serving it; "" when not loaded
     pooling: str = ""  # the pooling it serves with when loaded; "": the file's own (info.pooling)
+    alias: str = ""  # the alias (--model-aliases) this entry is listed or asked for under
 
 
 @dataclass(frozen=True)
@@ -230,8 +234,8 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
-        require_task(info, EMBED, lambda: self._models_for(EMBED))
+        info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
+        await self._require_task(info, EMBED)
         was_loaded = self.registry.is_loaded(params.model)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
@@ -281,8 +285,8 @@ class EmbeddingService:
         """Every token's last hidden state of each input (TEI's /embed_all): the embedding
         model's output before pooling, from an engine that gives it (ONNX Runtime's)."""
         self._check_inputs(params)
-        info = self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
-        require_task(info, EMBED, lambda: self._models_for(EMBED))
+        info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
+        await self._require_task(info, EMBED)
         async with self.registry.use(params.model, params.keep_alive_s) as model:
             if not gives_token_states(model.runtime):
                 raise NotImplementedFeature(
@@ -319,8 +323,8 @@ class EmbeddingService:
         weights over the vocabulary, as sentence-transformers' SparseEncoder.encode."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = self.registry.info(params.model or self._first_for(SPARSE))
-        require_task(info, SPARSE, lambda: self._models_for(SPARSE))
+        info = await self.registry.info(params.model or await self._first_for(SPARSE))
+        await self._require_task(info, SPARSE)
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             raw, tokenized = await self._encode(params, model, deadline)
         return SparseOutcome(
@@ -346,8 +350,8 @@ class EmbeddingService:
                 f"'{shorten(params.truncation_direction)}'.",
                 param="truncation_direction",
             )
-        info = self.registry.info(params.model or self._first_for(CLASSIFY))
-        require_task(info, CLASSIFY, lambda: self._models_for(CLASSIFY), accepted=(RERANK,))
+        info = await self.registry.info(params.model or await self._first_for(CLASSIFY))
+        await self._require_task(info, CLASSIFY, accepted=(RERANK,))
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             tokenized = await self._tokenize_inputs(model, params)
             self._count_inputs(model.info.name, tokenized)
@@ -399,8 +403,9 @@ class EmbeddingService:
         workers with other callers instead of holding them."""
         started = time.perf_counter()
         check_rerank_params(params, self._settings.max_inputs_per_request)
-        info = self.registry.info(params.model or self._first_reranker())
-        require_reranker(info, self._rerankers)
+        info = await self.registry.info(params.model or await self._first_reranker())
+        rerankers = await self._models_for(RERANK) if info.task != RERANK else []
+        require_reranker(info, lambda: rerankers)
         async with self.registry.use(info.name, params.keep_alive_s) as model:
             pairs = [(params.query, document) for document in params.documents]
             tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
@@ -420,17 +425,22 @@ class EmbeddingService:
             total_seconds=time.perf_counter() - started,
         )
 
-    def _rerankers(self) -> list[str]:
-        return self._models_for(RERANK)
+    async def _require_task(
+        self, info: ModelInfo, wanted: str, accepted: Sequence[str] = ()
+    ) -> None:
+        """core.tasks.require_task, with the models of ``wanted`` from the index (asked
+        only for the error)."""
+        serving = [] if info.task in (wanted, *accepted) else await self._models_for(wanted)
+        require_task(info, wanted, lambda: serving, accepted)
 
-    def _models_for(self, task: str) -> list[str]:
-        """The catalogue's models of a task, by name."""
-        return [info.name for info in self.registry.catalogue() if info.task == task]
+    async def _models_for(self, task: str) -> list[str]:
+        """The catalogue's models of a task, by name (from the index as it is)."""
+        return [info.name for info in await self.registry.catalogue() if info.task == task]
 
-    def _first_for(self, task: str) -> str:
+    async def _first_for(self, task: str) -> str:
         """The model a request of ``task`` without a model name goes to: the first of the
         catalogue with that task."""
-        found = self._models_for(task)
+        found = await self._models_for(task)
         if not found:
             raise _REFUSALS_BY_TASK[task](
                 f"No {TASK_NOUNS[task]} is installed; import one with `embedd import DIR` "
@@ -439,9 +449,9 @@ class EmbeddingService:
             )
         return found[0]
 
-    def _first_reranker(self) -> str:
+    async def _first_reranker(self) -> str:
         """The model a rerank without a model name goes to: the first cross-encoder."""
-        rerankers = self._rerankers()
+        rerankers = await self._models_for(RERANK)
         if not rerankers:
             raise ModelNotReranker(
                 "No reranker (cross-encoder) model is installed; import one with `embedd "
@@ -572,11 +582,29 @@ class EmbeddingService:
             texts = [model.tokenizer.decode(ids, skip_special_tokens) for ids in sequences]
         return model.info.name, texts
 
-    def list_models(self) -> list[ModelStatus]:
-        return [self._status(info) for info in self.registry.catalogue()]
+    async def list_models(self) -> list[ModelStatus]:
+        """Every model of the models directories as they are now (files just added or
+        removed included), from the index: no file is read here unless it is new."""
+        return [self._status(info) for info in await self.registry.catalogue(fresh=True)]
 
-    def get_model(self, name: str) -> ModelStatus:
-        return self._status(self.registry.info(name))
+    async def get_model(self, name: str) -> ModelStatus:
+        """The model ``name`` means; asked for by an alias, the entry carries the alias."""
+        status = self._status(await self.registry.info(name))
+        return dataclasses.replace(status, alias=self.registry.alias_named(name))
+
+    async def digest(self, info: ModelInfo) -> str:
+        """sha256 of the model's GGUF file, hex, computed once per file version by the
+        index's background task (never in the request)."""
+        return await self.registry.digest(info)
+
+    async def list_aliases(self) -> list[ModelStatus]:
+        """An entry per alias (--model-aliases) whose model is in the catalogue, by alias."""
+        models = {info.name: info for info in await self.registry.catalogue()}
+        return [
+            dataclasses.replace(self._status(models[target]), alias=alias)
+            for alias, target in sorted(self._settings.aliases.items())
+            if target in models
+        ]
 
     def _status(self, info: ModelInfo) -> ModelStatus:
         loaded = self.registry.is_loaded(info.name)
@@ -676,6 +704,8 @@ class EmbeddingService:
         limit = model.info.max_input_tokens
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
+            if params.texts:
+                _check_room_for_text(params, model.tokenizer)
         truncation = Truncation(
             params.truncate, params.truncation_direction, params.truncation_hint
         )
@@ -854,6 +884,19 @@ def _prompt_list(info: ModelInfo) -> str:
     if not info.prompts:
         return "it has no prompts (send a literal prompt instead)."
     return "its prompts are: " + ", ".join(f"'{name}'" for name in info.prompts) + "."
+
+
+def _check_room_for_text(params: EmbedParams, tokenizer: Tokenizer) -> None:
+    """InvalidInput when ``max_tokens`` leaves no token for text after the special tokens the
+    model adds to each input (a tokenizer asked to cut below those cuts nothing)."""
+    specials = len(tokenizer.encode_batch([""])[0])
+    if params.max_tokens is not None and params.max_tokens <= specials:
+        raise InvalidInput(
+            f"{params.max_tokens_param} {params.max_tokens} leaves no room for text: this "
+            f"model's special tokens take {specials} of each input's tokens; give at least "
+            f"{specials + 1}.",
+            param=params.max_tokens_param,
+        )
 
 
 def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:

@@ -373,6 +373,10 @@ def too_long(
     return InputTooLong(
         f"Input {index} has {count}, more than the model's limit of {limit}; {remedy}.",
         param=param or f"input[{index}]",
+        index=index,
+        tokens=tokens,
+        limit=limit,
+        at_least=at_least,
     )
 
 

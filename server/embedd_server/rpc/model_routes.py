@@ -8,10 +8,9 @@ from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.engine_settings import LoadOptions
 from embedd_server.core.errors import NotImplementedFeature
 from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
-from embedd_server.core.tokenization import tokenizer_kind
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
-from embedd_server.rpc.ollama_shapes import model_digest, ollama_details
+from embedd_server.rpc.ollama_shapes import ollama_details
 from embedd_server.rpc.status import ollama_error_body, translate_errors
 
 # Ollama prints a far-future expiry for models kept forever.
@@ -19,14 +18,16 @@ _FOREVER = datetime.datetime(2318, 1, 1, tzinfo=datetime.UTC)
 
 
 def model_message(status: ModelStatus) -> pb.Model:
-    """A catalogue entry as the Model message (OpenAI's model object plus our fields)."""
+    """A catalogue entry as the Model message (OpenAI's model object plus our fields); an
+    alias's entry is its model's, under the alias's name."""
     info = status.info
     return pb.Model(
-        id=info.name,
+        id=status.alias or info.name,
         object="model",
         created=info.created,
         owned_by="embedd",
-        name=info.name,
+        name=status.alias or info.name,
+        alias_of=info.name if status.alias else "",
         dimensions=info.dimensions,
         max_input_tokens=info.max_input_tokens,
         pooling=status.pooling or info.pooling,  # what it serves with: a causal LM's from its load
@@ -39,7 +40,7 @@ def model_message(status: ModelStatus) -> pb.Model:
         family=info.family,
         prompts=info.prompts,
         default_prompt_name=info.default_prompt_name or "",
-        tokenizer=tokenizer_kind(info),
+        tokenizer=info.tokenizer,  # the index's: never read on a request
         task=info.task,
         labels=info.label_names,
     )
@@ -55,12 +56,14 @@ class ModelRoutes:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        models = [model_message(status) for status in self._models_service.list_models()]
+        service = self._models_service
+        statuses = await service.list_models() + await service.list_aliases()
+        models = [model_message(status) for status in statuses]
         return pb.ListModelsResponse(object="list", data=models)
 
     @translate_errors()
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
-        return model_message(self._models_service.get_model(request.model))
+        return model_message(await self._models_service.get_model(request.model))
 
     @translate_errors()
     async def LoadModel(
@@ -97,18 +100,22 @@ class ModelRoutes:
     async def ListRunning(
         self, request: pb.ListRunningRequest, context: Context
     ) -> pb.ListRunningResponse:
+        service = self._models_service
         return pb.ListRunningResponse(
-            models=[_running_message(running) for running in self._models_service.running()]
+            models=[
+                _running_message(running, await service.digest(running.info))
+                for running in service.running()
+            ]
         )
 
 
-def _running_message(running: RunningModel) -> pb.RunningModel:
+def _running_message(running: RunningModel, digest: str) -> pb.RunningModel:
     info = running.info
     return pb.RunningModel(
         name=info.name,
         model=info.name,
         size=float(info.file_size_bytes),
-        digest=model_digest(info),
+        digest=digest,
         details=ollama_details(info),
         expires_at=_expiry(running.expires_in_s),
         size_vram=0.0,

@@ -1,11 +1,9 @@
-"""A model as Ollama describes it: details, digest and times (for /api/tags, /api/show, /api/ps)."""
+"""A model as Ollama describes it: details and times (for /api/tags, /api/show, /api/ps); its
+digest comes from the model index (core/model_index.py), hashed off the event loop."""
 
 from __future__ import annotations
 
 import datetime
-import functools
-import hashlib
-from pathlib import Path
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.catalog import ModelInfo
@@ -34,15 +32,3 @@ def rfc3339(unix_seconds: int) -> str:
     """A Unix time as RFC 3339 in UTC, with milliseconds (as Ollama prints times)."""
     when = datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def model_digest(info: ModelInfo) -> str:
-    """sha256 of the model's GGUF file, hex."""
-    return _file_digest(info.path, info.file_size_bytes, info.created)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: Path, size: int, mtime: int) -> str:
-    """sha256 of the GGUF file (cached per path, size and modification time)."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

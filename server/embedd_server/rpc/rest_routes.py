@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.core.errors import InputTooLong, InvalidInput, shorten
 from embedd_server.core.quantization import BINARY, FLOAT, INT8, OUTPUT_TYPES, UBINARY, UINT8
 from embedd_server.core.service import EmbeddingService, EmbedParams
 from embedd_server.core.tokenization import RIGHT
@@ -101,23 +101,43 @@ class RestRoutes:
         self, request: pb.OllamaEmbedRequest, context: Context
     ) -> pb.OllamaEmbedResponse:
         texts = ollama_inputs(request.input if request.HasField("input") else None)
-        options = ollama_prompt_options(request.options if request.HasField("options") else None)
+        options = request.options if request.HasField("options") else None
+        prompt_options = ollama_prompt_options(options)
+        keep_alive = (
+            parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
+        )
+        num_ctx = ollama_num_ctx(options)
+        if not texts:
+            # Ollama answers no input with no vectors once the model is loaded: how its
+            # clients preload a model. Its answer has no durations or counts.
+            name = await self._rest_service.load_if_needed(request.model, keep_alive)
+            return pb.OllamaEmbedResponse(
+                model=request.model or name, embeddings=struct_pb2.ListValue()
+            )
         params = EmbedParams(
             model=request.model,
             texts=texts,
             dimensions=_dimensions(request),
             truncate=request.truncate if request.HasField("truncate") else True,
             truncation_hint='send "truncate": true (the default)',
-            keep_alive_s=(
-                parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
-            ),
-            prompt_name=options.get("prompt_name"),
-            prompt=options.get("prompt"),
-            input_type=options.get("input_type"),
+            max_tokens=num_ctx,
+            max_tokens_param=NUM_CTX,
+            keep_alive_s=keep_alive,
+            prompt_name=prompt_options.get("prompt_name"),
+            prompt=prompt_options.get("prompt"),
+            input_type=prompt_options.get("input_type"),
         )
-        outcome = await self._rest_service.embed(params, deadline_of(context))
+        try:
+            outcome = await self._rest_service.embed(params, deadline_of(context))
+        except InputTooLong as error:
+            raise ollama_too_long(error, num_ctx) from None
+        except InvalidInput as error:
+            if error.param != NUM_CTX:
+                raise
+            raise InvalidInput(f"{OLLAMA_NO_ROOM}: {error.message}", param=NUM_CTX) from None
         return pb.OllamaEmbedResponse(
-            model=outcome.model,
+            # Ollama echoes the name as sent (an alias, "x:latest"); '' is our default model.
+            model=request.model or outcome.model,
             embeddings=vector_messages.nested_list_value(outcome.vectors),
             total_duration=float(round(outcome.total_seconds * 1e9)),
             load_duration=float(round(outcome.load_seconds * 1e9)),
@@ -170,16 +190,61 @@ def openai_inputs(value: struct_pb2.Value | None) -> tuple[list[str], list[list[
 
 
 def ollama_inputs(value: struct_pb2.Value | None) -> list[str]:
-    """Ollama's ``input``: a string or an array of strings."""
+    """Ollama's ``input``: a string or an array of strings. None, null, "" and [] are no
+    input (Ollama then only loads the model)."""
     kind = None if value is None else value.WhichOneof("kind")
+    if kind in (None, "null_value"):
+        return []
     if kind == "string_value":
-        return [value.string_value]  # type: ignore[union-attr]
+        return [value.string_value] if value.string_value else []  # type: ignore[union-attr]
     if kind == "list_value":
         items = value.list_value.values  # type: ignore[union-attr]
         if all(item.WhichOneof("kind") == "string_value" for item in items):
             return [item.string_value for item in items]
-    shape = "missing" if kind is None else _json_kind(kind)
-    raise InvalidInput(f"input must be a string or an array of strings; got {shape}.")
+    raise InvalidInput(
+        f"invalid input type: input must be a string or an array of strings; got "
+        f"{_json_kind(kind)}.",
+        param="input",
+    )
+
+
+# Ollama's words (its server/routes.go) for an over-long input with truncate false, which
+# tools look for ("context length"), and for a num_ctx that leaves no room for any text.
+OLLAMA_TOO_LONG = "the input length exceeds the context length"
+OLLAMA_NO_ROOM = "input after truncation exceeds maximum context length"
+NUM_CTX = "options.num_ctx"
+
+
+def ollama_num_ctx(options: struct_pb2.Struct | None) -> int | None:
+    """``options.num_ctx``: the most tokens an input may have (None: the model's limit). As in
+    Ollama, a fraction is cut to an integer and 0 or less means unset; not a number is a 400
+    in Ollama's words."""
+    if options is None or "num_ctx" not in options.fields:
+        return None
+    value = options.fields["num_ctx"]
+    kind = value.WhichOneof("kind")
+    if kind == "null_value":
+        return None
+    if kind != "number_value" or not math.isfinite(value.number_value):
+        raise InvalidInput('option "num_ctx" must be of type integer', param=NUM_CTX)
+    number = int(value.number_value)
+    return number if number > 0 else None
+
+
+def ollama_too_long(error: InputTooLong, num_ctx: int | None) -> InputTooLong:
+    """An over-long input's error in Ollama's words, then embedd's details."""
+    count = f"at least {error.tokens}" if error.at_least else str(error.tokens)
+    source = " (options.num_ctx)" if error.limit == num_ctx else ""
+    return InputTooLong(
+        f"{OLLAMA_TOO_LONG}: input {error.index} has {count} tokens, more than the context "
+        f'length of {error.limit}{source}; shorten it, or send "truncate": true (the default) '
+        "to cut it to the context length.",
+        param=error.param,
+        index=error.index,
+        tokens=error.tokens,
+        limit=error.limit,
+        at_least=error.at_least,
+    )
 
 
 PROMPT_OPTIONS = ("prompt_name", "prompt", "input_type")

@@ -179,7 +179,7 @@ class TeiRoutes:
 
     @translate_errors(tei_error_body)
     async def TeiInfo(self, request: pb.TeiInfoRequest, context: Context) -> pb.TeiInfoResponse:
-        status = self._tei_service.get_model(request.model)
+        status = await self._tei_service.get_model(request.model)
         settings = self._tei_service.settings
         info = status.info
         onnx = status.engine.startswith("onnxruntime")
@@ -213,7 +213,7 @@ class TeiRoutes:
     async def TeiInvoke(
         self, request: pb.TeiInvokeRequest, context: Context
     ) -> struct_pb2.ListValue:
-        info = self._tei_service.get_model(request.model).info
+        info = (await self._tei_service.get_model(request.model)).info
         if info.task == CLASSIFY:
             return await self.TeiPredict(_predict_request(request, info), context)
         if info.task == RERANK:
