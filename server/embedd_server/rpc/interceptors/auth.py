@@ -1,12 +1,12 @@
 """Who may call: API keys, admin keys and per-caller rate limits, as one gRPC server interceptor.
 
 When API keys are configured, every RPC but the health checks (the gRPC health service, the
-Health RPC behind GET /health and TEI's GET /ping, public in TEI too) must present one (an admin key does too), as
-``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes the REST headers of
-the same names through). A rate limit is a token bucket per API key, or per client address when
-keys are off: the address Envoy determined (``x-embedd-client-address``) when the call carries
-Envoy's proxy secret, else the call's own gRPC peer; what a caller claims (X-Forwarded-For,
-metadata) never picks its bucket.
+Health RPC behind GET /health and TEI's GET /ping, public in TEI too) must present one (an admin
+key does too), as ``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes
+the REST headers of the same names through). A rate limit is a token bucket per API key, or per
+client address when keys are off: the address Envoy determined (``x-embedd-client-address``) when
+the call carries Envoy's proxy secret, else the call's own gRPC peer; what a caller claims
+(X-Forwarded-For, metadata) never picks its bucket.
 
 Model control (LoadModel, UnloadModel: loading with options that every caller of the model
 then shares, pinning a keep_alive, unloading) needs an admin key (:class:`ModelControl`). With
