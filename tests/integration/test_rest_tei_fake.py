@@ -322,3 +322,23 @@ def test_a_classifier_as_default_model_serves_predict_at_the_root(
         assert get(stack, "/info").json()["model_type"]["classifier"]["id2label"]["2"] == (
             "positive"
         )
+
+
+def test_embed_all_refuses_an_answer_larger_than_the_server_sends(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Token vectors grow with every token: a request whose answer would pass the largest
+    message the server sends (max_message_mb) is a 413 before any is computed."""
+    root = tmp_path_factory.mktemp("rest-tei-big")
+    with (
+        ServerThread.with_fake_models(root / "models", max_message_mb=1) as server,
+        EnvoyProcess.start([server.target], root / "envoy") as envoy,
+    ):
+        stack = (server, envoy)
+        texts = ["the cat sat on the mat"] * 1600  # 8 tokens of 8 numbers each
+        reply = post(stack, "/embed_all", {"inputs": texts})
+        assert (reply.status, reply.json()["error_type"]) == (413, "Validation"), reply.body
+        assert "fewer or shorter inputs" in reply.json()["error"]
+        assert not server.runtime.calls  # refused before the engine ran
+        fits = post(stack, "/embed_all", {"inputs": texts[:100]})
+        assert fits.status == 200 and len(fits.json()) == 100

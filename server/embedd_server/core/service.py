@@ -42,6 +42,7 @@ from embedd_server.core.errors import (
     ModelNotSparse,
     ModelWrongTask,
     NotImplementedFeature,
+    RequestTooLarge,
     shorten,
 )
 from embedd_server.core.quantization import (
@@ -280,10 +281,12 @@ class EmbeddingService:
         return raw, tokenized
 
     async def token_states(
-        self, params: EmbedParams, deadline: float | None = None
+        self, params: EmbedParams, deadline: float | None = None, max_values: int | None = None
     ) -> TokenStatesOutcome:
         """Every token's last hidden state of each input (TEI's /embed_all): the embedding
-        model's output before pooling, from an engine that gives it (ONNX Runtime's)."""
+        model's output before pooling, from an engine that gives it (ONNX Runtime's).
+        ``max_values``: the most numbers the answer may hold (RequestTooLarge, before any is
+        computed, for a request whose tokens times the model's width would pass it)."""
         self._check_inputs(params)
         info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
         await self._require_task(info, EMBED)
@@ -299,6 +302,7 @@ class EmbeddingService:
             prompt = resolve_prompt(params, model.info)
             texts = model_texts(params, model.info, prompt)
             tokenized = await self._tokenize(params, texts, model)
+            _check_answer_size(tokenized.token_count, model.dimensions, max_values)
             self._count_inputs(model.info.name, tokenized)
             request = current_request()
             job = TokenStatesJob(
@@ -762,6 +766,18 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+def _check_answer_size(tokens: int, width: int, max_values: int | None) -> None:
+    """RequestTooLarge when ``tokens`` vectors of ``width`` numbers pass ``max_values``."""
+    if max_values is None or tokens * width <= max_values:
+        return
+    raise RequestTooLarge(
+        f"The request's {tokens} tokens would be answered with {tokens * width:,} numbers (a "
+        f"vector of {width} per token), more than the server sends in one answer "
+        f"({max_values:,}, from its max_message_mb setting); send fewer or shorter inputs "
+        "per request."
+    )
 
 
 async def _off_loop_if_long(

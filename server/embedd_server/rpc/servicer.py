@@ -89,7 +89,8 @@ class EmbedderServicer(
     """embedd.v1.Embedder over one EmbeddingService.
 
     ``serving`` says whether the server serves (the gRPC health service's state), for the
-    REST health route; ``openai_truncate`` is /v1/embeddings' default for ``truncate``.
+    REST health route; ``openai_truncate`` is /v1/embeddings' default for ``truncate``;
+    ``max_answer_bytes`` the largest message the server sends (its max_message_mb).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class EmbedderServicer(
         stream_window: int,
         serving: Callable[[], bool] = lambda: True,
         openai_truncate: bool = False,
+        max_answer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         RestRoutes.__init__(self, service, openai_truncate)
         OllamaRoutes.__init__(self, service)
@@ -105,7 +107,7 @@ class EmbedderServicer(
         RerankRoutes.__init__(self, service)
         TaskRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
-        TeiRoutes.__init__(self, service, serving)
+        TeiRoutes.__init__(self, service, serving, max_answer_bytes)
         self._service = service
         self._stream_window = stream_window
         self._serving = serving

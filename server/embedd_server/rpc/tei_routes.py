@@ -37,6 +37,8 @@ INPUT_SHAPES = (
 IDS_SHAPES = "ids must be a list of token ids or a list of such lists"
 _TRUNCATE_HINT = 'send "truncate": true'
 _MAX_TOKEN_ID = 2**32 - 1
+# A number in a ListValue answer: its Value's tag, 8 bytes of double, and its own framing.
+_BYTES_PER_NUMBER = 11
 # TEI's names of the poolings embedd's models use.
 _TEI_POOLINGS = {"last": "last_token"}
 # TEI's names of the GGUF float types; quantized types keep their GGUF names (q8_0, ...).
@@ -66,7 +68,7 @@ def _version() -> str:
 
 class TeiRoutes:
     """TEI's RPCs of embedd.v1.Embedder (mixed into its servicer). ``serving`` says whether
-    the server serves, for /ping."""
+    the server serves, for /ping; ``max_answer_bytes`` is the largest message it sends."""
 
     # TEI's /predict, /rerank and /embed_sparse, which POST / dispatches to: the servicer's
     # other mixins (TaskRoutes, RerankRoutes) provide them.
@@ -74,9 +76,14 @@ class TeiRoutes:
     TeiRerank: Callable[[pb.TeiRerankRequest, Context], Awaitable[struct_pb2.ListValue]]
     TeiEmbedSparse: Callable[[pb.TeiEmbedSparseRequest, Context], Awaitable[struct_pb2.ListValue]]
 
-    def __init__(self, service: EmbeddingService, serving: Callable[[], bool]) -> None:
+    def __init__(
+        self, service: EmbeddingService, serving: Callable[[], bool], max_answer_bytes: int
+    ) -> None:
         self._tei_service = service
         self._tei_serving = serving
+        # /embed_all's answers grow with every token: the most numbers one may hold, so that
+        # it fits the largest message the server sends.
+        self._max_token_values = max_answer_bytes // _BYTES_PER_NUMBER
 
     @translate_errors(tei_error_body)
     async def TeiEmbed(self, request: pb.TeiEmbedRequest, context: Context) -> struct_pb2.ListValue:
@@ -133,7 +140,9 @@ class TeiRoutes:
             prompt_name=(request.prompt_name or None) if texts else None,
             prompt=None if texts else "",
         )
-        outcome = await self._tei_service.token_states(params, deadline_of(context))
+        outcome = await self._tei_service.token_states(
+            params, deadline_of(context), self._max_token_values
+        )
         answer = struct_pb2.ListValue()
         for states in outcome.states:
             answer.values.add().list_value.CopyFrom(vector_messages.nested_list_value(states))
