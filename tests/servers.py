@@ -163,7 +163,9 @@ def server_behind_envoy(
     sharing a proxy secret as `embedd run`'s do (the servers believe Envoy's client address)."""
     secret = secrets.token_urlsafe(16)
     with (
-        ServerProcess.start(models_dir, [*args, "--proxy-secret", secret]) as server,
+        # One argument: a secret that begins with "-" (token_urlsafe's alphabet has it) is no
+        # option of its own.
+        ServerProcess.start(models_dir, [*args, f"--proxy-secret={secret}"]) as server,
         EnvoyProcess.start([server.target], envoy_dir, proxy_secret=secret) as envoy,
     ):
         yield server, envoy

@@ -13,11 +13,11 @@ Two sources of requests:
 
 Required of every answer: no 5xx; a 2xx is the documented JSON (or GET /'s text); any other
 status is the route's well-formed error body (OpenAI's {"error": {"message", "type", "param",
-"code"}}, Ollama's {"error": "..."} under /api/ and at /, {"message", "detail"} on /v1/rerank
-and /v2/rerank, Cohere's {"message": "..."} under /v2/ otherwise, TEI's {"error",
-"error_type"} on /rerank), as application/json, with no grpc-* header. The server and
-Envoy the tests fuzzed are healthy afterwards (the module's fixture checks them at teardown).
-Everything is derandomized: the same requests on every run.
+"code"}}, Ollama's {"error": "..."} under /api/ and at GET /, {"message", "detail"} on
+/v1/rerank and /v2/rerank, Cohere's {"message": "..."} under /v2/ otherwise, TEI's {"error",
+"error_type"} on TEI's routes and POST /), as application/json, with no grpc-* header. The
+server and Envoy the tests fuzzed are healthy afterwards (the module's fixture checks them at
+teardown). Everything is derandomized: the same requests on every run.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ OPERATIONS = [
     "POST /v1/models/load",
     "POST /v1/models/unload",
     "POST /v1/embeddings",
+    "POST /embeddings",
     "POST /api/embed",
     "POST /api/embeddings",
     "POST /v2/embed",
@@ -68,16 +69,31 @@ OPERATIONS = [
     "POST /rerank",
     "POST /predict",
     "POST /embed_sparse",
+    "POST /embed",
+    "POST /embed_all",
+    "POST /similarity",
+    "POST /tokenize",
+    "POST /decode",
+    "POST /",
+    "POST /invocations",
     "GET /v1/models/{model}",
     "GET /v1/models",
     "GET /api/ps",
     "GET /api/tags",
     "GET /api/version",
     "GET /health",
+    "GET /info",
+    "GET /ping",
     "GET /",
     "HEAD /",
 ]
-EMBEDDING_ROUTES = ("/v1/embeddings", "/api/embed", "/api/embeddings", "/v2/embed")
+EMBEDDING_ROUTES = (
+    "/v1/embeddings",
+    "/embeddings",  # TEI's path for OpenAI's route
+    "/api/embed",
+    "/api/embeddings",
+    "/v2/embed",
+)
 BODY_OPERATIONS = [label for label in OPERATIONS if label.startswith("POST")]
 POST_ROUTES = [label.split()[1] for label in BODY_OPERATIONS]
 # The 5xx check is assert_well_formed's (it knows the one deliberate 501).
@@ -88,10 +104,21 @@ CHECKS = [
 ]
 OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
 RERANK_ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
-# TEI's routes: bare JSON arrays when they succeed, {"error", "error_type"} when not.
-TEI_ROUTES = ("/rerank", "/predict", "/embed_sparse")
+# TEI's routes (POST / too): bare JSON arrays when they succeed (/info an object, /ping
+# nothing), {"error", "error_type"} when not.
+TEI_ROUTES = (
+    "/rerank",
+    "/predict",
+    "/embed_sparse",
+    "/embed",
+    "/embed_all",
+    "/similarity",
+    "/tokenize",
+    "/decode",
+    "/invocations",
+)
 CLASSES = ("negative", "neutral", "positive")  # the fake classifier's labels
-TEI_ERROR_TYPES = {"Validation", "Overloaded", "Unhealthy", "Backend"}
+TEI_ERROR_TYPES = {"Validation", "Empty", "Overloaded", "Unhealthy", "Backend"}
 # The fake models: 'fake' (the default; 8 dimensions) and 'other' (4); 16 tokens, ids 0..15;
 # 'reranker', a fake cross-encoder (its "logit" a hash of the pair's ids); 'sentiment', a fake
 # 3-label classifier; 'splade', a fake sparse encoder (a weight per token id it holds).
@@ -162,18 +189,21 @@ def reset_models(envoy: EnvoyProcess) -> Iterator[None]:
 # --- what every answer must be -----------------------------------------------------------------
 
 
-def assert_well_formed(path: str, status: int, headers: dict[str, str], body: bytes) -> Any:
+def assert_well_formed(
+    path: str, status: int, headers: dict[str, str], body: bytes, method: str = "POST"
+) -> Any:
     """No 5xx; JSON; a non-2xx is the route's error body. Returns the parsed JSON."""
-    where = f"{path} -> {status}: {body[:500]!r}"
+    where = f"{method} {path} -> {status}: {body[:500]!r}"
     assert status < 500 or is_deliberate_501(path, status, body), where
-    if status == 200 and path in ("/", "/api/pull"):  # HttpBody answers
-        return assert_http_body(path, headers, body, where)
+    tei = path in (*TEI_ROUTES, "/info", "/ping") or (path == "/" and method == "POST")
+    if status == 200 and (path in ("/ping", "/api/pull") or (path == "/" and not tei)):
+        return assert_http_body(path, headers, body, where)  # HttpBody answers
     assert headers.get("content-type") == "application/json", where
     leaked = [name for name in headers if name.startswith(("grpc-", "x-http-"))]
     assert not leaked, where
     document = json.loads(body)
     if 200 <= status < 300:
-        assert isinstance(document, list if path in TEI_ROUTES else dict), where
+        assert isinstance(document, list if tei and path != "/info" else dict), where
         return document
     assert isinstance(document, dict), where
     if path in ("/v1/rerank", "/v2/rerank"):
@@ -181,7 +211,7 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
         assert isinstance(document["message"], str) and document["message"], where
         assert document["detail"] == document["message"], where
         return document
-    if path in TEI_ROUTES:
+    if tei:
         assert set(document) == {"error", "error_type"}, where
         assert isinstance(document["error"], str) and document["error"], where
         assert document["error_type"] in TEI_ERROR_TYPES, where
@@ -209,8 +239,11 @@ def assert_well_formed(path: str, status: int, headers: dict[str, str], body: by
 def assert_http_body(path: str, headers: dict[str, str], body: bytes, where: str) -> Any:
     """The 200 of a route whose answer is not one JSON document. "/": "Ollama is running"
     (nothing for HEAD). /api/pull of a model that is here: Ollama's NDJSON progress, or with
-    "stream": false its last line as one JSON object (returned)."""
+    "stream": false its last line as one JSON object (returned). /ping: TEI's empty 200."""
     kind = headers.get("content-type", "")
+    if path == "/ping":
+        assert body == b"", where
+        return None
     if path == "/":
         assert kind.startswith("text/plain"), where
         assert body in (b"Ollama is running", b""), where
@@ -234,9 +267,9 @@ def is_deliberate_501(path: str, status: int, body: bytes) -> bool:
     return isinstance(error, dict) and error.get("code") == "not_implemented_error"
 
 
-def check_reply(path: str, reply: HttpReply) -> Any:
+def check_reply(path: str, reply: HttpReply, method: str = "POST") -> Any:
     headers = {name.lower(): value for name, value in reply.headers.items()}
-    return assert_well_formed(path, reply.status, headers, reply.body)
+    return assert_well_formed(path, reply.status, headers, reply.body, method)
 
 
 def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
@@ -273,10 +306,11 @@ def assert_embeddings_shape(path: str, document: dict[str, Any]) -> None:
 
 def assert_predictions_shape(document: list[Any]) -> None:
     """A 200 from /predict: one input's labels (or a batch of them), best first, each label
-    once, probabilities in [0, 1] unless raw."""
+    once, probabilities in [0, 1] unless raw. The classifier's three labels, or the fake
+    reranker's one (a cross-encoder may be asked to /predict, as TEI allows)."""
     rows = document if document and isinstance(document[0], list) else [document]
     for row in rows:
-        assert sorted(item["label"] for item in row) == sorted(CLASSES)
+        assert sorted(item["label"] for item in row) in (sorted(CLASSES), ["LABEL_0"])
         scores = [item["score"] for item in row]
         assert all(isinstance(x, float | int) and math.isfinite(x) for x in scores)
         assert scores == sorted(scores, reverse=True)
@@ -290,6 +324,33 @@ def assert_sparse_shape(document: list[Any]) -> None:
         indices = [item["index"] for item in row]
         assert indices == sorted(set(indices)) and all(0 <= i < 16 for i in indices)
         assert all(math.isfinite(item["value"]) and item["value"] != 0 for item in row)
+
+
+def finite_numbers(row: Any) -> bool:
+    return isinstance(row, list) and all(
+        isinstance(x, float | int) and not isinstance(x, bool) and math.isfinite(x) for x in row
+    )
+
+
+def assert_tei_shape(path: str, document: Any) -> None:
+    """A 200 from TEI's /embed, /embed_all, /similarity, /tokenize or /decode: its array."""
+    assert isinstance(document, list) and document
+    if path == "/embed":
+        assert all(finite_numbers(row) and row for row in document)
+        assert len({len(row) for row in document}) == 1
+    elif path == "/embed_all":
+        for rows in document:
+            assert rows and all(finite_numbers(row) and row for row in rows)
+        assert len({len(row) for rows in document for row in rows}) == 1  # the hidden size
+    elif path == "/similarity":
+        assert finite_numbers(document) and all(-1.0001 <= x <= 1.0001 for x in document)
+    elif path == "/tokenize":
+        for tokens in document:
+            for token in tokens:
+                assert set(token) == {"id", "text", "special", "start", "stop"}
+                assert (token["start"] is None) == token["special"]
+    elif path == "/decode":
+        assert all(isinstance(text, str) for text in document)
 
 
 def assert_ranking_shape(path: str, document: Any) -> None:
@@ -455,6 +516,68 @@ STEERED_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 }
 
 
+TEI_TRUNCATION = {
+    "truncate": st.booleans(),
+    "truncation_direction": st.sampled_from(["right", "left", "Left", "", "middle"]),
+}
+TEI_MODELS = st.sampled_from(["fake", "other", "sentiment", "reranker", "splade", "", "nope"])
+SIMILARITY_INPUTS = st.one_of(
+    st.fixed_dictionaries(
+        {}, optional={"source_sentence": TEXTS | JSON_SCALARS, "sentences": OLLAMA_INPUTS}
+    ),
+    JSON_VALUES,
+)
+SIMILARITY_PARAMETERS = st.one_of(
+    st.fixed_dictionaries(
+        {}, optional={**TEI_TRUNCATION, "prompt_name": PROMPT_NAMES | JSON_SCALARS}
+    ),
+    JSON_VALUES,
+)
+DECODE_IDS = st.one_of(
+    st.lists(TOKEN_IDS, max_size=20), st.lists(st.lists(TOKEN_IDS, max_size=20), max_size=4)
+)
+TEI_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "/embed": {
+        "model": TEI_MODELS,
+        "inputs": OPENAI_INPUTS,
+        "normalize": st.booleans(),
+        "dimensions": DIMENSIONS,
+        "prompt_name": PROMPT_NAMES,
+        **TEI_TRUNCATION,
+    },
+    "/embed_all": {"model": TEI_MODELS, "inputs": OPENAI_INPUTS, **TEI_TRUNCATION},
+    "/similarity": {
+        "model": TEI_MODELS,
+        "inputs": SIMILARITY_INPUTS,
+        "parameters": SIMILARITY_PARAMETERS,
+    },
+    "/tokenize": {
+        "model": TEI_MODELS,
+        "inputs": OLLAMA_INPUTS,
+        "add_special_tokens": st.booleans(),
+        "prompt_name": PROMPT_NAMES,
+    },
+    "/decode": {"model": TEI_MODELS, "ids": DECODE_IDS, "skip_special_tokens": st.booleans()},
+}
+ROOT_FIELDS = {  # POST / and /invocations: every TEI request shape's fields
+    **TEI_FIELDS["/embed"],
+    "inputs": st.one_of(OPENAI_INPUTS, SIMILARITY_INPUTS),
+    "parameters": SIMILARITY_PARAMETERS,
+    "query": TEXTS,
+    "texts": st.lists(TEXTS, max_size=8) | JSON_VALUES,
+    "raw_scores": st.booleans(),
+    "return_text": st.booleans(),
+}
+STEERED_FIELDS.update(
+    {
+        **TEI_FIELDS,
+        "/": ROOT_FIELDS,
+        "/invocations": ROOT_FIELDS,
+        "/embeddings": STEERED_FIELDS["/v1/embeddings"],
+    }
+)
+
+
 SHORT_SENTENCES = st.lists(WORDS, min_size=1, max_size=8).map(" ".join)
 OMIT = object()  # a valid value that is: no such field
 VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
@@ -562,6 +685,72 @@ VALID_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
 }
 
 
+# The model's own ids: between its [CLS] (2) and [SEP] (3).
+OWN_IDS = st.lists(st.integers(min_value=0, max_value=15), max_size=12).map(lambda i: [2, *i, 3])
+VALID_TEI_INPUTS = st.one_of(
+    SHORT_SENTENCES,
+    st.lists(SHORT_SENTENCES | OWN_IDS, min_size=1, max_size=8),
+    OWN_IDS,
+)
+VALID_TRUNCATION = {
+    "truncate": st.just(True),
+    "truncation_direction": st.sampled_from(["right", "left", "Left"]),
+}
+VALID_SIMILARITY = st.fixed_dictionaries(
+    {
+        "source_sentence": SHORT_SENTENCES,
+        "sentences": st.lists(SHORT_SENTENCES, min_size=1, max_size=8),
+    }
+)
+VALID_ROOT = {
+    "model": st.sampled_from(["fake", ""]),
+    "inputs": VALID_TEI_INPUTS | VALID_SIMILARITY,
+    "parameters": st.just(OMIT),
+    "normalize": st.booleans(),
+    "dimensions": st.none() | st.integers(min_value=1, max_value=4),
+    "prompt_name": st.just(""),
+    **VALID_TRUNCATION,
+}
+VALID_FIELDS.update(
+    {
+        "/embed": {
+            "model": st.sampled_from(["fake", "other", ""]),
+            "inputs": VALID_TEI_INPUTS,
+            "normalize": st.booleans(),
+            "dimensions": st.none() | st.integers(min_value=1, max_value=4),
+            "prompt_name": st.just(""),
+            **VALID_TRUNCATION,
+        },
+        "/embed_all": {
+            "model": st.sampled_from(["fake", ""]),
+            "inputs": SHORT_SENTENCES | st.lists(SHORT_SENTENCES, min_size=1, max_size=4),
+            "prompt_name": st.just(""),
+            **VALID_TRUNCATION,
+        },
+        "/similarity": {
+            "model": st.sampled_from(["fake", "other", ""]),
+            "inputs": VALID_SIMILARITY,
+            "parameters": st.sampled_from([OMIT, {}, {"truncate": True}]),
+        },
+        "/tokenize": {
+            "model": st.sampled_from(["fake", "other", ""]),
+            "inputs": SHORT_SENTENCES | st.lists(SHORT_SENTENCES, min_size=1, max_size=8),
+            "add_special_tokens": st.booleans(),
+            "prompt_name": st.just(""),
+        },
+        "/decode": {
+            "model": st.sampled_from(["fake", "other", ""]),
+            "ids": OWN_IDS | st.lists(OWN_IDS, min_size=1, max_size=4),
+            "skip_special_tokens": st.booleans(),
+        },
+        "/": VALID_ROOT,
+        "/invocations": VALID_ROOT,
+        "/embeddings": VALID_FIELDS["/v1/embeddings"],
+    }
+)
+TEI_SHAPED = ("/embed", "/embed_all", "/similarity", "/tokenize", "/decode")
+
+
 def steer(case: schemathesis.Case[Any], draw: Callable[[st.SearchStrategy[Any]], Any]) -> None:
     """Positive cases: a third as schemathesis made them; a third with the route's fields set to
     valid values (the unknown fields schemathesis added stay), so they reach the engine; a
@@ -655,7 +844,7 @@ def test_schemathesis(
         response = case.call(base_url=envoy.base_url, session=session, timeout=60)
         sent.append(response.status_code)
         headers = {name.lower(): values[-1] for name, values in response.headers.items()}
-        document = assert_well_formed(path, response.status_code, headers, response.content)
+        document = assert_well_formed(path, response.status_code, headers, response.content, method)
         case.validate_response(response, checks=CHECKS)
         if response.status_code == 200 and path in EMBEDDING_ROUTES:
             assert_embeddings_shape(path, document)
@@ -665,6 +854,8 @@ def test_schemathesis(
             assert_predictions_shape(document)
         if response.status_code == 200 and path == "/embed_sparse":
             assert_sparse_shape(document)
+        if response.status_code == 200 and path in TEI_SHAPED:
+            assert_tei_shape(path, document)
         if mutates:
             listings_still_answer(envoy, session)
 
@@ -754,6 +945,10 @@ ROUTE_FIELDS = {
     "/rerank": ["model", "query", "texts", "raw_scores", "return_text", "truncate"],
     "/predict": ["model", "inputs", "raw_scores", "truncate", "truncation_direction"],
     "/embed_sparse": ["model", "inputs", "truncate", "truncation_direction", "prompt_name"],
+    **{route: list(fields) for route, fields in TEI_FIELDS.items()},
+    "/embeddings": ["model", "input", "encoding_format", "dimensions", "user"],
+    "/": list(ROOT_FIELDS),
+    "/invocations": list(ROOT_FIELDS),
 }
 
 
@@ -825,6 +1020,8 @@ def test_raw_bodies(envoy: EnvoyProcess, reset_models: None, route: str) -> None
             assert_embeddings_shape(route, document)
         if reply.status == 200 and route in RERANK_ROUTES:
             assert_ranking_shape(route, document)
+        if reply.status == 200 and route in TEI_SHAPED:
+            assert_tei_shape(route, document)
 
     run()
     assert sum(statuses.values()) >= RAW_EXAMPLES
@@ -925,13 +1122,15 @@ def test_invalid_utf8_in_path_and_query(envoy: EnvoyProcess) -> None:
         ("GET", "/v1/models/fake?model=%ff"),
         ("POST", "/v1/embeddings?model=%ff"),
         ("POST", "/api/embed?model=%ff"),
+        ("GET", "/info?model=%ff"),
+        ("POST", "/embed?model=%ff"),
     ]
     failures = []
     for method, url in urls:
         body = {"input": "hello"} if method == "POST" else None
         reply = http(envoy.base_url + url, method, body=body)
         try:
-            check_reply(urllib.parse.urlsplit(url).path, reply)
+            check_reply(urllib.parse.urlsplit(url).path, reply, method)
         except AssertionError:
             failures.append(f"{method} {url} -> {reply.status}: {reply.body[:200]!r}")
     assert not failures, "\n".join(failures)

@@ -154,6 +154,8 @@ SHAPES: dict[str, tuple[dict[str, Any], Any]] = {
     ),
     "/predict": ({"inputs": BIG}, lambda body: body["error"] if body["error_type"] else None),
     "/embed_sparse": ({"inputs": BIG}, lambda body: body["error"]),
+    "/embed": ({"inputs": BIG}, lambda body: body["error"] if body["error_type"] else None),
+    "/": ({"inputs": BIG}, lambda body: body["error"] if body["error_type"] else None),  # POST
 }
 
 

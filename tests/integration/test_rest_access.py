@@ -117,6 +117,12 @@ def test_new_routes_need_a_key_in_their_api_shape_but_health_does_not(
     for _ in range(5):  # open, and outside every rate limit
         health = http(envoy.base_url + "/health")
         assert (health.status, health.json()) == (200, {"status": "serving"})
+        ping = http(envoy.base_url + "/ping")  # TEI's health check: public there too
+        assert (ping.status, ping.body) == (200, b"")
+    tei = post(envoy, "/embed", {"inputs": "hello"}, {})
+    assert tei.status == 401, tei.body
+    assert set(tei.json()) == {"error", "error_type"}
+    assert tei.json()["error"].startswith("Incorrect API key provided")
 
 
 def test_cohere_route_429_in_cohere_shape(envoy: EnvoyProcess) -> None:

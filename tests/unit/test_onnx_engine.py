@@ -285,6 +285,35 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
     assert not list(Path(tempfile.gettempdir()).glob(f"embedd-{path.stem}-*.onnx"))
 
 
+def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
+    tmp_path: Path, minilm_ids: list[list[int]]
+) -> None:
+    """TEI's /embed_all: every token's last hidden state, from the encoder's graph (its
+    pooled output unchanged), the same from a session in the worker's thread or process."""
+    from embedd_server.engines.base import TokenStatesEngine, gives_token_states
+    from embedd_server.engines.onnx import OnnxRuntime
+
+    path = _gguf(_minilm_dir(), tmp_path, "f16")
+    sequences = minilm_ids[:12]
+    ends = np.cumsum([len(ids) for ids in sequences])[:-1]
+    results = []
+    for processes in (False, True):
+        runtime = OnnxRuntime(path, threads=1, max_batch_tokens=256, processes=processes)
+        engine = runtime.new_engine()
+        try:
+            assert gives_token_states(runtime) and isinstance(engine, TokenStatesEngine)
+            states = engine.token_states(sequences)
+            pooled = engine.embed_batch(sequences)
+        finally:
+            engine.close()
+            runtime.close()
+        assert states.shape == (sum(len(ids) for ids in sequences), 384)
+        means = np.array([part.mean(axis=0) for part in np.split(states, ends)])
+        np.testing.assert_allclose(means, pooled, atol=1e-5)
+        results.append(states)
+    np.testing.assert_allclose(results[1], results[0], atol=1e-6)
+
+
 def test_onnx_runtime_telemetry_is_off_before_it_loads() -> None:
     """ORT's official builds upload usage events unless ORT_DISABLE_TELEMETRY is set before it
     initializes: importing the engine sets it (a deployment's own value is kept)."""

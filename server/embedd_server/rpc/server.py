@@ -84,6 +84,7 @@ class EmbeddServer:
             self.settings.stream_window,
             serving=lambda: self.serving,
             openai_truncate=self.settings.openai_truncate,
+            max_answer_bytes=self.settings.max_message_bytes,
         )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

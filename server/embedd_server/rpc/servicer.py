@@ -20,6 +20,7 @@ from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
 from embedd_server.rpc.task_routes import TaskRoutes
+from embedd_server.rpc.tei_routes import TeiRoutes
 from embedd_server.rpc.truncation import native_truncation
 
 
@@ -76,6 +77,7 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
 
 
 class EmbedderServicer(
+    TeiRoutes,
     RestRoutes,
     OllamaRoutes,
     CohereRoutes,
@@ -87,7 +89,8 @@ class EmbedderServicer(
     """embedd.v1.Embedder over one EmbeddingService.
 
     ``serving`` says whether the server serves (the gRPC health service's state), for the
-    REST health route; ``openai_truncate`` is /v1/embeddings' default for ``truncate``.
+    REST health route; ``openai_truncate`` is /v1/embeddings' default for ``truncate``;
+    ``max_answer_bytes`` the largest message the server sends (its max_message_mb).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class EmbedderServicer(
         stream_window: int,
         serving: Callable[[], bool] = lambda: True,
         openai_truncate: bool = False,
+        max_answer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         RestRoutes.__init__(self, service, openai_truncate)
         OllamaRoutes.__init__(self, service)
@@ -103,6 +107,7 @@ class EmbedderServicer(
         RerankRoutes.__init__(self, service)
         TaskRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
+        TeiRoutes.__init__(self, service, serving, max_answer_bytes)
         self._service = service
         self._stream_window = stream_window
         self._serving = serving

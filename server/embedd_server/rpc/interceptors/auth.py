@@ -1,12 +1,12 @@
 """Who may call: API keys, admin keys and per-caller rate limits, as one gRPC server interceptor.
 
-When API keys are configured, every RPC but the health checks (the gRPC health service and the
-Health RPC behind GET /health) must present one (an admin key does too), as
-``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes the REST headers of
-the same names through). A rate limit is a token bucket per API key, or per client address when
-keys are off: the address Envoy determined (``x-embedd-client-address``) when the call carries
-Envoy's proxy secret, else the call's own gRPC peer; what a caller claims (X-Forwarded-For,
-metadata) never picks its bucket.
+When API keys are configured, every RPC but the health checks (the gRPC health service, the
+Health RPC behind GET /health and TEI's GET /ping, public in TEI too) must present one (an admin
+key does too), as ``authorization: Bearer <key>`` or ``x-api-key: <key>`` metadata (Envoy passes
+the REST headers of the same names through). A rate limit is a token bucket per API key, or per
+client address when keys are off: the address Envoy determined (``x-embedd-client-address``) when
+the call carries Envoy's proxy secret, else the call's own gRPC peer; what a caller claims
+(X-Forwarded-For, metadata) never picks its bucket.
 
 Model control (LoadModel, UnloadModel: loading with options that every caller of the model
 then shares, pinning a keep_alive, unloading) needs an admin key (:class:`ModelControl`). With
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 CLIENT_ADDRESS_HEADER = "x-embedd-client-address"
 PROXY_SECRET_HEADER = "x-embedd-proxy-secret"
 OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks (Envoy's, Kubernetes') need no key
-OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health, for load balancers
+# GET /health, for load balancers; GET /ping, TEI's (SageMaker's) health check.
+OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health", "/embedd.v1.Embedder/TeiPing"})
 # Model control: what changes the models every caller shares (POST /v1/models/load, /unload).
 MODEL_CONTROL_METHODS = frozenset(
     {"/embedd.v1.Embedder/LoadModel", "/embedd.v1.Embedder/UnloadModel"}
