@@ -56,7 +56,7 @@ MIN_COSINE = 0.9999  # the f16 default model's bar (README)
 CLASSIFIER = "tiny-roberta-classifier"
 CLASSIFIER_DIR = SHARED / "models" / CLASSIFIER
 PROBABILITY_ERROR = 1e-4  # f32 classifier against transformers' softmax
-SIMILARITY_ERROR = 2e-3  # cosines of two f16 vectors against sentence-transformers' (measured)
+SIMILARITY_ERROR = 5e-4  # f16 vectors' cosines vs sentence-transformers' (measured 1.0e-4)
 LONG_TEXT = "word " * 400  # 402 tokens; the model takes 256
 DIMENSIONS = 64
 
@@ -229,5 +229,5 @@ def test_haystack_text_and_document_embedders(
         text_embedder.close()
         document_embedder.close()
     assert_reference([query], expected[40:41])
-    embedded = [document.embedding for document in documents["documents"]]
+    embedded = [document.embedding or [] for document in documents["documents"]]
     assert_reference(embedded, expected[:40])  # two batches of Haystack's 32
