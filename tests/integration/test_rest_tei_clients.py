@@ -107,11 +107,14 @@ def test_inference_client_feature_extraction(
         one = client.feature_extraction(texts[0])
         raw = client.feature_extraction(texts[:8], normalize=False)
         short = client.feature_extraction(texts[:8], dimensions=DIMENSIONS)
+    with InferenceClient(base_url=envoy.base_url + "/invocations") as client:  # SageMaker's
+        invoked = client.feature_extraction(texts[:8])
     assert batch.shape == (64, 384)
     assert_reference(batch, expected)
     np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1, atol=1e-5)  # TEI normalizes
     assert one.shape == (1, 384)  # a string in, TEI's [[...]] out
     assert_reference(one, expected[:1])
+    np.testing.assert_allclose(invoked, batch[:8], atol=1e-5)
     # normalize=false: the pooled vectors themselves, same directions, not unit length.
     assert_reference(raw, expected[:8])
     assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 0.1
@@ -122,16 +125,17 @@ def test_inference_client_feature_extraction(
 
 
 def test_inference_client_truncation(envoy: EnvoyProcess) -> None:
+    text = "The cat sits on the mat. " + LONG_TEXT
     with InferenceClient(base_url=envoy.base_url) as client:
-        cut = client.feature_extraction(LONG_TEXT, truncate=True)
-        left = client.feature_extraction(
-            "The cat sits on the mat. " + LONG_TEXT, truncate=True, truncation_direction="left"
-        )
+        words = client.feature_extraction(LONG_TEXT, truncate=True)
+        right = client.feature_extraction(text, truncate=True)
+        left = client.feature_extraction(text, truncate=True, truncation_direction="left")
         with pytest.raises(HfHubHTTPError) as caught:
             client.feature_extraction(LONG_TEXT, truncate=False)
-    assert cut.shape == left.shape == (1, 384)
-    assert row_cosines(cut, left).min() < 0.999  # the start was cut, not the end
-    assert caught.value.response.status_code == 413  # TEI's status for a Validation error
+    assert words.shape == right.shape == left.shape == (1, 384)
+    assert row_cosines(right, words).min() < 0.999  # the end was cut: the cat stays
+    assert row_cosines(left, words).min() >= 0.99999  # the start was cut: only words are left
+    assert caught.value.response.status_code == 422  # TEI's status for a Validation error
     error = caught.value.response.json()
     assert error["error_type"] == "Validation"
     assert "truncate" in error["error"]
@@ -153,6 +157,10 @@ def test_inference_client_sentence_similarity(
     texts, expected = reference
     with InferenceClient(base_url=envoy.base_url + "/similarity") as client:
         scores = np.array(client.sentence_similarity(texts[0], other_sentences=texts[1:33]))
+    # The root too (TEI needs TASK=sentence-similarity for that; embedd's POST / reads the body).
+    with InferenceClient(base_url=envoy.base_url) as client:
+        at_root = client.sentence_similarity(texts[0], other_sentences=texts[1:33])
+    np.testing.assert_allclose(at_root, scores, atol=1e-6)
     assert scores.shape == (32,)
     unit = unit_rows(expected.astype(np.float64))
     cosines = unit[1:33] @ unit[0]
