@@ -15,10 +15,15 @@
 local NAMESPACE = "embedd"
 
 -- TEI's routes (their errors in TEI's {"error", "error_type"} shape): rpc/status.py's
--- _SHAPES_BY_PATH lists the same prefixes.
-local TEI_PREFIXES = { "/rerank", "/predict", "/embed_sparse" }
+-- TEI_PATHS lists the same paths. POST / is TEI's too (its hosted-endpoint route); GET / and
+-- HEAD / are Ollama's.
+local TEI_PREFIXES = {
+  "/rerank", "/predict", "/embed_sparse", "/embed", "/embed_all", "/similarity", "/tokenize",
+  "/decode", "/info", "/ping", "/invocations",
+}
 
-local function is_tei(path)
+local function is_tei(path, method)
+  if method == "POST" and (path == "/" or path:sub(1, 2) == "/?") then return true end
   for _, prefix in ipairs(TEI_PREFIXES) do
     if path:sub(1, #prefix) == prefix then
       local next_char = path:sub(#prefix + 1, #prefix + 1)
@@ -49,17 +54,18 @@ end
 function envoy_on_request(request_handle)
   local content_type = request_handle:headers():get("content-type") or ""
   local path = request_handle:headers():get(":path") or ""
+  local method = request_handle:headers():get(":method") or ""
   local metadata = request_handle:streamInfo():dynamicMetadata()
   if content_type:sub(1, 16) == "application/grpc" then
     metadata:set(NAMESPACE, "native_grpc", true)
     return
   end
-  if path:sub(1, 5) == "/api/" or path == "/" then
+  if is_tei(path, method) then
+    metadata:set(NAMESPACE, "tei", true)
+  elseif path:sub(1, 5) == "/api/" or path == "/" then
     metadata:set(NAMESPACE, "ollama", true)
   elseif path:match("^/v[12]/rerank") then
     metadata:set(NAMESPACE, "rerank", true)
-  elseif is_tei(path) then
-    metadata:set(NAMESPACE, "tei", true)
   elseif path:sub(1, 4) == "/v2/" then
     metadata:set(NAMESPACE, "cohere", true)
   end

@@ -106,6 +106,12 @@ def fake_vector(token_ids: Sequence[int], dimensions: int) -> FloatMatrix:
     return (np.random.default_rng(seed).standard_normal(dimensions) * 3).astype(np.float32)
 
 
+def fake_token_states(token_ids: Sequence[int], dimensions: int) -> FloatMatrix:
+    """The fake engine's hidden state of each token of a sequence: token j's is
+    :func:`fake_vector` of the first j + 1 ids."""
+    return np.stack([fake_vector(token_ids[: j + 1], dimensions) for j in range(len(token_ids))])
+
+
 # What a fake engine does with one batch: (token sequences, dimensions) -> one vector per
 # sequence. It may raise, sleep or block first; see fake_vectors, on_token, gated and slow.
 Behaviour = Callable[[Sequence[Sequence[int]], int], FloatMatrix]
@@ -209,6 +215,12 @@ class FakeEngine:
             runtime.token_type_starts.extend(token_type_starts or map(len, sequences))
         return runtime.behaviour(sequences, runtime.dimensions)
 
+    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+        """Every token's :func:`fake_token_states`, sequences one after another."""
+        return np.concatenate(
+            [fake_token_states(ids, self._runtime.dimensions) for ids in sequences]
+        )
+
     @property
     def alive(self) -> bool:
         return True
@@ -224,6 +236,7 @@ class FakeRuntime:
     """What the registry gets from loading a model; records every sequence it is given."""
 
     engine_name = "fake"
+    token_states = True  # its engines give token states (TEI's /embed_all)
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
   ``/api/`` and at ``/``, Cohere's ``{"message": "..."}`` under ``/v2/``,
   ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's ``{"error", "error_type"}``
-  on ``/rerank``;
+  on TEI's routes (``POST /`` included);
 - a ``google.api.HttpBody`` answer (``GET /``) is the plain text it carries.
 """
 
@@ -129,7 +129,9 @@ ERROR_DEFINITIONS: dict[str, Any] = {
     TEI_ERROR: {
         "type": "object",
         "description": (
-            "TEI's error body: every non-2xx answer of /rerank, /predict and /embed_sparse."
+            "TEI's error body: every non-2xx answer of TEI's routes (/embed, /embed_all, "
+            "/embed_sparse, /predict, /rerank, /similarity, /tokenize, /decode, /info, /ping, "
+            "POST / and /invocations)."
         ),
         "required": ["error", "error_type"],
         "additionalProperties": False,
@@ -137,7 +139,7 @@ ERROR_DEFINITIONS: dict[str, Any] = {
             "error": {"type": "string", "minLength": 1},
             "error_type": {
                 "type": "string",
-                "enum": ["Validation", "Overloaded", "Unhealthy", "Backend"],
+                "enum": ["Validation", "Empty", "Overloaded", "Unhealthy", "Backend"],
             },
         },
     },
@@ -149,6 +151,20 @@ ERROR_DEFINITIONS: dict[str, Any] = {
         "properties": {"message": {"type": "string", "minLength": 1}},
     },
 }
+# TEI's paths (rpc/status.py's TEI_PATHS); POST / is TEI's too, GET / and HEAD / Ollama's.
+TEI_PATHS = (
+    "/rerank",
+    "/predict",
+    "/embed_sparse",
+    "/embed",
+    "/embed_all",
+    "/similarity",
+    "/tokenize",
+    "/decode",
+    "/info",
+    "/ping",
+    "/invocations",
+)
 # REST path prefix -> its error body (the first match wins; else OpenAI's), as the server's
 # rpc/status.py shapes them.
 ERRORS_BY_PATH = (
@@ -156,9 +172,6 @@ ERRORS_BY_PATH = (
     ("/v1/rerank", RERANK_ERROR),
     ("/v2/rerank", RERANK_ERROR),
     ("/v2/", COHERE_ERROR),
-    ("/rerank", TEI_ERROR),
-    ("/predict", TEI_ERROR),
-    ("/embed_sparse", TEI_ERROR),
 )
 
 
@@ -256,7 +269,7 @@ def post_process(
             responses.update(_refs(operation["responses"]))
             operation["responses"]["default"] = {
                 "description": "An error, in the route's own error shape.",
-                "schema": {"$ref": f"#/definitions/{_error_shape(path)}"},
+                "schema": {"$ref": f"#/definitions/{_error_shape(path, verb)}"},
             }
     responses = _closure(responses, definitions)
     for name, schema in definitions.items():
@@ -284,10 +297,13 @@ def post_process(
     return {key: swagger[key] for key in ("swagger", "info", *swagger) if key in swagger}
 
 
-def _error_shape(path: str) -> str:
-    """The error body of a REST path (the root answers Ollama's clients)."""
+def _error_shape(path: str, verb: str) -> str:
+    """The error body of a REST path and verb (the root answers Ollama's clients on GET and
+    HEAD, TEI's on POST)."""
     if path == "/":
-        return OLLAMA_ERROR
+        return TEI_ERROR if verb == "post" else OLLAMA_ERROR
+    if path in TEI_PATHS:
+        return TEI_ERROR
     return next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), OPENAI_ERROR)
 
 

@@ -68,7 +68,7 @@ from bench.rerank import (
 from bench.texts import build_passages, read_sentences
 from embedd_server.core.catalog import ModelInfo
 from embedd_server.core.engine_settings import EngineSettings
-from embedd_server.core.tokenization import Counted, TokenizedPairs
+from embedd_server.core.tokenization import Counted, TokenizedPairs, TokenSpan
 from embedd_server.engines.base import FloatMatrix
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
@@ -1129,6 +1129,12 @@ class _WordTokenizer:
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         return len(self._ids(prompt)) - 1
+
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenSpan]:
+        raise NotImplementedError("the workload builder does not ask for token spans")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        raise NotImplementedError("the workload builder does not decode")
 
 
 def test_family_requests_are_consecutive_sentences_in_the_rpc_of_the_models_task() -> None:

@@ -36,7 +36,8 @@ def test_flatten_refuses_an_empty_sequence() -> None:
 def test_a_pack_round_trips(sequences: list[list[int]]) -> None:
     message = encode_pack(sequences)
     assert message[:4] == _message(len(sequences))  # [n, lengths, pool, types, tokens]
-    tokens, lengths, starts, types = decode_pack(message)
+    tokens, lengths, starts, types, token_states = decode_pack(message)
+    assert not token_states
     assert lengths.tolist() == [len(ids) for ids in sequences]
     assert starts.tolist() == [0] * len(sequences)
     assert types.tolist() == lengths.tolist()  # one segment each
@@ -86,7 +87,8 @@ def test_a_sequence_with_no_pooled_token_gets_the_zero_vector() -> None:
     "message",
     [
         pytest.param(_message(0), id="no sequences"),
-        pytest.param(_message(-1, 1, 0, 1, 5), id="a negative count"),
+        # A negative count asks for token states; the most negative one leaves no room.
+        pytest.param(_message(-(2**31), 1, 0, 1, 5), id="the most negative count"),
         pytest.param(_message(1, 2, 0, 2, 5, 6, 7), id="more tokens than the lengths say"),
         pytest.param(_message(2, 3, 1, 0, 0, 3, 1, 5, 6), id="fewer tokens than the lengths say"),
         pytest.param(_message(2, 0, 2, 0, 0, 0, 2, 5, 6), id="a sequence of length 0"),
@@ -114,3 +116,13 @@ def test_a_message_cut_inside_a_value_is_refused() -> None:
 def test_a_message_without_its_lengths_is_refused(message: bytes) -> None:
     with pytest.raises(ValueError, match="malformed pack"):
         decode_pack(message)
+
+
+def test_a_token_states_pack_says_so_with_a_negative_count() -> None:
+    message = encode_pack([[2, 4, 3], [2, 3]], token_states=True)
+    assert message[:4] == _message(-2)
+    pack = decode_pack(message)
+    assert pack.token_states
+    assert pack.lengths.tolist() == [3, 2]
+    assert pack.tokens.tolist() == [2, 4, 3, 2, 3]
+    assert not decode_pack(encode_pack([[2, 3]])).token_states

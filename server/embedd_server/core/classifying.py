@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedd_server.core.classes import Floats, class_probabilities
-from embedd_server.core.errors import InvalidInput
+from embedd_server.core.errors import EmptyInput, InvalidInput
 from embedd_server.core.tokenization import RIGHT
 from embedd_server.engines.base import FloatMatrix
 
@@ -56,7 +56,7 @@ class ClassifyOutcome:
 def check_classify_params(params: ClassifyParams, max_inputs: int) -> None:
     """Raises InvalidInput naming the input of a malformed request."""
     if not params.inputs:
-        raise InvalidInput("The request has no input; give at least one text.", param="inputs")
+        raise EmptyInput("The request has no input; give at least one text.", param="inputs")
     if len(params.inputs) > max_inputs:
         raise InvalidInput(
             f"The request has {len(params.inputs)} inputs; at most {max_inputs} are allowed "
@@ -70,7 +70,7 @@ def check_classify_params(params: ClassifyParams, max_inputs: int) -> None:
                 param=f"inputs[{index}]",
             )
         if not all(item):
-            raise InvalidInput(
+            raise EmptyInput(
                 f"Input {index} has an empty text; every text needs some content.",
                 param=f"inputs[{index}]",
             )

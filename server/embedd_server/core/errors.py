@@ -34,6 +34,11 @@ class InvalidInput(EmbeddError):
     """The request is malformed: empty input, wrong types, bad ``dimensions``..."""
 
 
+class EmptyInput(InvalidInput):
+    """The request has nothing to work on: no inputs, or an empty text (TEI answers these
+    apart from other invalid requests)."""
+
+
 class InputTooLong(InvalidInput):
     """An input has more tokens than the model accepts and truncation is off."""
 

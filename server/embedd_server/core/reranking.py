@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedd_server.core.catalog import RERANK, ModelInfo
-from embedd_server.core.errors import InvalidInput, NotImplementedFeature
+from embedd_server.core.errors import EmptyInput, InvalidInput, NotImplementedFeature
 from embedd_server.core.tasks import require_task
 from embedd_server.engines.base import FloatMatrix
 
@@ -53,9 +53,9 @@ class RerankOutcome:
 def check_rerank_params(params: RerankParams, max_documents: int) -> None:
     """Raises InvalidInput naming the field of a malformed request."""
     if not params.query:
-        raise InvalidInput("The query is empty; give the text to rank documents by.", param="query")
+        raise EmptyInput("The query is empty; give the text to rank documents by.", param="query")
     if not params.documents:
-        raise InvalidInput(
+        raise EmptyInput(
             "The request has no documents; give at least one to rank.", param="documents"
         )
     if len(params.documents) > max_documents:
@@ -66,7 +66,7 @@ def check_rerank_params(params: RerankParams, max_documents: int) -> None:
         )
     for index, document in enumerate(params.documents):
         if not document:
-            raise InvalidInput(
+            raise EmptyInput(
                 f"Document {index} is an empty string; every document needs some text.",
                 param=f"documents[{index}]",
             )

@@ -42,6 +42,9 @@ class Job:
     the first error happens.
     """
 
+    # Whether the job wants every token's hidden state rather than pooled vectors.
+    token_states = False
+
     def __init__(
         self,
         sequences: Sequence[Sequence[int]],
@@ -127,6 +130,39 @@ class Job:
     def cancel(self) -> None:
         """The caller went away: drop what has not run yet (any thread)."""
         self.fail(Cancelled("The caller cancelled the request."))
+
+
+class TokenStatesJob(Job):
+    """A job for every token's last hidden state (TEI's /embed_all), from an engine that
+    gives them (:class:`~embedd_server.engines.base.TokenStatesEngine`): its future resolves
+    with the tokens of all its inputs, one row each, in order (``[total tokens, hidden]``)."""
+
+    token_states = True
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]],
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None = None,
+        *,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(sequences, 0, loop, deadline, request_id=request_id)
+        self._states: list[npt.NDArray[np.float32]] = [self.result] * len(sequences)
+
+    def deliver(self, index: int, vector: npt.NDArray[np.float32]) -> None:
+        """Stores one input's token states (worker thread); resolves the future after the
+        last."""
+        with self._lock:
+            if self._done:
+                return
+            self._states[index] = vector
+            self._remaining -= 1
+            if self._remaining:
+                return
+            self._done = True
+            self.result = np.concatenate(self._states)
+        self._loop.call_soon_threadsafe(_set_result, self.future, self.result)
 
 
 def _set_result(future: asyncio.Future[FloatMatrix], value: FloatMatrix) -> None:

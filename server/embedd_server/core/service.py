@@ -33,12 +33,14 @@ from embedd_server.core.classifying import (
 )
 from embedd_server.core.engine_settings import EngineSettings, LoadOptions
 from embedd_server.core.errors import (
+    EmptyInput,
     InvalidInput,
     ModelNotClassifier,
     ModelNotEmbedding,
     ModelNotReranker,
     ModelNotSparse,
     ModelWrongTask,
+    NotImplementedFeature,
     shorten,
 )
 from embedd_server.core.quantization import (
@@ -63,7 +65,7 @@ from embedd_server.core.reranking import (
     require_reranker,
     scores_of,
 )
-from embedd_server.core.scheduler import Job
+from embedd_server.core.scheduler import Job, TokenStatesJob
 from embedd_server.core.sparse import SparseRow, sparse_rows
 from embedd_server.core.tasks import TASK_NOUNS, require_task
 from embedd_server.core.tokenization import (
@@ -73,13 +75,14 @@ from embedd_server.core.tokenization import (
     Tokenized,
     TokenizedPairs,
     Tokenizer,
+    TokenSpan,
     Truncation,
     check_token_ids,
     special_tokens,
     tokenize_texts,
     too_long,
 )
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.engines.base import FloatMatrix, gives_token_states
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,16 @@ class SparseOutcome:
     truncated_inputs: int = 0
 
 
+@dataclass(frozen=True)
+class TokenStatesOutcome:
+    """Every token's last hidden state, per input (``[its tokens, hidden size]``), in order."""
+
+    model: str
+    states: list[FloatMatrix]
+    prompt_tokens: int
+    truncated_inputs: int = 0
+
+
 # The error for "no model of this task is installed".
 _REFUSALS_BY_TASK: dict[str, type[ModelWrongTask]] = {
     EMBED: ModelNotEmbedding,
@@ -172,6 +185,16 @@ class TokenizeOutcome:
     ids: list[int]
     tokens: list[str]
     max_input_tokens: int
+
+
+@dataclass(frozen=True)
+class SpansOutcome:
+    """Each text's tokens with where they lie in it, and the texts as tokenized (the model's
+    prompt before each, lower-cased where the model lower-cases)."""
+
+    model: str
+    texts: list[str]
+    spans: list[list[TokenSpan]]
 
 
 @dataclass(frozen=True)
@@ -197,6 +220,11 @@ class EmbeddingService:
         self._metrics = registry.metrics
         # Each model's raw vectors of CALIBRATION_TEXTS (for int8/uint8), made on first use.
         self._calibration: dict[ModelInfo, FloatMatrix] = {}
+
+    @property
+    def settings(self) -> EngineSettings:
+        """The settings the service runs with (limits that routes report, e.g. TEI's /info)."""
+        return self._settings
 
     async def embed(self, params: EmbedParams, deadline: float | None = None) -> EmbedOutcome:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
@@ -246,6 +274,43 @@ class EmbeddingService:
         if starts is not None and pooling == "last":
             _zero_prompt_only_rows(raw, tokenized.sequences, starts)
         return raw, tokenized
+
+    async def token_states(
+        self, params: EmbedParams, deadline: float | None = None
+    ) -> TokenStatesOutcome:
+        """Every token's last hidden state of each input (TEI's /embed_all): the embedding
+        model's output before pooling, from an engine that gives it (ONNX Runtime's)."""
+        self._check_inputs(params)
+        info = self.registry.info_of_loaded(params.model) or self.registry.info(params.model)
+        require_task(info, EMBED, lambda: self._models_for(EMBED))
+        async with self.registry.use(params.model, params.keep_alive_s) as model:
+            if not gives_token_states(model.runtime):
+                raise NotImplementedFeature(
+                    f"Model '{model.info.name}' runs on {model.runtime.engine_name}, which gives "
+                    "pooled vectors only, not each token's hidden state. Token vectors come from "
+                    "the ONNX Runtime engine, which serves BERT, ModernBERT, MPNet and Gemma3 "
+                    "encoders with f32 or f16 weights (the `engine` setting, default auto, "
+                    "picks it for them)."
+                )
+            prompt = resolve_prompt(params, model.info)
+            texts = model_texts(params, model.info, prompt)
+            tokenized = await self._tokenize(params, texts, model)
+            self._count_inputs(model.info.name, tokenized)
+            request = current_request()
+            job = TokenStatesJob(
+                tokenized.sequences,
+                asyncio.get_running_loop(),
+                deadline,
+                request_id=request.request_id if request is not None else "",
+            )
+            states = await self._await(model, job)
+        ends = np.cumsum([len(ids) for ids in tokenized.sequences])[:-1]
+        return TokenStatesOutcome(
+            model=model.info.name,
+            states=np.split(states, ends),
+            prompt_tokens=tokenized.token_count,
+            truncated_inputs=tokenized.truncated,
+        )
 
     async def embed_sparse(
         self, params: EmbedParams, deadline: float | None = None
@@ -459,6 +524,54 @@ class EmbeddingService:
             max_input_tokens=model.info.max_input_tokens,
         )
 
+    async def token_spans(
+        self,
+        model_name: str,
+        texts: Sequence[str],
+        add_special_tokens: bool,
+        prompt_name: str | None,
+    ) -> SpansOutcome:
+        """Each text's tokens, untruncated, with where each lies in the text as the model
+        reads it (its prompt, ``prompt_name`` or the default one, prepended)."""
+        params = EmbedParams(model=model_name, texts=texts, prompt_name=prompt_name)
+        self._check_inputs(params)
+        async with self.registry.use(model_name) as model:
+            note_model(model.info.name)
+            tokenized = model_texts(params, model.info, resolve_prompt(params, model.info))
+            spans = await _off_loop_if_long(
+                sum(len(text) for text in tokenized),
+                lambda: [model.tokenizer.spans(text, add_special_tokens) for text in tokenized],
+            )
+        return SpansOutcome(model.info.name, tokenized, spans)
+
+    async def decode(
+        self, model_name: str, sequences: Sequence[Sequence[int]], skip_special_tokens: bool
+    ) -> tuple[str, list[str]]:
+        """The model's name and the text of each sequence of token ids."""
+        if not sequences:
+            raise EmptyInput("The request has no ids; give at least one token id.", param="ids")
+        limit = self._settings.max_inputs_per_request
+        if len(sequences) > limit:
+            raise InvalidInput(
+                f"The request has {len(sequences)} inputs; at most {limit} are allowed per "
+                "request. Split it.",
+                param="ids",
+            )
+        async with self.registry.use(model_name) as model:
+            note_model(model.info.name)
+            for index, ids in enumerate(sequences):
+                if not ids:
+                    raise EmptyInput(f"ids {index} is empty; give at least one token id.")
+                outside = next((i for i in ids if i >= model.vocab_size), None)
+                if outside is not None:
+                    raise InvalidInput(
+                        f"ids {index} has token id {outside}, outside the model's vocabulary "
+                        f"(0..{model.vocab_size - 1}).",
+                        param="ids",
+                    )
+            texts = [model.tokenizer.decode(ids, skip_special_tokens) for ids in sequences]
+        return model.info.name, texts
+
     def list_models(self) -> list[ModelStatus]:
         return [self._status(info) for info in self.registry.catalogue()]
 
@@ -530,7 +643,7 @@ class EmbeddingService:
         if params.texts and params.token_ids:
             raise InvalidInput("Give either texts or token ids, not both.", param="input")
         if count == 0:
-            raise InvalidInput("The request has no input; give at least one text.", param="input")
+            raise EmptyInput("The request has no input; give at least one text.", param="input")
         limit = self._settings.max_inputs_per_request
         if count > limit:
             raise InvalidInput(
@@ -540,7 +653,7 @@ class EmbeddingService:
             )
         for index, text in enumerate(params.texts):
             if not text:
-                raise InvalidInput(
+                raise EmptyInput(
                     f"Input {index} is an empty string; every input needs some text.",
                     param=f"input[{index}]",
                 )
@@ -606,6 +719,10 @@ class EmbeddingService:
             pooling_starts=pooling_starts,
             token_type_starts=token_type_starts,
         )
+        return await self._await(model, job)
+
+    async def _await(self, model: LoadedModel, job: Job) -> FloatMatrix:
+        """Queues a job on the model's workers and waits for its rows."""
         model.queue.submit(job)
         try:
             return await job.future

@@ -26,7 +26,7 @@ TASK_NOUNS = {
     SPARSE: "a sparse encoder (SPLADE)",
 }
 TASK_ROUTES = {
-    EMBED: "the Embed RPC, POST /v1/embeddings, /api/embed or /v2/embed",
+    EMBED: "the Embed RPC, POST /v1/embeddings, /api/embed, /v2/embed or /embed",
     RERANK: "the Rerank RPC, POST /v1/rerank, /v2/rerank or /rerank (or Classify, /predict)",
     CLASSIFY: "the Classify RPC or POST /predict",
     SPARSE: "the EmbedSparse RPC or POST /embed_sparse",

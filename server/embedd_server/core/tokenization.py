@@ -42,6 +42,19 @@ CHARS_PER_TOKEN_GUESS = 8
 UNSETTLED_PIECES = 8
 
 
+@dataclass(frozen=True)
+class TokenSpan:
+    """One token of a text: its id, its string in the vocabulary, whether it is a special
+    token the tokenizer added, and the characters of the text it covers (``start`` to
+    ``stop``; nothing for a special token)."""
+
+    id: int
+    token: str
+    special: bool
+    start: int
+    stop: int
+
+
 class Tokenizer(Protocol):
     """What the service needs of a tokenizer."""
 
@@ -66,6 +79,12 @@ class Tokenizer(Protocol):
         (``[CLS] q [SEP] d [SEP]``, ``<s> q </s></s> d </s>``), cut longest-first to at
         most ``max_tokens``, as transformers truncates; with where each pair's type-1 tokens
         begin."""
+
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenSpan]:
+        """The tokens of a whole text, with where each lies in it (TEI's /tokenize)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """The text of token ids (TEI's /decode)."""
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         """How many leading tokens of ``prompt + text`` are the prompt's, as
@@ -162,6 +181,22 @@ class HuggingFaceTokenizer:
             truncated=sum(1 for e in encodings if e.overflowing),
         )
 
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenSpan]:
+        encoding = self._full.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return [
+            TokenSpan(token_id, token, bool(special), start, stop)
+            for token_id, token, special, (start, stop) in zip(
+                encoding.ids,
+                encoding.tokens,
+                encoding.special_tokens_mask,
+                encoding.offsets,
+                strict=True,
+            )
+        ]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self._full.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
         encoding = self._truncating_to(max_tokens).encode_batch([prompt])[0]
         closing = bool(encoding.ids) and bool(encoding.special_tokens_mask[-1])
@@ -212,9 +247,19 @@ class LlamaTokenizer:
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_tokens: int) -> TokenizedPairs:
         raise NotImplementedFeature(
-            "This model has no exact tokenizer (no tokenizer.huggingface.json, and none could "
-            "be rebuilt from its vocabulary), so its pair template is unknown and scores would "
-            "be wrong; re-create the file with `embedd import` from the model's directory."
+            f"{_NO_EXACT_TOKENIZER}, so its pair template is unknown and scores would be wrong; "
+            f"{_REIMPORT}"
+        )
+
+    def spans(self, text: str, add_special_tokens: bool) -> list[TokenSpan]:
+        raise NotImplementedFeature(
+            f"{_NO_EXACT_TOKENIZER}, so where its tokens lie in a text and which are special "
+            f"is unknown; the Tokenize RPC gives its token ids. {_REIMPORT}"
+        )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        raise NotImplementedFeature(
+            f"{_NO_EXACT_TOKENIZER}, so its ids cannot be decoded exactly; {_REIMPORT}"
         )
 
     def prompt_length(self, prompt: str, max_tokens: int) -> int:
@@ -223,6 +268,13 @@ class LlamaTokenizer:
         frame = self._tokenize(b"")
         closing = bool(frame) and bool(ids) and ids[-1] == frame[-1]
         return len(ids) - (1 if closing else 0)
+
+
+_NO_EXACT_TOKENIZER = (
+    "This model has no exact tokenizer (no tokenizer.huggingface.json, and none could be "
+    "rebuilt from its vocabulary)"
+)
+_REIMPORT = "re-create the file with `embedd import` from the model's directory."
 
 
 def _part(text: str, chars: int, direction: str) -> str:

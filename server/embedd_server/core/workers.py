@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from embedd_server.core.errors import InternalError, Unavailable
 from embedd_server.core.scheduler import FairQueue, WorkItem, request_ids
-from embedd_server.engines.base import Engine, EngineDied
+from embedd_server.engines.base import Engine, EngineDied, FloatMatrix, TokenStatesEngine
 from embedd_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,28 @@ def _offsets(items: list[WorkItem]) -> tuple[list[int] | None, list[int] | None]
     types = [item.token_type_start for item in items]
     two_segments = any(t < len(item.token_ids) for t, item in zip(types, items, strict=True))
     return (pool if any(pool) else None), (types if two_segments else None)
+
+
+def _rows(engine: Engine, items: list[WorkItem]) -> list[FloatMatrix]:
+    """Each item's answer, in order: its pooled vector, or its tokens' hidden states for a
+    job that wants them (one engine call for each kind the batch holds)."""
+    rows: list[FloatMatrix] = [np.empty(0, dtype=np.float32)] * len(items)
+    pooled = [i for i, item in enumerate(items) if not item.job.token_states]
+    if pooled:
+        chosen = [items[i] for i in pooled]
+        vectors = engine.embed_batch([item.token_ids for item in chosen], *_offsets(chosen))
+        for i, vector in zip(pooled, vectors, strict=True):
+            rows[i] = vector
+    tokens = [i for i, item in enumerate(items) if item.job.token_states]
+    if tokens:
+        if not isinstance(engine, TokenStatesEngine):
+            raise TypeError("this engine gives pooled vectors only, not token states")
+        sequences = [items[i].token_ids for i in tokens]
+        states = engine.token_states(sequences)
+        ends = np.cumsum([len(ids) for ids in sequences])[:-1]
+        for i, part in zip(tokens, np.split(states, ends), strict=True):
+            rows[i] = part
+    return rows
 
 
 class WorkerPool:
@@ -195,7 +219,7 @@ class WorkerPool:
         sequences = [item.token_ids for item in live]
         started = time.perf_counter()
         try:
-            vectors = engine.embed_batch(sequences, *_offsets(live))
+            rows = _rows(engine, live)
         except EngineDied:
             raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:
@@ -210,7 +234,7 @@ class WorkerPool:
         self._observe_compute(time.perf_counter() - started)
         self._observe_texts(len(sequences))
         self._observe_tokens(sum(map(len, sequences)))
-        for item, vector in zip(live, vectors, strict=True):
+        for item, vector in zip(live, rows, strict=True):
             item.job.deliver(item.index, vector)
 
     def _watch(self) -> None:

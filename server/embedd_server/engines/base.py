@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,23 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Frees the engine's memory."""
+
+
+@runtime_checkable
+class TokenStatesEngine(Engine, Protocol):
+    """An engine that also gives every token's last hidden state (TEI's /embed_all): the
+    ONNX Runtime engine of an encoder. Its runtime says so with ``token_states = True``
+    (:func:`gives_token_states`)."""
+
+    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+        """Every token's last hidden state, the sequences' tokens one row each, in order:
+        ``[total tokens, hidden size]``, not normalized."""
+
+
+def gives_token_states(runtime: Runtime) -> bool:
+    """Whether the runtime's engines are :class:`TokenStatesEngine` for its model (an
+    attribute ``token_states`` of runtimes that can; llama.cpp's cannot)."""
+    return bool(getattr(runtime, "token_states", False))
 
 
 class EngineDied(RuntimeError):

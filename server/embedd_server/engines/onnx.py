@@ -34,6 +34,7 @@ from embedd_server.core.errors import ModelLoadError
 from embedd_server.engines.base import Engine, EngineDied, FloatMatrix
 from embedd_server.engines.llama import LlamaModelWeights
 from embedd_server.engines.onnx_graph import (
+    HIDDEN_OUTPUT_NAME,
     META_MAX_POSITIONS,
     META_POOLING,
     META_VOCAB_SIZE,
@@ -107,8 +108,10 @@ class OnnxEngine:
         input_names = {i.name for i in self._session.get_inputs()}
         self._token_types = "token_type_ids" in input_names
         self._pooling_mask = POOLING_MASK_NAME in input_names  # include_prompt: false
-        output = next(o for o in self._session.get_outputs() if o.name == OUTPUT_NAME)
-        self._dimensions = int(output.shape[1])
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        self._dimensions = int(outputs[OUTPUT_NAME].shape[1])
+        # An encoder's graph also gives every token's last hidden state (TEI's /embed_all).
+        self.gives_token_states = HIDDEN_OUTPUT_NAME in outputs
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
 
@@ -153,6 +156,27 @@ class OnnxEngine:
             type_ids = None if types is None else self._type_ids(mask, types, rows)
             out[rows] = self._run(session, ids, mask, self._pool_mask(mask, starts, rows), type_ids)
         return out
+
+    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
+        """Every token's last hidden state (the encoder's output before pooling), the
+        sequences' tokens one row each, in order: ``[total tokens, hidden size]``."""
+        session = self._session
+        if session is None or self._aborted.is_set():
+            raise EngineAborted("the engine was aborted or closed")
+        if not self.gives_token_states:
+            raise ValueError("this graph was built without its last_hidden_state output")
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        if len(sequences) == 0:
+            return np.empty((0, 0), dtype=np.float32)
+        self._check_lengths(lengths)
+        order = np.argsort(lengths, kind="stable")
+        batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
+        states: list[FloatMatrix] = [np.empty(0, dtype=np.float32)] * len(sequences)
+        for rows, (ids, mask) in batches:
+            hidden = self._run(session, ids, mask, output=HIDDEN_OUTPUT_NAME)
+            for row, index in enumerate(rows):
+                states[index] = hidden[row, : lengths[index]]
+        return np.concatenate(states)
 
     def _check_type_starts(
         self, token_type_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
@@ -260,6 +284,8 @@ class OnnxEngine:
         mask: npt.NDArray[np.int64],
         pool_mask: npt.NDArray[np.int64] | None = None,
         type_ids: npt.NDArray[np.int64] | None = None,
+        *,
+        output: str = OUTPUT_NAME,
     ) -> FloatMatrix:
         feed = {"input_ids": ids, "attention_mask": mask}
         if self._token_types:
@@ -267,7 +293,7 @@ class OnnxEngine:
         if pool_mask is not None:
             feed[POOLING_MASK_NAME] = pool_mask
         try:
-            (vectors,) = session.run([OUTPUT_NAME], feed, self._run_options)
+            (vectors,) = session.run([output], feed, self._run_options)
         except Exception as exc:
             if self._aborted.is_set():
                 raise EngineAborted("the engine was aborted during a call") from exc
@@ -348,9 +374,13 @@ class OnnxRuntime:
             source = load_gguf(path)
             # A cross-encoder with two token types (BERT) scores a pair whose document is
             # type 1: its graph takes the types; an encoder's texts are all type 0.
+            # An encoder's graph also outputs its last hidden state, for TEI's /embed_all
+            # (pooled calls do not fetch it: their speed is the same).
+            self.token_states = source.pooling not in ("rank", "splade")
             model = source.build(
                 pooling_mask_input=pool_from_starts,
                 token_type_input=source.pooling == "rank" and source.token_types > 1,
+                hidden_output=self.token_states,
             )
             if int8:
                 model = quantize_int8(model)

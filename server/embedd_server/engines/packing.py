@@ -10,6 +10,9 @@ A pack travels to a worker process as int32 values
 - ``type_i``, the first token of sequence i whose token type is 1: a cross-encoder's pair
   ``[CLS] query [SEP] document [SEP]`` has type 0 up to the first ``[SEP]``, 1 after it; a
   single text has no second segment (``type_i`` = its length).
+
+A negative count (``-n``) asks for every token's last hidden state instead of pooled vectors
+(TEI's /embed_all); the rest of the pack is the same.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Pack(NamedTuple):
     lengths: Int32Array
     pooling_starts: Int32Array
     token_type_starts: Int32Array
+    token_states: bool = False  # every token's hidden state, not pooled vectors
 
 
 def starts_array(
@@ -59,15 +63,23 @@ def encode_pack(
     sequences: Sequence[Sequence[int]],
     pooling_starts: Sequence[int] | None = None,
     token_type_starts: Sequence[int] | None = None,
+    *,
+    token_states: bool = False,
 ) -> bytes:
     """A pack as the int32 message ``[n, lengths..., pool..., type..., tokens...]``
-    (pooling starts default to 0, token type starts to each length: one segment)."""
+    (pooling starts default to 0, token type starts to each length: one segment; ``-n``
+    with ``token_states``)."""
     tokens, lengths = flatten(sequences)
     pool = starts_array(pooling_starts, lengths)
     types = starts_array(token_type_starts, lengths, default=lengths)
     return (
         b"".join(
-            (np.int32(len(lengths)).tobytes(), lengths.tobytes(), pool.tobytes(), types.tobytes())
+            (
+                np.int32(-len(lengths) if token_states else len(lengths)).tobytes(),
+                lengths.tobytes(),
+                pool.tobytes(),
+                types.tobytes(),
+            )
         )
         + tokens.tobytes()
     )
@@ -78,7 +90,8 @@ def decode_pack(message: bytes) -> Pack:
     if len(message) < 4 or len(message) % 4:
         raise ValueError("malformed pack")
     values = np.frombuffer(message, dtype=np.int32)
-    count = int(values[0])
+    token_states = int(values[0]) < 0
+    count = abs(int(values[0]))
     if count < 1 or len(values) < 1 + 3 * count:
         raise ValueError("malformed pack")
     lengths = values[1 : 1 + count]
@@ -90,7 +103,7 @@ def decode_pack(message: bytes) -> Pack:
     for starts in (pool, types):
         if (starts < 0).any() or (starts > lengths).any():
             raise ValueError("malformed pack")
-    return Pack(tokens, lengths, pool, types)
+    return Pack(tokens, lengths, pool, types, token_states)
 
 
 def masked_means(

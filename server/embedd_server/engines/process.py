@@ -16,9 +16,10 @@ The wire between them is a socket pair with length-prefixed messages
 
 - server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
   ``[n, lengths, pooling starts, token type starts, tokens ...]``
-  (:mod:`~embedd_server.engines.packing`).
+  (:mod:`~embedd_server.engines.packing`); ``-n`` asks for every token's hidden state.
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
-  major) per pack; ``E`` + a UTF-8 message when loading or decoding failed.
+  major) per pack (one row per token for token states); ``E`` + a UTF-8 message when loading
+  or decoding failed.
 """
 
 from __future__ import annotations
@@ -116,7 +117,17 @@ class ProcessEngine:
         pooling_starts: Sequence[int] | None = None,
         token_type_starts: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
-        message = encode_pack(sequences, pooling_starts, token_type_starts)
+        reply = self._exchange(encode_pack(sequences, pooling_starts, token_type_starts))
+        return reply.reshape(len(sequences), self._dimensions)
+
+    def token_states(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        """Every token's last hidden state, one row per token, in order (an engine whose
+        runtime gives them: see :class:`~embedd_server.engines.base.TokenStatesEngine`)."""
+        reply = self._exchange(encode_pack(sequences, token_states=True))
+        return reply.reshape(sum(map(len, sequences)), -1)
+
+    def _exchange(self, message: bytes) -> npt.NDArray[np.float32]:
+        """Sends a pack and returns the float32 values of the answer."""
         try:
             self._conn.send_bytes(message)
             reply = self._conn.recv_bytes()  # blocks without the GIL while the child decodes
@@ -126,8 +137,7 @@ class ProcessEngine:
             ) from None
         if reply[:1] == ERROR:
             raise RuntimeError(reply[1:].decode("utf-8", "replace"))
-        vectors = np.frombuffer(reply, dtype=np.float32, offset=1)
-        return vectors.reshape(len(sequences), self._dimensions)
+        return np.frombuffer(reply, dtype=np.float32, offset=1)
 
     @property
     def alive(self) -> bool:

@@ -43,6 +43,8 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
 
         def embed_onnx(pack: Pack) -> FloatMatrix:
             sequences: list[Int32Array] = np.split(pack.tokens, np.cumsum(pack.lengths)[:-1])
+            if pack.token_states:
+                return session.token_states(sequences)  # type: ignore[arg-type]
             return session.embed_batch(
                 sequences,  # type: ignore[arg-type]  # arrays index like lists
                 pack.pooling_starts.tolist() if pack.pooling_starts.any() else None,
@@ -54,6 +56,8 @@ def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
     context = LlamaEngine.from_spec(weights, spec)
 
     def embed_llama(pack: Pack) -> FloatMatrix:
+        if pack.token_states:
+            raise ValueError("llama.cpp's engine gives pooled vectors only, not token states")
         return context.embed_packed(
             pack.tokens, pack.lengths, pack.pooling_starts, pack.token_type_starts
         )

@@ -20,6 +20,7 @@ from embedd_server.rpc.rerank_routes import RerankRoutes
 from embedd_server.rpc.rest_routes import RestRoutes
 from embedd_server.rpc.status import translate_errors, translate_stream_errors
 from embedd_server.rpc.task_routes import TaskRoutes
+from embedd_server.rpc.tei_routes import TeiRoutes
 from embedd_server.rpc.truncation import native_truncation
 
 
@@ -76,6 +77,7 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
 
 
 class EmbedderServicer(
+    TeiRoutes,
     RestRoutes,
     OllamaRoutes,
     CohereRoutes,
@@ -103,6 +105,7 @@ class EmbedderServicer(
         RerankRoutes.__init__(self, service)
         TaskRoutes.__init__(self, service)
         ModelRoutes.__init__(self, service)
+        TeiRoutes.__init__(self, service, serving)
         self._service = service
         self._stream_window = stream_window
         self._serving = serving

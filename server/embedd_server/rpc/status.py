@@ -121,33 +121,88 @@ def cohere_error_body(error: EmbeddError) -> dict[str, Any]:
     return {"message": error.message}
 
 
-# TEI's error_type per HTTP status class of ours.
-_TEI_ERROR_TYPES = {400: "Validation", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+def tei_status(error: EmbeddError) -> tuple[int, str]:
+    """TEI's HTTP status and ``error_type`` for an error, as TEI's ``From<ErrorType> for
+    StatusCode`` maps them: an empty batch or text is ``Empty`` (400), any other invalid
+    request ``Validation`` (422: too long, bad dimensions, unknown prompt, bad shapes), a model
+    asked for what its task does not do or a failure of the model ``Backend`` (424, TEI's
+    "model is not an embedding model"), a full queue ``Overloaded`` (429), a server that does
+    not serve ``Unhealthy`` (503). What TEI has no kind for keeps embedd's status (404 for an
+    unknown ``model``, 401/403 for keys, 413 for a body over the limit, 499/504 for calls
+    cancelled or past their deadline)."""
+    for kind, status, name in _TEI_KINDS:
+        if isinstance(error, kind):
+            return status, name
+    status = status_of(error).http_status
+    return _TEI_BY_STATUS.get(status, (status, "Backend" if status >= 500 else "Validation"))
+
+
+# TEI's status and error_type of the kinds it tells apart, most specific first.
+_TEI_KINDS: tuple[tuple[type[EmbeddError], int, str], ...] = (
+    (errors.EmptyInput, 400, "Empty"),
+    (errors.ModelWrongTask, 424, "Backend"),
+    (errors.InvalidInput, 422, "Validation"),
+)
+# ... and of the others, by embedd's HTTP status: internal failures and what an engine cannot
+# do are TEI's backend errors.
+_TEI_BY_STATUS = {
+    429: (429, "Overloaded"),
+    503: (503, "Unhealthy"),
+    500: (424, "Backend"),
+    501: (424, "Backend"),
+}
 
 
 def tei_error_body(error: EmbeddError) -> dict[str, Any]:
-    """TEI's error object: {"error": "...", "error_type": "Validation" | ...}."""
-    kind = _TEI_ERROR_TYPES.get(status_of(error).http_status, "Backend")
-    return {"error": error.message, "error_type": kind}
+    """TEI's error object: {"error": "...", "error_type": "Validation" | "Empty" | ...}."""
+    return {"error": error.message, "error_type": tei_status(error)[1]}
 
 
-# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins. The
-# root "/" answers Ollama's clients ("Ollama is running").
+# The HTTP status of the shapes whose API has its own (TEI's); the others take the table's.
+_HTTP_STATUS_BY_SHAPE: dict[BodyShape, Callable[[EmbeddError], int]] = {
+    tei_error_body: lambda error: tei_status(error)[0],
+}
+
+
+def http_status_of(error: EmbeddError, shape: BodyShape) -> int:
+    """The HTTP status an error answers with on a route of the given error shape."""
+    special = _HTTP_STATUS_BY_SHAPE.get(shape)
+    return special(error) if special is not None else status_of(error).http_status
+
+
+# TEI's routes (POST / and /invocations too: TEI's hosted-endpoint routes, see
+# shape_of_path). envoy/rest_errors.lua's TEI_PATHS and tools/openapi.py's ERRORS_BY_PATH
+# list the same paths.
+TEI_PATHS = (
+    "/rerank",
+    "/predict",
+    "/embed_sparse",
+    "/embed",
+    "/embed_all",
+    "/similarity",
+    "/tokenize",
+    "/decode",
+    "/info",
+    "/ping",
+    "/invocations",
+)
+
+# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins.
 _SHAPES_BY_PATH: tuple[tuple[str, BodyShape], ...] = (
     ("/api/", ollama_error_body),
     ("/v1/rerank", rerank_error_body),
     ("/v2/rerank", rerank_error_body),
     ("/v2/", cohere_error_body),
-    ("/rerank", tei_error_body),
-    ("/predict", tei_error_body),
-    ("/embed_sparse", tei_error_body),
 )
 
 
-def shape_of_path(path: str) -> BodyShape | None:
-    """The error shape of a REST path; None for OpenAI's (the default)."""
+def shape_of_path(path: str, verb: str = "get") -> BodyShape | None:
+    """The error shape of a REST path and verb; None for OpenAI's (the default). The root
+    answers Ollama's clients on GET and HEAD ("Ollama is running") and TEI's on POST."""
     if path == "/":
-        return ollama_error_body
+        return tei_error_body if verb == "post" else ollama_error_body
+    if path in TEI_PATHS:
+        return tei_error_body
     return next((shape for prefix, shape in _SHAPES_BY_PATH if path.startswith(prefix)), None)
 
 
@@ -161,7 +216,8 @@ def _shapes_by_method() -> dict[str, BodyShape]:
         if not pattern:
             continue
         path = rule.custom.path if pattern == "custom" else getattr(rule, pattern)
-        shape = shape_of_path(path)
+        verb = rule.custom.kind.lower() if pattern == "custom" else pattern
+        shape = shape_of_path(path, verb)
         if shape is not None:
             found[f"/{service.full_name}/{method.name}"] = shape
     return found
@@ -186,7 +242,7 @@ def _as_embedd_error(exc: BaseException) -> EmbeddError:
 def _trailers(error: EmbeddError, shape: BodyShape) -> tuple[tuple[str, str], ...]:
     # gRPC metadata values must be ASCII: non-ASCII text travels \u-escaped in the JSON.
     body = json.dumps(shape(error), ensure_ascii=True, separators=(",", ":"))
-    trailers = [(HTTP_ERROR_KEY, body), ("x-http-status", str(status_of(error).http_status))]
+    trailers = [(HTTP_ERROR_KEY, body), ("x-http-status", str(http_status_of(error, shape)))]
     if error.retry_after_s is not None:
         trailers.append((RETRY_AFTER_KEY, str(max(1, math.ceil(error.retry_after_s)))))
     return tuple(trailers)

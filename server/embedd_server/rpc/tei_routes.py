@@ -1,0 +1,461 @@
+"""Hugging Face TEI's routes beyond /rerank, /predict and /embed_sparse: ``/embed``,
+``/embed_all``, ``/similarity``, ``/tokenize``, ``/decode``, ``/info``, ``/ping``, and ``POST /``
+and ``/invocations`` (TEI's hosted-endpoint routes, dispatched by the model's task).
+
+Each translates TEI's request into the core's params and the outcome back into TEI's answer
+(bare JSON arrays are ``ListValue`` messages the transcoder prints as such); errors are TEI's
+``{"error", "error_type"}`` with TEI's status codes (rpc/status.py's ``tei_status``). Every
+rule about inputs, prompts and vectors lives in the core.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from google.api import httpbody_pb2  # type: ignore[import-untyped]
+from google.protobuf import struct_pb2
+
+from embedd.v1 import embedder_pb2 as pb
+from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
+from embedd_server.core.errors import EmptyInput, InvalidInput, Unavailable
+from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.engines.base import FloatMatrix
+from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.context import Context, deadline_of
+from embedd_server.rpc.json_fields import json_type
+from embedd_server.rpc.status import tei_error_body, translate_errors
+from embedd_server.rpc.task_routes import tei_direction
+
+INPUT_SHAPES = (
+    "inputs must be a string, a list of token ids, or a list of strings and token-id lists"
+)
+IDS_SHAPES = "ids must be a list of token ids or a list of such lists"
+_TRUNCATE_HINT = 'send "truncate": true'
+_MAX_TOKEN_ID = 2**32 - 1
+# TEI's names of the poolings embedd's models use.
+_TEI_POOLINGS = {"last": "last_token"}
+# TEI's names of the GGUF float types; quantized types keep their GGUF names (q8_0, ...).
+_TEI_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+Input = str | list[int]  # a text, or token ids
+
+
+@dataclass(frozen=True)
+class TeiEmbedOptions:
+    """The options of TEI's embedding-shaped requests, as the core takes them."""
+
+    model: str
+    truncate: bool
+    truncation_direction: str
+    prompt_name: str | None
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("embedd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0+unknown"
+
+
+class TeiRoutes:
+    """TEI's RPCs of embedd.v1.Embedder (mixed into its servicer). ``serving`` says whether
+    the server serves, for /ping."""
+
+    # TEI's /predict, /rerank and /embed_sparse, which POST / dispatches to: the servicer's
+    # other mixins (TaskRoutes, RerankRoutes) provide them.
+    TeiPredict: Callable[[pb.TeiPredictRequest, Context], Awaitable[struct_pb2.ListValue]]
+    TeiRerank: Callable[[pb.TeiRerankRequest, Context], Awaitable[struct_pb2.ListValue]]
+    TeiEmbedSparse: Callable[[pb.TeiEmbedSparseRequest, Context], Awaitable[struct_pb2.ListValue]]
+
+    def __init__(self, service: EmbeddingService, serving: Callable[[], bool]) -> None:
+        self._tei_service = service
+        self._tei_serving = serving
+
+    @translate_errors(tei_error_body)
+    async def TeiEmbed(self, request: pb.TeiEmbedRequest, context: Context) -> struct_pb2.ListValue:
+        options = TeiEmbedOptions(
+            model=request.model,
+            truncate=_truncate(request),
+            truncation_direction=tei_direction(request.truncation_direction),
+            prompt_name=request.prompt_name or None,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            dimensions=request.dimensions if request.HasField("dimensions") else None,
+        )
+        vectors = await self._embed(tei_inputs(request.inputs), options, deadline_of(context))
+        return vector_messages.nested_list_value(vectors)
+
+    @translate_errors(tei_error_body)
+    async def TeiSimilarity(
+        self, request: pb.TeiSimilarityRequest, context: Context
+    ) -> struct_pb2.ListValue:
+        if not request.inputs.sentences:
+            raise EmptyInput("`inputs.sentences` cannot be empty", param="inputs.sentences")
+        parameters = request.parameters
+        options = TeiEmbedOptions(
+            model=request.model,
+            truncate=_truncate(parameters),
+            truncation_direction=tei_direction(parameters.truncation_direction),
+            prompt_name=parameters.prompt_name or None,
+            normalize=False,
+        )
+        texts: list[Input] = [request.inputs.source_sentence, *request.inputs.sentences]
+        vectors = await self._embed(texts, options, deadline_of(context))
+        answer = struct_pb2.ListValue()
+        answer.extend(vector_messages.shortest_float32(cosines(vectors)).tolist())
+        return answer
+
+    @translate_errors(tei_error_body)
+    async def TeiEmbedAll(
+        self, request: pb.TeiEmbedAllRequest, context: Context
+    ) -> struct_pb2.ListValue:
+        inputs = tei_inputs(request.inputs)
+        if any(not isinstance(item, str) for item in inputs) and not all(
+            not isinstance(item, str) for item in inputs
+        ):
+            raise InvalidInput(
+                "embed_all takes texts or token ids, not both in one request.", param="inputs"
+            )
+        texts = [item for item in inputs if isinstance(item, str)]
+        params = EmbedParams(
+            model=request.model,
+            texts=texts,
+            token_ids=[item for item in inputs if not isinstance(item, str)],
+            truncate=_truncate(request),
+            truncation_direction=tei_direction(request.truncation_direction),
+            truncation_hint=_TRUNCATE_HINT,
+            prompt_name=(request.prompt_name or None) if texts else None,
+            prompt=None if texts else "",
+        )
+        outcome = await self._tei_service.token_states(params, deadline_of(context))
+        answer = struct_pb2.ListValue()
+        for states in outcome.states:
+            answer.values.add().list_value.CopyFrom(vector_messages.nested_list_value(states))
+        return answer
+
+    @translate_errors(tei_error_body)
+    async def TeiTokenize(
+        self, request: pb.TeiTokenizeRequest, context: Context
+    ) -> struct_pb2.ListValue:
+        outcome = await self._tei_service.token_spans(
+            request.model,
+            tokenize_inputs(request.inputs),
+            request.add_special_tokens if request.HasField("add_special_tokens") else True,
+            request.prompt_name or None,
+        )
+        answer = struct_pb2.ListValue()
+        for text, spans in zip(outcome.texts, outcome.spans, strict=True):
+            row = answer.add_list()
+            offsets = byte_offsets(text)
+            for span in spans:
+                token = row.add_struct()
+                if span.special:
+                    token.update({"id": span.id, "text": span.token, "special": True})
+                    token.update({"start": None, "stop": None})
+                else:
+                    token.update({"id": span.id, "text": text[span.start : span.stop]})
+                    token.update({"special": False, "start": int(offsets[span.start])})
+                    token.update({"stop": int(offsets[span.stop])})
+        return answer
+
+    @translate_errors(tei_error_body)
+    async def TeiDecode(
+        self, request: pb.TeiDecodeRequest, context: Context
+    ) -> struct_pb2.ListValue:
+        _, texts = await self._tei_service.decode(
+            request.model,
+            decode_ids(request.ids),
+            request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+        )
+        answer = struct_pb2.ListValue()
+        answer.extend(texts)
+        return answer
+
+    @translate_errors(tei_error_body)
+    async def TeiInfo(self, request: pb.TeiInfoRequest, context: Context) -> pb.TeiInfoResponse:
+        status = self._tei_service.get_model(request.model)
+        settings = self._tei_service.settings
+        info = status.info
+        onnx = status.engine.startswith("onnxruntime")
+        null = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+        return pb.TeiInfoResponse(
+            model_id=info.name,
+            model_sha=null,
+            model_dtype=_TEI_DTYPES.get(info.quantization, info.quantization),
+            served_model_name=info.name,
+            model_type=tei_model_type(info, status.pooling or info.pooling),
+            max_concurrent_requests=settings.max_queued_texts,
+            max_input_length=info.max_input_tokens,
+            max_batch_tokens=settings.onnx_batch_tokens if onnx else settings.batch_tokens,
+            max_batch_requests=null,
+            max_client_batch_size=settings.max_inputs_per_request,
+            auto_truncate=True,
+            # asyncio.to_thread's default executor, where long texts are tokenized.
+            tokenization_workers=min(32, (os.cpu_count() or 1) + 4),
+            version=_version(),
+            sha=null,
+            docker_label=null,
+        )
+
+    @translate_errors(tei_error_body)
+    async def TeiPing(self, request: pb.TeiPingRequest, context: Context) -> httpbody_pb2.HttpBody:
+        if not self._tei_serving():
+            raise Unavailable("unhealthy: the server is starting, draining or without workers.")
+        return httpbody_pb2.HttpBody(content_type="text/plain", data=b"")
+
+    @translate_errors(tei_error_body)
+    async def TeiInvoke(
+        self, request: pb.TeiInvokeRequest, context: Context
+    ) -> struct_pb2.ListValue:
+        info = self._tei_service.get_model(request.model).info
+        if info.task == CLASSIFY:
+            return await self.TeiPredict(_predict_request(request, info), context)
+        if info.task == RERANK:
+            return await self.TeiRerank(_rerank_request(request, info), context)
+        if info.task == SPARSE:
+            return await self.TeiEmbedSparse(_sparse_request(request, info), context)
+        if request.inputs.WhichOneof("kind") == "struct_value":
+            return await self.TeiSimilarity(_similarity_request(request, info), context)
+        return await self.TeiEmbed(_embed_request(request, info), context)
+
+    async def _embed(
+        self, inputs: list[Input], options: TeiEmbedOptions, deadline: float | None
+    ) -> FloatMatrix:
+        """The vectors of texts and token-id lists, in order (each kind embedded apart: the
+        core takes one kind per call)."""
+        texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+        ids = [i for i, item in enumerate(inputs) if not isinstance(item, str)]
+        parts: list[tuple[list[int], FloatMatrix]] = []
+        for positions in (group for group in (texts, ids) if group):
+            chosen = [inputs[i] for i in positions]
+            are_texts = positions is texts
+            params = EmbedParams(
+                model=options.model,
+                texts=[item for item in chosen if isinstance(item, str)],
+                token_ids=[item for item in chosen if not isinstance(item, str)],
+                dimensions=options.dimensions,
+                normalize=options.normalize,
+                truncate=options.truncate,
+                truncation_direction=options.truncation_direction,
+                truncation_hint=_TRUNCATE_HINT,
+                # Token ids are the model's tokens as they are: no prompt goes before them.
+                prompt_name=options.prompt_name if are_texts else None,
+                prompt=None if are_texts else "",
+            )
+            outcome = await self._tei_service.embed(params, deadline)
+            parts.append((positions, outcome.vectors))
+        if len(parts) == 1:
+            return parts[0][1]
+        width = parts[0][1].shape[1]
+        merged = np.empty((len(inputs), width), dtype=np.float32)
+        for positions, vectors in parts:
+            merged[positions] = vectors
+        return merged
+
+
+def _truncate(
+    request: pb.TeiEmbedRequest | pb.TeiEmbedAllRequest | pb.TeiSimilarityParameters,
+) -> bool:
+    """TEI's ``truncate``: unset is true here (TEI's --auto-truncate, on in embedd)."""
+    return request.truncate if request.HasField("truncate") else True
+
+
+def tei_inputs(value: struct_pb2.Value) -> list[Input]:
+    """TEI's ``inputs`` of /embed and /embed_all as its deserializer reads them: a string, a
+    list of token ids (one input), or a list of strings and token-id lists (a batch)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]
+    if kind != "list_value":
+        raise InvalidInput(f"{INPUT_SHAPES}; got {json_type(value)}.", param="inputs")
+    items = list(value.list_value.values)
+    if not items:
+        raise EmptyInput("`inputs` cannot be empty", param="inputs")
+    if all(item.WhichOneof("kind") == "number_value" for item in items):
+        return [token_ids(items, "inputs")]
+    batch: list[Input] = []
+    for index, item in enumerate(items):
+        where = f"inputs[{index}]"
+        kind = item.WhichOneof("kind")
+        if kind == "string_value":
+            batch.append(item.string_value)
+        elif kind == "list_value":
+            batch.append(token_ids(list(item.list_value.values), where))
+        else:
+            raise InvalidInput(f"{where} is {json_type(item)}; {INPUT_SHAPES}.", param=where)
+    return batch
+
+
+def tokenize_inputs(value: struct_pb2.Value) -> list[str]:
+    """TEI's ``inputs`` of /tokenize: a string or a list of strings."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]
+    items = list(value.list_value.values) if kind == "list_value" else []
+    if kind != "list_value" or any(i.WhichOneof("kind") != "string_value" for i in items):
+        raise InvalidInput(
+            f"inputs must be a string or a list of strings; got {json_type(value)}.",
+            param="inputs",
+        )
+    if not items:
+        raise EmptyInput("`inputs` cannot be empty", param="inputs")
+    return [item.string_value for item in items]
+
+
+def decode_ids(value: struct_pb2.Value) -> list[list[int]]:
+    """TEI's ``ids`` of /decode: a list of token ids, or a list of such lists."""
+    if value.WhichOneof("kind") != "list_value":
+        raise InvalidInput(f"{IDS_SHAPES}; got {json_type(value)}.", param="ids")
+    items = list(value.list_value.values)
+    if all(item.WhichOneof("kind") == "number_value" for item in items):
+        return [token_ids(items, "ids")]  # [] too: one empty list, as TEI reads it
+    batch = []
+    for index, item in enumerate(items):
+        if item.WhichOneof("kind") != "list_value":
+            raise InvalidInput(
+                f"ids[{index}] is {json_type(item)}; {IDS_SHAPES}.", param=f"ids[{index}]"
+            )
+        batch.append(token_ids(list(item.list_value.values), f"ids[{index}]"))
+    return batch
+
+
+def byte_offsets(text: str) -> npt.NDArray[np.int64]:
+    """Per character offset of ``text`` (0 to its length), the UTF-8 byte offset: TEI's
+    token offsets count bytes (Rust's strings), Python's tokenizers count characters."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    sizes = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+    offsets = np.zeros(len(points) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def token_ids(items: list[struct_pb2.Value], where: str) -> list[int]:
+    """A JSON list of token ids (integers from 0 to 2^32 - 1)."""
+    ids: list[int] = []
+    for index, item in enumerate(items):
+        number = item.number_value if item.WhichOneof("kind") == "number_value" else -1.0
+        if not (number.is_integer() and 0 <= number <= _MAX_TOKEN_ID):
+            raise InvalidInput(
+                f"{where}[{index}] is not a token id (an integer from 0 to {_MAX_TOKEN_ID}).",
+                param=f"{where}[{index}]",
+            )
+        ids.append(int(number))
+    return ids
+
+
+def cosines(vectors: FloatMatrix) -> FloatMatrix:
+    """The cosine of the first row with each other row (0 where a row is all zeros)."""
+    rows = vectors.astype(np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    dots = rows[1:] @ rows[0]
+    scale = norms[1:] * norms[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        found = np.where(scale > 0, dots / np.where(scale > 0, scale, 1.0), 0.0)
+    result: FloatMatrix = found.astype(np.float32)
+    return result
+
+
+def tei_model_type(info: ModelInfo, pooling: str) -> struct_pb2.Struct:
+    """TEI's model_type: {"embedding": {"pooling"}}, {"classifier": {"id2label",
+    "label2id"}} or {"reranker": {...}}."""
+    model_type = struct_pb2.Struct()
+    if info.task in (CLASSIFY, RERANK):
+        labels = info.label_names or tuple(f"LABEL_{i}" for i in range(max(1, info.labels)))
+        model_type.update(
+            {
+                "classifier" if info.task == CLASSIFY else "reranker": {
+                    "id2label": {str(i): label for i, label in enumerate(labels)},
+                    "label2id": {label: i for i, label in enumerate(labels)},
+                }
+            }
+        )
+    else:
+        name = "splade" if info.task == SPARSE else _TEI_POOLINGS.get(pooling, pooling)
+        model_type.update({"embedding": {"pooling": name}})
+    return model_type
+
+
+def _embed_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiEmbedRequest:
+    embed = pb.TeiEmbedRequest(
+        inputs=request.inputs,
+        truncation_direction=request.truncation_direction,
+        prompt_name=request.prompt_name,
+        model=info.name,
+    )
+    if request.HasField("truncate"):
+        embed.truncate = request.truncate
+    if request.HasField("normalize"):
+        embed.normalize = request.normalize
+    if request.HasField("dimensions"):
+        embed.dimensions = request.dimensions
+    return embed
+
+
+def _similarity_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiSimilarityRequest:
+    fields = request.inputs.struct_value.fields
+    source = fields.get("source_sentence")
+    if source is None or source.WhichOneof("kind") != "string_value":
+        raise InvalidInput(
+            'inputs.source_sentence must be a string: a similarity request is {"inputs": '
+            '{"source_sentence": "...", "sentences": ["...", ...]}}.',
+            param="inputs.source_sentence",
+        )
+    sentences = fields.get("sentences")
+    items = sentences.list_value.values if sentences is not None else []
+    if (
+        sentences is None
+        or sentences.WhichOneof("kind") != "list_value"
+        or any(item.WhichOneof("kind") != "string_value" for item in items)
+    ):
+        raise InvalidInput("inputs.sentences must be a list of strings.", param="inputs.sentences")
+    return pb.TeiSimilarityRequest(
+        inputs=pb.TeiSimilarityInputs(
+            source_sentence=source.string_value,
+            sentences=[item.string_value for item in items],
+        ),
+        parameters=request.parameters,
+        model=info.name,
+    )
+
+
+def _predict_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiPredictRequest:
+    predict = pb.TeiPredictRequest(
+        inputs=request.inputs,
+        truncation_direction=request.truncation_direction,
+        raw_scores=request.raw_scores,
+        model=info.name,
+    )
+    if request.HasField("truncate"):
+        predict.truncate = request.truncate
+    return predict
+
+
+def _rerank_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiRerankRequest:
+    rerank = pb.TeiRerankRequest(
+        query=request.query,
+        texts=list(request.texts),
+        raw_scores=request.raw_scores,
+        return_text=request.return_text,
+        model=info.name,
+    )
+    if request.HasField("truncate"):
+        rerank.truncate = request.truncate
+    return rerank
+
+
+def _sparse_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiEmbedSparseRequest:
+    sparse = pb.TeiEmbedSparseRequest(
+        inputs=request.inputs,
+        truncation_direction=request.truncation_direction,
+        prompt_name=request.prompt_name,
+        model=info.name,
+    )
+    if request.HasField("truncate"):
+        sparse.truncate = request.truncate
+    return sparse
