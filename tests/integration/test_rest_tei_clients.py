@@ -175,7 +175,8 @@ def test_inference_client_text_classification(envoy: EnvoyProcess) -> None:
     by_id = json.loads((CLASSIFIER_DIR / "reference" / "labels.json").read_text(encoding="utf-8"))
     probabilities = np.load(CLASSIFIER_DIR / "reference" / "probabilities.npy")
     tops: list[Any] = []
-    # /predict without "model" picks the first classifier, as TEI's single model.
+    # /predict without "model" picks the first classifier, as TEI's single model. One request
+    # per text, as the client sends them (most of the test's 5 s is loading the classifier).
     with InferenceClient(base_url=envoy.base_url + "/predict") as client:
         for item in items:
             tops.append(client.text_classification(item["text"]))
