@@ -31,20 +31,18 @@ from onnx import TensorProto, helper
 
 from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
 from embedd_server.engines.onnx_graph import (
-    HIDDEN_OUTPUT_NAME,
     META_MAX_POSITIONS,
     META_POOLING,
     META_VOCAB_SIZE,
-    OPSET,
-    OUTPUT_NAME,
-    POOLING_MASK_NAME,
     Array,
     Graph,
     Pooling,
     append_dense,
     dense_width,
+    finish_model,
     gguf_field,
     gguf_tensors,
+    graph_inputs,
     pool_hidden,
 )
 
@@ -203,15 +201,9 @@ def build_gemma3_model(
     w = {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
     _check_shapes(w, config)
     g = Graph()
-    batch_seq = ["batch", "sequence"]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, batch_seq),
-    ]
-    pooling_mask = "attention_mask"
-    if pooling_mask_input and pooling == "mean":
-        pooling_mask = POOLING_MASK_NAME
-        inputs.append(helper.make_tensor_value_info(pooling_mask, TensorProto.INT64, batch_seq))
+    inputs, pooling_mask = graph_inputs(
+        token_type_input=False, pooling_mask_input=pooling_mask_input and pooling == "mean"
+    )
     table = g.const("token_embd", w["token_embd.weight"])
     scale = g.const("embed_scale", np.array(math.sqrt(config.hidden_size), np.float32))
     x = g.op("Mul", [g.op("Gather", [table, "input_ids"], "embd"), scale], "embd")
@@ -223,30 +215,18 @@ def build_gemma3_model(
     hidden = _rms_norm(g, x, w, "output_norm.weight", config.rms_norm_eps)
     pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
     width = dense_width(dense, config.hidden_size)
-    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
-    if hidden_output:
-        g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
-        outputs.append(
-            helper.make_tensor_value_info(
-                HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*batch_seq, config.hidden_size]
-            )
-        )
-    graph = helper.make_graph(g.nodes, "gemma3_encoder", inputs, outputs, g.initializers)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
-    )
-    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
-    helper.set_model_props(
-        model,
-        {
+    return finish_model(
+        g,
+        "gemma3_encoder",
+        inputs,
+        (pooled, width),
+        hidden=(hidden, config.hidden_size) if hidden_output else None,
+        meta={
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(config.max_positions),
             META_VOCAB_SIZE: str(w["token_embd.weight"].shape[0]),
         },
     )
-    onnx.checker.check_model(model)
-    return model
 
 
 def _check_shapes(w: Mapping[str, Array], config: Gemma3Config) -> None:

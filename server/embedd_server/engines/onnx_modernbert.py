@@ -29,22 +29,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from embedd_server.engines.onnx_graph import (
-    HIDDEN_OUTPUT_NAME,
     META_MAX_POSITIONS,
     META_POOLING,
     META_TOKEN_TYPES,
     META_VOCAB_SIZE,
-    OPSET,
-    OUTPUT_NAME,
-    POOLING_MASK_NAME,
     Array,
     Graph,
     Pooling,
+    finish_model,
     gguf_field,
     gguf_tensors,
+    graph_inputs,
     pool_hidden,
 )
 
@@ -226,15 +224,9 @@ def build_modernbert_model(
     if pooling == "rank" and "cls.output.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's cls.output tensors")
     g = Graph()
-    batch_seq = ["batch", "sequence"]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, batch_seq),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, batch_seq),
-    ]
-    pooling_mask = "attention_mask"
-    if pooling_mask_input and pooling == "mean":
-        pooling_mask = POOLING_MASK_NAME
-        inputs.append(helper.make_tensor_value_info(pooling_mask, TensorProto.INT64, batch_seq))
+    inputs, pooling_mask = graph_inputs(
+        token_type_input=False, pooling_mask_input=pooling_mask_input and pooling == "mean"
+    )
     words = g.op("Gather", [g.const("token_embd", w["token_embd.weight"]), "input_ids"], "embd")
     hidden = _norm(g, w, words, "token_embd_norm", config.norm_eps)
     seq_len = g.op("Shape", ["input_ids"], "seq", start=1, end=2)  # [1]
@@ -250,31 +242,19 @@ def build_modernbert_model(
         width = w["cls.output.weight"].shape[0]
     else:
         pooled, width = pool_hidden(g, hidden, pooling, pooling_mask), config.hidden_size
-    g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
-    if hidden_output:
-        g.nodes.append(helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT_NAME]))
-        outputs.append(
-            helper.make_tensor_value_info(
-                HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*batch_seq, config.hidden_size]
-            )
-        )
-    graph = helper.make_graph(g.nodes, "modernbert_encoder", inputs, outputs, g.initializers)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
-    )
-    model.ir_version = 8  # opset 17's IR; older runtimes refuse newer IR versions
-    helper.set_model_props(
-        model,
-        {
+    return finish_model(
+        g,
+        "modernbert_encoder",
+        inputs,
+        (pooled, width),
+        hidden=(hidden, config.hidden_size) if hidden_output else None,
+        meta={
             META_POOLING: pooling,
             META_MAX_POSITIONS: str(config.max_positions),
             META_VOCAB_SIZE: str(w["token_embd.weight"].shape[0]),
             META_TOKEN_TYPES: "1",
         },
     )
-    onnx.checker.check_model(model)
-    return model
 
 
 def _thetas(config: ModernBertConfig) -> set[float]:
