@@ -38,7 +38,7 @@ from tests.conftest import SHARED
 from tests.envoy_proc import EnvoyProcess, http
 from tests.servers import ServerProcess, server_behind_envoy
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]  # ~7 min: every family, prompt, route
 
 MODELS = SHARED / "models"
 # Each model and its max_seq_length, as sentence-transformers reads it (test_families.py).
