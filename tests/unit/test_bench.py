@@ -1131,10 +1131,20 @@ class _WordTokenizer:
         return len(self._ids(prompt)) - 1
 
     def spans(self, text: str, add_special_tokens: bool) -> list[TokenSpan]:
-        raise NotImplementedError("the workload builder does not ask for token spans")
+        words: list[TokenSpan] = []
+        stop = 0
+        for word in text.split():
+            start = text.index(word, stop)
+            stop = start + len(word)
+            words.append(TokenSpan(len(word), word, False, start, stop))
+        if not add_special_tokens:
+            return words
+        return [TokenSpan(1, "[1]", True, 0, 0), *words, TokenSpan(2, "[2]", True, 0, 0)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        raise NotImplementedError("the workload builder does not decode")
+        # A word is known only by its length: decoded as that many x's.
+        kept = [i for i in ids if not (skip_special_tokens and i in (1, 2))]
+        return " ".join("x" * i for i in kept)
 
 
 def test_family_requests_are_consecutive_sentences_in_the_rpc_of_the_models_task() -> None:
@@ -1504,4 +1514,19 @@ def test_the_cpu_meter_counts_live_worker_processes_as_the_measurements_own() ->
     child.communicate("")
     assert meter.children_cpu == 0.0  # reaped only after the meter stopped
     assert meter.workers_cpu >= 0.25  # its CPU (in clock ticks) is the measurement's ...
-    assert meter.other_cpu <= meter.busy - meter.workers_cpu  # ... not other processes'
+    # ... not other processes' (to the rounding of the sums of CPU seconds)
+    assert meter.other_cpu <= max(0.0, meter.busy - meter.workers_cpu) + 1e-9
+
+
+def test_the_word_tokenizer_fake_spans_and_decodes_as_its_ids_say() -> None:
+    fake = _WordTokenizer()
+    spans = fake.spans("abcd  efg", add_special_tokens=True)
+    assert [(s.id, s.special, s.start, s.stop) for s in spans] == [
+        (1, True, 0, 0),
+        (4, False, 0, 4),
+        (3, False, 6, 9),
+        (2, True, 0, 0),
+    ]
+    assert [s.id for s in spans] == fake.encode_batch(["abcd  efg"])[0]
+    assert fake.decode([1, 4, 3, 2], skip_special_tokens=True) == "xxxx xxx"
+    assert fake.decode([1, 4, 2], skip_special_tokens=False) == "x xxxx xx"
