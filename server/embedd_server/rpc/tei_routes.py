@@ -14,11 +14,13 @@ import importlib.metadata
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
@@ -30,6 +32,15 @@ from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import json_type
 from embedd_server.rpc.status import tei_error_body, translate_errors
 from embedd_server.rpc.task_routes import tei_direction
+
+# The requests an invocation (POST /, /invocations) is dispatched as.
+Routed = TypeVar(
+    "Routed",
+    pb.TeiEmbedRequest,
+    pb.TeiPredictRequest,
+    pb.TeiRerankRequest,
+    pb.TeiEmbedSparseRequest,
+)
 
 INPUT_SHAPES = (
     "inputs must be a string, a list of token ids, or a list of strings and token-id lists"
@@ -224,14 +235,15 @@ class TeiRoutes:
     ) -> struct_pb2.ListValue:
         info = (await self._tei_service.get_model(request.model)).info
         if info.task == CLASSIFY:
-            return await self.TeiPredict(_predict_request(request, info), context)
+            return await self.TeiPredict(_routed(request, pb.TeiPredictRequest, info), context)
         if info.task == RERANK:
-            return await self.TeiRerank(_rerank_request(request, info), context)
+            return await self.TeiRerank(_routed(request, pb.TeiRerankRequest, info), context)
         if info.task == SPARSE:
-            return await self.TeiEmbedSparse(_sparse_request(request, info), context)
+            sparse = _routed(request, pb.TeiEmbedSparseRequest, info)
+            return await self.TeiEmbedSparse(sparse, context)
         if request.inputs.WhichOneof("kind") == "struct_value":
             return await self.TeiSimilarity(_similarity_request(request, info), context)
-        return await self.TeiEmbed(_embed_request(request, info), context)
+        return await self.TeiEmbed(_routed(request, pb.TeiEmbedRequest, info), context)
 
     async def _embed(
         self, inputs: list[Input], options: TeiEmbedOptions, deadline: float | None
@@ -390,20 +402,23 @@ def tei_model_type(info: ModelInfo, pooling: str) -> struct_pb2.Struct:
     return model_type
 
 
-def _embed_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiEmbedRequest:
-    embed = pb.TeiEmbedRequest(
-        inputs=request.inputs,
-        truncation_direction=request.truncation_direction,
-        prompt_name=request.prompt_name,
-        model=info.name,
-    )
-    if request.HasField("truncate"):
-        embed.truncate = request.truncate
-    if request.HasField("normalize"):
-        embed.normalize = request.normalize
-    if request.HasField("dimensions"):
-        embed.dimensions = request.dimensions
-    return embed
+def _routed(request: pb.TeiInvokeRequest, kind: type[Routed], info: ModelInfo) -> Routed:
+    """The request of the route ``POST /`` dispatches to, for ``info``'s model: each field of
+    ``kind`` copied from the invocation's field of the same name (an optional scalar only when
+    it was set, so the route's own default applies otherwise)."""
+    routed = kind(model=info.name)
+    source: Message = request  # fields by name, as the descriptor gives them
+    for field in kind.DESCRIPTOR.fields:
+        if field.name == "model":
+            continue
+        value = getattr(request, field.name)
+        if field.message_type is not None:
+            getattr(routed, field.name).CopyFrom(value)
+        elif field.is_repeated:
+            getattr(routed, field.name).extend(value)
+        elif not field.has_presence or source.HasField(field.name):
+            setattr(routed, field.name, value)
+    return routed
 
 
 def _similarity_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiSimilarityRequest:
@@ -431,40 +446,3 @@ def _similarity_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.Tei
         parameters=request.parameters,
         model=info.name,
     )
-
-
-def _predict_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiPredictRequest:
-    predict = pb.TeiPredictRequest(
-        inputs=request.inputs,
-        truncation_direction=request.truncation_direction,
-        raw_scores=request.raw_scores,
-        model=info.name,
-    )
-    if request.HasField("truncate"):
-        predict.truncate = request.truncate
-    return predict
-
-
-def _rerank_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiRerankRequest:
-    rerank = pb.TeiRerankRequest(
-        query=request.query,
-        texts=list(request.texts),
-        raw_scores=request.raw_scores,
-        return_text=request.return_text,
-        model=info.name,
-    )
-    if request.HasField("truncate"):
-        rerank.truncate = request.truncate
-    return rerank
-
-
-def _sparse_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.TeiEmbedSparseRequest:
-    sparse = pb.TeiEmbedSparseRequest(
-        inputs=request.inputs,
-        truncation_direction=request.truncation_direction,
-        prompt_name=request.prompt_name,
-        model=info.name,
-    )
-    if request.HasField("truncate"):
-        sparse.truncate = request.truncate
-    return sparse
