@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.compute.engine import Engine, Runtime
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.scheduler import FairQueue, Job, WorkItem
-from embedd_server.engines.base import Engine, Runtime
+from embedd_server.model.catalog import read_model_info
 
 WARMUP_DECODES = 8
 

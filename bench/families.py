@@ -43,11 +43,11 @@ from bench.ceiling import ENGINES
 from bench.report import FAMILIES_REPORT, NOISY_CORES, fmt_rate, fmt_ratio, markdown_table
 from bench.rerank import InProcess, RerankQuery, ServedLeg
 from bench.texts import REPO, model_tokenizer, read_sentences
-from embedd_server.core.catalog import CLASSIFY, EMBED, RERANK, SPARSE, ModelInfo, read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.service import EmbedParams, model_texts, resolve_prompt
 from embedd_server.core.tokenization import TokenizedPairs, Tokenizer, Truncation, tokenize_texts
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import CLASSIFY, EMBED, RERANK, SPARSE, ModelInfo, read_model_info
 
 DEFAULT_MODELS = REPO.parent / "shared" / "models"
 REPORT_NAME = FAMILIES_REPORT

@@ -36,10 +36,10 @@ from bench import loadgen, procs
 from bench.ceiling import WARMUP_DECODES, decode_all
 from bench.report import NOISY_CORES, fmt_ms, fmt_rate, fmt_ratio, markdown_table, percentile
 from bench.texts import REPO, model_tokenizer, read_sentences
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.compute.engine import Engine, Runtime
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.tokenization import TokenizedPairs
-from embedd_server.engines.base import Engine, Runtime
+from embedd_server.model.catalog import read_model_info
 
 DEFAULT_RERANKER = REPO.parent / "shared" / "models" / "tiny-bert-reranker"
 RERANK_METHOD = "/embedd.v1.Embedder/Rerank"

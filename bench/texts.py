@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedd_server.core.catalog import read_model_info
 from embedd_server.core.tokenization import HuggingFaceTokenizer
+from embedd_server.model.catalog import read_model_info
 
 REPO = Path(__file__).resolve().parents[1]
 STSB_TEST = REPO.parent / "shared" / "data" / "stsbenchmark" / "sts-test.csv"

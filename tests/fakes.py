@@ -20,7 +20,9 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from embedd_server.core.catalog import (
+from embedd_server.compute.engine import Engine, EngineDied
+from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.model.catalog import (
     HF_TOKENIZER_KEY,
     INCLUDE_PROMPT_KEY,
     MAX_SEQ_LENGTH_KEY,
@@ -30,8 +32,6 @@ from embedd_server.core.catalog import (
     TASK_KEY,
     ModelInfo,
 )
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.engines.base import Engine, EngineDied
 
 WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "runs", "fast", "slow"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from embedd_server.core.engine_settings import ENGINES, EngineSettings
+from embedd_server.compute.settings import ENGINES, EngineSettings
 
 ENV_PREFIX = "EMBEDD_"
 CONFIG_ENV = "EMBEDD_CONFIG"
@@ -397,7 +397,7 @@ def _tls_problems(cert: str, key: str, client_ca: str) -> list[str]:
 
 def _duration_problems(name: str, text: str) -> list[str]:
     from embedd_server.core.durations import parse_duration
-    from embedd_server.core.errors import InvalidInput
+    from embedd_server.errors import InvalidInput
 
     try:
         parse_duration(text)

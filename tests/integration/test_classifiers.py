@@ -37,15 +37,15 @@ import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
+from embedd_server.compute.engine import Runtime
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import ModelInfo, read_model_info
 from embedd_server.core.classes import class_probabilities
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import Runtime
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.llama import LlamaRuntime
 from embedd_server.engines.onnx_graph import load_bert_gguf
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import ModelInfo, read_model_info
 from tests.reference_encoder import EncoderReference
 from tests.unit.test_import_bertlike import make_distilbert_classifier
 

@@ -29,12 +29,12 @@ import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
+from embedd_server.compute.engine import Engine
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import ModelInfo, read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.engines.base import Engine
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
+from embedd_server.model.catalog import ModelInfo, read_model_info
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 MIN_COSINE = {"f32": 0.99999, "f16": 0.9999}

@@ -35,13 +35,13 @@ from tokenizers import Tokenizer
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import ModelInfo, read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
 from embedd_server.core.quantization import CALIBRATION_VECTORS_KEY
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.onnx import OnnxEngine, OnnxRuntime
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import ModelInfo, read_model_info
 from tests.envoy_proc import EnvoyProcess, http
 from tests.servers import ServerProcess, server_behind_envoy
 

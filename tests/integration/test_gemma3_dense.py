@@ -32,16 +32,16 @@ import pytest
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
+from embedd_server.compute.engine import Engine
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import ModelInfo, read_model_info
-from embedd_server.core.dense import DENSE_COUNT_KEY
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.engines.base import Engine
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
 from embedd_server.engines.onnx import OnnxEngine
 from embedd_server.engines.onnx_gemma3 import Gemma3Source
 from embedd_server.engines.onnx_models import load_gguf
+from embedd_server.model.catalog import ModelInfo, read_model_info
+from embedd_server.model.dense import DENSE_COUNT_KEY
 from tests.conftest import SHARED
 from tests.reference_encoder import EncoderReference, mean_from
 

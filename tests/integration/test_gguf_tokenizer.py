@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
 from embedd_server.core.tokenization import (
     EXACT,
     HuggingFaceTokenizer,
@@ -27,6 +26,7 @@ from embedd_server.core.tokenization import (
     tokenizer_kind,
 )
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
+from embedd_server.model.catalog import read_model_info
 from tests.conftest import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[2].parent / "shared"

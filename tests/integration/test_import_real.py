@@ -19,9 +19,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
 from embedd_server.core.quantization import CALIBRATION_TEXTS
 from embedd_server.core.service import _stored_calibration
+from embedd_server.model.catalog import read_model_info
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference/all-MiniLM-L6-v2"
 MIN_COSINE = {"f32": 0.9999, "f16": 0.9999, "q8_0": 0.999}

@@ -43,12 +43,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
+from embedd_server.compute.engine import Runtime
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import ModelInfo, read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.engines.base import Runtime
 from embedd_server.engines.choice import engine_for, load_runtime
 from embedd_server.engines.onnx_graph import gguf_tensors
+from embedd_server.model.catalog import ModelInfo, read_model_info
 from tests.modernbert_reference import ModernBertReference
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"

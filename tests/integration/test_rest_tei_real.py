@@ -21,7 +21,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
+from embedd_server.model.catalog import read_model_info
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR, SHARED
 from tests.envoy_proc import EnvoyProcess, HttpReply, http
 from tests.metrics import Matrix, read_reference, row_cosines

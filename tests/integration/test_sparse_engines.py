@@ -6,7 +6,7 @@ sentence-transformers' ``SparseEncoder`` saves it) is imported f32 and f16 and l
 the production loader (:func:`embedd_server.engines.choice.load_runtime`), in the worker's thread
 and in worker processes; its reference texts (tokenized with the model's own tokenizer.json,
 truncated at its max_seq_length) are embedded in packs, as the server's workers embed them,
-and each row, made sparse by :func:`embedd_server.core.sparse.sparse_rows`, is held to
+and each row, made sparse by :func:`embedd_server.model.sparse.sparse_rows`, is held to
 ``reference/sparse.npz`` (CSR: indices, values, offsets, vocab_size): cosine >= 0.9999 and,
 from an f32 file, the same non-zero support (an entry that is exactly 0 in the reference is 0
 here and vice versa). An f16 file's rounding moves the MLM logits by up to ~1e-3, which flips
@@ -28,12 +28,12 @@ import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import SPARSE, ModelInfo, read_model_info
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.core.sparse import sparse_rows
 from embedd_server.engines.choice import engine_for, load_runtime
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import SPARSE, ModelInfo, read_model_info
+from embedd_server.model.sparse import sparse_rows
 from tests.reference_encoder import EncoderReference
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"

@@ -269,7 +269,7 @@ def test_modernbert_reranker_over_grpc_and_teis_rerank(served: Served, out_type:
 def test_scorers_import_as_f32_by_default(tmp_path: Path) -> None:
     """Without --type: f32 for a classifier, a sparse encoder and a reranker (f16 would move
     their outputs past the bars), f16 for an embedding model."""
-    from embedd_server.core.catalog import read_model_info
+    from embedd_server.model.catalog import read_model_info
 
     expected = {CLASSIFIER: "f32", SPLADE: "f32", RERANKER: "f32", "tiny-bert-cls": "f16"}
     for model, quantization in expected.items():

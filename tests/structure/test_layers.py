@@ -13,7 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "server"
 CLIENT = ROOT / "client"
-TRANSPORT_FREE = ("embedd_server.core", "embedd_server.engines")
+TRANSPORT_FREE = (
+    "embedd_server.core",
+    "embedd_server.engines",
+    "embedd_server.model",
+    "embedd_server.compute",
+)
 TRANSPORT = ("grpc", "embedd.v1", "embedd_server.rpc", "embedd_server.run", "embedd_server.cli")
 # The ONNX engine's graphs are protobuf messages of the ONNX format (the onnx package), which
 # is not a transport; every other module of the core and the engines loads no protobuf at all.
@@ -129,6 +134,34 @@ def test_no_import_cycles() -> None:
     }
     assert len(graph) > 40
     assert _cycles(graph) == []
+
+
+def _package_imports(package: str) -> set[str]:
+    """Every server module that some module of ``package`` imports (lazy imports too)."""
+    files = dict(_modules(SERVER, "embedd_server"))
+    known = set(files)
+    return {
+        target
+        for name, path in files.items()
+        if name == package or name.startswith(package + ".")
+        for target in _imports(name, path, known)
+    }
+
+
+def test_core_and_engines_do_not_import_each_other() -> None:
+    """The core schedules work and the engines compute it; what both need (the engine
+    protocol, FloatMatrix, the Pack, the model's description, the errors) lives in
+    ``compute``, ``model`` and ``errors``, so neither imports the other's internals."""
+    core = _package_imports("embedd_server.core")
+    engines = _package_imports("embedd_server.engines")
+    assert "embedd_server.compute.engine" in core  # the walk sees the core's imports
+    assert [m for m in core if m.startswith("embedd_server.engines")] == []
+    assert [m for m in engines if m.startswith("embedd_server.core")] == []
+    for shared in ("embedd_server.model", "embedd_server.compute"):
+        found = _package_imports(shared)
+        assert [
+            m for m in found if m.startswith(("embedd_server.core", "embedd_server.engines"))
+        ] == []
 
 
 def test_cycle_finder_finds_a_cycle() -> None:

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.core.errors import PermissionDenied
+from embedd_server.errors import PermissionDenied
 from embedd_server.rpc.interceptors.auth import (
     MODEL_CONTROL_METHODS,
     AccessInterceptor,

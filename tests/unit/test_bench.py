@@ -66,10 +66,10 @@ from bench.rerank import (
     summary_line,
 )
 from bench.texts import build_passages, read_sentences
-from embedd_server.core.catalog import ModelInfo
-from embedd_server.core.engine_settings import EngineSettings
+from embedd_server.compute.engine import FloatMatrix
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.tokenization import Counted, TokenizedPairs, TokenSpan
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.model.catalog import ModelInfo
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
 GHZ_REPORT = {

@@ -30,8 +30,8 @@ from tokenizers import (
 )
 
 from embedd_server.convert.hf_to_gguf import SUPPORTED_TYPES, default_name, import_model
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import read_model_info
 
 HIDDEN, HEADS, LAYERS, FFN, MAX_POS, TYPES = 48, 4, 2, 64, 64, 2
 SPECIALS = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

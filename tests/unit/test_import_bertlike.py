@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import read_model_info
 
 MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 Tensors = dict[str, np.ndarray[Any, Any]]

@@ -20,8 +20,10 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.dense import (
+from embedd_server.engines.llama import LlamaModelWeights
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import read_model_info
+from embedd_server.model.dense import (
     DENSE_COUNT_KEY,
     DenseLayer,
     apply_dense,
@@ -29,8 +31,6 @@ from embedd_server.core.dense import (
     dense_metadata,
     read_dense,
 )
-from embedd_server.core.errors import ModelImportError
-from embedd_server.engines.llama import LlamaModelWeights
 from tests.conftest import SHARED
 from tests.unit.test_hf_to_gguf import HIDDEN, make_tiny_bert
 
@@ -384,7 +384,7 @@ def test_gemma3_with_another_dense_stack_uses_embedds_keys(gemma: Path, tmp_path
     assert not {"dense_2.weight", "dense_3.weight"} & set(_tensors(out))
 
 
-# --- core/dense.py ----------------------------------------------------------------------------
+# --- model/dense.py ----------------------------------------------------------------------------
 
 
 def test_apply_dense_computes_activation_of_the_affine_map() -> None:

@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import read_model_info
 from tests.unit.test_hf_to_gguf import CORPUS
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, FFN, MAX_POS, LAYERS = 4, 2, 16, 64, 96, 512, 2

@@ -19,9 +19,9 @@ from safetensors.numpy import load_file, save_file
 
 from embedd_server.convert.family_table import SUPPORTED, SUPPORTED_RERANKERS
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import read_model_info
-from embedd_server.core.errors import ModelImportError
 from embedd_server.engines.onnx_modernbert import read_modernbert_gguf
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import read_model_info
 from tests.conftest import SHARED
 
 MODELS = SHARED / "models"

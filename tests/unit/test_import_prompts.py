@@ -13,7 +13,6 @@ import pytest
 from embedd_server.cli.main import main
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.convert.prompts import curated_prompts, original_names, parse_prompt
-from embedd_server.core.catalog import read_model_info
 from embedd_server.core.tokenization import (
     EXACT,
     LLAMA_CPP,
@@ -22,6 +21,7 @@ from embedd_server.core.tokenization import (
     gguf_tokenizer,
     tokenizer_kind,
 )
+from embedd_server.model.catalog import read_model_info
 from tests.unit.test_hf_to_gguf import make_tiny_bert
 
 E5_QUERY = {"query": "query: ", "passage": "passage: "}

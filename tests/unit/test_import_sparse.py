@@ -18,10 +18,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.catalog import SPARSE, read_model_info
-from embedd_server.core.errors import ModelImportError
 from embedd_server.engines.onnx import OnnxEngine
 from embedd_server.engines.onnx_models import load_gguf
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import SPARSE, read_model_info
 from tests.reference_encoder import EncoderReference
 from tests.unit.test_hf_to_gguf import HIDDEN, VOCAB, _tokenizer, make_tiny_bert
 

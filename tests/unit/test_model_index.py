@@ -27,8 +27,8 @@ from google.protobuf.struct_pb2 import Value
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.core import catalog
-from embedd_server.core.errors import ModelLoadError
+from embedd_server.errors import ModelLoadError
+from embedd_server.model import catalog
 from tests.fakes import write_fake_gguf
 from tests.servers import ServerThread
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from embedd_server.core.engine_settings import EngineSettings
-from embedd_server.core.errors import ModelNotFound
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.model_names import plain_name, tagged_name
 from embedd_server.core.registry import ModelRegistry
+from embedd_server.errors import ModelNotFound
 from tests.fakes import FakeLoader, write_fake_gguf
 
 

@@ -22,10 +22,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core import mpnet_layout as layout
-from embedd_server.core.errors import ModelImportError
 from embedd_server.engines.onnx_graph import BertConfig
 from embedd_server.engines.onnx_mpnet import mpnet_weights, relative_position_buckets
+from embedd_server.errors import ModelImportError
+from embedd_server.model import mpnet_layout as layout
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "tiny-mpnet"
 D, FF, HEADS, LAYERS, VOCAB, POSITIONS = 64, 128, 4, 2, 4000, 66

@@ -290,7 +290,7 @@ def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
 ) -> None:
     """TEI's /embed_all: every token's last hidden state, from the encoder's graph (its
     pooled output unchanged), the same from a session in the worker's thread or process."""
-    from embedd_server.engines.base import TokenStatesEngine, gives_token_states
+    from embedd_server.compute.engine import TokenStatesEngine, gives_token_states
     from embedd_server.engines.onnx import OnnxRuntime
 
     path = _gguf(_minilm_dir(), tmp_path, "f16")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedd_server.engines.packing import decode_pack, encode_pack, flatten, masked_means
+from embedd_server.compute.pack import decode_pack, encode_pack, flatten, masked_means
 
 
 def _message(*values: int) -> bytes:

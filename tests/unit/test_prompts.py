@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from embedd_server.core.catalog import ModelInfo
-from embedd_server.core.errors import InvalidInput
 from embedd_server.core.service import (
     EmbedParams,
     model_texts,
@@ -17,6 +15,8 @@ from embedd_server.core.service import (
     resolve_prompt,
 )
 from embedd_server.core.tokenization import HuggingFaceTokenizer
+from embedd_server.errors import InvalidInput
+from embedd_server.model.catalog import ModelInfo
 from tests.fakes import fake_tokenizer_json
 
 INFO = ModelInfo(

@@ -17,13 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from embedd_server.core.engine_settings import EngineSettings
-from embedd_server.core.errors import (
-    InputTooLong,
-    InvalidInput,
-    ModelNotEmbedding,
-    ModelNotReranker,
-)
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.reranking import (
     RerankOutcome,
@@ -33,6 +27,12 @@ from embedd_server.core.reranking import (
     scores_of,
 )
 from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.errors import (
+    InputTooLong,
+    InvalidInput,
+    ModelNotEmbedding,
+    ModelNotReranker,
+)
 from tests.fakes import FakeLoader, fake_vector, slow, write_fake_gguf
 
 T = TypeVar("T")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from embedd_server.core.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
 from embedd_server.core.scheduler import FairQueue, Job, WorkItem
+from embedd_server.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
 
 
 @pytest.fixture

@@ -18,15 +18,15 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import (
+from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.core.registry import ModelRegistry
+from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
+from embedd_server.errors import (
     DeadlineExceeded,
     InputTooLong,
     InvalidInput,
     ModelNotFound,
 )
-from embedd_server.core.registry import ModelRegistry
-from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
 from tests.fakes import (
     FakeLoader,
     FloatMatrix,

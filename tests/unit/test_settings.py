@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from embedd_server.core.engine_settings import EngineSettings
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.settings import (
     Settings,
     SettingsError,

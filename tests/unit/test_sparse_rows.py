@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedd_server.core.sparse import sparse_rows
+from embedd_server.model.sparse import sparse_rows
 
 
 def test_keeps_exactly_the_non_zeros_in_ascending_order() -> None:

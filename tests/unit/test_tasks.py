@@ -16,15 +16,17 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from embedd_server.core.catalog import CLASSIFY, EMBED, MULTI_LABEL, RERANK, SPARSE
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.classifying import (
     ClassifyParams,
     check_classify_params,
     class_scores,
     labelled,
 )
-from embedd_server.core.engine_settings import EngineSettings
-from embedd_server.core.errors import (
+from embedd_server.core.registry import ModelRegistry
+from embedd_server.core.reranking import RerankParams
+from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.errors import (
     InputTooLong,
     InvalidInput,
     ModelNotClassifier,
@@ -33,10 +35,8 @@ from embedd_server.core.errors import (
     ModelNotSparse,
     ModelWrongTask,
 )
-from embedd_server.core.registry import ModelRegistry
-from embedd_server.core.reranking import RerankParams
-from embedd_server.core.service import EmbeddingService, EmbedParams
-from embedd_server.core.sparse import sparse_rows
+from embedd_server.model.catalog import CLASSIFY, EMBED, MULTI_LABEL, RERANK, SPARSE
+from embedd_server.model.sparse import sparse_rows
 from tests.fakes import FAKE_VOCAB as VOCAB
 from tests.fakes import FakeLoader, fake_vector, task_behaviour, write_fake_gguf
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from embedd_server.core.errors import InputTooLong, InvalidInput
 from embedd_server.core.tokenization import (
     ForeignIds,
     HuggingFaceTokenizer,
@@ -19,6 +18,7 @@ from embedd_server.core.tokenization import (
     special_tokens,
     tokenize_texts,
 )
+from embedd_server.errors import InputTooLong, InvalidInput
 from tests.fakes import fake_tokenizer_json
 
 CLS, SEP, UNK = 2, 3, 1

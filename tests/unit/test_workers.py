@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import pytest
 
-from embedd_server.core.catalog import ModelInfo, read_model_info
-from embedd_server.core.engine_settings import LoadOptions
-from embedd_server.core.errors import EmbeddError, InternalError, Unavailable
+from embedd_server.compute.engine import Engine
+from embedd_server.compute.settings import LoadOptions
 from embedd_server.core.scheduler import FairQueue, Job
 from embedd_server.core.workers import WorkerPool
-from embedd_server.engines.base import Engine
+from embedd_server.errors import EmbeddError, InternalError, Unavailable
+from embedd_server.model.catalog import ModelInfo, read_model_info
 from tests.fakes import (
     Behaviour,
     FakeRuntime,

@@ -21,7 +21,7 @@ from embedd_server.settings import CONFIG_ENV, load_settings
 
 if TYPE_CHECKING:
     from embedd import Client
-    from embedd_server.engines.base import FloatMatrix
+    from embedd_server.compute.engine import FloatMatrix
 
 
 EXIT_FAILURE = 2

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from embedd import Client
-    from embedd_server.engines.base import FloatMatrix
+    from embedd_server.compute.engine import FloatMatrix
 
 
 class CommandError(Exception):

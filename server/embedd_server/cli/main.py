@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embedd_server.cli import client_commands
-from embedd_server.core.errors import EmbeddError
+from embedd_server.errors import EmbeddError
 from embedd_server.settings import SettingsError, add_arguments, load_settings
 
 DESCRIPTION = """\

@@ -37,8 +37,8 @@ from embedd_server.convert.vocab import (
     bpe_pre_tokenizer,
     load_tokenizer,
 )
-from embedd_server.core.catalog import RELU
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import RELU
 
 # transformers' gelu (erf) and its aliases: the GELU llama.cpp's and ONNX Runtime's graphs run.
 _GELU = frozenset({"gelu", "gelu_python"})

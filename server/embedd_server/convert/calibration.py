@@ -12,10 +12,10 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedd_server.core.engine_settings import EngineSettings
+from embedd_server.compute.engine import FloatMatrix
+from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
-from embedd_server.engines.base import FloatMatrix
 from embedd_server.engines.choice import load_runtime
 
 

@@ -2,7 +2,7 @@
 loads them (``config.json``: in_features, out_features, bias, activation_function;
 ``model.safetensors``: ``linear.weight`` and ``linear.bias``).
 
-The stack goes into the GGUF under embedd's keys (:mod:`embedd_server.core.dense`), unless the
+The stack goes into the GGUF under embedd's keys (:mod:`embedd_server.model.dense`), unless the
 family carries it the way llama.cpp applies it itself (``gemma-embedding``'s ``dense_2`` /
 ``dense_3``).
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from embedd_server.convert.files import read_object
-from embedd_server.core.dense import ACTIVATIONS, DenseLayer
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.dense import ACTIVATIONS, DenseLayer
 
 # sentence-transformers saves the activation as the module's full class name; Dense's
 # default (a config without the key) is Tanh.

@@ -44,7 +44,9 @@ from embedd_server.convert.vocab import (
     load_tokenizer,
     template_specials,
 )
-from embedd_server.core.catalog import (
+from embedd_server.core.classes import REGRESSION, SINGLE_LABEL
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import (
     CLASSIFY,
     EMBED,
     ENCODER_BLOCK_TENSORS,
@@ -53,9 +55,7 @@ from embedd_server.core.catalog import (
     RERANK,
     TANH,
 )
-from embedd_server.core.classes import REGRESSION, SINGLE_LABEL
-from embedd_server.core.dense import DenseLayer
-from embedd_server.core.errors import ModelImportError
+from embedd_server.model.dense import DenseLayer
 
 Shape = tuple[int, ...]
 Plan = list[tuple[str, str, Shape]]  # (Hugging Face name, GGUF name, expected shape)
@@ -152,7 +152,7 @@ class Family(ABC):
     def native_dense(self, layers: tuple[DenseLayer, ...]) -> NativeDense | None:
         """sentence-transformers Dense modules as the architecture's own tensors and keys,
         which llama.cpp applies itself; None (the default) where llama.cpp has no such
-        tensors: the file then carries them under embedd's keys (core/dense.py)."""
+        tensors: the file then carries them under embedd's keys (model/dense.py)."""
         return None
 
     def _pick(

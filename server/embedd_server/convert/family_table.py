@@ -27,7 +27,7 @@ from embedd_server.convert.gemma3 import Gemma3Embedding
 from embedd_server.convert.mistral import Mistral
 from embedd_server.convert.modernbert import ModernBert, ModernBertClassifier
 from embedd_server.convert.mpnet import MPNet
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
 
 # config.json's architectures -> the family that imports it.
 _BY_ARCHITECTURE: dict[str, type[Family]] = {

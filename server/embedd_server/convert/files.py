@@ -9,7 +9,7 @@ from typing import Any
 import numpy.typing as npt
 from safetensors.numpy import load_file
 
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
 
 Array = npt.NDArray[Any]
 

@@ -26,7 +26,7 @@ query_pre_attn_scalar)`` (RoPE is linear, so this scales the query exactly as th
 sentence-transformers' two Dense projections (EmbeddingGemma's ``2_Dense`` hidden -> 3072 and
 ``3_Dense`` 3072 -> hidden, no bias, identity) are written as the converter writes them
 (``dense_2`` / ``dense_3`` and their ``*_feat_in`` / ``*_feat_out`` keys): llama.cpp applies
-them after pooling. Any other Dense stack goes under embedd's keys (core/dense.py).
+them after pooling. Any other Dense stack goes under embedd's keys (model/dense.py).
 
 The tokenizer is SentencePiece-style BPE with byte fallback, ``<bos> A <eos>``: llama.cpp's
 ``llama`` tokenizer model (vocab.py).
@@ -44,8 +44,8 @@ import numpy as np
 from embedd_server.convert.families import _ST_DEFAULT, Family, NativeDense, Plan, Shape, _strip
 from embedd_server.convert.files import Array, config_float, config_int
 from embedd_server.convert.vocab import HfTokenizer, add_llama_vocab
-from embedd_server.core.dense import DenseLayer
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.dense import DenseLayer
 
 ARCH = "gemma-embedding"
 _BLOCK = {

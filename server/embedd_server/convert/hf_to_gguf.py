@@ -15,7 +15,7 @@ own ``<arch>.pooling_type``.
 sentence-transformers ``Dense`` modules after the pooling (:mod:`embedd_server.convert.dense`)
 go in as the architecture's own tensors where llama.cpp applies them itself (EmbeddingGemma's
 ``dense_2`` / ``dense_3``), else under embedd's ``embedd.dense.*`` keys
-(:mod:`embedd_server.core.dense`), which both engines apply.
+(:mod:`embedd_server.model.dense`), which both engines apply.
 
 A model with a classifier head (``BertForSequenceClassification``, ``XLMRobertaFor...``,
 ``RobertaFor...``, ``CamembertFor...``, ``DistilBertForSequenceClassification``) is written as
@@ -41,6 +41,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from embedd_server.compute.engine import FloatMatrix
 from embedd_server.convert.calibration import calibration_vectors
 from embedd_server.convert.dense import read_dense_modules
 from embedd_server.convert.families import Family, NativeDense
@@ -58,7 +59,13 @@ from embedd_server.convert.st_settings import (
     read_settings,
     read_sparse_settings,
 )
-from embedd_server.core.catalog import (
+from embedd_server.core.quantization import (
+    CALIBRATION_SET_KEY,
+    CALIBRATION_SET_SHA256,
+    CALIBRATION_VECTORS_KEY,
+)
+from embedd_server.errors import EmbeddError, ModelImportError
+from embedd_server.model.catalog import (
     CLASSIFY,
     DEFAULT_PROMPT_NAME_KEY,
     DO_LOWER_CASE_KEY,
@@ -76,14 +83,7 @@ from embedd_server.core.catalog import (
     SPARSE,
     TASK_KEY,
 )
-from embedd_server.core.dense import DenseLayer, dense_metadata
-from embedd_server.core.errors import EmbeddError, ModelImportError
-from embedd_server.core.quantization import (
-    CALIBRATION_SET_KEY,
-    CALIBRATION_SET_SHA256,
-    CALIBRATION_VECTORS_KEY,
-)
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.model.dense import DenseLayer, dense_metadata
 
 SUPPORTED_TYPES = ("f32", "f16", "q8_0")
 
@@ -336,7 +336,7 @@ def _add_dense(
     writer: gguf.GGUFWriter, dense: tuple[DenseLayer, ...], native: NativeDense | None
 ) -> None:
     """The Dense modules' keys: the architecture's own (llama.cpp applies its tensors), else
-    embedd's, which carry the weights too (core/dense.py)."""
+    embedd's, which carry the weights too (model/dense.py)."""
     if native is not None:
         for key, number in native.keys.items():
             writer.add_uint32(key, number)

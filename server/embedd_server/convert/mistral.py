@@ -29,7 +29,7 @@ from embedd_server.convert.families import Plan, Qwen3, Shape, _strip
 from embedd_server.convert.files import Array, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import HfTokenizer, add_llama_vocab, is_sentencepiece_bpe
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
 
 _BLOCK = {
     "input_layernorm": "attn_norm",

@@ -41,7 +41,7 @@ from embedd_server.convert.vocab import (
     bpe_pre_tokenizer,
     template_specials,
 )
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
 
 ARCH = "modern-bert"
 # GGUF keys llama.cpp's modern-bert reads (gguf's Keys, spelled out: older gguf packages lack

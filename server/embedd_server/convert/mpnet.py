@@ -1,7 +1,7 @@
 """MPNet (``MPNetModel``, ``MPNetForMaskedLM``; all-mpnet-base-v2 and its kin) to GGUF.
 
 llama.cpp has no MPNet, so the file's architecture is ``mpnet``, a name of ours, laid out as
-:mod:`embedd_server.core.mpnet_layout` says; ONNX Runtime serves it
+:mod:`embedd_server.model.mpnet_layout` says; ONNX Runtime serves it
 (:mod:`embedd_server.engines.onnx_mpnet`). MPNet is BERT's post-LayerNorm encoder without
 token types, whose attention scores get a bias by the bucket of each pair's relative position
 (one table for all layers), and whose positions count from ``padding_idx + 1`` as RoBERTa's.
@@ -20,8 +20,8 @@ from embedd_server.convert.families import Family, Plan, Shape
 from embedd_server.convert.files import Array, config_float, config_int
 from embedd_server.convert.st_settings import FamilyDefault
 from embedd_server.convert.vocab import HfTokenizer, add_wordpiece_vocab
-from embedd_server.core import mpnet_layout as layout
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model import mpnet_layout as layout
 
 # transformers' exact (erf) GELU: what the ONNX graph computes.
 _GELU = frozenset({"gelu", "gelu_python"})

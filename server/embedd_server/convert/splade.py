@@ -12,7 +12,7 @@ plus the MLM head under names of ours, which llama.cpp doesn't load:
 
 ``embedd.task`` is ``sparse``, and SpladePooling's ``pooling_strategy`` (max or sum) and
 ``activation_function`` (relu or log1p_relu) are stored under
-:data:`~embedd_server.core.sparse.SPLADE_POOLING_KEY` / ``SPLADE_ACTIVATION_KEY``. llama.cpp's
+:data:`~embedd_server.model.sparse.SPLADE_POOLING_KEY` / ``SPLADE_ACTIVATION_KEY``. llama.cpp's
 pooling type is ``none``: it has no SPLADE pooling, so ONNX Runtime serves these models.
 """
 
@@ -27,9 +27,9 @@ import numpy as np
 
 from embedd_server.convert.families import Bert, Plan, _gamma_beta
 from embedd_server.convert.files import Array, read_json, read_object
-from embedd_server.core.catalog import SPARSE, TASK_KEY
-from embedd_server.core.errors import ModelImportError
-from embedd_server.core.sparse import (
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import SPARSE, TASK_KEY
+from embedd_server.model.sparse import (
     MLM_HEAD_TENSORS,
     SPLADE_ACTIVATION_KEY,
     SPLADE_ACTIVATIONS,

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from embedd_server.convert.files import optional_object, read_json, read_object
-from embedd_server.core.catalog import MULTI_LABEL
 from embedd_server.core.classes import REGRESSION
-from embedd_server.core.errors import ModelImportError
+from embedd_server.errors import ModelImportError
+from embedd_server.model.catalog import MULTI_LABEL
 
 # Pooling modes as sentence-transformers names them; llama.cpp pools the first three.
 SUPPORTED_POOLINGS = ("mean", "cls", "lasttoken")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.catalog import MULTI_LABEL
+from embedd_server.model.catalog import MULTI_LABEL
 
 REGRESSION = "regression"  # problem_type: the logits are the scores
 SINGLE_LABEL = "single_label_classification"  # problem_type: a softmax over the labels

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embedd_server.compute.engine import FloatMatrix
 from embedd_server.core.classes import Floats, class_probabilities
-from embedd_server.core.errors import EmptyInput, InvalidInput
 from embedd_server.core.tokenization import RIGHT
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.errors import EmptyInput, InvalidInput
 
 # One input: a text, or a pair (text, text_pair) read with the tokenizer's pair template.
 ClassifyInput = tuple[str] | tuple[str, str]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.compute.engine import FloatMatrix
 
 FLOAT = "float"
 INT8 = "int8"

@@ -32,18 +32,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedd_server.core.catalog import EMBED, POOLING_NAMES, ModelInfo
+from embedd_server.compute.engine import Runtime, RuntimeLoader
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.durations import parse_duration
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import (
-    Conflict,
-    InvalidInput,
-    ModelLoadError,
-    ModelNotEmbedding,
-    ModelNotFound,
-    Overloaded,
-    shorten,
-)
 from embedd_server.core.model_index import ModelIndex
 from embedd_server.core.model_names import plain_name
 from embedd_server.core.scheduler import FairQueue
@@ -54,8 +45,17 @@ from embedd_server.core.tokenization import (
     gguf_tokenizer,
 )
 from embedd_server.core.workers import WorkerPool
-from embedd_server.engines.base import Runtime, RuntimeLoader
+from embedd_server.errors import (
+    Conflict,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotEmbedding,
+    ModelNotFound,
+    Overloaded,
+    shorten,
+)
 from embedd_server.metrics import Metrics, ModelGauges
+from embedd_server.model.catalog import EMBED, POOLING_NAMES, ModelInfo
 
 log = logging.getLogger(__name__)
 

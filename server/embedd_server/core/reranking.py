@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedd_server.core.catalog import RERANK, ModelInfo
-from embedd_server.core.errors import EmptyInput, InvalidInput, NotImplementedFeature
+from embedd_server.compute.engine import FloatMatrix
 from embedd_server.core.tasks import require_task
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.errors import EmptyInput, InvalidInput, NotImplementedFeature
+from embedd_server.model.catalog import RERANK, ModelInfo
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ which rotate item by item. So a one-text request never waits behind another call
 2048-text batch (at most one of its inputs), the batch still advances under a stream of new
 calls, and calls are served in arrival order (no starvation at the tail). The queue is
 bounded in items; a job that does not fit is refused at once
-(:class:`~embedd_server.core.errors.Overloaded`). Cancelled and expired jobs are dropped before
+(:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
 their remaining items cost compute.
 
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.errors import (
+from embedd_server.compute.engine import FloatMatrix
+from embedd_server.errors import (
     Cancelled,
     DeadlineExceeded,
     EmbeddError,
     Overloaded,
     Unavailable,
 )
-from embedd_server.engines.base import FloatMatrix
 
 
 class Job:
@@ -134,7 +134,7 @@ class Job:
 
 class TokenStatesJob(Job):
     """A job for every token's last hidden state (TEI's /embed_all), from an engine that
-    gives them (:class:`~embedd_server.engines.base.TokenStatesEngine`): its future resolves
+    gives them (:class:`~embedd_server.compute.engine.TokenStatesEngine`): its future resolves
     with the tokens of all its inputs, one row each, in order (``[total tokens, hidden]``)."""
 
     token_states = True

@@ -16,34 +16,14 @@ from typing import ParamSpec, TypeVar
 
 import numpy as np
 
-from embedd_server.core.catalog import (
-    CLASSIFY,
-    EMBED,
-    POOLING_TYPES,
-    RERANK,
-    SPARSE,
-    ModelInfo,
-    read_float_array,
-)
+from embedd_server.compute.engine import FloatMatrix, gives_token_states
+from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.classifying import (
     ClassifyOutcome,
     ClassifyParams,
     check_classify_params,
     class_scores,
     labelled,
-)
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import (
-    EmptyInput,
-    InvalidInput,
-    ModelNotClassifier,
-    ModelNotEmbedding,
-    ModelNotReranker,
-    ModelNotSparse,
-    ModelWrongTask,
-    NotImplementedFeature,
-    RequestTooLarge,
-    shorten,
 )
 from embedd_server.core.quantization import (
     CALIBRATED_TYPES,
@@ -68,7 +48,6 @@ from embedd_server.core.reranking import (
     scores_of,
 )
 from embedd_server.core.scheduler import Job, TokenStatesJob
-from embedd_server.core.sparse import SparseRow, sparse_rows
 from embedd_server.core.tasks import TASK_NOUNS, require_task
 from embedd_server.core.tokenization import (
     DIRECTIONS,
@@ -84,7 +63,28 @@ from embedd_server.core.tokenization import (
     tokenize_texts,
     too_long,
 )
-from embedd_server.engines.base import FloatMatrix, gives_token_states
+from embedd_server.errors import (
+    EmptyInput,
+    InvalidInput,
+    ModelNotClassifier,
+    ModelNotEmbedding,
+    ModelNotReranker,
+    ModelNotSparse,
+    ModelWrongTask,
+    NotImplementedFeature,
+    RequestTooLarge,
+    shorten,
+)
+from embedd_server.model.catalog import (
+    CLASSIFY,
+    EMBED,
+    POOLING_TYPES,
+    RERANK,
+    SPARSE,
+    ModelInfo,
+    read_float_array,
+)
+from embedd_server.model.sparse import SparseRow, sparse_rows
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-from embedd_server.core.catalog import CLASSIFY, EMBED, RERANK, SPARSE, ModelInfo
-from embedd_server.core.errors import (
+from embedd_server.errors import (
     ModelNotClassifier,
     ModelNotEmbedding,
     ModelNotReranker,
     ModelNotSparse,
     ModelWrongTask,
 )
+from embedd_server.model.catalog import CLASSIFY, EMBED, RERANK, SPARSE, ModelInfo
 
 # Each task: how a model of it is described, and the RPCs and routes that serve it.
 TASK_NOUNS = {

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 from tokenizers import Tokenizer as HFTokenizerImpl
 
-from embedd_server.core.catalog import ModelInfo
-from embedd_server.core.errors import InputTooLong, InvalidInput, NotImplementedFeature
+from embedd_server.errors import InputTooLong, InvalidInput, NotImplementedFeature
+from embedd_server.model.catalog import ModelInfo
 
 # Truncation directions, as Hugging Face tokenizers (and TEI) name them: "right" cuts the end
 # of the text (keeps its start), "left" cuts its start (keeps its end).
@@ -508,7 +508,7 @@ class GgufTokenizer:
 def tokenizer_kind(info: ModelInfo) -> str:
     """``"exact"`` when the model tokenizes as its Hugging Face tokenizer.json does (stored
     in the file, or rebuilt from its vocabulary), ``"llama.cpp"`` when llama.cpp's own
-    tokenizer is used. ``info`` is a :class:`~embedd_server.core.catalog.ModelInfo`."""
+    tokenizer is used. ``info`` is a :class:`~embedd_server.model.catalog.ModelInfo`."""
     if info.hf_tokenizer_json:
         return EXACT
     return gguf_tokenizer(info.path).kind

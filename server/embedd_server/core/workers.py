@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedd_server.core.errors import InternalError, Unavailable
+from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix, TokenStatesEngine
 from embedd_server.core.scheduler import FairQueue, WorkItem, request_ids
-from embedd_server.engines.base import Engine, EngineDied, FloatMatrix, TokenStatesEngine
+from embedd_server.errors import InternalError, Unavailable
 from embedd_server.metrics import Metrics
 
 log = logging.getLogger(__name__)

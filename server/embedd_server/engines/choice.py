@@ -22,16 +22,16 @@ from __future__ import annotations
 import logging
 import os
 
-from embedd_server.core.catalog import CLASSIFY, OWN_ARCHITECTURES, RERANK, SPARSE, ModelInfo
-from embedd_server.core.engine_settings import ENGINES, EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import Runtime
+from embedd_server.compute.engine import Runtime
+from embedd_server.compute.settings import ENGINES, EngineSettings, LoadOptions
 from embedd_server.engines.llama import ENGINE_NAME as LLAMA
 from embedd_server.engines.llama import (
     load_llama_runtime,
     pools_without_prompt,
     rank_refusal,
 )
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import CLASSIFY, OWN_ARCHITECTURES, RERANK, SPARSE, ModelInfo
 
 log = logging.getLogger(__name__)
 

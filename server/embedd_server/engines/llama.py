@@ -28,25 +28,25 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.catalog import (
+from embedd_server.compute.engine import Engine
+from embedd_server.compute.pack import Int32Array, flatten, masked_means, starts_array
+from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.engines.process import EngineSpec, ProcessEngine
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import (
     POOLING_TYPES,
     RANK_POOLING,
     TANH,
     ModelInfo,
     read_model_info,
 )
-from embedd_server.core.dense import (
+from embedd_server.model.dense import (
     DENSE_COUNT_KEY,
     DenseLayer,
     apply_dense,
     check_stack,
     read_dense_gguf,
 )
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import Engine
-from embedd_server.engines.packing import Int32Array, flatten, masked_means, starts_array
-from embedd_server.engines.process import EngineSpec, ProcessEngine
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class LlamaModelWeights:
 
 
 def _dense_layers(path: Path, metadata: dict[str, str]) -> tuple[DenseLayer, ...]:
-    """The Dense modules the file carries under embedd's keys (core/dense.py), which this
+    """The Dense modules the file carries under embedd's keys (model/dense.py), which this
     engine applies to llama.cpp's pooled vectors; none for most files."""
     if int(metadata.get(DENSE_COUNT_KEY, "0")) == 0:
         return ()

@@ -29,9 +29,7 @@ import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from embedd_server.core.catalog import HF_TOKENIZER_KEY, OWN_ARCHITECTURES, read_model_info
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import Engine, EngineDied, FloatMatrix
+from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix
 from embedd_server.engines.llama import LlamaModelWeights
 from embedd_server.engines.onnx_graph import (
     HIDDEN_OUTPUT_NAME,
@@ -44,6 +42,8 @@ from embedd_server.engines.onnx_graph import (
 )
 from embedd_server.engines.onnx_models import load_gguf
 from embedd_server.engines.process import EngineSpec, ProcessEngine
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.catalog import HF_TOKENIZER_KEY, OWN_ARCHITECTURES, read_model_info
 
 ENGINE_NAME = "onnxruntime"
 GraphOptimization = Literal["disable", "basic", "extended", "all"]

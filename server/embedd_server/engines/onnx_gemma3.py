@@ -29,7 +29,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
 from embedd_server.engines.onnx_graph import (
     META_MAX_POSITIONS,
     META_POOLING,
@@ -45,6 +44,7 @@ from embedd_server.engines.onnx_graph import (
     graph_inputs,
     pool_hidden,
 )
+from embedd_server.model.dense import DenseLayer, check_stack, read_dense_gguf
 
 ARCH = "gemma-embedding"
 _POOLINGS: dict[int, Pooling] = {1: "mean", 2: "cls"}  # llama.cpp's enum llama_pooling_type

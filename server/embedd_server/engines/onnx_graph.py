@@ -47,7 +47,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from embedd_server.core.catalog import (
+from embedd_server.model.catalog import (
     ENCODER_BLOCK_TENSORS,
     ENCODER_EMBEDDING_TENSORS,
     HEAD_ACTIVATION_KEY,
@@ -56,8 +56,8 @@ from embedd_server.core.catalog import (
     TANH,
     TASK_KEY,
 )
-from embedd_server.core.dense import DenseLayer, check_stack, read_dense_gguf
-from embedd_server.core.sparse import MLM_HEAD_TENSORS, SPLADE_ACTIVATION_KEY, SPLADE_POOLING_KEY
+from embedd_server.model.dense import DenseLayer, check_stack, read_dense_gguf
+from embedd_server.model.sparse import MLM_HEAD_TENSORS, SPLADE_ACTIVATION_KEY, SPLADE_POOLING_KEY
 
 Pooling = Literal["mean", "cls", "rank", "splade"]
 Array = npt.NDArray[Any]
@@ -818,7 +818,7 @@ _DENSE_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
 
 def append_dense(g: Graph, x: str, layers: Sequence[DenseLayer]) -> str:
     """sentence-transformers Dense modules on the pooled vector ``x``, in order:
-    ``activation(x @ W.T + b)`` each (core/dense.py). Every family's graph ends with it."""
+    ``activation(x @ W.T + b)`` each (model/dense.py). Every family's graph ends with it."""
     for index, layer in enumerate(layers):
         p = f"dense.{index}"
         x = g.op("MatMul", [x, g.const(f"{p}.weight_t", np.ascontiguousarray(layer.weight.T))], p)

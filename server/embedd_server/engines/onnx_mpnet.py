@@ -1,7 +1,7 @@
 """ONNX graphs of MPNet sentence encoders (all-mpnet-base-v2 and its kin), from an ``mpnet`` GGUF.
 
 llama.cpp has no MPNet; ``embedd import`` writes it under an architecture name of ours
-(:mod:`embedd_server.core.mpnet_layout`) and this module builds its graph, which computes
+(:mod:`embedd_server.model.mpnet_layout`) and this module builds its graph, which computes
 transformers' ``MPNetModel`` followed by sentence-transformers' pooling:
 
 - embeddings: word + position, then LayerNorm (no token types). Positions are
@@ -30,8 +30,6 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto
 
-from embedd_server.core import mpnet_layout as layout
-from embedd_server.core.catalog import ENCODER_BLOCK_TENSORS
 from embedd_server.engines.onnx_graph import (
     GGUF_POOLING,
     META_MAX_POSITIONS,
@@ -49,6 +47,8 @@ from embedd_server.engines.onnx_graph import (
     graph_inputs,
     pool_hidden,
 )
+from embedd_server.model import mpnet_layout as layout
+from embedd_server.model.catalog import ENCODER_BLOCK_TENSORS
 
 WORDS = "embeddings.word_embeddings.weight"
 POSITIONS = "embeddings.position_embeddings.weight"

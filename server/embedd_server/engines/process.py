@@ -16,7 +16,7 @@ The wire between them is a socket pair with length-prefixed messages
 
 - server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
   ``[n, lengths, pooling starts, token type starts, tokens ...]``
-  (:mod:`~embedd_server.engines.packing`); ``-n`` asks for every token's hidden state.
+  (:mod:`~embedd_server.compute.pack`); ``-n`` asks for every token's hidden state.
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
   major) per pack (one row per token for token states); ``E`` + a UTF-8 message when loading
   or decoding failed.
@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.engines.base import EngineDied
-from embedd_server.engines.packing import encode_pack
+from embedd_server.compute.engine import EngineDied
+from embedd_server.compute.pack import encode_pack
+from embedd_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EngineSpec:
 
 
 class ProcessEngine:
-    """An :class:`~embedd_server.engines.base.Engine` that lives in a child process (a
+    """An :class:`~embedd_server.compute.engine.Engine` that lives in a child process (a
     llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed_batch`;
     :meth:`abort` may come from another."""
 
@@ -122,7 +122,7 @@ class ProcessEngine:
 
     def token_states(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """Every token's last hidden state, one row per token, in order (an engine whose
-        runtime gives them: see :class:`~embedd_server.engines.base.TokenStatesEngine`)."""
+        runtime gives them: see :class:`~embedd_server.compute.engine.TokenStatesEngine`)."""
         reply = self._exchange(encode_pack(sequences, token_states=True))
         return reply.reshape(sum(map(len, sequences)), -1)
 

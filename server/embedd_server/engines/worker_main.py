@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.compute.engine import FloatMatrix
+from embedd_server.compute.pack import Pack, decode_pack
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
-from embedd_server.engines.packing import Pack, decode_pack
 from embedd_server.engines.process import ERROR, READY, VECTORS, EngineSpec
 from embedd_server.logs import configure_logging
 

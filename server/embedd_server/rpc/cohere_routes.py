@@ -8,11 +8,11 @@ import uuid
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.errors import InvalidInput, shorten
+from embedd_server.compute.engine import FloatMatrix
 from embedd_server.core.quantization import FLOAT, OUTPUT_TYPES
 from embedd_server.core.service import EmbeddingService, EmbedParams
 from embedd_server.core.tokenization import LEFT, RIGHT
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.errors import InvalidInput, shorten
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import string_list

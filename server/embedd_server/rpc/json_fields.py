@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from google.protobuf import struct_pb2
 
-from embedd_server.core.errors import InvalidInput
+from embedd_server.errors import InvalidInput
 
 _JSON_TYPES = {
     "null_value": "null",

@@ -11,7 +11,7 @@ import math
 from google.protobuf import struct_pb2
 
 from embedd_server.core.durations import FOREVER, parse_duration
-from embedd_server.core.errors import InvalidInput
+from embedd_server.errors import InvalidInput
 
 
 def parse_keep_alive(value: struct_pb2.Value) -> float | None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.engine_settings import LoadOptions
-from embedd_server.core.errors import NotImplementedFeature
+from embedd_server.compute.settings import LoadOptions
 from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
+from embedd_server.errors import NotImplementedFeature
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
 from embedd_server.rpc.ollama_shapes import ollama_details

@@ -13,10 +13,10 @@ from google.api import httpbody_pb2  # type: ignore[import-untyped]
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.catalog import EMBED, SPARSE
-from embedd_server.core.errors import InvalidInput, ModelNotFound, shorten
 from embedd_server.core.model_names import tagged_name
 from embedd_server.core.service import EmbeddingService, EmbedParams, ModelStatus
+from embedd_server.errors import InvalidInput, ModelNotFound, shorten
+from embedd_server.model.catalog import EMBED, SPARSE
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.keep_alive import parse_keep_alive

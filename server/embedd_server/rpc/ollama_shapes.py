@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.catalog import ModelInfo
+from embedd_server.model.catalog import ModelInfo
 
 
 def ollama_details(info: ModelInfo) -> pb.RunningModelDetails:

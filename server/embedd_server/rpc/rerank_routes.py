@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.errors import InvalidInput
 from embedd_server.core.reranking import RerankOutcome, RerankParams
 from embedd_server.core.service import EmbeddingService
+from embedd_server.errors import InvalidInput
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.status import rerank_error_body, tei_error_body, translate_errors
 from embedd_server.rpc.truncation import native_truncation

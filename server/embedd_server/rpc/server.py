@@ -12,11 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from embedd.v1 import embedder_pb2, embedder_pb2_grpc
-from embedd_server.core.errors import EmbeddError
+from embedd_server.compute.engine import RuntimeLoader
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
-from embedd_server.engines.base import RuntimeLoader
 from embedd_server.engines.choice import load_runtime
+from embedd_server.errors import EmbeddError
 from embedd_server.metrics import Metrics, MetricsPortError
 from embedd_server.rpc.interceptors import auth
 from embedd_server.rpc.interceptors.access_log import RequestContextInterceptor

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
-from embedd_server.core.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.core.quantization import BINARY, FLOAT, INT8, UBINARY, UINT8
 from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
+from embedd_server.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.cohere_routes import CohereRoutes
 from embedd_server.rpc.context import Context, deadline_of

@@ -27,8 +27,8 @@ from google.api import annotations_pb2  # type: ignore[import-untyped]
 from grpc import aio
 
 from embedd.v1 import embedder_pb2
-from embedd_server.core import errors
-from embedd_server.core.errors import EmbeddError, InternalError, shorten
+from embedd_server import errors
+from embedd_server.errors import EmbeddError, InternalError, shorten
 
 log = logging.getLogger(__name__)
 

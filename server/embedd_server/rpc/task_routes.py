@@ -13,9 +13,9 @@ from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.classifying import ClassifyInput, ClassifyOutcome, ClassifyParams
-from embedd_server.core.errors import InvalidInput
 from embedd_server.core.service import EmbeddingService, EmbedParams, SparseOutcome
 from embedd_server.core.tokenization import LEFT, RIGHT
+from embedd_server.errors import InvalidInput
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.status import tei_error_body, translate_errors
 from embedd_server.rpc.truncation import native_truncation

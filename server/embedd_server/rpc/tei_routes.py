@@ -23,10 +23,10 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
-from embedd_server.core.errors import EmptyInput, InvalidInput, Unavailable
+from embedd_server.compute.engine import FloatMatrix
 from embedd_server.core.service import EmbeddingService, EmbedParams
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.errors import EmptyInput, InvalidInput, Unavailable
+from embedd_server.model.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import json_type

@@ -8,8 +8,8 @@ never taken for one of the known modes.
 from __future__ import annotations
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.core.errors import InvalidInput
 from embedd_server.core.tokenization import LEFT, RIGHT
+from embedd_server.errors import InvalidInput
 
 _KNOWN = ", ".join(f"{name} ({number})" for name, number in pb.Truncation.items())
 

@@ -13,7 +13,7 @@ import numpy.typing as npt
 from google.protobuf import struct_pb2
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd_server.engines.base import FloatMatrix
+from embedd_server.compute.engine import FloatMatrix
 
 DoubleMatrix = npt.NDArray[np.float64]
 

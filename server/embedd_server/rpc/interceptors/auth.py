@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from embedd_server.core.errors import EmbeddError, PermissionDenied, RateLimited, Unauthenticated
+from embedd_server.errors import EmbeddError, PermissionDenied, RateLimited, Unauthenticated
 from embedd_server.rpc.interceptors.handlers import (
     Handler,
     WrappingInterceptor,

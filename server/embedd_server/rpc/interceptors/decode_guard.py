@@ -5,7 +5,7 @@ Envoy hands the server what the JSON said: a path parameter with invalid UTF-8 (
 ``Value`` nested deeper than Python protobuf's recursion limit decodes with a DecodeError,
 which grpcio would answer with UNKNOWN (HTTP 500). This interceptor wraps each method's
 request deserializer: an undecodable message becomes a marker the handler turns into an
-:class:`~embedd_server.core.errors.InvalidInput` with the route's usual error body.
+:class:`~embedd_server.errors.InvalidInput` with the route's usual error body.
 
 The size check happens on the same bytes, before any decoding: grpcio's own limit
 (``max_message_mb``) would answer with a message that names neither the setting nor what to
@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from embedd_server.core.errors import EmbeddError, InvalidInput, RequestTooLarge
+from embedd_server.errors import EmbeddError, InvalidInput, RequestTooLarge
 from embedd_server.rpc.interceptors.handlers import (
     Handler,
     WrappingInterceptor,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedd_server.core.dense import DENSE_COUNT_KEY, dense_key
-from embedd_server.core.errors import ModelLoadError
-from embedd_server.core.gguf_metadata import ForeignGguf, read_metadata
+from embedd_server.errors import ModelLoadError
+from embedd_server.model.dense import DENSE_COUNT_KEY, dense_key
+from embedd_server.model.gguf_metadata import ForeignGguf, read_metadata
 
 # llama.cpp's enum llama_pooling_type.
 POOLING_NAMES = {-1: "unspecified", 0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}

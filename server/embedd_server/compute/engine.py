@@ -8,8 +8,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from embedd_server.core.catalog import ModelInfo
-from embedd_server.core.engine_settings import EngineSettings, LoadOptions
+from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.model.catalog import ModelInfo
 
 # Vectors, one row each: what engines return and every layer above passes on.
 FloatMatrix = npt.NDArray[np.float32]
