@@ -1,13 +1,15 @@
-"""What the sync and the asyncio clients share: the result types and the conversions between
-Python values and the ``embedd.v1`` messages, so neither client builds a message itself."""
+"""What the sync and the asyncio clients share besides their methods (:mod:`embedd._calls`):
+the result types, the checks of the arguments, the readers of the server's answers (one per
+response message), the channel's settings and the bookkeeping of an EmbedStream."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -198,67 +200,10 @@ def compact_of(
 ) -> ByteMatrix:
     """The response's compact vectors (``Embedding.data``) as an (n, bytes) matrix, rows
     placed by their index."""
-    rows = response.embeddings
-    count = len(rows)
-    if expected is not None and count != expected:
-        raise InternalServerError(f"the server returned {count} vectors for {expected} inputs")
-    if count == 0:
-        return np.empty((0, 0), dtype=dtype)
-    width = len(rows[0].data)
-    matrix = np.empty((count, width), dtype=dtype)
-    placed = np.zeros(count, dtype=bool)
-    for row in rows:
-        if row.index >= count or placed[row.index] or len(row.data) != width:
-            raise InternalServerError("the server returned malformed vectors")
-        matrix[row.index] = np.frombuffer(row.data, dtype=dtype)
-        placed[row.index] = True
-    return matrix
-
-
-def rerank_request(
-    query: str,
-    documents: str | Iterable[str],
-    *,
-    model: str,
-    top_n: int | None,
-    return_documents: bool,
-    raw_scores: bool,
-) -> pb.RerankRequest:
-    """A RerankRequest (a single str is one document)."""
-    if not isinstance(query, str):
-        raise TypeError(f"query is a {type(query).__name__}, not a str")
-    request = pb.RerankRequest(
-        model=model,
-        query=query,
-        documents=as_texts(documents),
-        return_documents=return_documents,
-        raw_scores=raw_scores,
+    matrix: ByteMatrix = placed_rows(
+        response, expected, dtype, lambda row: np.frombuffer(row.data, dtype=dtype)
     )
-    if top_n is not None:
-        request.top_n = top_n
-    return request
-
-
-def classify_request(
-    inputs: str | tuple[str, str] | Iterable[str | tuple[str, str]],
-    *,
-    model: str,
-    raw_scores: bool,
-) -> pb.ClassifyRequest:
-    """A ClassifyRequest: a str is one text, a tuple of two strs one pair, else a list of
-    texts and pairs."""
-    items = [inputs] if isinstance(inputs, str | tuple) else list(inputs)
-    request = pb.ClassifyRequest(model=model, raw_scores=raw_scores)
-    for index, item in enumerate(items):
-        if isinstance(item, str):
-            request.inputs.add(text=item)
-        elif isinstance(item, tuple) and len(item) == 2:
-            request.inputs.add(
-                text=check_text(item[0], index), text_pair=check_text(item[1], index)
-            )
-        else:
-            raise TypeError(f"input {index} is a {type(item).__name__}, not a str or a pair")
-    return request
+    return matrix
 
 
 def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
@@ -271,13 +216,6 @@ def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
         model=response.model,
         prompt_tokens=response.usage.prompt_tokens,
     )
-
-
-def sparse_request(
-    texts: str | Iterable[str], *, model: str, prompt_name: str
-) -> pb.EmbedSparseRequest:
-    """An EmbedSparseRequest (a single str is one text)."""
-    return pb.EmbedSparseRequest(model=model, texts=as_texts(texts), prompt_name=prompt_name)
 
 
 def sparse_result(response: pb.EmbedSparseResponse) -> SparseResult:
@@ -428,21 +366,38 @@ def check_batch_size(batch_size: int) -> None:
 
 def vectors_of(response: pb.EmbedResponse, expected: int | None = None) -> FloatMatrix:
     """The response's vectors as an (n, d) float32 matrix, rows placed by their index."""
+    # numpy copies a repeated field in one C loop
+    vectors: FloatMatrix = placed_rows(response, expected, np.float32, _VALUES)
+    return vectors
+
+
+_VALUES: Final = operator.attrgetter("values")
+
+
+def placed_rows(
+    response: pb.EmbedResponse,
+    expected: int | None,
+    dtype: type[np.generic],
+    read: Callable[[pb.Embedding], Any],
+) -> npt.NDArray[Any]:
+    """The response's rows, each ``read`` from its Embedding, as one matrix placed by their
+    index; InternalServerError when they are not one row per input of one width."""
     rows = response.embeddings
     count = len(rows)
     if expected is not None and count != expected:
         raise InternalServerError(f"the server returned {count} vectors for {expected} inputs")
     if count == 0:
-        return np.empty((0, 0), dtype=np.float32)
-    width = len(rows[0].values)
-    vectors = np.empty((count, width), dtype=np.float32)
+        return np.empty((0, 0), dtype=dtype)
+    width = len(read(rows[0]))
+    matrix = np.empty((count, width), dtype=dtype)
     placed = np.zeros(count, dtype=bool)
     for row in rows:
-        if row.index >= count or placed[row.index] or len(row.values) != width:
+        values = read(row)
+        if row.index >= count or placed[row.index] or len(values) != width:
             raise InternalServerError("the server returned malformed vectors")
-        vectors[row.index] = row.values  # numpy copies a repeated field in one C loop
+        matrix[row.index] = values
         placed[row.index] = True
-    return vectors
+    return matrix
 
 
 def embed_result(response: pb.EmbedResponse, expected: int | None = None) -> EmbedResult:
@@ -476,12 +431,13 @@ def model_info(message: pb.Model) -> ModelInfo:
     return ModelInfo(**fields)
 
 
-def health_request() -> health_pb2.HealthCheckRequest:
-    """The health check of the whole server (service "")."""
-    return health_pb2.HealthCheckRequest(service="")
+def model_list(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    """A ListModelsResponse as a list of :class:`ModelInfo`."""
+    return [model_info(model) for model in response.data]
 
 
 def is_serving(response: health_pb2.HealthCheckResponse) -> bool:
+    """Whether a health check's answer is SERVING."""
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
@@ -495,20 +451,47 @@ def rpc_errors() -> Iterator[None]:
 
 
 class StreamState:
-    """Bookkeeping of one EmbedStream: the batches sent and the answers due, in order.
+    """Bookkeeping of one EmbedStream: the texts read into batches, the batches sent and the
+    answers due, in order.
 
-    The request side (a thread of grpc's, or a task) records each batch's size before sending
-    it; the response side checks each answer against the oldest batch still due. A failure of
-    the caller's iterable is kept and raised after the batches sent before it are answered.
+    The request side (a thread of grpc's, or a task) reads texts with :meth:`add` and sends
+    each full batch, recording its size; the response side checks each answer against the
+    oldest batch still due. A failure of the caller's iterable is kept and raised after the
+    batches sent before it are answered.
     """
 
     def __init__(self, batch_size: int, options: EmbedOptions) -> None:
         self.batch_size = batch_size
         self.options = options
+        self.read = 0
         self.sent = 0
         self.answered = 0
         self.error: BaseException | None = None
+        self._batch: list[str] = []
         self._due: deque[int] = deque()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around the reading of the caller's iterable: its exception is kept in ``error``
+        (grpc would only log it), so that the texts read before it are still sent and the
+        request stream ends normally."""
+        try:
+            yield
+        except Exception as exc:
+            self.error = exc
+
+    def add(self, text: object) -> list[pb.EmbedRequest]:
+        """Takes the next text: the request of its batch when that is full, else none."""
+        self._batch.append(check_text(text, self.read))
+        self.read += 1
+        return self.rest() if len(self._batch) == self.batch_size else []
+
+    def rest(self) -> list[pb.EmbedRequest]:
+        """The request of the batch read so far, if it holds any text."""
+        if not self._batch:
+            return []
+        batch, self._batch = self._batch, []
+        return [self.request(batch)]
 
     def request(self, batch: list[str]) -> pb.EmbedRequest:
         """The request of the next batch, recorded as due."""
@@ -544,26 +527,38 @@ class StreamState:
         """What to raise when the call failed: the iterable's own error comes first."""
         return self.error if self.error is not None else from_rpc_error(err)
 
+    @contextlib.contextmanager
+    def answering(self, call: grpc.Call | grpc.aio.Call) -> Iterator[None]:
+        """Around the reading of the answers: a failed call raises :meth:`failed`'s error,
+        the end of the answers :meth:`finish`'s; leaving early cancels the call (a no-op
+        once it is done)."""
+        try:
+            yield
+            self.finish()
+        except grpc.RpcError as err:
+            raise self.failed(err) from err
+        finally:
+            call.cancel()
+
 
 def stream_requests(texts: Iterable[str], state: StreamState) -> Iterator[pb.EmbedRequest]:
-    """Pulls texts lazily, batch by batch, and yields one request per batch.
-
-    An exception of the iterable is recorded in ``state`` (grpc would only log it): the texts
-    read before it are still sent, then the request stream ends normally.
-    """
-    batch: list[str] = []
-    index = 0
-    try:
+    """Pulls texts lazily, batch by batch, and yields one request per batch."""
+    with state.reading():
         for text in texts:
-            batch.append(check_text(text, index))
-            index += 1
-            if len(batch) == state.batch_size:
-                yield state.request(batch)
-                batch = []
-    except Exception as exc:
-        state.error = exc
-    if batch:
-        yield state.request(batch)
+            yield from state.add(text)
+    yield from state.rest()
+
+
+async def async_stream_requests(
+    texts: AsyncIterable[str], state: StreamState
+) -> AsyncIterator[pb.EmbedRequest]:
+    """:func:`stream_requests` for an async iterable of texts."""
+    with state.reading():
+        async for text in texts:
+            for request in state.add(text):
+                yield request
+    for request in state.rest():
+        yield request
 
 
 __all__ = [
