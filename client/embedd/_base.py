@@ -1,131 +1,60 @@
-"""What :class:`embedd.Client` and :class:`embedd.AsyncClient` share: the constructor (the
-channel's settings, the metadata) and every public method, declared once from
-:mod:`embedd._calls`. Each client only says how it sends a call: :meth:`BaseClient._bind`
-(a unary call: blocking, or a coroutine) and ``_stream`` (an EmbedStream: a generator, or an
-async generator)."""
+"""Every method of :class:`embedd.Client` and :class:`embedd.AsyncClient`, written once: each
+checks its arguments and builds its call (the request message, and how the answer becomes the
+value returned) with the conversions of :mod:`embedd._convert`; how a call is sent is each
+client's own (:mod:`embedd._calls`)."""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Callable,
-    Coroutine,
-    Generator,
-    Iterable,
-    Sequence,
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedd._calls import EMBEDDER, HEALTH, AnyTexts, Method, Stream, StreamMethod, Unary
+from embedd._convert import (
+    DEFAULT_TARGET,
+    ByteMatrix,
+    ClassifyResult,
+    Connection,
+    EmbedOptions,
+    EmbedResult,
+    FloatMatrix,
+    ModelInfo,
+    PemSource,
+    RerankResult,
+    SparseResult,
+    StreamState,
+    TokenizeResult,
+    as_texts,
+    as_token_ids,
+    call_metadata,
+    check_batch_size,
+    check_text,
+    classify_result,
+    compact_of,
+    compact_type,
+    embed_result,
+    is_serving,
+    model_info,
+    model_list,
+    rerank_result,
+    sparse_result,
+    tokenize_result,
+    vectors_of,
 )
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
-
-from grpc_health.v1 import health_pb2_grpc
-
-from embedd import _calls
-from embedd._calls import EMBEDDER, HEALTH, Stream, Unary
-from embedd._convert import DEFAULT_TARGET, Connection, FloatMatrix, PemSource, call_metadata
 from embedd._convert import connection as connection_of
+from embedd.errors import DeadlineExceeded, EmbeddClientError, Unavailable
+from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc
 
-if TYPE_CHECKING:
-    from embedd.aio import AsyncClient
-    from embedd.client import Client
-
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
-
-#: What EmbedStream reads: an iterable of texts (AsyncClient: or an async iterable).
-AnyTexts = Iterable[str] | AsyncIterable[str]
-
-
-class _Declared:
-    """A method declared from the function that builds its call: its name, docstring and
-    signature (for help() and inspect) are that function's."""
-
-    def __init__(self, build: Callable[..., Any]) -> None:
-        self.__name__ = self.__qualname__ = build.__name__
-        self.__doc__ = build.__doc__
-        parameters = inspect.signature(build).parameters.values()
-        # No return annotation: the function returns the call, the method the answer.
-        self._signature = inspect.Signature(list(parameters))
-        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-        self.__signature__ = self._signature.replace(parameters=[self_parameter, *parameters])
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self.__name__, self.__qualname__ = name, f"{owner.__qualname__}.{name}"
-
-    def __call__(self, client: BaseClient, *args: Any, **kwargs: Any) -> Any:
-        """The method called through the class: ``Client.embed(client, texts)``."""
-        return getattr(client, self.__name__)(*args, **kwargs)
-
-    def _named(self, method: F) -> F:
-        """``method``, bound to a client, under this method's name, docstring and signature."""
-        method.__name__, method.__qualname__ = self.__name__, self.__qualname__
-        method.__doc__ = self.__doc__
-        method.__signature__ = self._signature  # type: ignore[attr-defined]
-        return method
-
-
-class Method(_Declared, Generic[P, T]):
-    """A client method declared once: ``build`` checks the arguments and makes the call;
-    on a :class:`embedd.Client` the method sends it and returns the answer, on an
-    :class:`embedd.AsyncClient` it is a coroutine function of the same arguments."""
-
-    def __init__(self, build: Callable[P, Unary[T]]) -> None:
-        super().__init__(build)
-        self.build = build
-
-    @overload
-    def __get__(self, client: None, owner: type[Any]) -> Method[P, T]: ...
-    @overload
-    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
-    @overload
-    def __get__(
-        self, client: AsyncClient, owner: type[Any]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    def __get__(self, client: BaseClient | None, owner: type[Any]) -> Any:
-        return self if client is None else self._named(client._bind(self.build))
-
-
-class StreamMethod(_Declared, Generic[P]):
-    """The EmbedStream method declared once: a generator of the batches' vectors on a
-    :class:`embedd.Client`, an async generator on an :class:`embedd.AsyncClient` (which also
-    reads an async iterable). The arguments are checked when it is called."""
-
-    def __init__(self, build: Callable[Concatenate[AnyTexts, P], Stream]) -> None:
-        super().__init__(build)
-        self.build = build
-
-    @overload
-    def __get__(self, client: None, owner: type[Any]) -> StreamMethod[P]: ...
-    @overload
-    def __get__(
-        self, client: Client, owner: type[Any]
-    ) -> Callable[Concatenate[Iterable[str], P], Generator[FloatMatrix, None, None]]: ...
-    @overload
-    def __get__(
-        self, client: AsyncClient, owner: type[Any]
-    ) -> Callable[Concatenate[AnyTexts, P], AsyncGenerator[FloatMatrix, None]]: ...
-    def __get__(self, client: BaseClient | None, owner: type[Any]) -> Any:
-        if client is None:
-            return self
-        build = self.build
-
-        def method(texts: AnyTexts, *args: P.args, **kwargs: P.kwargs) -> Any:
-            return client._stream(build(texts, *args, **kwargs))
-
-        return self._named(method)
 
 
 class BaseClient:
-    """The part of a client of an embedd server that does not depend on how it waits.
-
-    ``target`` is ``host:port`` of the gRPC server. ``timeout`` is the deadline in seconds of
-    each unary call (None: no deadline); ``metadata`` is sent with every call, and ``api_key``
-    adds ``authorization: Bearer <api_key>``. ``max_message_mb`` bounds messages both ways,
-    like the server's setting of the same name. ``tls`` and ``tls_*``: see
-    :class:`embedd.Client`.
-    """
+    """What :class:`embedd.Client` and :class:`embedd.AsyncClient` share: the constructor and
+    the methods. The arguments are documented on :class:`embedd.Client`."""
 
     def __init__(
         self,
@@ -159,16 +88,18 @@ class BaseClient:
             HEALTH: health_pb2_grpc.HealthStub(self._channel),
         }
 
+    # --- what each client does its own way ------------------------------------------------
+
     def _open(self, way: Connection) -> Any:
         """The channel to the server (grpc's or grpc.aio's)."""
         raise NotImplementedError
 
-    def _bind(self, build: Callable[P, Unary[T]]) -> Callable[P, Any]:
-        """The method that makes ``build``'s call and sends it."""
+    def _bind(self, call: Callable[P, Unary[T]]) -> Callable[P, Any]:
+        """The method that sends the call ``call`` builds: blocking, or as a coroutine."""
         raise NotImplementedError
 
     def _stream(self, call: Stream) -> Any:
-        """The EmbedStream of ``call``, as a generator of the batches' vectors."""
+        """The EmbedStream of ``call``: a generator of the batches' vectors, or an async one."""
         raise NotImplementedError
 
     def _rpc(self, call: Unary[Any]) -> Any:
@@ -181,18 +112,197 @@ class BaseClient:
             requests, timeout=call.timeout, metadata=self._metadata
         )
 
-    embed = Method(_calls.embed)
-    embed_with_usage = Method(_calls.embed_with_usage)
-    embed_compact = Method(_calls.embed_compact)
-    embed_tokens = Method(_calls.embed_tokens)
-    embed_stream = StreamMethod(_calls.embed_stream)
-    rerank = Method(_calls.rerank)
-    classify = Method(_calls.classify)
-    embed_sparse = Method(_calls.embed_sparse)
-    tokenize = Method(_calls.tokenize)
-    models = Method(_calls.models)
-    get_model = Method(_calls.get_model)
-    health = Method(_calls.health)
+    # --- the methods --------------------------------------------------------------------------
+
+    @Method
+    def embed_with_usage(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> Unary[EmbedResult]:
+        """Like :meth:`embed`, also telling the model used and the tokens counted."""
+        inputs = as_texts(texts)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(texts=inputs)
+        return Unary("Embed", request, functools.partial(embed_result, expected=len(inputs)))
+
+    embed = embed_with_usage.answered(
+        lambda result: result.vectors,
+        """Embeds texts: an (n, d) float32 matrix, one row per text in order.
+
+        A single str is one text (shape (1, d)). ``model`` "" is the server's default;
+        ``dimensions`` keeps the first N components (re-normalized when ``normalize``);
+        ``truncate=False`` makes a text longer than the model's limit an error instead of
+        being cut.
+        """,
+    )
+
+    @Method
+    def embed_compact(
+        self,
+        texts: str | Sequence[str],
+        output_type: str,
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        truncate: bool = True,
+    ) -> Unary[ByteMatrix]:
+        """Embeds texts as compact vectors: an (n, bytes) matrix, one row per text in order.
+
+        ``output_type``: ``"int8"`` / ``"uint8"`` (one byte a dimension, ranges calibrated by
+        the server on a fixed text set) or ``"binary"`` / ``"ubinary"`` (sign bits, 8
+        dimensions a byte; binary = ubinary - 128), as sentence-transformers'
+        ``quantize_embeddings``. ``dimensions`` applies before quantizing.
+        """
+        kind, dtype = compact_type(output_type)
+        inputs = as_texts(texts)
+        request = EmbedOptions(model, dimensions, True, truncate).request(texts=inputs)
+        request.output_type = kind  # type: ignore[assignment]
+        answer = functools.partial(compact_of, dtype=dtype, expected=len(inputs))
+        return Unary("Embed", request, answer)
+
+    @Method
+    def embed_tokens(
+        self,
+        sequences: Iterable[Iterable[int]],
+        *,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> Unary[FloatMatrix]:
+        """Embeds pre-tokenized inputs (the model's token ids, special tokens included).
+
+        Each sequence is a list (or numpy array) of ids, e.g. :meth:`tokenize`'s ``ids``.
+        """
+        ids = as_token_ids(sequences)
+        request = EmbedOptions(model, dimensions, normalize, truncate).request(token_ids=ids)
+        return Unary("Embed", request, functools.partial(vectors_of, expected=len(ids)))
+
+    @StreamMethod
+    def embed_stream(
+        self,
+        texts: AnyTexts,
+        *,
+        batch_size: int = 64,
+        model: str = "",
+        dimensions: int | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> Stream:
+        """Embeds any number of texts over one EmbedStream: one matrix per batch, in order.
+
+        Texts are pulled from the iterable (with :class:`embedd.AsyncClient`, an iterable or
+        an async iterable) lazily, ``batch_size`` at a time (a generator of millions is never
+        materialized; the server's flow control paces the reading). Each batch is one request
+        whose ``request_id`` is its number, and each answer is checked against it. The
+        stream's deadline is ``timeout`` (default: none), not the client's, since a stream
+        lasts as long as its input. If the iterable raises, the batches read before are still
+        yielded, then its exception is raised. Stopping the iteration early cancels the
+        stream.
+        """
+        check_batch_size(batch_size)
+        if isinstance(texts, str):
+            raise TypeError("embed_stream takes an iterable of texts, not one str")
+        options = EmbedOptions(model, dimensions, normalize, truncate)
+        return Stream(texts, StreamState(batch_size, options), timeout)
+
+    @Method
+    def rerank(
+        self,
+        query: str,
+        documents: str | Sequence[str],
+        *,
+        model: str = "",
+        top_n: int | None = None,
+        return_documents: bool = False,
+        raw_scores: bool = False,
+    ) -> Unary[RerankResult]:
+        """Ranks documents by relevance to ``query`` with a reranker (cross-encoder) model:
+        the best first. ``model`` "" is the server's first reranker; ``top_n`` keeps the best
+        N; ``return_documents`` echoes each document's text; ``raw_scores`` gives the logits
+        instead of their sigmoid. A single str is one document."""
+        if not isinstance(query, str):
+            raise TypeError(f"query is a {type(query).__name__}, not a str")
+        request = pb.RerankRequest(
+            model=model,
+            query=query,
+            documents=as_texts(documents),
+            return_documents=return_documents,
+            raw_scores=raw_scores,
+        )
+        if top_n is not None:
+            request.top_n = top_n
+        return Unary("Rerank", request, rerank_result)
+
+    @Method
+    def classify(
+        self,
+        inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]],
+        *,
+        model: str = "",
+        raw_scores: bool = False,
+    ) -> Unary[ClassifyResult]:
+        """Every label's score for each input (a text, or a ``(text, text_pair)`` tuple) with
+        a sequence classifier, highest first. ``model`` "" is the server's first classifier;
+        ``raw_scores`` gives the logits instead of their softmax / sigmoid."""
+        items = [inputs] if isinstance(inputs, str | tuple) else list(inputs)
+        request = pb.ClassifyRequest(model=model, raw_scores=raw_scores)
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                request.inputs.add(text=item)
+            elif isinstance(item, tuple) and len(item) == 2:
+                request.inputs.add(
+                    text=check_text(item[0], index), text_pair=check_text(item[1], index)
+                )
+            else:
+                raise TypeError(f"input {index} is a {type(item).__name__}, not a str or a pair")
+        return Unary("Classify", request, classify_result)
+
+    @Method
+    def embed_sparse(
+        self, texts: str | Sequence[str], *, model: str = "", prompt_name: str = ""
+    ) -> Unary[SparseResult]:
+        """Sparse vectors of the texts with a sparse (SPLADE) encoder: each text's non-zero
+        weights by token id. ``model`` "" is the server's first sparse encoder."""
+        texts = as_texts(texts)
+        request = pb.EmbedSparseRequest(model=model, texts=texts, prompt_name=prompt_name)
+        return Unary("EmbedSparse", request, sparse_result)
+
+    @Method
+    def tokenize(self, text: str, *, model: str = "") -> Unary[TokenizeResult]:
+        """The token ids and token strings of a text with the model's tokenizer."""
+        return Unary("Tokenize", pb.TokenizeRequest(model=model, text=text), tokenize_result)
+
+    @Method
+    def models(self) -> Unary[list[ModelInfo]]:
+        """The server's model catalogue (loaded or not)."""
+        return Unary("ListModels", pb.ListModelsRequest(), model_list)
+
+    @Method
+    def get_model(self, name: str) -> Unary[ModelInfo]:
+        """One model of the catalogue; :class:`embedd.NotFound` when there is none."""
+        return Unary("GetModel", pb.GetModelRequest(model=name), model_info)
+
+    @Method
+    def health(self) -> Unary[bool]:
+        """Whether the server reports SERVING (grpc.health.v1 Check of service "").
+
+        An unreachable server, or one that does not answer within the timeout, gives False.
+        """
+        request = health_pb2.HealthCheckRequest(service="")  # the whole server
+        return Unary("Check", request, is_serving, HEALTH, recover=_unreachable)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
+
+
+def _unreachable(error: EmbeddClientError) -> bool:
+    """A failed health check: False when the server cannot be reached in time."""
+    if isinstance(error, Unavailable | DeadlineExceeded):
+        return False
+    raise error

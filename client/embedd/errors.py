@@ -12,7 +12,13 @@ Every method of :class:`embedd.Client` and :class:`embedd.AsyncClient` turns a f
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+
+# The one mapping from gRPC status codes to exception classes, filled by the classes
+# themselves (their ``codes``); other codes give the base class.
+_ERROR_CLASSES: dict[grpc.StatusCode, type[EmbeddClientError]] = {}
 
 
 class EmbeddClientError(Exception):
@@ -24,6 +30,14 @@ class EmbeddClientError(Exception):
 
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
+    def __init_subclass__(cls, codes: tuple[grpc.StatusCode, ...] = (), **kwargs: Any) -> None:
+        """A subclass declares the status codes it stands for (the first is its default);
+        :func:`from_rpc_error` maps each to it."""
+        super().__init_subclass__(**kwargs)
+        if codes:
+            cls.default_code = codes[0]
+            _ERROR_CLASSES.update(dict.fromkeys(codes, cls))
+
     def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
         self.code: grpc.StatusCode = self.default_code if code is None else code
         self.details: str = details
@@ -33,66 +47,38 @@ class EmbeddClientError(Exception):
         return f"{type(self).__name__}(code={self.code.name}, details={self.details!r})"
 
 
-class InvalidArgument(EmbeddClientError):
+class InvalidArgument(EmbeddClientError, codes=(grpc.StatusCode.INVALID_ARGUMENT,)):
     """The request was malformed: empty text, bad ``dimensions``, input too long..."""
 
-    default_code = grpc.StatusCode.INVALID_ARGUMENT
 
-
-class NotFound(EmbeddClientError):
+class NotFound(EmbeddClientError, codes=(grpc.StatusCode.NOT_FOUND,)):
     """The model (or another named resource) does not exist on the server."""
 
-    default_code = grpc.StatusCode.NOT_FOUND
 
-
-class ResourceExhausted(EmbeddClientError):
+class ResourceExhausted(EmbeddClientError, codes=(grpc.StatusCode.RESOURCE_EXHAUSTED,)):
     """The server's queue is full, or a message exceeded the size limit: retry later."""
 
-    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-
-class Unavailable(EmbeddClientError):
+class Unavailable(EmbeddClientError, codes=(grpc.StatusCode.UNAVAILABLE,)):
     """The server cannot be reached, is starting or is draining: retryable."""
 
-    default_code = grpc.StatusCode.UNAVAILABLE
 
-
-class DeadlineExceeded(EmbeddClientError):
+class DeadlineExceeded(EmbeddClientError, codes=(grpc.StatusCode.DEADLINE_EXCEEDED,)):
     """The call's deadline (``timeout``) passed before the server answered."""
 
-    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
-
-class Unauthenticated(EmbeddClientError):
+class Unauthenticated(EmbeddClientError, codes=(grpc.StatusCode.UNAUTHENTICATED,)):
     """The server (or a proxy in front of it) rejected the credentials (``api_key``)."""
 
-    default_code = grpc.StatusCode.UNAUTHENTICATED
 
-
-class InternalServerError(EmbeddClientError):
+class InternalServerError(
+    EmbeddClientError, codes=(grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS)
+):
     """The server failed unexpectedly, or its answer did not make sense."""
 
-    default_code = grpc.StatusCode.INTERNAL
 
-
-class Cancelled(EmbeddClientError):
+class Cancelled(EmbeddClientError, codes=(grpc.StatusCode.CANCELLED,)):
     """The call was cancelled (by the client, or by the server shutting down)."""
-
-    default_code = grpc.StatusCode.CANCELLED
-
-
-# The one mapping from gRPC status codes to exception classes; other codes give the base class.
-_ERROR_CLASSES: dict[grpc.StatusCode, type[EmbeddClientError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.INTERNAL: InternalServerError,
-    grpc.StatusCode.DATA_LOSS: InternalServerError,
-    grpc.StatusCode.CANCELLED: Cancelled,
-}
 
 
 def from_rpc_error(err: grpc.RpcError) -> EmbeddClientError:

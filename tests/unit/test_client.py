@@ -291,6 +291,7 @@ class _FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.DEADLINE_EXCEEDED, embedd.DeadlineExceeded),
         (grpc.StatusCode.UNAUTHENTICATED, embedd.Unauthenticated),
         (grpc.StatusCode.INTERNAL, embedd.InternalServerError),
+        (grpc.StatusCode.DATA_LOSS, embedd.InternalServerError),
         (grpc.StatusCode.CANCELLED, embedd.Cancelled),
         (grpc.StatusCode.FAILED_PRECONDITION, embedd.EmbeddClientError),
     ],

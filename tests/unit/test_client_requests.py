@@ -21,7 +21,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from embedd import AsyncClient, Client
-from embedd._base import BaseClient, Method, StreamMethod
+from embedd._base import BaseClient
+from embedd._calls import Method, StreamMethod
 from embedd.v1 import embedder_pb2 as pb
 
 Received = list[tuple[str, Message]]
