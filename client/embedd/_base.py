@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, Unpack
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -15,16 +15,17 @@ from embedd._calls import EMBEDDER, HEALTH, AnyTexts, Method, Stream, StreamMeth
 from embedd._convert import (
     DEFAULT_TARGET,
     ByteMatrix,
+    ChannelOptions,
     ClassifyResult,
     Connection,
     EmbedOptions,
     EmbedResult,
     FloatMatrix,
     ModelInfo,
-    PemSource,
     RerankResult,
     SparseResult,
     StreamState,
+    Texts,
     TokenizeResult,
     as_texts,
     as_token_ids,
@@ -54,7 +55,9 @@ P = ParamSpec("P")
 
 class BaseClient:
     """What :class:`embedd.Client` and :class:`embedd.AsyncClient` share: the constructor and
-    the methods. The arguments are documented on :class:`embedd.Client`."""
+    the methods. The arguments are documented on :class:`embedd.Client`; those of the
+    channel (``max_message_mb``, ``tls``, ``tls_*``) are :class:`ChannelOptions`, declared
+    once for the clients and :func:`embedd._convert.connection`."""
 
     def __init__(
         self,
@@ -63,25 +66,12 @@ class BaseClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         api_key: str | None = None,
-        max_message_mb: int = 64,
-        tls: bool | None = None,
-        tls_ca: PemSource | None = None,
-        tls_cert: PemSource | None = None,
-        tls_key: PemSource | None = None,
-        tls_server_name: str | None = None,
+        **channel: Unpack[ChannelOptions],
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = call_metadata(metadata, api_key)
-        way = connection_of(
-            target,
-            max_message_mb=max_message_mb,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name,
-        )
+        way = connection_of(target, **channel)
         self._channel = self._open(way)
         self._stubs: dict[str, Any] = {
             EMBEDDER: embedder_pb2_grpc.EmbedderStub(self._channel),
@@ -117,7 +107,7 @@ class BaseClient:
     @Method
     def embed_with_usage(
         self,
-        texts: str | Sequence[str],
+        texts: Texts,
         *,
         model: str = "",
         dimensions: int | None = None,
@@ -143,7 +133,7 @@ class BaseClient:
     @Method
     def embed_compact(
         self,
-        texts: str | Sequence[str],
+        texts: Texts,
         output_type: str,
         *,
         model: str = "",
@@ -265,7 +255,7 @@ class BaseClient:
 
     @Method
     def embed_sparse(
-        self, texts: str | Sequence[str], *, model: str = "", prompt_name: str = ""
+        self, texts: Texts, *, model: str = "", prompt_name: str = ""
     ) -> Unary[SparseResult]:
         """Sparse vectors of the texts with a sparse (SPLADE) encoder: each text's non-zero
         weights by token id. ``model`` "" is the server's first sparse encoder."""

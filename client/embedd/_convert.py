@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import grpc
 import numpy as np
@@ -25,6 +25,8 @@ from embedd.v1 import embedder_pb2 as pb
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 
 FloatMatrix = npt.NDArray[np.float32]
+#: The inputs of an embedding call: one text, or a sequence of texts.
+Texts = str | Sequence[str]
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -274,10 +276,21 @@ class Connection:
     options: list[tuple[str, Any]]
 
 
+class ChannelOptions(TypedDict, total=False):
+    """The keyword arguments of a client that shape its channel (see :func:`connection`)."""
+
+    max_message_mb: int
+    tls: bool | None
+    tls_ca: PemSource | None
+    tls_cert: PemSource | None
+    tls_key: PemSource | None
+    tls_server_name: str | None
+
+
 def connection(
     target: str,
     *,
-    max_message_mb: int,
+    max_message_mb: int = 64,
     tls: bool | None = None,
     tls_ca: PemSource | None = None,
     tls_cert: PemSource | None = None,

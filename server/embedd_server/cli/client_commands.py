@@ -9,12 +9,13 @@ and exits with status 2; there is never a traceback.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from embedd_server.cli.embed_file import CommandError, embed_file, json_rows
 from embedd_server.settings import CONFIG_ENV, load_settings
@@ -30,228 +31,141 @@ LABEL_WIDTH = 30
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 Body = Callable[[argparse.Namespace, "Client"], int]
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 # --- registration -------------------------------------------------------------------------
 
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(commands: Commands) -> None:
     """Registers embed, rerank, classify, embed-sparse, models, tokenize and embed-file on the
-    ``embedd`` parser."""
-    formatter = argparse.RawDescriptionHelpFormatter
+    ``embedd`` parser: each command's help is its body's docstring."""
+    for name, body, add_arguments in (
+        ("embed", _embed, _embed_arguments),
+        ("rerank", _rerank, _rerank_arguments),
+        ("classify", _classify, _classify_arguments),
+        ("embed-sparse", _embed_sparse, _sparse_arguments),
+        ("models", _models, None),
+        ("tokenize", _tokenize, _tokenize_arguments),
+        ("embed-file", _embed_file, _embed_file_arguments),
+    ):
+        summary, description, epilog = _help_of(body)
+        parser = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if add_arguments is not None:
+            add_arguments(parser)
+        _add_connection(parser)
+        parser.set_defaults(handler=_client_command(body))
 
-    embed = commands.add_parser(
-        "embed",
-        help="embed texts with a running server (JSON, or a similarity table)",
-        description=_describe(
-            "Embeds the TEXTs with a running server and prints "
-            '{"model": ..., "embeddings": [[...], ...]} as JSON, one row per text. With '
-            "--similarity, prints the texts' cosine-similarity matrix instead."
-        ),
-        epilog="examples:\n"
-        '  embedd embed "hello world" "the cat sat"\n'
-        '  embedd embed --similarity "a dog runs" "a cat sat" "the dog runs fast"\n'
-        '  embedd embed --dimensions 128 --model all-minilm-l6-v2 "hello"',
-        formatter_class=formatter,
-    )
-    embed.add_argument("texts", nargs="+", metavar="TEXT", help="a text to embed (quote it)")
-    _add_model(embed)
-    embed.add_argument(
-        "--dimensions",
-        type=_positive_int,
-        metavar="N",
-        help="keep the first N components of each vector, re-normalized (default: all)",
-    )
-    embed.add_argument(
+
+def _help_of(body: Body) -> tuple[str, str, str | None]:
+    """A command's help from its body's docstring: the first line is the summary, the
+    paragraphs after it the description (wrapped), an "example(s):" paragraph the epilog
+    (kept line by line)."""
+    summary, *paragraphs = (inspect.getdoc(body) or "").split("\n\n")
+    examples = [text for text in paragraphs if text.startswith("example")]
+    description = [text for text in paragraphs if text not in examples]
+    return summary, _describe(*description), "\n\n".join(examples) or None
+
+
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_texts(parser, "a text to embed (quote it)")
+    _add_model(parser)
+    _add_dimensions(parser)
+    parser.add_argument(
         "--similarity",
         action="store_true",
         help="print the cosine-similarity matrix of the texts as a table",
     )
-    embed.add_argument(
-        "--json",
-        action="store_true",
-        help='with --similarity: print {"model", "texts", "similarity"} as JSON',
-    )
-    _add_connection(embed)
-    embed.set_defaults(handler=_client_command(_embed))
+    _add_json(parser, 'with --similarity: print {"model", "texts", "similarity"} as JSON')
 
-    rerank = commands.add_parser(
-        "rerank",
-        help="rank documents by relevance to a query with a reranker model",
-        description=_describe(
-            "Scores each DOC against QUERY with a reranker (cross-encoder) model of a running "
-            "server and prints them best first: rank, score (sigmoid of the model's logit, "
-            "0 to 1), the document's position among the DOCs, and its text. With --json, "
-            'prints {"model", "results": [{"index", "score", "document"}]} instead.'
-        ),
-        epilog="examples:\n"
-        '  embedd rerank "how do cats purr" "Cats purr by vibrating their larynx." '
-        '"Dogs bark."\n'
-        '  embedd rerank --top-n 3 --model bge-reranker-base "query" doc1 doc2 doc3 doc4',
-        formatter_class=formatter,
-    )
-    rerank.add_argument("query", metavar="QUERY", help="the text to rank the documents by")
-    rerank.add_argument("documents", nargs="+", metavar="DOC", help="a document (quote it)")
-    rerank.add_argument(
-        "--model",
-        default="",
-        help="the reranker to use (default: the server's first reranker model)",
-    )
-    rerank.add_argument(
-        "--top-n",
-        type=_positive_int,
-        metavar="N",
-        help="print only the best N documents (default: all)",
-    )
-    rerank.add_argument(
-        "--json", action="store_true", help="print the ranking as JSON instead of a table"
-    )
-    _add_connection(rerank)
-    rerank.set_defaults(handler=_client_command(_rerank))
 
-    classify = commands.add_parser(
-        "classify",
-        help="classify texts (or text pairs) with a classifier model",
-        description=_describe(
-            "Classifies each TEXT with a sequence-classification model of a running server "
-            "(e.g. a sentiment model) and prints, for each, its labels best first with their "
-            "scores (softmax over the labels; a sigmoid per label for a multi-label model). "
-            "--pair TEXT2 makes the one TEXT a pair, read as a cross-encoder reads a query and "
-            'a document. With --json, prints {"model", "results": [[{"label", "score"}]]}.'
-        ),
-        epilog="examples:\n"
-        '  embedd classify "I loved this film" "The food was cold"\n'
-        '  embedd classify --model roberta-sentiment --json "What a day"',
-        formatter_class=formatter,
+def _rerank_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", metavar="QUERY", help="the text to rank the documents by")
+    parser.add_argument("documents", nargs="+", metavar="DOC", help="a document (quote it)")
+    _add_model(parser, "the reranker to use (default: the server's first reranker model)")
+    _add_count(parser, "--top-n", "print only the best N documents (default: all)")
+    _add_json(parser, "print the ranking as JSON instead of a table")
+
+
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_texts(parser, "a text (quote it)")
+    parser.add_argument(
+        "--pair", metavar="TEXT2", help="the second text of a pair (then exactly one TEXT)"
     )
-    classify.add_argument("texts", nargs="+", metavar="TEXT", help="a text (quote it)")
-    classify.add_argument(
-        "--pair",
-        metavar="TEXT2",
-        help="the second text of a pair (then exactly one TEXT)",
-    )
-    classify.add_argument(
-        "--model",
-        default="",
-        help="the classifier to use (default: the server's first classifier model)",
-    )
-    classify.add_argument(
+    _add_model(parser, "the classifier to use (default: the server's first classifier model)")
+    parser.add_argument(
         "--raw-scores", action="store_true", help="print the logits instead of probabilities"
     )
-    classify.add_argument(
-        "--json", action="store_true", help="print the results as JSON instead of a table"
-    )
-    _add_connection(classify)
-    classify.set_defaults(handler=_client_command(_classify))
+    _add_json(parser, "print the results as JSON instead of a table")
 
-    sparse = commands.add_parser(
-        "embed-sparse",
-        help="sparse (SPLADE) vectors of texts: weights by vocabulary token",
-        description=_describe(
-            "Embeds each TEXT with a sparse encoder (SPLADE) of a running server and prints "
-            "its non-zero weights as JSON: "
-            '{"model", "dimensions", "vectors": [{"indices": [...], "values": [...]}]}. '
-            "--top N prints each text's N heaviest tokens as a table instead."
-        ),
-        epilog="examples:\n"
-        '  embedd embed-sparse "what is hybrid search"\n'
-        '  embedd embed-sparse --top 10 --model splade-v3 "the cat sat on the mat"',
-        formatter_class=formatter,
-    )
-    sparse.add_argument("texts", nargs="+", metavar="TEXT", help="a text (quote it)")
-    sparse.add_argument(
-        "--model",
-        default="",
-        help="the sparse encoder to use (default: the server's first sparse encoder)",
-    )
-    sparse.add_argument(
+
+def _sparse_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_texts(parser, "a text (quote it)")
+    _add_model(parser, "the sparse encoder to use (default: the server's first sparse encoder)")
+    parser.add_argument(
         "--prompt-name", default="", metavar="NAME", help="a prompt of the model's, by name"
     )
-    sparse.add_argument(
-        "--top",
-        type=_positive_int,
-        metavar="N",
-        help="print each text's N heaviest token ids and their weights as a table",
+    _add_count(
+        parser, "--top", "print each text's N heaviest token ids and their weights as a table"
     )
-    _add_connection(sparse)
-    sparse.set_defaults(handler=_client_command(_embed_sparse))
 
-    models = commands.add_parser(
-        "models",
-        help="list a running server's models",
-        description=_describe(
-            "Lists the models of a running server: name, family, task (embed, rerank, "
-            "classify or sparse), dimensions, maximum input tokens, pooling, quantization, "
-            "the engine serving it (once loaded) and a classifier's labels."
-        ),
-        formatter_class=formatter,
-    )
-    _add_connection(models)
-    models.set_defaults(handler=_client_command(_models))
 
-    tokenize = commands.add_parser(
-        "tokenize",
-        help="show a text's tokens with a model's tokenizer",
-        description=_describe(
-            "Prints the token ids, the token strings and the token count of TEXT "
-            "with the model's own tokenizer (special tokens included, untruncated)."
-        ),
-        epilog='example:\n  embedd tokenize "the cat sat on the mat"',
-        formatter_class=formatter,
-    )
-    tokenize.add_argument("text", metavar="TEXT", help="the text to tokenize (quote it)")
-    _add_model(tokenize)
-    _add_connection(tokenize)
-    tokenize.set_defaults(handler=_client_command(_tokenize))
+def _tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", metavar="TEXT", help="the text to tokenize (quote it)")
+    _add_model(parser)
 
-    file_cmd = commands.add_parser(
-        "embed-file",
-        help="embed every line of a file into .npy or .jsonl",
-        description=_describe(
-            "Embeds a file of texts with a running server over one EmbedStream, batch by "
-            "batch, with a progress bar on stderr; memory stays flat however large the file.",
-            "INPUT is a text file with one text per line, or a .jsonl file whose lines are "
-            "JSON objects with the text under --text-key. Blank lines are skipped; embedding "
-            "i is the i-th non-blank line.",
-            "OUTPUT is .npy (a float32 matrix, one row per text) or .jsonl (one "
-            '{"index": i, "embedding": [...]} per line). It is written only once every text '
-            "is embedded.",
-        ),
-        epilog="examples:\n"
-        "  embedd embed-file corpus.txt corpus.npy\n"
-        "  embedd embed-file docs.jsonl vectors.jsonl --text-key body --batch-size 128",
-        formatter_class=formatter,
-    )
-    file_cmd.add_argument("input", type=Path, metavar="INPUT", help="text or .jsonl file")
-    file_cmd.add_argument("output", type=Path, metavar="OUTPUT", help=".npy or .jsonl file")
-    _add_model(file_cmd)
-    file_cmd.add_argument(
-        "--dimensions",
-        type=_positive_int,
-        metavar="N",
-        help="keep the first N components of each vector, re-normalized (default: all)",
-    )
-    file_cmd.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=64,
-        metavar="N",
-        help="texts per request of the stream (default: %(default)s)",
-    )
-    file_cmd.add_argument(
+
+def _embed_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, metavar="INPUT", help="text or .jsonl file")
+    parser.add_argument("output", type=Path, metavar="OUTPUT", help=".npy or .jsonl file")
+    _add_model(parser)
+    _add_dimensions(parser)
+    _add_count(parser, "--batch-size", "texts per request of the stream (default: %(default)s)", 64)
+    parser.add_argument(
         "--text-key",
         default="text",
         metavar="KEY",
         help="field of each .jsonl object holding the text (default: %(default)s)",
     )
-    _add_connection(file_cmd)
-    file_cmd.set_defaults(handler=_client_command(embed_file))
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="", metavar="NAME", help="model name (default: the server's default)"
+# --- the arguments several commands take ---------------------------------------------------
+
+
+def _add_texts(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help=help_text)
+
+
+def _add_model(
+    parser: argparse.ArgumentParser,
+    help_text: str = "model name (default: the server's default)",
+) -> None:
+    parser.add_argument("--model", default="", metavar="NAME", help=help_text)
+
+
+def _add_dimensions(parser: argparse.ArgumentParser) -> None:
+    _add_count(
+        parser,
+        "--dimensions",
+        "keep the first N components of each vector, re-normalized (default: all)",
     )
+
+
+def _add_count(
+    parser: argparse.ArgumentParser, flag: str, help_text: str, default: int | None = None
+) -> None:
+    """A flag taking a whole number of at least 1."""
+    parser.add_argument(flag, type=_positive_int, default=default, metavar="N", help=help_text)
+
+
+def _add_json(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--json", action="store_true", help=help_text)
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -430,6 +344,17 @@ def _os_error_message(exc: OSError) -> str:
 
 
 def _embed(args: argparse.Namespace, client: Client) -> int:
+    """embed texts with a running server (JSON, or a similarity table)
+
+    Embeds the TEXTs with a running server and prints {"model": ..., "embeddings": [[...],
+    ...]} as JSON, one row per text. With --similarity, prints the texts' cosine-similarity
+    matrix instead.
+
+    examples:
+      embedd embed "hello world" "the cat sat"
+      embedd embed --similarity "a dog runs" "a cat sat" "the dog runs fast"
+      embedd embed --dimensions 128 --model all-minilm-l6-v2 "hello"
+    """
     result = client.embed_with_usage(args.texts, model=args.model, dimensions=args.dimensions)
     if not args.similarity:
         print(json.dumps({"model": result.model, "embeddings": json_rows(result.vectors)}))
@@ -444,6 +369,17 @@ def _embed(args: argparse.Namespace, client: Client) -> int:
 
 
 def _rerank(args: argparse.Namespace, client: Client) -> int:
+    """rank documents by relevance to a query with a reranker model
+
+    Scores each DOC against QUERY with a reranker (cross-encoder) model of a running server
+    and prints them best first: rank, score (sigmoid of the model's logit, 0 to 1), the
+    document's position among the DOCs, and its text. With --json, prints {"model",
+    "results": [{"index", "score", "document"}]} instead.
+
+    examples:
+      embedd rerank "how do cats purr" "Cats purr by vibrating their larynx." "Dogs bark."
+      embedd rerank --top-n 3 --model bge-reranker-base "query" doc1 doc2 doc3 doc4
+    """
     result = client.rerank(
         args.query, args.documents, model=args.model, top_n=args.top_n, return_documents=True
     )
@@ -464,6 +400,12 @@ def _rerank(args: argparse.Namespace, client: Client) -> int:
 
 
 def _models(args: argparse.Namespace, client: Client) -> int:
+    """list a running server's models
+
+    Lists the models of a running server: name, family, task (embed, rerank, classify or
+    sparse), dimensions, maximum input tokens, pooling, quantization, the engine serving it
+    (once loaded) and a classifier's labels.
+    """
     rows = [
         [
             model.name,
@@ -496,6 +438,18 @@ def _models(args: argparse.Namespace, client: Client) -> int:
 
 
 def _classify(args: argparse.Namespace, client: Client) -> int:
+    """classify texts (or text pairs) with a classifier model
+
+    Classifies each TEXT with a sequence-classification model of a running server (e.g. a
+    sentiment model) and prints, for each, its labels best first with their scores (softmax
+    over the labels; a sigmoid per label for a multi-label model). --pair TEXT2 makes the
+    one TEXT a pair, read as a cross-encoder reads a query and a document. With --json,
+    prints {"model", "results": [[{"label", "score"}]]}.
+
+    examples:
+      embedd classify "I loved this film" "The food was cold"
+      embedd classify --model roberta-sentiment --json "What a day"
+    """
     if args.pair is not None and len(args.texts) != 1:
         return _fail(args, "--pair makes one pair: give exactly one TEXT with it")
     inputs = [(args.texts[0], args.pair)] if args.pair is not None else list(args.texts)
@@ -518,6 +472,16 @@ def _classify(args: argparse.Namespace, client: Client) -> int:
 
 
 def _embed_sparse(args: argparse.Namespace, client: Client) -> int:
+    """sparse (SPLADE) vectors of texts: weights by vocabulary token
+
+    Embeds each TEXT with a sparse encoder (SPLADE) of a running server and prints its
+    non-zero weights as JSON: {"model", "dimensions", "vectors": [{"indices": [...],
+    "values": [...]}]}. --top N prints each text's N heaviest tokens as a table instead.
+
+    examples:
+      embedd embed-sparse "what is hybrid search"
+      embedd embed-sparse --top 10 --model splade-v3 "the cat sat on the mat"
+    """
     result = client.embed_sparse(args.texts, model=args.model, prompt_name=args.prompt_name)
     if args.top is None:
         vectors = [
@@ -539,12 +503,40 @@ def _embed_sparse(args: argparse.Namespace, client: Client) -> int:
 
 
 def _tokenize(args: argparse.Namespace, client: Client) -> int:
+    """show a text's tokens with a model's tokenizer
+
+    Prints the token ids, the token strings and the token count of TEXT with the model's own
+    tokenizer (special tokens included, untruncated).
+
+    example:
+      embedd tokenize "the cat sat on the mat"
+    """
     result = client.tokenize(args.text, model=args.model)
     print(f"model:  {result.model}")
     print(f"count:  {result.count} (max input tokens: {result.max_input_tokens})")
     print(f"ids:    {json.dumps(result.ids)}")
     print(f"tokens: {json.dumps(result.tokens, ensure_ascii=False)}")
     return 0
+
+
+def _embed_file(args: argparse.Namespace, client: Client) -> int:
+    """embed every line of a file into .npy or .jsonl
+
+    Embeds a file of texts with a running server over one EmbedStream, batch by batch, with
+    a progress bar on stderr; memory stays flat however large the file.
+
+    INPUT is a text file with one text per line, or a .jsonl file whose lines are JSON
+    objects with the text under --text-key. Blank lines are skipped; embedding i is the i-th
+    non-blank line.
+
+    OUTPUT is .npy (a float32 matrix, one row per text) or .jsonl (one {"index": i,
+    "embedding": [...]} per line). It is written only once every text is embedded.
+
+    examples:
+      embedd embed-file corpus.txt corpus.npy
+      embedd embed-file docs.jsonl vectors.jsonl --text-key body --batch-size 128
+    """
+    return embed_file(args, client)
 
 
 def _cosine_similarity(vectors: FloatMatrix) -> Any:
