@@ -8,14 +8,10 @@ import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import pytest
 
-from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from tests.conftest import REPO
-from tests.metrics import Matrix, row_cosines
 
 IMAGE_TOOL = REPO / "tools" / "image.sh"
 
@@ -76,15 +72,3 @@ def find_engine() -> Engine:
     if found["CONTAINERS_CONF"]:
         environment["CONTAINERS_CONF"] = found["CONTAINERS_CONF"]
     return Engine(found["ENGINE"], found["IMAGE"], environment)
-
-
-def embedder(channel: grpc.Channel) -> Any:
-    """An Embedder stub (the generated module is untyped)."""
-    return pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
-
-
-def assert_reference_vectors(actual: Matrix, expected: Matrix, min_cosine: float) -> None:
-    """Each row of ``actual`` within ``min_cosine`` of the same row of ``expected``."""
-    cosines = row_cosines(actual, expected)
-    worst = int(cosines.argmin())
-    assert cosines.min() >= min_cosine, f"text {worst}: cosine {cosines[worst]:.6f}"

@@ -27,7 +27,8 @@ from embedd.v1 import embedder_pb2 as pb
 from embedd_server.run.probes import free_port, grpc_serving, http_ok
 from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR
 from tests.envoy_proc import http
-from tests.image.engine import Engine, assert_reference_vectors, embedder, image_tool
+from tests.image.engine import Engine, image_tool
+from tests.image.vectors import assert_reference_vectors, embedder
 from tests.metrics import read_reference
 
 # A cold build (base image, dependencies) takes a few minutes; compiling llama-cpp-python in

@@ -26,9 +26,9 @@ The manifests are played as they are, through an overlay written to a temporary 
   server pods becomes a network alias (`--network NET:alias=NAME.NAMESPACE.svc.cluster.local`)
   given to every server pod, so that the Envoy config's STRICT_DNS cluster resolves that name
   to every replica, as cluster DNS would; the Envoy pods join the same network without it.
-- `podman kube down` (4.3) keeps the volume of a PersistentVolumeClaim, as a cluster keeps a
-  claim when only its workloads go; the test then removes it as `kubectl delete -f
-  deploy/k8s/` would.
+- `podman kube down` (4.3) keeps the volumes podman made of the PersistentVolumeClaim and of
+  the ConfigMap (one holding the map's keys); the test then removes them, as `kubectl delete
+  -f deploy/k8s/` deletes the claim and the map.
 
 Run by `make test-image` (tests/image). Needs podman, as root (the pods' addresses are on a
 bridge the host reaches only then). docs/operators.md ("The manifests, played locally") says
@@ -47,25 +47,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from embedd.v1 import embedder_pb2 as pb
 from embedd_server.run.probes import grpc_serving, http_ok
-from tests.conftest import DEFAULT_MODEL, REFERENCE_DIR, REPO
-from tests.envoy_proc import http
-from tests.image.engine import Engine, assert_reference_vectors, embedder
-from tests.metrics import Matrix, read_reference
+from tests.conftest import REPO
+from tests.image.engine import Engine
+from tests.image.vectors import assert_serves_the_reference
 
 pytestmark = pytest.mark.timeout(1500)  # a cold `make image` included (test_image.py)
 
 K8S_DIR = REPO / "deploy" / "k8s"
 ENVOY_IMAGE_PREFIX = "envoyproxy/envoy:"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
-HANDFUL = 8  # reference texts per call: the first ones, all within /v1/embeddings' window
-MIN_COSINE = 0.99999
 READY_TIMEOUT_S = 120.0  # for a container without a startup probe (Kubernetes waits forever)
 POLL_S = 0.5
 
@@ -123,16 +117,26 @@ class Play:
     network: str
     deployments: list[Document]  # as in deploy/k8s (with their probes and ports)
 
+    def volumes(self) -> list[Document]:
+        return [
+            volume
+            for deployment in self.deployments
+            for volume in deployment["spec"]["template"]["spec"].get("volumes", [])
+        ]
+
+    def kept_volumes(self) -> set[str]:
+        """The volumes podman 4.3 makes of the claims and of the ConfigMaps the pods mount
+        (by their names; a ConfigMap's holds its keys) and `kube down` keeps."""
+        names = {v["configMap"]["name"] for v in self.volumes() if "configMap" in v}
+        claims = [
+            v["persistentVolumeClaim"] for v in self.volumes() if "persistentVolumeClaim" in v
+        ]
+        return names | {claim["claimName"] for claim in claims}
+
     def volume_names(self) -> set[str]:
-        """The volumes podman 4.3 makes: one per PVC claim and per emptyDir, by name."""
-        names: set[str] = set()
-        for deployment in self.deployments:
-            for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
-                if "persistentVolumeClaim" in volume:
-                    names.add(volume["persistentVolumeClaim"]["claimName"])
-                elif "emptyDir" in volume:
-                    names.add(volume["name"])
-        return names
+        """Every volume podman 4.3 may make: the kept ones and one per emptyDir (by the
+        volume's name; `kube down` removes these)."""
+        return {v["name"] for v in self.volumes() if "emptyDir" in v} | self.kept_volumes()
 
 
 @dataclass(frozen=True)
@@ -270,40 +274,45 @@ class Cluster:
 
     engine: Engine
     plays: list[Play]
+    network: str
     servers: list[Pod]
     envoys: list[Pod]
+    volumes_before: set[str]  # volumes of the same names that existed before the play
 
     @property
     def pods(self) -> list[Pod]:
         return [*self.servers, *self.envoys]
 
 
-def kube_down(engine: Engine, play: Play) -> None:
-    engine("kube", "down", str(play.path), timeout=180)
-    for volume in play.volume_names():  # the claim's volume (the module docstring says why)
-        if engine.run("volume", "exists", volume, check=False).returncode == 0:
-            engine("volume", "rm", volume)
+def kube_down(engine: Engine, play: Play, check: bool = True) -> None:
+    """`podman kube down`, then the volumes it keeps (the module docstring says why)."""
+    engine.run("kube", "down", str(play.path), check=check, timeout=180)
+    for volume in play.kept_volumes():
+        if volume_exists(engine, volume):
+            engine.run("volume", "rm", "-f", volume, check=check)
 
 
-def leftovers(engine: Engine, plays: list[Play], network: str) -> list[str]:
+def volume_exists(engine: Engine, name: str) -> bool:
+    return engine.run("volume", "exists", name, check=False).returncode == 0
+
+
+def existing_volumes(engine: Engine, plays: list[Play]) -> set[str]:
+    """Which of the volumes the plays may make exist now."""
+    return {name for play in plays for name in play.volume_names() if volume_exists(engine, name)}
+
+
+def leftovers(cluster: Cluster) -> list[str]:
     """What of the plays still exists: pods, containers, volumes, the network."""
-    names = [d["metadata"]["name"] for play in plays for d in play.deployments]
+    engine = cluster.engine
     found = []
-    for name in names:
-        found += engine(
-            "pod", "ps", "--format", "{{.Name}}", "--filter", f"name=^{name}-pod-"
-        ).split()
-        found += engine(
-            "ps", "-a", "--format", "{{.Names}}", "--filter", f"name=^{name}-pod-"
-        ).split()
-    for play in plays:
-        found += [
-            v
-            for v in play.volume_names()
-            if engine.run("volume", "exists", v, check=False).returncode == 0
-        ]
-    if engine.run("network", "exists", network, check=False).returncode == 0:
-        found.append(f"network {network}")
+    for play in cluster.plays:
+        for deployment in play.deployments:
+            prefix = f"name=^{deployment['metadata']['name']}-pod-"
+            found += engine("pod", "ps", "--format", "{{.Name}}", "--filter", prefix).split()
+            found += engine("ps", "-a", "--format", "{{.Names}}", "--filter", prefix).split()
+    found += sorted(existing_volumes(engine, cluster.plays) - cluster.volumes_before)
+    if engine.run("network", "exists", cluster.network, check=False).returncode == 0:
+        found.append(f"network {cluster.network}")
     return found
 
 
@@ -316,8 +325,9 @@ def cluster(
         pytest.fail(f"`podman kube play` needs podman; tools/image.sh chose {engine.name}")
     network = f"embedd-k8s-{os.getpid()}"
     played = plays(tmp_path_factory.mktemp("k8s"), image, network)
-    for play in played:  # a leftover of an interrupted run
-        engine.run("kube", "down", str(play.path), check=False, timeout=180)
+    for play in played:  # a leftover of an interrupted run (its volumes too)
+        kube_down(engine, play, check=False)
+    volumes_before = existing_volumes(engine, played)
     engine("network", "create", network)
     try:
         started = time.monotonic()
@@ -329,36 +339,11 @@ def cluster(
         envoys = pods_of(engine, envoy_deployment, network)
         took = wait_until_started(engine, [*servers, *envoys])
         print(f"played and started in {time.monotonic() - started:.1f} s: {took}")
-        yield Cluster(engine, played, servers, envoys)
+        yield Cluster(engine, played, network, servers, envoys, volumes_before)
     finally:
         for play in reversed(played):
-            engine.run("kube", "down", str(play.path), check=False, timeout=180)
-            for volume in play.volume_names():
-                engine.run("volume", "rm", "-f", volume, check=False)
+            kube_down(engine, play, check=False)
         engine.run("network", "rm", "-f", network, check=False)
-
-
-def reference() -> tuple[list[str], Matrix]:
-    texts, vectors = read_reference(REFERENCE_DIR)
-    return [entry["text"] for entry in texts[:HANDFUL]], vectors[:HANDFUL]
-
-
-def grpc_vectors(target: str, texts: list[str]) -> Matrix:
-    with grpc.insecure_channel(target) as channel:
-        answer = embedder(channel).Embed(pb.EmbedRequest(texts=texts), timeout=120)
-    return np.array([list(e.values) for e in answer.embeddings], dtype=np.float32)
-
-
-def rest_vectors(base: str, route: str, texts: list[str]) -> Matrix:
-    """The vectors of /v1/embeddings (OpenAI) or /api/embed (Ollama)."""
-    body = {"model": DEFAULT_MODEL, "input": texts}
-    reply = http(f"{base}{route}", "POST", body=body, timeout=120)
-    assert reply.status == 200, reply.body[:500]
-    answer = reply.json()
-    rows = (
-        [item["embedding"] for item in answer["data"]] if "data" in answer else answer["embeddings"]
-    )
-    return np.array(rows, dtype=np.float32)
 
 
 def test_every_replica_of_every_deployment_runs(cluster: Cluster) -> None:
@@ -383,29 +368,19 @@ def test_every_probe_passes(cluster: Cluster) -> None:
     assert checked >= 3 * len(cluster.servers) + 2 * len(cluster.envoys)  # all the manifests have
 
 
-def test_rest_through_each_envoy_pod_gives_the_reference_vectors(cluster: Cluster) -> None:
-    texts, expected = reference()
-    for pod in cluster.envoys:
-        base = f"http://{pod.address}:8080"
-        for route in ("/v1/embeddings", "/api/embed"):
-            assert_reference_vectors(rest_vectors(base, route, texts), expected, MIN_COSINE)
-
-
-def test_grpc_from_each_server_pod_and_through_envoy_gives_the_reference_vectors(
+def test_rest_and_grpc_through_each_envoy_pod_and_grpc_of_each_server_give_the_reference(
     cluster: Cluster,
 ) -> None:
-    texts, expected = reference()
-    targets = [f"{pod.address}:50051" for pod in cluster.servers]
-    targets += [f"{pod.address}:8080" for pod in cluster.envoys]
-    for target in targets:
-        assert_reference_vectors(grpc_vectors(target, texts), expected, MIN_COSINE)
+    rest = [f"http://{pod.address}:8080" for pod in cluster.envoys]
+    grpc_targets = [f"{pod.address}:8080" for pod in cluster.envoys]
+    grpc_targets += [f"{pod.address}:50051" for pod in cluster.servers]
+    assert_serves_the_reference(rest, grpc_targets)
 
 
 def test_kube_down_leaves_no_pod_container_or_volume(cluster: Cluster) -> None:
     started = time.monotonic()
     for play in reversed(cluster.plays):
         kube_down(cluster.engine, play)
-    network = cluster.plays[1].network
-    cluster.engine("network", "rm", network)
+    cluster.engine("network", "rm", cluster.network)
     print(f"kube down in {time.monotonic() - started:.1f} s")
-    assert leftovers(cluster.engine, cluster.plays, network) == []
+    assert leftovers(cluster) == []
