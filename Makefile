@@ -78,7 +78,8 @@ test-fast:
 test-unit:
 	$(PY) -m pytest -q tests/unit
 
-## test-image: the container image built, run, called and stopped (tests/image). Needs podman
+## test-image: the container image built, run, called and stopped, and deploy/k8s and compose.yaml
+## played on it with podman kube play and podman-compose (tests/image). Needs podman
 ## (with runc) or docker, and mmdebstrap offline: `apt-get install -y podman runc mmdebstrap`
 ## as root (.ci/run does). Apart from `make test` because of that, and its minutes.
 test-image:

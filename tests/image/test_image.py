@@ -14,62 +14,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from embedd.v1 import embedder_pb2 as pb
-from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.run.probes import free_port, grpc_serving, http_ok
-from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR, REPO
+from tests.conftest import DEFAULT_MODEL, MODELS_DIR, REFERENCE_DIR
 from tests.envoy_proc import http
-from tests.metrics import Matrix, read_reference, row_cosines
+from tests.image.engine import Engine, image_tool
+from tests.image.vectors import assert_reference_vectors, embedder
+from tests.metrics import read_reference
 
 # A cold build (base image, dependencies) takes a few minutes; compiling llama-cpp-python in
 # the image (no host wheel) about five more.
 pytestmark = pytest.mark.timeout(1500)
 
-IMAGE_TOOL = REPO / "tools" / "image.sh"
 HEALTH_SERVICE = "embedd.v1.Embedder"
 GRACE_S = 10  # EMBEDD_SHUTDOWN_GRACE_S in the container
 STOP_TIMEOUT_S = GRACE_S + 5  # what `podman stop -t` allows before SIGKILL
 START_TIMEOUT_S = 120.0
 MIN_COSINE = 0.9999
-
-
-@dataclass(frozen=True)
-class Engine:
-    """How to call the container engine tools/image.sh chose (and its containers.conf)."""
-
-    name: str
-    image: str
-    environment: Mapping[str, str]
-
-    def __call__(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        return self.run(*args, check=check, timeout=timeout).stdout.strip()
-
-    def run(
-        self, *args: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """The engine's command; a failure fails the test with its message when ``check``."""
-        result = subprocess.run(
-            [self.name, *args],
-            env=dict(self.environment),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            pytest.fail(f"{self.name} {' '.join(args)} failed: {result.stderr.strip()}")
-        return result
 
 
 @dataclass(frozen=True)
@@ -92,45 +62,6 @@ class Container:
 
     def state(self, field: str) -> str:
         return self.engine("inspect", "--format", f"{{{{.State.{field}}}}}", self.name)
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without EMBEDD_* (tools/image.sh run passes those along)."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("EMBEDD_")}
-
-
-def image_tool(command: str, environment: Mapping[str, str], timeout: float) -> str:
-    result = subprocess.run(
-        [str(IMAGE_TOOL), command],
-        env=dict(environment),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"tools/image.sh {command} failed:\n{result.stdout[-3000:]}{result.stderr}")
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    """The engine `make image` uses; the test fails, naming the install, when none works."""
-    lines = image_tool("env", clean_environment(), timeout=60).splitlines()
-    found = dict(line.split("=", 1) for line in lines if "=" in line)
-    environment = clean_environment()
-    if found["CONTAINERS_CONF"]:
-        environment["CONTAINERS_CONF"] = found["CONTAINERS_CONF"]
-    return Engine(found["ENGINE"], found["IMAGE"], environment)
-
-
-@pytest.fixture(scope="module")
-def image(engine: Engine) -> str:
-    """`make image`: cached layers make it quick after the first build."""
-    started = time.monotonic()
-    image_tool("build", engine.environment, timeout=1400)
-    print(f"make image: {time.monotonic() - started:.1f} s")  # shown by -rP
-    return engine.image
 
 
 def start(
@@ -178,17 +109,6 @@ def container(engine: Engine, image: str) -> Iterator[Container]:
         engine("rm", "-f", name, check=False)
 
 
-def embedder(channel: grpc.Channel) -> Any:
-    """An Embedder stub (the generated module is untyped)."""
-    return pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
-
-
-def assert_reference_vectors(actual: Matrix, expected: Matrix) -> None:
-    cosines = row_cosines(actual, expected)
-    worst = int(cosines.argmin())
-    assert cosines.min() >= MIN_COSINE, f"text {worst}: cosine {cosines[worst]:.6f}"
-
-
 def test_image_runs_as_non_root_exposes_both_ports_and_has_a_healthcheck(
     engine: Engine, image: str
 ) -> None:
@@ -216,17 +136,17 @@ def test_rest_through_envoy_and_grpc_give_the_reference_vectors(container: Conta
     )
     assert reply.status == 200, reply.body[:500]
     openai = np.array([item["embedding"] for item in reply.json()["data"]], dtype=np.float32)
-    assert_reference_vectors(openai, expected[fits])
+    assert_reference_vectors(openai, expected[fits], MIN_COSINE)
     reply = http(
         f"{rest}/api/embed", "POST", body={"model": DEFAULT_MODEL, "input": inputs}, timeout=300
     )
     assert reply.status == 200, reply.body[:500]
     ollama = np.array(reply.json()["embeddings"], dtype=np.float32)
-    assert_reference_vectors(ollama, expected)
+    assert_reference_vectors(ollama, expected, MIN_COSINE)
     with grpc.insecure_channel(container.target) as channel:
         answer = embedder(channel).Embed(pb.EmbedRequest(texts=inputs), timeout=300)
     native = np.array([list(e.values) for e in answer.embeddings], dtype=np.float32)
-    assert_reference_vectors(native, expected)
+    assert_reference_vectors(native, expected, MIN_COSINE)
 
 
 def test_the_images_healthcheck_passes(container: Container) -> None:
