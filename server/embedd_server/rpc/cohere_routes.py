@@ -1,4 +1,5 @@
-"""Cohere's POST /v2/embed: texts in, several vector types at once from one forward pass."""
+"""The ``embedd.v1.Cohere`` API: Cohere's POST /v2/embed, texts in, several vector types at
+once from one forward pass."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def _base64_rows(vectors: FloatMatrix) -> struct_pb2.ListValue:
 async def cohere_embed(
     backend: Backend, request: pb.CohereEmbedRequest, context: Context
 ) -> pb.CohereEmbedResponse:
+    """Cohere.CohereEmbed (POST /v2/embed)."""
     _refuse_non_text(request)
     texts = string_list(request.texts if request.HasField("texts") else None, "texts")
     if not texts:

@@ -50,6 +50,7 @@ def model_message(status: ModelStatus) -> pb.Model:
 async def list_models(
     backend: Backend, request: pb.ListModelsRequest, context: Context
 ) -> pb.ListModelsResponse:
+    """Embedder.ListModels (GET /v1/models)."""
     service = backend.service
     statuses = await service.list_models() + await service.list_aliases()
     models = [model_message(status) for status in statuses]
@@ -57,12 +58,14 @@ async def list_models(
 
 
 async def get_model(backend: Backend, request: pb.GetModelRequest, context: Context) -> pb.Model:
+    """Embedder.GetModel (GET /v1/models/{model})."""
     return model_message(await backend.service.get_model(request.model))
 
 
 async def load_model(
     backend: Backend, request: pb.LoadModelRequest, context: Context
 ) -> pb.LoadModelResponse:
+    """Embedder.LoadModel (POST /v1/models/load)."""
     if request.HasField("embedding") and not request.embedding:
         raise NotImplementedFeature(
             'embedd loads models for embeddings only; send "embedding": true.',
@@ -83,6 +86,7 @@ async def load_model(
 async def unload_model(
     backend: Backend, request: pb.UnloadModelRequest, context: Context
 ) -> pb.UnloadModelResponse:
+    """Embedder.UnloadModel (POST /v1/models/unload)."""
     status = await backend.service.unload_model(request.model)
     return pb.UnloadModelResponse(
         message="Model unloaded successfully", model=model_message(status)
@@ -92,6 +96,7 @@ async def unload_model(
 async def list_running(
     backend: Backend, request: pb.ListRunningRequest, context: Context
 ) -> pb.ListRunningResponse:
+    """Embedder.ListRunning."""
     service = backend.service
     return pb.ListRunningResponse(
         models=[

@@ -74,6 +74,7 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
 
 
 async def embed(backend: Backend, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+    """Embedder.Embed."""
     outcome = await backend.service.embed(params_from_request(request), deadline_of(context))
     return response_from_outcome(outcome, request.request_id)
 
@@ -81,6 +82,7 @@ async def embed(backend: Backend, request: pb.EmbedRequest, context: Context) ->
 async def health(
     backend: Backend, request: pb.HealthRequest, context: Context
 ) -> pb.HealthResponse:
+    """Embedder.Health (GET /health)."""
     if not backend.serving():
         raise Unavailable(
             "The server is not serving (starting, draining or without workers); retry later."
@@ -91,6 +93,7 @@ async def health(
 async def embed_stream(
     backend: Backend, requests: AsyncIterator[pb.EmbedRequest], context: Context
 ) -> AsyncIterator[pb.EmbedResponse]:
+    """Embedder.EmbedStream."""
     # At most `stream_window` batches are read and not yet answered: the reader takes a
     # slot BEFORE reading the next message, so when the window is full nothing more is
     # read and HTTP/2 flow control pushes back on the client.
@@ -144,6 +147,7 @@ async def _embed_batch(
 async def tokenize(
     backend: Backend, request: pb.TokenizeRequest, context: Context
 ) -> pb.TokenizeResponse:
+    """Embedder.Tokenize."""
     if not request.text:
         raise InvalidInput("text is empty; give the text to tokenize.", param="text")
     outcome = await backend.service.tokenize(request.model, request.text)

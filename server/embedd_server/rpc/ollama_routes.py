@@ -1,10 +1,10 @@
-"""The rest of Ollama's surface that embedding clients call: the legacy /api/embeddings, the
-catalogue (/api/tags, /api/show), /api/pull (for models that are here), /api/version and the
-"Ollama is running" root.
+"""The ``embedd.v1.Ollama`` API: Ollama's surface that embedding clients call: /api/embed, the
+legacy /api/embeddings, the catalogue (/api/tags, /api/show, /api/ps), /api/pull (for models
+that are here), /api/version and the "Ollama is running" root.
 
 Open WebUI, LangChain and the official ``ollama`` client probe these before they embed; the
-answers describe embedd's own models in Ollama's shapes. /api/embed and /api/ps live with the
-other embedding and model routes (rest_routes, model_routes).
+answers describe embedd's own models in Ollama's shapes, and errors are Ollama's
+``{"error": "..."}`` (the service declares it). /api/ps answers as the native ListRunning.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ PULL_PROGRESS = b'{"status":"pulling manifest"}\n' + PULL_SUCCESS + b"\n"
 async def ollama_embeddings(
     backend: Backend, request: pb.OllamaEmbeddingsRequest, context: Context
 ) -> pb.OllamaEmbeddingsResponse:
+    """Ollama.OllamaEmbeddings (POST /api/embeddings)."""
     keep_alive = parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
     if not request.prompt:
         # Ollama answers an empty prompt with an empty vector (clients use it to load a
@@ -64,6 +65,7 @@ async def ollama_embeddings(
 async def ollama_tags(
     backend: Backend, request: pb.OllamaTagsRequest, context: Context
 ) -> pb.OllamaTagsResponse:
+    """Ollama.OllamaTags (GET /api/tags)."""
     # Named as Ollama lists them ("x:latest"); the aliases after the models, each with its
     # model's details (as `ollama cp` lists a copy).
     service = backend.service
@@ -76,6 +78,7 @@ async def ollama_tags(
 async def ollama_pull(
     backend: Backend, request: pb.OllamaPullRequest, context: Context
 ) -> httpbody_pb2.HttpBody:
+    """Ollama.OllamaPull (POST /api/pull)."""
     name = request.model or request.name
     if not name:
         raise InvalidInput("model is required", param="model")
@@ -105,6 +108,7 @@ async def _model_names(backend: Backend) -> str:
 async def ollama_show(
     backend: Backend, request: pb.OllamaShowRequest, context: Context
 ) -> pb.OllamaShowResponse:
+    """Ollama.OllamaShow (POST /api/show)."""
     status = await backend.service.get_model(request.model or request.name)
     info = status.info
     model_info = struct_pb2.Struct()
@@ -138,12 +142,14 @@ async def ollama_show(
 async def ollama_version(
     backend: Backend, request: pb.OllamaVersionRequest, context: Context
 ) -> pb.OllamaVersionResponse:
+    """Ollama.OllamaVersion (GET /api/version)."""
     return pb.OllamaVersionResponse(version=OLLAMA_API_VERSION)
 
 
 async def ollama_root(
     backend: Backend, request: pb.OllamaRootRequest, context: Context
 ) -> httpbody_pb2.HttpBody:
+    """Ollama.OllamaRoot (GET /, HEAD /)."""
     return httpbody_pb2.HttpBody(content_type="text/plain; charset=utf-8", data=ROOT_TEXT)
 
 
@@ -164,6 +170,7 @@ def _tags_entry(status: ModelStatus, digest: str) -> pb.OllamaModel:
 async def ollama_embed(
     backend: Backend, request: pb.OllamaEmbedRequest, context: Context
 ) -> pb.OllamaEmbedResponse:
+    """Ollama.OllamaEmbed (POST /api/embed)."""
     texts = ollama_inputs(request.input if request.HasField("input") else None)
     options = request.options if request.HasField("options") else None
     prompt_options = ollama_prompt_options(options)

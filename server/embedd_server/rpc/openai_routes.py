@@ -1,7 +1,8 @@
-"""The REST-shaped RPCs that Envoy's transcoder exposes: OpenAI's and Ollama's embeddings.
+"""The ``embedd.v1.OpenAI`` API: OpenAI's POST /v1/embeddings (also POST /embeddings).
 
-They translate OpenAI's / Ollama's request shapes into the core's EmbedParams and the outcome
-back into those APIs' exact response shapes. Rules about inputs and vectors stay in the core.
+The handler translates OpenAI's request shape into the core's EmbedParams and the outcome back
+into OpenAI's exact response shape. Rules about inputs and vectors stay in the core; errors
+take OpenAI's shape, which the service declares (rpc/services.py applies it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32, as in the native TokenIds mes
 async def create_embeddings(
     backend: Backend, request: pb.CreateEmbeddingsRequest, context: Context
 ) -> pb.CreateEmbeddingsResponse:
+    """OpenAI.CreateEmbeddings (POST /v1/embeddings, POST /embeddings)."""
     encoding = request.encoding_format or FLOAT
     if encoding not in ENCODING_FORMATS:
         raise InvalidInput(

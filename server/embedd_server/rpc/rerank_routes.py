@@ -1,8 +1,9 @@
-"""The rerank RPCs: native ``Rerank``, Jina's / Cohere's ``/v1/rerank`` and ``/v2/rerank``
-(``CreateRerank``), and TEI's ``/rerank`` (``TeiRerank``).
+"""The ``embedd.v1.Rerank`` API: Jina's / Cohere's ``/v1/rerank`` and ``/v2/rerank``
+(``CreateRerank``), errors in both clients' shape (``message`` and ``detail``).
 
-Each translates its request into the core's RerankParams and the outcome back into its API's
-response shape; every rule about documents, scores and models lives in the core.
+The handler translates the request into the core's RerankParams and the outcome back into the
+APIs' response shape; every rule about documents, scores and models lives in the core. The
+native ``Rerank`` is task_routes', TEI's ``/rerank`` tei_routes'.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DOCUMENT_SHAPES = 'each document must be a string or an object with a "text" str
 async def create_rerank(
     backend: Backend, request: pb.CreateRerankRequest, context: Context
 ) -> pb.CreateRerankResponse:
+    """Rerank.CreateRerank (POST /v1/rerank, POST /v2/rerank)."""
     params = RerankParams(
         model=request.model,
         query=request.query,

@@ -1,10 +1,8 @@
-"""The RPCs of the tasks beyond embedding and reranking: native ``Classify`` and
-``EmbedSparse``, and TEI's ``/predict`` (``TeiPredict``) and ``/embed_sparse``
-(``TeiEmbedSparse``).
+"""The native tasks beyond embedding: ``Rerank``, ``Classify`` and ``EmbedSparse`` (RPCs of
+``embedd.v1.Embedder``; TEI's /rerank, /predict and /embed_sparse are tei_routes').
 
-Each translates its request into the core's params and the outcome back into its API's shape:
-TEI's answers are bare JSON arrays, so they are ``ListValue`` messages the transcoder prints as
-such. Every rule about inputs, labels and scores lives in the core.
+Each translates its request into the core's params and the outcome back; every rule about
+documents, inputs, labels and scores lives in the core.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ _NATIVE_TRUNCATE_HINT = "set truncation to TRUNCATION_END or TRUNCATION_START"
 async def classify(
     backend: Backend, request: pb.ClassifyRequest, context: Context
 ) -> pb.ClassifyResponse:
+    """Embedder.Classify."""
     truncate, direction = native_truncation(request.truncation)
     params = ClassifyParams(
         model=request.model,
@@ -49,6 +48,7 @@ async def classify(
 async def embed_sparse(
     backend: Backend, request: pb.EmbedSparseRequest, context: Context
 ) -> pb.EmbedSparseResponse:
+    """Embedder.EmbedSparse."""
     truncate, direction = native_truncation(request.truncation)
     params = EmbedParams(
         model=request.model,
@@ -81,6 +81,7 @@ def _native_input(item: pb.ClassifyInput) -> ClassifyInput:
 async def rerank(
     backend: Backend, request: pb.RerankRequest, context: Context
 ) -> pb.RerankResponse:
+    """Embedder.Rerank."""
     params = RerankParams(
         model=request.model,
         query=request.query,

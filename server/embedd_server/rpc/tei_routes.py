@@ -1,6 +1,7 @@
-"""Hugging Face TEI's routes beyond /rerank, /predict and /embed_sparse: ``/embed``,
-``/embed_all``, ``/similarity``, ``/tokenize``, ``/decode``, ``/info``, ``/ping``, and ``POST /``
-and ``/invocations`` (TEI's hosted-endpoint routes, dispatched by the model's task).
+"""The ``embedd.v1.Tei`` API: Hugging Face TEI's routes ``/embed``, ``/embed_all``,
+``/similarity``, ``/rerank``, ``/predict``, ``/embed_sparse``, ``/tokenize``, ``/decode``,
+``/info``, ``/ping``, and ``POST /`` and ``/invocations`` (TEI's hosted-endpoint routes,
+dispatched by the model's task).
 
 Each translates TEI's request into the core's params and the outcome back into TEI's answer
 (bare JSON arrays are ``ListValue`` messages the transcoder prints as such); errors are TEI's
@@ -81,6 +82,7 @@ def _version() -> str:
 async def tei_embed(
     backend: Backend, request: pb.TeiEmbedRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiEmbed (POST /embed)."""
     options = TeiEmbedOptions(
         model=request.model,
         truncate=_truncate(request),
@@ -96,6 +98,7 @@ async def tei_embed(
 async def tei_similarity(
     backend: Backend, request: pb.TeiSimilarityRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiSimilarity (POST /similarity)."""
     if not request.inputs.sentences:
         raise EmptyInput("`inputs.sentences` cannot be empty", param="inputs.sentences")
     parameters = request.parameters
@@ -116,6 +119,7 @@ async def tei_similarity(
 async def tei_embed_all(
     backend: Backend, request: pb.TeiEmbedAllRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiEmbedAll (POST /embed_all)."""
     inputs = tei_inputs(request.inputs)
     if any(not isinstance(item, str) for item in inputs) and not all(
         not isinstance(item, str) for item in inputs
@@ -146,6 +150,7 @@ async def tei_embed_all(
 async def tei_tokenize(
     backend: Backend, request: pb.TeiTokenizeRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiTokenize (POST /tokenize)."""
     outcome = await backend.service.token_spans(
         request.model,
         tokenize_inputs(request.inputs),
@@ -171,6 +176,7 @@ async def tei_tokenize(
 async def tei_decode(
     backend: Backend, request: pb.TeiDecodeRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiDecode (POST /decode)."""
     _, texts = await backend.service.decode(
         request.model,
         decode_ids(request.ids),
@@ -184,6 +190,7 @@ async def tei_decode(
 async def tei_info(
     backend: Backend, request: pb.TeiInfoRequest, context: Context
 ) -> pb.TeiInfoResponse:
+    """Tei.TeiInfo (GET /info)."""
     status = await backend.service.get_model(request.model)
     settings = backend.service.settings
     info = status.info
@@ -212,6 +219,7 @@ async def tei_info(
 async def tei_ping(
     backend: Backend, request: pb.TeiPingRequest, context: Context
 ) -> httpbody_pb2.HttpBody:
+    """Tei.TeiPing (GET /ping)."""
     if not backend.serving():
         raise Unavailable("unhealthy: the server is starting, draining or without workers.")
     return httpbody_pb2.HttpBody(content_type="text/plain", data=b"")
@@ -220,6 +228,7 @@ async def tei_ping(
 async def tei_invoke(
     backend: Backend, request: pb.TeiInvokeRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiInvoke (POST /, POST /invocations)."""
     info = (await backend.service.get_model(request.model)).info
     if info.task == CLASSIFY:
         return await tei_predict(backend, _routed(request, pb.TeiPredictRequest, info), context)
@@ -439,6 +448,7 @@ def _similarity_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.Tei
 async def tei_predict(
     backend: Backend, request: pb.TeiPredictRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiPredict (POST /predict)."""
     inputs, batch = predict_inputs(request.inputs)
     params = ClassifyParams(
         model=request.model,
@@ -455,6 +465,7 @@ async def tei_predict(
 async def tei_embed_sparse(
     backend: Backend, request: pb.TeiEmbedSparseRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiEmbedSparse (POST /embed_sparse)."""
     params = EmbedParams(
         model=request.model,
         texts=tei_texts(request.inputs),
@@ -470,6 +481,7 @@ async def tei_embed_sparse(
 async def tei_rerank(
     backend: Backend, request: pb.TeiRerankRequest, context: Context
 ) -> struct_pb2.ListValue:
+    """Tei.TeiRerank (POST /rerank)."""
     params = RerankParams(
         model=request.model,
         query=request.query,
