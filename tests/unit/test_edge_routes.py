@@ -8,6 +8,7 @@ rpc/edge.py, which reads the ``embedd.v1.rest`` service options.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,13 @@ def test_envoy_transcodes_every_service_and_retries_the_idempotent_rpcs() -> Non
     assert not regex.fullmatch("/embedd.v1.Embedder/EmbedStream")
     assert regex.fullmatch("/embedd.v1.Embedder/Embed")
     assert set(edge.rest_services()) == {service.full_name for service in edge.services()}
+
+
+def test_every_proto_is_compiled_by_make_protos_and_the_image() -> None:
+    """A proto file left out of a protoc run leaves an import of the others unresolved."""
+    root = Path(__file__).resolve().parents[2]
+    protos = sorted(str(path.relative_to(root)) for path in (root / "protos").rglob("*.proto"))
+    assert len(protos) >= 2
+    for build in ("Makefile", "Containerfile"):
+        text = (root / build).read_text()
+        assert all(proto in text for proto in protos), build
