@@ -815,9 +815,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = report.render_markdown(run)
     (args.out / "latest.md").write_text(markdown + "\n", encoding="utf-8")
     report.plot(run, args.out / "latest.png")
+    plotted = report.plot_targets(run, args.out / report.TARGETS_PLOT)
     _say("")
     _say(markdown)
-    _say(f"wrote {args.out / 'latest.md'} and latest.png; the run took {run.seconds / 60:.1f} min")
+    written = "latest.png" + (f" and {report.TARGETS_PLOT}" if plotted else "")
+    _say(f"wrote {args.out / 'latest.md'}, {written}; the run took {run.seconds / 60:.1f} min")
     return 0
 
 

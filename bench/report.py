@@ -83,6 +83,8 @@ class Target:
     goal: str
     measured: str
     met: bool | None
+    value: float | None = None  # the measured ratio, where the target is one
+    bound: float | None = None  # the ratio the goal sets
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,8 @@ def evaluate_tei_targets(
             else f"{fmt_ratio(value)} ({fmt_rate(ours)} vs {fmt_rate(tei)} texts/s)"
         )
         met = None if value is None else value >= target.goal
-        targets.append(Target(target.name, f"≥ {target.goal:g}x TEI", measured, met))
+        goal = f"≥ {target.goal:g}x TEI"
+        targets.append(Target(target.name, goal, measured, met, value, target.goal))
     memory = memory_after or {}
     ours_mib, tei_mib = memory.get(GRPC), memory.get(TEI)
     value = ratio(ours_mib, tei_mib)
@@ -343,6 +346,8 @@ def evaluate_tei_targets(
             f"≤ {MEMORY_GOAL:g}x TEI's",
             measured,
             None if value is None else value <= MEMORY_GOAL,
+            value,
+            MEMORY_GOAL,
         )
     )
     return targets
@@ -648,6 +653,8 @@ def render_markdown(run: BenchRun) -> str:
     out.append(_legs_table(run))
     out.append("")
     out.append("![texts/s of every leg on every system](latest.png)\n")
+    if any(t.value is not None for t in evaluate_tei_targets(run.legs, TARGET_SET)):
+        out.append(f"![issue 22's ratios to TEI and their goals]({TARGETS_PLOT})\n")
     return "\n".join(out)
 
 
@@ -713,3 +720,44 @@ def plot(run: BenchRun, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+TARGETS_PLOT = "latest-targets.png"
+
+
+def plot_targets(run: BenchRun, path: Path) -> bool:
+    """Issue 22's ratios to TEI beside the goal of each (False, nothing written, when TEI
+    was not measured)."""
+    targets = [
+        t
+        for t in evaluate_tei_targets(run.legs, TARGET_SET, run.memory_after)
+        if t.value is not None
+    ]
+    if not targets:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(12, 4.2))
+    xs = range(len(targets))
+    colors = ["tab:green" if t.met else "tab:red" for t in targets]
+    axis.bar(xs, [t.value or 0.0 for t in targets], 0.6, color=colors, label="embedd / TEI")
+    axis.scatter(
+        xs, [t.bound or 0.0 for t in targets], marker="_", s=900, color="black", label="goal"
+    )
+    axis.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    axis.set_xticks(
+        xs, [t.name.replace(" (PSS", "\n(PSS").replace(", ", ",\n", 1) for t in targets]
+    )
+    axis.tick_params(axis="x", labelsize=8)
+    axis.set_ylabel("embedd / TEI")
+    axis.set_title(
+        "Issue 22 targets: green met, red missed (memory: at most the goal; speed: at least)"
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

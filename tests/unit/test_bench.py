@@ -478,6 +478,15 @@ def test_issue_22_targets_are_ratios_to_tei_on_the_same_leg_and_its_memory() -> 
     assert memory_target.met is False
 
 
+def test_no_targets_plot_without_tei(tmp_path: Path) -> None:
+    from bench.report import plot_targets
+
+    run = BenchRun(cpu_model="c", cores=2, quick=True, date="d", command="c")
+    run.legs = [leg for leg in PEER_LEGS if leg.system != TEI]
+    assert plot_targets(run, tmp_path / "t.png") is False
+    assert not (tmp_path / "t.png").exists()
+
+
 def test_issue_22_targets_are_unknown_without_tei() -> None:
     legs = [leg for leg in PEER_LEGS if leg.system != TEI]
     targets = evaluate_tei_targets(legs, "sentences", {GRPC: 300.0})
