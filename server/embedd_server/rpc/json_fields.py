@@ -76,11 +76,4 @@ def requested_dimensions(request: pb.CreateEmbeddingsRequest | pb.OllamaEmbedReq
 
 def json_kind(kind: str | None) -> str:
     """A Value's kind in JSON words; an unset Value (no kind) reads as null."""
-    return {
-        "null_value": "null",
-        "number_value": "a number",
-        "string_value": "a string",
-        "bool_value": "a boolean",
-        "struct_value": "an object",
-        "list_value": "an array",
-    }.get(kind or "null_value", str(kind))
+    return _JSON_TYPES.get(kind or "null_value", str(kind))
