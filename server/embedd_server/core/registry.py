@@ -38,12 +38,7 @@ from embedd_server.core.durations import parse_duration
 from embedd_server.core.model_index import ModelIndex
 from embedd_server.core.model_names import plain_name
 from embedd_server.core.scheduler import FairQueue
-from embedd_server.core.tokenization import (
-    HuggingFaceTokenizer,
-    LlamaTokenizer,
-    Tokenizer,
-    gguf_tokenizer,
-)
+from embedd_server.core.tokenization import HuggingFaceTokenizer, LlamaTokenizer, Tokenizer
 from embedd_server.core.workers import WorkerPool
 from embedd_server.errors import (
     Conflict,
@@ -56,6 +51,7 @@ from embedd_server.errors import (
 )
 from embedd_server.metrics import Metrics, ModelGauges
 from embedd_server.model.catalog import EMBED, POOLING_NAMES, ModelInfo
+from embedd_server.model.gguf_tokenizer import gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
