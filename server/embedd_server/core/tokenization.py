@@ -109,49 +109,51 @@ class HuggingFaceTokenizer:
     def encode_bounded(
         self, texts: Sequence[str], max_tokens: int, direction: str = RIGHT
     ) -> list[Counted]:
-        """Ids exactly as tokenizing each whole text and truncating it gives them, without
-        tokenizing the whole of a long text: its start (end, for ``left``) is tokenized in
-        growing parts until more than the tokens kept are settled (:func:`settled_tokens`);
-        those are the whole text's first (last) tokens, so the part truncated gives the same
-        ids. Such a text's count is a lower bound (``exact`` False). Texts for which no part
-        settles enough (e.g. megabytes of spaces) are tokenized whole."""
+        """Ids exactly as tokenizing each whole text and truncating it gives them, each text
+        (or part of it) tokenized once, its count from that same pass. A long text is not
+        tokenized whole: its start (end, for ``left``) is tokenized in growing parts until more
+        than the tokens kept are settled (:func:`settled_tokens`); those are the whole text's
+        first (last) tokens, so that part, cut and framed with the special tokens, gives the
+        same ids. Such a text's count is a lower bound (``exact`` False). Texts for which no
+        part settles enough (e.g. megabytes of spaces) are tokenized whole."""
         specials = self._full.num_special_tokens_to_add(False)
         budget = max_tokens - specials  # the text's own tokens kept
+        truncating = self._truncating_to(max_tokens, direction)
         found: dict[int, Counted] = {}
         first = (max(budget, 0) + UNSETTLED_PIECES) * CHARS_PER_TOKEN_GUESS
         pending = {i: first for i, text in enumerate(texts) if budget >= 1 and len(text) > first}
         while pending:
-            parts = {i: _part(texts[i], chars, direction) for i, chars in pending.items()}
-            encodings = self._full.encode_batch(list(parts.values()), add_special_tokens=False)
-            settled: dict[int, int] = {}
+            parts = [_part(texts[i], chars, direction) for i, chars in pending.items()]
+            encodings = self._full.encode_batch(parts, add_special_tokens=False)
             grown: dict[int, int] = {}
             for (index, chars), encoding in zip(pending.items(), encodings, strict=True):
                 known = settled_tokens(encoding.word_ids, direction)
                 if known > budget:
-                    settled[index] = known
+                    # Truncation and the template on this pass's tokens: what encoding the
+                    # part with the truncating tokenizer gives, without tokenizing it again.
+                    ids = truncating.post_process(encoding).ids
+                    found[index] = Counted(ids, known + specials, exact=False)
                 elif 2 * chars < len(texts[index]):
                     grown[index] = 2 * chars
-            if settled:
-                cut = self._truncating_to(max_tokens, direction).encode_batch(
-                    [parts[i] for i in settled]
-                )
-                for (index, known), encoding in zip(settled.items(), cut, strict=True):
-                    found[index] = Counted(list(encoding.ids), known + specials, exact=False)
             pending = grown
         whole = [i for i in range(len(texts)) if i not in found]
         for index, counted in zip(
-            whole, self._whole([texts[i] for i in whole], max_tokens, direction), strict=True
+            whole, self._whole([texts[i] for i in whole], truncating, specials), strict=True
         ):
             found[index] = counted
         return [found[i] for i in range(len(texts))]
 
-    def _whole(self, texts: Sequence[str], max_tokens: int, direction: str) -> list[Counted]:
-        """Texts tokenized whole, the over-long ones again with truncation."""
-        sequences = self.encode_batch(texts) if texts else []
-        over = [i for i, ids in enumerate(sequences) if len(ids) > max_tokens]
-        cut = self._truncating_to(max_tokens, direction).encode_batch([texts[i] for i in over])
-        kept = dict(zip(over, (list(e.ids) for e in cut), strict=True))
-        return [Counted(kept.get(i, ids), len(ids)) for i, ids in enumerate(sequences)]
+    @staticmethod
+    def _whole(texts: Sequence[str], truncating: HFTokenizerImpl, specials: int) -> list[Counted]:
+        """Texts tokenized whole in one pass of the truncating tokenizer: an over-long text's
+        count is its kept tokens plus those of its overflow (each overflow piece framed with
+        the ``specials`` special tokens again)."""
+        if not texts:
+            return []
+        return [
+            Counted(e.ids, len(e.ids) + sum(len(o.ids) - specials for o in e.overflowing))
+            for e in truncating.encode_batch(list(texts))
+        ]
 
     def _truncating_to(self, max_tokens: int, direction: str = RIGHT) -> HFTokenizerImpl:
         # tokenizers truncates inside the template, so [CLS] and [SEP] stay where they are,
