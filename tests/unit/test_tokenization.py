@@ -149,9 +149,9 @@ class _Counting:
         self._inner = inner
         self._seen = seen
 
-    def encode_batch(self, inputs: list[str], *args: object, **kwargs: object) -> object:
+    def encode_batch(self, inputs: list[str], add_special_tokens: bool = True) -> object:
         self._seen.extend(inputs)
-        return self._inner.encode_batch(inputs, *args, **kwargs)
+        return self._inner.encode_batch(inputs, add_special_tokens=add_special_tokens)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
