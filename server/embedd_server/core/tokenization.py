@@ -9,6 +9,9 @@ files without it fall back to llama.cpp's own tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -326,9 +329,15 @@ class Tokenized:
     sequences: list[list[int]]
     truncated: int = dataclasses.field(default=0, kw_only=True)  # inputs cut to the limit
 
-    @property
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Each sequence's token count, counted once (usage, metrics, limits and the split
+        of token states all read it)."""
+        return [len(ids) for ids in self.sequences]
+
+    @functools.cached_property
     def token_count(self) -> int:
-        return sum(len(ids) for ids in self.sequences)
+        return sum(self.lengths)
 
 
 @dataclass(frozen=True)
@@ -419,6 +428,55 @@ def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
         end += 1
     first = encodings[0]
     return first[:start], first[len(first) - end :]
+
+
+class PromptLengths(Protocol):
+    """What counting a prompt's leading tokens needs (a :class:`Tokenizer`, or the
+    :class:`TokenizerFacts` that remember them)."""
+
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        """See :meth:`Tokenizer.prompt_length`."""
+
+
+# Prompts whose lengths a loaded model remembers: its named prompts and the literal prompts
+# callers send most; the least recently used is forgotten first.
+PROMPTS_REMEMBERED = 64
+
+
+class TokenizerFacts:
+    """What a loaded model's tokenizer answers the same way on every request, worked out once
+    per loaded model instead of per request: its special tokens (the frame a token-id request
+    must carry), how many it adds to each text, and each prompt's length (a model pooling
+    without its prompt). Safe to use from several threads."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._prompts: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @functools.cached_property
+    def specials(self) -> tuple[list[int], list[int]]:
+        """The ids every sequence starts and ends with (:func:`special_tokens`)."""
+        return special_tokens(self._tokenizer)
+
+    @functools.cached_property
+    def special_count(self) -> int:
+        """How many special tokens the tokenizer adds to each text: all the empty text has."""
+        return len(self._tokenizer.encode_batch([""])[0])
+
+    def prompt_length(self, prompt: str, max_tokens: int) -> int:
+        """:meth:`Tokenizer.prompt_length`, the prompt tokenized on its first use only."""
+        key = (prompt, max_tokens)
+        with self._lock:
+            if (length := self._prompts.get(key)) is not None:
+                self._prompts.move_to_end(key)
+                return length
+        length = self._tokenizer.prompt_length(prompt, max_tokens)  # not under the lock
+        with self._lock:
+            self._prompts[key] = length
+            if len(self._prompts) > PROMPTS_REMEMBERED:
+                self._prompts.popitem(last=False)
+        return length
 
 
 def check_token_ids(
