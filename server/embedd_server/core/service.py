@@ -240,7 +240,7 @@ class EmbeddingService:
         async with self.registry.lease(name, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
             raw, tokenized = await self._encode(params, model, deadline)
-            vectors = _post_process(raw, dimensions, params.normalize)
+            vectors = _post_process(raw, dimensions, params.normalize, owned=True)
             compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
             model=model.info.name,
@@ -921,12 +921,20 @@ def _check_room_for_text(params: EmbedParams, specials: int) -> None:
         )
 
 
-def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
-    """Keeps the first ``dimensions`` components, then L2-normalizes each row if asked."""
+def _post_process(
+    vectors: FloatMatrix, dimensions: int, normalize: bool, *, owned: bool = False
+) -> FloatMatrix:
+    """Keeps the first ``dimensions`` components, then L2-normalizes each row if asked.
+    ``owned``: the rows are the caller's own to change (an engine's fresh answer, not the
+    calibration vectors kept for later), so they are normalized where they are, not copied."""
     if dimensions < vectors.shape[1]:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
+        owned = True
     if normalize:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         np.maximum(norms, 1e-12, out=norms)  # as torch's F.normalize: no division by zero
-        vectors = vectors / norms
+        if owned and vectors.flags.writeable and vectors.dtype == norms.dtype:
+            vectors /= norms  # the same quotients as vectors / norms, without a new matrix
+        else:
+            vectors = vectors / norms
     return vectors.astype(np.float32, copy=False)

@@ -3,29 +3,38 @@
 A vector as a list of Python floats, then protobuf values, costs a Python object per float,
 most of all as the ``google.protobuf.Value`` list the REST routes need. Here the messages' wire
 bytes are written with numpy and parsed once by protobuf's C code (measurements in
-docs/design.md).
+docs/design.md). A response's vectors are written once, as the wire bytes of its repeated
+field, and parsed straight into the response (:func:`append_rows`): no message per row that
+is then copied into the response.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.compute.engine import FloatMatrix
 
 DoubleMatrix = npt.NDArray[np.float64]
+_M = TypeVar("_M", bound=Message)
 
 _SIGNIFICANT_DIGITS = np.arange(1, 10, dtype=np.float64)[:, None]  # a float32 needs <= 9
 _EXACT_POWERS = 22  # 10**22 is the largest power of ten a double holds exactly
 
 # Tags: (field number << 3) | wire type; 2 = length-delimited, 1 = 64-bit.
+_EMBEDDING_INDEX = 0x08  # Embedding.index = 1, a varint
 _EMBEDDING_VALUES = 0x12  # Embedding.values = 2, packed floats
 _LIST_VALUES = 0x0A  # ListValue.values = 1 (each a Value)
 _VALUE_NUMBER = 0x11  # Value.number_value = 2 (double)
 _VALUE_LIST = 0x32  # Value.list_value = 6
 _NUMBER_VALUE_SIZE = 9  # tag + 8 bytes
+_LENGTH_DELIMITED = 2  # the wire type of a message, a string, bytes, a packed list
 
 
 def _varint(number: int) -> bytes:
@@ -41,15 +50,41 @@ def _length_delimited(tag: int, payload: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(payload)) + payload
 
 
+def _message_field(message: Message, field: str) -> bytes:
+    """The tag of ``message``'s length-delimited field named ``field`` (from its descriptor)."""
+    number = message.DESCRIPTOR.fields_by_name[field].number
+    return _varint((number << 3) | _LENGTH_DELIMITED)
+
+
+def append_rows(message: _M, field: str, rows: Iterable[bytes]) -> _M:
+    """``message`` with one element appended to its repeated message field ``field`` per
+    row (an element's wire bytes), all parsed in one call of protobuf's C code."""
+    tag = _message_field(message, field)
+    message.MergeFromString(b"".join(tag + _varint(len(row)) + row for row in rows))
+    return message
+
+
+def with_field(heads: Iterable[Message], field: str, values: Iterable[bytes]) -> Iterator[bytes]:
+    """Each head message's wire bytes with its message field ``field`` set to the matching
+    value's wire bytes (a message's fields may come in any order on the wire)."""
+    for head, value in zip(heads, values, strict=True):
+        yield head.SerializeToString() + _message_field(head, field) + _varint(len(value)) + value
+
+
+def embedding_rows(vectors: FloatMatrix) -> list[bytes]:
+    """Each row's native ``Embedding`` wire bytes: its index and packed float values."""
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    return [
+        # proto3 leaves a zero index off the wire; parsing gives 0 either way.
+        (bytes((_EMBEDDING_INDEX,)) + _varint(index) if index else b"")
+        + _length_delimited(_EMBEDDING_VALUES, row.tobytes())
+        for index, row in enumerate(rows)
+    ]
+
+
 def embeddings(vectors: FloatMatrix) -> list[pb.Embedding]:
     """The native ``Embedding`` messages (index, packed float values) of a matrix's rows."""
-    rows = np.ascontiguousarray(vectors, dtype="<f4")
-    messages = []
-    for index, row in enumerate(rows):
-        message = pb.Embedding.FromString(_length_delimited(_EMBEDDING_VALUES, row.tobytes()))
-        message.index = index
-        messages.append(message)
-    return messages
+    return [pb.Embedding.FromString(row) for row in embedding_rows(vectors)]
 
 
 def shortest_float32(vectors: FloatMatrix) -> DoubleMatrix:
@@ -98,12 +133,15 @@ def _list_values(rows: DoubleMatrix) -> list[bytes]:
     return [row.tobytes() for row in cells]
 
 
+def float_value_rows(vectors: FloatMatrix) -> list[bytes]:
+    """Each row's wire bytes as a ``Value`` holding a list of numbers in shortest float32
+    form."""
+    return [_length_delimited(_VALUE_LIST, row) for row in _list_values(shortest_float32(vectors))]
+
+
 def float_list_values(vectors: FloatMatrix) -> list[struct_pb2.Value]:
     """Each row as a ``Value`` holding a list of numbers in shortest float32 form."""
-    return [
-        struct_pb2.Value.FromString(_length_delimited(_VALUE_LIST, row))
-        for row in _list_values(shortest_float32(vectors))
-    ]
+    return [struct_pb2.Value.FromString(row) for row in float_value_rows(vectors)]
 
 
 def nested_list_value(vectors: FloatMatrix) -> struct_pb2.ListValue:
@@ -115,12 +153,18 @@ def nested_list_value(vectors: FloatMatrix) -> struct_pb2.ListValue:
     return struct_pb2.ListValue.FromString(b"".join(rows))
 
 
-def integer_list_values(rows: npt.NDArray[np.generic]) -> list[struct_pb2.Value]:
-    """Each row of an integer matrix (compact vectors) as a ``Value`` list of numbers."""
+def integer_value_rows(rows: npt.NDArray[np.generic]) -> list[bytes]:
+    """Each row of an integer matrix (compact vectors) as a ``Value`` list of numbers' wire
+    bytes."""
     return [
-        struct_pb2.Value.FromString(_length_delimited(_VALUE_LIST, row))
+        _length_delimited(_VALUE_LIST, row)
         for row in _list_values(np.asarray(rows, dtype=np.float64))
     ]
+
+
+def integer_list_values(rows: npt.NDArray[np.generic]) -> list[struct_pb2.Value]:
+    """Each row of an integer matrix (compact vectors) as a ``Value`` list of numbers."""
+    return [struct_pb2.Value.FromString(row) for row in integer_value_rows(rows)]
 
 
 def nested_integer_list_value(rows: npt.NDArray[np.generic]) -> struct_pb2.ListValue:
