@@ -42,6 +42,16 @@ def test_shortest_float32_on_every_kind_of_bit_pattern() -> None:
     assert np.array_equal(shortest.astype(np.float32)[finite], values[finite])  # round-trips
 
 
+@pytest.mark.parametrize("size", [1, 384, vector_messages._BISECT_FROM - 1])
+def test_shortest_float32_of_few_values_matches_the_strings_too(size: int) -> None:
+    """Few values take all nine roundings at once, many the bisection: both give the
+    strings' shortest form."""
+    bits = np.random.default_rng(size).integers(0, 2**32, size=(50, size), dtype=np.uint32)
+    for row in bits.view(np.float32):
+        finite = row[np.isfinite(row)]
+        assert np.array_equal(vector_messages.shortest_float32(finite), _by_strings(finite))
+
+
 def test_shortest_float32_prints_short_json() -> None:
     values = np.array([-0.3, 0.1, 0.0, -0.0, 0.5, 1 / 3, 1e-45, 3.4e38], dtype=np.float32)
     printed = [

@@ -24,8 +24,13 @@ from embedd_server.compute.engine import FloatMatrix
 DoubleMatrix = npt.NDArray[np.float64]
 _M = TypeVar("_M", bound=Message)
 
-_SIGNIFICANT_DIGITS = np.arange(1, 10, dtype=np.float64)[:, None]  # a float32 needs <= 9
+_MOST_DIGITS = 9  # a float32 round-trips with 9 significant digits
+_DIGIT_COUNTS = np.arange(1, _MOST_DIGITS + 1, dtype=np.int64)[:, None]
+# From this many values on, bisecting the digit count (4 roundings of each) beats rounding
+# each to all 9 counts at once (measured: 384 values 115 us vs 143 us, 12,288: 2.4 ms vs 1.0).
+_BISECT_FROM = 2048
 _EXACT_POWERS = 22  # 10**22 is the largest power of ten a double holds exactly
+_POWERS_OF_TEN = 10.0 ** np.arange(_EXACT_POWERS + 1, dtype=np.float64)
 
 # Tags: (field number << 3) | wire type; 2 = length-delimited, 1 = 64-bit.
 _EMBEDDING_INDEX = 0x08  # Embedding.index = 1, a varint
@@ -92,32 +97,64 @@ def shortest_float32(vectors: FloatMatrix) -> DoubleMatrix:
 
     Protobuf's JSON printer writes a double's shortest repr: a float32 widened to double
     prints as -0.30000001192092896, the double nearest -0.3 prints as -0.3 (half the bytes).
-    For 1 to 9 significant digits the float32 is rounded to that many digits in double
-    arithmetic (exact: an integer times or divided by an exact power of ten is correctly
-    rounded); the fewest digits that round-trip win. Values too large or too small for exact
-    powers of ten take the string round trip (the same result, slower).
+    Rounded to k significant digits in double arithmetic (exact: an integer times or divided
+    by an exact power of ten is correctly rounded), a float32 round-trips for every k from its
+    shortest count on (the nearest k+1-digit decimal is at least as near as the nearest
+    k-digit one), so the fewest of 1 to 9 digits is found by bisection: four roundings per
+    value instead of nine. Values too large or too small for exact powers of ten take the
+    string round trip (the same result, slower).
     """
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass through
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # NaN, inf pass through
         source = np.asarray(vectors, dtype=np.float32)
         flat = source.reshape(-1)
         result = flat.astype(np.float64)
         pick = np.isfinite(flat) & (flat != 0)
         values = result[pick]
         if values.size:
+            floats = flat[pick]
             exponent = np.floor(np.log10(np.abs(values)))
-            power = _SIGNIFICANT_DIGITS - 1 - exponent  # one row per digit count
-            scale = 10.0 ** np.abs(power)
-            upward = power >= 0
-            digits = np.rint(np.where(upward, values * scale, values / scale))
-            candidates = np.where(upward, digits / scale, digits * scale)
-            round_trips = candidates.astype(np.float32) == flat[pick]
-            fewest = round_trips.argmax(axis=0)
-            best = candidates[fewest, np.arange(values.size)]
-            slow = ~round_trips.any(axis=0) | (np.abs(power) > _EXACT_POWERS).any(axis=0)
+            # The powers of ten for 1..9 digits: 0 - exponent .. 8 - exponent.
+            slow = (np.abs(exponent) > _EXACT_POWERS) | (np.abs(8 - exponent) > _EXACT_POWERS)
+            exponent[slow] = 0  # any exact power: their result comes from the strings
+            if values.size < _BISECT_FROM:  # few values: numpy's per-call cost dominates
+                every = _rounded(values, _DIGIT_COUNTS, exponent)  # a row per digit count
+                fits = every.astype(np.float32) == floats
+                best = every[fits.argmax(axis=0), np.arange(values.size)]
+            else:
+                best = _bisected(values, floats, exponent)
+            slow |= best.astype(np.float32) != floats  # not even 9 digits round-trip
             if slow.any():
-                best[slow] = flat[pick][slow].astype(str).astype(np.float64)
+                best[slow] = floats[slow].astype(str).astype(np.float64)
             result[pick] = best
     return result.reshape(source.shape)
+
+
+def _bisected(values: DoubleMatrix, floats: FloatMatrix, exponent: DoubleMatrix) -> DoubleMatrix:
+    """Each value rounded to the fewest significant digits that round-trip to ``floats``
+    (9 where none do), found by bisection."""
+    low = np.ones(values.size, dtype=np.int64)
+    high = np.full(values.size, _MOST_DIGITS, dtype=np.int64)
+    while (open_ := low < high).any():
+        middle = (low + high) // 2
+        fits = _rounded(values, middle, exponent).astype(np.float32) == floats
+        high = np.where(open_ & fits, middle, high)
+        low = np.where(open_ & ~fits, middle + 1, low)
+    return _rounded(values, low, exponent)
+
+
+def _rounded(
+    values: DoubleMatrix, digits: npt.NDArray[np.int64], exponent: DoubleMatrix
+) -> DoubleMatrix:
+    """Each value rounded to its count of significant ``digits`` (``exponent``: its decimal
+    exponent), as the double nearest that decimal; ``digits`` of shape ``(k, 1)`` give a
+    row per count."""
+    power = digits - 1 - exponent
+    scale = _POWERS_OF_TEN[np.abs(power).astype(np.int64)]
+    upward = power >= 0
+    rounded: DoubleMatrix = np.where(
+        upward, np.rint(values * scale) / scale, np.rint(values / scale) * scale
+    )
+    return rounded
 
 
 def _list_values(rows: DoubleMatrix) -> list[bytes]:
