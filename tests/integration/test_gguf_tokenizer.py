@@ -19,14 +19,10 @@ import numpy as np
 import pytest
 
 from embedd_server.convert.hf_to_gguf import import_model
-from embedd_server.core.tokenization import (
-    EXACT,
-    HuggingFaceTokenizer,
-    gguf_tokenizer,
-    tokenizer_kind,
-)
+from embedd_server.core.tokenization import HuggingFaceTokenizer
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
 from embedd_server.model.catalog import read_model_info
+from embedd_server.model.gguf_tokenizer import EXACT, gguf_tokenizer, tokenizer_kind
 from tests.conftest import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[2].parent / "shared"

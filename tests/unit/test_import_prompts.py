@@ -13,15 +13,15 @@ import pytest
 from embedd_server.cli.main import main
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.convert.prompts import curated_prompts, original_names, parse_prompt
-from embedd_server.core.tokenization import (
+from embedd_server.core.tokenization import HuggingFaceTokenizer
+from embedd_server.model.catalog import read_model_info
+from embedd_server.model.gguf_tokenizer import (
     EXACT,
     LLAMA_CPP,
-    HuggingFaceTokenizer,
     build_tokenizer_json,
     gguf_tokenizer,
     tokenizer_kind,
 )
-from embedd_server.model.catalog import read_model_info
 from tests.unit.test_hf_to_gguf import make_tiny_bert
 
 E5_QUERY = {"query": "query: ", "passage": "passage: "}

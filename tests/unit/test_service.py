@@ -309,3 +309,78 @@ def test_last_token_pooling_of_an_input_that_is_all_prompt_is_the_zero_vector(
         assert harness.embed(dataclasses.replace(params, prompt="the ")).vectors.all()
         bert = harness.embed(dataclasses.replace(params, model="bert")).vectors
         assert bert.all()  # [CLS] the cat [SEP]: the prompt is 3 tokens, [SEP] is pooled
+
+
+# --- work done once -------------------------------------------------------------------------------
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, method: str) -> list[Any]:
+    """Replaces ``owner.method`` by a wrapper noting each call's first argument."""
+    calls: list[Any] = []
+    inner = getattr(owner, method)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0] if args else None)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, counted)
+    return calls
+
+
+def test_a_request_resolves_its_model_once(svc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aliases, tags and the default are worked out once per call of a loaded model, for
+    every kind of embedding call."""
+    svc.embed(EmbedParams(model="other", texts=["hello"]))  # loaded
+    svc.embed(EmbedParams(texts=["hello"]))
+    resolved = _counting(monkeypatch, svc.registry, "resolve")
+    for call in (
+        svc.service.embed(EmbedParams(model="other", texts=["hello"])),
+        svc.service.token_states(EmbedParams(model="other", texts=["hello"])),
+        svc.service.embed(EmbedParams(texts=["hello"])),
+    ):
+        resolved.clear()
+        svc.run(call)
+        assert len(resolved) == 1
+
+
+def test_special_tokens_are_worked_out_once_per_loaded_model(
+    svc: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token-id request checks its frame against the model's special tokens, and a
+    max_tokens request its room for text against their count: both probe the tokenizer
+    once per loaded model, not once per request."""
+    svc.embed(EmbedParams(texts=["hello"]))  # loaded
+    model = svc.registry.loaded("fake")
+    assert model is not None
+    probes = _counting(monkeypatch, model.tokenizer, "encode_batch")
+    for _ in range(3):
+        ids = svc.embed(EmbedParams(token_ids=[[CLS, HELLO, SEP]], foreign_ids_hint="hint"))
+        assert ids.prompt_tokens == 3
+        assert svc.embed(EmbedParams(texts=["hello cat"], max_tokens=8)).prompt_tokens == 4
+    with pytest.raises(InvalidInput, match="do not begin with"):
+        svc.embed(EmbedParams(token_ids=[[HELLO, SEP]], foreign_ids_hint="hint"))
+    with pytest.raises(InvalidInput, match="special tokens take 2"):
+        svc.embed(EmbedParams(texts=["hello"], max_tokens=2))
+    assert sorted(map(len, probes)) == [1, 4]  # [""] for the count, four probe texts
+
+
+def test_a_prompts_length_is_worked_out_once_per_loaded_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model pooling without its prompt tokenizes each prompt once, not on every request;
+    every request still gets the prompt's pooling starts."""
+    write_fake_gguf(tmp_path / "instructed.gguf", pooling=1, include_prompt=False)
+    with _harness(tmp_path) as harness:
+        params = EmbedParams(model="instructed", texts=["hello", "cat"], prompt="the cat ")
+        harness.embed(params)  # loaded
+        model = harness.registry.loaded("instructed")
+        assert model is not None
+        prompts = _counting(monkeypatch, model.tokenizer, "prompt_length")
+        runtime = harness.loader.runtimes[-1]
+        for _ in range(3):
+            runtime.pooling_starts.clear()
+            harness.embed(params)
+            assert runtime.pooling_starts == [3, 3]
+        harness.embed(dataclasses.replace(params, prompt="the "))
+        assert runtime.pooling_starts[-2:] == [2, 2]
+        assert prompts == ["the "]  # "the cat " was counted by the first request

@@ -7,7 +7,9 @@ unknown words [UNK]=1.
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizerImpl
 
+from embedd_server.core import tokenization
 from embedd_server.core.tokenization import (
     ForeignIds,
     HuggingFaceTokenizer,
@@ -138,6 +140,64 @@ def test_only_over_long_texts_count_as_truncated(hf: HuggingFaceTokenizer) -> No
     tokenized = tokenize_texts(hf, texts, max_tokens=4, truncation=Truncation())
     assert [len(ids) for ids in tokenized.sequences] == [3, 4, 4, 4]
     assert tokenized.truncated == 2
+
+
+class _Counting:
+    """A tokenizers.Tokenizer that notes every text it is asked to tokenize."""
+
+    def __init__(self, inner: HFTokenizerImpl, seen: list[str]) -> None:
+        self._inner = inner
+        self._seen = seen
+
+    def encode_batch(self, inputs: list[str], add_special_tokens: bool = True) -> object:
+        self._seen.extend(inputs)
+        return self._inner.encode_batch(inputs, add_special_tokens=add_special_tokens)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> tuple[HuggingFaceTokenizer, list[str]]:
+    """The fake HF tokenizer, and every text that any of its tokenizers.Tokenizer objects
+    (the whole one and each truncating one) is asked to tokenize."""
+    seen: list[str] = []
+
+    def from_str(text: str) -> _Counting:
+        return _Counting(HFTokenizerImpl.from_str(text), seen)
+
+    monkeypatch.setattr(
+        tokenization, "HFTokenizerImpl", type("Counted", (), {"from_str": staticmethod(from_str)})
+    )
+    return HuggingFaceTokenizer(fake_tokenizer_json()), seen
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_an_over_long_text_is_tokenized_once(
+    counted: tuple[HuggingFaceTokenizer, list[str]], direction: str
+) -> None:
+    """Its kept ids and its count both come from one pass (the truncation's overflow), not
+    from tokenizing it whole and then again with truncation."""
+    tokenizer, seen = counted
+    texts = ["hello", "hello cat dog"]
+    tokenized = tokenize_texts(tokenizer, texts, 4, Truncation(direction=direction))
+    kept = [HELLO, CAT] if direction == "right" else [CAT, DOG]
+    assert tokenized.sequences == [[CLS, HELLO, SEP], [CLS, *kept, SEP]]
+    assert tokenized.truncated == 1
+    assert seen == texts  # each text once
+    with pytest.raises(InputTooLong, match="Input 1 has 5 tokens"):  # the exact count
+        tokenize_texts(tokenizer, texts, 4, Truncation(enabled=False))
+
+
+def test_a_long_texts_settled_part_is_tokenized_once(
+    counted: tuple[HuggingFaceTokenizer, list[str]],
+) -> None:
+    """A long text's part whose tokens settle gives its kept ids from that same pass."""
+    tokenizer, seen = counted
+    text = "hello cat dog " * 100_000
+    [result] = tokenizer.encode_bounded([text], 5)
+    assert result.ids == [CLS, HELLO, CAT, DOG, SEP] and not result.exact
+    assert len(seen) == 1 and text.startswith(seen[0]) and len(seen[0]) < 1_000
 
 
 # --- check_token_ids: pre-tokenized input ---------------------------------------------------------

@@ -42,6 +42,16 @@ def test_shortest_float32_on_every_kind_of_bit_pattern() -> None:
     assert np.array_equal(shortest.astype(np.float32)[finite], values[finite])  # round-trips
 
 
+@pytest.mark.parametrize("size", [1, 384, vector_messages._BISECT_FROM - 1])
+def test_shortest_float32_of_few_values_matches_the_strings_too(size: int) -> None:
+    """Few values take all nine roundings at once, many the bisection: both give the
+    strings' shortest form."""
+    bits = np.random.default_rng(size).integers(0, 2**32, size=(50, size), dtype=np.uint32)
+    for row in bits.view(np.float32):
+        finite = row[np.isfinite(row)]
+        assert np.array_equal(vector_messages.shortest_float32(finite), _by_strings(finite))
+
+
 def test_shortest_float32_prints_short_json() -> None:
     values = np.array([-0.3, 0.1, 0.0, -0.0, 0.5, 1 / 3, 1e-45, 3.4e38], dtype=np.float32)
     printed = [
@@ -75,3 +85,63 @@ def test_long_vectors_need_multi_byte_lengths() -> None:
         4095
     ].number_value == float(str(vectors[0, 4095]))
     assert list(vector_messages.embeddings(vectors)[0].values) == pytest.approx(vectors[0].tolist())
+
+
+# --- responses: the rows parsed straight into them, the same bytes as copied messages -----------
+
+
+@pytest.mark.parametrize("count", [1, 3, 200])
+def test_native_responses_are_the_bytes_of_copied_messages(count: int) -> None:
+    """EmbedResponse with its rows appended as wire bytes serializes as the one built from
+    an Embedding message per row (index 0 included), which is what callers got before."""
+    vectors = _unit_rows(count)
+    usage = pb.Usage(prompt_tokens=7, total_tokens=7)
+    copied = pb.EmbedResponse(
+        model="m",
+        embeddings=[pb.Embedding(index=i, values=row) for i, row in enumerate(vectors.tolist())],
+        usage=usage,
+        request_id="r",
+    )
+    appended = vector_messages.append_rows(
+        pb.EmbedResponse(model="m", usage=usage, request_id="r"),
+        "embeddings",
+        vector_messages.embedding_rows(vectors),
+    )
+    assert appended == copied
+    assert appended.SerializeToString() == copied.SerializeToString()
+
+
+@pytest.mark.parametrize("count", [1, 3, 200])
+def test_openai_responses_are_the_bytes_and_json_of_copied_messages(count: int) -> None:
+    """CreateEmbeddingsResponse with each value written once (as wire bytes, beside the
+    element's object and index) is the response built from a Value and an OpenAIEmbedding
+    message per row: the same bytes, so the same JSON numbers from Envoy."""
+    vectors = _unit_rows(count)
+    integers = (vectors * 127).astype(np.int8)
+    for rows, values in (
+        (vector_messages.float_value_rows(vectors), vector_messages.float_list_values(vectors)),
+        (
+            vector_messages.integer_value_rows(integers),
+            vector_messages.integer_list_values(integers),
+        ),
+    ):
+        copied = pb.CreateEmbeddingsResponse(
+            object="list",
+            data=[
+                pb.OpenAIEmbedding(object="embedding", index=i, embedding=value)
+                for i, value in enumerate(values)
+            ],
+            model="m",
+            usage=pb.Usage(prompt_tokens=0, total_tokens=0),
+        )
+        heads = (pb.OpenAIEmbedding(object="embedding", index=i) for i in range(count))
+        appended = vector_messages.append_rows(
+            pb.CreateEmbeddingsResponse(
+                object="list", model="m", usage=pb.Usage(prompt_tokens=0, total_tokens=0)
+            ),
+            "data",
+            vector_messages.with_field(heads, "embedding", rows),
+        )
+        assert appended.SerializeToString() == copied.SerializeToString()
+        assert json_format.MessageToJson(appended) == json_format.MessageToJson(copied)
+        assert appended.HasField("usage")

@@ -22,8 +22,8 @@ import gguf
 from tokenizers import Tokenizer
 
 from embedd_server.convert.files import optional_object, read_object
-from embedd_server.core.tokenization import QWEN2_REGEX, UNICODE_NORMALIZATION_KEY
 from embedd_server.errors import ModelImportError
+from embedd_server.model.gguf_tokenizer import QWEN2_REGEX, UNICODE_NORMALIZATION_KEY
 
 TokenType = gguf.TokenType
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedd_server.core.tokenization import tokenizer_kind
 from embedd_server.errors import ModelLoadError
 from embedd_server.model.catalog import ModelInfo, read_model_info
+from embedd_server.model.gguf_tokenizer import tokenizer_kind
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from embedd_server.core.tokenization import (
     HuggingFaceTokenizer,
     LlamaTokenizer,
     Tokenizer,
-    gguf_tokenizer,
+    TokenizerFacts,
 )
 from embedd_server.core.workers import WorkerPool
 from embedd_server.errors import (
@@ -56,6 +56,7 @@ from embedd_server.errors import (
 )
 from embedd_server.metrics import Metrics, ModelGauges
 from embedd_server.model.catalog import EMBED, POOLING_NAMES, ModelInfo
+from embedd_server.model.gguf_tokenizer import gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ class LoadedModel:
     leases: int = 0
     retired: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the tokenizer answers the same way every time, worked out once for this load.
+    tokens: TokenizerFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenizerFacts(self.tokenizer)
 
     @property
     def dimensions(self) -> int:
@@ -165,7 +171,10 @@ class ModelRegistry:
 
     async def info(self, name: str) -> ModelInfo:
         """The catalogue entry of a model, or ModelNotFound listing the available ones."""
-        name = self.resolve(name)
+        return await self.info_of(self.resolve(name))
+
+    async def info_of(self, name: str) -> ModelInfo:
+        """:meth:`info` of a name :meth:`resolve` gave (a request resolves its model once)."""
         entry = await self._index.lookup(name) if _plausible_name(name) else None
         if entry is None:
             available = ", ".join(info.name for info in await self.catalogue()) or "none"
@@ -185,10 +194,10 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return self.resolve(name) in self._loaded
 
-    def info_of_loaded(self, name: str) -> ModelInfo | None:
-        """The catalogue entry of a loaded model, without reading the models directory."""
-        loaded = self._loaded.get(self.resolve(name))
-        return None if loaded is None else loaded.info
+    def loaded(self, name: str) -> LoadedModel | None:
+        """The loaded model of a name :meth:`resolve` gave, if it is loaded (no file is read;
+        a request resolves its model once)."""
+        return self._loaded.get(name)
 
     def engine_of(self, name: str) -> str:
         """The engine serving a loaded model ("llama.cpp", "onnxruntime"); "" when not loaded
@@ -217,7 +226,15 @@ class ModelRegistry:
     @contextlib.asynccontextmanager
     async def use(self, name: str, keep_alive_s: float | None = None) -> AsyncIterator[LoadedModel]:
         """A lease on the loaded model (loading it first); keep_alive counts from its end."""
-        model = await self.get(name)
+        async with self.lease(self.resolve(name), keep_alive_s) as model:
+            yield model
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, keep_alive_s: float | None = None
+    ) -> AsyncIterator[LoadedModel]:
+        """:meth:`use` for a name :meth:`resolve` gave (a request resolves its model once)."""
+        model = await self._get(name)
         model.leases += 1
         model.idle.clear()
         try:
@@ -239,7 +256,10 @@ class ModelRegistry:
         ``options`` (an explicit load's) must agree with the model's own pooling and, when it
         is loaded already, with the options it was loaded with: callers share the instance.
         """
-        name = self.resolve(name)
+        return await self._get(self.resolve(name), options)
+
+    async def _get(self, name: str, options: LoadOptions | None = None) -> LoadedModel:
+        """:meth:`get` for a resolved name."""
         loaded = self._loaded.get(name)
         if loaded is not None:
             return loaded if options is None else self._same_options(loaded, options)
@@ -247,7 +267,7 @@ class ModelRegistry:
             loaded = self._loaded.get(name)
             if loaded is not None:
                 return loaded if options is None else self._same_options(loaded, options)
-            info = await self.info(name)
+            info = await self.info_of(name)
             loaded = await self._load(info, _keeping_own_pooling(info, options or LoadOptions()))
             self._loaded[name] = loaded
         return loaded

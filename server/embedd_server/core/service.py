@@ -53,13 +53,12 @@ from embedd_server.core.tokenization import (
     DIRECTIONS,
     RIGHT,
     ForeignIds,
+    PromptLengths,
     Tokenized,
     TokenizedPairs,
-    Tokenizer,
     TokenSpan,
     Truncation,
     check_token_ids,
-    special_tokens,
     tokenize_texts,
     too_long,
 )
@@ -235,13 +234,13 @@ class EmbeddingService:
         """Embeds the inputs; ``deadline`` is a time.monotonic() instant, or None."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
+        name, info = await self._model_info(params.model)
         await self._require_task(info, EMBED)
-        was_loaded = self.registry.is_loaded(params.model)
-        async with self.registry.use(params.model, params.keep_alive_s) as model:
+        was_loaded = self.registry.loaded(name) is not None
+        async with self.registry.lease(name, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
             raw, tokenized = await self._encode(params, model, deadline)
-            vectors = _post_process(raw, dimensions, params.normalize)
+            vectors = _post_process(raw, dimensions, params.normalize, owned=True)
             compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
             model=model.info.name,
@@ -269,7 +268,7 @@ class EmbeddingService:
             len(prompt),
             prompt_pooling_starts,
             model.info,
-            model.tokenizer,
+            model.tokens,
             prompt if texts else "",
             tokenized.sequences,
         )
@@ -288,9 +287,9 @@ class EmbeddingService:
         ``max_values``: the most numbers the answer may hold (RequestTooLarge, before any is
         computed, for a request whose tokens times the model's width would pass it)."""
         self._check_inputs(params)
-        info = self.registry.info_of_loaded(params.model) or await self.registry.info(params.model)
+        name, info = await self._model_info(params.model)
         await self._require_task(info, EMBED)
-        async with self.registry.use(params.model, params.keep_alive_s) as model:
+        async with self.registry.lease(name, params.keep_alive_s) as model:
             if not gives_token_states(model.runtime):
                 raise NotImplementedFeature(
                     f"Model '{model.info.name}' runs on {model.runtime.engine_name}, which gives "
@@ -312,7 +311,7 @@ class EmbeddingService:
                 request_id=request.request_id if request is not None else "",
             )
             states = await self._await(model, job)
-        ends = np.cumsum([len(ids) for ids in tokenized.sequences])[:-1]
+        ends = np.cumsum(tokenized.lengths)[:-1]
         return TokenStatesOutcome(
             model=model.info.name,
             states=np.split(states, ends),
@@ -327,9 +326,9 @@ class EmbeddingService:
         weights over the vocabulary, as sentence-transformers' SparseEncoder.encode."""
         started = time.perf_counter()
         self._check_inputs(params)
-        info = await self.registry.info(params.model or await self._first_for(SPARSE))
+        name, info = await self._model_info(params.model or await self._first_for(SPARSE))
         await self._require_task(info, SPARSE)
-        async with self.registry.use(info.name, params.keep_alive_s) as model:
+        async with self.registry.lease(name, params.keep_alive_s) as model:
             raw, tokenized = await self._encode(params, model, deadline)
         return SparseOutcome(
             model=model.info.name,
@@ -354,9 +353,9 @@ class EmbeddingService:
                 f"'{shorten(params.truncation_direction)}'.",
                 param="truncation_direction",
             )
-        info = await self.registry.info(params.model or await self._first_for(CLASSIFY))
+        name, info = await self._model_info(params.model or await self._first_for(CLASSIFY))
         await self._require_task(info, CLASSIFY, accepted=(RERANK,))
-        async with self.registry.use(info.name, params.keep_alive_s) as model:
+        async with self.registry.lease(name, params.keep_alive_s) as model:
             tokenized = await self._tokenize_inputs(model, params)
             self._count_inputs(model.info.name, tokenized)
             # Token type 1 for a pair's second text only where the model's tokenizer gives it.
@@ -407,10 +406,10 @@ class EmbeddingService:
         workers with other callers instead of holding them."""
         started = time.perf_counter()
         check_rerank_params(params, self._settings.max_inputs_per_request)
-        info = await self.registry.info(params.model or await self._first_reranker())
+        name, info = await self._model_info(params.model or await self._first_reranker())
         rerankers = await self._models_for(RERANK) if info.task != RERANK else []
         require_reranker(info, lambda: rerankers)
-        async with self.registry.use(info.name, params.keep_alive_s) as model:
+        async with self.registry.lease(name, params.keep_alive_s) as model:
             pairs = [(params.query, document) for document in params.documents]
             tokenized = await self._tokenize_pairs(model, pairs, params.truncate)
             self._count_inputs(model.info.name, tokenized)
@@ -428,6 +427,13 @@ class EmbeddingService:
             prompt_tokens=tokenized.token_count,
             total_seconds=time.perf_counter() - started,
         )
+
+    async def _model_info(self, requested: str) -> tuple[str, ModelInfo]:
+        """The model a request names, resolved once (aliases, tags, the default): its name,
+        for the lease, and its catalogue entry (a loaded model's own, without the index)."""
+        name = self.registry.resolve(requested)
+        loaded = self.registry.loaded(name)
+        return name, loaded.info if loaded is not None else await self.registry.info_of(name)
 
     async def _require_task(
         self, info: ModelInfo, wanted: str, accepted: Sequence[str] = ()
@@ -709,14 +715,14 @@ class EmbeddingService:
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
             if params.texts:
-                _check_room_for_text(params, model.tokenizer)
+                _check_room_for_text(params, model.tokens.special_count)
         truncation = Truncation(
             params.truncate, params.truncation_direction, params.truncation_hint
         )
         if params.token_ids:
             foreign = None
             if params.foreign_ids_hint is not None:
-                foreign = ForeignIds(special_tokens(model.tokenizer), params.foreign_ids_hint)
+                foreign = ForeignIds(model.tokens.specials, params.foreign_ids_hint)
             return check_token_ids(params.token_ids, model.vocab_size, limit, truncation, foreign)
         return await _off_loop_if_long(
             sum(len(text) for text in texts),
@@ -868,7 +874,7 @@ def model_texts(params: EmbedParams, info: ModelInfo, prompt: str) -> list[str]:
 
 
 def prompt_pooling_starts(
-    info: ModelInfo, tokenizer: Tokenizer, prompt: str, sequences: Sequence[Sequence[int]]
+    info: ModelInfo, tokenizer: PromptLengths, prompt: str, sequences: Sequence[Sequence[int]]
 ) -> list[int] | None:
     """Per input, the first token that pooling counts when the model leaves its prompt out of
     pooling (sentence-transformers' ``include_prompt: false``); None when every token counts.
@@ -902,10 +908,10 @@ def _prompt_list(info: ModelInfo) -> str:
     return "its prompts are: " + ", ".join(f"'{name}'" for name in info.prompts) + "."
 
 
-def _check_room_for_text(params: EmbedParams, tokenizer: Tokenizer) -> None:
-    """InvalidInput when ``max_tokens`` leaves no token for text after the special tokens the
-    model adds to each input (a tokenizer asked to cut below those cuts nothing)."""
-    specials = len(tokenizer.encode_batch([""])[0])
+def _check_room_for_text(params: EmbedParams, specials: int) -> None:
+    """InvalidInput when ``max_tokens`` leaves no token for text after the ``specials``
+    special tokens the model adds to each input (a tokenizer asked to cut below those cuts
+    nothing)."""
     if params.max_tokens is not None and params.max_tokens <= specials:
         raise InvalidInput(
             f"{params.max_tokens_param} {params.max_tokens} leaves no room for text: this "
@@ -915,12 +921,20 @@ def _check_room_for_text(params: EmbedParams, tokenizer: Tokenizer) -> None:
         )
 
 
-def _post_process(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix:
-    """Keeps the first ``dimensions`` components, then L2-normalizes each row if asked."""
+def _post_process(
+    vectors: FloatMatrix, dimensions: int, normalize: bool, *, owned: bool = False
+) -> FloatMatrix:
+    """Keeps the first ``dimensions`` components, then L2-normalizes each row if asked.
+    ``owned``: the rows are the caller's own to change (an engine's fresh answer, not the
+    calibration vectors kept for later), so they are normalized where they are, not copied."""
     if dimensions < vectors.shape[1]:
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
+        owned = True
     if normalize:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         np.maximum(norms, 1e-12, out=norms)  # as torch's F.normalize: no division by zero
-        vectors = vectors / norms
+        if owned and vectors.flags.writeable and vectors.dtype == norms.dtype:
+            vectors /= norms  # the same quotients as vectors / norms, without a new matrix
+        else:
+            vectors = vectors / norms
     return vectors.astype(np.float32, copy=False)

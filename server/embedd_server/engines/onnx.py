@@ -21,16 +21,14 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix
-from embedd_server.engines.llama import LlamaModelWeights
 from embedd_server.engines.onnx_graph import (
     HIDDEN_OUTPUT_NAME,
     META_MAX_POSITIONS,
@@ -43,7 +41,7 @@ from embedd_server.engines.onnx_graph import (
 from embedd_server.engines.onnx_models import load_gguf
 from embedd_server.engines.process import EngineSpec, ProcessEngine
 from embedd_server.errors import ModelLoadError
-from embedd_server.model.catalog import HF_TOKENIZER_KEY, OWN_ARCHITECTURES, read_model_info
+from embedd_server.model.vocabulary import file_vocabulary
 
 ENGINE_NAME = "onnxruntime"
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -301,60 +299,13 @@ class OnnxEngine:
         return np.asarray(vectors, dtype=np.float32)
 
 
-class Vocabulary(Protocol):
-    """What OnnxRuntime needs of a model's vocabulary."""
-
-    vocab_size: int
-
-    def tokenize(self, text: bytes) -> list[int]: ...
-
-    def token_text(self, token_id: int) -> str: ...
-
-    def close(self) -> None: ...
-
-
-class HfVocabulary:
-    """The vocabulary of a GGUF file llama.cpp cannot load (an architecture of ours, such as
-    MPNet): the model's own tokenizer.json, which ``embedd import`` stores in every file."""
-
-    def __init__(self, path: Path) -> None:
-        info = read_model_info(path)
-        if not info.hf_tokenizer_json:
-            raise ModelLoadError(
-                f"{path.name} has no {HF_TOKENIZER_KEY}, and llama.cpp cannot read the "
-                f"vocabulary of a {info.architecture!r} file; re-create it with `embedd import`"
-            )
-        self._tokenizer = Tokenizer.from_str(info.hf_tokenizer_json)
-        self.vocab_size = info.vocab_size or self._tokenizer.get_vocab_size()
-
-    def tokenize(self, text: bytes) -> list[int]:
-        """The text's ids with the tokenizer's special tokens around them."""
-        ids: list[int] = self._tokenizer.encode(text.decode("utf-8", "replace")).ids
-        return ids
-
-    def token_text(self, token_id: int) -> str:
-        return self._tokenizer.id_to_token(token_id) or ""
-
-    def close(self) -> None:
-        """Nothing to free."""
-
-
-def _vocabulary(path: Path) -> Vocabulary:
-    """llama.cpp's vocabulary of the file (the weights are not loaded), or the file's own
-    tokenizer.json where llama.cpp cannot load the architecture."""
-    if read_model_info(path).architecture in OWN_ARCHITECTURES:
-        return HfVocabulary(path)
-    return LlamaModelWeights(path, vocab_only=True)
-
-
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
     The graph is built once here from the GGUF's tensors. With ``processes`` it is written to
     a file that each worker process opens a session on (a crash costs one worker, as with
-    llama.cpp); otherwise each worker's session runs in its thread. The vocabulary (for
-    llama.cpp's tokenizer, used only when the GGUF carries no ``tokenizer.json``) is loaded by
-    llama.cpp without the weights.
+    llama.cpp); otherwise each worker's session runs in its thread. The vocabulary is the
+    file's (model/vocabulary.py: its tokenizer.json, else llama.cpp's without the weights).
     """
 
     def __init__(
@@ -392,7 +343,7 @@ class OnnxRuntime:
         self.int8 = int8
         # int8 vectors differ from the reference: /v1/models says so.
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
-        self.vocab = _vocabulary(path)
+        self.vocab = file_vocabulary(path)
         # A cross-encoder's rows are its logits, one per label.
         self.dimensions = source.dimensions
         self._spec: EngineSpec | None = None

@@ -139,7 +139,7 @@ class ModelInfo:
     problem_type: str = ""
     # The activation after a cross-encoder's or classifier's first head layer.
     head_activation: str = TANH
-    # How the model tokenizes ("exact" or "llama.cpp": tokenization.tokenizer_kind), which for
+    # How the model tokenizes ("exact" or "llama.cpp": gguf_tokenizer.tokenizer_kind), which for
     # a file without tokenizer.json means reading its vocabulary: filled in by the model index
     # off the event loop; "" in a ModelInfo read directly. Not part of equality.
     tokenizer: str = dataclasses.field(default="", compare=False)

@@ -58,19 +58,19 @@ def _output_type(value: int) -> str:
 def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedResponse:
     """The core's EmbedOutcome as an EmbedResponse."""
     [kind] = outcome.compact.keys() or [FLOAT]
-    if kind == FLOAT:
-        embeddings = vector_messages.embeddings(outcome.vectors)
-    else:
-        embeddings = [
-            pb.Embedding(index=index, data=row.tobytes())
-            for index, row in enumerate(outcome.compact[kind])
-        ]
-    return pb.EmbedResponse(
+    response = pb.EmbedResponse(
         model=outcome.model,
-        embeddings=embeddings,
         usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
         request_id=request_id,
     )
+    if kind == FLOAT:
+        rows = vector_messages.embedding_rows(outcome.vectors)
+        return vector_messages.append_rows(response, "embeddings", rows)
+    response.embeddings.extend(
+        pb.Embedding(index=index, data=row.tobytes())
+        for index, row in enumerate(outcome.compact[kind])
+    )
+    return response
 
 
 async def embed(backend: Backend, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:

@@ -74,20 +74,19 @@ async def create_embeddings(
     )
     outcome = await backend.service.embed(params, deadline_of(context))
     if encoding == "base64":
-        values = _base64_value(outcome.vectors)
+        values = [value.SerializeToString() for value in _base64_value(outcome.vectors)]
     elif encoding == FLOAT:
-        values = vector_messages.float_list_values(outcome.vectors)
+        values = vector_messages.float_value_rows(outcome.vectors)
     else:
-        values = vector_messages.integer_list_values(outcome.compact[encoding])
-    return pb.CreateEmbeddingsResponse(
+        values = vector_messages.integer_value_rows(outcome.compact[encoding])
+    response = pb.CreateEmbeddingsResponse(
         object="list",
-        data=[
-            pb.OpenAIEmbedding(object="embedding", index=index, embedding=value)
-            for index, value in enumerate(values)
-        ],
         model=outcome.model,
         usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
     )
+    heads = (pb.OpenAIEmbedding(object="embedding", index=i) for i in range(len(values)))
+    rows = vector_messages.with_field(heads, "embedding", values)
+    return vector_messages.append_rows(response, "data", rows)
 
 
 def _openai_truncate(request: pb.CreateEmbeddingsRequest, default: bool) -> bool:
