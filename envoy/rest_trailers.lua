@@ -5,10 +5,11 @@
 -- ones REST callers need are copied into the response headers here, while those have not yet
 -- gone out (body() waits for the whole reply; the transcoder buffers it anyway).
 -- `x-embedd-truncated-inputs`: how many inputs were cut to the model's limit.
+-- `x-embedd-cache`: "hits=H misses=M", the vector cache's answer (calls that looked it up).
 -- Native gRPC calls through the same listener are left alone (they get the trailers).
 
 local NAMESPACE = "embedd"
-local COPIED = {"x-embedd-truncated-inputs"}
+local COPIED = {"x-embedd-truncated-inputs", "x-embedd-cache"}
 
 function envoy_on_response(response_handle)
   local metadata = response_handle:streamInfo():dynamicMetadata():get(NAMESPACE) or {}

@@ -26,6 +26,8 @@ def fake_server(tmp_path: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="session")
 def real_server() -> Iterator[ServerProcess]:
-    """`embedd serve` on the real default model, as a subprocess (shared by the session)."""
-    with ServerProcess.start(MODELS_DIR) as server:
+    """`embedd serve` on the real default model, as a subprocess (shared by the session).
+    Its vector cache is off: these tests compare what the engine computes (alone, batched,
+    over each route); tests/integration/test_cache_real.py runs the cache."""
+    with ServerProcess.start(MODELS_DIR, ["--cache-mb", "0"]) as server:
         yield server

@@ -63,6 +63,9 @@ class ServerThread:
         write_fake_gguf(models_dir / "fake.gguf")
         write_fake_gguf(models_dir / "other.gguf", dimensions=4)
         overrides.setdefault("metrics_port", 0)  # no fixed port: tests run servers side by side
+        # The fake tokenizer maps words by length, so most test texts share tokens: without
+        # the vector cache every call is computed, as these tests expect; cache tests opt in.
+        overrides.setdefault("cache_mb", 0)
         settings = Settings(
             grpc_port=0, models_dir=models_dir, default_model="fake", workers=2, **overrides
         )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -110,6 +110,23 @@ class Metrics:
             "embedd_model_loads",
             "Models loaded (first use, explicit load, reload).",
             ["model"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "embedd_cache_hits",
+            "Inputs answered from the vector cache, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "embedd_cache_misses",
+            "Inputs looked up in the vector cache and computed, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "embedd_cache_bytes",
+            "Bytes the vector cache holds (rows and their bookkeeping).",
             registry=registry,
         )
         # Label children by label values: labels() costs microseconds, a dict look-up nothing.

@@ -182,6 +182,35 @@ class Settings:
         False,
     )
     max_inputs_per_request: int = _opt("Most inputs one request may carry.", 2048)
+    cache_mb: int = _opt(
+        "Size of the vector cache in MiB (0: off): each input's raw vector, keyed by the "
+        "loaded model's file and options and the input's exact tokens (prompt and truncation "
+        "included), so a repeated text costs no compute; least recently used first out, a "
+        "model's rows dropped when it unloads. A hit returns the bytes a miss computed. "
+        "Nothing is cached under --int8 (a row there depends on its batch).",
+        64,
+    )
+    bulk_share: int = _opt(
+        "Priority lanes: while interactive and bulk work both wait, one pack in this many "
+        "goes to bulk, so bulk never starves (1: lanes take turns).",
+        8,
+    )
+    bulk_batch_tokens: int = _opt(
+        "Priority lanes: the most tokens of a bulk pack while interactive work arrived in the "
+        "last second, so that a query waits for a short pack, not a full one (full-size bulk "
+        "packs when no interactive caller is around). Measured in `make bench` (lanes).",
+        64,
+    )
+    bulk_above_inputs: int = _opt(
+        "Priority lanes: a request with more inputs than this goes to the bulk lane unless it "
+        "names its lane (x-embedd-lane header, EmbedRequest.lane); EmbedStream is bulk.",
+        64,
+    )
+    bulk_above_tokens: int = _opt(
+        "Priority lanes: a request with more tokens than this goes to the bulk lane unless it "
+        "names its lane.",
+        8192,
+    )
     openai_truncate: bool = _opt(
         "Default of /v1/embeddings' `truncate` field: cut over-long inputs to the model's "
         "limit instead of failing with context_length_exceeded (off: OpenAI's behaviour).",
@@ -322,6 +351,11 @@ class Settings:
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (self.onnx_batch_tokens >= 1, "onnx_batch_tokens must be at least 1"),
             (self.onnx_threads >= 0, "onnx_threads must not be negative"),
+            (self.cache_mb >= 0, "cache_mb must not be negative"),
+            (self.bulk_share >= 1, "bulk_share must be at least 1"),
+            (self.bulk_batch_tokens >= 1, "bulk_batch_tokens must be at least 1"),
+            (self.bulk_above_inputs >= 0, "bulk_above_inputs must not be negative"),
+            (self.bulk_above_tokens >= 0, "bulk_above_tokens must not be negative"),
         ]
         problems = [message for ok, message in checks if not ok]
         problems += _alias_problems(self.model_aliases)

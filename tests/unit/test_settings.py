@@ -189,6 +189,11 @@ ENGINE_VALUES: dict[str, Any] = {
     "onnx_batch_tokens": 512,
     "onnx_threads": 3,
     "int8": True,
+    "cache_mb": 16,
+    "bulk_share": 4,
+    "bulk_batch_tokens": 32,
+    "bulk_above_inputs": 10,
+    "bulk_above_tokens": 500,
 }
 TRANSPORT_ONLY = {
     "grpc_host",

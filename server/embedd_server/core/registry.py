@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from embedd_server.core.tokenization import (
     Tokenizer,
     TokenizerFacts,
 )
+from embedd_server.core.vector_cache import VectorCache, model_key
 from embedd_server.core.workers import WorkerPool
 from embedd_server.errors import (
     Conflict,
@@ -86,6 +88,9 @@ class LoadedModel:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     # What the tokenizer answers the same way every time, worked out once for this load.
     tokens: TokenizerFacts = field(init=False)
+    # This load's part of every vector cache key (core.vector_cache.model_key); b"": its rows
+    # are not cached (int8: a row depends on its batch).
+    cache_key: bytes = b""
 
     def __post_init__(self) -> None:
         self.tokens = TokenizerFacts(self.tokenizer)
@@ -121,6 +126,8 @@ class ModelRegistry:
         self.loads = 0  # how many loads happened (for tests and metrics)
         self.metrics = metrics or Metrics()
         self.metrics.watch(self._gauges)
+        # One cache for every loaded model, bounded in bytes; a model's rows go with it.
+        self.cache = VectorCache(settings.cache_mb * 1024 * 1024)
 
     # --- the catalogue ---------------------------------------------------------------------
 
@@ -354,7 +361,12 @@ class ModelRegistry:
         runtime = self._loader(info, self._settings, options)
         try:
             tokenizer = _tokenizer_for(info, runtime)
-            queue = FairQueue(self._settings.max_queued_texts, self._settings.max_queued_tokens)
+            queue = FairQueue(
+                self._settings.max_queued_texts,
+                self._settings.max_queued_tokens,
+                bulk_share=self._settings.bulk_share,
+                bulk_batch_tokens=self._settings.bulk_batch_tokens,
+            )
             pool = WorkerPool(
                 info.name,
                 queue,
@@ -383,8 +395,26 @@ class ModelRegistry:
         keep = math.inf if default else self._default_keep_alive
         model = LoadedModel(info, runtime, tokenizer, queue, pool, seconds, options, keep, default)
         model.expires_at = time.monotonic() + keep
+        model.cache_key = self._cache_key(info, options, runtime)
         model.idle.set()
         return model
+
+    def _cache_key(self, info: ModelInfo, options: LoadOptions, runtime: Runtime) -> bytes:
+        """What makes this load's rows what they are, as a cache key: the file (path, size,
+        mtime, inode: a rewritten file is another key), the load options and the engine.
+        b"" where rows are not cached: the cache is off, or int8 weights, whose dynamic
+        quantization makes a row depend on the rest of its batch."""
+        if not self.cache.enabled or self._settings.int8:
+            return b""
+        stat = os.stat(info.path)
+        return model_key(
+            str(info.path),
+            stat.st_size,
+            stat.st_mtime_ns,
+            stat.st_ino,
+            options,
+            runtime.engine_name,
+        )
 
     async def _make_room(self, info: ModelInfo) -> None:
         """Unloads least recently used idle models until ``info`` fits the memory budget."""
@@ -417,6 +447,9 @@ class ModelRegistry:
         if self._loaded.get(model.info.name) is model:
             del self._loaded[model.info.name]
         log.info("unloading model %s (%s)", model.info.name, reason)
+        if model.cache_key:
+            self.cache.forget_model(model.cache_key)
+            self.metrics.cache_bytes.set(self.cache.size_bytes)
         await model.idle.wait()  # calls in flight finish first
         await asyncio.to_thread(model.pool.stop)
         model.runtime.close()

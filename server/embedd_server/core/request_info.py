@@ -24,6 +24,9 @@ class RequestInfo:
     inputs: int = 0
     tokens: int = 0
     truncated: int = 0  # inputs cut to the model's limit
+    lane: str = ""  # the lane the caller asked for (x-embedd-lane), as sent; "": none
+    cache_hits: int = 0  # inputs answered from the vector cache
+    cache_misses: int = 0  # inputs looked up there and computed
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("embedd_request", default=None)
@@ -55,3 +58,11 @@ def set_current_request(info: RequestInfo) -> None:
     """Makes ``info`` the request of this task. Each RPC runs in its own asyncio task (a copy
     of the context), so the value ends with the call without a reset."""
     _current.set(info)
+
+
+def note_cache(hits: int, misses: int) -> None:
+    """Records vector cache look-ups of the RPC being served (streams add theirs up)."""
+    info = _current.get()
+    if info is not None:
+        info.cache_hits += hits
+        info.cache_misses += misses

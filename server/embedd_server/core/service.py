@@ -38,7 +38,12 @@ from embedd_server.core.quantization import (
     quantize,
 )
 from embedd_server.core.registry import LoadedModel, ModelRegistry
-from embedd_server.core.request_info import current_request, note_inputs, note_model
+from embedd_server.core.request_info import (
+    current_request,
+    note_cache,
+    note_inputs,
+    note_model,
+)
 from embedd_server.core.reranking import (
     RerankOutcome,
     RerankParams,
@@ -47,7 +52,7 @@ from embedd_server.core.reranking import (
     require_reranker,
     scores_of,
 )
-from embedd_server.core.scheduler import Job, TokenStatesJob
+from embedd_server.core.scheduler import BULK, INTERACTIVE, LANES, Job, TokenStatesJob
 from embedd_server.core.tasks import TASK_NOUNS, require_task
 from embedd_server.core.tokenization import (
     DIRECTIONS,
@@ -62,6 +67,7 @@ from embedd_server.core.tokenization import (
     tokenize_texts,
     too_long,
 )
+from embedd_server.core.vector_cache import row_keys
 from embedd_server.errors import (
     EmptyInput,
     InvalidInput,
@@ -134,6 +140,10 @@ class EmbedParams:
     prompt_name: str | None = None
     prompt: str | None = None  # literal text; "" is no prompt, not even the default
     input_type: str | None = None  # Cohere's: search_query, search_document, ...
+    # The scheduler lane (core.scheduler.LANES) the caller named; None: the x-embedd-lane
+    # header's, else bulk where bulk_by_default (EmbedStream), else by size (choose_lane).
+    lane: str | None = None
+    bulk_by_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,8 @@ class EmbedOutcome:
     # Compact forms asked for, by output type: int8 / uint8 one byte per dimension, binary /
     # ubinary 8 dimensions per byte.
     compact: dict[str, ByteMatrix] = field(default_factory=dict)
+    cache_hits: int = 0  # inputs answered from the vector cache
+    cache_misses: int = 0  # inputs looked up there and computed (0 and 0: cache not used)
 
 
 @dataclass(frozen=True)
@@ -239,10 +251,12 @@ class EmbeddingService:
         was_loaded = self.registry.loaded(name) is not None
         async with self.registry.lease(name, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
-            raw, tokenized = await self._encode(params, model, deadline)
+            raw, tokenized, hits = await self._encode(params, model, deadline)
             vectors = _post_process(raw, dimensions, params.normalize, owned=True)
             compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
+            cache_hits=hits.hits,
+            cache_misses=hits.misses,
             model=model.info.name,
             vectors=vectors,
             compact=compact,
@@ -254,9 +268,9 @@ class EmbeddingService:
 
     async def _encode(
         self, params: EmbedParams, model: LoadedModel, deadline: float | None
-    ) -> tuple[FloatMatrix, Tokenized]:
+    ) -> tuple[FloatMatrix, Tokenized, _Rows]:
         """The engine's raw rows for the request's texts (prompt prepended, tokenized, cut),
-        and the tokens they were computed from."""
+        the tokens they were computed from, and how many came from the cache."""
         prompt = resolve_prompt(params, model.info)
         texts = model_texts(params, model.info, prompt)
         tokenize_started = time.perf_counter()
@@ -272,12 +286,18 @@ class EmbeddingService:
             prompt if texts else "",
             tokenized.sequences,
         )
-        raw = await self._run(
-            model, tokenized.sequences, deadline, starts if pooling == "mean" else None
+        computed = await self._rows(
+            model,
+            tokenized.sequences,
+            deadline,
+            starts if pooling == "mean" else None,
+            lane=params.lane,
+            bulk_by_default=params.bulk_by_default,
         )
+        raw = computed.rows
         if starts is not None and pooling == "last":
             _zero_prompt_only_rows(raw, tokenized.sequences, starts)
-        return raw, tokenized
+        return raw, tokenized, computed
 
     async def token_states(
         self, params: EmbedParams, deadline: float | None = None, max_values: int | None = None
@@ -309,6 +329,7 @@ class EmbeddingService:
                 asyncio.get_running_loop(),
                 deadline,
                 request_id=request.request_id if request is not None else "",
+                lane=self._lane(params.lane, params.bulk_by_default, tokenized.sequences),
             )
             states = await self._await(model, job)
         ends = np.cumsum(tokenized.lengths)[:-1]
@@ -329,7 +350,7 @@ class EmbeddingService:
         name, info = await self._model_info(params.model or await self._first_for(SPARSE))
         await self._require_task(info, SPARSE)
         async with self.registry.lease(name, params.keep_alive_s) as model:
-            raw, tokenized = await self._encode(params, model, deadline)
+            raw, tokenized, _ = await self._encode(params, model, deadline)
         return SparseOutcome(
             model=model.info.name,
             rows=sparse_rows(raw),
@@ -749,17 +770,89 @@ class EmbeddingService:
         *,
         token_type_starts: Sequence[int] | None = None,
     ) -> FloatMatrix:
-        request = current_request()
-        job = Job(
-            sequences,
-            model.dimensions,
-            asyncio.get_running_loop(),
-            deadline,
-            request_id=request.request_id if request is not None else "",
-            pooling_starts=pooling_starts,
-            token_type_starts=token_type_starts,
+        computed = await self._rows(
+            model, sequences, deadline, pooling_starts, token_type_starts=token_type_starts
         )
-        return await self._await(model, job)
+        return computed.rows
+
+    async def _rows(
+        self,
+        model: LoadedModel,
+        sequences: Sequence[Sequence[int]],
+        deadline: float | None,
+        pooling_starts: Sequence[int] | None = None,
+        *,
+        token_type_starts: Sequence[int] | None = None,
+        lane: str | None = None,
+        bulk_by_default: bool = False,
+    ) -> _Rows:
+        """The engine's raw rows of ``sequences``, in order, in a matrix of the caller's own:
+        those the vector cache holds from there, the others computed by the model's workers
+        (only they are queued) and stored in it."""
+        # Chosen (and a bad header refused) before the cache is asked, whatever it holds.
+        lane = self._lane(lane, bulk_by_default, sequences)
+        cache = self.registry.cache
+        keys = (
+            row_keys(model.cache_key, sequences, pooling_starts, token_type_starts)
+            if model.cache_key
+            else None
+        )
+        found = [cache.get(key) for key in keys] if keys is not None else [None] * len(sequences)
+        misses = [i for i, row in enumerate(found) if row is None]
+        rows = np.empty((len(sequences), model.dimensions), dtype=np.float32)
+        if misses:
+            job = Job(
+                [sequences[i] for i in misses],
+                model.dimensions,
+                asyncio.get_running_loop(),
+                deadline,
+                request_id=_request_id(),
+                pooling_starts=_picked(pooling_starts, misses),
+                token_type_starts=_picked(token_type_starts, misses),
+                lane=lane,
+            )
+            computed = await self._await(model, job)
+            if len(misses) == len(sequences):
+                rows = computed  # the job's own matrix: no copy
+            else:
+                rows[misses] = computed
+        if keys is None:
+            return _Rows(rows, 0, 0)
+        for i, row in enumerate(found):
+            if row is not None:
+                rows[i] = row
+        for i in misses:
+            cache.put(model.cache_key, keys[i], rows[i])
+        self._count_cache(model.info.name, len(sequences) - len(misses), len(misses))
+        return _Rows(rows, len(sequences) - len(misses), len(misses))
+
+    def _count_cache(self, model: str, hits: int, misses: int) -> None:
+        if hits:
+            self._metrics.cache_hits.labels(model).inc(hits)
+        if misses:
+            self._metrics.cache_misses.labels(model).inc(misses)
+        self._metrics.cache_bytes.set(self.registry.cache.size_bytes)
+        note_cache(hits, misses)
+
+    def _lane(
+        self, asked: str | None, bulk_by_default: bool, sequences: Sequence[Sequence[int]]
+    ) -> str:
+        """The lane of a job: the one the request names, else its x-embedd-lane header's,
+        else bulk for a stream, else by size (choose_lane)."""
+        if asked is None:
+            request = current_request()
+            if request is not None and request.lane:
+                asked = request.lane
+        if asked is not None:
+            if asked not in LANES:
+                raise InvalidInput(
+                    f"The lane must be 'interactive' or 'bulk'; got '{shorten(asked)}'.",
+                    param="x-embedd-lane",
+                )
+            return asked
+        if bulk_by_default:
+            return BULK
+        return choose_lane(len(sequences), sum(map(len, sequences)), self._settings)
 
     async def _await(self, model: LoadedModel, job: Job) -> FloatMatrix:
         """Queues a job on the model's workers and waits for its rows."""
@@ -772,6 +865,33 @@ class EmbeddingService:
         finally:
             if job.started_at is not None:  # set by the worker that took its first input
                 self._metrics.queue_wait.observe(job.started_at - job.created_at)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A job's raw rows, and how many of them the vector cache answered."""
+
+    rows: FloatMatrix
+    hits: int
+    misses: int
+
+
+def choose_lane(inputs: int, tokens: int, settings: EngineSettings) -> str:
+    """The lane of a request that names none: bulk above ``bulk_above_inputs`` inputs or
+    ``bulk_above_tokens`` tokens (a batch job: throughput matters, not its latency), else
+    interactive (someone waits for it)."""
+    if inputs > settings.bulk_above_inputs or tokens > settings.bulk_above_tokens:
+        return BULK
+    return INTERACTIVE
+
+
+def _picked(values: Sequence[int] | None, indices: Sequence[int]) -> list[int] | None:
+    return None if values is None else [values[i] for i in indices]
+
+
+def _request_id() -> str:
+    request = current_request()
+    return request.request_id if request is not None else ""
 
 
 def _check_answer_size(tokens: int, width: int, max_values: int | None) -> None:

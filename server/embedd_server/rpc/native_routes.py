@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.quantization import BINARY, FLOAT, INT8, UBINARY, UINT8
+from embedd_server.core.scheduler import BULK, INTERACTIVE
 from embedd_server.core.service import EmbedOutcome, EmbedParams
 from embedd_server.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.rpc import model_routes, task_routes
@@ -21,8 +22,9 @@ from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.truncation import native_truncation
 
 
-def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
-    """An EmbedRequest as the core's EmbedParams."""
+def params_from_request(request: pb.EmbedRequest, *, stream: bool = False) -> EmbedParams:
+    """An EmbedRequest as the core's EmbedParams (``stream``: a batch of EmbedStream, bulk
+    unless it or its call names another lane)."""
     truncate, direction = native_truncation(request.truncation)
     return EmbedParams(
         model=request.model,
@@ -36,7 +38,20 @@ def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
         prompt_name=request.prompt_name or None,
         prompt=request.prompt if request.HasField("prompt") else None,
         output_types=(_output_type(request.output_type),),
+        lane=_LANES[request.lane] if request.lane in _LANES else _unknown_lane(request.lane),
+        bulk_by_default=stream,
     )
+
+
+_LANES: dict[int, str | None] = {
+    pb.LANE_UNSPECIFIED: None,
+    pb.LANE_INTERACTIVE: INTERACTIVE,
+    pb.LANE_BULK: BULK,
+}
+
+
+def _unknown_lane(value: int) -> str:
+    raise InvalidInput(f"lane {value} is not a known Lane.", param="lane")
 
 
 _OUTPUT_TYPES: dict[int, str] = {
@@ -136,7 +151,7 @@ async def _embed_batch(
     backend: Backend, request: pb.EmbedRequest, deadline: float | None
 ) -> pb.EmbedResponse:
     try:
-        outcome = await backend.service.embed(params_from_request(request), deadline)
+        outcome = await backend.service.embed(params_from_request(request, stream=True), deadline)
     except EmbeddError as error:
         if request.request_id:
             error.message = f"Batch '{request.request_id}': {error.message}"

@@ -44,6 +44,12 @@ REQUEST_ID_KEY = "x-request-id"
 # How many of the call's inputs were cut to the model's limit (calls that embedded something);
 # Envoy passes trailers on as HTTP response headers of the same name.
 TRUNCATED_INPUTS_KEY = "x-embedd-truncated-inputs"
+# The vector cache's answer to a call that embedded something: "hits=H misses=M" (a trailer,
+# as the truncated count: Envoy passes it on as a response header of the same name).
+CACHE_KEY = "x-embedd-cache"
+# The scheduler lane a caller asks for (interactive or bulk); Envoy forwards REST request
+# headers as metadata, so every route takes it. The core checks its value where it is used.
+LANE_KEY = "x-embedd-lane"
 MAX_ID_CHARS = 128  # a caller's id goes into logs: keep it a reasonable size
 QUIET_PREFIX = "/grpc.health.v1.Health/"  # probes every second: logged at DEBUG only
 QUIET_METHODS = frozenset({"/embedd.v1.Embedder/Health"})  # GET /health: a probe too
@@ -58,6 +64,14 @@ def callers_request_id(metadata: Any) -> str | None:
     return None
 
 
+def callers_lane(metadata: Any) -> str:
+    """The x-embedd-lane the call carries ("" if none), cut to a reasonable size."""
+    for key, value in metadata or ():
+        if key == LANE_KEY and isinstance(value, str):
+            return value[:MAX_ID_CHARS] or " "  # an empty header is a bad value, not none
+    return ""
+
+
 class RequestContextInterceptor(WrappingInterceptor):
     """Gives each RPC a request id, then counts, times and logs it. Goes first in the chain,
     so calls that later interceptors refuse are logged and counted too."""
@@ -69,6 +83,7 @@ class RequestContextInterceptor(WrappingInterceptor):
         full_method = details.method
         given = callers_request_id(details.invocation_metadata)
         info = RequestInfo(given or str(uuid.uuid4()), full_method.rsplit("/", 1)[-1])
+        info.lane = callers_lane(details.invocation_metadata)
         quiet = full_method.startswith(QUIET_PREFIX) or full_method in QUIET_METHODS
         level = logging.DEBUG if quiet else logging.INFO
         return _wrapped(handler, _Call(info, self._metrics, level, echo=given is None))
@@ -93,6 +108,9 @@ class _Call:
         if not self.info.inputs:
             return
         trailers = [(TRUNCATED_INPUTS_KEY, str(self.info.truncated))]
+        if self.info.cache_hits or self.info.cache_misses:
+            cache = f"hits={self.info.cache_hits} misses={self.info.cache_misses}"
+            trailers.append((CACHE_KEY, cache))
         if self.echo:
             trailers.append((REQUEST_ID_KEY, self.info.request_id))
         context.set_trailing_metadata(tuple(trailers))
