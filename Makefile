@@ -145,6 +145,7 @@ peer-model: $(STAMP)
 ## vegeta every REST server; then each server's memory after the load (PSS over its processes).
 ## Prints the tables with issue 22's targets against TEI, writes docs/benchmarks/latest.{md,png}.
 ## BENCH_ARGS=--quick: short; BENCH_ARGS='--only tei,embedd'.
+## Part lanes (bench/lanes.py): a lone caller behind a bulk EmbedStream, and the vector cache.
 bench: $(STAMP) model
 	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	@for tool in ghz vegeta; do test -x .tools/bin/$$tool || \

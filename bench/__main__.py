@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench import ceiling, loadgen, peers, procs, quality, report
+from bench import ceiling, lanes, loadgen, peers, procs, quality, report
 from bench.loadgen import Endpoint
 from bench.report import GRPC, GRPC_INT8, REST, STREAM, BenchRun, Leg
 from bench.texts import REPO, TextSet, load_text_sets
@@ -48,11 +48,14 @@ PAUSE_S = 0.004  # about a lone caller's round trip between two requests
 LLAMA_EMBED_TEXTS = 500  # llama-cpp-python's own API is a reference row: fewer texts
 RSS_INTERVAL_S = 0.5
 T = TypeVar("T")
+NO_CACHE = ("--cache-mb", "0")
 
 # What a run can be limited to with --only.
-CEILING, FLOOR, EMBEDD, INT8 = "ceiling", "floor", "embedd", "int8"
+CEILING, FLOOR, EMBEDD, INT8, LANES = "ceiling", "floor", "embedd", "int8", "lanes"
 TEI, INFINITY, OLLAMA, LLAMA_SERVER = "tei", "infinity", "ollama", "llama-cpp-python"
-PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER)
+PARTS = (CEILING, FLOOR, EMBEDD, INT8, LANES, TEI, INFINITY, OLLAMA, LLAMA_SERVER)
+# The bulk pack sizes the lanes part tries (the first is the server's default).
+LANES_BULK_BATCH_TOKENS = (64, 256)
 PEER_PARTS = {
     peers.TEI: TEI,
     peers.INFINITY: INFINITY,
@@ -531,7 +534,11 @@ def start_servers(
     """embedd (default, and --int8) and the peers found, all started before any leg."""
     servers = Servers()
     if EMBEDD in parts:
-        server = children.add_embedd(procs.start_embedd(model.parent, with_envoy=True))
+        # The vector cache off: these legs repeat their texts, so with it they would measure
+        # cache hits, not the computation the peers do (bench/lanes.py measures the cache).
+        server = children.add_embedd(
+            procs.start_embedd(model.parent, with_envoy=True, extra=NO_CACHE)
+        )
         servers.embedd = server
         endpoint = Endpoint(server.rest_url or "", "/v1/embeddings", MODEL_NAME)
         servers.systems += [
@@ -543,7 +550,10 @@ def start_servers(
     if INT8 in parts:
         server = children.add_embedd(
             procs.start_embedd(
-                model.parent, with_envoy=True, name="embedd-run-int8", extra=["--int8"]
+                model.parent,
+                with_envoy=True,
+                name="embedd-run-int8",
+                extra=["--int8", *NO_CACHE],
             )
         )
         servers.systems.append(System(GRPC_INT8, server.child.pid, grpc_target=server.grpc_target))
@@ -809,6 +819,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         measure_servers(
             run, model, text_sets, profile, parts=parts, found=found, references=references
         )
+
+    if LANES in parts:
+        _say("priority lanes and the vector cache (bench/lanes.py):")
+        run.notes += lanes.run(model, LANES_BULK_BATCH_TOKENS, profile.leg_s)
 
     args.out.mkdir(parents=True, exist_ok=True)
     run.seconds = time.perf_counter() - started
