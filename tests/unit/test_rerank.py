@@ -87,6 +87,10 @@ class Service:
             models_dir / "reranker.gguf", pooling=4, max_seq_length=8, pair_token_types=True
         )
         write_fake_gguf(models_dir / "untyped-reranker.gguf", pooling=4, pair_token_types=False)
+        # The fake tokenizer maps words by length, so test texts share tokens: the vector cache
+        # off, every call is computed, as these tests expect (tests/unit/test_cache_and_lanes.py
+        # runs it).
+        settings.setdefault("cache_mb", 0)
         engine_settings = EngineSettings(
             models_dir=models_dir, default_model="fake", workers=1, **settings
         )

@@ -45,6 +45,10 @@ class Harness:
     def __init__(self, models_dir: Path, loader: FakeLoader, **settings: Any) -> None:
         write_fake_gguf(models_dir / "fake.gguf")
         write_fake_gguf(models_dir / "other.gguf", dimensions=4)
+        # The fake tokenizer maps words by length, so test texts share tokens: the vector cache
+        # off, every call is computed, as these tests expect (tests/unit/test_cache_and_lanes.py
+        # runs it).
+        settings.setdefault("cache_mb", 0)
         self.settings = EngineSettings(
             models_dir=models_dir, default_model="fake", workers=1, **settings
         )

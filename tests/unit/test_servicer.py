@@ -85,7 +85,8 @@ def rpc(tmp_path: Path) -> Iterator[Invoke]:
 def _servicer(tmp_path: Path, loader: FakeLoader) -> Iterator[Invoke]:
     """The servicer over a fake-engine registry; invoke(method, request) runs one RPC."""
     write_fake_gguf(tmp_path / "fake.gguf")
-    settings = Settings(models_dir=tmp_path, default_model="fake", workers=1)
+    # The vector cache off: the fake tokenizer maps words by length, so texts share tokens.
+    settings = Settings(models_dir=tmp_path, default_model="fake", workers=1, cache_mb=0)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

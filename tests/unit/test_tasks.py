@@ -126,8 +126,15 @@ class Service:
             problem_type=MULTI_LABEL,
         )
         write_fake_gguf(models_dir / "splade.gguf", pooling=0, task=SPARSE)
+        # The fake tokenizer maps words by length, so test texts share tokens: the vector cache
+        # off, every call is computed, as these tests expect (tests/unit/test_cache_and_lanes.py
+        # runs it).
         settings = EngineSettings(
-            models_dir=models_dir, default_model="embedder", workers=1, max_inputs_per_request=8
+            models_dir=models_dir,
+            default_model="embedder",
+            workers=1,
+            max_inputs_per_request=8,
+            cache_mb=0,
         )
         self.loader = FakeLoader(task_behaviour)
         self.registry = ModelRegistry(settings, self.loader)

@@ -40,9 +40,7 @@ class EngineSettings:
     onnx_batch_tokens: int = 256
     onnx_threads: int = 0  # 0: the cores this process may use
     int8: bool = False
-    # Off where the core is built directly (tests comparing computed rows, the bench's
-    # engine legs); the server's setting (embedd_server.settings) defaults to 64.
-    cache_mb: int = 0
+    cache_mb: int = 64
     bulk_share: int = 8
     bulk_batch_tokens: int = 64
     bulk_above_inputs: int = 64
