@@ -32,7 +32,7 @@ from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 
 DEFAULT_MODEL = REPO / "models" / "all-minilm-l6-v2.gguf"
-STREAM_BATCH = 64
+STREAM_BATCH = 8  # small messages: the texts/s of a few seconds counts many answers
 PAUSE_S = 0.004  # a lone caller's think time between calls
 CACHE_QUERIES = 50  # distinct queries the cache leg cycles through
 
@@ -79,14 +79,17 @@ class BulkStream:
         self._done = 0
         self._marked = (0, time.perf_counter())
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._channel = grpc.insecure_channel(target)
 
     def __enter__(self) -> BulkStream:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Closing the channel cancels the stream: its window of batches is not drained.
         self._stop.set()
-        self._thread.join(timeout=120)
+        self._channel.close()
+        self._thread.join(timeout=60)
 
     def _batches(self) -> Iterator[pb.EmbedRequest]:
         texts = itertools.cycle(self._passages)
@@ -94,10 +97,13 @@ class BulkStream:
             yield pb.EmbedRequest(texts=list(itertools.islice(texts, STREAM_BATCH)))
 
     def _run(self) -> None:
-        with grpc.insecure_channel(self._target) as channel:
-            stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+        stub = pb_grpc.EmbedderStub(self._channel)  # type: ignore[no-untyped-call, unused-ignore]
+        try:
             for reply in stub.EmbedStream(self._batches(), timeout=3600):
                 self._done += len(reply.embeddings)
+        except (grpc.RpcError, ValueError):  # cancelled by __exit__ (ValueError: closed)
+            if not self._stop.is_set():
+                raise
 
     def mark(self) -> None:
         self._marked = (self._done, time.perf_counter())

@@ -3,7 +3,10 @@ counted, what is never cached, which lane a request lands in."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,6 +15,7 @@ import pytest
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
 from embedd_server.compute.settings import EngineSettings
+from embedd_server.core import scheduler
 from embedd_server.core.scheduler import BULK, INTERACTIVE
 from embedd_server.core.service import choose_lane
 from embedd_server.rpc.native_routes import params_from_request
@@ -99,3 +103,25 @@ def test_a_bad_lane_header_is_invalid_argument(server: ServerThread) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             stub.Embed(pb.EmbedRequest(texts=["x"], lane=7))  # type: ignore[arg-type]
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bulk_leaves_a_worker_free_while_interactive_work_is_recent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scheduler, "INTERACTIVE_RECENT_S", 0.3)
+    loop = asyncio.new_event_loop()
+    queue = scheduler.FairQueue(100, bulk_free_workers=1)
+    for _ in range(2):
+        queue.submit(scheduler.Job([[1, 2]], 4, loop, lane=BULK))
+
+    def take() -> list[scheduler.WorkItem]:
+        return queue.take_batch(max_tokens=2, max_items=1)
+
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        assert first.submit(take).result()[0].job.lane == BULK  # the first computes bulk
+        queue.submit(scheduler.Job([[3]], 4, loop, lane=INTERACTIVE))
+        assert second.submit(take).result()[0].job.lane == INTERACTIVE
+        started = time.monotonic()
+        assert second.submit(take).result()[0].job.lane == BULK  # once the query is not recent
+        assert time.monotonic() - started > 0.1
+    loop.close()

@@ -192,6 +192,7 @@ ENGINE_VALUES: dict[str, Any] = {
     "cache_mb": 16,
     "bulk_share": 4,
     "bulk_batch_tokens": 32,
+    "bulk_free_workers": 1,
     "bulk_above_inputs": 10,
     "bulk_above_tokens": 500,
 }

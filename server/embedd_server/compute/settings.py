@@ -43,6 +43,7 @@ class EngineSettings:
     cache_mb: int = 64
     bulk_share: int = 8
     bulk_batch_tokens: int = 64
+    bulk_free_workers: int = 0
     bulk_above_inputs: int = 64
     bulk_above_tokens: int = 8192
 

@@ -366,6 +366,7 @@ class ModelRegistry:
                 self._settings.max_queued_tokens,
                 bulk_share=self._settings.bulk_share,
                 bulk_batch_tokens=self._settings.bulk_batch_tokens,
+                bulk_free_workers=self._settings.bulk_free_workers,
             )
             pool = WorkerPool(
                 info.name,

@@ -16,7 +16,10 @@ so bulk never starves. A pack holds the work of one lane only, so an interactive
 waits for bulk work to fill it; and while interactive work has arrived lately
 (``INTERACTIVE_RECENT_S``), bulk packs are cut to ``bulk_batch_tokens``, so that a query that
 arrives while every worker computes bulk work waits for a short pack, not a full one. With no
-interactive caller around, bulk packs are full size.
+interactive caller around, bulk packs are full size. With ``bulk_free_workers`` (default 0),
+bulk leaves that many workers free while interactive work is recent, so a query need not wait
+for a bulk input at all; on two cores that costs bulk about half its throughput
+(bench/lanes.py).
 
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
 """
@@ -246,10 +249,12 @@ class FairQueue:
         *,
         bulk_share: int = 8,
         bulk_batch_tokens: int | None = None,
+        bulk_free_workers: int = 0,
     ) -> None:
         """``bulk_share``: while both lanes wait, one item in this many goes to bulk.
         ``bulk_batch_tokens``: the token bound of a bulk pack while interactive work is
-        recent (None: the worker's own)."""
+        recent (None: the worker's own). ``bulk_free_workers``: workers bulk leaves free
+        while interactive work is recent."""
         if bulk_share < 1:
             raise ValueError("bulk_share must be at least 1")
         self._max_items = max_items
@@ -261,6 +266,9 @@ class FairQueue:
         self._last_interactive = -INTERACTIVE_RECENT_S  # time.monotonic() of the last arrival
         self._queued_items = 0
         self._queued_tokens = 0
+        self._workers: set[int] = set()  # the threads that take packs (thread idents)
+        self._bulk_busy: set[int] = set()  # ... of them, those computing a bulk pack now
+        self._bulk_free_workers = bulk_free_workers
         self._closed: EmbeddError | None = None  # the error new jobs get once closed
         self._lock = threading.Lock()
         # Idle workers, the most recently idle last: new work wakes the top one. Its engine
@@ -306,15 +314,20 @@ class FairQueue:
         """Blocks until work is ready, then takes items of one lane round-robin across its
         jobs while they fit in ``max_tokens`` (the first item always fits; a bulk pack's
         bound is lower while interactive work is recent). Empty once closed and drained."""
+        me = threading.get_ident()
         with self._lock:
+            self._workers.add(me)
+            self._bulk_busy.discard(me)  # asking again: its last pack is done
             while True:
                 lane = self._next_lane()
                 if lane is None:
                     if self._closed is not None:
                         return []
-                    self._wait_idle()
+                    self._wait_idle(self._bulk_held_for())
                     continue
                 if batch := self._fill(lane, max_tokens, max_items):
+                    if lane is self._lanes[BULK]:
+                        self._bulk_busy.add(me)
                     return batch
                 # The lane held only ended or expired jobs (dropped now): look again.
 
@@ -343,17 +356,30 @@ class FairQueue:
         if interactive and (not bulk or self._interactive_streak < self._bulk_share - 1):
             self._interactive_streak += 1
             return interactive
+        if bulk and not interactive and self._bulk_held_for() is not None:
+            return None  # this worker stays free for the next query
         if bulk:
             self._interactive_streak = 0
             return bulk
         return None
 
-    def _wait_idle(self) -> None:
-        """Waits (queue lock held) until submit() or close() wakes this worker."""
+    def _bulk_held_for(self) -> float | None:
+        """How long bulk work must wait for this worker (queue lock held): while interactive
+        work is recent, bulk leaves ``bulk_free_workers`` free (always one of them at
+        least); None: it need not wait."""
+        free = self._bulk_free_workers
+        if not free or len(self._bulk_busy) < max(1, len(self._workers) - free):
+            return None
+        left = INTERACTIVE_RECENT_S - (time.monotonic() - self._last_interactive)
+        return left if left > 0 else None
+
+    def _wait_idle(self, timeout: float | None = None) -> None:
+        """Waits (queue lock held) until submit() or close() wakes this worker, or
+        ``timeout`` seconds (None: no limit) have passed."""
         waiter = threading.Condition(self._lock)
         self._idle.append(waiter)
         try:
-            waiter.wait()
+            waiter.wait(timeout)
         finally:
             if waiter in self._idle:  # woken by a timeout or spuriously: not popped
                 self._idle.remove(waiter)
