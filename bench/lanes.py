@@ -4,7 +4,8 @@
 Lanes (issue 24's target): a lone interactive caller (one sentence per call, closed loop) on an
 idle server; a bulk ``EmbedStream`` (batches of passages) alone; then both at once. The target:
 the caller's p99 behind the stream within 3x of its idle p99, the stream's texts/s within 10%
-of its own alone. Each ``bulk_batch_tokens`` given gets a server of its own. Every server here
+of its own alone. Each ``bulk_batch_tokens`` given gets a server of its own, and the first
+once more with ``--bulk-free-workers 1``. Every server here
 runs with the vector cache off (``--cache-mb 0``): the caller repeats its sentences.
 
 Cache: one caller sending queries from a small set over and over (as a RAG front end re-embeds
@@ -117,6 +118,7 @@ class BulkStream:
 @dataclass(frozen=True)
 class LanesResult:
     bulk_batch_tokens: int
+    free_workers: int
     idle: Latencies
     bulk_alone: float  # texts/s
     behind: Latencies
@@ -126,7 +128,8 @@ class LanesResult:
         ratio = self.behind.p99_ms / self.idle.p99_ms
         share = self.bulk_mixed / self.bulk_alone
         return (
-            f"bulk_batch_tokens={self.bulk_batch_tokens}: interactive p50/p99 idle "
+            f"bulk_batch_tokens={self.bulk_batch_tokens} bulk_free_workers="
+            f"{self.free_workers}: interactive p50/p99 idle "
             f"{self.idle.p50_ms:.1f}/{self.idle.p99_ms:.1f} ms, behind the stream "
             f"{self.behind.p50_ms:.1f}/{self.behind.p99_ms:.1f} ms (p99 x{ratio:.2f}, target "
             f"<= 3); bulk {self.bulk_alone:.0f} texts/s alone, {self.bulk_mixed:.0f} with the "
@@ -140,8 +143,11 @@ def measure_lanes(
     passages: Sequence[str],
     bulk_batch_tokens: int,
     seconds: float,
+    *,
+    free_workers: int = 0,
 ) -> LanesResult:
     extra = ["--cache-mb", "0", "--bulk-batch-tokens", str(bulk_batch_tokens)]
+    extra += ["--bulk-free-workers", str(free_workers)]
     with procs.Children() as children:
         server = children.add_embedd(procs.start_embedd(models_dir, False, extra=extra))
         target = server.grpc_target
@@ -155,7 +161,7 @@ def measure_lanes(
             bulk.mark()
             behind = interactive_caller(target, sentences, seconds)
             mixed = bulk.rate()
-    return LanesResult(bulk_batch_tokens, idle, alone, behind, mixed)
+    return LanesResult(bulk_batch_tokens, free_workers, idle, alone, behind, mixed)
 
 
 def measure_cache(models_dir: Path, sentences: Sequence[str], seconds: float) -> list[str]:
@@ -181,8 +187,10 @@ def run(model: Path, bulk_batch_tokens: Sequence[int], seconds: float) -> list[s
     sentence_set, passage_set, _ = load_text_sets(model)
     sentences, passages = sentence_set.texts[:1200], passage_set.texts
     lines = []
-    for tokens in bulk_batch_tokens:
-        result = measure_lanes(model.parent, sentences, passages, tokens, seconds)
+    for tokens, free in [*((t, 0) for t in bulk_batch_tokens), (bulk_batch_tokens[0], 1)]:
+        result = measure_lanes(
+            model.parent, sentences, passages, tokens, seconds, free_workers=free
+        )
         lines.append(result.line())
         print("  " + lines[-1], flush=True)
     for line in measure_cache(model.parent, sentences, seconds):
