@@ -17,6 +17,7 @@ from embedd_server.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.rpc import model_routes, task_routes
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.backend import Backend, Handlers
+from embedd_server.rpc.chunks import chunk_span, requested_chunking
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.truncation import native_truncation
 
@@ -36,6 +37,7 @@ def params_from_request(request: pb.EmbedRequest) -> EmbedParams:
         prompt_name=request.prompt_name or None,
         prompt=request.prompt if request.HasField("prompt") else None,
         output_types=(_output_type(request.output_type),),
+        chunking=requested_chunking(request),
     )
 
 
@@ -65,11 +67,14 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
     )
     if kind == FLOAT:
         rows = vector_messages.embedding_rows(outcome.vectors)
-        return vector_messages.append_rows(response, "embeddings", rows)
-    response.embeddings.extend(
-        pb.Embedding(index=index, data=row.tobytes())
-        for index, row in enumerate(outcome.compact[kind])
-    )
+        vector_messages.append_rows(response, "embeddings", rows)
+    else:
+        response.embeddings.extend(
+            pb.Embedding(index=index, data=row.tobytes())
+            for index, row in enumerate(outcome.compact[kind])
+        )
+    for embedding, chunk in zip(response.embeddings, outcome.chunks or (), strict=False):
+        embedding.chunk.CopyFrom(chunk_span(chunk))
     return response
 
 
