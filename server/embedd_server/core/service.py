@@ -313,7 +313,7 @@ class EmbeddingService:
         chunking.check(_chunk_window(params, model, resolve_prompt(params, model.info)))
         chunks = await _off_loop_if_long(
             sum(len(text) for text in params.texts),
-            _cut,
+            cut_texts,
             model.tokenizer,
             params.texts,
             model.info.do_lower_case,
@@ -835,7 +835,7 @@ def _chunk_window(params: EmbedParams, model: LoadedModel, prompt: str) -> int:
     return limit - specials - prompt_tokens
 
 
-def _cut(
+def cut_texts(
     tokenizer: Tokenizer, texts: Sequence[str], lower: bool, chunking: Chunking
 ) -> list[Chunk]:
     """Every text's chunks, in order, at the tokens the model's tokenizer gives it (the text
