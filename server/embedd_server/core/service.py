@@ -319,6 +319,14 @@ class EmbeddingService:
             model.info.do_lower_case,
             chunking,
         )
+        limit = self._settings.max_inputs_per_request
+        if len(chunks) > limit:  # each chunk is an input: the request's bound is theirs
+            raise InvalidInput(
+                f"The texts make {len(chunks)} chunks of {chunking.size} tokens; at most "
+                f"{limit} inputs are allowed per request. Give a larger chunking.size or a "
+                "smaller overlap, or split the request.",
+                param="chunking.size",
+            )
         pieces = dataclasses.replace(
             params, texts=chunk_strings(params.texts, chunks), chunking=None
         )
