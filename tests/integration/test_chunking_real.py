@@ -126,6 +126,20 @@ def test_mean_is_the_token_weighted_mean_of_the_chunks(stub: Any) -> None:
     assert row_cosines(values(reply)[1:], one_by_one(stub, TEXTS[1:])).min() >= BAR
 
 
+def test_the_prompt_is_on_every_chunk_and_out_of_the_window(stub: Any) -> None:
+    prompt = "search document: "  # 3 tokens: the window is 256 - 2 - 3
+    reply = chunked(stub, prompt=prompt)
+    rows = [
+        stub.Embed(pb.EmbedRequest(texts=[text], prompt=prompt), timeout=120).embeddings[0].values
+        for text in pieces(spans(reply))
+    ]
+    assert row_cosines(values(reply), np.array(rows, dtype=np.float32)).min() >= BAR
+    too_big = pb.Chunking(size=252)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Embed(pb.EmbedRequest(texts=TEXTS, chunking=too_big, prompt=prompt), timeout=60)
+    assert "at most 251" in (caught.value.details() or "")
+
+
 def test_without_chunking_nothing_changes(stub: Any) -> None:
     reply = stub.Embed(pb.EmbedRequest(texts=TEXTS[1:]), timeout=120)
     assert not reply.embeddings[0].HasField("chunk")
