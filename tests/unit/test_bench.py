@@ -67,6 +67,7 @@ from bench.rerank import (
 )
 from bench.texts import build_passages, read_sentences
 from embedd_server.compute.engine import FloatMatrix
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings
 from embedd_server.core.tokenization import Counted, TokenizedPairs, TokenSpan
 from embedd_server.model.catalog import ModelInfo
@@ -334,14 +335,9 @@ class _RecordingEngine:
     def __init__(self) -> None:
         self.packs: list[list[int]] = []
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        self.packs.append([len(ids) for ids in sequences])
-        return np.ones((len(sequences), self.dimensions), dtype=np.float32)
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        self.packs.append(pack.lengths.tolist())
+        return np.ones((len(pack), self.dimensions), dtype=np.float32)
 
     @property
     def alive(self) -> bool:
@@ -783,15 +779,11 @@ class _TypeRecordingEngine(_RecordingEngine):
         self.types: list[list[int] | None] = []
         self.closed = False
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        assert pooling_starts is None  # a worker passes none for a cross-encoder's pairs
-        self.types.append(None if token_type_starts is None else list(token_type_starts))
-        return super().embed_batch(sequences)
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        assert not pack.pools_from_starts  # a worker pools a cross-encoder's pairs whole
+        # None: a pack without a second segment (computed as texts are)
+        self.types.append(pack.token_type_starts.tolist() if pack.two_segments else None)
+        return super().embed(pack)
 
     def close(self) -> None:
         self.closed = True

@@ -14,9 +14,9 @@ docs/design.md ("Workers: a process each on CPU, threads on a GPU").
 The wire between them is a socket pair with length-prefixed messages
 (``multiprocessing.connection``), no pickle:
 
-- server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
-  ``[n, lengths, pooling starts, token type starts, tokens ...]``
-  (:mod:`~embedd_server.compute.pack`); ``-n`` asks for every token's hidden state.
+- server -> worker, first: the :class:`EngineSpec` as JSON; then per pack its int32 values
+  ``[n, lengths, pooling starts, token type starts, tokens ...]`` as they are
+  (:attr:`~embedd_server.compute.pack.Pack.wire`); ``-n`` asks for every token's hidden state.
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
   major) per pack (one row per token for token states); ``E`` + a UTF-8 message when loading
   or decoding failed.
@@ -31,7 +31,6 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd_server.compute.engine import EngineDied
-from embedd_server.compute.pack import encode_pack
+from embedd_server.compute.pack import Pack
 from embedd_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ class EngineSpec:
 
 class ProcessEngine:
     """An :class:`~embedd_server.compute.engine.Engine` that lives in a child process (a
-    llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed_batch`;
+    llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed`;
     :meth:`abort` may come from another."""
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -111,22 +110,15 @@ class ProcessEngine:
         """The worker process (tests kill it to prove a crash is survived)."""
         return self._process.pid
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        reply = self._exchange(encode_pack(sequences, pooling_starts, token_type_starts))
-        return reply.reshape(len(sequences), self._dimensions)
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        """The pack's vectors (or token states), computed in the process: the pack's own
+        bytes are sent, nothing is re-encoded."""
+        reply = self._exchange(pack.wire)
+        if pack.token_states:
+            return reply.reshape(len(pack.tokens), -1)
+        return reply.reshape(len(pack), self._dimensions)
 
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        """Every token's last hidden state, one row per token, in order (an engine whose
-        runtime gives them: see :class:`~embedd_server.compute.engine.TokenStatesEngine`)."""
-        reply = self._exchange(encode_pack(sequences, token_states=True))
-        return reply.reshape(sum(map(len, sequences)), -1)
-
-    def _exchange(self, message: bytes) -> npt.NDArray[np.float32]:
+    def _exchange(self, message: memoryview) -> npt.NDArray[np.float32]:
         """Sends a pack and returns the float32 values of the answer."""
         try:
             self._conn.send_bytes(message)
