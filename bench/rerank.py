@@ -121,7 +121,7 @@ def pack_tokens(engine_name: str, settings: EngineSettings) -> int:
 
 def layout_label(engine_name: str, settings: EngineSettings) -> str:
     """How the workers are laid out under ``settings``, for people."""
-    kind = "worker processes" if settings.worker_processes else "worker threads"
+    kind = "worker processes" if settings.processes_for(engine_name) else "worker threads"
     if engine_name.startswith("onnxruntime"):
         threads = settings.onnx_threads or "all cores'"
     else:

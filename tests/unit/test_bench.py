@@ -881,7 +881,7 @@ def test_packs_and_layout_follow_the_servers_choice_for_the_engine() -> None:
     assert pack_tokens("onnxruntime int8", settings) == settings.onnx_batch_tokens
     assert pack_tokens("llama.cpp", settings) == settings.batch_tokens
     assert layout_label("onnxruntime", settings) == (
-        "2 worker processes x all cores' threads, packs ≤256 tok"
+        "2 worker threads x all cores' threads, packs ≤256 tok"
     )
     threads = EngineSettings(worker_processes=False, threads_per_worker=2)
     assert layout_label("llama.cpp", threads) == "2 worker threads x 2 threads, packs ≤128 tok"
@@ -896,7 +896,7 @@ def test_in_process_rerank_runs_one_engine_per_worker_on_every_pair() -> None:
     result = measure_in_process(runtime, pairs, EngineSettings(workers=2), 30.0, count=100)
     assert result.pairs == 100 and result.seconds > 0  # all of them, after the warm-up
     assert result.pairs_per_s == pytest.approx(100 / result.seconds)
-    assert result.layout.startswith("2 worker processes") and result.layout.endswith("≤256 tok")
+    assert result.layout.startswith("2 worker threads") and result.layout.endswith("≤256 tok")
     assert len(runtime.engines) == 2 and all(engine.closed for engine in runtime.engines)
     packs = [pack for engine in runtime.engines for pack in engine.packs]
     types = [types for engine in runtime.engines for types in engine.types]
@@ -1295,7 +1295,7 @@ def _families_bench() -> FamiliesBench:
         ]
 
     in_process = InProcess(
-        "2 worker processes x all cores' threads, packs ≤256 tok", 8000, 2.0, engine_cores=1.6
+        "2 worker threads x all cores' threads, packs ≤256 tok", 8000, 2.0, engine_cores=1.6
     )
     return FamiliesBench(
         source="../shared/models",

@@ -286,6 +286,51 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
     assert not list(Path(tempfile.gettempdir()).glob(f"embedd-{path.stem}-*.onnx"))
 
 
+def test_workers_in_threads_share_one_session_and_abort_only_their_own_call(
+    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+) -> None:
+    """In threads every worker's engine runs on the runtime's one session (one copy of the
+    weights), concurrently and exactly; the watchdog's abort stops only the engine it hits."""
+    from embedd_server.engines.onnx import OnnxRuntime
+
+    path = _gguf(_minilm_dir(), tmp_path, "f16")
+    runtime = OnnxRuntime(path, threads=2, max_batch_tokens=2048)
+    first, second = runtime.new_engine(), runtime.new_engine()
+    assert isinstance(first, OnnxEngine) and isinstance(second, OnnxEngine)
+    assert first._session is second._session is not None  # one session, not one each
+    pack = Pack.of(minilm_ids[:40])
+    aborted: list[BaseException] = []
+    rows: list[np.ndarray] = []
+    running = threading.Event()
+
+    def until_aborted() -> None:
+        try:
+            for _ in range(200):  # far longer than the test waits
+                first.embed(pack)
+                running.set()
+        except BaseException as exc:
+            aborted.append(exc)
+
+    thread = threading.Thread(target=until_aborted)
+    thread.start()
+    try:
+        assert running.wait(60), aborted
+        rows.append(second.embed(pack))  # beside the first engine's calls, on the same session
+        first.abort()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert len(aborted) == 1 and isinstance(aborted[0], EngineAborted)
+        assert not first.alive and second.alive
+        rows.append(second.embed(pack))  # the abort did not touch the other engine
+        rows.append(runtime.new_engine().embed(pack))  # nor the session: a replacement runs
+    finally:
+        first.close()
+        second.close()
+        runtime.close()
+    for vectors in rows:
+        assert _cosines(vectors, reference[:40]).min() >= EXACT
+
+
 def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
     tmp_path: Path, minilm_ids: list[list[int]]
 ) -> None:

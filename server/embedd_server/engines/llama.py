@@ -435,7 +435,7 @@ def load_llama_runtime(
         n_threads=settings.threads_per_worker,
         n_gpu_layers=n_gpu_layers,
         pooling_type=POOLING_TYPES[options.pooling] if options.pooling else None,
-        processes=settings.worker_processes and n_gpu_layers == 0,
+        processes=settings.processes_for(ENGINE_NAME) and n_gpu_layers == 0,
         log_json=settings.log_json,
         exact_attention=info.quantization == "f32",
         pool_from_starts=pools_without_prompt(info, options),

@@ -1,11 +1,11 @@
 """The ONNX Runtime engine for BERT-style encoders (CPU): exact vectors, faster than llama.cpp.
 
 :class:`OnnxRuntime` builds the model's ONNX graph once from its GGUF tensors
-(:mod:`embedd_server.engines.onnx_graph`); each worker gets an :class:`OnnxEngine`, an ONNX
-Runtime session of its own on one intra-op thread: in a worker process of its own by default
-(``worker_processes``, as llama.cpp's contexts), or in the worker's thread (ORT releases the
-GIL while it computes). A call sorts its sequences by length and runs
-them in padded batches, each padded only to its own longest sequence.
+(:mod:`embedd_server.engines.onnx_graph`) and opens one session on it; each worker gets an
+:class:`OnnxEngine` that runs its packs on that shared session from the worker's thread (ORT
+releases the GIL while it computes), by default; with ``worker_processes`` each worker is a
+process with a session of its own, as llama.cpp's contexts are. A call sorts its sequences by
+length and runs them in padded batches, each padded only to its own longest sequence.
 
 A cross-encoder's graph ends in its classifier head: the engine's rows are then its raw
 logits, one per label, and a BERT cross-encoder's graph takes ``token_type_ids`` (built from
@@ -72,14 +72,18 @@ def open_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> ort.InferenceSession:
     """An ONNX Runtime session on a graph. ``threads`` is its intra-op pool (1: each call
-    runs on its calling thread only); ``spinning``: whether idle pool threads spin for work
-    (only with ``threads`` > 1). One session may serve several threads at once: ORT's
-    ``Run`` is thread-safe and releases the GIL."""
+    runs on its calling thread only); ``spinning``: whether the pool's threads spin for work
+    between a call's operators (they stop when the last running call returns), else they
+    sleep. One session may serve several threads at once: ORT's ``Run`` is thread-safe and
+    releases the GIL."""
     if threads < 1:
         raise ValueError("threads must be positive")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    if threads > 1 and not spinning:
+    if spinning:
+        # An idle server burns no core: spinning ends with the last running call.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
         # Workers share the cores: a thread that spins while waiting for work takes a core
         # from the other workers; without spinning a lone request still uses every core
         # (measured: docs/design.md, "Engines").
@@ -336,11 +340,14 @@ def _vocabulary(path: Path) -> Vocabulary:
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
-    The graph is built once here from the GGUF's tensors. With ``processes`` it is written to
-    a file that each worker process opens a session on (a crash costs one worker, as with
-    llama.cpp); otherwise each worker's session runs in its thread. The vocabulary (for
-    llama.cpp's tokenizer, used only when the GGUF carries no ``tokenizer.json``) is loaded by
-    llama.cpp without the weights.
+    The graph is built once here from the GGUF's tensors. In threads (the default) one
+    session is opened on it here, with the weights once, and every worker's engine runs its
+    calls on that session (ORT's ``Run`` is thread-safe and releases the GIL; each engine
+    keeps its own ``RunOptions``, so the watchdog's abort stops only its call). With
+    ``processes`` the graph is written to a file that each worker process opens a session on
+    (a crash costs one worker, as with llama.cpp). The vocabulary (for llama.cpp's tokenizer,
+    used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp without the
+    weights.
     """
 
     def __init__(
@@ -351,11 +358,13 @@ class OnnxRuntime:
         max_batch_tokens: int,
         int8: bool = False,
         processes: bool = False,
+        spinning: bool = False,
         log_json: bool = False,
         pool_from_starts: bool = False,
     ) -> None:
-        """``pool_from_starts``: the graph takes a pooling mask, so the mean can leave out a
-        prompt's tokens (a model with ``include_prompt: false``)."""
+        """``threads``: the session's intra-op threads; ``spinning``: see
+        :func:`open_session`. ``pool_from_starts``: the graph takes a pooling mask, so the
+        mean can leave out a prompt's tokens (a model with ``include_prompt: false``)."""
         try:
             source = load_gguf(path)
             # A cross-encoder with two token types (BERT) scores a pair whose document is
@@ -372,22 +381,23 @@ class OnnxRuntime:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:
             raise ModelLoadError(f"ONNX Runtime cannot serve {path.name}: {exc}") from None
-        self._model = model.SerializeToString()
-        self._threads = threads
+        graph = model.SerializeToString()
+        # A cross-encoder's rows are its logits, one per label.
+        self.dimensions = source.dimensions
+        # The session keeps its own copy of the weights: these would be a second and a third.
+        del model, source
         self._max_batch_tokens = max_batch_tokens
         self.int8 = int8
         # int8 vectors differ from the reference: /v1/models says so.
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = _vocabulary(path)
-        # A cross-encoder's rows are its logits, one per label.
-        self.dimensions = source.dimensions
         self._spec: EngineSpec | None = None
+        self._session: ort.InferenceSession | None = None
         if processes:
             with tempfile.NamedTemporaryFile(
                 prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
             ) as graph_file:
-                graph_file.write(self._model)
-            self._model = b""  # the worker processes read the file; this process needs none
+                graph_file.write(graph)
             self._spec = EngineSpec(
                 path=str(path),
                 max_tokens=max_batch_tokens,
@@ -397,18 +407,22 @@ class OnnxRuntime:
                 log_json=log_json,
                 engine=self.engine_name,
                 onnx_path=graph_file.name,
+                spinning=spinning,
             )
+        else:
+            self._session = open_session(graph, threads=threads, spinning=spinning)
 
     @property
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
 
     def new_engine(self) -> Engine:
+        """A worker process of its own, or an engine on the shared session."""
         if self._spec is not None:
             return ProcessEngine(self._spec)
-        return OnnxEngine(
-            self._model, threads=self._threads, max_batch_tokens=self._max_batch_tokens
-        )
+        if self._session is None:
+            raise ModelLoadError("the model was unloaded")
+        return OnnxEngine(self._session, max_batch_tokens=self._max_batch_tokens)
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.vocab.tokenize(text)
@@ -417,6 +431,9 @@ class OnnxRuntime:
         return self.vocab.token_text(token_id)
 
     def close(self) -> None:
+        """Frees the vocabulary and the shared session (once no engine runs on it), or
+        removes the graph file of the worker processes."""
         self.vocab.close()
+        self._session = None
         if self._spec is not None:
             Path(self._spec.onnx_path).unlink(missing_ok=True)

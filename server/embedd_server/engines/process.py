@@ -1,4 +1,4 @@
-"""A worker's engine in a process of its own: the server's default layout on CPU.
+"""A worker's engine in a process of its own: llama.cpp's default layout on CPU.
 
 Each :class:`ProcessEngine` starts ``python -m embedd_server.engines.worker_main``, which loads the
 GGUF (memory-mapped, so the page cache holds the weights once for every process) and owns one
@@ -65,6 +65,7 @@ class EngineSpec:
     pool_from_starts: bool = False
     engine: str = "llama.cpp"  # or "onnxruntime": then ``onnx_path`` is the graph to run
     onnx_path: str = ""
+    spinning: bool = False  # ONNX Runtime: idle intra-op threads spin for work
 
 
 class ProcessEngine:

@@ -32,9 +32,10 @@ def _build(spec: EngineSpec) -> Engine:
     """The engine the spec names: an ONNX Runtime session on the graph file, or a llama.cpp
     context on the GGUF. Either takes the packs it is sent as they are."""
     if spec.engine.startswith("onnxruntime"):
-        from embedd_server.engines.onnx import OnnxEngine
+        from embedd_server.engines.onnx import OnnxEngine, open_session
 
-        return OnnxEngine(spec.onnx_path, threads=spec.n_threads, max_batch_tokens=spec.max_tokens)
+        session = open_session(spec.onnx_path, threads=spec.n_threads, spinning=spec.spinning)
+        return OnnxEngine(session, max_batch_tokens=spec.max_tokens)
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
     return LlamaEngine.from_spec(weights, spec)
 
