@@ -53,6 +53,8 @@ class Leg:
 
     texts_per_s: float
     p50_ms: float
+    cpu_ms_per_text: float = 0.0  # the server's and its workers' CPU time (less swayed by
+    # other load on a shared machine than the rates, and what spinning costs shows in it)
 
 
 @dataclass
@@ -126,6 +128,16 @@ async def _leg(
     return Leg(done / elapsed, 1000 * latencies[len(latencies) // 2])
 
 
+def _family(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the server and the processes under it so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in _family(pid))
+
+
 def _pss_mib(pid: int) -> float:
     """PSS of the server and every process under it, in MiB."""
     root = psutil.Process(pid)
@@ -147,7 +159,11 @@ async def _measure(
             await _leg(stub, texts, 4, 8, 1.0)  # warm-up
             figures = Figures()
             for callers, per in LEGS:
-                figures.legs[callers, per] = await _leg(stub, texts, callers, per, seconds)
+                cpu = _cpu_s(server.pid)
+                leg = await _leg(stub, texts, callers, per, seconds)
+                spent = _cpu_s(server.pid) - cpu
+                leg.cpu_ms_per_text = 1000 * spent / (leg.texts_per_s * seconds)
+                figures.legs[callers, per] = leg
             figures.pss_mib = _pss_mib(server.pid)
             return figures
     finally:
@@ -157,6 +173,7 @@ async def _measure(
 
 def _best(runs: list[Figures]) -> Figures:
     best = Figures(pss_mib=min(run.pss_mib for run in runs))
+    # each leg from its fastest run (the least disturbed), its CPU and p50 from that run
     for leg in LEGS:
         fastest = max((run.legs[leg] for run in runs), key=lambda figures: figures.texts_per_s)
         best.legs[leg] = fastest
@@ -183,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures = asyncio.run(_measure(settings, args.model, texts, args.seconds))
             runs[name].append(figures)
             legs = ", ".join(
-                f"{c}x{p}: {leg.texts_per_s:.0f}/s p50 {leg.p50_ms:.1f} ms"
+                f"{c}x{p}: {leg.texts_per_s:.0f}/s p50 {leg.p50_ms:.1f} ms "
+                f"cpu {leg.cpu_ms_per_text:.2f} ms/text"
                 for (c, p), leg in figures.legs.items()
             )
             print(f"round {round_number + 1} {name}: {legs}; PSS {figures.pss_mib:.0f} MiB")
@@ -192,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---" * (len(LEGS) + 2) + "|")
     for name, figures in ((name, _best(found)) for name, found in runs.items()):
         cells = " | ".join(
-            f"{leg.texts_per_s:,.0f} texts/s (p50 {leg.p50_ms:.1f} ms)"
+            f"{leg.texts_per_s:,.0f} texts/s, p50 {leg.p50_ms:.1f} ms, "
+            f"{leg.cpu_ms_per_text:.2f} CPU ms/text"
             for leg in figures.legs.values()
         )
         print(f"| {name} | {cells} | {figures.pss_mib:.0f} MiB |")

@@ -16,6 +16,8 @@ Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import tempfile
 import threading
@@ -337,6 +339,16 @@ def _vocabulary(path: Path) -> Vocabulary:
     return LlamaModelWeights(path, vocab_only=True)
 
 
+def _release_freed_memory() -> None:
+    """Hands the heap the load freed (the GGUF's tensors, the graph being built: ~70 MiB for
+    all-MiniLM) back to the system; glibc keeps it otherwise. Nothing where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator keeps its own counsel
+
+
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
@@ -393,11 +405,15 @@ class OnnxRuntime:
         self.vocab = _vocabulary(path)
         self._spec: EngineSpec | None = None
         self._session: ort.InferenceSession | None = None
+        # The graph goes to a file, and sessions open that file: a session opened on bytes
+        # keeps them (ORT's Python session holds its model bytes), a second copy of the
+        # weights for the model's lifetime.
+        with tempfile.NamedTemporaryFile(
+            prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
+        ) as graph_file:
+            graph_file.write(graph)
+        del graph
         if processes:
-            with tempfile.NamedTemporaryFile(
-                prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
-            ) as graph_file:
-                graph_file.write(graph)
             self._spec = EngineSpec(
                 path=str(path),
                 max_tokens=max_batch_tokens,
@@ -410,7 +426,11 @@ class OnnxRuntime:
                 spinning=spinning,
             )
         else:
-            self._session = open_session(graph, threads=threads, spinning=spinning)
+            try:
+                self._session = open_session(graph_file.name, threads=threads, spinning=spinning)
+            finally:
+                Path(graph_file.name).unlink(missing_ok=True)
+        _release_freed_memory()
 
     @property
     def vocab_size(self) -> int:
