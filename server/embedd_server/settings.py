@@ -130,7 +130,8 @@ class Settings:
         "threads of the server, all running on one session (one copy of the weights), and "
         "llama.cpp's each in a process of its own; true: a process each for every engine; "
         "false: threads for every engine. Measured on 2 CPU cores (docs/design.md, "
-        '"Engines"): ONNX Runtime was as fast in threads, at a third of the memory. With '
+        '"Workers"): ONNX Runtime in threads took half the memory and served single texts as '
+        "fast, batches of 32 texts slower than in processes. With "
         "processes a crash in llama.cpp costs one worker process (its pack runs again on a new "
         "one), not the server, and a hung decode can be killed; a hung ONNX Runtime call is "
         "stopped in either place. llama.cpp's processes share the memory-mapped weights. With "
@@ -182,8 +183,8 @@ class Settings:
     )
     onnx_spinning: bool = _opt(
         "ONNX Runtime engine: let the session's threads spin for work while calls run (they "
-        "stop when the last call returns) instead of sleeping between operators. Off: "
-        "measured no faster for a lone caller, slower for busy workers (docs/design.md).",
+        "stop when the last call returns) instead of sleeping between operators. Off: it "
+        "measured slower for a lone caller and for busy workers (docs/design.md, \"Workers\").",
         False,
     )
     int8: bool = _opt(

@@ -9,7 +9,7 @@ waits for the vectors, releasing the GIL while it waits.
 Why processes: a crash inside llama.cpp kills one worker process, not the server: its callers
 get UNAVAILABLE and the pool starts a new process. A hung decode can be stopped too (the process
 is killed), which a thread can't. Speed is the same as threads on CPU; the measurements are in
-docs/design.md ("Workers: a process each on CPU, threads on a GPU").
+docs/design.md ("Workers: llama.cpp in processes, ONNX Runtime in threads on one session").
 
 The wire between them is a socket pair with length-prefixed messages
 (``multiprocessing.connection``), no pickle:
