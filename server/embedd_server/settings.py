@@ -184,7 +184,7 @@ class Settings:
     onnx_spinning: bool = _opt(
         "ONNX Runtime engine: let the session's threads spin for work while calls run (they "
         "stop when the last call returns) instead of sleeping between operators. Off: it "
-        "measured slower for a lone caller and for busy workers (docs/design.md, \"Workers\").",
+        'measured slower for a lone caller and for busy workers (docs/design.md, "Workers").',
         False,
     )
     int8: bool = _opt(
