@@ -115,9 +115,11 @@ image-run:
 	@tools/image.sh run
 
 # --- benchmark ------------------------------------------------------------------------------
-.PHONY: bench ghz
+.PHONY: bench ghz vegeta peer-model
 GHZ := .tools/bin/ghz
 GHZ_VERSION := v0.121.0
+VEGETA := .tools/bin/vegeta
+VEGETA_VERSION := v12.13.0
 BENCH_ARGS ?=
 
 ## ghz: the gRPC load generator, pinned, into .tools/bin (tests/load/ has its configs).
@@ -126,17 +128,28 @@ ghz: $(GHZ)
 $(GHZ):
 	GOBIN=$(CURDIR)/.tools/bin go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
+## vegeta: the HTTP load generator of the REST legs, pinned, into .tools/bin.
+vegeta: $(VEGETA)
+
+$(VEGETA):
+	GOBIN=$(CURDIR)/.tools/bin go install github.com/tsenart/vegeta/v12@$(VEGETA_VERSION)
+
+## peer-model: the model directory TEI and Infinity serve, ../peers/minilm-onnx
+## (all-MiniLM-L6-v2 with an fp32 model.onnx; tools/peer-model.sh says from where).
+peer-model: $(STAMP)
+	tools/peer-model.sh
+
 ## bench: both engines in-process, then embedd (gRPC, REST, EmbedStream, --int8) beside the
 ## peers installed here (TEI, Infinity, Ollama, llama-cpp-python's server; each skipped with the
-## reason when absent: see docs/benchmarks/README.md), interleaved; prints the tables, writes
-## docs/benchmarks/latest.{md,png}; then a reranker's pairs/s served vs in-process
-## (docs/benchmarks/rerank.md), and every model family's texts/s on each engine, in-process and
-## served (docs/benchmarks/families.md). BENCH_ARGS=--quick: short; BENCH_ARGS='--only
-## tei,embedd', '--only rerank' or '--only families'.
+## reason when absent: see docs/benchmarks/README.md), interleaved leg by leg: ghz loads gRPC,
+## vegeta every REST server; then each server's memory after the load (PSS over its processes).
+## Prints the tables with issue 22's targets against TEI, writes docs/benchmarks/latest.{md,png}.
+## BENCH_ARGS=--quick: short; BENCH_ARGS='--only tei,embedd'.
 bench: $(STAMP) model
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
-	@test -x $(GHZ) || { command -v go >/dev/null && $(MAKE) --no-print-directory ghz; } || \
-	  echo "no Go: no floor leg (it needs ghz)"
+	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	@for tool in ghz vegeta; do test -x .tools/bin/$$tool || \
+	  { command -v go >/dev/null && $(MAKE) --no-print-directory $$tool; } || \
+	  echo "no Go: no $$tool (the legs it loads are skipped)"; done
 	$(PY) -m bench $(BENCH_ARGS)
 
 ## bench-peers: opt-in, long: Infinity into .bench/infinity-venv (~8 GB: PyPI's torch brings
@@ -146,10 +159,3 @@ bench-peers: $(STAMP)
 	df -h .
 	$(PY) -m bench.peers install
 	$(PY) -m bench.peers
-
-## soak: `embedd serve` under steady mixed gRPC load for a few minutes (not in CI); prints
-## throughput and RSS every 10 s and a verdict (RSS flat, no errors); writes docs/benchmarks/soak.md.
-.PHONY: soak
-SOAK_ARGS ?= --minutes 3
-soak: $(STAMP) model
-	$(PY) -m bench.soak $(SOAK_ARGS)

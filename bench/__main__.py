@@ -9,12 +9,9 @@
    Infinity, Ollama, llama-cpp-python's server; bench/peers.py says how each is found). The
    legs (1 caller x 1 text, 16 callers x 1 text, 4 callers x 32 texts) run interleaved:
    every system in turn on one leg before the next leg, as this machine's speed drifts over
-   minutes. Then embedd's EmbedStream, and the STS-B score of each server's vectors.
-4. Reranking (bench/rerank.py): a cross-encoder's pairs/s served by `embedd serve` against
-   the same engine in-process on the same pairs; also written to docs/benchmarks/rerank.md.
-5. Families (bench/families.py): every model directory of ../shared/models (a tiny model per
-   family and task) imported, and its texts/s on each engine that serves it, in-process and
-   served by `embedd serve --engine <engine>`; also written to docs/benchmarks/families.md.
+   minutes; ghz loads gRPC and vegeta every REST server (bench/loadgen.py). Then each
+   server's memory after the load (PSS over its process tree), embedd's EmbedStream, and
+   the STS-B score of each server's vectors.
 
 The first 1,200 STS-B test sentences and ~200-token passages built from consecutive
 sentences. Prints the tables and writes docs/benchmarks/latest.md and latest.png.
@@ -26,6 +23,7 @@ import argparse
 import datetime
 import itertools
 import os
+import re
 import shlex
 import sys
 import time
@@ -34,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench import ceiling, families, loadgen, peers, procs, quality, report, rerank
+from bench import ceiling, loadgen, peers, procs, quality, report
 from bench.loadgen import Endpoint
 from bench.report import GRPC, GRPC_INT8, REST, STREAM, BenchRun, Leg
 from bench.texts import REPO, TextSet, load_text_sets
 
 DEFAULT_MODEL = REPO / "models" / "all-minilm-l6-v2.gguf"
 GHZ = REPO / ".tools" / "bin" / "ghz"
+VEGETA = REPO / ".tools" / "bin" / "vegeta"
 OUT_DIR = REPO / "docs" / "benchmarks"
 MODEL_NAME = "all-minilm-l6-v2"
 SENTENCES = 1200  # the issue's "same 1,200 STS-B sentences": the first ones of the test split
@@ -53,9 +52,7 @@ T = TypeVar("T")
 # What a run can be limited to with --only.
 CEILING, FLOOR, EMBEDD, INT8 = "ceiling", "floor", "embedd", "int8"
 TEI, INFINITY, OLLAMA, LLAMA_SERVER = "tei", "infinity", "ollama", "llama-cpp-python"
-RERANK, FAMILIES = "rerank", "families"
-PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER, RERANK, FAMILIES)
-OWN_REPORT_PARTS = {RERANK, FAMILIES}  # each writes a report of its own, not latest.md
+PARTS = (CEILING, FLOOR, EMBEDD, INT8, TEI, INFINITY, OLLAMA, LLAMA_SERVER)
 PEER_PARTS = {
     peers.TEI: TEI,
     peers.INFINITY: INFINITY,
@@ -75,11 +72,6 @@ class Profile:
     warmup_s: float  # before each leg, the same load
     stream_texts: dict[str, int]
     stsb_pairs: int | None  # None: all 1,379
-    rerank_s: float  # the rerank part: in-process, and each served leg, this long
-    rerank_warmup_s: float  # before each served leg, the same load
-    families_s: float  # the families part: per model and engine, in-process and each leg
-    families_warmup_s: float
-    families_auto_only: bool  # each model on the engine engine=auto picks only
 
 
 FULL = Profile(
@@ -90,11 +82,6 @@ FULL = Profile(
     warmup_s=1.0,
     stream_texts={"sentences": 10_000, "passages": 640},
     stsb_pairs=None,
-    rerank_s=4.0,
-    rerank_warmup_s=0.5,
-    families_s=0.6,  # x ~26 model/engine pairs; their servers' and workers' starts take longer
-    families_warmup_s=0.15,
-    families_auto_only=False,
 )
 QUICK = Profile(
     ceiling_s=1.5,
@@ -104,11 +91,6 @@ QUICK = Profile(
     warmup_s=0.3,
     stream_texts={"sentences": 1_000, "passages": 64},
     stsb_pairs=200,
-    rerank_s=1.5,
-    rerank_warmup_s=0.3,
-    families_s=0.3,
-    families_warmup_s=0.1,
-    families_auto_only=True,
 )
 
 
@@ -317,34 +299,51 @@ def _messages(text_set: TextSet, per_request: int) -> tuple[list[list[str]], flo
 
 @dataclass
 class System:
-    """One column of the comparison: a server process and how the load generator reaches
-    it (gRPC ``Embed`` with pre-serialized messages, or pre-built HTTP requests)."""
+    """One column of the comparison: a server process and how the load reaches it: ghz with
+    ``Embed`` messages over gRPC, or vegeta with OpenAI-shaped POSTs over REST."""
 
     name: str
     pid: int
     grpc_target: str | None = None
     endpoint: Endpoint | None = None
-    _requests: dict[tuple[str, int], list[bytes]] = field(default_factory=dict, repr=False)
+    _files: dict[tuple[str, int], Path] = field(default_factory=dict, repr=False)
 
-    def requests(self, text_set: TextSet, per_request: int) -> list[bytes]:
+    @property
+    def generator(self) -> Path:
+        return VEGETA if self.endpoint is not None else GHZ
+
+    def requests_file(self, text_set: TextSet, per_request: int) -> Path:
+        """The leg's requests, written once: vegeta's targets or ghz's messages."""
         key = (text_set.name, per_request)
-        if key not in self._requests:
+        if key not in self._files:
             messages, _ = _messages(text_set, per_request)
+            name = f"{text_set.name}-{per_request}"
             if self.endpoint is not None:
-                self._requests[key] = [self.endpoint.request(texts) for texts in messages]
+                self._files[key] = write_vegeta_targets(
+                    f"{slug(self.name)}-{name}", self.endpoint, messages
+                )
             else:
-                self._requests[key] = loadgen.embed_requests(messages)
-        return self._requests[key]
+                self._files[key] = write_ghz_data(name, messages)
+        return self._files[key]
 
-    def load(
-        self, requests: Sequence[bytes], concurrency: int, seconds: float
-    ) -> loadgen.LoadResult:
+    def load(self, requests: Path, concurrency: int, seconds: float) -> loadgen.LoadResult:
         if self.endpoint is not None:
-            return loadgen.http_load(
-                self.endpoint.host, self.endpoint.port, requests, concurrency, seconds
-            )
+            return loadgen.run_vegeta(VEGETA, requests, concurrency, seconds)
         assert self.grpc_target is not None
-        return loadgen.grpc_load(self.grpc_target, requests, concurrency, seconds)
+        return loadgen.run_ghz(GHZ, self.grpc_target, requests, concurrency, seconds)
+
+
+def slug(name: str) -> str:
+    """A file name's part for a system's name."""
+    return "-".join(part for part in re.split(r"[^a-z0-9]+", name.lower()) if part)
+
+
+def write_vegeta_targets(name: str, endpoint: Endpoint, messages: Sequence[Sequence[str]]) -> Path:
+    """vegeta's targets file of these requests, .bench/vegeta/<name>.jsonl."""
+    targets = procs.ensure_bench_dir() / "vegeta" / f"{name}.jsonl"
+    targets.parent.mkdir(exist_ok=True)
+    targets.write_text(loadgen.vegeta_targets(endpoint, messages), encoding="utf-8")
+    return targets
 
 
 def _leg_from(
@@ -360,7 +359,6 @@ def _leg_from(
     reference: float | None = None,
     rss_mib: float | None = None,
 ) -> Leg:
-    latencies = load.latencies
     notes = [
         f"of which Envoy {meter.cores(meter.helper_cpu):.2f} cores" if meter.helper_cpu else "",
         f"first error: {load.first_error}" if load.first_error else "",
@@ -374,8 +372,8 @@ def _leg_from(
         errors=load.errors,
         seconds=load.seconds,
         mean_tokens=mean_tokens,
-        p50_ms=report.percentile(latencies, 50) * 1000 if latencies else None,
-        p99_ms=report.percentile(latencies, 99) * 1000 if latencies else None,
+        p50_ms=None if load.p50_s is None else load.p50_s * 1000,
+        p99_ms=None if load.p99_s is None else load.p99_s * 1000,
         generator=load.generator,
         generator_cores=meter.cores(generator_cpu),
         server_cores=meter.cores(meter.server_cpu),
@@ -410,7 +408,7 @@ def measure_leg(
 ) -> Leg:
     """One closed-loop leg on one system, after a short warm-up with the same load (which
     also loads a model a server unloaded while the other systems ran)."""
-    requests = system.requests(text_set, per_request)
+    requests = system.requests_file(text_set, per_request)
     _, mean_tokens = _messages(text_set, per_request)
     system.load(requests, concurrency, profile.warmup_s)
     with (
@@ -426,7 +424,7 @@ def measure_leg(
         concurrency=concurrency,
         per_request=per_request,
         mean_tokens=mean_tokens,
-        generator_cpu=meter.own_cpu,
+        generator_cpu=meter.children_cpu,  # ghz and vegeta: reaped children of this process
         reference=reference,
         rss_mib=max(rss.samples) if rss.samples else None,
     )
@@ -573,6 +571,27 @@ def start_servers(
     return servers
 
 
+def with_generators(run: BenchRun, systems: Sequence[System]) -> list[System]:
+    """The systems whose load generator is installed; the others skipped with the reason."""
+    kept = []
+    for system in systems:
+        if system.generator.exists():
+            kept.append(system)
+            continue
+        why = f"{system.name}: not measured, no {system.generator} (`make {system.generator.name}`)"
+        _say(f"  {why}")
+        run.notes.append(why)
+    return kept
+
+
+def measure_memory_after(run: BenchRun, systems: Sequence[System]) -> None:
+    """Each server's memory once every leg has run: PSS summed over its process tree (the
+    server, its worker processes, Envoy), psutil's ``memory_full_info().pss``."""
+    for system in systems:
+        run.memory_after[system.name] = procs.tree_pss_mib(system.pid)
+        _say(f"  {system.name:24} {run.memory_after[system.name]:.0f} MiB")
+
+
 def measure_stsb(run: BenchRun, servers: Servers, profile: Profile) -> None:
     stsb = quality.stsb_pairs(profile.stsb_pairs)
     run.stsb_pairs = len(stsb.scores)
@@ -605,8 +624,11 @@ def measure_servers(
         if not servers.systems:
             _say("  no server to measure")
             return
+        systems = with_generators(run, servers.systems)
         _say("legs, interleaved:")
-        interleaved_legs(run, servers.systems, text_sets, profile, references)
+        interleaved_legs(run, systems, text_sets, profile, references)
+        _say("memory after the load (PSS over each server's processes):")
+        measure_memory_after(run, systems)
         if servers.embedd is not None:
             _say("embedd EmbedStream:")
             for text_set in text_sets:
@@ -659,20 +681,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true", help="no peer server at all")
     parser.add_argument("--no-stsb", action="store_true", help="skip the STS-B scores")
     parser.add_argument("--no-ghz", action="store_true", help="skip the floor (ghz) leg")
-    parser.add_argument(
-        "--reranker",
-        type=Path,
-        default=rerank.DEFAULT_RERANKER,
-        help="the rerank part's cross-encoder: a Hugging Face directory, imported f32 "
-        "(default: ../shared/models/tiny-bert-reranker)",
-    )
-    parser.add_argument(
-        "--families",
-        type=Path,
-        default=families.DEFAULT_MODELS,
-        help="the families part's directory of Hugging Face model directories, each imported "
-        "f16 (default: ../shared/models)",
-    )
     return parser.parse_args(list(argv))
 
 
@@ -803,85 +811,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    measure_own_report_parts(run, args, parts, profile)
-
     run.seconds = time.perf_counter() - started
-    if not parts - OWN_REPORT_PARTS:  # latest.md and its plot are of the other parts: left
-        say_own_reports(run, args.out)
-        return 0
     markdown = report.render_markdown(run)
     (args.out / "latest.md").write_text(markdown + "\n", encoding="utf-8")
     report.plot(run, args.out / "latest.png")
+    plotted = report.plot_targets(run, args.out / report.TARGETS_PLOT)
     _say("")
     _say(markdown)
-    _say(f"wrote {args.out / 'latest.md'} and latest.png; the run took {run.seconds / 60:.1f} min")
+    written = "latest.png" + (f" and {report.TARGETS_PLOT}" if plotted else "")
+    _say(f"wrote {args.out / 'latest.md'}, {written}; the run took {run.seconds / 60:.1f} min")
     return 0
-
-
-def measure_own_report_parts(
-    run: BenchRun, args: argparse.Namespace, parts: set[str], profile: Profile
-) -> None:
-    """The parts that write a report of their own (and a section of the run's)."""
-    if RERANK in parts:
-        _say("reranking (a cross-encoder in-process, then served):")
-        measure_rerank(run, args.reranker.resolve(), profile, args.out)
-    if FAMILIES in parts:
-        _say("model families (each model on each engine, in-process, then served):")
-        measure_families(run, args.families.resolve(), profile, args.out)
-
-
-def say_own_reports(run: BenchRun, out: Path) -> None:
-    """Prints the sections of a run of only the parts with reports of their own."""
-    written = []
-    for section, name in (
-        (run.rerank_section, rerank.REPORT_NAME),
-        (run.families_section, families.REPORT_NAME),
-    ):
-        if section:
-            _say("")
-            _say(section)
-            written.append(str(out / name))
-    _say(f"wrote {', '.join(written)}; the run took {run.seconds / 60:.1f} min")
-
-
-def measure_rerank(run: BenchRun, source: Path, profile: Profile, out: Path) -> None:
-    """The rerank part: its section goes into the run's report and, on its own, into
-    ``out``/rerank.md (so that ``--only rerank`` leaves latest.md as it was)."""
-    bench = rerank.run_rerank(
-        source, seconds=profile.rerank_s, warmup_s=profile.rerank_warmup_s, say=_say
-    )
-    run.rerank_section = rerank.render_section(bench)
-    document = rerank.render_document(
-        bench,
-        cpu_model=run.cpu_model,
-        cores=run.cores,
-        date=run.date,
-        command=run.command,
-        quick=run.quick,
-    )
-    (out / rerank.REPORT_NAME).write_text(document, encoding="utf-8")
-
-
-def measure_families(run: BenchRun, models: Path, profile: Profile, out: Path) -> None:
-    """The families part: its section goes into the run's report and, on its own, into
-    ``out``/families.md (so that ``--only families`` leaves latest.md as it was)."""
-    bench = families.run_families(
-        models,
-        seconds=profile.families_s,
-        warmup_s=profile.families_warmup_s,
-        say=_say,
-        auto_only=profile.families_auto_only,
-    )
-    run.families_section = families.render_section(bench)
-    document = families.render_document(
-        bench,
-        cpu_model=run.cpu_model,
-        cores=run.cores,
-        date=run.date,
-        command=run.command,
-        quick=run.quick,
-    )
-    (out / families.REPORT_NAME).write_text(document, encoding="utf-8")
 
 
 def measure_engines(

@@ -1,74 +1,86 @@
-"""Closed-loop load generators: ghz for gRPC, and cheap asyncio ones for gRPC and HTTP/1.1.
+"""The load generators, run as they come: ghz for gRPC, vegeta for REST; their JSON reports read.
 
-Each caller sends a request, waits for its answer, and sends the next, until the leg's
-duration is up; calls in flight then finish and count. Messages are built once before the
-leg (serialized protobuf bytes, or whole HTTP requests as bytes) and taken in turn, so the
-generator spends its CPU on the network, not on building requests.
+Every leg is a closed loop: each of ``concurrency`` callers sends a request, waits for its
+answer and sends the next, until the leg's duration is up; calls in flight then finish and
+count. The requests are written to a file before the leg (ghz's JSON array of messages,
+vegeta's JSON targets, one per line) and taken in turn, so the generator spends its CPU on the
+network, not on building requests. Both are Go programs installed into ``.tools/bin`` by
+``make ghz`` and ``make vegeta`` (pinned versions).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
+import base64
 import json
 import subprocess
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EMBED_METHOD = "/embedd.v1.Embedder/Embed"
 REQUEST_TIMEOUT_S = 60.0
-GHZ_GRACE_S = 90.0  # beyond the leg's duration before ghz is killed
+GRACE_S = 90.0  # beyond the leg's duration before a generator is killed
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GHZ = "ghz"
+VEGETA = "vegeta"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadResult:
-    """What one leg of closed-loop load gave."""
+    """What one leg of closed-loop load gave, as the generator reported it."""
 
     requests: int  # answered OK
     errors: int
     seconds: float
-    latencies: list[float] = field(default_factory=list)  # seconds, sorted, OK calls only
+    p50_s: float | None = None  # the generator's own percentiles of the calls' latencies
+    p99_s: float | None = None
     first_error: str = ""
     generator: str = ""
 
 
-# --- ghz ----------------------------------------------------------------------------------
+def failed(generator: str, seconds: float, why: str) -> LoadResult:
+    """A leg whose generator gave no report."""
+    return LoadResult(0, 1, seconds, first_error=why, generator=generator)
+
+
+def _run(command: Sequence[str], duration_s: float) -> tuple[str, str]:
+    """The command's stdout ("" when it timed out) and the tail of its stderr."""
+    try:
+        done = subprocess.run(
+            list(command),
+            capture_output=True,
+            text=True,
+            timeout=duration_s + GRACE_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "", "timed out"
+    return done.stdout, (done.stderr or done.stdout).strip()[-300:]
+
+
+# --- ghz (gRPC) ------------------------------------------------------------------------------
 
 
 def parse_ghz_json(text: str) -> LoadResult:
-    """ghz's ``-O json`` report: counts by status, total time and every call's latency.
-
-    Durations are nanoseconds. Percentiles are computed from the per-call ``details`` (OK
-    calls) when present, else ghz's own ``latencyDistribution`` is used for p50/p99 only.
-    """
+    """ghz's ``--format json`` report: counts by status, total time (nanoseconds) and its own
+    latency distribution (p50 and p99 read from it)."""
     report: dict[str, Any] = json.loads(text)
     statuses: dict[str, int] = report.get("statusCodeDistribution") or {}
     ok = int(statuses.get("OK", 0))
     total = int(report.get("count", 0))
+    by_percent = {
+        int(entry["percentage"]): entry["latency"] / 1e9
+        for entry in report.get("latencyDistribution") or []
+    }
     errors_by_text: dict[str, int] = report.get("errorDistribution") or {}
-    details = report.get("details") or []
-    latencies = sorted(
-        detail["latency"] / 1e9 for detail in details if detail.get("status") == "OK"
-    )
-    if not latencies and ok:
-        by_percent = {
-            entry["percentage"]: entry["latency"] / 1e9
-            for entry in report.get("latencyDistribution") or []
-        }
-        # Two points stand for the distribution: enough for p50 and p99.
-        latencies = sorted(value for key, value in by_percent.items() if key in (50, 99))
-    first_error = next(iter(errors_by_text), "")
     return LoadResult(
         requests=ok,
         errors=max(0, total - ok),
         seconds=int(report.get("total", 0)) / 1e9,
-        latencies=latencies,
-        first_error=first_error,
-        generator="ghz",
+        p50_s=by_percent.get(50),
+        p99_s=by_percent.get(99),
+        first_error=next(iter(errors_by_text), ""),
+        generator=GHZ,
     )
 
 
@@ -83,7 +95,7 @@ def ghz_command(
     rps: float | None = None,
 ) -> list[str]:
     """ghz over server reflection, closed loop for ``duration_s`` (or paced at ``rps``
-    requests per second), JSON report on stdout."""
+    requests per second), JSON report on stdout without the per-call details."""
     pacing = ["--rps", f"{max(1, round(rps))}"] if rps else []
     return [
         str(ghz),
@@ -123,20 +135,10 @@ def run_ghz(
     command = ghz_command(
         ghz, target, data_file, concurrency=concurrency, duration_s=duration_s, rps=rps
     )
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=duration_s + GHZ_GRACE_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return LoadResult(0, 1, duration_s, first_error="ghz timed out", generator="ghz")
-    if not done.stdout.strip().startswith("{"):
-        message = (done.stderr or done.stdout).strip()[-300:]
-        return LoadResult(0, 1, duration_s, first_error=f"ghz failed: {message}", generator="ghz")
-    return parse_ghz_json(done.stdout)
+    stdout, why = _run(command, duration_s)
+    if not stdout.strip().startswith("{"):
+        return failed(GHZ, duration_s, f"ghz failed: {why}")
+    return parse_ghz_json(stdout)
 
 
 def ghz_data(messages: Sequence[Sequence[str]]) -> str:
@@ -144,91 +146,7 @@ def ghz_data(messages: Sequence[Sequence[str]]) -> str:
     return json.dumps([{"texts": list(texts)} for texts in messages], ensure_ascii=False)
 
 
-# --- asyncio closed loops ---------------------------------------------------------------
-
-
-class _ClosedLoop:
-    """What the callers of one asyncio leg share: the requests, taken in turn until the
-    leg's time is up, and what the calls gave."""
-
-    def __init__(self, requests: Sequence[bytes], duration_s: float) -> None:
-        self._requests = itertools.cycle(requests)
-        self._loop = asyncio.get_running_loop()
-        self._deadline = self._loop.time() + duration_s
-        self.latencies: list[float] = []  # seconds, OK calls only
-        self.errors: list[str] = []
-
-    def next_request(self) -> bytes | None:
-        """The next request to send, or None once the leg's time is up."""
-        return next(self._requests) if self._loop.time() < self._deadline else None
-
-    async def run(
-        self, callers: int, caller: Callable[[], Awaitable[None]], generator: str
-    ) -> LoadResult:
-        """Runs ``callers`` copies of ``caller`` until each sees the end of the leg."""
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(callers)))
-        seconds = time.perf_counter() - started
-        self.latencies.sort()
-        first_error = self.errors[0] if self.errors else ""
-        return LoadResult(
-            len(self.latencies), len(self.errors), seconds, self.latencies, first_error, generator
-        )
-
-
-# --- asyncio gRPC -------------------------------------------------------------------------
-
-
-def embed_requests(messages: Sequence[Sequence[str]]) -> list[bytes]:
-    """Serialized EmbedRequest messages, built once."""
-    from embedd.v1 import embedder_pb2
-
-    return [embedder_pb2.EmbedRequest(texts=list(texts)).SerializeToString() for texts in messages]
-
-
-def grpc_load(
-    target: str,
-    requests: Sequence[bytes],
-    concurrency: int,
-    duration_s: float,
-    *,
-    method: str = EMBED_METHOD,
-) -> LoadResult:
-    """Closed-loop unary calls of ``method`` (Embed by default) with pre-serialized bytes
-    (answers are not parsed)."""
-    return asyncio.run(_grpc_load(target, requests, concurrency, duration_s, method))
-
-
-async def _grpc_load(
-    target: str,
-    requests: Sequence[bytes],
-    concurrency: int,
-    duration_s: float,
-    method: str = EMBED_METHOD,
-) -> LoadResult:
-    import grpc
-    from grpc import aio
-
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    async with aio.insecure_channel(target, options=options) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 10)
-        call: Any = channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
-        leg = _ClosedLoop(requests, duration_s)
-
-        async def caller() -> None:
-            while (message := leg.next_request()) is not None:
-                started = time.perf_counter()
-                try:
-                    await call(message, timeout=REQUEST_TIMEOUT_S)
-                except grpc.RpcError as error:
-                    leg.errors.append(str(error.code()))
-                    continue
-                leg.latencies.append(time.perf_counter() - started)
-
-        return await leg.run(concurrency, caller, "asyncio grpc")
-
-
-# --- asyncio HTTP/1.1 ---------------------------------------------------------------------
+# --- vegeta (REST) ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -240,28 +158,12 @@ class Endpoint:
     model: str  # the request's "model"
 
     @property
-    def host(self) -> str:
-        return self.base_url.removeprefix("http://").rsplit(":", 1)[0]
+    def url(self) -> str:
+        return self.base_url + self.route
 
-    @property
-    def port(self) -> int:
-        return int(self.base_url.rsplit(":", 1)[1])
-
-    def request(self, texts: Sequence[str]) -> bytes:
-        """The whole HTTP request embedding ``texts``, as bytes."""
-        return http_post(self.host, self.port, self.route, openai_embedding_body(texts, self.model))
-
-
-def http_post(host: str, port: int, path: str, body: bytes) -> bytes:
-    """A whole HTTP/1.1 keep-alive POST request as bytes."""
-    head = (
-        f"POST {path} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "\r\n"
-    )
-    return head.encode("ascii") + body
+    def body(self, texts: Sequence[str]) -> bytes:
+        """OpenAI's POST /v1/embeddings body; one text is sent as a string."""
+        return openai_embedding_body(texts, self.model)
 
 
 def openai_embedding_body(texts: Sequence[str], model: str) -> bytes:
@@ -274,83 +176,77 @@ def openai_embedding_body(texts: Sequence[str], model: str) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode()
 
 
-@dataclass(frozen=True)
-class ResponseHead:
-    status: int
-    content_length: int | None
-    chunked: bool
-    close: bool
+def vegeta_targets(endpoint: Endpoint, messages: Sequence[Sequence[str]]) -> str:
+    """vegeta's JSON targets (``-format=json``), one POST per line, its body base64: the
+    requests embedding each of ``messages``, sent in turn."""
+    lines = (
+        json.dumps(
+            {
+                "method": "POST",
+                "url": endpoint.url,
+                "header": {"Content-Type": ["application/json"]},
+                "body": base64.b64encode(endpoint.body(texts)).decode("ascii"),
+            }
+        )
+        for texts in messages
+    )
+    return "".join(line + "\n" for line in lines)
 
 
-def parse_response_head(head: bytes) -> ResponseHead:
-    """The status line and the framing headers of an HTTP/1.1 response head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-        raise ValueError(f"not an HTTP response: {lines[0]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if ":" in line:
-            name, value = line.split(":", 1)
-            headers[name.strip().lower()] = value.strip().lower()
-    length = headers.get("content-length")
-    return ResponseHead(
-        status=int(parts[1]),
-        content_length=int(length) if length is not None else None,
-        chunked="chunked" in headers.get("transfer-encoding", ""),
-        close=headers.get("connection") == "close" or parts[0] == "HTTP/1.0",
+def vegeta_attack_command(
+    vegeta: Path, targets_file: Path, results_file: Path, *, concurrency: int, duration_s: float
+) -> list[str]:
+    """vegeta as a closed loop: ``-rate=0`` sends as fast as ``concurrency`` workers can, each
+    waiting for its answer (keep-alive connections); binary results into ``results_file``."""
+    return [
+        str(vegeta),
+        "attack",
+        "-format=json",
+        f"-targets={targets_file}",
+        "-rate=0",
+        f"-workers={concurrency}",
+        f"-max-workers={concurrency}",
+        f"-duration={duration_s:g}s",
+        f"-timeout={REQUEST_TIMEOUT_S:g}s",
+        f"-output={results_file}",
+    ]
+
+
+def vegeta_report_command(vegeta: Path, results_file: Path) -> list[str]:
+    return [str(vegeta), "report", "-type=json", str(results_file)]
+
+
+def parse_vegeta_json(text: str) -> LoadResult:
+    """vegeta's ``report -type=json``: requests, their status codes, the attack's duration
+    plus the wait for the last answers (nanoseconds), and its latency percentiles."""
+    report: dict[str, Any] = json.loads(text)
+    statuses: dict[str, int] = report.get("status_codes") or {}
+    ok = int(statuses.get("200", 0))
+    latencies: dict[str, float] = report.get("latencies") or {}
+    errors: list[str] = report.get("errors") or []
+    return LoadResult(
+        requests=ok,
+        errors=max(0, int(report.get("requests", 0)) - ok),
+        seconds=(int(report.get("duration", 0)) + int(report.get("wait", 0))) / 1e9,
+        p50_s=latencies["50th"] / 1e9 if ok and "50th" in latencies else None,
+        p99_s=latencies["99th"] / 1e9 if ok and "99th" in latencies else None,
+        first_error=errors[0] if errors else "",
+        generator=VEGETA,
     )
 
 
-async def read_response(reader: asyncio.StreamReader) -> ResponseHead:
-    """Reads one response (head and body, which is discarded)."""
-    head = parse_response_head(await reader.readuntil(b"\r\n\r\n"))
-    if head.chunked:
-        while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-            await reader.readexactly(size + 2)  # the chunk and its CRLF
-            if size == 0:
-                break
-    elif head.content_length is not None:
-        await reader.readexactly(head.content_length)
-    else:
-        await reader.read()  # body until the server closes
-        return ResponseHead(head.status, head.content_length, head.chunked, True)
-    return head
-
-
-def http_load(
-    host: str, port: int, requests: Sequence[bytes], concurrency: int, duration_s: float
-) -> LoadResult:
-    """Closed-loop HTTP/1.1 keep-alive callers, one connection each, raw pre-built bytes."""
-    return asyncio.run(_http_load(host, port, requests, concurrency, duration_s))
-
-
-async def _http_load(
-    host: str, port: int, requests: Sequence[bytes], concurrency: int, duration_s: float
-) -> LoadResult:
-    leg = _ClosedLoop(requests, duration_s)
-
-    async def caller() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            while (request := leg.next_request()) is not None:
-                started = time.perf_counter()
-                writer.write(request)
-                try:
-                    head = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
-                except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
-                    leg.errors.append(type(error).__name__)
-                    head = ResponseHead(0, None, False, True)
-                else:
-                    if head.status == 200:
-                        leg.latencies.append(time.perf_counter() - started)
-                    else:
-                        leg.errors.append(f"HTTP {head.status}")
-                if head.close:
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(host, port)
-        finally:
-            writer.close()
-
-    return await leg.run(concurrency, caller, "asyncio http")
+def run_vegeta(vegeta: Path, targets_file: Path, concurrency: int, duration_s: float) -> LoadResult:
+    """One closed-loop leg of the targets in ``targets_file``; the results are kept beside it
+    (``.bin``) until the next leg on the same file."""
+    results = targets_file.with_suffix(".bin")
+    attack = vegeta_attack_command(
+        vegeta, targets_file, results, concurrency=concurrency, duration_s=duration_s
+    )
+    results.unlink(missing_ok=True)  # a failed attack must not leave the last leg's results
+    _, why = _run(attack, duration_s)
+    if not results.exists() or results.stat().st_size == 0:
+        return failed(VEGETA, duration_s, f"vegeta attack failed: {why}")
+    stdout, why = _run(vegeta_report_command(vegeta, results), 0.0)
+    if not stdout.strip().startswith("{"):
+        return failed(VEGETA, duration_s, f"vegeta report failed: {why}")
+    return parse_vegeta_json(stdout)

@@ -1,4 +1,5 @@
-"""Child processes of the benchmark (servers, Envoy, the peers) and what /proc says about them.
+"""Child processes of the benchmark (servers, Envoy, the peers), and their CPU and memory as
+psutil reports them.
 
 Everything listens on loopback on free ports, every start has a deadline, and every process
 started here is stopped (SIGTERM, then SIGKILL) by its context manager.
@@ -19,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
 from bench.texts import REPO
 from embedd_server.run import probes
 from embedd_server.run.probes import free_port
 
 BENCH_DIR = REPO / ".bench"
 LOG_DIR = BENCH_DIR / "logs"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 
@@ -57,56 +60,50 @@ def clean_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("EMBEDD_")}
 
 
-# --- /proc ---------------------------------------------------------------------------------
+# --- processes, through psutil ---------------------------------------------------------------
 
 
-def _read(path: str) -> str:
-    """A /proc file's text; "" if it is gone (its process ended)."""
+def _process(pid: int) -> psutil.Process | None:
     try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
-def _value(text: str, key: str) -> str | None:
-    """The value of the ``key:`` line of a /proc/<pid>/status or /proc/cpuinfo text."""
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == key:
-            return value.strip()
-    return None
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def descendants(pid: int) -> list[int]:
-    """The process and all its descendants (e.g. `embedd run` and its Envoy)."""
-    found = [pid]
-    for current in found:  # grows while it is walked
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            found.extend(
-                int(child) for child in _read(f"/proc/{current}/task/{task}/children").split()
-            )
-    return found
+    """The process and all its descendants (e.g. `embedd run`, its workers and its Envoy)."""
+    process = _process(pid)
+    if process is None:
+        return [pid]
+    try:
+        return [pid, *(child.pid for child in process.children(recursive=True))]
+    except psutil.Error:
+        return [pid]
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU seconds of one process (all its threads), or of its thread ``tid``;
     0 if it is gone."""
-    text = _read(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    if not text:
+    process = _process(pid)
+    try:
+        if process is None:
+            return 0.0
+        if tid is None:
+            times = process.cpu_times()
+            return times.user + times.system
+        thread = next((t for t in process.threads() if t.id == tid), None)
+        return thread.user_time + thread.system_time if thread else 0.0
+    except psutil.Error:
         return 0.0
-    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process in MiB (0 if it is gone)."""
-    value = _value(_read(f"/proc/{pid}/status"), "VmRSS")  # "123456 kB"
-    return int(value.split()[0]) / 1024 if value else 0.0
+    process = _process(pid)
+    try:
+        return process.memory_info().rss / MIB if process else 0.0
+    except psutil.Error:
+        return 0.0
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -117,8 +114,11 @@ def tree_rss_mib(pid: int) -> float:
 def pss_mib(pid: int) -> float:
     """Proportional resident memory of a process in MiB: each page it shares with others
     counted as its share (0 if it is gone)."""
-    value = _value(_read(f"/proc/{pid}/smaps_rollup"), "Pss")  # "123456 kB"
-    return int(value.split()[0]) / 1024 if value else 0.0
+    process = _process(pid)
+    try:
+        return float(process.memory_full_info().pss) / MIB if process else 0.0
+    except psutil.Error:
+        return 0.0
 
 
 def tree_pss_mib(pid: int) -> float:
@@ -128,14 +128,30 @@ def tree_pss_mib(pid: int) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (from /proc/stat)."""
-    values = [int(value) for value in _read("/proc/stat").split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / CLOCK_TICKS
+    """CPU seconds all cores spent busy since boot."""
+    times = psutil.cpu_times()
+    return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def process_name(pid: int) -> str:
+    process = _process(pid)
+    try:
+        return process.name() if process else ""
+    except psutil.Error:
+        return ""
 
 
 def cpu_model() -> str:
-    return _value(_read("/proc/cpuinfo"), "model name") or "unknown CPU"
+    """The CPU's model name (psutil has none: /proc/cpuinfo's first "model name")."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if name.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 class CpuMeter:
@@ -186,9 +202,7 @@ class CpuMeter:
 
     def _helper_cpu(self) -> float:
         return sum(
-            cpu_seconds(pid)
-            for pid in self._server_pids[1:]
-            if _read(f"/proc/{pid}/comm").strip() == "envoy"
+            cpu_seconds(pid) for pid in self._server_pids[1:] if process_name(pid) == "envoy"
         )
 
     def cores(self, cpu: float) -> float:

@@ -38,12 +38,9 @@ def embed(endpoint: Endpoint, texts: Sequence[str], batch: int = BATCH) -> npt.N
     parts = []
     for start in range(0, len(texts), batch):
         chunk = list(texts[start : start + batch])
-        body = json.dumps(
-            {"model": endpoint.model, "input": chunk, "encoding_format": "float"}
-        ).encode()
         request = urllib.request.Request(
-            endpoint.base_url + endpoint.route,
-            data=body,
+            endpoint.url,
+            data=endpoint.body(chunk),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as answer:

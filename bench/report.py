@@ -83,6 +83,8 @@ class Target:
     goal: str
     measured: str
     met: bool | None
+    value: float | None = None  # the measured ratio, where the target is one
+    bound: float | None = None  # the ratio the goal sets
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,8 @@ class BenchRun:
     peers: list[str] = field(default_factory=list)  # each peer's version, or why it was skipped
     stsb: dict[str, float] = field(default_factory=dict)  # system -> STS-B Spearman x100
     stsb_pairs: int = 0
-    rerank_section: str = ""  # bench.rerank's Markdown section, when this run measured it
-    families_section: str = ""  # bench.families' Markdown section, when this run measured it
+    # system -> its server's PSS in MiB once every leg has run (gRPC and REST: one server)
+    memory_after: dict[str, float] = field(default_factory=dict)
 
     def best_ceiling(self, text_set: str, engine: str | None = None) -> CeilingResult | None:
         """The fastest configuration of ``engine`` (by default the one embedd serves this
@@ -278,66 +280,76 @@ def evaluate_targets(
     return targets
 
 
-@dataclass(frozen=True)
-class TeiTarget:
-    """One of issue 11's targets: embedd's texts/s over TEI's on the same leg."""
-
-    leg: str  # as the comparison table names it
-    system: str  # GRPC, REST or STREAM
-    concurrency: int
-    texts_per_request: int
-    goal: float
-
-
-# Issue 11: 1 caller >= 1.0x TEI; 16 callers >= 1.2x over gRPC and >= 1.0x over REST; 4 x 32
-# and EmbedStream >= 1.5x (the stream against TEI's 4 x 32, its bulk path).
-TEI_TARGETS = (
-    TeiTarget("1 caller x 1 text", GRPC, 1, 1, 1.0),
-    TeiTarget("1 caller x 1 text", REST, 1, 1, 1.0),
-    TeiTarget("16 callers x 1 text", GRPC, 16, 1, 1.2),
-    TeiTarget("16 callers x 1 text", REST, 16, 1, 1.0),
-    TeiTarget("4 callers x 32 texts", GRPC, 4, 32, 1.5),
-    TeiTarget("4 callers x 32 texts", REST, 4, 32, 1.5),
-    TeiTarget("EmbedStream", STREAM, 4, 32, 1.5),
-)
-
-
 def leg_label(concurrency: int, texts_per_request: int) -> str:
     callers = "caller" if concurrency == 1 else "callers"
     texts = "text" if texts_per_request == 1 else "texts"
     return f"{concurrency} {callers} x {texts_per_request} {texts}"
 
 
-def evaluate_tei_targets(legs: Sequence[Leg], text_set: str) -> list[Target]:
-    """Issue 11's targets on one text set: embedd's texts/s ÷ TEI's, same leg, same run."""
+@dataclass(frozen=True)
+class TeiTarget:
+    """One of issue 22's leg targets: embedd's texts/s over TEI's on the same leg."""
+
+    system: str  # GRPC or REST
+    concurrency: int
+    texts_per_request: int
+    goal: float
+
+    @property
+    def name(self) -> str:
+        transport = "gRPC" if self.system == GRPC else "REST"
+        return f"{leg_label(self.concurrency, self.texts_per_request)}, {transport}"
+
+
+# Issue 22: a lone caller and 16 callers >= 1.0x TEI over gRPC and >= 0.9x over REST; 4 callers
+# x 32 texts over gRPC >= 1.5x; memory after the load <= 1.5x TEI's.
+TEI_TARGETS = (
+    TeiTarget(GRPC, 1, 1, 1.0),
+    TeiTarget(REST, 1, 1, 0.9),
+    TeiTarget(GRPC, 16, 1, 1.0),
+    TeiTarget(REST, 16, 1, 0.9),
+    TeiTarget(GRPC, 4, 32, 1.5),
+)
+MEMORY_GOAL = 1.5  # embedd's PSS after the load over TEI's, at most
+
+
+def evaluate_tei_targets(
+    legs: Sequence[Leg], text_set: str, memory_after: dict[str, float] | None = None
+) -> list[Target]:
+    """Issue 22's targets: embedd's texts/s over TEI's on each leg of ``text_set``, same run;
+    and embedd's memory after the load (server, workers, Envoy) over TEI's."""
     targets: list[Target] = []
     for target in TEI_TARGETS:
-        tei = _rate(find_leg(legs, TEI, text_set, target.concurrency, target.texts_per_request))
-        if target.system == STREAM:
-            ours = _rate(find_stream(legs, text_set))
-            against = f"TEI {leg_label(target.concurrency, target.texts_per_request)}"
-        else:
-            ours = _rate(
-                find_leg(
-                    legs, target.system, text_set, target.concurrency, target.texts_per_request
-                )
-            )
-            against = "TEI"
+        shape = (text_set, target.concurrency, target.texts_per_request)
+        ours = _rate(find_leg(legs, target.system, *shape))
+        tei = _rate(find_leg(legs, TEI, *shape))
         value = ratio(ours, tei)
         measured = (
             "not measured"
             if value is None
             else f"{fmt_ratio(value)} ({fmt_rate(ours)} vs {fmt_rate(tei)} texts/s)"
         )
-        transport = {GRPC: "gRPC", REST: "REST", STREAM: "gRPC"}[target.system]
-        targets.append(
-            Target(
-                f"{target.leg}, {transport}",
-                f"≥ {target.goal:g}x {against}",
-                measured,
-                None if value is None else value >= target.goal,
-            )
+        met = None if value is None else value >= target.goal
+        goal = f"≥ {target.goal:g}x TEI"
+        targets.append(Target(target.name, goal, measured, met, value, target.goal))
+    memory = memory_after or {}
+    ours_mib, tei_mib = memory.get(GRPC), memory.get(TEI)
+    value = ratio(ours_mib, tei_mib)
+    measured = (
+        "not measured"
+        if value is None
+        else f"{fmt_ratio(value)} ({ours_mib:.0f} vs {tei_mib:.0f} MiB)"
+    )
+    targets.append(
+        Target(
+            "memory after the load (PSS: server, workers, Envoy)",
+            f"≤ {MEMORY_GOAL:g}x TEI's",
+            measured,
+            None if value is None else value <= MEMORY_GOAL,
+            value,
+            MEMORY_GOAL,
         )
+    )
     return targets
 
 
@@ -380,6 +392,15 @@ def comparison_table(run: BenchRun, text_set: str, systems: Sequence[str] = SYST
         [
             "server memory, MiB (most during its legs)",
             *[_peak_rss(run.legs, system, text_set) for system in systems],
+        ]
+    )
+    rows.append(
+        [
+            "server memory after the load, MiB",
+            *[
+                f"{run.memory_after[system]:.0f}" if system in run.memory_after else "—"
+                for system in systems
+            ],
         ]
     )
     rows.append(
@@ -551,10 +572,10 @@ def render_markdown(run: BenchRun) -> str:
         f"- Command: `{run.command}`. Same machine, model and texts for every system, every "
         "server on its defaults, all of them up for the whole run and measured in turn, leg "
         "by leg (interleaved: this machine's speed drifts over minutes). Every leg is a closed "
-        "loop from the same Python load generator (asyncio; gRPC for embedd's gRPC, HTTP/1.1 "
-        "keep-alive with pre-built OpenAI-shaped requests for every REST server), which shares "
-        "the cores with the server: its CPU is a column, and so is the CPU other processes "
-        "used during the leg.\n"
+        "loop: ghz for gRPC, vegeta (`-rate=0`, one keep-alive connection a worker) with "
+        "OpenAI-shaped requests for every REST server, both reporting in JSON; the generator "
+        "shares the cores with the server: its CPU is a column, and so is the CPU other "
+        "processes used during the leg. CPU and memory are psutil's.\n"
         f"- sentence-transformers in-process: {run.sentence_transformers}."
     )
     for note in [*run.notes, noise_note(run)]:
@@ -568,13 +589,12 @@ def render_markdown(run: BenchRun) -> str:
 
     text_sets = list(dict.fromkeys(leg.text_set for leg in run.legs))
     if text_sets:
-        out.append("## embedd and the peers (issue 11), texts/s\n")
+        out.append(render_issue22(run))
+        out.append("")
+        out.append("## embedd and the peers, texts/s\n")
         for text_set in text_sets:
             out.append(f"### {text_set.capitalize()}\n")
             out.append(comparison_table(run, text_set))
-            out.append("")
-            out.append(f"Targets against TEI ({text_set}):\n")
-            out.append(_targets_table(evaluate_tei_targets(run.legs, text_set)))
             out.append("")
         if run.stsb:
             out.append(
@@ -629,45 +649,20 @@ def render_markdown(run: BenchRun) -> str:
         out.append(render_floor(run.floor))
         out.append("")
 
-    out.append(render_rerank_link(run))
-    out.append("")
-    out.append(render_families_link(run))
-    out.append("")
-
     out.append("## Every leg\n")
     out.append(_legs_table(run))
     out.append("")
     out.append("![texts/s of every leg on every system](latest.png)\n")
+    if any(t.value is not None for t in evaluate_tei_targets(run.legs, TARGET_SET)):
+        out.append(f"![issue 22's ratios to TEI and their goals]({TARGETS_PLOT})\n")
     return "\n".join(out)
 
 
-RERANK_REPORT = "rerank.md"
-FAMILIES_REPORT = "families.md"
-
-
-def render_rerank_link(run: BenchRun) -> str:
-    """The rerank section when this run measured it, and where it is kept on its own (a run
-    of ``--only rerank`` writes only that file)."""
-    if run.rerank_section:
-        link = f"[{RERANK_REPORT}]({RERANK_REPORT})"
-        return f"{run.rerank_section}\n\nThe same section on its own: {link}."
-    return (
-        "## Reranking (issue 13)\n\n"
-        f"Not measured in this run: the last rerank measurement is in [{RERANK_REPORT}]"
-        f"({RERANK_REPORT}) (`make bench BENCH_ARGS='--only rerank'`)."
-    )
-
-
-def render_families_link(run: BenchRun) -> str:
-    """The families section when this run measured it, and where it is kept on its own (a
-    run of ``--only families`` writes only that file)."""
-    link = f"[{FAMILIES_REPORT}]({FAMILIES_REPORT})"
-    if run.families_section:
-        return f"{run.families_section}\n\nThe same section on its own: {link}."
-    return (
-        "## Families (issue 20)\n\n"
-        f"Not part of this run: the last measurement of every model family is in {link} "
-        "(`make bench BENCH_ARGS='--only families'`)."
+def render_issue22(run: BenchRun) -> str:
+    """Issue 22's targets: each leg's ratio to TEI on STS-B sentences, and the memory after
+    the load, with the verdicts."""
+    return f"## Issue 22 targets (against TEI, same run, {TARGET_SET})\n\n" + _targets_table(
+        evaluate_tei_targets(run.legs, TARGET_SET, run.memory_after)
     )
 
 
@@ -725,3 +720,44 @@ def plot(run: BenchRun, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+TARGETS_PLOT = "latest-targets.png"
+
+
+def plot_targets(run: BenchRun, path: Path) -> bool:
+    """Issue 22's ratios to TEI beside the goal of each (False, nothing written, when TEI
+    was not measured)."""
+    targets = [
+        t
+        for t in evaluate_tei_targets(run.legs, TARGET_SET, run.memory_after)
+        if t.value is not None
+    ]
+    if not targets:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(12, 4.2))
+    xs = range(len(targets))
+    colors = ["tab:green" if t.met else "tab:red" for t in targets]
+    axis.bar(xs, [t.value or 0.0 for t in targets], 0.6, color=colors, label="embedd / TEI")
+    axis.scatter(
+        xs, [t.bound or 0.0 for t in targets], marker="_", s=900, color="black", label="goal"
+    )
+    axis.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    axis.set_xticks(
+        xs, [t.name.replace(" (PSS", "\n(PSS").replace(", ", ",\n", 1) for t in targets]
+    )
+    axis.tick_params(axis="x", labelsize=8)
+    axis.set_ylabel("embedd / TEI")
+    axis.set_title(
+        "Issue 22 targets: green met, red missed (memory: at most the goal; speed: at least)"
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

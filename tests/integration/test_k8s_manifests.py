@@ -182,6 +182,9 @@ def test_configmap_envoy_has_no_admin_and_rest_listens_on_the_pod() -> None:
     assert [p["targetPort"] for p in envoy_service["spec"]["ports"]] == ["http"]
     envoy = container(one("Deployment", "embedd-envoy"), "envoy")
     assert [(p["name"], p["containerPort"]) for p in envoy["ports"]] == [("http", port)]
+    # Ready only with a healthy server behind it: /ping, not a TCP connection that any Envoy
+    # accepts while it still answers 503 "no healthy upstream".
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
 
 
 def test_envoy_deployment_mounts_the_config_and_the_servers_descriptor() -> None:

@@ -159,3 +159,56 @@ def test_the_queue_is_bounded_in_tokens_too(loop: asyncio.AbstractEventLoop) -> 
     queue.submit(Job([[3] * 20], 2, loop))  # what fits still goes in
     lone = FairQueue(max_items=100, max_tokens=50)
     lone.submit(Job([[4] * 80], 2, loop))  # alone, even an oversized job is served
+
+
+def _lane_job(loop: asyncio.AbstractEventLoop, count: int, lane: str, tokens: int = 1) -> Job:
+    return Job([[7] * tokens for _ in range(count)], 2, loop, lane=lane)
+
+
+def test_interactive_work_goes_first_and_bulk_gets_its_bounded_share(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    queue = FairQueue(max_items=1000, bulk_share=4)
+    bulk = _lane_job(loop, 100, "bulk")
+    queue.submit(bulk)
+    queries = [_lane_job(loop, 1, "interactive") for _ in range(9)]
+    for query in queries:
+        queue.submit(query)
+    order = [job for job, _ in _drain(queue, 12)]
+    # Three queries, then one bulk item, while both lanes wait; then bulk alone.
+    assert order[:4] == [*queries[:3], bulk]
+    assert order[4:7] == queries[3:6] and order[7] is bulk
+    assert order[8:11] == queries[6:9] and order[11] is bulk
+
+
+def test_a_pack_holds_one_lane_only(loop: asyncio.AbstractEventLoop) -> None:
+    queue = FairQueue(max_items=1000)
+    bulk = _lane_job(loop, 10, "bulk")
+    query = _lane_job(loop, 1, "interactive")
+    queue.submit(bulk)
+    queue.submit(query)
+    first = queue.take_batch(max_tokens=1000, max_items=32)
+    assert [item.job for item in first] == [query]  # not filled up with bulk work
+    assert {item.job for item in queue.take_batch(max_tokens=1000, max_items=32)} == {bulk}
+
+
+def test_bulk_packs_are_short_only_while_interactive_work_is_recent(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    queue = FairQueue(max_items=1000, bulk_batch_tokens=8)
+    queue.submit(_lane_job(loop, 50, "bulk", tokens=4))
+    assert len(queue.take_batch(max_tokens=64, max_items=32)) == 16  # no caller around: full
+    queue.submit(query := _lane_job(loop, 1, "interactive"))
+    assert [item.job for item in queue.take_batch(max_tokens=64, max_items=32)] == [query]
+    assert len(queue.take_batch(max_tokens=64, max_items=32)) == 2  # 8 tokens: short
+    now[0] += 1.5  # the caller went quiet
+    assert len(queue.take_batch(max_tokens=64, max_items=32)) == 16
+
+
+def test_a_job_names_a_known_lane(loop: asyncio.AbstractEventLoop) -> None:
+    with pytest.raises(ValueError, match="lane"):
+        Job([[1]], 2, loop, lane="urgent")
+    with pytest.raises(ValueError, match="bulk_share"):
+        FairQueue(max_items=1, bulk_share=0)

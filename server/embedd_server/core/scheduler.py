@@ -9,6 +9,15 @@ bounded in items; a job that does not fit is refused at once
 (:class:`~embedd_server.errors.Overloaded`). Cancelled and expired jobs are dropped before
 their remaining items cost compute.
 
+Each job is in one of two lanes (issue 24): ``interactive`` (a search query: someone waits)
+or ``bulk`` (a re-index: throughput matters, a few milliseconds don't). Workers serve the
+interactive lane first; while both lanes wait, one item in every ``bulk_share`` goes to bulk,
+so bulk never starves. A pack holds the work of one lane only, so an interactive pack never
+waits for bulk work to fill it; and while interactive work has arrived lately
+(``INTERACTIVE_RECENT_S``), bulk packs are cut to ``bulk_batch_tokens``, so that a query that
+arrives while every worker computes bulk work waits for a short pack, not a full one. With no
+interactive caller around, bulk packs are full size.
+
 Every job ends exactly once: with its vectors, or with an error delivered to its caller.
 """
 
@@ -33,6 +42,12 @@ from embedd_server.errors import (
     Unavailable,
 )
 
+INTERACTIVE, BULK = "interactive", "bulk"
+LANES = (INTERACTIVE, BULK)
+# How long after an interactive job arrives bulk packs stay short: a closed-loop caller sends
+# its next query within milliseconds of its answer, so one second covers a live one.
+INTERACTIVE_RECENT_S = 1.0
+
 
 class Job:
     """One request's inputs, its result matrix and the future its caller awaits.
@@ -55,7 +70,11 @@ class Job:
         request_id: str = "",
         pooling_starts: Sequence[int] | None = None,
         token_type_starts: Sequence[int] | None = None,
+        lane: str = INTERACTIVE,
     ) -> None:
+        if lane not in LANES:
+            raise ValueError(f"lane must be one of {LANES}, not {lane!r}")
+        self.lane = lane
         self.sequences = sequences
         # Per input, the first token pooling counts (a model pooling without its prompt).
         self.pooling_starts = pooling_starts
@@ -146,8 +165,9 @@ class TokenStatesJob(Job):
         deadline: float | None = None,
         *,
         request_id: str = "",
+        lane: str = INTERACTIVE,
     ) -> None:
-        super().__init__(sequences, 0, loop, deadline, request_id=request_id)
+        super().__init__(sequences, 0, loop, deadline, request_id=request_id, lane=lane)
         self._states: list[npt.NDArray[np.float32]] = [self.result] * len(sequences)
 
     def deliver(self, index: int, vector: npt.NDArray[np.float32]) -> None:
@@ -204,15 +224,41 @@ class WorkItem:
         return len(self.token_ids) if starts is None else starts[self.index]
 
 
+class _Lane:
+    """One lane's jobs: new ones first come, first served; started ones round-robin."""
+
+    def __init__(self) -> None:
+        self.fresh: deque[Job] = deque()  # no input taken yet
+        self.started: deque[Job] = deque()  # partly taken: one input each in turn
+        self.fresh_turn = False
+
+    def __bool__(self) -> bool:
+        return bool(self.fresh or self.started)
+
+
 class FairQueue:
     """Queue of jobs bounded in inputs and in tokens, shared by the workers of one model."""
 
-    def __init__(self, max_items: int, max_tokens: int = 1 << 62) -> None:
+    def __init__(
+        self,
+        max_items: int,
+        max_tokens: int = 1 << 62,
+        *,
+        bulk_share: int = 8,
+        bulk_batch_tokens: int | None = None,
+    ) -> None:
+        """``bulk_share``: while both lanes wait, one item in this many goes to bulk.
+        ``bulk_batch_tokens``: the token bound of a bulk pack while interactive work is
+        recent (None: the worker's own)."""
+        if bulk_share < 1:
+            raise ValueError("bulk_share must be at least 1")
         self._max_items = max_items
         self._max_tokens = max_tokens
-        self._fresh: deque[Job] = deque()  # no input taken yet: first come, first served
-        self._started: deque[Job] = deque()  # partly taken: round-robin, one input each
-        self._fresh_turn = False
+        self._bulk_share = bulk_share
+        self._bulk_batch_tokens = bulk_batch_tokens
+        self._lanes = {INTERACTIVE: _Lane(), BULK: _Lane()}
+        self._interactive_streak = 0  # interactive packs taken since the last bulk one
+        self._last_interactive = -INTERACTIVE_RECENT_S  # time.monotonic() of the last arrival
         self._queued_items = 0
         self._queued_tokens = 0
         self._closed: EmbeddError | None = None  # the error new jobs get once closed
@@ -248,28 +294,59 @@ class FairQueue:
                     f"The server's queue is full ({self._queued_tokens} of {self._max_tokens} "
                     f"tokens waiting); retry later or send less text per request."
                 )
-            self._fresh.append(job)
+            self._lanes[job.lane].fresh.append(job)
+            if job.lane == INTERACTIVE:
+                self._last_interactive = time.monotonic()
             self._queued_items += len(job)
             self._queued_tokens += tokens
             for _ in range(min(len(job), len(self._idle))):
                 self._idle.pop().notify()
 
     def take_batch(self, max_tokens: int, max_items: int) -> list[WorkItem]:
-        """Blocks until work is ready, then takes items round-robin across jobs while they
-        fit in ``max_tokens`` (the first item always fits). Empty once closed and drained."""
+        """Blocks until work is ready, then takes items of one lane round-robin across its
+        jobs while they fit in ``max_tokens`` (the first item always fits; a bulk pack's
+        bound is lower while interactive work is recent). Empty once closed and drained."""
         with self._lock:
             while True:
-                first = self._pop_item(max_tokens=None)
-                if first is not None:
-                    break
-                if self._closed is not None:
-                    return []
-                self._wait_idle()
-            batch, budget = [first], max_tokens - len(first.token_ids)
-            while len(batch) < max_items and (item := self._pop_item(budget)) is not None:
-                batch.append(item)
-                budget -= len(item.token_ids)
-            return batch
+                lane = self._next_lane()
+                if lane is None:
+                    if self._closed is not None:
+                        return []
+                    self._wait_idle()
+                    continue
+                if batch := self._fill(lane, max_tokens, max_items):
+                    return batch
+                # The lane held only ended or expired jobs (dropped now): look again.
+
+    def _fill(self, lane: _Lane, max_tokens: int, max_items: int) -> list[WorkItem]:
+        """A pack from one lane (queue lock held); empty when its jobs had all ended."""
+        now = time.monotonic()
+        short = self._bulk_batch_tokens
+        if lane is self._lanes[BULK] and short is not None and self._interactive_recent(now):
+            max_tokens = min(max_tokens, short)
+        first = self._pop_item(lane, None, now)
+        if first is None:
+            return []
+        batch, budget = [first], max_tokens - len(first.token_ids)
+        while len(batch) < max_items and (item := self._pop_item(lane, budget, now)) is not None:
+            batch.append(item)
+            budget -= len(item.token_ids)
+        return batch
+
+    def _interactive_recent(self, now: float) -> bool:
+        return now - self._last_interactive < INTERACTIVE_RECENT_S
+
+    def _next_lane(self) -> _Lane | None:
+        """The lane the next pack comes from (queue lock held): interactive first, bulk
+        once in ``bulk_share`` packs while both wait; None when both are empty."""
+        interactive, bulk = self._lanes[INTERACTIVE], self._lanes[BULK]
+        if interactive and (not bulk or self._interactive_streak < self._bulk_share - 1):
+            self._interactive_streak += 1
+            return interactive
+        if bulk:
+            self._interactive_streak = 0
+            return bulk
+        return None
 
     def _wait_idle(self) -> None:
         """Waits (queue lock held) until submit() or close() wakes this worker."""
@@ -281,18 +358,21 @@ class FairQueue:
             if waiter in self._idle:  # woken by a timeout or spuriously: not popped
                 self._idle.remove(waiter)
 
-    def _pop_item(self, max_tokens: int | None) -> WorkItem | None:
-        """The next input, if it fits in max_tokens (None: any size). New jobs and jobs
-        already started take turns, so a one-text call waits for at most one input of a big
-        batch, and a big batch still advances while new calls keep arriving."""
-        now = time.monotonic()
-        self._fresh_turn = not self._fresh_turn
+    def _pop_item(self, lane: _Lane, max_tokens: int | None, now: float) -> WorkItem | None:
+        """The lane's next input, if it fits in max_tokens (None: any size). New jobs and
+        jobs already started take turns, so a one-text call waits for at most one input of a
+        big batch, and a big batch still advances while new calls keep arriving."""
+        lane.fresh_turn = not lane.fresh_turn
         first, second = (
-            (self._fresh, self._started) if self._fresh_turn else (self._started, self._fresh)
+            (lane.fresh, lane.started) if lane.fresh_turn else (lane.started, lane.fresh)
         )
-        return self._pop_from(first, max_tokens, now) or self._pop_from(second, max_tokens, now)
+        return self._pop_from(lane, first, max_tokens, now) or self._pop_from(
+            lane, second, max_tokens, now
+        )
 
-    def _pop_from(self, jobs: deque[Job], max_tokens: int | None, now: float) -> WorkItem | None:
+    def _pop_from(
+        self, lane: _Lane, jobs: deque[Job], max_tokens: int | None, now: float
+    ) -> WorkItem | None:
         while jobs:
             job = jobs[0]
             if job.done or job.expired(now):
@@ -313,7 +393,7 @@ class FairQueue:
             self._queued_items -= 1
             self._queued_tokens -= len(job.sequences[index])
             if job.untaken:
-                self._started.append(job)  # rotate: the next input goes to another job
+                lane.started.append(job)  # rotate: the next input goes to another job
             return WorkItem(job, index)
         return None
 
@@ -329,9 +409,10 @@ class FairQueue:
     def fail_all(self, error: EmbeddError) -> None:
         """Ends every queued job with ``error`` (e.g. when the last worker died)."""
         with self._lock:
-            jobs = [*self._fresh, *self._started]
-            self._fresh.clear()
-            self._started.clear()
+            jobs = [job for lane in self._lanes.values() for job in (*lane.fresh, *lane.started)]
+            for lane in self._lanes.values():
+                lane.fresh.clear()
+                lane.started.clear()
             self._queued_items = 0
             self._queued_tokens = 0
         for job in jobs:
