@@ -2,8 +2,8 @@
 --
 -- Placed BEFORE the transcoder in the filter chain, so on the response path it sees what the
 -- transcoder made of the server's reply. On an error the embedd server attaches the complete
--- HTTP error JSON (OpenAI's or Ollama's shape, chosen by the route) as trailing metadata
--- `x-http-error-body` (OpenAI's, Ollama's, Cohere's/Jina's or TEI's shape, chosen by the route),
+-- HTTP error JSON as trailing metadata `x-http-error-body` (OpenAI's, Ollama's, Cohere's, the
+-- rerank routes' or TEI's shape: the one the RPC's service declares),
 -- and the HTTP status as `x-http-status`; a unary error is a trailers-only
 -- reply, so both arrive here as response headers. This filter turns them into the body.
 -- A `retry-after` trailer (rate limits, in whole seconds) stays as the HTTP Retry-After header:
@@ -14,23 +14,61 @@
 
 local NAMESPACE = "embedd"
 
--- TEI's routes (their errors in TEI's {"error", "error_type"} shape): rpc/status.py's
--- TEI_PATHS lists the same paths. POST / is TEI's too (its hosted-endpoint route); GET / and
--- HEAD / are Ollama's.
-local TEI_PREFIXES = {
-  "/rerank", "/predict", "/embed_sparse", "/embed", "/embed_all", "/similarity", "/tokenize",
-  "/decode", "/info", "/ping", "/invocations",
+-- The error shape of each REST path, from the protos: each service declares its routes' shape
+-- (embedd.v1.rest). The root is chosen by verb (GET / and HEAD / are Ollama's, POST / TEI's);
+-- any other path by the longest claim on it; a path nothing claims speaks DEFAULT_SHAPE.
+-- BEGIN GENERATED ROUTES (embedd_server.run.envoy lua, from the protos' embedd.v1.rest options:
+-- do not edit).
+local DEFAULT_SHAPE = "openai"
+local ROOT_SHAPES = {GET = "ollama", HEAD = "ollama", POST = "tei"}
+local ROOT_OTHER_SHAPE = "ollama"
+-- {prefix, whole, shape}, the longest prefix first. whole: the path itself or one under
+-- it (path .. "/..."); else every path that starts with prefix.
+local CLAIMS = {
+  {"/v1/models/unload", true, "openai"},
+  {"/v1/models/load", true, "openai"},
+  {"/api/embeddings", true, "ollama"},
+  {"/v1/embeddings", true, "openai"},
+  {"/embed_sparse", true, "tei"},
+  {"/api/version", true, "ollama"},
+  {"/invocations", true, "tei"},
+  {"/v1/models/", false, "openai"},
+  {"/embeddings", true, "openai"},
+  {"/similarity", true, "tei"},
+  {"/v1/rerank", false, "rerank"},
+  {"/v2/rerank", false, "rerank"},
+  {"/v1/models", true, "openai"},
+  {"/api/embed", true, "ollama"},
+  {"/embed_all", true, "tei"},
+  {"/api/tags", true, "ollama"},
+  {"/api/pull", true, "ollama"},
+  {"/api/show", true, "ollama"},
+  {"/v2/embed", true, "cohere"},
+  {"/tokenize", true, "tei"},
+  {"/predict", true, "tei"},
+  {"/health", true, "openai"},
+  {"/api/ps", true, "ollama"},
+  {"/rerank", true, "tei"},
+  {"/decode", true, "tei"},
+  {"/embed", true, "tei"},
+  {"/api/", false, "ollama"},
+  {"/info", true, "tei"},
+  {"/ping", true, "tei"},
+  {"/v2/", false, "cohere"},
 }
+-- END GENERATED ROUTES
 
-local function is_tei(path, method)
-  if method == "POST" and (path == "/" or path:sub(1, 2) == "/?") then return true end
-  for _, prefix in ipairs(TEI_PREFIXES) do
-    if path:sub(1, #prefix) == prefix then
-      local next_char = path:sub(#prefix + 1, #prefix + 1)
-      if next_char == "" or next_char == "?" or next_char == "/" then return true end
+local function shape_of(path, method)
+  local bare = path:match("^[^?]*")
+  if bare == "/" then return ROOT_SHAPES[method] or ROOT_OTHER_SHAPE end
+  for _, claim in ipairs(CLAIMS) do
+    local prefix, whole, shape = claim[1], claim[2], claim[3]
+    if bare:sub(1, #prefix) == prefix then
+      local next_char = bare:sub(#prefix + 1, #prefix + 1)
+      if not whole or next_char == "" or next_char == "/" then return shape end
     end
   end
-  return false
+  return DEFAULT_SHAPE
 end
 
 -- The most header bytes (names and values) a REST request may carry. Above it the request is
@@ -60,15 +98,9 @@ function envoy_on_request(request_handle)
     metadata:set(NAMESPACE, "native_grpc", true)
     return
   end
-  if is_tei(path, method) then
-    metadata:set(NAMESPACE, "tei", true)
-  elseif path:sub(1, 5) == "/api/" or path == "/" then
-    metadata:set(NAMESPACE, "ollama", true)
-  elseif path:match("^/v[12]/rerank") then
-    metadata:set(NAMESPACE, "rerank", true)
-  elseif path:sub(1, 4) == "/v2/" then
-    metadata:set(NAMESPACE, "cohere", true)
-  end
+  -- The shape's name as a key (openai, ollama, cohere, rerank, tei): the local reply mappers of
+  -- envoy.yaml.tmpl and fallback_body below read it.
+  metadata:set(NAMESPACE, shape_of(path, method), true)
   if header_bytes(request_handle:headers()) > MAX_HEADER_BYTES then
     request_handle:respond({[":status"] = "431", ["content-type"] = "text/plain"}, HEADERS_TOO_LARGE)
   end

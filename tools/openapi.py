@@ -18,9 +18,10 @@ Swagger is then adjusted to what Envoy's gRPC-JSON transcoder really does (see
   scalar and repeated field; message fields and proto3 ``optional`` fields only when set) and
   nothing else; uint32 fields are bounded; ``google.protobuf.ListValue`` is an array of any
   JSON values;
-- every operation's non-2xx answer is documented as the error body of its route: OpenAI's
-  ``{"error": {"message", "type", "param", "code"}}``, Ollama's ``{"error": "..."}`` under
-  ``/api/`` and at ``/``, Cohere's ``{"message": "..."}`` under ``/v2/``,
+- every operation's non-2xx answer is documented as the error body its service declares
+  (``embedd.v1.rest``, read through ``embedd_server.rpc.edge``): OpenAI's
+  ``{"error": {"message", "type", "param", "code"}}`` (the native and OpenAI services), Ollama's
+  ``{"error": "..."}`` (``/api/`` and ``GET /``), Cohere's ``{"message": "..."}`` (``/v2/``),
   ``{"message", "detail"}`` on the Cohere/Jina rerank routes, TEI's ``{"error", "error_type"}``
   on TEI's routes (``POST /`` included);
 - a ``google.api.HttpBody`` answer is what it carries: the plain text of ``GET /``, Ollama's
@@ -45,6 +46,8 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
+from embedd_server.rpc import edge
+
 PLUGIN_MODULE = "github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2"
 # v2.32.0 needs a genproto version the Go module proxy does not serve.
 PLUGIN_VERSION = "v2.31.0"
@@ -57,7 +60,9 @@ OUTPUT = REPO / "docs" / "openapi" / "embedd.openapi.json"
 TOOLS_BIN = REPO / ".tools" / "bin"
 
 PLUGIN_OPTIONS = (
-    f"M{PROTO}=embedd/v1",  # a Go import path, which the plugin insists on (unused)
+    # A Go import path per file, which the plugin insists on (unused).
+    f"M{PROTO}=embedd/v1",
+    "Membedd/v1/rest.proto=embedd/v1",
     "json_names_for_fields=false",
     "allow_merge=true",
     "merge_file_name=embedd",
@@ -164,28 +169,14 @@ ERROR_DEFINITIONS: dict[str, Any] = {
         "properties": {"message": {"type": "string", "minLength": 1}},
     },
 }
-# TEI's paths (rpc/status.py's TEI_PATHS); POST / is TEI's too, GET / and HEAD / Ollama's.
-TEI_PATHS = (
-    "/rerank",
-    "/predict",
-    "/embed_sparse",
-    "/embed",
-    "/embed_all",
-    "/similarity",
-    "/tokenize",
-    "/decode",
-    "/info",
-    "/ping",
-    "/invocations",
-)
-# REST path prefix -> its error body (the first match wins; else OpenAI's), as the server's
-# rpc/status.py shapes them.
-ERRORS_BY_PATH = (
-    ("/api/", OLLAMA_ERROR),
-    ("/v1/rerank", RERANK_ERROR),
-    ("/v2/rerank", RERANK_ERROR),
-    ("/v2/", COHERE_ERROR),
-)
+# Each error shape the protos declare (rpc/edge.py) -> its definition above.
+ERRORS_BY_SHAPE = {
+    "openai": OPENAI_ERROR,
+    "ollama": OLLAMA_ERROR,
+    "cohere": COHERE_ERROR,
+    "rerank": RERANK_ERROR,
+    "tei": TEI_ERROR,
+}
 
 
 def include_dirs() -> list[Path]:
@@ -311,13 +302,8 @@ def post_process(
 
 
 def _error_shape(path: str, verb: str) -> str:
-    """The error body of a REST path and verb (the root answers Ollama's clients on GET and
-    HEAD, TEI's on POST)."""
-    if path == "/":
-        return TEI_ERROR if verb == "post" else OLLAMA_ERROR
-    if path in TEI_PATHS:
-        return TEI_ERROR
-    return next((e for prefix, e in ERRORS_BY_PATH if path.startswith(prefix)), OPENAI_ERROR)
+    """The error body of a REST path and verb: its service's declared shape (rpc/edge.py)."""
+    return ERRORS_BY_SHAPE[edge.shape_of_path(path, verb)]
 
 
 def _http_body(operation: dict[str, Any], path: str, verb: str) -> None:

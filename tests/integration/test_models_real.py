@@ -58,6 +58,12 @@ def stub(server: ServerProcess) -> Iterator[Any]:
         yield pb_grpc.EmbedderStub(channel)
 
 
+@pytest.fixture(scope="module")
+def ollama(server: ServerProcess) -> Iterator[Any]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.OllamaStub(channel)
+
+
 def add_q8(models_dir: Path) -> Path:
     """Imports the default model's source as q8_0 under the name minilm-q8 (atomically)."""
     path = models_dir / f"{Q8}.gguf"
@@ -150,7 +156,7 @@ def test_a_causal_lm_is_refused_without_pooling_and_served_with_it(stub: Any) ->
 
 @pytest.mark.slow  # waits for real keep-alive expiries (~14 s here)
 def test_a_short_keep_alive_expires_and_keep_alive_zero_unloads(
-    stub: Any, models_dir: Path
+    stub: Any, ollama: Any, models_dir: Path
 ) -> None:
     add_q8(models_dir)
     keep_alive = struct_pb2.Value(string_value="1s")
@@ -162,7 +168,7 @@ def test_a_short_keep_alive_expires_and_keep_alive_zero_unloads(
     assert Q8 not in running(stub)
     assert not listed(stub)[Q8].loaded
 
-    response = stub.OllamaEmbed(
+    response = ollama.OllamaEmbed(
         pb.OllamaEmbedRequest(
             model=Q8,
             input=struct_pb2.Value(string_value="hello"),

@@ -156,10 +156,17 @@ def test_rendered_config_health_checks_outliers_retries_and_socket_admin() -> No
     )  # nothing to fail over to
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    idempotent = ["Embed", "Tokenize", "ListModels", "GetModel", "CreateEmbeddings", "OllamaEmbed"]
+    idempotent = [
+        "Embedder/Embed",
+        "Embedder/Tokenize",
+        "Embedder/ListModels",
+        "Embedder/GetModel",
+        "OpenAI/CreateEmbeddings",
+        "Ollama/OllamaEmbed",
+    ]
     for native in (True, False):
         for rpc in idempotent:
-            policy = _first_route(routes, f"/embedd.v1.Embedder/{rpc}", native)["route"]
+            policy = _first_route(routes, f"/embedd.v1.{rpc}", native)["route"]
             retry = policy["retry_policy"]
             assert set(retry["retry_on"].split(",")) == {
                 "unavailable",

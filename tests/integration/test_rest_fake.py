@@ -448,7 +448,7 @@ def test_native_grpc_through_envoy(envoy: EnvoyProcess, server: ServerThread) ->
         replies = list(stub.EmbedStream(iter(batches), timeout=10))
         assert [r.request_id for r in replies] == ["0", "1", "2"]
         # The REST RPCs are plain RPCs too.
-        created = stub.CreateEmbeddings(
+        created = pb_grpc.OpenAIStub(channel).CreateEmbeddings(
             pb.CreateEmbeddingsRequest(model="fake", input=Value(string_value="hello")),
             timeout=10,
         )
@@ -587,7 +587,7 @@ def test_openai_truncate_setting_is_the_default_of_the_field(tmp_path: Path) -> 
         ServerThread.with_fake_models(tmp_path / "models", openai_truncate=True) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
-        stub = embedder(channel)
+        stub = pb_grpc.OpenAIStub(channel)
         cut, call = stub.CreateEmbeddings.with_call(
             pb.CreateEmbeddingsRequest(input=Value(string_value=long_text))
         )

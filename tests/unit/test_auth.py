@@ -117,7 +117,7 @@ def test_only_model_control_is_guarded_when_access_control_is_off() -> None:
     handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
         lambda request, context: request
     )
-    for method in ("/embedd.v1.Embedder/Embed", "/embedd.v1.Embedder/CreateEmbeddings"):
+    for method in ("/embedd.v1.Embedder/Embed", "/embedd.v1.OpenAI/CreateEmbeddings"):
         assert interceptor.wrap(handler, _Details(method)) is handler  # no per-call cost
     for method in MODEL_CONTROL_METHODS:
         assert interceptor.wrap(handler, _Details(method)) is not handler
@@ -225,7 +225,7 @@ def test_streams_and_model_management_need_a_key(channel: grpc.Channel) -> None:
 
 
 def test_ollama_route_gets_ollama_shape(channel: grpc.Channel) -> None:
-    stub = pb_grpc.EmbedderStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
+    stub = pb_grpc.OllamaStub(channel)  # type: ignore[no-untyped-call, unused-ignore]
     error = rpc_error(lambda: stub.OllamaEmbed(pb.OllamaEmbedRequest(model="fake")))
     body = assert_refused(error, grpc.StatusCode.UNAUTHENTICATED, 401)
     assert set(body) == {"error"} and body["error"].startswith("Incorrect API key provided")

@@ -280,14 +280,15 @@ def test_a_request_id_is_generated_when_none_is_sent_and_returned(
 
 
 def test_records_logged_inside_an_rpc_carry_its_request_id(
-    stub: pb_grpc.EmbedderStub, caplog: pytest.LogCaptureFixture
+    server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="embedd_server")
     caplog.handler.addFilter(RequestIdFilter())  # as configure_logging installs it
-    stub.CreateEmbeddings(
-        pb.CreateEmbeddingsRequest(model="fake", input=Value(string_value="hello"), user="u-7"),
-        metadata=(("x-request-id", "rest-42"),),
-    )
+    with grpc.insecure_channel(server.target) as channel:
+        pb_grpc.OpenAIStub(channel).CreateEmbeddings(
+            pb.CreateEmbeddingsRequest(model="fake", input=Value(string_value="hello"), user="u-7"),
+            metadata=(("x-request-id", "rest-42"),),
+        )
     (core,) = [record for record in caplog.records if getattr(record, "user", None) == "u-7"]
     assert core.request_id == "rest-42"  # type: ignore[attr-defined]
     (line,) = access_lines(caplog)

@@ -111,11 +111,12 @@ def test_no_request_reads_or_hashes_a_model_file_on_the_event_loop(
         grpc.insecure_channel(server.target) as channel,
     ):
         stub = pb_grpc.EmbedderStub(channel)
+        ollama = pb_grpc.OllamaStub(channel)
         listed = {model.id: model for model in stub.ListModels(pb.ListModelsRequest()).data}
         assert list(listed) == ["fake", "other", "reranker", "vocab-only"]
         assert listed["vocab-only"].tokenizer == "llama.cpp"
         assert listed["fake"].tokenizer == "exact"
-        tags = stub.OllamaTags(pb.OllamaTagsRequest()).models
+        tags = ollama.OllamaTags(pb.OllamaTagsRequest()).models
         other_digest = hashlib.sha256((tmp_path / "other.gguf").read_bytes()).hexdigest()
         assert {tag.name: tag.digest for tag in tags}[
             "other:latest"
@@ -127,9 +128,9 @@ def test_no_request_reads_or_hashes_a_model_file_on_the_event_loop(
         assert stub.GetModel(pb.GetModelRequest(model="other")).dimensions == 16
         names = [model.id for model in stub.ListModels(pb.ListModelsRequest()).data]
         assert names == ["fake", "other", "third", "vocab-only"]
-        tags = stub.OllamaTags(pb.OllamaTagsRequest()).models
+        tags = ollama.OllamaTags(pb.OllamaTagsRequest()).models
         assert {tag.name: tag.digest for tag in tags}["third:latest"] == other_digest
-        assert stub.OllamaShow(pb.OllamaShowRequest(model="third")).model_info
+        assert ollama.OllamaShow(pb.OllamaShowRequest(model="third")).model_info
         assert stub.Embed(pb.EmbedRequest(texts=["cat"], model="third")).model == "third"
         assert {model.name for model in stub.ListRunning(pb.ListRunningRequest()).models} == {
             "fake",
@@ -142,7 +143,7 @@ def test_no_request_reads_or_hashes_a_model_file_on_the_event_loop(
         assert "Available models: fake, other, third, vocab-only" in str(missing.details())
         for call in (
             lambda: stub.GetModel(pb.GetModelRequest(model="nope")),
-            lambda: stub.OllamaShow(pb.OllamaShowRequest(model="nope")),
+            lambda: ollama.OllamaShow(pb.OllamaShowRequest(model="nope")),
             lambda: stub.LoadModel(pb.LoadModelRequest(model="nope")),
             lambda: stub.Rerank(pb.RerankRequest(query="q", documents=["d"])),
             lambda: stub.Classify(pb.ClassifyRequest(inputs=[pb.ClassifyInput(text="t")])),
@@ -209,10 +210,10 @@ def _run(
 
 
 def _raw_call(channel: grpc.Channel, method: str, request: Message) -> Callable[[], object]:
-    """A call of ``method`` whose reply is left as bytes: the test's client shares the
-    server's process (and its GIL), so it does not parse 100 models per listing."""
+    """A call of ``method`` (Service/Method) whose reply is left as bytes: the test's client
+    shares the server's process (and its GIL), so it does not parse 100 models per listing."""
     call: grpc.UnaryUnaryMultiCallable[Message, bytes] = channel.unary_unary(
-        f"/embedd.v1.Embedder/{method}", type(request).SerializeToString
+        f"/embedd.v1.{method}", type(request).SerializeToString
     )
     return lambda: call(request, timeout=CALL_TIMEOUT_S)
 
@@ -246,16 +247,17 @@ def test_listing_models_or_asking_an_unknown_one_does_not_slow_other_callers(
 ) -> None:
     with grpc.insecure_channel(many_models.target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
+        ollama = pb_grpc.OllamaStub(channel)
         # The first listing waits for the index (each file read once, in the background).
         assert len(stub.ListModels(pb.ListModelsRequest(), timeout=60).data) == MODEL_FILES
-        assert len(stub.OllamaTags(pb.OllamaTagsRequest(), timeout=60).models) == MODEL_FILES
+        assert len(ollama.OllamaTags(pb.OllamaTagsRequest(), timeout=60).models) == MODEL_FILES
         others = [
-            _raw_call(channel, "ListModels", pb.ListModelsRequest()),
-            _raw_call(channel, "OllamaTags", pb.OllamaTagsRequest()),
-            _raw_call(channel, "Embed", pb.EmbedRequest(texts=["cat"], model="nope")),
+            _raw_call(channel, "Embedder/ListModels", pb.ListModelsRequest()),
+            _raw_call(channel, "Ollama/OllamaTags", pb.OllamaTagsRequest()),
+            _raw_call(channel, "Embedder/Embed", pb.EmbedRequest(texts=["cat"], model="nope")),
             _raw_call(
                 channel,
-                "OllamaEmbed",
+                "Ollama/OllamaEmbed",
                 pb.OllamaEmbedRequest(model="nope", input=Value(string_value="cat")),
             ),
         ]

@@ -27,6 +27,12 @@ def stub(fake_server: ServerThread) -> Iterator[pb_grpc.EmbedderStub]:
         yield pb_grpc.EmbedderStub(channel)
 
 
+@pytest.fixture
+def ollama(fake_server: ServerThread) -> Iterator[pb_grpc.OllamaStub]:
+    with grpc.insecure_channel(fake_server.target) as channel:
+        yield pb_grpc.OllamaStub(channel)
+
+
 def _running(stub: pb_grpc.EmbedderStub) -> dict[str, str]:
     reply = stub.ListRunning(pb.ListRunningRequest())
     return {model.name: model.expires_at for model in reply.models}
@@ -68,11 +74,13 @@ def test_concurrent_first_requests_cause_one_load(
     assert fake_server.server.registry.loads == loads_before + 1
 
 
-def test_keep_alive_zero_unloads_after_the_request(stub: pb_grpc.EmbedderStub) -> None:
+def test_keep_alive_zero_unloads_after_the_request(
+    stub: pb_grpc.EmbedderStub, ollama: pb_grpc.OllamaStub
+) -> None:
     request = pb.OllamaEmbedRequest(
         model="other", input=Value(string_value="hello"), keep_alive=Value(number_value=0)
     )
-    assert stub.OllamaEmbed(request).model == "other"
+    assert ollama.OllamaEmbed(request).model == "other"
     wait_until(lambda: "other" not in _running(stub), "'other' unloaded", timeout=1.0)
 
 
@@ -282,14 +290,14 @@ def test_a_loaded_model_is_not_reloaded_with_other_options(tmp_path: Path) -> No
 
 
 def test_the_default_model_stays_loaded(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+    stub: pb_grpc.EmbedderStub, ollama: pb_grpc.OllamaStub, fake_server: ServerThread
 ) -> None:
     runtime = fake_server.runtime
     error = _error(lambda: stub.UnloadModel(pb.UnloadModelRequest(model="")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "'fake' is the default model, which stays loaded" in str(error.details())
     zero = Value(number_value=0)
-    stub.OllamaEmbed(
+    ollama.OllamaEmbed(
         pb.OllamaEmbedRequest(model="fake", input=Value(string_value="hi"), keep_alive=zero)
     )
     reply = stub.LoadModel(pb.LoadModelRequest(model="fake", keep_alive=zero))
@@ -300,16 +308,16 @@ def test_the_default_model_stays_loaded(
 
 
 def test_requests_keep_alive_does_not_unpin_a_model_an_admin_pinned(
-    stub: pb_grpc.EmbedderStub, fake_server: ServerThread
+    stub: pb_grpc.EmbedderStub, ollama: pb_grpc.OllamaStub, fake_server: ServerThread
 ) -> None:
     stub.LoadModel(pb.LoadModelRequest(model="other", keep_alive=Value(number_value=-1)))
     request = pb.OllamaEmbedRequest(
         model="other", input=Value(string_value="hello"), keep_alive=Value(number_value=0)
     )
-    assert stub.OllamaEmbed(request).model == "other"
+    assert ollama.OllamaEmbed(request).model == "other"
     _reap(fake_server)
     assert _running(stub)["other"].startswith("2318-")
     # Unpinned by the admin's unload, the model follows requests' keep_alive again.
     stub.UnloadModel(pb.UnloadModelRequest(model="other"))
-    assert stub.OllamaEmbed(request).model == "other"
+    assert ollama.OllamaEmbed(request).model == "other"
     wait_until(lambda: "other" not in _running(stub), "'other' expired", timeout=3.0)

@@ -1,7 +1,8 @@
 """The servicer alone, under grpcio-testing: no network, statuses and error trailers.
 
-grpc_testing drives synchronous servicers, so a small shim runs our asyncio servicer's
-methods on an event loop thread and adapts the test context's abort() to the aio signature.
+grpc_testing drives synchronous servicers, so a small shim per service runs our asyncio
+handlers (bound as the server binds them) on an event loop thread and adapts the test
+context's abort() to the aio signature.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from google.protobuf.struct_pb2 import ListValue, Value
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
-from embedd_server.rpc.servicer import EmbedderServicer
+from embedd_server.rpc.backend import Backend
+from embedd_server.rpc.services import APIS, bound_handlers
 from embedd_server.settings import Settings
 from tests.fakes import FakeLoader, engine_error, on_token, write_fake_gguf
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Embedder"]
 
 
 class _AioContext:
@@ -52,14 +52,15 @@ class _Aborted(Exception):
 
 
 class _SyncShim:
-    """Exposes each async RPC method as the sync callable grpc_testing invokes."""
+    """Exposes each bound async handler of a service as the sync callable grpc_testing
+    invokes."""
 
-    def __init__(self, servicer: EmbedderServicer, loop: asyncio.AbstractEventLoop) -> None:
-        self._servicer = servicer
+    def __init__(self, handlers: dict[str, Callable[..., Any]], loop: asyncio.AbstractEventLoop):
+        self._handlers = handlers
         self._loop = loop
 
     def __getattr__(self, name: str) -> Callable[[Any, Any], Any]:
-        method = getattr(self._servicer, name)
+        method = self._handlers[name]
 
         def call(request: Any, context: Any) -> Any:
             coroutine = method(request, _AioContext(context))
@@ -90,13 +91,16 @@ def _servicer(tmp_path: Path, loader: FakeLoader) -> Iterator[Invoke]:
     thread.start()
     engine_settings = settings.engine_settings()
     registry = ModelRegistry(engine_settings, loader)
-    servicer = EmbedderServicer(EmbeddingService(engine_settings, registry), stream_window=2)
-    server = grpc_testing.server_from_dictionary(
-        {SERVICE: _SyncShim(servicer, loop)}, grpc_testing.strict_real_time()
-    )
+    backend = Backend(EmbeddingService(engine_settings, registry), stream_window=2)
+    shims = {
+        api.SERVICE: _SyncShim(bound_handlers(api.SERVICE, api.HANDLERS, backend), loop)
+        for api in APIS
+    }
+    server = grpc_testing.server_from_dictionary(shims, grpc_testing.strict_real_time())
 
     def invoke(method: str, request: Any) -> tuple[Any, Any, grpc.StatusCode, str]:
-        call = server.invoke_unary_unary(SERVICE.methods_by_name[method], (), request, None)
+        [service] = [service for service in shims if method in service.methods_by_name]
+        call = server.invoke_unary_unary(service.methods_by_name[method], (), request, None)
         response, trailers, code, details = call.termination()
         return response, dict(trailers or ()), code, details
 

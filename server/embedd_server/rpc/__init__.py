@@ -1,1 +1,2 @@
-"""The gRPC transport: servicers, the error table, interceptors. Translates; decides nothing."""
+"""The gRPC transport: one handler module per API, the error table, interceptors. Translates;
+decides nothing."""

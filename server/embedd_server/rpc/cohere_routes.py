@@ -1,4 +1,5 @@
-"""Cohere's POST /v2/embed: texts in, several vector types at once from one forward pass."""
+"""The ``embedd.v1.Cohere`` API: Cohere's POST /v2/embed, texts in, several vector types at
+once from one forward pass."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from google.protobuf import struct_pb2
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.compute.engine import FloatMatrix
 from embedd_server.core.quantization import FLOAT, OUTPUT_TYPES
-from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.core.service import EmbedParams
 from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.errors import InvalidInput, shorten
 from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.backend import Backend, Handlers
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import string_list
-from embedd_server.rpc.status import cohere_error_body, translate_errors
 
 BASE64 = "base64"  # little-endian float32, base64: computed from the float vectors
 EMBEDDING_TYPES = (*OUTPUT_TYPES, BASE64)
@@ -69,55 +70,55 @@ def _base64_rows(vectors: FloatMatrix) -> struct_pb2.ListValue:
     )
 
 
-class CohereRoutes:
-    """CohereEmbed of embedd.v1.Embedder."""
-
-    def __init__(self, service: EmbeddingService) -> None:
-        self._cohere_service = service
-
-    @translate_errors(cohere_error_body)
-    async def CohereEmbed(
-        self, request: pb.CohereEmbedRequest, context: Context
-    ) -> pb.CohereEmbedResponse:
-        _refuse_non_text(request)
-        texts = string_list(request.texts if request.HasField("texts") else None, "texts")
-        if not texts:
-            raise InvalidInput("texts is missing or empty; give at least one text.", param="texts")
-        types = _embedding_types(request)
-        truncate, direction = _truncation(request)
-        if request.HasField("output_dimension") and request.output_dimension < 1:
-            raise InvalidInput(
-                f"output_dimension must be at least 1; got {request.output_dimension}.",
-                param="output_dimension",
-            )
-        params = EmbedParams(
-            model=request.model,
-            texts=texts,
-            dimensions=request.output_dimension if request.HasField("output_dimension") else None,
-            truncate=truncate,
-            truncation_direction=direction,
-            truncation_hint='send "truncate": "END" or "START"',
-            max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
-            input_type=request.input_type or None,
-            output_types=tuple(kind for kind in types if kind != BASE64) or (FLOAT,),
+async def cohere_embed(
+    backend: Backend, request: pb.CohereEmbedRequest, context: Context
+) -> pb.CohereEmbedResponse:
+    """Cohere.CohereEmbed (POST /v2/embed)."""
+    _refuse_non_text(request)
+    texts = string_list(request.texts if request.HasField("texts") else None, "texts")
+    if not texts:
+        raise InvalidInput("texts is missing or empty; give at least one text.", param="texts")
+    types = _embedding_types(request)
+    truncate, direction = _truncation(request)
+    if request.HasField("output_dimension") and request.output_dimension < 1:
+        raise InvalidInput(
+            f"output_dimension must be at least 1; got {request.output_dimension}.",
+            param="output_dimension",
         )
-        outcome = await self._cohere_service.embed(params, deadline_of(context))
-        embeddings = pb.CohereEmbeddings()
-        for kind in types:
-            if kind == FLOAT:
-                rows = vector_messages.nested_list_value(outcome.vectors)
-            elif kind == BASE64:
-                rows = _base64_rows(outcome.vectors)
-            else:
-                rows = vector_messages.nested_integer_list_value(outcome.compact[kind])
-            getattr(embeddings, kind).CopyFrom(rows)
-        return pb.CohereEmbedResponse(
-            id=str(uuid.uuid4()),
-            response_type="embeddings_by_type",
-            embeddings=embeddings,
-            texts=texts,
-            meta=pb.CohereMeta(
-                api_version=pb.CohereApiVersion(version=API_VERSION),
-                billed_units=pb.CohereBilledUnits(input_tokens=float(outcome.prompt_tokens)),
-            ),
-        )
+    params = EmbedParams(
+        model=request.model,
+        texts=texts,
+        dimensions=request.output_dimension if request.HasField("output_dimension") else None,
+        truncate=truncate,
+        truncation_direction=direction,
+        truncation_hint='send "truncate": "END" or "START"',
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+        input_type=request.input_type or None,
+        output_types=tuple(kind for kind in types if kind != BASE64) or (FLOAT,),
+    )
+    outcome = await backend.service.embed(params, deadline_of(context))
+    embeddings = pb.CohereEmbeddings()
+    for kind in types:
+        if kind == FLOAT:
+            rows = vector_messages.nested_list_value(outcome.vectors)
+        elif kind == BASE64:
+            rows = _base64_rows(outcome.vectors)
+        else:
+            rows = vector_messages.nested_integer_list_value(outcome.compact[kind])
+        getattr(embeddings, kind).CopyFrom(rows)
+    return pb.CohereEmbedResponse(
+        id=str(uuid.uuid4()),
+        response_type="embeddings_by_type",
+        embeddings=embeddings,
+        texts=texts,
+        meta=pb.CohereMeta(
+            api_version=pb.CohereApiVersion(version=API_VERSION),
+            billed_units=pb.CohereBilledUnits(input_tokens=float(outcome.prompt_tokens)),
+        ),
+    )
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Cohere"]
+HANDLERS: Handlers = {
+    "CohereEmbed": cohere_embed,
+}

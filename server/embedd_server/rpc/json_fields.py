@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from google.protobuf import struct_pb2
 
+from embedd.v1 import embedder_pb2 as pb
 from embedd_server.errors import InvalidInput
 
 _JSON_TYPES = {
@@ -60,3 +61,19 @@ def string_list(value: struct_pb2.Value | None, param: str) -> list[str]:
                 f"{param}[{index}] must be a string; got {json_type(item)}.", param=param
             )
     return [item.string_value for item in items]
+
+
+def requested_dimensions(request: pb.CreateEmbeddingsRequest | pb.OllamaEmbedRequest) -> int | None:
+    """The request's ``dimensions`` (None: not set); below 1 is refused."""
+    if not request.HasField("dimensions"):
+        return None
+    if request.dimensions < 1:
+        raise InvalidInput(
+            f"dimensions must be at least 1; got {request.dimensions}.", param="dimensions"
+        )
+    return request.dimensions
+
+
+def json_kind(kind: str | None) -> str:
+    """A Value's kind in JSON words; an unset Value (no kind) reads as null."""
+    return _JSON_TYPES.get(kind or "null_value", str(kind))

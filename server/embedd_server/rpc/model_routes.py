@@ -1,4 +1,5 @@
-"""Model management RPCs: explicit load/unload (Jan/Nitro style) and Ollama's /api/ps."""
+"""The native model RPCs: the catalogue, explicit load/unload (Jan/Nitro style) and the
+running models (also Ollama's /api/ps, ollama_routes' OllamaPs)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import datetime
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.compute.settings import LoadOptions
-from embedd_server.core.service import EmbeddingService, ModelStatus, RunningModel
+from embedd_server.core.service import ModelStatus, RunningModel
 from embedd_server.errors import NotImplementedFeature
+from embedd_server.rpc.backend import Backend, Handlers
 from embedd_server.rpc.context import Context
 from embedd_server.rpc.keep_alive import parse_keep_alive
 from embedd_server.rpc.ollama_shapes import ollama_details
-from embedd_server.rpc.status import ollama_error_body, translate_errors
 
 # Ollama prints a far-future expiry for models kept forever.
 _FOREVER = datetime.datetime(2318, 1, 1, tzinfo=datetime.UTC)
@@ -46,67 +47,63 @@ def model_message(status: ModelStatus) -> pb.Model:
     )
 
 
-class ModelRoutes:
-    """LoadModel, UnloadModel, ListRunning, ListModels and GetModel of embedd.v1.Embedder."""
+async def list_models(
+    backend: Backend, request: pb.ListModelsRequest, context: Context
+) -> pb.ListModelsResponse:
+    """Embedder.ListModels (GET /v1/models)."""
+    service = backend.service
+    statuses = await service.list_models() + await service.list_aliases()
+    models = [model_message(status) for status in statuses]
+    return pb.ListModelsResponse(object="list", data=models)
 
-    def __init__(self, service: EmbeddingService) -> None:
-        self._models_service = service
 
-    @translate_errors()
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: Context
-    ) -> pb.ListModelsResponse:
-        service = self._models_service
-        statuses = await service.list_models() + await service.list_aliases()
-        models = [model_message(status) for status in statuses]
-        return pb.ListModelsResponse(object="list", data=models)
+async def get_model(backend: Backend, request: pb.GetModelRequest, context: Context) -> pb.Model:
+    """Embedder.GetModel (GET /v1/models/{model})."""
+    return model_message(await backend.service.get_model(request.model))
 
-    @translate_errors()
-    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
-        return model_message(await self._models_service.get_model(request.model))
 
-    @translate_errors()
-    async def LoadModel(
-        self, request: pb.LoadModelRequest, context: Context
-    ) -> pb.LoadModelResponse:
-        if request.HasField("embedding") and not request.embedding:
-            raise NotImplementedFeature(
-                'embedd loads models for embeddings only; send "embedding": true.',
-                param="embedding",
-            )
-        options = LoadOptions(
-            pooling=request.pooling or None,
-            n_gpu_layers=request.n_gpu_layers if request.HasField("n_gpu_layers") else None,
+async def load_model(
+    backend: Backend, request: pb.LoadModelRequest, context: Context
+) -> pb.LoadModelResponse:
+    """Embedder.LoadModel (POST /v1/models/load)."""
+    if request.HasField("embedding") and not request.embedding:
+        raise NotImplementedFeature(
+            'embedd loads models for embeddings only; send "embedding": true.',
+            param="embedding",
         )
-        keep_alive = (
-            parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
-        )
-        status = await self._models_service.load_model(request.model, options, keep_alive)
-        message = "Model loaded successfully"
-        if keep_alive is not None and self._models_service.is_default_model(request.model):
-            message += "; keep_alive ignored: the default model stays loaded"
-        return pb.LoadModelResponse(message=message, model=model_message(status))
+    options = LoadOptions(
+        pooling=request.pooling or None,
+        n_gpu_layers=request.n_gpu_layers if request.HasField("n_gpu_layers") else None,
+    )
+    keep_alive = parse_keep_alive(request.keep_alive) if request.HasField("keep_alive") else None
+    status = await backend.service.load_model(request.model, options, keep_alive)
+    message = "Model loaded successfully"
+    if keep_alive is not None and backend.service.is_default_model(request.model):
+        message += "; keep_alive ignored: the default model stays loaded"
+    return pb.LoadModelResponse(message=message, model=model_message(status))
 
-    @translate_errors()
-    async def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: Context
-    ) -> pb.UnloadModelResponse:
-        status = await self._models_service.unload_model(request.model)
-        return pb.UnloadModelResponse(
-            message="Model unloaded successfully", model=model_message(status)
-        )
 
-    @translate_errors(ollama_error_body)
-    async def ListRunning(
-        self, request: pb.ListRunningRequest, context: Context
-    ) -> pb.ListRunningResponse:
-        service = self._models_service
-        return pb.ListRunningResponse(
-            models=[
-                _running_message(running, await service.digest(running.info))
-                for running in service.running()
-            ]
-        )
+async def unload_model(
+    backend: Backend, request: pb.UnloadModelRequest, context: Context
+) -> pb.UnloadModelResponse:
+    """Embedder.UnloadModel (POST /v1/models/unload)."""
+    status = await backend.service.unload_model(request.model)
+    return pb.UnloadModelResponse(
+        message="Model unloaded successfully", model=model_message(status)
+    )
+
+
+async def list_running(
+    backend: Backend, request: pb.ListRunningRequest, context: Context
+) -> pb.ListRunningResponse:
+    """Embedder.ListRunning."""
+    service = backend.service
+    return pb.ListRunningResponse(
+        models=[
+            _running_message(running, await service.digest(running.info))
+            for running in service.running()
+        ]
+    )
 
 
 def _running_message(running: RunningModel, digest: str) -> pb.RunningModel:
@@ -131,3 +128,12 @@ def _expiry(seconds: float) -> str:
         when = _FOREVER
     when = min(when, _FOREVER)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+HANDLERS: Handlers = {
+    "ListModels": list_models,
+    "GetModel": get_model,
+    "LoadModel": load_model,
+    "UnloadModel": unload_model,
+    "ListRunning": list_running,
+}

@@ -11,18 +11,19 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from embedd.v1 import embedder_pb2, embedder_pb2_grpc
+from embedd.v1 import embedder_pb2
 from embedd_server.compute.engine import RuntimeLoader
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService
 from embedd_server.engines.choice import load_runtime
 from embedd_server.errors import EmbeddError
 from embedd_server.metrics import Metrics, MetricsPortError
+from embedd_server.rpc.backend import Backend
 from embedd_server.rpc.interceptors import auth
 from embedd_server.rpc.interceptors.access_log import RequestContextInterceptor
 from embedd_server.rpc.interceptors.decode_guard import DecodeGuard
 from embedd_server.rpc.reflection import enable_reflection
-from embedd_server.rpc.servicer import EmbedderServicer
+from embedd_server.rpc.services import add_services, service_names
 from embedd_server.settings import Settings
 from embedd_server.tls import ServerTls, TlsError, load_server_tls
 
@@ -79,16 +80,16 @@ class EmbeddServer:
                 ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ],
         )
-        servicer = EmbedderServicer(
+        backend = Backend(
             self.service,
             self.settings.stream_window,
             serving=lambda: self.serving,
             openai_truncate=self.settings.openai_truncate,
             max_answer_bytes=self.settings.max_message_bytes,
         )
-        embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
+        add_services(server, backend)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+        enable_reflection((*service_names(), health.SERVICE_NAME), server)
         return server
 
     async def start(self) -> int:

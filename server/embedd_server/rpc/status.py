@@ -9,7 +9,8 @@ generic message, so internals never leak to callers.
 For the REST routes, the handler also attaches the complete HTTP error body as trailing
 metadata (:data:`HTTP_ERROR_KEY`); Envoy's Lua filter turns it into the response body, so
 OpenAI clients get OpenAI's error JSON, Ollama clients Ollama's, rerank clients Cohere's /
-Jina's and TEI clients TEI's.
+Jina's and TEI clients TEI's. Which one an RPC speaks is its service's declaration in the
+protos (``rpc/edge.py``); :data:`BODY_SHAPES` writes each shape.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.api import annotations_pb2  # type: ignore[import-untyped]
 from grpc import aio
 
-from embedd.v1 import embedder_pb2
 from embedd_server import errors
 from embedd_server.errors import EmbeddError, InternalError, shorten
+from embedd_server.rpc import edge
 
 log = logging.getLogger(__name__)
 
@@ -170,66 +170,20 @@ def http_status_of(error: EmbeddError, shape: BodyShape) -> int:
     return special(error) if special is not None else status_of(error).http_status
 
 
-# TEI's routes (POST / and /invocations too: TEI's hosted-endpoint routes, see
-# shape_of_path). envoy/rest_errors.lua's TEI_PATHS and tools/openapi.py's ERRORS_BY_PATH
-# list the same paths.
-TEI_PATHS = (
-    "/rerank",
-    "/predict",
-    "/embed_sparse",
-    "/embed",
-    "/embed_all",
-    "/similarity",
-    "/tokenize",
-    "/decode",
-    "/info",
-    "/ping",
-    "/invocations",
-)
-
-# REST path prefixes -> the error shape of the RPCs bound to them; the first match wins.
-_SHAPES_BY_PATH: tuple[tuple[str, BodyShape], ...] = (
-    ("/api/", ollama_error_body),
-    ("/v1/rerank", rerank_error_body),
-    ("/v2/rerank", rerank_error_body),
-    ("/v2/", cohere_error_body),
-)
-
-
-def shape_of_path(path: str, verb: str = "get") -> BodyShape | None:
-    """The error shape of a REST path and verb; None for OpenAI's (the default). The root
-    answers Ollama's clients on GET and HEAD ("Ollama is running") and TEI's on POST."""
-    if path == "/":
-        return tei_error_body if verb == "post" else ollama_error_body
-    if path in TEI_PATHS:
-        return tei_error_body
-    return next((shape for prefix, shape in _SHAPES_BY_PATH if path.startswith(prefix)), None)
-
-
-def _shapes_by_method() -> dict[str, BodyShape]:
-    """The error shape of each RPC bound to a REST route other than OpenAI's."""
-    service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
-    found: dict[str, BodyShape] = {}
-    for method in service.methods:
-        rule = method.GetOptions().Extensions[annotations_pb2.http]
-        pattern = rule.WhichOneof("pattern")
-        if not pattern:
-            continue
-        path = rule.custom.path if pattern == "custom" else getattr(rule, pattern)
-        verb = rule.custom.kind.lower() if pattern == "custom" else pattern
-        shape = shape_of_path(path, verb)
-        if shape is not None:
-            found[f"/{service.full_name}/{method.name}"] = shape
-    return found
-
-
-_SHAPES_BY_METHOD = _shapes_by_method()
+# Each error shape the protos name (rpc/edge.py's shape_names) -> how its body is written.
+BODY_SHAPES: dict[str, BodyShape] = {
+    "openai": openai_error_body,
+    "ollama": ollama_error_body,
+    "cohere": cohere_error_body,
+    "rerank": rerank_error_body,
+    "tei": tei_error_body,
+}
 
 
 def body_shape_for(method: str) -> BodyShape:
-    """The REST error body of a full method name (/embedd.v1.Embedder/OllamaEmbed...):
-    Ollama's, Cohere's, the rerank routes', TEI's, else OpenAI's."""
-    return _SHAPES_BY_METHOD.get(method, openai_error_body)
+    """The REST error body of a full method name (/embedd.v1.Ollama/OllamaEmbed...): the one
+    its service declares; OpenAI's for a method no service of ours has."""
+    return BODY_SHAPES[edge.shapes_by_method().get(method, "openai")]
 
 
 def _as_embedd_error(exc: BaseException) -> EmbeddError:
@@ -268,51 +222,46 @@ async def abort(
     )
 
 
-UnaryHandler = Callable[[Any, Request, aio.ServicerContext[Any, Any]], Awaitable[Response]]
-StreamHandler = Callable[[Any, Any, aio.ServicerContext[Any, Any]], AsyncIterator[Response]]
+UnaryHandler = Callable[[Request, aio.ServicerContext[Any, Any]], Awaitable[Response]]
+StreamHandler = Callable[[Any, aio.ServicerContext[Any, Any]], AsyncIterator[Response]]
 
 
 def translate_errors(
-    shape: BodyShape = openai_error_body,
-) -> Callable[[UnaryHandler[Request, Response]], UnaryHandler[Request, Response]]:
-    """Decorates a unary servicer method so every failure becomes a proper status."""
+    handler: UnaryHandler[Request, Response], shape: BodyShape
+) -> UnaryHandler[Request, Response]:
+    """A unary handler whose every failure becomes a proper status (and a body of ``shape``)."""
 
-    def decorate(handler: UnaryHandler[Request, Response]) -> UnaryHandler[Request, Response]:
-        @functools.wraps(handler)
-        async def wrapper(
-            self: Any, request: Request, context: aio.ServicerContext[Any, Any]
-        ) -> Response:
-            try:
-                return await handler(self, request, context)
-            except aio.AbortError:
-                raise
-            except Exception as exc:
-                failure: BaseException = exc
-            await abort(context, failure, shape)
-            raise AssertionError("unreachable: context.abort raises")
+    @functools.wraps(handler)
+    async def wrapper(request: Request, context: aio.ServicerContext[Any, Any]) -> Response:
+        try:
+            return await handler(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            failure: BaseException = exc
+        await abort(context, failure, shape)
+        raise AssertionError("unreachable: context.abort raises")
 
-        return wrapper
-
-    return decorate
+    return wrapper
 
 
 def translate_stream_errors(
-    handler: StreamHandler[Response],
+    handler: StreamHandler[Response], shape: BodyShape
 ) -> StreamHandler[Response]:
-    """Like translate_errors, for a streaming servicer method (an async generator)."""
+    """Like translate_errors, for a streaming handler (an async generator)."""
 
     @functools.wraps(handler)
     async def wrapper(
-        self: Any, requests: Any, context: aio.ServicerContext[Any, Any]
+        requests: Any, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Response]:
         try:
-            async for response in handler(self, requests, context):
+            async for response in handler(requests, context):
                 yield response
             return
         except aio.AbortError:
             raise
         except Exception as exc:
             failure: BaseException = exc
-        await abort(context, failure, openai_error_body)
+        await abort(context, failure, shape)
 
     return wrapper

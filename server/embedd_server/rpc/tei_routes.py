@@ -1,6 +1,7 @@
-"""Hugging Face TEI's routes beyond /rerank, /predict and /embed_sparse: ``/embed``,
-``/embed_all``, ``/similarity``, ``/tokenize``, ``/decode``, ``/info``, ``/ping``, and ``POST /``
-and ``/invocations`` (TEI's hosted-endpoint routes, dispatched by the model's task).
+"""The ``embedd.v1.Tei`` API: Hugging Face TEI's routes ``/embed``, ``/embed_all``,
+``/similarity``, ``/rerank``, ``/predict``, ``/embed_sparse``, ``/tokenize``, ``/decode``,
+``/info``, ``/ping``, and ``POST /`` and ``/invocations`` (TEI's hosted-endpoint routes,
+dispatched by the model's task).
 
 Each translates TEI's request into the core's params and the outcome back into TEI's answer
 (bare JSON arrays are ``ListValue`` messages the transcoder prints as such); errors are TEI's
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,14 +24,16 @@ from google.protobuf.message import Message
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd_server.compute.engine import FloatMatrix
-from embedd_server.core.service import EmbeddingService, EmbedParams
+from embedd_server.core.classifying import ClassifyInput, ClassifyOutcome, ClassifyParams
+from embedd_server.core.reranking import RerankParams
+from embedd_server.core.service import EmbedParams, SparseOutcome
+from embedd_server.core.tokenization import LEFT, RIGHT
 from embedd_server.errors import EmptyInput, InvalidInput, Unavailable
 from embedd_server.model.catalog import CLASSIFY, RERANK, SPARSE, ModelInfo
 from embedd_server.rpc import vectors as vector_messages
+from embedd_server.rpc.backend import Backend, Handlers
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import json_type
-from embedd_server.rpc.status import tei_error_body, translate_errors
-from embedd_server.rpc.task_routes import tei_direction
 
 # The requests an invocation (POST /, /invocations) is dispatched as.
 Routed = TypeVar(
@@ -77,207 +79,202 @@ def _version() -> str:
         return "0+unknown"
 
 
-class TeiRoutes:
-    """TEI's RPCs of embedd.v1.Embedder (mixed into its servicer). ``serving`` says whether
-    the server serves, for /ping; ``max_answer_bytes`` is the largest message it sends."""
+async def tei_embed(
+    backend: Backend, request: pb.TeiEmbedRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiEmbed (POST /embed)."""
+    options = TeiEmbedOptions(
+        model=request.model,
+        truncate=_truncate(request),
+        truncation_direction=tei_direction(request.truncation_direction),
+        prompt_name=request.prompt_name or None,
+        normalize=request.normalize if request.HasField("normalize") else True,
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+    )
+    vectors = await _embed(backend, tei_inputs(request.inputs), options, deadline_of(context))
+    return vector_messages.nested_list_value(vectors)
 
-    # TEI's /predict, /rerank and /embed_sparse, which POST / dispatches to: the servicer's
-    # other mixins (TaskRoutes, RerankRoutes) provide them.
-    TeiPredict: Callable[[pb.TeiPredictRequest, Context], Awaitable[struct_pb2.ListValue]]
-    TeiRerank: Callable[[pb.TeiRerankRequest, Context], Awaitable[struct_pb2.ListValue]]
-    TeiEmbedSparse: Callable[[pb.TeiEmbedSparseRequest, Context], Awaitable[struct_pb2.ListValue]]
 
-    def __init__(
-        self, service: EmbeddingService, serving: Callable[[], bool], max_answer_bytes: int
-    ) -> None:
-        self._tei_service = service
-        self._tei_serving = serving
-        # /embed_all's answers grow with every token: the most numbers one may hold, so that
-        # it fits the largest message the server sends.
-        self._max_token_values = max_answer_bytes // _BYTES_PER_NUMBER
+async def tei_similarity(
+    backend: Backend, request: pb.TeiSimilarityRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiSimilarity (POST /similarity)."""
+    if not request.inputs.sentences:
+        raise EmptyInput("`inputs.sentences` cannot be empty", param="inputs.sentences")
+    parameters = request.parameters
+    options = TeiEmbedOptions(
+        model=request.model,
+        truncate=_truncate(parameters),
+        truncation_direction=tei_direction(parameters.truncation_direction),
+        prompt_name=parameters.prompt_name or None,
+        normalize=False,
+    )
+    texts: list[Input] = [request.inputs.source_sentence, *request.inputs.sentences]
+    vectors = await _embed(backend, texts, options, deadline_of(context))
+    answer = struct_pb2.ListValue()
+    answer.extend(vector_messages.shortest_float32(cosines(vectors)).tolist())
+    return answer
 
-    @translate_errors(tei_error_body)
-    async def TeiEmbed(self, request: pb.TeiEmbedRequest, context: Context) -> struct_pb2.ListValue:
-        options = TeiEmbedOptions(
-            model=request.model,
-            truncate=_truncate(request),
-            truncation_direction=tei_direction(request.truncation_direction),
-            prompt_name=request.prompt_name or None,
-            normalize=request.normalize if request.HasField("normalize") else True,
-            dimensions=request.dimensions if request.HasField("dimensions") else None,
+
+async def tei_embed_all(
+    backend: Backend, request: pb.TeiEmbedAllRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiEmbedAll (POST /embed_all)."""
+    inputs = tei_inputs(request.inputs)
+    if any(not isinstance(item, str) for item in inputs) and not all(
+        not isinstance(item, str) for item in inputs
+    ):
+        raise InvalidInput(
+            "embed_all takes texts or token ids, not both in one request.", param="inputs"
         )
-        vectors = await self._embed(tei_inputs(request.inputs), options, deadline_of(context))
-        return vector_messages.nested_list_value(vectors)
+    texts = [item for item in inputs if isinstance(item, str)]
+    params = EmbedParams(
+        model=request.model,
+        texts=texts,
+        token_ids=[item for item in inputs if not isinstance(item, str)],
+        truncate=_truncate(request),
+        truncation_direction=tei_direction(request.truncation_direction),
+        truncation_hint=_TRUNCATE_HINT,
+        prompt_name=(request.prompt_name or None) if texts else None,
+        prompt=None if texts else "",
+    )
+    outcome = await backend.service.token_states(
+        params, deadline_of(context), backend.max_answer_bytes // _BYTES_PER_NUMBER
+    )
+    answer = struct_pb2.ListValue()
+    for states in outcome.states:
+        answer.values.add().list_value.CopyFrom(vector_messages.nested_list_value(states))
+    return answer
 
-    @translate_errors(tei_error_body)
-    async def TeiSimilarity(
-        self, request: pb.TeiSimilarityRequest, context: Context
-    ) -> struct_pb2.ListValue:
-        if not request.inputs.sentences:
-            raise EmptyInput("`inputs.sentences` cannot be empty", param="inputs.sentences")
-        parameters = request.parameters
-        options = TeiEmbedOptions(
-            model=request.model,
-            truncate=_truncate(parameters),
-            truncation_direction=tei_direction(parameters.truncation_direction),
-            prompt_name=parameters.prompt_name or None,
-            normalize=False,
-        )
-        texts: list[Input] = [request.inputs.source_sentence, *request.inputs.sentences]
-        vectors = await self._embed(texts, options, deadline_of(context))
-        answer = struct_pb2.ListValue()
-        answer.extend(vector_messages.shortest_float32(cosines(vectors)).tolist())
-        return answer
 
-    @translate_errors(tei_error_body)
-    async def TeiEmbedAll(
-        self, request: pb.TeiEmbedAllRequest, context: Context
-    ) -> struct_pb2.ListValue:
-        inputs = tei_inputs(request.inputs)
-        if any(not isinstance(item, str) for item in inputs) and not all(
-            not isinstance(item, str) for item in inputs
-        ):
-            raise InvalidInput(
-                "embed_all takes texts or token ids, not both in one request.", param="inputs"
-            )
-        texts = [item for item in inputs if isinstance(item, str)]
+async def tei_tokenize(
+    backend: Backend, request: pb.TeiTokenizeRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiTokenize (POST /tokenize)."""
+    outcome = await backend.service.token_spans(
+        request.model,
+        tokenize_inputs(request.inputs),
+        request.add_special_tokens if request.HasField("add_special_tokens") else True,
+        request.prompt_name or None,
+    )
+    answer = struct_pb2.ListValue()
+    for text, spans in zip(outcome.texts, outcome.spans, strict=True):
+        row = answer.add_list()
+        offsets = byte_offsets(text)
+        for span in spans:
+            token = row.add_struct()
+            if span.special:
+                token.update({"id": span.id, "text": span.token, "special": True})
+                token.update({"start": None, "stop": None})
+            else:
+                token.update({"id": span.id, "text": text[span.start : span.stop]})
+                token.update({"special": False, "start": int(offsets[span.start])})
+                token.update({"stop": int(offsets[span.stop])})
+    return answer
+
+
+async def tei_decode(
+    backend: Backend, request: pb.TeiDecodeRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiDecode (POST /decode)."""
+    _, texts = await backend.service.decode(
+        request.model,
+        decode_ids(request.ids),
+        request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+    )
+    answer = struct_pb2.ListValue()
+    answer.extend(texts)
+    return answer
+
+
+async def tei_info(
+    backend: Backend, request: pb.TeiInfoRequest, context: Context
+) -> pb.TeiInfoResponse:
+    """Tei.TeiInfo (GET /info)."""
+    status = await backend.service.get_model(request.model)
+    settings = backend.service.settings
+    info = status.info
+    onnx = status.engine.startswith("onnxruntime")
+    null = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+    return pb.TeiInfoResponse(
+        model_id=info.name,
+        model_sha=null,
+        model_dtype=_TEI_DTYPES.get(info.quantization, info.quantization),
+        served_model_name=info.name,
+        model_type=tei_model_type(info, status.pooling or info.pooling),
+        max_concurrent_requests=settings.max_queued_texts,
+        max_input_length=info.max_input_tokens,
+        max_batch_tokens=settings.onnx_batch_tokens if onnx else settings.batch_tokens,
+        max_batch_requests=null,
+        max_client_batch_size=settings.max_inputs_per_request,
+        auto_truncate=True,
+        # asyncio.to_thread's default executor, where long texts are tokenized.
+        tokenization_workers=min(32, (os.cpu_count() or 1) + 4),
+        version=_version(),
+        sha=null,
+        docker_label=null,
+    )
+
+
+async def tei_ping(
+    backend: Backend, request: pb.TeiPingRequest, context: Context
+) -> httpbody_pb2.HttpBody:
+    """Tei.TeiPing (GET /ping)."""
+    if not backend.serving():
+        raise Unavailable("unhealthy: the server is starting, draining or without workers.")
+    return httpbody_pb2.HttpBody(content_type="text/plain", data=b"")
+
+
+async def tei_invoke(
+    backend: Backend, request: pb.TeiInvokeRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiInvoke (POST /, POST /invocations)."""
+    info = (await backend.service.get_model(request.model)).info
+    if info.task == CLASSIFY:
+        return await tei_predict(backend, _routed(request, pb.TeiPredictRequest, info), context)
+    if info.task == RERANK:
+        return await tei_rerank(backend, _routed(request, pb.TeiRerankRequest, info), context)
+    if info.task == SPARSE:
+        sparse = _routed(request, pb.TeiEmbedSparseRequest, info)
+        return await tei_embed_sparse(backend, sparse, context)
+    if request.inputs.WhichOneof("kind") == "struct_value":
+        return await tei_similarity(backend, _similarity_request(request, info), context)
+    return await tei_embed(backend, _routed(request, pb.TeiEmbedRequest, info), context)
+
+
+async def _embed(
+    backend: Backend, inputs: list[Input], options: TeiEmbedOptions, deadline: float | None
+) -> FloatMatrix:
+    """The vectors of texts and token-id lists, in order (each kind embedded apart: the
+    core takes one kind per call)."""
+    texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+    ids = [i for i, item in enumerate(inputs) if not isinstance(item, str)]
+    parts: list[tuple[list[int], FloatMatrix]] = []
+    for positions in (group for group in (texts, ids) if group):
+        chosen = [inputs[i] for i in positions]
+        are_texts = positions is texts
         params = EmbedParams(
-            model=request.model,
-            texts=texts,
-            token_ids=[item for item in inputs if not isinstance(item, str)],
-            truncate=_truncate(request),
-            truncation_direction=tei_direction(request.truncation_direction),
+            model=options.model,
+            texts=[item for item in chosen if isinstance(item, str)],
+            token_ids=[item for item in chosen if not isinstance(item, str)],
+            dimensions=options.dimensions,
+            normalize=options.normalize,
+            truncate=options.truncate,
+            truncation_direction=options.truncation_direction,
             truncation_hint=_TRUNCATE_HINT,
-            prompt_name=(request.prompt_name or None) if texts else None,
-            prompt=None if texts else "",
+            # Token ids are the model's tokens as they are: no prompt goes before them.
+            prompt_name=options.prompt_name if are_texts else None,
+            prompt=None if are_texts else "",
         )
-        outcome = await self._tei_service.token_states(
-            params, deadline_of(context), self._max_token_values
-        )
-        answer = struct_pb2.ListValue()
-        for states in outcome.states:
-            answer.values.add().list_value.CopyFrom(vector_messages.nested_list_value(states))
-        return answer
-
-    @translate_errors(tei_error_body)
-    async def TeiTokenize(
-        self, request: pb.TeiTokenizeRequest, context: Context
-    ) -> struct_pb2.ListValue:
-        outcome = await self._tei_service.token_spans(
-            request.model,
-            tokenize_inputs(request.inputs),
-            request.add_special_tokens if request.HasField("add_special_tokens") else True,
-            request.prompt_name or None,
-        )
-        answer = struct_pb2.ListValue()
-        for text, spans in zip(outcome.texts, outcome.spans, strict=True):
-            row = answer.add_list()
-            offsets = byte_offsets(text)
-            for span in spans:
-                token = row.add_struct()
-                if span.special:
-                    token.update({"id": span.id, "text": span.token, "special": True})
-                    token.update({"start": None, "stop": None})
-                else:
-                    token.update({"id": span.id, "text": text[span.start : span.stop]})
-                    token.update({"special": False, "start": int(offsets[span.start])})
-                    token.update({"stop": int(offsets[span.stop])})
-        return answer
-
-    @translate_errors(tei_error_body)
-    async def TeiDecode(
-        self, request: pb.TeiDecodeRequest, context: Context
-    ) -> struct_pb2.ListValue:
-        _, texts = await self._tei_service.decode(
-            request.model,
-            decode_ids(request.ids),
-            request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
-        )
-        answer = struct_pb2.ListValue()
-        answer.extend(texts)
-        return answer
-
-    @translate_errors(tei_error_body)
-    async def TeiInfo(self, request: pb.TeiInfoRequest, context: Context) -> pb.TeiInfoResponse:
-        status = await self._tei_service.get_model(request.model)
-        settings = self._tei_service.settings
-        info = status.info
-        onnx = status.engine.startswith("onnxruntime")
-        null = struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
-        return pb.TeiInfoResponse(
-            model_id=info.name,
-            model_sha=null,
-            model_dtype=_TEI_DTYPES.get(info.quantization, info.quantization),
-            served_model_name=info.name,
-            model_type=tei_model_type(info, status.pooling or info.pooling),
-            max_concurrent_requests=settings.max_queued_texts,
-            max_input_length=info.max_input_tokens,
-            max_batch_tokens=settings.onnx_batch_tokens if onnx else settings.batch_tokens,
-            max_batch_requests=null,
-            max_client_batch_size=settings.max_inputs_per_request,
-            auto_truncate=True,
-            # asyncio.to_thread's default executor, where long texts are tokenized.
-            tokenization_workers=min(32, (os.cpu_count() or 1) + 4),
-            version=_version(),
-            sha=null,
-            docker_label=null,
-        )
-
-    @translate_errors(tei_error_body)
-    async def TeiPing(self, request: pb.TeiPingRequest, context: Context) -> httpbody_pb2.HttpBody:
-        if not self._tei_serving():
-            raise Unavailable("unhealthy: the server is starting, draining or without workers.")
-        return httpbody_pb2.HttpBody(content_type="text/plain", data=b"")
-
-    @translate_errors(tei_error_body)
-    async def TeiInvoke(
-        self, request: pb.TeiInvokeRequest, context: Context
-    ) -> struct_pb2.ListValue:
-        info = (await self._tei_service.get_model(request.model)).info
-        if info.task == CLASSIFY:
-            return await self.TeiPredict(_routed(request, pb.TeiPredictRequest, info), context)
-        if info.task == RERANK:
-            return await self.TeiRerank(_routed(request, pb.TeiRerankRequest, info), context)
-        if info.task == SPARSE:
-            sparse = _routed(request, pb.TeiEmbedSparseRequest, info)
-            return await self.TeiEmbedSparse(sparse, context)
-        if request.inputs.WhichOneof("kind") == "struct_value":
-            return await self.TeiSimilarity(_similarity_request(request, info), context)
-        return await self.TeiEmbed(_routed(request, pb.TeiEmbedRequest, info), context)
-
-    async def _embed(
-        self, inputs: list[Input], options: TeiEmbedOptions, deadline: float | None
-    ) -> FloatMatrix:
-        """The vectors of texts and token-id lists, in order (each kind embedded apart: the
-        core takes one kind per call)."""
-        texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
-        ids = [i for i, item in enumerate(inputs) if not isinstance(item, str)]
-        parts: list[tuple[list[int], FloatMatrix]] = []
-        for positions in (group for group in (texts, ids) if group):
-            chosen = [inputs[i] for i in positions]
-            are_texts = positions is texts
-            params = EmbedParams(
-                model=options.model,
-                texts=[item for item in chosen if isinstance(item, str)],
-                token_ids=[item for item in chosen if not isinstance(item, str)],
-                dimensions=options.dimensions,
-                normalize=options.normalize,
-                truncate=options.truncate,
-                truncation_direction=options.truncation_direction,
-                truncation_hint=_TRUNCATE_HINT,
-                # Token ids are the model's tokens as they are: no prompt goes before them.
-                prompt_name=options.prompt_name if are_texts else None,
-                prompt=None if are_texts else "",
-            )
-            outcome = await self._tei_service.embed(params, deadline)
-            parts.append((positions, outcome.vectors))
-        if len(parts) == 1:
-            return parts[0][1]
-        width = parts[0][1].shape[1]
-        merged = np.empty((len(inputs), width), dtype=np.float32)
-        for positions, vectors in parts:
-            merged[positions] = vectors
-        return merged
+        outcome = await backend.service.embed(params, deadline)
+        parts.append((positions, outcome.vectors))
+    if len(parts) == 1:
+        return parts[0][1]
+    width = parts[0][1].shape[1]
+    merged = np.empty((len(inputs), width), dtype=np.float32)
+    for positions, vectors in parts:
+        merged[positions] = vectors
+    return merged
 
 
 def _truncate(
@@ -446,3 +443,165 @@ def _similarity_request(request: pb.TeiInvokeRequest, info: ModelInfo) -> pb.Tei
         parameters=request.parameters,
         model=info.name,
     )
+
+
+async def tei_predict(
+    backend: Backend, request: pb.TeiPredictRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiPredict (POST /predict)."""
+    inputs, batch = predict_inputs(request.inputs)
+    params = ClassifyParams(
+        model=request.model,
+        inputs=inputs,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        truncation_direction=tei_direction(request.truncation_direction),
+        truncation_hint=_TRUNCATE_HINT,
+    )
+    outcome = await backend.service.classify(params, deadline_of(context))
+    return _tei_predictions(outcome, batch)
+
+
+async def tei_embed_sparse(
+    backend: Backend, request: pb.TeiEmbedSparseRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiEmbedSparse (POST /embed_sparse)."""
+    params = EmbedParams(
+        model=request.model,
+        texts=tei_texts(request.inputs),
+        truncate=request.truncate if request.HasField("truncate") else True,
+        truncation_direction=tei_direction(request.truncation_direction),
+        truncation_hint=_TRUNCATE_HINT,
+        prompt_name=request.prompt_name or None,
+    )
+    outcome = await backend.service.embed_sparse(params, deadline_of(context))
+    return _tei_sparse(outcome)
+
+
+async def tei_rerank(
+    backend: Backend, request: pb.TeiRerankRequest, context: Context
+) -> struct_pb2.ListValue:
+    """Tei.TeiRerank (POST /rerank)."""
+    params = RerankParams(
+        model=request.model,
+        query=request.query,
+        documents=list(request.texts),
+        return_documents=request.return_text,
+        raw_scores=request.raw_scores,
+        truncate=request.truncate if request.HasField("truncate") else True,
+    )
+    outcome = await backend.service.rerank(params, deadline_of(context))
+    results = struct_pb2.ListValue()
+    for r in outcome.results:
+        item = results.add_struct()
+        item.update({"index": r.index, "score": r.score})
+        if r.document is not None:
+            item["text"] = r.document
+    return results
+
+
+PREDICT_SHAPES = (
+    'inputs must be a string, a pair [string, string], or a batch of them [["a"], ["a", "b"], ...]'
+)
+
+
+def tei_direction(value: str) -> str:
+    """TEI's truncation_direction ("right" by default, or "left"; any case) as the core's."""
+    direction = value.lower() or RIGHT
+    if direction not in (LEFT, RIGHT):
+        raise InvalidInput(
+            f"truncation_direction must be 'right' or 'left'; got '{value[:40]}'.",
+            param="truncation_direction",
+        )
+    return direction
+
+
+def tei_texts(value: struct_pb2.Value) -> list[str]:
+    """TEI's ``inputs`` of the embedding routes: a string or a list of strings."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [value.string_value]
+    if kind == "list_value":
+        texts: list[str] = []
+        for index, item in enumerate(value.list_value.values):
+            if item.WhichOneof("kind") != "string_value":
+                raise InvalidInput(
+                    f"inputs[{index}] is not a string; inputs must be a string or a list of "
+                    "strings.",
+                    param=f"inputs[{index}]",
+                )
+            texts.append(item.string_value)
+        return texts
+    raise InvalidInput("inputs must be a string or a list of strings.", param="inputs")
+
+
+def predict_inputs(value: struct_pb2.Value) -> tuple[list[ClassifyInput], bool]:
+    """TEI's /predict ``inputs`` as the core's inputs, and whether it was a batch: a string
+    (one text), a list of one or two strings (one text or a pair), or a list of such lists
+    (a batch), read as TEI's deserializer reads them."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return [(value.string_value,)], False
+    if kind != "list_value" or not value.list_value.values:
+        raise InvalidInput(f"{PREDICT_SHAPES}.", param="inputs")
+    items = list(value.list_value.values)
+    if items[0].WhichOneof("kind") == "string_value":
+        return [_sequence(items, "inputs")], False
+    batch: list[ClassifyInput] = []
+    for index, item in enumerate(items):
+        if item.WhichOneof("kind") != "list_value":
+            raise InvalidInput(
+                f"inputs[{index}] is not a list; {PREDICT_SHAPES}.", param=f"inputs[{index}]"
+            )
+        batch.append(_sequence(list(item.list_value.values), f"inputs[{index}]"))
+    return batch, True
+
+
+def _sequence(items: list[struct_pb2.Value], where: str) -> ClassifyInput:
+    """One or two strings: a text or a pair."""
+    if not 1 <= len(items) <= 2 or any(i.WhichOneof("kind") != "string_value" for i in items):
+        if where == "inputs":  # the whole of inputs: say what it may be
+            raise InvalidInput(f"{PREDICT_SHAPES}; got a list of {len(items)}.", param=where)
+        raise InvalidInput(
+            f"{where} must be one string or a pair of strings; {PREDICT_SHAPES}.", param=where
+        )
+    if len(items) == 1:
+        return (items[0].string_value,)
+    return (items[0].string_value, items[1].string_value)
+
+
+def _tei_predictions(outcome: ClassifyOutcome, batch: bool) -> struct_pb2.ListValue:
+    """TEI's predict answer: [{"score", "label"}, ...] for one input, a list of them for a
+    batch."""
+    answer = struct_pb2.ListValue()
+    for predictions in outcome.predictions:
+        target = answer.add_list() if batch else answer
+        for prediction in predictions:
+            target.add_struct().update({"score": prediction.score, "label": prediction.label})
+    return answer
+
+
+def _tei_sparse(outcome: SparseOutcome) -> struct_pb2.ListValue:
+    """TEI's embed_sparse answer: one [{"index", "value"}, ...] per input."""
+    answer = struct_pb2.ListValue()
+    for indices, values in outcome.rows:
+        row = answer.add_list()
+        for index, weight in zip(indices.tolist(), values.tolist(), strict=True):
+            row.add_struct().update({"index": index, "value": weight})
+    return answer
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Tei"]
+HANDLERS: Handlers = {
+    "TeiEmbed": tei_embed,
+    "TeiEmbedAll": tei_embed_all,
+    "TeiSimilarity": tei_similarity,
+    "TeiRerank": tei_rerank,
+    "TeiPredict": tei_predict,
+    "TeiEmbedSparse": tei_embed_sparse,
+    "TeiTokenize": tei_tokenize,
+    "TeiDecode": tei_decode,
+    "TeiInfo": tei_info,
+    "TeiPing": tei_ping,
+    "TeiInvoke": tei_invoke,
+}

@@ -7,6 +7,16 @@ wheel), so a plain ``pip install .`` can run ``embedd run``. The upstream
 cluster's endpoints come from a list of gRPC addresses, so several server replicas can sit
 behind one Envoy (``embedd run --replicas N``).
 
+What the routes are comes from the protos (``rpc/edge.py``): the transcoder's services, the
+regex of the RPCs Envoy retries (``idempotency_level = IDEMPOTENT``) and the Lua filter's route
+table (each path's error shape, from the services' ``embedd.v1.rest`` declarations). The table
+is a generated block of ``envoy/rest_errors.lua``, rewritten with::
+
+    .venv/bin/python -m embedd_server.run.envoy lua > /tmp/rest_errors.lua
+    mv /tmp/rest_errors.lua envoy/rest_errors.lua
+
+(tests/unit/test_envoy_routes.py fails while the committed file differs.)
+
 The Kubernetes example's ConfigMap (``deploy/k8s/envoy-configmap.yaml``) is rendered from the
 same template (a STRICT_DNS cluster of the server Service's pods); regenerate it after changing
 the template or the Lua filter with::
@@ -29,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from string import Template
 
 import embedd.v1
+from embedd_server.rpc import edge
 from embedd_server.rpc.interceptors.auth import CLIENT_ADDRESS_HEADER, PROXY_SECRET_HEADER
 from embedd_server.settings import Settings, load_settings
 
@@ -191,6 +202,8 @@ def _render(
             str(PurePosixPath(lua_path).with_name(TRAILERS_LUA_FILTER.name))
         ),
         "descriptor_path": json.dumps(str(descriptor_path)),
+        "transcoded_services": ", ".join(edge.rest_services()),
+        "idempotent_regex": json.dumps(idempotent_regex())[1:-1],  # inside the YAML's quotes
         "downstream_tls": downstream_tls(settings),
         "endpoints": "\n".join(
             f"{_ENDPOINT_INDENT}- endpoint: {{address: {{socket_address: "
@@ -203,6 +216,55 @@ def _render(
     body = template[template.index("\n\n") + 2 :]  # without the template's own header
     header = "# Rendered by embedd_server.run.envoy from envoy/envoy.yaml.tmpl (see there).\n"
     return header + Template(body).substitute(values)
+
+
+def idempotent_regex() -> str:
+    """The gRPC paths of the RPCs the protos mark IDEMPOTENT, as one RE2 regex."""
+    services = [
+        f"{service}/({'|'.join(methods)})" for service, methods in edge.idempotent_methods().items()
+    ]
+    return rf"/embedd\.v1\.({'|'.join(services)})"
+
+
+# --- the Lua filter's route table (rpc/edge.py) ------------------------------------------------
+
+LUA_BEGIN = "-- BEGIN GENERATED ROUTES"
+LUA_END = "-- END GENERATED ROUTES"
+
+
+def lua_routes() -> str:
+    """The Lua filter's route table: which error shape each REST path speaks (rpc/edge.py)."""
+    roots = edge.root_shapes()
+    root_verbs = ", ".join(
+        f"{verb.upper()} = {json.dumps(shape)}" for verb, shape in roots.items() if verb != "*"
+    )
+    lines = [
+        f"{LUA_BEGIN} (embedd_server.run.envoy lua, from the protos' embedd.v1.rest options:",
+        "-- do not edit).",
+        f"local DEFAULT_SHAPE = {json.dumps(edge.default_shape())}",
+        f"local ROOT_SHAPES = {{{root_verbs}}}",
+        f"local ROOT_OTHER_SHAPE = {json.dumps(roots['*'])}",
+        "-- {prefix, whole, shape}, the longest prefix first. whole: the path itself or one under",
+        '-- it (path .. "/..."); else every path that starts with prefix.',
+        "local CLAIMS = {",
+        *(_lua_claim(claim) for claim in edge.claims()),
+        "}",
+        LUA_END,
+    ]
+    return "\n".join(lines)
+
+
+def _lua_claim(claim: edge.Claim) -> str:
+    prefix, shape = json.dumps(claim.prefix), json.dumps(claim.shape)
+    return f"  {{{prefix}, {str(claim.whole).lower()}, {shape}}},"
+
+
+def lua_filter_text(text: str | None = None) -> str:
+    """The Lua filter (``envoy/rest_errors.lua``) with its route table generated afresh."""
+    text = LUA_FILTER.read_text() if text is None else text
+    start = text.index(LUA_BEGIN)
+    end = text.index(LUA_END, start) + len(LUA_END)
+    return text[:start] + lua_routes() + text[end:]
 
 
 # --- edge hardening (issue 21): admin socket, timeouts, limits, client address --------------
@@ -372,16 +434,19 @@ def connect_host(host: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m embedd_server.run.envoy {local,k8s,compose}``: print a rendered
+    """``python -m embedd_server.run.envoy {local,k8s,compose,lua}``: print a rendered
     configuration (``local``: embedd run's for the default settings; ``k8s``: the Kubernetes
     ConfigMap; ``compose``: compose.yaml's Envoy, for the EMBEDD_* settings of its
-    environment, in front of the servers DNS names ``--server``)."""
+    environment, in front of the servers DNS names ``--server``; ``lua``: the Lua filter with
+    its route table generated from the protos)."""
     parser = argparse.ArgumentParser(prog="python -m embedd_server.run.envoy")
-    parser.add_argument("what", choices=("local", "k8s", "compose"))
+    parser.add_argument("what", choices=("local", "k8s", "compose", "lua"))
     parser.add_argument("--server", default="server", help="compose: the servers' DNS name")
     args = parser.parse_args(argv)
     if args.what == "k8s":
         text = render_k8s_configmap()
+    elif args.what == "lua":
+        text = lua_filter_text()
     elif args.what == "compose":
         text = render_compose_envoy_config(load_settings(), args.server)
     else:

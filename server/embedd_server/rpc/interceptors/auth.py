@@ -50,7 +50,7 @@ CLIENT_ADDRESS_HEADER = "x-embedd-client-address"
 PROXY_SECRET_HEADER = "x-embedd-proxy-secret"
 OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks (Envoy's, Kubernetes') need no key
 # GET /health, for load balancers; GET /ping, TEI's (SageMaker's) health check.
-OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health", "/embedd.v1.Embedder/TeiPing"})
+OPEN_METHODS = frozenset({"/embedd.v1.Embedder/Health", "/embedd.v1.Tei/TeiPing"})
 # Model control: what changes the models every caller shares (POST /v1/models/load, /unload).
 MODEL_CONTROL_METHODS = frozenset(
     {"/embedd.v1.Embedder/LoadModel", "/embedd.v1.Embedder/UnloadModel"}
