@@ -46,6 +46,7 @@ from embedd_server.model.dense import (
     check_stack,
     read_dense_gguf,
 )
+from embedd_server.model.vocabulary import llama_token_text, llama_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,10 @@ class LlamaModelWeights:
         self._lock = threading.Lock()  # guards tokenize calls from several threads
 
     def tokenize(self, text: bytes) -> list[int]:
-        """llama.cpp's own tokenizer (special tokens added, like BERT's [CLS] ... [SEP])."""
-        with self._lock:
-            return list(self.model.tokenize(text, add_bos=True, special=False))
+        return llama_tokenize(self.model, self._lock, text)
 
     def token_text(self, token_id: int) -> str:
-        with self._lock:
-            piece: bytes = self.model.token_to_piece(token_id, special=True)
-        return piece.decode("utf-8", "replace")
+        return llama_token_text(self.model, self._lock, token_id)
 
     def close(self) -> None:
         self.model.close()
