@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from embedd_server.compute.engine import Engine, Runtime
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.core.scheduler import FairQueue, Job, WorkItem
 from embedd_server.model.catalog import read_model_info
@@ -183,11 +184,7 @@ def decode_all(
                     return
                 types = pack_token_types(batch) if token_type_starts is not None else None
                 ids = [item.token_ids for item in batch]
-                vectors = (
-                    engine.embed_batch(ids)
-                    if types is None
-                    else engine.embed_batch(ids, None, types)
-                )
+                vectors = engine.embed(Pack.of(ids, None, types))
                 for item, vector in zip(batch, vectors, strict=True):
                     job.deliver(item.index, vector)
                 done[number] += len(batch)
@@ -317,14 +314,14 @@ def single_text_latency(
     worker = runtime.new_engine()
     try:
         for text in texts[:WARMUP_DECODES]:
-            worker.embed_batch(encode([text]))
+            worker.embed(Pack.of(encode([text])))
         timings: list[float] = []
         for number in range(samples):
             text = texts[number % len(texts)]
             if pause_s:
                 time.sleep(pause_s)
             started = time.perf_counter()
-            vectors = worker.embed_batch(encode([text]))
+            vectors = worker.embed(Pack.of(encode([text])))
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             timings.append(time.perf_counter() - started)
         timings.sort()

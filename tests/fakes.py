@@ -21,6 +21,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from embedd_server.compute.engine import Engine, EngineDied
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.model.catalog import (
     HF_TOKENIZER_KEY,
@@ -205,24 +206,20 @@ class FakeEngine:
     def dimensions(self) -> int:
         return self._runtime.dimensions
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> FloatMatrix:
+    def embed(self, pack: Pack) -> FloatMatrix:
+        """Every token's :func:`fake_token_states` for a token states pack, sequences one
+        after another; else the runtime's behaviour, each sequence and its starts recorded."""
+        sequences = pack.sequences()
+        if pack.token_states:
+            return np.concatenate(
+                [fake_token_states(ids, self._runtime.dimensions) for ids in sequences]
+            )
         runtime = self._runtime
         with runtime.lock:
-            runtime.calls.extend(list(ids) for ids in sequences)
-            runtime.pooling_starts.extend(pooling_starts or [0] * len(sequences))
-            runtime.token_type_starts.extend(token_type_starts or map(len, sequences))
+            runtime.calls.extend(sequences)
+            runtime.pooling_starts.extend(pack.pooling_starts.tolist())
+            runtime.token_type_starts.extend(pack.token_type_starts.tolist())
         return runtime.behaviour(sequences, runtime.dimensions)
-
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
-        """Every token's :func:`fake_token_states`, sequences one after another."""
-        return np.concatenate(
-            [fake_token_states(ids, self._runtime.dimensions) for ids in sequences]
-        )
 
     @property
     def alive(self) -> bool:

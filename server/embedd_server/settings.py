@@ -125,15 +125,19 @@ class Settings:
         "llama.cpp context). On CPU, one worker per core was fastest (docs/design.md).",
         2,
     )
-    worker_processes: bool = _opt(
-        "Run each worker's engine (ONNX Runtime session or llama.cpp context) in a process of "
-        "its own (true) or in a thread of the server (false). Both were equally fast on 2 CPU "
-        "cores; with processes a crash in llama.cpp costs one worker process (its pack runs "
-        "again on a new one), not the server, and a hung decode can be killed. Each process "
-        "takes some memory of its own (llama.cpp's share the memory-mapped weights; "
-        "docs/design.md). With GPU offload (n_gpu_layers != 0) workers are always threads, so "
-        "the GPU holds one copy of the weights.",
-        True,
+    worker_processes: bool | None = _opt(
+        "Where each worker's engine runs: auto (the default) puts ONNX Runtime's workers in "
+        "threads of the server, all running on one session (one copy of the weights), and "
+        "llama.cpp's each in a process of its own; true: a process each for every engine; "
+        "false: threads for every engine. Measured on 2 CPU cores (docs/design.md, "
+        '"Workers"): ONNX Runtime in threads took half the memory and served single texts as '
+        "fast, batches of 32 texts slower than in processes. With "
+        "processes a crash in llama.cpp costs one worker process (its pack runs again on a new "
+        "one), not the server, and a hung decode can be killed; a hung ONNX Runtime call is "
+        "stopped in either place. llama.cpp's processes share the memory-mapped weights. With "
+        "GPU offload (n_gpu_layers != 0) workers are always threads, so the GPU holds one copy "
+        "of the weights.",
+        None,
     )
     threads_per_worker: int = _opt(
         "CPU threads each worker's llama.cpp context uses. workers x threads should not "
@@ -171,10 +175,17 @@ class Settings:
         256,
     )
     onnx_threads: int = _opt(
-        "ONNX Runtime engine: threads of each worker's session; 0 means the cores this process "
-        "may use. They wait without spinning, so a lone request uses every core and busy "
-        "workers share them (measured in docs/design.md).",
+        "ONNX Runtime engine: intra-op threads of the model's session (in threads: the one "
+        "every worker shares; in processes: each worker's own); 0 means the cores this process "
+        "may use, so a lone request uses every core and busy workers share them (measured in "
+        "docs/design.md).",
         0,
+    )
+    onnx_spinning: bool = _opt(
+        "ONNX Runtime engine: let the session's threads spin for work while calls run (they "
+        "stop when the last call returns) instead of sleeping between operators. Off: it "
+        'measured slower for a lone caller and for busy workers (docs/design.md, "Workers").',
+        False,
     )
     int8: bool = _opt(
         "ONNX Runtime engine: int8 weights (dynamic quantization at load). Faster, but the "
@@ -459,6 +470,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+AUTO = "auto"  # how a true/false/auto setting's None is spelled (flag text, env, TOML, --help)
+_AUTO_BOOL = "bool | None"  # the annotation of such a setting
+
+
+def _shown(value: Any) -> Any:
+    """A setting's value as a person and an environment variable spell it."""
+    if value is None:
+        return AUTO
+    return ("true" if value else "false") if isinstance(value, bool) else value
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -468,11 +490,18 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
+def _boolean(raw: Any, *, auto: bool) -> bool | None:
+    """A boolean setting's value; with ``auto``, "auto" is None (the setting picks per case)."""
+    if auto and isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return None
+    return raw if isinstance(raw, bool) else _parse_bool(str(raw))
+
+
 def _convert(name: str, kind: Any, raw: Any) -> Any:
     """Turns a string (flag, env) or TOML value into the field's type."""
     try:
-        if kind in (bool, "bool"):
-            return raw if isinstance(raw, bool) else _parse_bool(str(raw))
+        if kind in (bool, "bool", _AUTO_BOOL):
+            return _boolean(raw, auto=kind == _AUTO_BOOL)
         if kind in (int, "int"):
             return int(raw)
         if kind in (float, "float"):
@@ -497,9 +526,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     for f in fields(Settings):
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} Default: {default}. Env: {env_name(f.name)}."
+        shown = _shown(default) if f.type == _AUTO_BOOL else default
+        help_text = f"{f.metadata['help']} Default: {shown}. Env: {env_name(f.name)}."
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", _AUTO_BOOL):
             parser.add_argument(
                 _flag(f.name),
                 action=argparse.BooleanOptionalAction,
@@ -564,7 +594,5 @@ def child_environment(settings: Settings, base: Mapping[str, str] | None = None)
     source = os.environ if base is None else base
     environment = {key: value for key, value in source.items() if not key.startswith(ENV_PREFIX)}
     for f in fields(Settings):
-        value = getattr(settings, f.name)
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        environment[env_name(f.name)] = text
+        environment[env_name(f.name)] = str(_shown(getattr(settings, f.name)))
     return environment

@@ -38,6 +38,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Runtime
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.core.classes import class_probabilities
@@ -121,8 +122,8 @@ def _logits(runtime: Runtime, info: ModelInfo, sequences: list[list[int]]) -> Fl
         assert engine.dimensions == runtime.dimensions == info.labels
         budget = max(settings.batch_tokens, info.max_input_tokens)
         for pack in _packs(lengths, budget, settings.batch_sequences):
-            logits = engine.embed_batch(
-                [sequences[i] for i in pack], None, [lengths[i] for i in pack]
+            logits = engine.embed(
+                Pack.of([sequences[i] for i in pack], None, [lengths[i] for i in pack])
             )
             assert logits.dtype == np.float32 and logits.shape == (len(pack), info.labels)
             rows.append(logits.astype(np.float64))

@@ -30,6 +30,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Engine
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.choice import engine_for, load_runtime
@@ -137,7 +138,7 @@ def _embed(
     budget = max(PACK_TOKENS, info.max_input_tokens)
     try:
         vectors = np.concatenate(
-            [engine.embed_batch(pack) for pack in _packs(sequences, budget)]
+            [engine.embed(Pack.of(pack)) for pack in _packs(sequences, budget)]
         ).astype(np.float64)
     finally:
         close()
@@ -299,18 +300,18 @@ def _time(models: dict[tuple[str, str], Path], rounds: int) -> None:
         texts = json.loads((MODELS / model / "reference" / "texts.json").read_text("utf-8"))
         tokenizer = _tokenizer(MODELS / model, info)
         sequences = [e.ids for e in tokenizer.encode_batch([t["text"] for t in texts])]
-        packs = list(_packs(sequences, max(PACK_TOKENS, info.max_input_tokens)))
+        packs = [Pack.of(p) for p in _packs(sequences, max(PACK_TOKENS, info.max_input_tokens))]
         for engine_name in ("onnxruntime", "llama.cpp"):
             engine, close = (
                 _llama_engine(path, info) if engine_name == "llama.cpp" else _onnx_engine(info)
             )
             try:
                 for pack in packs:  # warm-up
-                    engine.embed_batch(pack)
+                    engine.embed(pack)
                 began = time.perf_counter()
                 for _ in range(rounds):
                     for pack in packs:
-                        engine.embed_batch(pack)
+                        engine.embed(pack)
                 rate = rounds * len(sequences) / (time.perf_counter() - began)
             finally:
                 close()

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 from embedd.v1 import embedder_pb2 as pb
 from embedd.v1 import embedder_pb2_grpc as pb_grpc
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.core.quantization import CALIBRATION_VECTORS_KEY
@@ -99,7 +100,7 @@ def _engine(path: Path) -> OnnxEngine:
 
 def _embed(engine: OnnxEngine, sequences: list[list[int]]) -> Vectors:
     budget = max(PACK_TOKENS, *map(len, sequences))
-    packs = [engine.embed_batch(pack) for pack in _packs(sequences, budget)]
+    packs = [engine.embed(Pack.of(pack)) for pack in _packs(sequences, budget)]
     return np.concatenate(packs).astype(np.float64)
 
 
@@ -243,8 +244,8 @@ def test_a_padding_token_inside_a_text_is_not_counted_as_a_position(
     assert 1 in ids[1:-1]
     expected = numpy_mpnet.hidden_states(ids).mean(axis=0, keepdims=True)
     engine = _engine(imported["f32"])
-    alone = engine.embed_batch([ids]).astype(np.float64)
-    padded = engine.embed_batch([ids, ids[:3], ids + ids[1:-1]]).astype(np.float64)[:1]
+    alone = engine.embed(Pack.of([ids])).astype(np.float64)
+    padded = engine.embed(Pack.of([ids, ids[:3], ids + ids[1:-1]])).astype(np.float64)[:1]
     assert _cosines(alone, expected)[0] >= 0.9999999
     assert _cosines(padded, expected)[0] >= 0.9999999
 
@@ -285,7 +286,7 @@ def test_long_inputs_match_the_numpy_reference(tmp_path: Path) -> None:
     assert len(ids) == 300
     reference = MPNetReference(src)
     expected = np.stack([reference.hidden_states(s).mean(axis=0) for s in (ids, ids[:150])])
-    got = _engine(path).embed_batch([ids, ids[:150]]).astype(np.float64)  # one padded batch
+    got = _engine(path).embed(Pack.of([ids, ids[:150]])).astype(np.float64)  # one padded batch
     assert _cosines(got, expected).min() >= 0.9999999
 
 
@@ -300,7 +301,7 @@ def test_pooling_can_leave_out_a_prompt(
         imported["f32"], threads=1, max_batch_tokens=PACK_TOKENS, pool_from_starts=True
     )
     engine = runtime.new_engine()
-    got = engine.embed_batch([ids, ids], pooling_starts=[3, 0]).astype(np.float64)
+    got = engine.embed(Pack.of([ids, ids], pooling_starts=[3, 0])).astype(np.float64)
     hidden = numpy_mpnet.hidden_states(ids)
     expected = np.stack([hidden[3:].mean(axis=0), hidden.mean(axis=0)])
     assert _cosines(got, expected).min() >= 0.9999999
@@ -348,8 +349,8 @@ def test_the_served_runtime_tokenizes_with_the_files_tokenizer(
         ids = _tokenizer(info).encode("A man plays").ids
         assert runtime.tokenize(b"A man plays") == ids
         assert runtime.token_text(0) == "<s>"
-        expected = _engine(info.path).embed_batch([ids]).astype(np.float64)
-        got = engine.embed_batch([ids]).astype(np.float64)
+        expected = _engine(info.path).embed(Pack.of([ids])).astype(np.float64)
+        got = engine.embed(Pack.of([ids])).astype(np.float64)
         assert _cosines(got, expected)[0] >= 0.9999999
     finally:
         engine.close()

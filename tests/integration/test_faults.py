@@ -146,6 +146,11 @@ def _wait_until_dead(pid: int) -> None:
     raise AssertionError(f"process {pid} outlived SIGKILL")
 
 
+# The engine that keeps worker processes by default (it can crash); ONNX Runtime's workers are
+# threads on one session, whose hung call the watchdog aborts instead.
+LLAMA = ["--engine", "llama.cpp"]
+
+
 def _real_model_dir(tmp_path: Path) -> Path:
     (tmp_path / f"{DEFAULT_MODEL}.gguf").symlink_to(
         (MODELS_DIR / f"{DEFAULT_MODEL}.gguf").resolve()
@@ -157,7 +162,7 @@ def _real_model_dir(tmp_path: Path) -> Path:
 def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
     tmp_path: Path,
 ) -> None:
-    with ServerProcess.start(_real_model_dir(tmp_path), ["--workers", "2"]) as server:
+    with ServerProcess.start(_real_model_dir(tmp_path), [*LLAMA, "--workers", "2"]) as server:
         workers = _wait_for_workers(server.process.pid, 2, set())
 
         def kill_workers() -> None:
@@ -200,7 +205,7 @@ def test_a_killed_worker_process_costs_its_callers_a_retry_not_the_server(
 
 @pytest.mark.slow  # waits out the worker timeout, then the replacement (~40 s here)
 def test_a_hung_worker_process_is_killed_and_replaced(tmp_path: Path) -> None:
-    args = ["--workers", "1", "--worker-timeout-s", "2"]
+    args = [*LLAMA, "--workers", "1", "--worker-timeout-s", "2"]
     with ServerProcess.start(_real_model_dir(tmp_path), args) as server:
         (worker,) = _wait_for_workers(server.process.pid, 1, set())
         os.kill(worker, signal.SIGSTOP)  # its next decode never ends

@@ -33,6 +33,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Engine
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.choice import engine_for, load_runtime
@@ -103,7 +104,7 @@ class Engines:
     def embed(self, engine: str, sequences: list[list[int]]) -> tuple[Vectors, float]:
         """Vectors (normalized where the model normalizes) and texts per second."""
         start = time.perf_counter()
-        rows = [self.engines[engine].embed_batch(p) for p in _packs(sequences, self.budget)]
+        rows = [self.engines[engine].embed(Pack.of(p)) for p in _packs(sequences, self.budget)]
         rate = len(sequences) / (time.perf_counter() - start)
         vectors = np.concatenate(rows).astype(np.float64)
         if self.info.normalizes:
@@ -177,7 +178,7 @@ def test_gemma3_window_is_what_the_reference_needs(gemma: dict[str, Engines]) ->
     assert isinstance(source, Gemma3Source)
     unwindowed = replace(source.config, sliding=(False,) * source.config.num_layers)
     model = replace(source, config=unwindowed).build()
-    vectors = OnnxEngine(model).embed_batch(sequences).astype(np.float64)
+    vectors = OnnxEngine(model).embed(Pack.of(sequences)).astype(np.float64)
     reference = np.load(GEMMA / "reference" / "embeddings.npy").astype(np.float64)
     assert _cosines(vectors, reference).min() < 0.99
 
@@ -307,7 +308,7 @@ def test_dense_modules_in_worker_processes(
         worker = runtime.new_engine()
         try:
             packs = _packs(bert_dense.sequences, PACK_TOKENS)  # what the server sends
-            vectors = np.concatenate([worker.embed_batch(p) for p in packs]).astype(np.float64)
+            vectors = np.concatenate([worker.embed(Pack.of(p)) for p in packs]).astype(np.float64)
         finally:
             worker.close()
     finally:
@@ -352,7 +353,7 @@ def test_gemma3_with_dense_modules_llama_cpp_does_not_apply(
         source = load_gguf(gemma["f32"].info.path)
         assert isinstance(source, Gemma3Source)
         plain = replace(source, dense=()).build()
-        pooled = OnnxEngine(plain).embed_batch(sequences).astype(np.float64)
+        pooled = OnnxEngine(plain).embed(Pack.of(sequences)).astype(np.float64)
         expected = _dense_reference(pooled, [(first, first_bias, TANH), (second, None, IDENTITY)])
         for engine in ENGINES:
             vectors, _ = engines.embed(engine, sequences)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedd_server.compute.pack import Pack
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.core.tokenization import HuggingFaceTokenizer
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
@@ -106,7 +107,7 @@ def test_stripped_copy_tokenizes_and_embeds_as_the_original(
         weights = LlamaModelWeights(path)
         engine = LlamaEngine(weights, max_tokens=limit, max_sequences=1, n_threads=1)
         try:
-            return np.concatenate([engine.embed_batch([ids]) for ids in truncated])
+            return np.concatenate([engine.embed(Pack.of([ids])) for ids in truncated])
         finally:
             engine.close()
             weights.close()

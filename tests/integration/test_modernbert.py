@@ -44,6 +44,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Runtime
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.choice import engine_for, load_runtime
@@ -106,7 +107,7 @@ def _run(runtime: Runtime, info: ModelInfo, sequences: list[list[int]], pairs: b
     budget = max(EngineSettings().batch_tokens, info.max_input_tokens)
     try:
         rows = [
-            engine.embed_batch(pack, None, [len(ids) for ids in pack] if pairs else None)
+            engine.embed(Pack.of(pack, None, [len(ids) for ids in pack] if pairs else None))
             for pack in _packs(sequences, budget)
         ]
     finally:
@@ -410,19 +411,19 @@ def _time(paths: dict[str, Path], rounds: int) -> None:
     for out_type, path in paths.items():
         info = read_model_info(path)
         sequences = [e.ids for e in _tokenizer(info).encode_batch(texts)]
-        packs = list(_packs(sequences, EngineSettings().batch_tokens))
+        packs = [Pack.of(p) for p in _packs(sequences, EngineSettings().batch_tokens)]
         runtimes = {engine: _runtime(info, engine) for engine in ENGINES}
         engines = {name: runtime.new_engine() for name, runtime in runtimes.items()}
         rates: dict[str, list[float]] = {name: [] for name in engines}
         for engine in engines.values():  # warm-up
             for pack in packs:
-                engine.embed_batch(pack)
+                engine.embed(pack)
         for _ in range(5):
             for name, engine in engines.items():
                 began = time.perf_counter()
                 for _ in range(rounds):
                     for pack in packs:
-                        engine.embed_batch(pack)
+                        engine.embed(pack)
                 rates[name].append(rounds * len(texts) / (time.perf_counter() - began))
         for name in ENGINES:
             print(f"{EMBEDDER} {out_type} {name}: {max(rates[name]):,.0f} texts/s")

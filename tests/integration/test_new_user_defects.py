@@ -226,6 +226,9 @@ class EmbeddRun:
             str(self.ports.grpc),
             "--metrics-port",
             "0",
+            # Engines in worker processes (ONNX Runtime's are threads by default): their
+            # processes are among the descendants a SIGKILL must not leave behind.
+            "--worker-processes",
         ]
         extra = {}
         if self.replicas > 1:

@@ -42,6 +42,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedd_server.compute.engine import Runtime
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.choice import engine_for, load_runtime
@@ -158,7 +159,7 @@ def _score(runtime: Runtime, info: ModelInfo, pairs: Pairs, *, types: bool) -> F
         assert engine.dimensions == runtime.dimensions == info.labels == 1
         for pack in _packs(lengths, budget, settings.batch_sequences):
             starts = [pairs.type_starts[i] if types else lengths[i] for i in pack]
-            logits = engine.embed_batch([pairs.sequences[i] for i in pack], None, starts)
+            logits = engine.embed(Pack.of([pairs.sequences[i] for i in pack], None, starts))
             assert logits.dtype == np.float32 and logits.shape == (len(pack), 1)
             rows.append(logits.astype(np.float64))
     finally:
@@ -335,15 +336,15 @@ def _time(imported: dict[tuple[str, str], Path], rounds: int) -> None:
             lengths = [len(ids) for ids in pairs.sequences]
             budget = max(EngineSettings().batch_tokens, info.max_input_tokens)
             packs = [
-                ([pairs.sequences[i] for i in pack], [lengths[i] for i in pack])
+                Pack.of([pairs.sequences[i] for i in pack], None, [lengths[i] for i in pack])
                 for pack in _packs(lengths, budget, EngineSettings().batch_sequences)
             ]
-            for sequences, starts in packs:  # warm-up
-                engine.embed_batch(sequences, None, starts)
+            for pack in packs:  # warm-up
+                engine.embed(pack)
             began = time.perf_counter()
             for _ in range(rounds):
-                for sequences, starts in packs:
-                    engine.embed_batch(sequences, None, starts)
+                for pack in packs:
+                    engine.embed(pack)
             rate = rounds * len(pairs.sequences) / (time.perf_counter() - began)
             print(f"tiny-xlmr-reranker {out_type} {engine_name}: {rate:,.0f} pairs/s")
             engine.close()

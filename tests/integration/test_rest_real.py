@@ -185,6 +185,9 @@ class RunProcess:
             str(self.http_port),
             "--grpc-port",
             str(self.grpc_port),
+            # Engines in worker processes (ONNX Runtime's are threads by default), so that
+            # their stop on SIGTERM is checked too.
+            "--worker-processes",
         ]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -248,7 +251,7 @@ def test_embedd_run_serves_rest_and_grpc_and_stops_on_sigterm(run_process: RunPr
     assert grpc_vectors.shape == (1, 384)
     [envoy_pid] = run_process.children("envoy")
     workers = set(run_process.children()) - {envoy_pid}
-    assert len(workers) == 2  # the default: two worker processes
+    assert len(workers) == 2  # two worker processes (--worker-processes; 2 workers by default)
     run_process.process.send_signal(signal.SIGTERM)
     assert run_process.process.wait(60) == 0
     for pid in (envoy_pid, *workers):  # Envoy and the workers stopped and reaped

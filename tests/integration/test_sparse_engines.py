@@ -28,6 +28,7 @@ import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.choice import engine_for, load_runtime
@@ -121,7 +122,7 @@ def test_sparse_vectors_match_sparse_encoder(
         try:
             assert engine.dimensions == runtime.dimensions == 2500
             rows = [
-                engine.embed_batch([sequences[i] for i in pack])
+                engine.embed(Pack.of([sequences[i] for i in pack]))
                 for pack in _packs(
                     [len(s) for s in sequences], EngineSettings().onnx_batch_tokens, 32
                 )
@@ -195,7 +196,7 @@ def test_other_splade_poolings(tmp_path: Path, strategy: str, activation: str) -
     runtime = load_runtime(info, _settings("auto"), LoadOptions())
     try:
         engine = runtime.new_engine()
-        dense = engine.embed_batch(sequences).astype(np.float64)
+        dense = engine.embed(Pack.of(sequences)).astype(np.float64)
         engine.close()
     finally:
         runtime.close()

@@ -54,6 +54,7 @@ from bench.report import (
     render_markdown,
 )
 from bench.texts import build_passages, read_sentences
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings
 
 # A trimmed `ghz -O json` report (durations in nanoseconds), as ghz v0.121.0 writes it.
@@ -341,14 +342,9 @@ class _RecordingEngine:
     def __init__(self) -> None:
         self.packs: list[list[int]] = []
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        self.packs.append([len(ids) for ids in sequences])
-        return np.ones((len(sequences), self.dimensions), dtype=np.float32)
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        self.packs.append(pack.lengths.tolist())
+        return np.ones((len(pack), self.dimensions), dtype=np.float32)
 
     @property
     def alive(self) -> bool:

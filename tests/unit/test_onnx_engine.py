@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from embedd_server.compute.pack import Pack
 from embedd_server.convert.hf_to_gguf import import_model
 from embedd_server.engines import onnx_graph as graph
 from embedd_server.engines.onnx import EngineAborted, GraphOptimization, OnnxEngine
@@ -100,7 +101,7 @@ def test_minilm_safetensors_parity(
 ) -> None:
     engine = OnnxEngine(minilm_model, optimization=optimization)
     assert engine.dimensions == 384
-    assert _cosines(engine.embed_batch(minilm_ids), reference).min() >= EXACT
+    assert _cosines(engine.embed(Pack.of(minilm_ids)), reference).min() >= EXACT
 
 
 def test_minilm_gguf_f16_parity(
@@ -108,7 +109,7 @@ def test_minilm_gguf_f16_parity(
 ) -> None:
     source = graph.load_bert_gguf(_gguf(_minilm_dir(), tmp_path, "f16"))
     assert (source.pooling, source.max_seq_length, source.normalize) == ("mean", 256, True)
-    vectors = OnnxEngine(source.build()).embed_batch(minilm_ids)
+    vectors = OnnxEngine(source.build()).embed(Pack.of(minilm_ids))
     assert _cosines(vectors, reference).min() >= EXACT
 
 
@@ -119,7 +120,7 @@ def test_minilm_int8_is_close_not_exact(
 
     quantized = graph.quantize_int8(onnx.load_from_string(minilm_model))
     assert any(n.op_type == "MatMulInteger" for n in quantized.graph.node)
-    cosines = _cosines(OnnxEngine(quantized).embed_batch(minilm_ids), reference)
+    cosines = _cosines(OnnxEngine(quantized).embed(Pack.of(minilm_ids)), reference)
     assert 0.95 <= cosines.min() < EXACT  # measured 0.979 (per-channel, AVX-512 VNNI)
 
 
@@ -144,7 +145,7 @@ def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
     texts, counts = _texts(folder / "reference" / "texts.json")
     ids = _ids(folder, texts, source.max_seq_length)
     assert [len(i) for i in ids] == counts
-    vectors = OnnxEngine(source.build()).embed_batch(ids)
+    vectors = OnnxEngine(source.build()).embed(Pack.of(ids))
     reference = np.load(folder / "reference" / "embeddings.npy")
     assert _cosines(vectors, reference).min() >= EXACT
     if not normalize:  # raw vectors: the lengths must match too
@@ -167,13 +168,13 @@ def test_rows_come_back_in_input_order_whatever_the_batching(tiny_cls: graph.Mod
     model = tiny_cls.build().SerializeToString()
     rng = np.random.default_rng(0)
     sequences = [[2, *rng.integers(5, 4000, size=n).tolist(), 3] for n in rng.integers(0, 60, 50)]
-    alone = np.concatenate([OnnxEngine(model).embed_batch([s]) for s in sequences[:10]])
+    alone = np.concatenate([OnnxEngine(model).embed(Pack.of([s])) for s in sequences[:10]])
     for batch_size, max_tokens in ((32, 8192), (3, 8192), (32, 100), (1, 1)):
         engine = OnnxEngine(model, batch_size=batch_size, max_batch_tokens=max_tokens)
-        vectors = engine.embed_batch(sequences)
+        vectors = engine.embed(Pack.of(sequences))
         np.testing.assert_allclose(vectors[:10], alone, atol=2e-5)
         order = rng.permutation(len(sequences))
-        shuffled = engine.embed_batch([sequences[i] for i in order])
+        shuffled = engine.embed(Pack.of([sequences[i] for i in order]))
         np.testing.assert_allclose(shuffled, vectors[order], atol=2e-5)
 
 
@@ -190,7 +191,7 @@ def test_token_type_input_and_hidden_output(tiny_cls: graph.ModelSource) -> None
     assert hidden.shape == (2, 5, 64)
     np.testing.assert_allclose(pooled, hidden[:, 0], atol=1e-6)  # cls pooling
     np.testing.assert_allclose(
-        pooled, plain.embed_batch([[2, 10, 11, 12, 3], [2, 13, 3]]), atol=2e-5
+        pooled, plain.embed(Pack.of([[2, 10, 11, 12, 3], [2, 13, 3]])), atol=2e-5
     )
     typed, _ = session.run(None, {**feed, "token_type_ids": np.ones_like(ids)})
     assert not np.allclose(typed, pooled)  # the input is used (for cross-encoders)
@@ -209,18 +210,18 @@ def test_bert_prefix_and_gamma_beta_names(tiny_cls: graph.ModelSource) -> None:
     sequences = [[2, 20, 30, 3]]
     a = OnnxEngine(graph.build_bert_model(renamed, tiny_cls.config, pooling="cls"))
     b = OnnxEngine(tiny_cls.build())
-    np.testing.assert_array_equal(a.embed_batch(sequences), b.embed_batch(sequences))
+    np.testing.assert_array_equal(a.embed(Pack.of(sequences)), b.embed(Pack.of(sequences)))
 
 
 def test_bad_input_is_refused(tiny_cls: graph.ModelSource) -> None:
     engine = OnnxEngine(tiny_cls.build())
-    assert engine.embed_batch([]).shape == (0, 64)
+    assert engine.embed(Pack.of([])).shape == (0, 64)
     with pytest.raises(ValueError, match="empty"):
-        engine.embed_batch([[2, 3], []])
+        engine.embed(Pack.of([[2, 3], []]))
     with pytest.raises(ValueError, match="positions"):
-        engine.embed_batch([[2] * 129])
+        engine.embed(Pack.of([[2] * 129]))
     with pytest.raises(ValueError, match="token ids"):
-        engine.embed_batch([[2, 4000, 3]])
+        engine.embed(Pack.of([[2, 4000, 3]]))
     with pytest.raises(ValueError, match="missing"):
         graph.build_bert_model({}, tiny_cls.config)
 
@@ -233,7 +234,7 @@ def test_abort_stops_a_running_call(minilm_model: bytes, minilm_ids: list[list[i
     def run() -> None:
         try:
             for _ in range(20):  # far longer than the test waits
-                engine.embed_batch(minilm_ids)
+                engine.embed(Pack.of(minilm_ids))
                 running.set()
         except BaseException as exc:
             failures.append(exc)
@@ -250,7 +251,7 @@ def test_abort_stops_a_running_call(minilm_model: bytes, minilm_ids: list[list[i
     assert isinstance(failures[0], EngineAborted)
     assert not engine.alive
     with pytest.raises(EngineAborted):
-        engine.embed_batch([[101, 102]])
+        engine.embed(Pack.of([[101, 102]]))
 
 
 def test_close(tiny_cls: graph.ModelSource) -> None:
@@ -259,16 +260,23 @@ def test_close(tiny_cls: graph.ModelSource) -> None:
     engine.close()
     assert not engine.alive
     with pytest.raises(EngineAborted):
-        engine.embed_batch([[2, 3]])
+        engine.embed(Pack.of([[2, 3]]))
 
 
 def test_runtime_engines_in_threads_and_in_processes_agree(
-    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+    tmp_path: Path,
+    minilm_ids: list[list[int]],
+    reference: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The runtime the server loads: a session in the worker's thread, or in a worker process
-    of its own on the graph file the runtime wrote; the same vectors either way."""
+    of its own on the graph file the runtime wrote; the same vectors either way, and no graph
+    file left behind (in a temporary directory of this test's own: other runs share /tmp)."""
     from embedd_server.engines.onnx import OnnxRuntime
 
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(graphs))
     path = _gguf(_minilm_dir(), tmp_path, "f16")
     results = []
     for processes in (False, True):
@@ -276,13 +284,58 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
         engine = runtime.new_engine()
         try:
             assert engine.dimensions == runtime.dimensions == 384
-            results.append(engine.embed_batch(minilm_ids[:40]))
+            results.append(engine.embed(Pack.of(minilm_ids[:40])))
         finally:
             engine.close()
             runtime.close()
     assert _cosines(results[0], reference[:40]).min() >= EXACT
     np.testing.assert_allclose(results[1], results[0], atol=1e-6)
-    assert not list(Path(tempfile.gettempdir()).glob(f"embedd-{path.stem}-*.onnx"))
+    assert not list(graphs.iterdir())
+
+
+def test_workers_in_threads_share_one_session_and_abort_only_their_own_call(
+    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+) -> None:
+    """In threads every worker's engine runs on the runtime's one session (one copy of the
+    weights), concurrently and exactly; the watchdog's abort stops only the engine it hits."""
+    from embedd_server.engines.onnx import OnnxRuntime
+
+    path = _gguf(_minilm_dir(), tmp_path, "f16")
+    runtime = OnnxRuntime(path, threads=2, max_batch_tokens=2048)
+    first, second = runtime.new_engine(), runtime.new_engine()
+    assert isinstance(first, OnnxEngine) and isinstance(second, OnnxEngine)
+    assert first._session is second._session is not None  # one session, not one each
+    pack = Pack.of(minilm_ids[:40])
+    aborted: list[BaseException] = []
+    rows: list[np.ndarray] = []
+    running = threading.Event()
+
+    def until_aborted() -> None:
+        try:
+            for _ in range(200):  # far longer than the test waits
+                first.embed(pack)
+                running.set()
+        except BaseException as exc:
+            aborted.append(exc)
+
+    thread = threading.Thread(target=until_aborted)
+    thread.start()
+    try:
+        assert running.wait(60), aborted
+        rows.append(second.embed(pack))  # beside the first engine's calls, on the same session
+        first.abort()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert len(aborted) == 1 and isinstance(aborted[0], EngineAborted)
+        assert not first.alive and second.alive
+        rows.append(second.embed(pack))  # the abort did not touch the other engine
+        rows.append(runtime.new_engine().embed(pack))  # nor the session: a replacement runs
+    finally:
+        first.close()
+        second.close()
+        runtime.close()
+    for vectors in rows:
+        assert _cosines(vectors, reference[:40]).min() >= EXACT
 
 
 def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
@@ -290,7 +343,7 @@ def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
 ) -> None:
     """TEI's /embed_all: every token's last hidden state, from the encoder's graph (its
     pooled output unchanged), the same from a session in the worker's thread or process."""
-    from embedd_server.compute.engine import TokenStatesEngine, gives_token_states
+    from embedd_server.compute.engine import gives_token_states
     from embedd_server.engines.onnx import OnnxRuntime
 
     path = _gguf(_minilm_dir(), tmp_path, "f16")
@@ -301,9 +354,9 @@ def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
         runtime = OnnxRuntime(path, threads=1, max_batch_tokens=256, processes=processes)
         engine = runtime.new_engine()
         try:
-            assert gives_token_states(runtime) and isinstance(engine, TokenStatesEngine)
-            states = engine.token_states(sequences)
-            pooled = engine.embed_batch(sequences)
+            assert gives_token_states(runtime)
+            states = engine.embed(Pack.of(sequences, token_states=True))
+            pooled = engine.embed(Pack.of(sequences))
         finally:
             engine.close()
             runtime.close()

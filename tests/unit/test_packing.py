@@ -6,11 +6,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedd_server.compute.pack import decode_pack, encode_pack, flatten, masked_means
+from embedd_server.compute.pack import Pack, flatten, masked_means
 
 
 def _message(*values: int) -> bytes:
     return np.array(values, dtype=np.int32).tobytes()
+
+
+def encode_pack(
+    sequences: list[list[int]],
+    pooling_starts: list[int] | None = None,
+    token_type_starts: list[int] | None = None,
+    *,
+    token_states: bool = False,
+) -> bytes:
+    """The wire bytes of the pack of ``sequences`` (what a process engine sends)."""
+    pack = Pack.of(sequences, pooling_starts, token_type_starts, token_states=token_states)
+    return bytes(pack.wire)
+
+
+decode_pack = Pack.from_wire
 
 
 def test_flatten_concatenates_tokens_and_keeps_each_length() -> None:
@@ -36,8 +51,14 @@ def test_flatten_refuses_an_empty_sequence() -> None:
 def test_a_pack_round_trips(sequences: list[list[int]]) -> None:
     message = encode_pack(sequences)
     assert message[:4] == _message(len(sequences))  # [n, lengths, pool, types, tokens]
-    tokens, lengths, starts, types, token_states = decode_pack(message)
-    assert not token_states
+    pack = decode_pack(message)
+    tokens, lengths, starts, types = (
+        pack.tokens,
+        pack.lengths,
+        pack.pooling_starts,
+        pack.token_type_starts,
+    )
+    assert not pack.token_states
     assert lengths.tolist() == [len(ids) for ids in sequences]
     assert starts.tolist() == [0] * len(sequences)
     assert types.tolist() == lengths.tolist()  # one segment each
@@ -72,14 +93,13 @@ def test_starts_outside_their_sequences_are_refused(starts: list[int]) -> None:
 
 def test_masked_means_average_each_sequence_from_its_start() -> None:
     rows = np.arange(10, dtype=np.float32).reshape(5, 2)  # tokens of [3 tokens], [2 tokens]
-    lengths = np.array([3, 2], dtype=np.int32)
-    means = masked_means(rows, lengths, np.array([1, 0], dtype=np.int32))
+    means = masked_means(rows, Pack.of([[5, 6, 7], [8, 9]], [1, 0]))
     np.testing.assert_array_equal(means, [[3.0, 4.0], [7.0, 8.0]])  # rows 1-2; rows 3-4
 
 
 def test_a_sequence_with_no_pooled_token_gets_the_zero_vector() -> None:
     rows = np.ones((3, 2), dtype=np.float32)
-    means = masked_means(rows, np.array([3], dtype=np.int32), np.array([3], dtype=np.int32))
+    means = masked_means(rows, Pack.of([[5, 6, 7]], [3]))
     np.testing.assert_array_equal(means, [[0.0, 0.0]])  # sum 0 over a count clamped to 1e-9
 
 
@@ -126,3 +146,15 @@ def test_a_token_states_pack_says_so_with_a_negative_count() -> None:
     assert pack.lengths.tolist() == [3, 2]
     assert pack.tokens.tolist() == [2, 4, 3, 2, 3]
     assert not decode_pack(encode_pack([[2, 3]])).token_states
+
+
+def test_a_pack_made_in_the_core_is_sent_as_its_own_values() -> None:
+    pack = Pack.of([[2, 4, 3], [9, 8]], [1, 0], [3, 1])
+    sent = np.frombuffer(pack.wire, dtype=np.int32)
+    assert np.shares_memory(sent, pack.values)  # the bytes sent are the pack's own, no copy
+    again = Pack.from_wire(bytes(pack.wire))
+    assert again.tokens.tolist() == [2, 4, 3, 9, 8]
+    assert (again.ends.tolist(), again.offsets.tolist()) == ([3, 5], [0, 3])
+    assert again.pools_from_starts and again.two_segments
+    assert again.sequences() == [[2, 4, 3], [9, 8]]
+    assert not Pack.of([[2, 3]]).pools_from_starts and not Pack.of([[2, 3]]).two_segments

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.core.chunking import MEAN, Chunking
 from embedd_server.core.registry import ModelRegistry
 from embedd_server.core.service import EmbeddingService, EmbedOutcome, EmbedParams
 from embedd_server.errors import (
@@ -388,3 +389,48 @@ def test_a_prompts_length_is_worked_out_once_per_loaded_model(
         harness.embed(dataclasses.replace(params, prompt="the "))
         assert runtime.pooling_starts[-2:] == [2, 2]
         assert prompts == ["the "]  # "the cat " was counted by the first request
+
+
+# --- chunking ------------------------------------------------------------------------------------
+
+_LONG = "the cat sat on the mat a dog runs fast"  # 10 tokens of the fake tokenizer
+
+
+def test_chunks_are_inputs_answered_in_order_or_pooled_by_tokens(svc: Harness) -> None:
+    per_chunk = svc.embed(
+        EmbedParams(texts=[_LONG, "hello"], chunking=Chunking(size=4), normalize=False)
+    )
+    assert [(c.text_index, c.start, c.stop, c.tokens) for c in per_chunk.chunks or ()] == [
+        (0, 0, 14, 4),
+        (0, 15, 28, 4),
+        (0, 29, 38, 2),
+        (1, 0, 5, 1),
+    ]
+    alone = svc.embed(
+        EmbedParams(texts=["the cat sat on", "the mat a dog", "runs fast"], normalize=False)
+    )
+    np.testing.assert_array_equal(per_chunk.vectors[:3], alone.vectors)
+    assert per_chunk.prompt_tokens == 4 * 2 + 11  # every chunk with its [CLS] and [SEP]
+    mean = svc.embed(
+        EmbedParams(texts=[_LONG], chunking=Chunking(size=4, pooling=MEAN), normalize=False)
+    )
+    assert mean.chunks is None
+    expected = (alone.vectors.astype(np.float64) * [[4], [4], [2]]).sum(axis=0) / 10
+    np.testing.assert_allclose(mean.vectors[0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("chunking", "param"),
+    [
+        (Chunking(size=2), "chunking.size"),  # 5 chunks, more than the 4 inputs allowed
+        (Chunking(size=0), "chunking.size"),
+        (Chunking(size=3, overlap=3), "chunking.overlap"),
+        (Chunking(size=3, pooling="max"), "chunking.pooling"),
+    ],
+)
+def test_bad_chunking_is_invalid_input_naming_the_field(
+    svc: Harness, chunking: Chunking, param: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        svc.embed(EmbedParams(texts=[_LONG], chunking=chunking))
+    assert caught.value.param == param

@@ -14,6 +14,7 @@ from embedd_server.settings import (
     Settings,
     SettingsError,
     add_arguments,
+    child_environment,
     load_settings,
     settings_from_argv,
 )
@@ -105,6 +106,27 @@ def test_values_are_converted_to_each_fields_type(tmp_path: Path) -> None:
     assert settings.models_dir == Path("~/models").expanduser()
 
 
+def test_worker_processes_is_auto_by_default_and_picks_per_engine(tmp_path: Path) -> None:
+    """auto: ONNX Runtime's workers in threads (one shared session), llama.cpp's in
+    processes; true or false put every engine's workers in processes or in threads."""
+    assert Settings().worker_processes is None
+    auto = Settings().engine_settings()
+    assert not auto.processes_for("onnxruntime") and not auto.processes_for("onnxruntime-int8")
+    assert auto.processes_for("llama.cpp")
+    for given, expected in (("true", True), ("false", False), ("auto", None)):
+        settings = load_settings(None, {"EMBEDD_WORKER_PROCESSES": given})
+        assert settings.worker_processes is expected
+        assert child_environment(settings)["EMBEDD_WORKER_PROCESSES"] == given
+    config = _config(tmp_path, "worker_processes = 'auto'\n")
+    assert load_settings(None, {}, config).worker_processes is None
+    assert settings_from_argv(["--worker-processes"]).worker_processes is True
+    for engine in ("onnxruntime", "llama.cpp"):
+        assert EngineSettings(worker_processes=True).processes_for(engine)
+        assert not EngineSettings(worker_processes=False).processes_for(engine)
+    with pytest.raises(SettingsError, match="worker_processes"):
+        load_settings(None, {"EMBEDD_WORKER_PROCESSES": "sometimes"})
+
+
 def test_aliases_come_as_pairs_or_as_a_config_table(tmp_path: Path) -> None:
     config = _config(tmp_path, "[model_aliases]\nsmall = 'fake'\nbig = 'other'\n")
     from_table = load_settings(None, environ={}, config_path=config)
@@ -188,6 +210,7 @@ ENGINE_VALUES: dict[str, Any] = {
     "engine": "llama.cpp",
     "onnx_batch_tokens": 512,
     "onnx_threads": 3,
+    "onnx_spinning": True,
     "int8": True,
     "cache_mb": 16,
     "bulk_share": 4,

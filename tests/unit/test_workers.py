@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from embedd_server.compute.engine import Engine
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import LoadOptions
 from embedd_server.core.scheduler import FairQueue, Job
 from embedd_server.core.workers import WorkerPool
@@ -225,12 +226,7 @@ class _EndedEngine:
     def __init__(self) -> None:
         self.closed = False
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> FloatMatrix:
+    def embed(self, pack: Pack) -> FloatMatrix:
         raise AssertionError("an ended engine must not be given a pack")
 
     def abort(self) -> None:
@@ -386,13 +382,8 @@ class _TimedEngine:
     def dimensions(self) -> int:
         return self._engine.dimensions
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> FloatMatrix:
-        return self._engine.embed_batch(sequences, pooling_starts, token_type_starts)
+    def embed(self, pack: Pack) -> FloatMatrix:
+        return self._engine.embed(pack)
 
     @property
     def alive(self) -> bool:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from embedd_server.compute.pack import Pack
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.model.catalog import ModelInfo
 
@@ -16,27 +17,24 @@ FloatMatrix = npt.NDArray[np.float32]
 
 
 class Engine(Protocol):
-    """One worker's private engine. Not thread-safe: one thread calls it."""
+    """One worker's engine. One thread calls it; :meth:`abort` may come from another."""
 
     @property
     def dimensions(self) -> int:
         """Length of the vectors embed() returns."""
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> FloatMatrix:
-        """The pooled (not normalized) vectors of token sequences, one row each; for a
-        cross-encoder (pooling ``rank``), each sequence's raw logits, one per label.
+    def embed(self, pack: Pack) -> FloatMatrix:
+        """The pack's pooled (not normalized) vectors, one row per sequence; for a
+        cross-encoder (pooling ``rank``), each sequence's raw logits, one per label. With
+        ``pack.token_states``, every token's last hidden state instead, the sequences' tokens
+        one row each, in order (``[total tokens, hidden size]``, not normalized): only an
+        engine whose runtime says so (:func:`gives_token_states`) gives them; others raise
+        ValueError.
 
-        ``pooling_starts[i]``: the first token of sequence i that pooling counts (None: all
-        from the first). Only an engine made for a model that pools without its prompt
-        (``include_prompt: false``) accepts starts other than 0; others raise ValueError.
-        ``token_type_starts[i]``: the first token of sequence i with token type 1 (a pair's
-        second segment; None: every token has type 0); an engine that cannot give a token
-        type 1 raises ValueError rather than compute with the wrong one."""
+        The pack was validated when it was made; an engine checks only what its model can
+        compute: pooling starts other than 0 only for a model that pools without its prompt
+        (``include_prompt: false``), a second segment (token type 1) only where the model
+        has that token type; others raise ValueError rather than compute the wrong vector."""
 
     @property
     def alive(self) -> bool:
@@ -44,26 +42,16 @@ class Engine(Protocol):
 
     def abort(self) -> None:
         """Stops a decode that hangs, from another thread, where the engine can (a process
-        engine kills its process; a thread's decode can't be stopped)."""
+        engine kills its process, an ONNX Runtime call is terminated; a llama.cpp decode in
+        a thread can't be stopped)."""
 
     def close(self) -> None:
         """Frees the engine's memory."""
 
 
-@runtime_checkable
-class TokenStatesEngine(Engine, Protocol):
-    """An engine that also gives every token's last hidden state (TEI's /embed_all): the
-    ONNX Runtime engine of an encoder. Its runtime says so with ``token_states = True``
-    (:func:`gives_token_states`)."""
-
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
-        """Every token's last hidden state, the sequences' tokens one row each, in order:
-        ``[total tokens, hidden size]``, not normalized."""
-
-
 def gives_token_states(runtime: Runtime) -> bool:
-    """Whether the runtime's engines are :class:`TokenStatesEngine` for its model (an
-    attribute ``token_states`` of runtimes that can; llama.cpp's cannot)."""
+    """Whether the runtime's engines give token states for its model (an attribute
+    ``token_states`` of runtimes that can; llama.cpp's cannot)."""
     return bool(getattr(runtime, "token_states", False))
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 # The values of the ``engine`` setting: "auto" picks per model (embedd_server.engines.choice).
 ENGINES = ("auto", "llama.cpp", "onnxruntime")
+# Engines whose workers run in threads of the server when ``worker_processes`` is auto (None).
+_THREADED_ENGINES = ("onnxruntime",)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class EngineSettings:
     keep_alive: str = "5m"
     memory_budget_mb: int = 0
     workers: int = 2
-    worker_processes: bool = True
+    worker_processes: bool | None = None  # None: auto, per engine (see processes_for)
     threads_per_worker: int = 1
     batch_tokens: int = 128
     batch_sequences: int = 32
@@ -39,6 +41,7 @@ class EngineSettings:
     engine: str = "auto"  # "auto", "llama.cpp" or "onnxruntime"
     onnx_batch_tokens: int = 256
     onnx_threads: int = 0  # 0: the cores this process may use
+    onnx_spinning: bool = False
     int8: bool = False
     cache_mb: int = 64
     bulk_share: int = 8
@@ -46,6 +49,14 @@ class EngineSettings:
     bulk_free_workers: int = 0
     bulk_above_inputs: int = 64
     bulk_above_tokens: int = 8192
+
+    def processes_for(self, engine: str) -> bool:
+        """Whether the workers of a model served by ``engine`` ("llama.cpp", "onnxruntime"
+        or its "-int8" variant) run in processes of their own: the setting, or for auto ONNX
+        Runtime in threads (one session shared by all) and llama.cpp in processes."""
+        if self.worker_processes is not None:
+            return self.worker_processes
+        return not engine.startswith(_THREADED_ENGINES)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class Job:
 
 class TokenStatesJob(Job):
     """A job for every token's last hidden state (TEI's /embed_all), from an engine that
-    gives them (:class:`~embedd_server.compute.engine.TokenStatesEngine`): its future resolves
+    gives them (:func:`~embedd_server.compute.engine.gives_token_states`): its future resolves
     with the tokens of all its inputs, one row each, in order (``[total tokens, hidden]``)."""
 
     token_states = True

@@ -18,6 +18,14 @@ import numpy as np
 
 from embedd_server.compute.engine import FloatMatrix, gives_token_states
 from embedd_server.compute.settings import EngineSettings, LoadOptions
+from embedd_server.core.chunking import (
+    MEAN,
+    Chunk,
+    Chunking,
+    chunk_strings,
+    chunk_text,
+    pool_chunks,
+)
 from embedd_server.core.classifying import (
     ClassifyOutcome,
     ClassifyParams,
@@ -61,6 +69,7 @@ from embedd_server.core.tokenization import (
     PromptLengths,
     Tokenized,
     TokenizedPairs,
+    Tokenizer,
     TokenSpan,
     Truncation,
     check_token_ids,
@@ -144,6 +153,8 @@ class EmbedParams:
     # header's, else bulk where bulk_by_default (EmbedStream), else by size (choose_lane).
     lane: str | None = None
     bulk_by_default: bool = False
+    # Cut each text into chunks of the model's tokens (core.chunking); None: a text is an input.
+    chunking: Chunking | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,8 @@ class EmbedOutcome:
     compact: dict[str, ByteMatrix] = field(default_factory=dict)
     cache_hits: int = 0  # inputs answered from the vector cache
     cache_misses: int = 0  # inputs looked up there and computed (0 and 0: cache not used)
+    # Chunking answered per chunk: the chunk of each row, in order; None: a row per input.
+    chunks: Sequence[Chunk] | None = None
 
 
 @dataclass(frozen=True)
@@ -251,7 +264,13 @@ class EmbeddingService:
         was_loaded = self.registry.loaded(name) is not None
         async with self.registry.lease(name, params.keep_alive_s) as model:
             dimensions = self._check_dimensions(params.dimensions, model)
-            raw, tokenized, hits = await self._encode(params, model, deadline)
+            chunks = None
+            if params.chunking is None:
+                raw, tokenized, hits = await self._encode(params, model, deadline)
+            else:
+                raw, tokenized, chunks, hits = await self._encode_chunks(
+                    params, params.chunking, model, deadline
+                )
             vectors = _post_process(raw, dimensions, params.normalize, owned=True)
             compact = await self._compact(model, vectors, params)
         return EmbedOutcome(
@@ -260,6 +279,7 @@ class EmbeddingService:
             model=model.info.name,
             vectors=vectors,
             compact=compact,
+            chunks=chunks,
             prompt_tokens=tokenized.token_count,
             load_seconds=0.0 if was_loaded else model.load_seconds,
             total_seconds=time.perf_counter() - started,
@@ -298,6 +318,42 @@ class EmbeddingService:
         if starts is not None and pooling == "last":
             _zero_prompt_only_rows(raw, tokenized.sequences, starts)
         return raw, tokenized, computed
+
+    async def _encode_chunks(
+        self, params: EmbedParams, chunking: Chunking, model: LoadedModel, deadline: float | None
+    ) -> tuple[FloatMatrix, Tokenized, list[Chunk] | None, _Rows]:
+        """Chunking: the texts cut at the model's token boundaries, every chunk's text embedded
+        as an ordinary input (prompt, queue, engine), and the raw rows per chunk (with the
+        chunks) or pooled per text (chunks None); the tokens are those of the chunks."""
+        if params.token_ids:
+            raise InvalidInput(
+                "chunking cuts texts; token ids are used as they are. Send the texts.",
+                param="chunking",
+            )
+        chunking.check(_chunk_window(params, model, resolve_prompt(params, model.info)))
+        chunks = await _off_loop_if_long(
+            sum(len(text) for text in params.texts),
+            cut_texts,
+            model.tokenizer,
+            params.texts,
+            model.info.do_lower_case,
+            chunking,
+        )
+        limit = self._settings.max_inputs_per_request
+        if len(chunks) > limit:  # each chunk is an input: the request's bound is theirs
+            raise InvalidInput(
+                f"The texts make {len(chunks)} chunks of {chunking.size} tokens; at most "
+                f"{limit} inputs are allowed per request. Give a larger chunking.size or a "
+                "smaller overlap, or split the request.",
+                param="chunking.size",
+            )
+        pieces = dataclasses.replace(
+            params, texts=chunk_strings(params.texts, chunks), chunking=None
+        )
+        raw, tokenized, computed = await self._encode(pieces, model, deadline)
+        if chunking.pooling == MEAN:
+            return pool_chunks(raw, chunks, len(params.texts)), tokenized, None, computed
+        return raw, tokenized, chunks, computed
 
     async def token_states(
         self, params: EmbedParams, deadline: float | None = None, max_values: int | None = None
@@ -892,6 +948,45 @@ def _picked(values: Sequence[int] | None, indices: Sequence[int]) -> list[int] |
 def _request_id() -> str:
     request = current_request()
     return request.request_id if request is not None else ""
+
+
+def _chunk_window(params: EmbedParams, model: LoadedModel, prompt: str) -> int:
+    """How many tokens of text fit in one input: the model's limit (or max_tokens) less the
+    special tokens it adds and the prompt's tokens."""
+    limit = model.info.max_input_tokens
+    if params.max_tokens is not None:
+        limit = min(limit, params.max_tokens)
+    specials = model.tokens.special_count
+    if model.info.do_lower_case:
+        prompt = prompt.lower()
+    prompt_tokens = len(model.tokenizer.encode_batch([prompt])[0]) - specials if prompt else 0
+    return limit - specials - prompt_tokens
+
+
+def cut_texts(
+    tokenizer: Tokenizer, texts: Sequence[str], lower: bool, chunking: Chunking
+) -> list[Chunk]:
+    """Every text's chunks, in order, at the tokens the model's tokenizer gives it (the text
+    lower-cased first where the model lower-cases, as model_texts does)."""
+    chunks: list[Chunk] = []
+    for index, text in enumerate(texts):
+        read = text.lower() if lower else text
+        if len(read) != len(text):  # offsets in the lower-cased text would not be the text's
+            raise InvalidInput(
+                f"Input {index} changes length when lower-cased (as this model reads it), so "
+                "its chunks' offsets cannot be given; send it without chunking.",
+                param=f"input[{index}]",
+            )
+        try:
+            spans = tokenizer.spans(read, False)
+        except NotImplementedFeature as error:
+            raise NotImplementedFeature(
+                "chunking cuts texts at the model's own token boundaries, which needs the "
+                f"model's exact tokenizer. {error.message}",
+                param="chunking",
+            ) from None
+        chunks.extend(chunk_text(index, text, spans, chunking))
+    return chunks
 
 
 def _check_answer_size(tokens: int, width: int, max_values: int | None) -> None:

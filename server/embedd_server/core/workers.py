@@ -1,7 +1,9 @@
 """The worker pool of one model: N threads, each owning one engine.
 
-llama-cpp-python releases the GIL inside llama.cpp, so worker threads of one process compute
-in parallel and share the model's weights instead of loading them once per process.
+A worker takes a batch of inputs from the queue, makes it one :class:`Pack` (validated there,
+once) and hands it to its engine as is: a session on ONNX Runtime's shared one, a llama.cpp
+context, or a worker process that gets the pack's bytes. ONNX Runtime and llama.cpp release the
+GIL while they compute, so worker threads of one process run in parallel.
 
 Failures are contained here. A worker whose engine raises fails only that batch's callers
 (INTERNAL) and goes on. A worker that dies, or whose decode outlives ``worker_timeout_s``
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix, TokenStatesEngine
+from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix
+from embedd_server.compute.pack import Pack
 from embedd_server.core.scheduler import FairQueue, WorkItem, request_ids
 from embedd_server.errors import InternalError, Unavailable
 from embedd_server.metrics import Metrics
@@ -38,35 +41,33 @@ class _Worker:
     thread: threading.Thread | None = None
 
 
-def _offsets(items: list[WorkItem]) -> tuple[list[int] | None, list[int] | None]:
-    """The batch's pooling starts and token type starts, each None when all are the default
-    (so engines that know neither are called as before)."""
-    pool = [item.pooling_start for item in items]
-    types = [item.token_type_start for item in items]
-    two_segments = any(t < len(item.token_ids) for t, item in zip(types, items, strict=True))
-    return (pool if any(pool) else None), (types if two_segments else None)
+def _pack(items: list[WorkItem], *, token_states: bool) -> Pack:
+    """The one pack of a batch's items (validated here, once; engines take it as is)."""
+    return Pack.of(
+        [item.token_ids for item in items],
+        [item.pooling_start for item in items],
+        [item.token_type_start for item in items],
+        token_states=token_states,
+    )
 
 
-def _rows(engine: Engine, items: list[WorkItem]) -> list[FloatMatrix]:
+def _rows(engine: Engine, items: list[WorkItem]) -> tuple[list[FloatMatrix], int]:
     """Each item's answer, in order: its pooled vector, or its tokens' hidden states for a
-    job that wants them (one engine call for each kind the batch holds)."""
+    job that wants them; and the tokens computed. One pack and one engine call per kind the
+    batch holds (nearly always one: /embed_all's jobs are the only ones wanting states)."""
     rows: list[FloatMatrix] = [np.empty(0, dtype=np.float32)] * len(items)
-    pooled = [i for i, item in enumerate(items) if not item.job.token_states]
-    if pooled:
-        chosen = [items[i] for i in pooled]
-        vectors = engine.embed_batch([item.token_ids for item in chosen], *_offsets(chosen))
-        for i, vector in zip(pooled, vectors, strict=True):
-            rows[i] = vector
-    tokens = [i for i, item in enumerate(items) if item.job.token_states]
-    if tokens:
-        if not isinstance(engine, TokenStatesEngine):
-            raise TypeError("this engine gives pooled vectors only, not token states")
-        sequences = [items[i].token_ids for i in tokens]
-        states = engine.token_states(sequences)
-        ends = np.cumsum([len(ids) for ids in sequences])[:-1]
-        for i, part in zip(tokens, np.split(states, ends), strict=True):
+    tokens = 0
+    for token_states in (False, True):
+        chosen = [i for i, item in enumerate(items) if item.job.token_states == token_states]
+        if not chosen:
+            continue
+        pack = _pack([items[i] for i in chosen], token_states=token_states)
+        answer = engine.embed(pack)
+        tokens += len(pack.tokens)
+        parts = pack.split_rows(answer) if token_states else answer
+        for i, part in zip(chosen, parts, strict=True):
             rows[i] = part
-    return rows
+    return rows, tokens
 
 
 class WorkerPool:
@@ -216,10 +217,9 @@ class WorkerPool:
         live = [item for item in batch if not item.job.done]  # skip cancelled/failed jobs
         if not live:
             return
-        sequences = [item.token_ids for item in live]
         started = time.perf_counter()
         try:
-            rows = _rows(engine, live)
+            rows, tokens = _rows(engine, live)
         except EngineDied:
             raise  # the worker is replaced; its callers get UNAVAILABLE
         except Exception:
@@ -232,8 +232,8 @@ class WorkerPool:
                 item.job.fail(InternalError())
             return
         self._observe_compute(time.perf_counter() - started)
-        self._observe_texts(len(sequences))
-        self._observe_tokens(sum(map(len, sequences)))
+        self._observe_texts(len(live))
+        self._observe_tokens(tokens)
         for item, vector in zip(live, rows, strict=True):
             item.job.deliver(item.index, vector)
 

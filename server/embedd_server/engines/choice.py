@@ -135,7 +135,8 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             threads=settings.onnx_threads or len(os.sched_getaffinity(0)),
             max_batch_tokens=settings.onnx_batch_tokens,
             int8=settings.int8,
-            processes=settings.worker_processes,
+            processes=settings.processes_for(ONNX),
+            spinning=settings.onnx_spinning,
             log_json=settings.log_json,
             pool_from_starts=pools_without_prompt(info, options),
         )

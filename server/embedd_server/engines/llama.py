@@ -22,14 +22,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from embedd_server.compute.engine import Engine
-from embedd_server.compute.pack import Int32Array, flatten, masked_means, starts_array
+from embedd_server.compute.pack import Pack, masked_means
 from embedd_server.compute.settings import EngineSettings, LoadOptions
 from embedd_server.engines.process import EngineSpec, ProcessEngine
 from embedd_server.errors import ModelLoadError
@@ -47,6 +46,7 @@ from embedd_server.model.dense import (
     check_stack,
     read_dense_gguf,
 )
+from embedd_server.model.vocabulary import llama_token_text, llama_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,10 @@ class LlamaModelWeights:
         self._lock = threading.Lock()  # guards tokenize calls from several threads
 
     def tokenize(self, text: bytes) -> list[int]:
-        """llama.cpp's own tokenizer (special tokens added, like BERT's [CLS] ... [SEP])."""
-        with self._lock:
-            return list(self.model.tokenize(text, add_bos=True, special=False))
+        return llama_tokenize(self.model, self._lock, text)
 
     def token_text(self, token_id: int) -> str:
-        with self._lock:
-            piece: bytes = self.model.token_to_piece(token_id, special=True)
-        return piece.decode("utf-8", "replace")
+        return llama_token_text(self.model, self._lock, token_id)
 
     def close(self) -> None:
         self.model.close()
@@ -202,15 +198,16 @@ class _NumpyBatch:
         self.capacity = capacity
         self.max_sequences = max_sequences
 
-    def fill(self, tokens: npt.NDArray[np.int32], lengths: npt.NDArray[np.int32]) -> None:
-        """Puts sequences (``tokens`` concatenated, ``lengths`` each) into the batch."""
+    def fill(self, pack: Pack) -> None:
+        """Puts the pack's sequences into the batch."""
+        tokens, lengths = pack.tokens, pack.lengths
         total = len(tokens)
         if total > self.capacity or len(lengths) > self.max_sequences:
             raise ValueError(
                 f"{len(lengths)} sequences of {total} tokens; the context fits "
                 f"{self.max_sequences} sequences of {self.capacity} tokens"
             )
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        starts = np.repeat(pack.offsets, lengths)
         self.token[:total] = tokens
         self.pos[:total] = np.arange(total, dtype=np.int32) - starts
         self.seq_ids[:total] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
@@ -289,43 +286,24 @@ class LlamaEngine:
     def dimensions(self) -> int:
         return self._dimensions
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        tokens, lengths = flatten(sequences)
-        return self.embed_packed(
-            tokens,
-            lengths,
-            starts_array(pooling_starts, lengths),
-            starts_array(token_type_starts, lengths, default=lengths),
-        )
-
-    def embed_packed(
-        self,
-        tokens: Int32Array,
-        lengths: Int32Array,
-        starts: Int32Array | None = None,
-        token_type_starts: Int32Array | None = None,
-    ) -> npt.NDArray[np.float32]:
-        """embed_batch() for sequences given as one token array, their lengths, their
-        pooling starts (None: from the first token) and token type starts (None: type 0)."""
-        if not self._pool_from_starts and starts is not None and starts.any():
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        """The pack's pooled vectors in one decode (llama.cpp gives no token states)."""
+        if pack.token_states:
+            raise ValueError("llama.cpp's engine gives pooled vectors only, not token states")
+        if not self._pool_from_starts and pack.pools_from_starts:
             raise ValueError("this engine pools every token; it was not made to skip prompts")
-        if token_type_starts is not None and (token_type_starts < lengths).any():
+        if pack.two_segments:
             # llama.cpp's BERT graph adds token type 0's embedding to every token.
             raise ValueError("llama.cpp gives every token type 0; a second segment needs type 1")
-        self._batch.fill(tokens, lengths)
+        self._batch.fill(pack)
         self._ctx.kv_cache_clear()
         code = self._decode(self._ctx.ctx, self._batch.struct)  # releases the GIL
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         if self._pool_from_starts:
-            return self._with_dense(self._mean_from_starts(lengths, starts))
-        vectors = np.empty((len(lengths), self._pooled_width), dtype=np.float32)
-        for index in range(len(lengths)):
+            return self._with_dense(self._mean_from_starts(pack))
+        vectors = np.empty((len(pack), self._pooled_width), dtype=np.float32)
+        for index in range(len(pack)):
             pointer = self._get_embeddings(self._ctx.ctx, index)
             if not pointer:
                 raise RuntimeError("llama.cpp returned no pooled embedding (pooling type none?)")
@@ -340,20 +318,16 @@ class LlamaEngine:
         """The pooled vectors through the file's Dense modules (float64), if it has any."""
         return apply_dense(vectors, self._dense) if self._dense else vectors
 
-    def _mean_from_starts(
-        self, lengths: Int32Array, starts: Int32Array | None
-    ) -> npt.NDArray[np.float32]:
+    def _mean_from_starts(self, pack: Pack) -> npt.NDArray[np.float32]:
         """The mean of each sequence's token vectors from its pooling start on."""
         pointer = self._get_token_embeddings(self._ctx.ctx)
         if not pointer:
             raise RuntimeError("llama.cpp returned no token embeddings")
         token_vectors = np.ctypeslib.as_array(
             ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
-            shape=(int(lengths.sum()), self._pooled_width),
+            shape=(len(pack.tokens), self._pooled_width),
         )
-        return masked_means(
-            token_vectors, lengths, starts_array(None, lengths) if starts is None else starts
-        )
+        return masked_means(token_vectors, pack)
 
     @property
     def alive(self) -> bool:
@@ -458,7 +432,7 @@ def load_llama_runtime(
         n_threads=settings.threads_per_worker,
         n_gpu_layers=n_gpu_layers,
         pooling_type=POOLING_TYPES[options.pooling] if options.pooling else None,
-        processes=settings.worker_processes and n_gpu_layers == 0,
+        processes=settings.processes_for(ENGINE_NAME) and n_gpu_layers == 0,
         log_json=settings.log_json,
         exact_attention=info.quantization == "f32",
         pool_from_starts=pools_without_prompt(info, options),

@@ -1,11 +1,11 @@
 """The ONNX Runtime engine for BERT-style encoders (CPU): exact vectors, faster than llama.cpp.
 
 :class:`OnnxRuntime` builds the model's ONNX graph once from its GGUF tensors
-(:mod:`embedd_server.engines.onnx_graph`); each worker gets an :class:`OnnxEngine`, an ONNX
-Runtime session of its own on one intra-op thread: in a worker process of its own by default
-(``worker_processes``, as llama.cpp's contexts), or in the worker's thread (ORT releases the
-GIL while it computes). A call sorts its sequences by length and runs
-them in padded batches, each padded only to its own longest sequence.
+(:mod:`embedd_server.engines.onnx_graph`) and opens one session on it; each worker gets an
+:class:`OnnxEngine` that runs its packs on that shared session from the worker's thread (ORT
+releases the GIL while it computes), by default; with ``worker_processes`` each worker is a
+process with a session of its own, as llama.cpp's contexts are. A call sorts its sequences by
+length and runs them in padded batches, each padded only to its own longest sequence.
 
 A cross-encoder's graph ends in its classifier head: the engine's rows are then its raw
 logits, one per label, and a BERT cross-encoder's graph takes ``token_type_ids`` (built from
@@ -16,12 +16,14 @@ Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from embedd_server.compute.engine import Engine, EngineDied, FloatMatrix
+from embedd_server.compute.pack import Pack
 from embedd_server.engines.onnx_graph import (
     HIDDEN_OUTPUT_NAME,
     META_MAX_POSITIONS,
@@ -57,16 +60,68 @@ class EngineAborted(EngineDied):
     """The engine was aborted (a hung call, stopped by the watchdog) or closed."""
 
 
-class OnnxEngine:
-    """One worker's engine: an ONNX Runtime session that embeds token sequences.
+ModelSource = onnx.ModelProto | bytes | str | os.PathLike[str]
 
-    Not thread-safe: one thread calls :meth:`embed_batch`; :meth:`abort` may come from
-    another (it sets ORT's terminate flag, which the running call checks between nodes).
+
+def open_session(
+    model: ModelSource,
+    *,
+    threads: int = 1,
+    spinning: bool = False,
+    optimization: GraphOptimization = "all",
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """An ONNX Runtime session on a graph. ``threads`` is its intra-op pool (1: each call
+    runs on its calling thread only); ``spinning``: whether the pool's threads spin for work
+    between a call's operators (they stop when the last running call returns), else they
+    sleep. One session may serve several threads at once: ORT's ``Run`` is thread-safe and
+    releases the GIL."""
+    if threads < 1:
+        raise ValueError("threads must be positive")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if spinning:
+        # An idle server burns no core: spinning ends with the last running call.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        # Workers share the cores: a thread that spins while waiting for work takes a core
+        # from the other workers; without spinning a lone request still uses every core
+        # (measured: docs/design.md, "Engines").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = _OPT_LEVELS[optimization]
+    options.log_severity_level = 3  # errors only
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, options, providers=list(providers))
+
+
+class _Padded(NamedTuple):
+    """One padded batch of a pack: which sequences, their ids and attention mask, and where
+    each unpadded token sits in the pack (``positions``, the mask's true cells in order)."""
+
+    rows: npt.NDArray[np.intp]
+    ids: npt.NDArray[np.int64]
+    mask: npt.NDArray[np.bool_]
+    positions: npt.NDArray[np.int64]
+
+
+class OnnxEngine:
+    """One worker's engine: calls on an ONNX Runtime session that embed packs.
+
+    The session is the engine's own (made from a graph) or one shared by every worker of the
+    model (a session passed in: one copy of the weights). Each engine has its own
+    ``RunOptions``, so :meth:`abort` (from the watchdog's thread: it sets ORT's terminate
+    flag, which the running call checks between nodes) stops this engine's call only.
+    One thread calls :meth:`embed`.
     """
 
     def __init__(
         self,
-        model: onnx.ModelProto | bytes | str | os.PathLike[str],
+        model: ModelSource | ort.InferenceSession,
         *,
         threads: int = 1,
         batch_size: int = 32,
@@ -74,39 +129,26 @@ class OnnxEngine:
         optimization: GraphOptimization = "all",
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
-        """``threads`` is ORT's intra-op pool size (1: run on the calling thread only).
-        A batch holds at most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens.
-        """
-        if batch_size < 1 or max_batch_tokens < 1 or threads < 1:
-            raise ValueError("batch_size, max_batch_tokens and threads must be positive")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        if threads > 1:
-            # Workers share the cores: a thread that spins while waiting for work takes a core
-            # from the other worker, and throughput collapses; without spinning a lone request
-            # still uses every core (measured: docs/design.md, "Engines").
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = _OPT_LEVELS[optimization]
-        options.log_severity_level = 3  # errors only
-        if isinstance(model, onnx.ModelProto):
-            model = model.SerializeToString()
-        elif not isinstance(model, bytes):
-            model = os.fspath(model)
-        self._session: ort.InferenceSession | None = ort.InferenceSession(
-            model, options, providers=list(providers)
-        )
+        """``model``: a session to share, or a graph to open one on (with ``threads``,
+        ``optimization`` and ``providers``: see :func:`open_session`). A batch holds at
+        most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens."""
+        if batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError("batch_size and max_batch_tokens must be positive")
+        if not isinstance(model, ort.InferenceSession):
+            model = open_session(
+                model, threads=threads, optimization=optimization, providers=providers
+            )
+        self._session: ort.InferenceSession | None = model
         self._run_options = ort.RunOptions()
         self._aborted = threading.Event()
-        meta = self._session.get_modelmeta().custom_metadata_map
+        meta = model.get_modelmeta().custom_metadata_map
         self._max_positions = int(meta.get(META_MAX_POSITIONS, "0")) or None
         self._vocab_size = int(meta.get(META_VOCAB_SIZE, "0")) or None
         self.pooling = meta.get(META_POOLING)
-        input_names = {i.name for i in self._session.get_inputs()}
+        input_names = {i.name for i in model.get_inputs()}
         self._token_types = "token_type_ids" in input_names
         self._pooling_mask = POOLING_MASK_NAME in input_names  # include_prompt: false
-        outputs = {o.name: o for o in self._session.get_outputs()}
+        outputs = {o.name: o for o in model.get_outputs()}
         self._dimensions = int(outputs[OUTPUT_NAME].shape[1])
         # An encoder's graph also gives every token's last hidden state (TEI's /embed_all).
         self.gives_token_states = HIDDEN_OUTPUT_NAME in outputs
@@ -115,7 +157,7 @@ class OnnxEngine:
 
     @property
     def dimensions(self) -> int:
-        """Length of the vectors embed_batch() returns."""
+        """Length of the vectors embed() returns."""
         return self._dimensions
 
     @property
@@ -123,173 +165,123 @@ class OnnxEngine:
         """False once the engine was aborted or closed."""
         return self._session is not None and not self._aborted.is_set()
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> FloatMatrix:
-        """The pooled (not normalized) vectors of token sequences, one row each, in order.
+    def embed(self, pack: Pack) -> FloatMatrix:
+        """The pack's pooled (not normalized) vectors, one row each, in order; with
+        ``pack.token_states``, every token's last hidden state (the encoder's output before
+        pooling), one row per token: ``[total tokens, hidden size]``.
 
         Sequences are token ids with the special tokens already in place. They are run
-        sorted by length in padded batches; each batch is padded to its own longest.
-        ``pooling_starts`` (a graph built with a pooling mask only): per sequence, the first
-        token the mean counts. ``token_type_starts``: per sequence, the first token of type 1
-        (a graph with a ``token_type_ids`` input only).
+        sorted by length in padded batches, each padded to its own longest, straight from
+        the pack's flat tokens. Pooling starts other than 0 need a graph built with a pooling
+        mask, a second segment a graph with a ``token_type_ids`` input.
         """
         session = self._session
         if session is None or self._aborted.is_set():
             raise EngineAborted("the engine was aborted or closed")
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        out = np.empty((len(sequences), self._dimensions), dtype=np.float32)
-        if len(sequences) == 0:
+        if pack.token_states:
+            return self._token_states(session, pack)
+        out = np.empty((len(pack), self._dimensions), dtype=np.float32)
+        if len(pack) == 0:
             return out
-        self._check_lengths(lengths)
-        starts = self._check_starts(pooling_starts, lengths)
-        types = self._check_type_starts(token_type_starts, lengths)
-        order = np.argsort(lengths, kind="stable")
-        # All batches are padded (and their ids checked) before any is run.
-        batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
-        for rows, (ids, mask) in batches:
-            type_ids = None if types is None else self._type_ids(mask, types, rows)
-            out[rows] = self._run(session, ids, mask, self._pool_mask(mask, starts, rows), type_ids)
+        self._check(pack)
+        from_starts = pack.pools_from_starts
+        if from_starts and not self._pooling_mask:
+            raise ValueError("this graph pools every token; it was not built to skip prompts")
+        two_segments = pack.two_segments
+        if two_segments and not self._token_types:
+            raise ValueError("this model has one token type; a second segment needs type 1")
+        for batch in self._padded(pack):
+            columns = np.arange(batch.ids.shape[1])
+            type_ids = None
+            if two_segments:  # type 1 from each row's start to its end, else 0
+                type_ids = batch.mask & (columns >= pack.token_type_starts[batch.rows][:, None])
+            pool_mask = None
+            if self._pooling_mask:  # the mean's mask: attention's, less each row's prompt
+                pool_mask = batch.mask
+                if from_starts:
+                    pool_mask = pool_mask & (columns >= pack.pooling_starts[batch.rows][:, None])
+            out[batch.rows] = self._run(session, batch, pool_mask, type_ids)
         return out
 
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> FloatMatrix:
-        """Every token's last hidden state (the encoder's output before pooling), the
-        sequences' tokens one row each, in order: ``[total tokens, hidden size]``."""
-        session = self._session
-        if session is None or self._aborted.is_set():
-            raise EngineAborted("the engine was aborted or closed")
+    def _token_states(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
+        """Every token's last hidden state, the pack's tokens one row each, in order."""
         if not self.gives_token_states:
             raise ValueError("this graph was built without its last_hidden_state output")
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        if len(sequences) == 0:
+        if len(pack) == 0:
             return np.empty((0, 0), dtype=np.float32)
-        self._check_lengths(lengths)
-        order = np.argsort(lengths, kind="stable")
-        batches = [(rows, self._pad(sequences, rows)) for rows in self._batches(order, lengths)]
-        states: list[FloatMatrix] = [np.empty(0, dtype=np.float32)] * len(sequences)
-        for rows, (ids, mask) in batches:
-            hidden = self._run(session, ids, mask, output=HIDDEN_OUTPUT_NAME)
-            for row, index in enumerate(rows):
-                states[index] = hidden[row, : lengths[index]]
-        return np.concatenate(states)
-
-    def _check_type_starts(
-        self, token_type_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.int64] | None:
-        if token_type_starts is None:
-            return None
-        starts = np.asarray(token_type_starts, dtype=np.int64)
-        if starts.shape != lengths.shape or (starts < 0).any() or (starts > lengths).any():
-            raise ValueError("token type starts must lie in [0, length] of each sequence")
-        if not (starts < lengths).any():
-            return None  # one segment each: every token has type 0
-        if not self._token_types:
-            raise ValueError("this model has one token type; a second segment needs type 1")
-        return starts
-
-    @staticmethod
-    def _type_ids(
-        mask: npt.NDArray[np.int64], starts: npt.NDArray[np.int64], rows: npt.NDArray[np.intp]
-    ) -> npt.NDArray[np.int64]:
-        """Token types of a padded batch: 1 from each row's start to its end, else 0."""
-        after = np.arange(mask.shape[1]) >= starts[rows][:, None]
-        type_ids: npt.NDArray[np.int64] = (after & (mask == 1)).astype(np.int64)
-        return type_ids
-
-    def _check_starts(
-        self, pooling_starts: Sequence[int] | None, lengths: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.int64] | None:
-        if pooling_starts is None:
-            return None
-        starts = np.asarray(pooling_starts, dtype=np.int64)
-        if starts.shape != lengths.shape or (starts < 0).any() or (starts > lengths).any():
-            raise ValueError("pooling starts must lie in [0, length] of each sequence")
-        if starts.any() and not self._pooling_mask:
-            raise ValueError("this graph pools every token; it was not built to skip prompts")
-        return starts
-
-    def _pool_mask(
-        self,
-        mask: npt.NDArray[np.int64],
-        starts: npt.NDArray[np.int64] | None,
-        rows: npt.NDArray[np.intp],
-    ) -> npt.NDArray[np.int64] | None:
-        """The mean's mask of a padded batch: attention's, less each row's first tokens."""
-        if not self._pooling_mask:
-            return None
-        if starts is None:
-            return mask
-        pool = mask.copy()
-        pool[np.arange(pool.shape[1]) < starts[rows][:, None]] = 0
-        return pool
+        self._check(pack)
+        states: FloatMatrix | None = None
+        for batch in self._padded(pack):
+            hidden = self._run(session, batch, output=HIDDEN_OUTPUT_NAME)
+            if states is None:
+                states = np.empty((len(pack.tokens), hidden.shape[2]), dtype=np.float32)
+            states[batch.positions] = hidden[batch.mask]
+        assert states is not None  # a pack of at least one sequence has a batch
+        return states
 
     def abort(self) -> None:
-        """Stops a running call (it raises :class:`EngineAborted`) and every later one."""
+        """Stops this engine's running call (it raises :class:`EngineAborted`) and every
+        later one; other engines on a shared session go on."""
         self._aborted.set()
         self._run_options.terminate = True
 
     def close(self) -> None:
-        """Frees the session; the engine computes no more."""
+        """Lets go of the session (a shared one lives on in its runtime); the engine
+        computes no more."""
         self._session = None
 
-    def _check_lengths(self, lengths: npt.NDArray[np.int64]) -> None:
-        if int(lengths.min()) < 1:
-            raise ValueError("an empty token sequence cannot be embedded")
-        if self._max_positions is not None and int(lengths.max()) > self._max_positions:
+    def _check(self, pack: Pack) -> None:
+        """What the pack's validation can't know: this model's positions and vocabulary."""
+        longest = int(pack.lengths.max())
+        if self._max_positions is not None and longest > self._max_positions:
             raise ValueError(
-                f"a sequence of {int(lengths.max())} tokens exceeds the model's "
+                f"a sequence of {longest} tokens exceeds the model's "
                 f"{self._max_positions} positions"
             )
-
-    def _batches(
-        self, order: npt.NDArray[np.intp], lengths: npt.NDArray[np.int64]
-    ) -> Iterator[npt.NDArray[np.intp]]:
-        """Consecutive runs of the length-sorted rows, within both batch limits."""
-        start, n = 0, len(order)
-        while start < n:
-            end = start + 1
-            while (
-                end < n
-                and end - start < self.batch_size
-                and (end - start + 1) * int(lengths[order[end]]) <= self.max_batch_tokens
-            ):
-                end += 1
-            yield order[start:end]
-            start = end
-
-    def _pad(
-        self, sequences: Sequence[Sequence[int]], rows: npt.NDArray[np.intp]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Token ids and attention mask of ``rows``, padded to the longest of them."""
-        width = max(len(sequences[i]) for i in rows)
-        ids = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, index in enumerate(rows):
-            sequence = sequences[index]
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
-        if self._vocab_size is not None and (ids.min() < 0 or ids.max() >= self._vocab_size):
+        tokens = pack.tokens
+        if self._vocab_size is not None and (
+            int(tokens.min()) < 0 or int(tokens.max()) >= self._vocab_size
+        ):
             raise ValueError(f"token ids must lie in [0, {self._vocab_size})")
-        return ids, mask
+
+    def _padded(self, pack: Pack) -> Iterator[_Padded]:
+        """The pack's sequences sorted by length, in consecutive batches within both
+        limits, each padded to its longest (vectorized: no loop over sequences)."""
+        order = np.argsort(pack.lengths, kind="stable")
+        sorted_lengths = pack.lengths[order].astype(np.int64)
+        offsets = pack.offsets
+        start = 0
+        while start < len(order):
+            window = sorted_lengths[start : start + self.batch_size]
+            # k rows padded to the k-th length: a product that grows with k (sorted lengths).
+            fits = np.arange(1, len(window) + 1) * window <= self.max_batch_tokens
+            count = max(1, int(fits.sum()))
+            rows = order[start : start + count]
+            lengths = sorted_lengths[start : start + count]
+            columns = np.arange(int(lengths[-1]))
+            mask = columns < lengths[:, None]
+            positions = (offsets[rows][:, None] + columns)[mask]
+            ids = np.zeros(mask.shape, dtype=np.int64)
+            ids[mask] = pack.tokens[positions]
+            yield _Padded(rows, ids, mask, positions)
+            start += count
 
     def _run(
         self,
         session: ort.InferenceSession,
-        ids: npt.NDArray[np.int64],
-        mask: npt.NDArray[np.int64],
-        pool_mask: npt.NDArray[np.int64] | None = None,
-        type_ids: npt.NDArray[np.int64] | None = None,
+        batch: _Padded,
+        pool_mask: npt.NDArray[np.bool_] | None = None,
+        type_ids: npt.NDArray[np.bool_] | None = None,
         *,
         output: str = OUTPUT_NAME,
     ) -> FloatMatrix:
-        feed = {"input_ids": ids, "attention_mask": mask}
+        feed = {"input_ids": batch.ids, "attention_mask": batch.mask.astype(np.int64)}
         if self._token_types:
-            feed["token_type_ids"] = np.zeros_like(ids) if type_ids is None else type_ids
+            feed["token_type_ids"] = (
+                np.zeros_like(batch.ids) if type_ids is None else type_ids.astype(np.int64)
+            )
         if pool_mask is not None:
-            feed[POOLING_MASK_NAME] = pool_mask
+            feed[POOLING_MASK_NAME] = pool_mask.astype(np.int64)
         try:
             (vectors,) = session.run([output], feed, self._run_options)
         except Exception as exc:
@@ -299,13 +291,27 @@ class OnnxEngine:
         return np.asarray(vectors, dtype=np.float32)
 
 
+def _release_freed_memory() -> None:
+    """Hands the heap the load freed (the GGUF's tensors, the graph being built: ~70 MiB for
+    all-MiniLM) back to the system; glibc keeps it otherwise. Nothing where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator keeps its own counsel
+
+
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
-    The graph is built once here from the GGUF's tensors. With ``processes`` it is written to
-    a file that each worker process opens a session on (a crash costs one worker, as with
-    llama.cpp); otherwise each worker's session runs in its thread. The vocabulary is the
-    file's (model/vocabulary.py: its tokenizer.json, else llama.cpp's without the weights).
+    The graph is built once here from the GGUF's tensors. In threads (the default) one
+    session is opened on it here, with the weights once, and every worker's engine runs its
+    calls on that session (ORT's ``Run`` is thread-safe and releases the GIL; each engine
+    keeps its own ``RunOptions``, so the watchdog's abort stops only its call). With
+    ``processes`` the graph is written to a file that each worker process opens a session on
+    (a crash costs one worker, as with llama.cpp). The vocabulary (for llama.cpp's tokenizer,
+    used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp without the
+    weights.
     """
 
     def __init__(
@@ -316,11 +322,13 @@ class OnnxRuntime:
         max_batch_tokens: int,
         int8: bool = False,
         processes: bool = False,
+        spinning: bool = False,
         log_json: bool = False,
         pool_from_starts: bool = False,
     ) -> None:
-        """``pool_from_starts``: the graph takes a pooling mask, so the mean can leave out a
-        prompt's tokens (a model with ``include_prompt: false``)."""
+        """``threads``: the session's intra-op threads; ``spinning``: see
+        :func:`open_session`. ``pool_from_starts``: the graph takes a pooling mask, so the
+        mean can leave out a prompt's tokens (a model with ``include_prompt: false``)."""
         try:
             source = load_gguf(path)
             # A cross-encoder with two token types (BERT) scores a pair whose document is
@@ -337,22 +345,27 @@ class OnnxRuntime:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:
             raise ModelLoadError(f"ONNX Runtime cannot serve {path.name}: {exc}") from None
-        self._model = model.SerializeToString()
-        self._threads = threads
+        graph = model.SerializeToString()
+        # A cross-encoder's rows are its logits, one per label.
+        self.dimensions = source.dimensions
+        # The session keeps its own copy of the weights: these would be a second and a third.
+        del model, source
         self._max_batch_tokens = max_batch_tokens
         self.int8 = int8
         # int8 vectors differ from the reference: /v1/models says so.
         self.engine_name = f"{ENGINE_NAME}-int8" if int8 else ENGINE_NAME
         self.vocab = file_vocabulary(path)
-        # A cross-encoder's rows are its logits, one per label.
-        self.dimensions = source.dimensions
         self._spec: EngineSpec | None = None
+        self._session: ort.InferenceSession | None = None
+        # The graph goes to a file, and sessions open that file: a session opened on bytes
+        # keeps them (ORT's Python session holds its model bytes), a second copy of the
+        # weights for the model's lifetime.
+        with tempfile.NamedTemporaryFile(
+            prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
+        ) as graph_file:
+            graph_file.write(graph)
+        del graph
         if processes:
-            with tempfile.NamedTemporaryFile(
-                prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
-            ) as graph_file:
-                graph_file.write(self._model)
-            self._model = b""  # the worker processes read the file; this process needs none
             self._spec = EngineSpec(
                 path=str(path),
                 max_tokens=max_batch_tokens,
@@ -362,18 +375,26 @@ class OnnxRuntime:
                 log_json=log_json,
                 engine=self.engine_name,
                 onnx_path=graph_file.name,
+                spinning=spinning,
             )
+        else:
+            try:
+                self._session = open_session(graph_file.name, threads=threads, spinning=spinning)
+            finally:
+                Path(graph_file.name).unlink(missing_ok=True)
+        _release_freed_memory()
 
     @property
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
 
     def new_engine(self) -> Engine:
+        """A worker process of its own, or an engine on the shared session."""
         if self._spec is not None:
             return ProcessEngine(self._spec)
-        return OnnxEngine(
-            self._model, threads=self._threads, max_batch_tokens=self._max_batch_tokens
-        )
+        if self._session is None:
+            raise ModelLoadError("the model was unloaded")
+        return OnnxEngine(self._session, max_batch_tokens=self._max_batch_tokens)
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.vocab.tokenize(text)
@@ -382,6 +403,9 @@ class OnnxRuntime:
         return self.vocab.token_text(token_id)
 
     def close(self) -> None:
+        """Frees the vocabulary and the shared session (once no engine runs on it), or
+        removes the graph file of the worker processes."""
         self.vocab.close()
+        self._session = None
         if self._spec is not None:
             Path(self._spec.onnx_path).unlink(missing_ok=True)

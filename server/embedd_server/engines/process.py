@@ -1,4 +1,4 @@
-"""A worker's engine in a process of its own: the server's default layout on CPU.
+"""A worker's engine in a process of its own: llama.cpp's default layout on CPU.
 
 Each :class:`ProcessEngine` starts ``python -m embedd_server.engines.worker_main``, which loads the
 GGUF (memory-mapped, so the page cache holds the weights once for every process) and owns one
@@ -9,14 +9,14 @@ waits for the vectors, releasing the GIL while it waits.
 Why processes: a crash inside llama.cpp kills one worker process, not the server: its callers
 get UNAVAILABLE and the pool starts a new process. A hung decode can be stopped too (the process
 is killed), which a thread can't. Speed is the same as threads on CPU; the measurements are in
-docs/design.md ("Workers: a process each on CPU, threads on a GPU").
+docs/design.md ("Workers: llama.cpp in processes, ONNX Runtime in threads on one session").
 
 The wire between them is a socket pair with length-prefixed messages
 (``multiprocessing.connection``), no pickle:
 
-- server -> worker, first: the :class:`EngineSpec` as JSON; then per pack: int32 values
-  ``[n, lengths, pooling starts, token type starts, tokens ...]``
-  (:mod:`~embedd_server.compute.pack`); ``-n`` asks for every token's hidden state.
+- server -> worker, first: the :class:`EngineSpec` as JSON; then per pack its int32 values
+  ``[n, lengths, pooling starts, token type starts, tokens ...]`` as they are
+  (:attr:`~embedd_server.compute.pack.Pack.wire`); ``-n`` asks for every token's hidden state.
 - worker -> server: ``R`` + int32 dimensions when ready; ``V`` + the float32 vectors (row
   major) per pack (one row per token for token states); ``E`` + a UTF-8 message when loading
   or decoding failed.
@@ -31,7 +31,6 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd_server.compute.engine import EngineDied
-from embedd_server.compute.pack import encode_pack
+from embedd_server.compute.pack import Pack
 from embedd_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,12 @@ class EngineSpec:
     pool_from_starts: bool = False
     engine: str = "llama.cpp"  # or "onnxruntime": then ``onnx_path`` is the graph to run
     onnx_path: str = ""
+    spinning: bool = False  # ONNX Runtime: idle intra-op threads spin for work
 
 
 class ProcessEngine:
     """An :class:`~embedd_server.compute.engine.Engine` that lives in a child process (a
-    llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed_batch`;
+    llama.cpp context or an ONNX Runtime session). One thread calls :meth:`embed`;
     :meth:`abort` may come from another."""
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -111,22 +111,15 @@ class ProcessEngine:
         """The worker process (tests kill it to prove a crash is survived)."""
         return self._process.pid
 
-    def embed_batch(
-        self,
-        sequences: Sequence[Sequence[int]],
-        pooling_starts: Sequence[int] | None = None,
-        token_type_starts: Sequence[int] | None = None,
-    ) -> npt.NDArray[np.float32]:
-        reply = self._exchange(encode_pack(sequences, pooling_starts, token_type_starts))
-        return reply.reshape(len(sequences), self._dimensions)
+    def embed(self, pack: Pack) -> npt.NDArray[np.float32]:
+        """The pack's vectors (or token states), computed in the process: the pack's own
+        bytes are sent, nothing is re-encoded."""
+        reply = self._exchange(pack.wire)
+        if pack.token_states:
+            return reply.reshape(len(pack.tokens), -1)
+        return reply.reshape(len(pack), self._dimensions)
 
-    def token_states(self, sequences: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
-        """Every token's last hidden state, one row per token, in order (an engine whose
-        runtime gives them: see :class:`~embedd_server.compute.engine.TokenStatesEngine`)."""
-        reply = self._exchange(encode_pack(sequences, token_states=True))
-        return reply.reshape(sum(map(len, sequences)), -1)
-
-    def _exchange(self, message: bytes) -> npt.NDArray[np.float32]:
+    def _exchange(self, message: memoryview) -> npt.NDArray[np.float32]:
         """Sends a pack and returns the float32 values of the answer."""
         try:
             self._conn.send_bytes(message)

@@ -13,74 +13,49 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
-from embedd_server.compute.engine import FloatMatrix
-from embedd_server.compute.pack import Pack, decode_pack
+from embedd_server.compute.engine import Engine
+from embedd_server.compute.pack import Pack
 from embedd_server.engines.llama import LlamaEngine, LlamaModelWeights
 from embedd_server.engines.process import ERROR, READY, VECTORS, EngineSpec
 from embedd_server.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
-Int32Array = npt.NDArray[np.int32]
-PackedEmbed = Callable[[Pack], FloatMatrix]
 
-
-def _build(spec: EngineSpec) -> tuple[int, PackedEmbed]:
-    """The engine the spec names: its width and how it embeds a (tokens, lengths) pack."""
+def _build(spec: EngineSpec) -> Engine:
+    """The engine the spec names: an ONNX Runtime session on the graph file, or a llama.cpp
+    context on the GGUF. Either takes the packs it is sent as they are."""
     if spec.engine.startswith("onnxruntime"):
-        from embedd_server.engines.onnx import OnnxEngine
+        from embedd_server.engines.onnx import OnnxEngine, open_session
 
-        session = OnnxEngine(
-            spec.onnx_path, threads=spec.n_threads, max_batch_tokens=spec.max_tokens
-        )
-
-        def embed_onnx(pack: Pack) -> FloatMatrix:
-            sequences: list[Int32Array] = np.split(pack.tokens, np.cumsum(pack.lengths)[:-1])
-            if pack.token_states:
-                return session.token_states(sequences)  # type: ignore[arg-type]
-            return session.embed_batch(
-                sequences,  # type: ignore[arg-type]  # arrays index like lists
-                pack.pooling_starts.tolist() if pack.pooling_starts.any() else None,
-                pack.token_type_starts.tolist(),
-            )
-
-        return session.dimensions, embed_onnx
+        session = open_session(spec.onnx_path, threads=spec.n_threads, spinning=spec.spinning)
+        return OnnxEngine(session, max_batch_tokens=spec.max_tokens)
     weights = LlamaModelWeights(Path(spec.path), spec.n_gpu_layers)
-    context = LlamaEngine.from_spec(weights, spec)
-
-    def embed_llama(pack: Pack) -> FloatMatrix:
-        if pack.token_states:
-            raise ValueError("llama.cpp's engine gives pooled vectors only, not token states")
-        return context.embed_packed(
-            pack.tokens, pack.lengths, pack.pooling_starts, pack.token_type_starts
-        )
-
-    return context.dimensions, embed_llama
+    return LlamaEngine.from_spec(weights, spec)
 
 
 def _serve(conn: Connection) -> int:
     spec = EngineSpec(**json.loads(conn.recv_bytes()))
     configure_logging("warning", spec.log_json)
     try:
-        dimensions, embed = _build(spec)
+        engine = _build(spec)
     except Exception as exc:  # the server turns this into a ModelLoadError
         conn.send_bytes(ERROR + str(exc).encode())
         return 1
-    conn.send_bytes(READY + np.int32(dimensions).tobytes())
+    conn.send_bytes(READY + np.int32(engine.dimensions).tobytes())
     while True:
         try:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return 0  # the server closed the socket (or died)
         try:
-            vectors = embed(decode_pack(message))
+            vectors = engine.embed(Pack.from_wire(message))
         except Exception as exc:
             log.exception("decode failed")
             conn.send_bytes(ERROR + str(exc).encode())

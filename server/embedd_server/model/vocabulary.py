@@ -80,17 +80,27 @@ class LlamaVocabulary:
         self._lock = threading.Lock()  # llama.cpp's vocabulary calls are not thread-safe
 
     def tokenize(self, text: bytes) -> list[int]:
-        """llama.cpp's own tokenizer (special tokens added, like BERT's [CLS] ... [SEP])."""
-        with self._lock:
-            return list(self._model.tokenize(text, add_bos=True, special=False))
+        return llama_tokenize(self._model, self._lock, text)
 
     def token_text(self, token_id: int) -> str:
-        with self._lock:
-            piece: bytes = self._model.token_to_piece(token_id, special=True)
-        return piece.decode("utf-8", "replace")
+        return llama_token_text(self._model, self._lock, token_id)
 
     def close(self) -> None:
         self._model.close()
+
+
+def llama_tokenize(model: Any, lock: threading.Lock, text: bytes) -> list[int]:
+    """llama.cpp's own tokenizer of a loaded llama_cpp model (special tokens added, like
+    BERT's [CLS] ... [SEP]); ``lock`` serializes the calls, which are not thread-safe."""
+    with lock:
+        return list(model.tokenize(text, add_bos=True, special=False))
+
+
+def llama_token_text(model: Any, lock: threading.Lock, token_id: int) -> str:
+    """A token's text in a loaded llama_cpp model's vocabulary."""
+    with lock:
+        piece: bytes = model.token_to_piece(token_id, special=True)
+    return piece.decode("utf-8", "replace")
 
 
 def file_vocabulary(path: Path) -> Vocabulary:

@@ -18,6 +18,7 @@ from embedd_server.errors import EmbeddError, InvalidInput, Unavailable
 from embedd_server.rpc import model_routes, task_routes
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.backend import Backend, Handlers
+from embedd_server.rpc.chunks import chunk_span, requested_chunking
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.truncation import native_truncation
 
@@ -40,6 +41,7 @@ def params_from_request(request: pb.EmbedRequest, *, stream: bool = False) -> Em
         output_types=(_output_type(request.output_type),),
         lane=_LANES[request.lane] if request.lane in _LANES else _unknown_lane(request.lane),
         bulk_by_default=stream,
+        chunking=requested_chunking(request),
     )
 
 
@@ -80,11 +82,14 @@ def response_from_outcome(outcome: EmbedOutcome, request_id: str) -> pb.EmbedRes
     )
     if kind == FLOAT:
         rows = vector_messages.embedding_rows(outcome.vectors)
-        return vector_messages.append_rows(response, "embeddings", rows)
-    response.embeddings.extend(
-        pb.Embedding(index=index, data=row.tobytes())
-        for index, row in enumerate(outcome.compact[kind])
-    )
+        vector_messages.append_rows(response, "embeddings", rows)
+    else:
+        response.embeddings.extend(
+            pb.Embedding(index=index, data=row.tobytes())
+            for index, row in enumerate(outcome.compact[kind])
+        )
+    for embedding, chunk in zip(response.embeddings, outcome.chunks or (), strict=False):
+        embedding.chunk.CopyFrom(chunk_span(chunk))
     return response
 
 

@@ -22,6 +22,7 @@ from embedd_server.model.catalog import EMBED, SPARSE
 from embedd_server.rpc import model_routes
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.backend import Backend, Handlers
+from embedd_server.rpc.chunks import chunk_objects, requested_chunking
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import json_kind, requested_dimensions
 from embedd_server.rpc.keep_alive import parse_keep_alive
@@ -195,6 +196,7 @@ async def ollama_embed(
         prompt_name=prompt_options.get("prompt_name"),
         prompt=prompt_options.get("prompt"),
         input_type=prompt_options.get("input_type"),
+        chunking=requested_chunking(request),
     )
     try:
         outcome = await backend.service.embed(params, deadline_of(context))
@@ -204,7 +206,7 @@ async def ollama_embed(
         if error.param != NUM_CTX:
             raise
         raise InvalidInput(f"{OLLAMA_NO_ROOM}: {error.message}", param=NUM_CTX) from None
-    return pb.OllamaEmbedResponse(
+    response = pb.OllamaEmbedResponse(
         # Ollama echoes the name as sent (an alias, "x:latest"); '' is our default model.
         model=request.model or outcome.model,
         embeddings=vector_messages.nested_list_value(outcome.vectors),
@@ -212,6 +214,9 @@ async def ollama_embed(
         load_duration=float(round(outcome.load_seconds * 1e9)),
         prompt_eval_count=outcome.prompt_tokens,
     )
+    if outcome.chunks is not None:  # the chunks extension only where chunks were asked for
+        response.chunks.CopyFrom(chunk_objects(outcome.chunks))
+    return response
 
 
 def ollama_inputs(value: struct_pb2.Value | None) -> list[str]:

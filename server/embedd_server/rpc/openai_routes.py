@@ -22,6 +22,7 @@ from embedd_server.core.tokenization import RIGHT
 from embedd_server.errors import InvalidInput, shorten
 from embedd_server.rpc import vectors as vector_messages
 from embedd_server.rpc.backend import Backend, Handlers
+from embedd_server.rpc.chunks import chunk_span, requested_chunking
 from embedd_server.rpc.context import Context, deadline_of
 from embedd_server.rpc.json_fields import json_kind, optional_bool, requested_dimensions
 
@@ -71,6 +72,7 @@ async def create_embeddings(
         prompt=request.prompt if request.HasField("prompt") else None,
         input_type=request.input_type or None,
         output_types=(encoding,) if encoding in OUTPUT_TYPES else (FLOAT,),
+        chunking=requested_chunking(request),
     )
     outcome = await backend.service.embed(params, deadline_of(context))
     if encoding == "base64":
@@ -85,6 +87,11 @@ async def create_embeddings(
         usage=pb.Usage(prompt_tokens=outcome.prompt_tokens, total_tokens=outcome.prompt_tokens),
     )
     heads = (pb.OpenAIEmbedding(object="embedding", index=i) for i in range(len(values)))
+    if outcome.chunks is not None:  # the chunk extension only where chunks were asked for
+        heads = (
+            pb.OpenAIEmbedding(object="embedding", index=i, chunk=chunk_span(chunk))
+            for i, chunk in enumerate(outcome.chunks)
+        )
     rows = vector_messages.with_field(heads, "embedding", values)
     return vector_messages.append_rows(response, "data", rows)
 
