@@ -140,4 +140,5 @@ def test_rest_shows_the_cache_header_and_takes_the_lane_header(envoy: EnvoyProce
     assert ollama.headers["x-embedd-cache"] == "hits=1 misses=0"
     bad = http(url, "POST", body=body, headers={"x-embedd-lane": "urgent"})
     assert bad.status == 400, bad.body
-    assert "x-embedd-lane" in bad.body.decode()
+    assert bad.json()["error"]["param"] == "x-embedd-lane"
+    assert bad.json()["error"]["code"] == "invalid_request_error"  # as docs/rest.md shows
