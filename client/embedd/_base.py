@@ -6,6 +6,7 @@ client's own (:mod:`embedd._calls`)."""
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, Unpack
 
@@ -53,7 +54,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-class BaseClient:
+class BaseClient(ABC):
     """What :class:`embedd.Client` and :class:`embedd.AsyncClient` share: the constructor and
     the methods. The arguments are documented on :class:`embedd.Client`; those of the
     channel (``max_message_mb``, ``tls``, ``tls_*``) are :class:`ChannelOptions`, declared
@@ -80,17 +81,17 @@ class BaseClient:
 
     # --- what each client does its own way ------------------------------------------------
 
+    @abstractmethod
     def _open(self, way: Connection) -> Any:
         """The channel to the server (grpc's or grpc.aio's)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _bind(self, call: Callable[P, Unary[T]]) -> Callable[P, Any]:
         """The method that sends the call ``call`` builds: blocking, or as a coroutine."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _stream(self, call: Stream) -> Any:
         """The EmbedStream of ``call``: a generator of the batches' vectors, or an async one."""
-        raise NotImplementedError
 
     def _rpc(self, call: Unary[Any]) -> Any:
         """The stub's multi-callable of a call's RPC."""
