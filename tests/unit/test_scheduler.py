@@ -72,6 +72,25 @@ def test_items_of_one_job_keep_their_order_and_indexes(loop: asyncio.AbstractEve
     assert queue.queued_items == 0
 
 
+def test_a_jobs_inputs_are_handed_out_shortest_first_under_their_own_indexes(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # Packs of like lengths: the engine pads each batch to its longest input.
+    lengths = [5, 1, 9, 3, 3, 7]
+    job = Job([[1] * n for n in lengths], 2, loop)
+    queue = FairQueue(max_items=100)
+    queue.submit(job)
+    first = queue.take_batch(max_tokens=7, max_items=10)  # 1 + 3 + 3 fit, then 5 does not
+    assert [item.index for item in first] == [1, 3, 4]
+    assert [len(item.token_ids) for item in first] == [1, 3, 3]
+    rest = [item.index for _ in range(3) for item in queue.take_batch(0, 1)]
+    assert rest == [0, 5, 2]
+    for index, n in enumerate(lengths):
+        job.deliver(index, np.full(2, n, dtype=np.float32))
+    loop.run_until_complete(job.future)
+    assert job.result[:, 0].tolist() == lengths  # each row where its input was
+
+
 def test_a_job_that_does_not_fit_is_refused_at_once(loop: asyncio.AbstractEventLoop) -> None:
     queue = FairQueue(max_items=5)
     queue.submit(_job(loop, 4))

@@ -184,7 +184,7 @@ def test_too_long_texts_are_truncated_by_default_and_billed_as_computed(svc: Har
     assert outcome.prompt_tokens == 16 + 3  # the model's limit, then [CLS] cat [SEP]
     truncated = [CLS, *[HELLO] * 14, SEP]  # the closing [SEP] is kept
     np.testing.assert_array_equal(outcome.vectors[0], fake_vector(truncated, 8))
-    assert svc.loader.runtimes[0].calls[0] == truncated  # what the engine was fed
+    assert truncated in svc.loader.runtimes[0].calls  # what the engine was fed
 
 
 def test_without_truncation_too_long_texts_are_input_too_long(svc: Harness) -> None:
