@@ -8,16 +8,16 @@ and the token ids go in as one job on its ``FairQueue``, from which each engine'
 takes packs with ``take_batch``, as a worker does. What a configuration varies is the
 server's own settings, for each of the two engines:
 
-- llama.cpp: packing (``batch_tokens``): one sequence per decode, or consecutive sequences
-  packed into decodes of at most 128 / 256 tokens; layout: two threads each with its own
-  single-thread context, two worker processes (``ProcessEngine``, llama.cpp's default on CPU)
-  with one thread each, or one context with two threads; plus ``Llama.embed``,
-  llama-cpp-python's own API (which its server uses);
+- llama.cpp: packing (``batch_tokens``): one sequence per decode, or sequences (the queue
+  hands a job's inputs out shortest first) packed into decodes of at most 128 / 256 tokens;
+  layout: two threads each with its own single-thread context, two worker processes
+  (``ProcessEngine``, llama.cpp's default on CPU) with one thread each, or one context with
+  two threads; plus ``Llama.embed``, llama-cpp-python's own API (which its server uses);
 - ONNX Runtime: packs of at most 256 tokens (``onnx_batch_tokens``, the default) or 2048,
-  each run in length-sorted padded batches; two worker processes each with a session on two
-  threads that do not spin (the server's default: ``onnx_threads`` 0, the cores), or on one
-  thread, or one session on two threads; and the default layout with int8 weights
-  (``--int8``).
+  each run in length-sorted padded batches; one worker on a session of two threads that
+  spin while it runs (the server's default: workers and ``onnx_spinning`` auto), two worker
+  processes each with a session on two threads that do not spin, or on one thread; and the
+  default layout with int8 weights (``--int8``).
 
 The fastest configuration of an engine is its ceiling.
 """
@@ -56,12 +56,16 @@ LAYOUTS = {
     "2 processes x 1 thread": (2, 1, True),
     "1 ctx x 2 threads": (1, 2, False),
     "2 threads x 1-thread session": (2, 1, False),
-    "1 session x 2 threads": (1, 2, False),
+    "1 session x 2 threads, spinning": (1, 2, False),
     "2 processes x 2 threads": (2, 2, True),
 }
 LLAMA_LAYOUTS = ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads")
-# The server's default first (worker processes, as for llama.cpp).
-ONNX_LAYOUTS = ("2 processes x 2 threads", "2 processes x 1 thread", "1 session x 2 threads")
+# The server's default first (one worker in a thread, its session's threads spinning).
+ONNX_LAYOUTS = (
+    "1 session x 2 threads, spinning",
+    "2 processes x 2 threads",
+    "2 processes x 1 thread",
+)
 ONNX_DEFAULT_PACK = EngineSettings().onnx_batch_tokens
 
 

@@ -121,9 +121,12 @@ class Settings:
         0,
     )
     workers: int = _opt(
-        "Workers of each loaded model, each owning one engine (an ONNX Runtime session or a "
-        "llama.cpp context). On CPU, one worker per core was fastest (docs/design.md).",
-        2,
+        "Workers of each loaded model, each taking packs of inputs from the model's queue to "
+        "its engine. 0 (auto): one for ONNX Runtime in threads, whose session runs each pack "
+        "on every core (one worker measured faster than two sharing the session's threads), "
+        "and 2 for llama.cpp's contexts and ONNX Runtime's processes (one per core was "
+        'fastest on 2 cores). Measurements: docs/design.md, "Workers".',
+        0,
     )
     worker_processes: bool | None = _opt(
         "Where each worker's engine runs: auto (the default) puts ONNX Runtime's workers in "
@@ -181,11 +184,14 @@ class Settings:
         "docs/design.md).",
         0,
     )
-    onnx_spinning: bool = _opt(
-        "ONNX Runtime engine: let the session's threads spin for work while calls run (they "
-        "stop when the last call returns) instead of sleeping between operators. Off: it "
-        'measured slower for a lone caller and for busy workers (docs/design.md, "Workers").',
-        False,
+    onnx_spinning: bool | None = _opt(
+        "ONNX Runtime engine: let the session's threads spin for work while a call runs (they "
+        "stop when the last call returns) instead of sleeping between operators. Auto (the "
+        "default): on where one worker alone calls a session of every core (ONNX Runtime in "
+        "threads with workers auto or 1: a lone sentence 1.3 ms sooner), off where several "
+        "workers or processes share the cores, where spinning measured slower "
+        '(docs/design.md, "Workers").',
+        None,
     )
     int8: bool = _opt(
         "ONNX Runtime engine: int8 weights (dynamic quantization at load). Faster, but the "
@@ -333,7 +339,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.workers >= 1, "workers must be at least 1"),
+            (self.workers >= 0, "workers must not be negative (0: auto)"),
             (self.threads_per_worker >= 1, "threads_per_worker must be at least 1"),
             (0 <= self.grpc_port <= 65535, "grpc_port must be 0..65535"),
             (0 <= self.http_port <= 65535, "http_port must be 0..65535"),

@@ -371,11 +371,12 @@ def _packs(
     return engine.packs
 
 
-def test_the_ceiling_packs_consecutive_sequences_as_the_servers_queue_does() -> None:
-    assert _packs(0) == [[10], [10], [10], [200], [5]]  # one per decode
-    assert _packs(25) == [[10, 10], [10], [200], [5]]
-    assert _packs(256, batch_sequences=2) == [[10, 10], [10, 200], [5]]
-    assert _packs(25, max_packs=2) == [[10, 10], [10]]
+def test_the_ceiling_packs_sequences_as_the_servers_queue_does() -> None:
+    # The queue hands a job's inputs out shortest first.
+    assert _packs(0) == [[5], [10], [10], [10], [200]]  # one per decode
+    assert _packs(25) == [[5, 10, 10], [10], [200]]
+    assert _packs(256, batch_sequences=2) == [[5, 10], [10, 10], [200]]
+    assert _packs(25, max_packs=2) == [[5, 10, 10], [10]]
     assert _packs(25, max_seconds=0) == []
     assert decode_all([_RecordingEngine()], [], EngineSettings())[0] == 0
 
@@ -396,11 +397,11 @@ def test_configurations() -> None:
     assert [config.pack_tokens for config in long] == [0, 0, 0]
     onnx = list(configurations("onnxruntime", long_texts=False))
     assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
-        ("2 processes x 2 threads", 256, False),  # the server's default
-        ("2 processes x 2 threads", 2048, False),
+        ("1 session x 2 threads, spinning", 256, False),  # the server's default
+        ("1 session x 2 threads, spinning", 2048, False),
+        ("2 processes x 2 threads", 256, False),
         ("2 processes x 1 thread", 256, False),
-        ("1 session x 2 threads", 256, False),
-        ("2 processes x 2 threads", 256, True),
+        ("1 session x 2 threads, spinning", 256, True),
     ]
     assert list(configurations("onnxruntime", long_texts=True)) == onnx
     with pytest.raises(ValueError):
@@ -415,8 +416,11 @@ def test_a_configuration_is_the_servers_settings() -> None:
     llama = engine_settings(Configuration("llama.cpp", "2 processes x 1 thread", "", 0))
     assert (llama.engine, llama.worker_processes, llama.batch_tokens) == ("llama.cpp", True, 0)
     assert llama.onnx_batch_tokens == EngineSettings().onnx_batch_tokens
-    int8 = engine_settings(Configuration("onnxruntime", "1 session x 2 threads", "", 256, True))
+    int8 = engine_settings(
+        Configuration("onnxruntime", "1 session x 2 threads, spinning", "", 256, True)
+    )
     assert (int8.workers, int8.threads_per_worker, int8.int8) == (1, 2, True)
+    assert int8.onnx_spins("onnxruntime-int8")
 
 
 def test_the_floor_bounds_the_reachable_ratio() -> None:

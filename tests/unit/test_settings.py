@@ -127,6 +127,25 @@ def test_worker_processes_is_auto_by_default_and_picks_per_engine(tmp_path: Path
         load_settings(None, {"EMBEDD_WORKER_PROCESSES": "sometimes"})
 
 
+def test_workers_and_spinning_are_auto_by_default_and_pick_per_engine() -> None:
+    """auto: one worker spinning on a session of every core for ONNX Runtime in threads;
+    two (one per core) for llama.cpp and ONNX Runtime's processes, whose threads don't spin;
+    a number or a boolean given is taken as it is."""
+    auto = Settings().engine_settings()
+    assert (auto.workers, auto.onnx_spinning) == (0, None)
+    for engine in ("onnxruntime", "onnxruntime-int8"):
+        assert (auto.workers_for(engine), auto.onnx_spins(engine)) == (1, True)
+    assert auto.workers_for("llama.cpp") == 2
+    processes = EngineSettings(worker_processes=True)
+    assert (processes.workers_for("onnxruntime"), processes.onnx_spins("onnxruntime")) == (2, False)
+    two = EngineSettings(workers=2)
+    assert (two.workers_for("onnxruntime"), two.onnx_spins("onnxruntime")) == (2, False)
+    assert two.workers_for("llama.cpp") == 2
+    assert EngineSettings(workers=1, onnx_spinning=False).onnx_spins("onnxruntime") is False
+    assert settings_from_argv(["--no-onnx-spinning"]).onnx_spinning is False
+    assert load_settings(None, {"EMBEDD_ONNX_SPINNING": "auto"}).onnx_spinning is None
+
+
 def test_aliases_come_as_pairs_or_as_a_config_table(tmp_path: Path) -> None:
     config = _config(tmp_path, "[model_aliases]\nsmall = 'fake'\nbig = 'other'\n")
     from_table = load_settings(None, environ={}, config_path=config)
@@ -140,7 +159,7 @@ def test_aliases_come_as_pairs_or_as_a_config_table(tmp_path: Path) -> None:
     [
         ({"EMBEDD_WORKERS": "two"}, ["workers", "two"]),
         ({"EMBEDD_LOG_JSON": "maybe"}, ["log_json", "not a boolean"]),
-        ({"EMBEDD_WORKERS": "0"}, ["workers must be at least 1"]),
+        ({"EMBEDD_WORKERS": "-1"}, ["workers must not be negative"]),
         ({"EMBEDD_GRPC_PORT": "70000"}, ["grpc_port must be 0..65535"]),
         ({"EMBEDD_KEEP_ALIVE": "soon"}, ["keep_alive"]),
         ({"EMBEDD_MODEL_ALIASES": "small"}, ["'small' is not alias=model"]),
@@ -157,8 +176,8 @@ def test_bad_values_are_a_settings_error_naming_the_setting(
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    with pytest.raises(SettingsError, match=r"workers must be.*batch_tokens must be"):
-        Settings(workers=0, batch_tokens=0)
+    with pytest.raises(SettingsError, match=r"workers must not be.*batch_tokens must be"):
+        Settings(workers=-1, batch_tokens=0)
 
 
 @pytest.mark.parametrize(

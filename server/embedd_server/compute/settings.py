@@ -15,6 +15,9 @@ from pathlib import Path
 ENGINES = ("auto", "llama.cpp", "onnxruntime")
 # Engines whose workers run in threads of the server when ``worker_processes`` is auto (None).
 _THREADED_ENGINES = ("onnxruntime",)
+# Workers per model where ``workers`` is auto (0) and the engine runs one per worker: llama.cpp's
+# contexts, ONNX Runtime's processes.
+AUTO_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class EngineSettings:
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> model
     keep_alive: str = "5m"
     memory_budget_mb: int = 0
-    workers: int = 2
+    workers: int = 0  # 0: auto, per engine (see workers_for)
     worker_processes: bool | None = None  # None: auto, per engine (see processes_for)
     threads_per_worker: int = 1
     batch_tokens: int = 128
@@ -41,7 +44,7 @@ class EngineSettings:
     engine: str = "auto"  # "auto", "llama.cpp" or "onnxruntime"
     onnx_batch_tokens: int = 256
     onnx_threads: int = 0  # 0: the cores this process may use
-    onnx_spinning: bool = False
+    onnx_spinning: bool | None = None  # None: auto (see onnx_spins)
     int8: bool = False
     cache_mb: int = 64
     bulk_share: int = 8
@@ -57,6 +60,26 @@ class EngineSettings:
         if self.worker_processes is not None:
             return self.worker_processes
         return not engine.startswith(_THREADED_ENGINES)
+
+    def workers_for(self, engine: str) -> int:
+        """How many workers a model served by ``engine`` gets: the setting, or for auto (0)
+        one for ONNX Runtime in threads (its session runs each pack on every core: one
+        worker taking whole packs measured faster than two sharing the session's threads,
+        docs/design.md "Workers") and :data:`AUTO_WORKERS` otherwise (one per core was
+        fastest for llama.cpp and for ONNX Runtime's processes on 2 cores)."""
+        if self.workers:
+            return self.workers
+        if engine.startswith(_THREADED_ENGINES) and not self.processes_for(engine):
+            return 1
+        return AUTO_WORKERS
+
+    def onnx_spins(self, engine: str) -> bool:
+        """Whether ONNX Runtime's session threads spin while a call runs: the setting, or
+        for auto when one worker alone calls a session of all the cores (the threads then
+        wait for no one else's work; spinning stops when the call returns)."""
+        if self.onnx_spinning is not None:
+            return self.onnx_spinning
+        return not self.processes_for(engine) and self.workers_for(engine) == 1
 
 
 @dataclass(frozen=True)

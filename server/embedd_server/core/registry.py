@@ -368,11 +368,12 @@ class ModelRegistry:
                 bulk_batch_tokens=self._settings.bulk_batch_tokens,
                 bulk_free_workers=self._settings.bulk_free_workers,
             )
+            workers = self._settings.workers_for(runtime.engine_name)
             pool = WorkerPool(
                 info.name,
                 queue,
                 runtime.new_engine,
-                self._settings.workers,
+                workers,
                 batch_tokens=_pack_tokens(runtime, self._settings),
                 batch_sequences=self._settings.batch_sequences,
                 timeout_s=self._settings.worker_timeout_s,
@@ -389,7 +390,7 @@ class ModelRegistry:
             info.name,
             info.quantization,
             runtime.dimensions,
-            self._settings.workers,
+            workers,
             seconds,
         )
         default = self.is_default(info.name)

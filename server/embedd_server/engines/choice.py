@@ -136,7 +136,7 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             max_batch_tokens=settings.onnx_batch_tokens,
             int8=settings.int8,
             processes=settings.processes_for(ONNX),
-            spinning=settings.onnx_spinning,
+            spinning=settings.onnx_spins(ONNX),
             log_json=settings.log_json,
             pool_from_starts=pools_without_prompt(info, options),
         )
