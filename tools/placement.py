@@ -35,13 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> the server's settings (as EMBEDD_* variables) beside the common ones.
 CONFIGURATIONS: dict[str, dict[str, str]] = {
-    "processes, 2 threads each (old default)": {"worker_processes": "true"},
-    "threads, one session, 2 threads": {"worker_processes": "auto"},
-    "threads, one session, 2 spinning threads": {
+    "processes, 2 threads each (the first default)": {"worker_processes": "true"},
+    "1 worker, one session, 2 spinning threads (the default)": {"worker_processes": "auto"},
+    "2 workers, one session, 2 threads (the second default)": {
         "worker_processes": "auto",
-        "onnx_spinning": "true",
+        "workers": "2",
+        "onnx_spinning": "false",
     },
-    "threads, one session, 1 thread": {"worker_processes": "auto", "onnx_threads": "1"},
+    "2 workers, one session, 1 thread": {
+        "worker_processes": "auto",
+        "workers": "2",
+        "onnx_threads": "1",
+    },
 }
 # (callers, texts per request)
 LEGS = ((1, 1), (16, 1), (4, 32))
