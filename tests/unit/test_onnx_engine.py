@@ -270,8 +270,10 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The runtime the server loads: a session in the worker's thread, or in a worker process
-    of its own on the graph file the runtime wrote; the same vectors either way, and no graph
-    file left behind (in a temporary directory of this test's own: other runs share /tmp)."""
+    of its own on the graph the runtime wrote; the same vectors either way, and no graph file
+    left behind (in a temporary directory of this test's own: other runs share /tmp), not even
+    while worker processes run: they open it through the runtime's descriptor, so a killed
+    server leaves nothing, and a replacement worker still opens it."""
     from embedd_server.engines.onnx import OnnxRuntime
 
     graphs = tmp_path / "graphs"
@@ -285,6 +287,11 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
         try:
             assert engine.dimensions == runtime.dimensions == 384
             results.append(engine.embed(Pack.of(minilm_ids[:40])))
+            assert not list(graphs.iterdir())
+            if processes:  # a replacement worker, after the first one ended
+                engine.close()
+                engine = runtime.new_engine()
+                np.testing.assert_array_equal(engine.embed(Pack.of(minilm_ids[:40])), results[-1])
         finally:
             engine.close()
             runtime.close()

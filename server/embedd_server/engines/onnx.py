@@ -357,6 +357,7 @@ class OnnxRuntime:
         self.vocab = file_vocabulary(path)
         self._spec: EngineSpec | None = None
         self._session: ort.InferenceSession | None = None
+        self._graph_fd: int | None = None
         # The graph goes to a file, and sessions open that file: a session opened on bytes
         # keeps them (ORT's Python session holds its model bytes), a second copy of the
         # weights for the model's lifetime.
@@ -366,6 +367,11 @@ class OnnxRuntime:
             graph_file.write(graph)
         del graph
         if processes:
+            # Worker processes (and their replacements) open the graph through this process's
+            # descriptor of it, its name removed at once: the kernel frees the file with the
+            # last descriptor, so a server killed with SIGKILL leaves nothing in /tmp.
+            self._graph_fd = os.open(graph_file.name, os.O_RDONLY)
+            Path(graph_file.name).unlink()
             self._spec = EngineSpec(
                 path=str(path),
                 max_tokens=max_batch_tokens,
@@ -374,7 +380,7 @@ class OnnxRuntime:
                 n_gpu_layers=0,
                 log_json=log_json,
                 engine=self.engine_name,
-                onnx_path=graph_file.name,
+                onnx_path=f"/proc/{os.getpid()}/fd/{self._graph_fd}",
                 spinning=spinning,
             )
         else:
@@ -404,8 +410,9 @@ class OnnxRuntime:
 
     def close(self) -> None:
         """Frees the vocabulary and the shared session (once no engine runs on it), or
-        removes the graph file of the worker processes."""
+        closes the descriptor the worker processes open the graph through (which frees it)."""
         self.vocab.close()
         self._session = None
-        if self._spec is not None:
-            Path(self._spec.onnx_path).unlink(missing_ok=True)
+        if self._graph_fd is not None:
+            os.close(self._graph_fd)
+            self._graph_fd = None
