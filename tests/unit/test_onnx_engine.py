@@ -93,13 +93,15 @@ def test_tokenizer_counts_match_reference(
 
 
 @pytest.mark.parametrize("optimization", ["disable", "all"])
+@pytest.mark.parametrize("packed", [False, True])
 def test_minilm_safetensors_parity(
-    minilm_model: bytes,
+    minilm: graph.ModelSource,
     minilm_ids: list[list[int]],
     reference: np.ndarray,
     optimization: GraphOptimization,
+    packed: bool,
 ) -> None:
-    engine = OnnxEngine(minilm_model, optimization=optimization)
+    engine = OnnxEngine(minilm.build(packed=packed), optimization=optimization)
     assert engine.dimensions == 384
     assert _cosines(engine.embed(Pack.of(minilm_ids)), reference).min() >= EXACT
 
@@ -129,7 +131,7 @@ TINY_BERTS = {"tiny-bert-cls": ("cls", True, 64), "tiny-bert-mean-raw": ("mean",
 
 
 @pytest.mark.parametrize("name", sorted(TINY_BERTS))
-@pytest.mark.parametrize("weights", ["safetensors", "gguf-f16"])
+@pytest.mark.parametrize("weights", ["safetensors", "gguf-f16", "gguf-f16-packed"])
 def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
     folder = TINY / name
     pooling, normalize, max_len = TINY_BERTS[name]
@@ -145,7 +147,8 @@ def test_tiny_bert_parity(tmp_path: Path, name: str, weights: str) -> None:
     texts, counts = _texts(folder / "reference" / "texts.json")
     ids = _ids(folder, texts, source.max_seq_length)
     assert [len(i) for i in ids] == counts
-    vectors = OnnxEngine(source.build()).embed(Pack.of(ids))
+    engine = OnnxEngine(source.build(packed=weights.endswith("packed")), max_batch_tokens=64)
+    vectors = engine.embed(Pack.of(ids))
     reference = np.load(folder / "reference" / "embeddings.npy")
     assert _cosines(vectors, reference).min() >= EXACT
     if not normalize:  # raw vectors: the lengths must match too
@@ -164,8 +167,11 @@ def test_gguf_f32_weights_equal_safetensors(tmp_path: Path, tiny_cls: graph.Mode
         np.testing.assert_array_equal(from_gguf.weights[name], value, err_msg=name)
 
 
-def test_rows_come_back_in_input_order_whatever_the_batching(tiny_cls: graph.ModelSource) -> None:
-    model = tiny_cls.build().SerializeToString()
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_come_back_in_input_order_whatever_the_batching(
+    tiny_cls: graph.ModelSource, packed: bool
+) -> None:
+    model = tiny_cls.build(packed=packed).SerializeToString()
     rng = np.random.default_rng(0)
     sequences = [[2, *rng.integers(5, 4000, size=n).tolist(), 3] for n in rng.integers(0, 60, 50)]
     alone = np.concatenate([OnnxEngine(model).embed(Pack.of([s])) for s in sequences[:10]])
@@ -176,6 +182,47 @@ def test_rows_come_back_in_input_order_whatever_the_batching(tiny_cls: graph.Mod
         order = rng.permutation(len(sequences))
         shuffled = engine.embed(Pack.of([sequences[i] for i in order]))
         np.testing.assert_allclose(shuffled, vectors[order], atol=2e-5)
+
+
+@pytest.mark.parametrize("folder", ["tiny-bert-mean-raw", "tiny-bert-cls"])
+def test_packed_rows_compute_what_padded_batches_do(folder: str) -> None:
+    """The packed graph puts short sequences side by side in one row (each attending to its
+    own tokens only): pooled rows, pooling starts and every token's state are the padded
+    graph's, whatever the call's size."""
+    source = graph.load_hf_dir(TINY / folder)
+    padded = OnnxEngine(source.build(pooling_mask_input=True))
+    padded_states = OnnxEngine(source.build(hidden_output=True))
+    rng = np.random.default_rng(1)
+    lengths = [1, 2, 3, 30, 4, 5, 31, 2, 12, 29, 6, 1]
+    sequences = [[2, *rng.integers(5, 4000, size=n - 1).tolist()] for n in lengths]
+    starts = [0, 1, 0, 3, 4, 0, 2, 0, 11, 0, 6, 0]  # a start at the end pools nothing
+    for max_tokens in (31, 64, 8192):
+        model = source.build(hidden_output=True, packed=True)
+        engine = OnnxEngine(model, max_batch_tokens=max_tokens)
+        layouts = list(engine._layouts(Pack.of(sequences)))
+        assert sum(len(layout.sequences) for layout in layouts) == len(sequences)
+        assert any(len(layout.sequences) > layout.rows for layout in layouts)  # rows shared
+        for pack in (
+            Pack.of(sequences),
+            Pack.of(sequences, pooling_starts=starts if source.pooling == "mean" else None),
+        ):
+            np.testing.assert_allclose(engine.embed(pack), padded.embed(pack), atol=2e-5)
+        states = Pack.of(sequences, token_states=True)
+        np.testing.assert_allclose(engine.embed(states), padded_states.embed(states), atol=2e-5)
+
+
+def test_packed_cross_encoder_scores_pairs_as_padded() -> None:
+    """A BERT cross-encoder's pairs (the document's tokens of type 1) packed side by side
+    score as in padded batches."""
+    source = graph.load_hf_dir(TINY / "tiny-bert-reranker")
+    padded = OnnxEngine(source.build(token_type_input=True))
+    packed = OnnxEngine(source.build(token_type_input=True, packed=True))
+    rng = np.random.default_rng(2)
+    pairs = [[2, *rng.integers(5, 900, size=n).tolist(), 3] for n in (3, 9, 4, 20, 5)]
+    type_starts = [2, 5, 3, 11, 6]
+    pack = Pack.of(pairs, token_type_starts=type_starts)
+    np.testing.assert_allclose(packed.embed(pack), padded.embed(pack), atol=2e-5)
+    assert not np.allclose(packed.embed(Pack.of(pairs)), packed.embed(pack), atol=1e-3)
 
 
 def test_token_type_input_and_hidden_output(tiny_cls: graph.ModelSource) -> None:

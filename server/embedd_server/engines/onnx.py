@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,13 @@ from embedd_server.engines.onnx_graph import (
     META_VOCAB_SIZE,
     OUTPUT_NAME,
     POOLING_MASK_NAME,
+    POOLING_WEIGHTS_NAME,
+    POSITION_IDS_NAME,
+    SEQUENCE_IDS_NAME,
     quantize_int8,
+)
+from embedd_server.engines.onnx_graph import (
+    ModelSource as BertSource,
 )
 from embedd_server.engines.onnx_models import load_gguf
 from embedd_server.engines.process import EngineSpec, ProcessEngine
@@ -96,7 +102,12 @@ def open_session(
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    return ort.InferenceSession(model, options, providers=list(providers))
+    # ORT fuses a packed graph's residual Add + LayerNormalization into SkipLayerNormalization,
+    # whose CPU kernel took 449 ms where the two took ~200 (all-MiniLM, 20 packs of 64
+    # sentences, ORT's profiler; docs/design.md "Packed rows").
+    return ort.InferenceSession(
+        model, options, providers=list(providers), disabled_optimizers=["SkipLayerNormFusion"]
+    )
 
 
 class _Padded(NamedTuple):
@@ -107,6 +118,38 @@ class _Padded(NamedTuple):
     ids: npt.NDArray[np.int64]
     mask: npt.NDArray[np.bool_]
     positions: npt.NDArray[np.int64]
+
+
+class _Layout(NamedTuple):
+    """One packed call: which of the pack's sequences it runs (``sequences``), and for each
+    of their tokens (in that order) its index in the pack's tokens, its slot in the
+    ``[rows, width]`` input, its place in its sequence and its sequence (an index into
+    ``sequences``)."""
+
+    sequences: npt.NDArray[np.intp]
+    pack_tokens: npt.NDArray[np.int64]
+    slots: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.int64]
+    sequence_of_token: npt.NDArray[np.int64]
+    rows: int
+    width: int
+
+    @classmethod
+    def of(
+        cls,
+        pack: Pack,
+        sequences: npt.NDArray[np.intp],
+        places: npt.NDArray[np.int64],
+        rows: int,
+        width: int,
+    ) -> _Layout:
+        """The layout of ``sequences`` whose first tokens go to slots ``places``."""
+        lengths = pack.lengths[sequences].astype(np.int64)
+        owner = np.repeat(np.arange(len(sequences)), lengths)
+        firsts = np.cumsum(lengths) - lengths  # each sequence's first token in this layout
+        positions = np.arange(int(lengths.sum())) - firsts[owner]
+        pack_tokens = pack.offsets[sequences][owner] + positions
+        return cls(sequences, pack_tokens, places[owner] + positions, positions, owner, rows, width)
 
 
 class OnnxEngine:
@@ -148,6 +191,8 @@ class OnnxEngine:
         input_names = {i.name for i in model.get_inputs()}
         self._token_types = "token_type_ids" in input_names
         self._pooling_mask = POOLING_MASK_NAME in input_names  # include_prompt: false
+        # A packed graph runs a pack's sequences end to end, unpadded (build_bert_model).
+        self._packed = POSITION_IDS_NAME in input_names
         outputs = {o.name: o for o in model.get_outputs()}
         self._dimensions = int(outputs[OUTPUT_NAME].shape[1])
         # An encoder's graph also gives every token's last hidden state (TEI's /embed_all).
@@ -178,6 +223,8 @@ class OnnxEngine:
         session = self._session
         if session is None or self._aborted.is_set():
             raise EngineAborted("the engine was aborted or closed")
+        if self._packed:
+            return self._embed_packed(session, pack)
         if pack.token_states:
             return self._token_states(session, pack)
         out = np.empty((len(pack), self._dimensions), dtype=np.float32)
@@ -202,6 +249,102 @@ class OnnxEngine:
                     pool_mask = pool_mask & (columns >= pack.pooling_starts[batch.rows][:, None])
             out[batch.rows] = self._run(session, batch, pool_mask, type_ids)
         return out
+
+    def _embed_packed(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
+        """:meth:`embed` on a packed graph: one call per :meth:`_layouts` entry, whose rows
+        each hold several sequences end to end."""
+        if pack.token_states and not self.gives_token_states:
+            raise ValueError("this graph was built without its last_hidden_state output")
+        if len(pack) == 0:
+            return np.empty((0, 0 if pack.token_states else self._dimensions), np.float32)
+        self._check(pack)
+        two_segments = pack.two_segments
+        if two_segments and not self._token_types:
+            raise ValueError("this model has one token type; a second segment needs type 1")
+        out: FloatMatrix | None = None
+        for layout in self._layouts(pack):
+            rows = self._run_layout(session, pack, layout, two_segments)
+            if out is None:
+                width = rows.shape[1]
+                out = np.empty(
+                    (len(pack.tokens) if pack.token_states else len(pack), width), np.float32
+                )
+            if pack.token_states:
+                out[layout.pack_tokens] = rows[layout.slots]
+            else:
+                out[layout.sequences] = rows
+        assert out is not None  # a pack of at least one sequence has a layout
+        return out
+
+    def _layouts(self, pack: Pack) -> Iterator[_Layout]:
+        """The pack's sequences, longest first, placed in rows as wide as the longest of each
+        call (first fit: a shorter one goes in the first row with room), a call holding at
+        most ``max_batch_tokens`` slots (or one longer sequence)."""
+        lengths = pack.lengths.tolist()
+        order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+        first = 0
+        while first < len(order):
+            width = lengths[order[first]]
+            most_rows = max(1, self.max_batch_tokens // width)
+            fills: list[int] = []
+            places: list[int] = []  # each placed sequence's first slot, row * width + column
+            end = first
+            for index in order[first:]:
+                length = lengths[index]
+                row = next((r for r, fill in enumerate(fills) if fill + length <= width), None)
+                if row is None:
+                    if len(fills) == most_rows:
+                        break
+                    row = len(fills)
+                    fills.append(0)
+                places.append(row * width + fills[row])
+                fills[row] += length
+                end += 1
+            yield _Layout.of(pack, np.array(order[first:end]), np.array(places), len(fills), width)
+            first = end
+
+    def _run_layout(
+        self, session: ort.InferenceSession, pack: Pack, layout: _Layout, two_segments: bool
+    ) -> FloatMatrix:
+        """One call's pooled rows (or every slot's hidden state) for its layout."""
+        shape = (layout.rows, layout.width)
+        ids = np.zeros(shape, dtype=np.int64)
+        ids.flat[layout.slots] = pack.tokens[layout.pack_tokens]
+        positions = np.zeros(shape, dtype=np.int64)
+        positions.flat[layout.slots] = layout.positions
+        sequence_ids = np.full(shape, -1, dtype=np.int64)
+        sequence_ids.flat[layout.slots] = layout.sequence_of_token
+        feed: dict[str, npt.NDArray[Any]] = {
+            "input_ids": ids,
+            POSITION_IDS_NAME: positions,
+            SEQUENCE_IDS_NAME: sequence_ids,
+            POOLING_WEIGHTS_NAME: self._pooling_weights(pack, layout),
+        }
+        if self._token_types:
+            types = np.zeros(shape, dtype=np.int64)
+            if two_segments:
+                starts = pack.token_type_starts[layout.sequences][layout.sequence_of_token]
+                types.flat[layout.slots] = layout.positions >= starts
+            feed["token_type_ids"] = types
+        output = HIDDEN_OUTPUT_NAME if pack.token_states else OUTPUT_NAME
+        return self._call(session, [output], feed)
+
+    def _pooling_weights(self, pack: Pack, layout: _Layout) -> npt.NDArray[np.float32]:
+        """``[sequences, slots]``: a mean's 1/n over each sequence's tokens from its pooling
+        start on (none left: a zero row, as sentence-transformers' clamped count gives), or a
+        1 at each sequence's first token (cls, a cross-encoder's head)."""
+        weights = np.zeros((len(layout.sequences), layout.rows * layout.width), np.float32)
+        owner = layout.sequence_of_token
+        if self.pooling == "mean":
+            starts = pack.pooling_starts[layout.sequences]
+            pooled = layout.positions >= starts[owner]
+            counts = (pack.lengths[layout.sequences] - starts).astype(np.float32)
+            shares = np.float32(1.0) / np.maximum(counts, np.float32(1e-9))
+            weights[owner[pooled], layout.slots[pooled]] = shares[owner[pooled]]
+        else:
+            firsts = layout.positions == 0
+            weights[owner[firsts], layout.slots[firsts]] = 1.0
+        return weights
 
     def _token_states(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
         """Every token's last hidden state, the pack's tokens one row each, in order."""
@@ -282,8 +425,14 @@ class OnnxEngine:
             )
         if pool_mask is not None:
             feed[POOLING_MASK_NAME] = pool_mask.astype(np.int64)
+        return self._call(session, [output], feed)
+
+    def _call(
+        self, session: ort.InferenceSession, outputs: list[str], feed: dict[str, npt.NDArray[Any]]
+    ) -> FloatMatrix:
+        """One session call with this engine's run options; EngineAborted if it was aborted."""
         try:
-            (vectors,) = session.run([output], feed, self._run_options)
+            (vectors,) = session.run(outputs, feed, self._run_options)
         except Exception as exc:
             if self._aborted.is_set():
                 raise EngineAborted("the engine was aborted during a call") from exc
@@ -336,11 +485,19 @@ class OnnxRuntime:
             # An encoder's graph also outputs its last hidden state, for TEI's /embed_all
             # (pooled calls do not fetch it: their speed is the same).
             self.token_states = source.pooling not in ("rank", "splade")
-            model = source.build(
-                pooling_mask_input=pool_from_starts,
-                token_type_input=source.pooling == "rank" and source.token_types > 1,
-                hidden_output=self.token_states,
-            )
+            token_types = source.pooling == "rank" and source.token_types > 1
+            if isinstance(source, BertSource) and source.pooling != "splade":
+                # Several short sequences share a row (build_bert_model's packed graph);
+                # other families' graphs, and SPLADE's (logits pooled per sequence), pad.
+                model = source.build(
+                    token_type_input=token_types, hidden_output=self.token_states, packed=True
+                )
+            else:
+                model = source.build(
+                    pooling_mask_input=pool_from_starts,
+                    token_type_input=token_types,
+                    hidden_output=self.token_states,
+                )
             if int8:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:

@@ -66,6 +66,11 @@ OPSET = 17  # LayerNormalization is a standard op from 17 on
 OUTPUT_NAME = "sentence_embedding"
 HIDDEN_OUTPUT_NAME = "last_hidden_state"
 POOLING_MASK_NAME = "pooling_mask"  # the mean's own mask, where it differs from attention's
+# A packed graph's inputs (see build_bert_model's ``packed``): where each token sits in its
+# sequence, which sequence it belongs to, and each sequence's pooling weights over the tokens.
+POSITION_IDS_NAME = "position_ids"
+SEQUENCE_IDS_NAME = "sequence_ids"
+POOLING_WEIGHTS_NAME = "pooling_weights"
 # Metadata written into the graph, read back by OnnxEngine (survives fusion and quantization).
 META_POOLING = "embedd.pooling"
 META_MAX_POSITIONS = "embedd.max_position_embeddings"
@@ -198,6 +203,7 @@ class ModelSource:
         token_type_input: bool = False,
         hidden_output: bool = False,
         pooling_mask_input: bool = False,
+        packed: bool = False,
     ) -> onnx.ModelProto:
         """The ONNX graph of this model (see :func:`build_bert_model`)."""
         return build_bert_model(
@@ -207,6 +213,7 @@ class ModelSource:
             token_type_input=token_type_input,
             hidden_output=hidden_output,
             pooling_mask_input=pooling_mask_input,
+            packed=packed,
             head_activation=self.head_activation,
             splade=(self.splade_pooling, self.splade_activation),
             dense=self.dense,
@@ -535,6 +542,7 @@ def build_bert_model(
     head_activation: str = TANH,
     splade: tuple[str, str] = ("max", "relu"),
     dense: Sequence[DenseLayer] = (),
+    packed: bool = False,
 ) -> onnx.ModelProto:
     """The ONNX graph (opset 17) of ``BertModel`` followed by pooling (and ``dense``, the
     sentence-transformers Dense modules, on the pooled vector).
@@ -554,6 +562,15 @@ def build_bert_model(
     ``"splade"`` (weights with ``cls.predictions``): the MLM head's logits pooled as
     ``SpladePooling`` with ``splade`` = (pooling strategy, activation) pools them; the output
     is ``[batch, vocabulary]``.
+    ``packed`` (not for SPLADE): a row may hold several sequences end to end, so that short
+    ones share a row instead of each being padded to the longest: inputs ``input_ids``,
+    ``position_ids`` (each token's place in its sequence), ``sequence_ids`` (which sequence
+    it belongs to; padding -1), optionally ``token_type_ids``, int64 ``[rows, width]``, and
+    ``pooling_weights`` float32 ``[sequences, rows * width]``. A token attends to its own
+    sequence's tokens only (the others get float32's minimum, as padding does); the pooled
+    rows are ``pooling_weights @ hidden`` over the flattened tokens (a mean's weights are 1/n
+    over the pooled tokens, cls's and a cross-encoder's a 1 at each sequence's first
+    token), and ``last_hidden_state`` is ``[rows * width, hidden]``.
     The operations follow transformers' eager ``BertModel`` in order (the additions of the
     embeddings, division of the scores by sqrt(head size), mask bias of float32's minimum,
     erf GELU), so float32 results agree to rounding.
@@ -561,6 +578,63 @@ def build_bert_model(
     if pooling not in ("mean", "cls", "rank", "splade"):
         raise ValueError(f"pooling {pooling!r} is not supported (mean, cls, rank or splade)")
     w = canonical_weights(weights, config)
+    _check_heads(w, pooling, head_activation, token_type_input=token_type_input, packed=packed)
+    g = Graph()
+    if packed:
+        inputs = packed_inputs(token_type_input=token_type_input)
+        pooling_mask = POOLING_WEIGHTS_NAME
+        bias = sequence_mask_bias(g)
+    else:
+        inputs, pooling_mask = graph_inputs(
+            token_type_input=token_type_input,
+            pooling_mask_input=pooling_mask_input and pooling == "mean",
+        )
+        bias = attention_mask_bias(g)
+    hidden = _embeddings(g, w, config, token_type_input, packed=packed)
+    for i in range(config.num_hidden_layers):
+        hidden = encoder_layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
+    d = config.hidden_size
+    if packed:  # [rows, width, hidden] -> [rows * width, hidden]: pooled by the weights
+        flat = g.const("flat_shape", np.array([-1, config.hidden_size], np.int64))
+        hidden = g.op("Reshape", [hidden, flat], "packed")
+        pooled = g.op("MatMul", [POOLING_WEIGHTS_NAME, hidden], "pool")
+        if pooling == "rank":  # the weights pick each sequence's first token
+            pooled = _classifier_head(g, w, pooled, head_activation)
+    elif pooling == "rank":
+        pooled = _classify(g, w, hidden, head_activation)
+    elif pooling == "splade":
+        pooled = _splade(g, _mlm_logits(g, w, hidden, config.layer_norm_eps), *splade)
+    else:
+        pooled = pool_hidden(g, hidden, pooling, pooling_mask)
+    if pooling in ("rank", "splade"):
+        width = w["classifier.out_proj.weight" if pooling == "rank" else MLM_DECODER].shape[0]
+    else:
+        pooled, width = append_dense(g, pooled, dense), dense_width(dense, d)
+    return finish_model(
+        g,
+        "bert_encoder",
+        inputs,
+        (pooled, width),
+        hidden=(hidden, d) if hidden_output else None,
+        packed=packed,
+        meta={
+            META_POOLING: pooling,
+            META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
+            META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
+            META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
+        },
+    )
+
+
+def _check_heads(
+    w: Mapping[str, Array],
+    pooling: str,
+    head_activation: str,
+    *,
+    token_type_input: bool,
+    packed: bool,
+) -> None:
+    """ValueError when the weights lack what ``pooling`` and the inputs asked for need."""
     if pooling == "rank" and "classifier.out_proj.weight" not in w:
         raise ValueError("pooling rank needs a cross-encoder's classifier head")
     if head_activation not in HEAD_ACTIVATIONS:
@@ -569,38 +643,8 @@ def build_bert_model(
         raise ValueError("token_type_ids need a token type table; this model has none")
     if pooling == "splade" and MLM_DECODER not in w:
         raise ValueError("pooling splade needs a masked language model's head (cls.predictions)")
-    g = Graph()
-    inputs, pooling_mask = graph_inputs(
-        token_type_input=token_type_input,
-        pooling_mask_input=pooling_mask_input and pooling == "mean",
-    )
-    hidden = _embeddings(g, w, config, token_type_input)
-    bias = attention_mask_bias(g)
-    for i in range(config.num_hidden_layers):
-        hidden = encoder_layer(g, w, config, hidden, p=f"encoder.layer.{i}", mask_bias=bias)
-    d = config.hidden_size
-    if pooling == "rank":
-        pooled = _classify(g, w, hidden, head_activation)
-        width = w["classifier.out_proj.weight"].shape[0]
-    elif pooling == "splade":
-        logits = _mlm_logits(g, w, hidden, config.layer_norm_eps)
-        pooled, width = _splade(g, logits, *splade), w[MLM_DECODER].shape[0]
-    else:
-        pooled = append_dense(g, pool_hidden(g, hidden, pooling, pooling_mask), dense)
-        width = dense_width(dense, d)
-    return finish_model(
-        g,
-        "bert_encoder",
-        inputs,
-        (pooled, width),
-        hidden=(hidden, d) if hidden_output else None,
-        meta={
-            META_POOLING: pooling,
-            META_MAX_POSITIONS: str(w["embeddings.position_embeddings.weight"].shape[0]),
-            META_VOCAB_SIZE: str(w["embeddings.word_embeddings.weight"].shape[0]),
-            META_TOKEN_TYPES: str(w[TOKEN_TYPE_TABLE].shape[0] if TOKEN_TYPE_TABLE in w else 0),
-        },
-    )
+    if packed and pooling == "splade":
+        raise ValueError("a SPLADE graph pools its logits per sequence: it is not packed")
 
 
 _BATCH_SEQ = ["batch", "sequence"]
@@ -620,6 +664,20 @@ def graph_inputs(
     return inputs, POOLING_MASK_NAME if pooling_mask_input else "attention_mask"
 
 
+def packed_inputs(*, token_type_input: bool) -> list[onnx.ValueInfoProto]:
+    """A packed graph's inputs: int64 ``[rows, width]`` ids, positions, sequence ids (and
+    token types), float32 ``[sequences, rows * width]`` pooling weights."""
+    names = ["input_ids", POSITION_IDS_NAME, SEQUENCE_IDS_NAME]
+    if token_type_input:
+        names.append("token_type_ids")
+    shape = ["rows", "width"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, shape) for n in names]
+    weights = helper.make_tensor_value_info(
+        POOLING_WEIGHTS_NAME, TensorProto.FLOAT, ["sequences", "slots"]
+    )
+    return [*inputs, weights]
+
+
 def finish_model(
     g: Graph,
     name: str,
@@ -628,20 +686,19 @@ def finish_model(
     *,
     hidden: tuple[str, int] | None,
     meta: Mapping[str, str],
+    packed: bool = False,
 ) -> onnx.ModelProto:
     """The checked opset-17 model of ``g``: ``output`` (value, width) becomes
     ``sentence_embedding`` ``[batch, width]``, ``hidden`` (value, width), when given,
-    ``last_hidden_state``; ``meta`` goes into the model's properties for OnnxEngine."""
+    ``last_hidden_state`` (``[slots, width]`` in a ``packed`` graph); ``meta`` goes into
+    the model's properties for OnnxEngine."""
     pooled, width = output
     g.nodes.append(helper.make_node("Identity", [pooled], [OUTPUT_NAME], name=OUTPUT_NAME))
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])]
     if hidden is not None:
         g.nodes.append(helper.make_node("Identity", [hidden[0]], [HIDDEN_OUTPUT_NAME]))
-        outputs.append(
-            helper.make_tensor_value_info(
-                HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, [*_BATCH_SEQ, hidden[1]]
-            )
-        )
+        shape: list[str | int] = ["slots", hidden[1]] if packed else [*_BATCH_SEQ, hidden[1]]
+        outputs.append(helper.make_tensor_value_info(HIDDEN_OUTPUT_NAME, TensorProto.FLOAT, shape))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="embedd"
@@ -652,9 +709,11 @@ def finish_model(
     return model
 
 
-def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool) -> str:
+def _embeddings(
+    g: Graph, w: Mapping[str, Array], config: BertConfig, token_types: bool, *, packed: bool
+) -> str:
     """word + token type, + position (transformers' order), then LayerNorm; without a token
-    type table (DistilBERT) word + position."""
+    type table (DistilBERT) word + position. A packed graph's positions are its input's."""
     p = "embeddings"
     words = g.op("Gather", [g.const(f"{p}.word", w[f"{p}.word_embeddings.weight"]), "input_ids"], p)
     types_table = w.get(TOKEN_TYPE_TABLE)
@@ -664,13 +723,16 @@ def _embeddings(g: Graph, w: Mapping[str, Array], config: BertConfig, token_type
         types = g.op("Gather", [g.const(f"{p}.token_type", types_table), "token_type_ids"], p)
     else:
         types = g.const(f"{p}.token_type_0", types_table[0])
-    # The first `seq` rows of the position table, as a Slice: Range + Gather would compute
-    # the same, but ORT 1.32's GatherToSliceFusion rewrites that into a Slice it then fails
-    # to run ("Starts must be a 1-D array") at the extended and all optimization levels.
-    seq_len = g.op("Shape", ["input_ids"], p, start=1, end=2)  # [1]
-    zero = g.const("zero_1d", np.array([0], np.int64))
     positions_table = g.const(f"{p}.position", w[f"{p}.position_embeddings.weight"])
-    positions = g.op("Slice", [positions_table, zero, seq_len, zero], p)  # axes [0]
+    if packed:
+        positions = g.op("Gather", [positions_table, POSITION_IDS_NAME], p)
+    else:
+        # The first `seq` rows of the position table, as a Slice: Range + Gather would compute
+        # the same, but ORT 1.32's GatherToSliceFusion rewrites that into a Slice it then fails
+        # to run ("Starts must be a 1-D array") at the extended and all optimization levels.
+        seq_len = g.op("Shape", ["input_ids"], p, start=1, end=2)  # [1]
+        zero = g.const("zero_1d", np.array([0], np.int64))
+        positions = g.op("Slice", [positions_table, zero, seq_len, zero], p)  # axes [0]
     typed = words if types is None else g.op("Add", [words, types], p)
     summed = g.op("Add", [typed, positions], p)
     return g.layer_norm(summed, w, f"{p}.LayerNorm", config.layer_norm_eps)
@@ -689,6 +751,19 @@ def attention_mask_bias(g: Graph) -> str:
     inverted = g.op("Sub", [g.const("f_one", np.array(1.0, np.float32)), mask], "mask")
     minimum = g.const("f_min", np.array(np.finfo(np.float32).min, np.float32))
     return g.op("Mul", [inverted, minimum], "mask")
+
+
+def sequence_mask_bias(g: Graph) -> str:
+    """A packed batch's ``[rows, 1, width, width]`` bias: 0 where two tokens of a row belong
+    to the same sequence, float32's minimum elsewhere (what padding gets in a padded batch)."""
+    ids = SEQUENCE_IDS_NAME
+    rows = g.op("Unsqueeze", [ids, g.const("axes_2", np.array([2], np.int64))], "mask")
+    columns = g.op("Unsqueeze", [ids, g.const("axes_1", np.array([1], np.int64))], "mask")
+    same = g.op("Equal", [rows, columns], "mask")  # [rows, width, width]
+    zero = g.const("f_zero", np.array(0.0, np.float32))
+    minimum = g.const("f_min", np.array(np.finfo(np.float32).min, np.float32))
+    bias = g.op("Where", [same, zero, minimum], "mask")
+    return g.op("Unsqueeze", [bias, g.const("axes_1", np.array([1], np.int64))], "mask")
 
 
 def encoder_layer(
@@ -791,6 +866,11 @@ def _classify(g: Graph, w: Mapping[str, Array], hidden: str, activation: str) ->
     """A cross-encoder's head on the first token: dense -> tanh (or relu) -> dense, the raw
     logits."""
     first = g.op("Gather", [hidden, g.const("zero", np.array(0, np.int64))], "head", axis=1)
+    return _classifier_head(g, w, first, activation)
+
+
+def _classifier_head(g: Graph, w: Mapping[str, Array], first: str, activation: str) -> str:
+    """dense -> tanh (or relu) -> dense on the first tokens' rows ``[batch, hidden]``."""
     op = {"tanh": "Tanh", "relu": "Relu"}[activation]
     dense = g.op(op, [g.linear(first, w, "classifier.dense")], "head")
     return g.linear(dense, w, "classifier.out_proj")
