@@ -172,8 +172,9 @@ class Settings:
     )
     onnx_batch_tokens: int = _opt(
         "ONNX Runtime engine: most tokens of one worker's pack (what it takes from the queue) "
-        "and of each padded batch the pack is run as (inputs x the longest, sorted by length); "
-        "an input longer than this still runs, alone. 256 beat 2048 (docs/design.md). The "
+        "and slots of each call the pack is run as (rows x width: a BERT graph puts several "
+        "short inputs in one row, other graphs pad each input to its batch's longest); an "
+        "input longer than this still runs, alone. 256 beat 2048 (docs/design.md). The "
         "engine's own default, 8192, applies only where it is built directly (tests, bench).",
         256,
     )

@@ -4,8 +4,10 @@
 (:mod:`embedd_server.engines.onnx_graph`) and opens one session on it; each worker gets an
 :class:`OnnxEngine` that runs its packs on that shared session from the worker's thread (ORT
 releases the GIL while it computes), by default; with ``worker_processes`` each worker is a
-process with a session of its own, as llama.cpp's contexts are. A call sorts its sequences by
-length and runs them in padded batches, each padded only to its own longest sequence.
+process with a session of its own, as llama.cpp's contexts are. A BERT graph takes packed rows
+(several short sequences side by side in a row, each attending to its own tokens: see
+``_layouts``); on other graphs a call sorts its sequences by length and runs them in padded
+batches, each padded only to its own longest sequence.
 
 A cross-encoder's graph ends in its classifier head: the engine's rows are then its raw
 logits, one per label, and a BERT cross-encoder's graph takes ``token_type_ids`` (built from
@@ -215,10 +217,11 @@ class OnnxEngine:
         ``pack.token_states``, every token's last hidden state (the encoder's output before
         pooling), one row per token: ``[total tokens, hidden size]``.
 
-        Sequences are token ids with the special tokens already in place. They are run
-        sorted by length in padded batches, each padded to its own longest, straight from
-        the pack's flat tokens. Pooling starts other than 0 need a graph built with a pooling
-        mask, a second segment a graph with a ``token_type_ids`` input.
+        Sequences are token ids with the special tokens already in place. A packed graph
+        runs them in rows that several share (:meth:`_layouts`); any other is run sorted by
+        length in padded batches, each padded to its own longest, straight from the pack's
+        flat tokens. Pooling starts other than 0 need a packed graph or one built with a
+        pooling mask, a second segment a graph with a ``token_type_ids`` input.
         """
         session = self._session
         if session is None or self._aborted.is_set():
