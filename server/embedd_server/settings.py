@@ -122,10 +122,10 @@ class Settings:
     )
     workers: int = _opt(
         "Workers of each loaded model, each taking packs of inputs from the model's queue to "
-        "its engine. 0 (auto): one for ONNX Runtime in threads, whose session runs each pack "
-        "on every core (one worker measured faster than two sharing the session's threads), "
-        "and 2 for llama.cpp's contexts and ONNX Runtime's processes (one per core was "
-        'fastest on 2 cores). Measurements: docs/design.md, "Workers".',
+        "its engine. 0 (auto): 2, one per core, which was fastest on 2 cores for llama.cpp's "
+        "contexts, ONNX Runtime's processes, and ONNX Runtime in threads (busy workers run "
+        "a core each on one session, a call alone every core on a second: 4 x 32 texts ~20 % "
+        'faster than one worker on every core). Measurements: docs/design.md, "Workers".',
         0,
     )
     worker_processes: bool | None = _opt(
@@ -179,19 +179,19 @@ class Settings:
         256,
     )
     onnx_threads: int = _opt(
-        "ONNX Runtime engine: intra-op threads of the model's session (in threads: the one "
-        "every worker shares; in processes: each worker's own); 0 means the cores this process "
-        "may use, so a lone request uses every core and busy workers share them (measured in "
-        "docs/design.md).",
+        "ONNX Runtime engine: intra-op threads of a call that runs alone (in threads: the "
+        "session such calls share, beside the single-threaded one that calls running at once "
+        "share, when there are several workers; in processes: each worker's own session); 0 "
+        "means the cores this process may use, so a lone request uses every core (measured "
+        "in docs/design.md).",
         0,
     )
     onnx_spinning: bool | None = _opt(
         "ONNX Runtime engine: let the session's threads spin for work while a call runs (they "
         "stop when the last call returns) instead of sleeping between operators. Auto (the "
-        "default): on where one worker alone calls a session of every core (ONNX Runtime in "
-        "threads with workers auto or 1: a lone sentence 1.3 ms sooner), off where several "
-        "workers or processes share the cores, where spinning measured slower "
-        '(docs/design.md, "Workers").',
+        "default): on in threads, where the session of every core serves a call that runs "
+        "alone (a lone sentence 1.3 ms sooner), off for processes, whose sessions share the "
+        'cores and where spinning measured slower (docs/design.md, "Workers").',
         None,
     )
     int8: bool = _opt(

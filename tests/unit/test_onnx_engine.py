@@ -347,18 +347,34 @@ def test_runtime_engines_in_threads_and_in_processes_agree(
     assert not list(graphs.iterdir())
 
 
-def test_workers_in_threads_share_one_session_and_abort_only_their_own_call(
-    tmp_path: Path, minilm_ids: list[list[int]], reference: np.ndarray
+def test_workers_in_threads_share_sessions_and_abort_only_their_own_call(
+    tmp_path: Path,
+    minilm_ids: list[list[int]],
+    reference: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """In threads every worker's engine runs on the runtime's one session (one copy of the
-    weights), concurrently and exactly; the watchdog's abort stops only the engine it hits."""
+    """In threads every worker's engine runs on the runtime's sessions (shared, not one
+    each), concurrently and exactly: a call beside another on the single-threaded one, a
+    call alone on the one of every core; the watchdog's abort stops only the engine it
+    hits."""
+    import onnxruntime as ort
+
     from embedd_server.engines.onnx import OnnxRuntime
 
     path = _gguf(_minilm_dir(), tmp_path, "f16")
-    runtime = OnnxRuntime(path, threads=2, max_batch_tokens=2048)
+    runtime = OnnxRuntime(path, threads=2, max_batch_tokens=2048, workers=2)
     first, second = runtime.new_engine(), runtime.new_engine()
     assert isinstance(first, OnnxEngine) and isinstance(second, OnnxEngine)
-    assert first._session is second._session is not None  # one session, not one each
+    assert first._session is second._session is not None  # shared, not one each
+    assert first._alone is second._alone is not None and first._alone is not first._session
+    sessions: list[ort.InferenceSession] = []
+    on_session = second._embed_on
+
+    def recorded(session: ort.InferenceSession, pack: Pack) -> np.ndarray:
+        sessions.append(session)
+        return on_session(session, pack)
+
+    monkeypatch.setattr(second, "_embed_on", recorded)
     pack = Pack.of(minilm_ids[:40])
     aborted: list[BaseException] = []
     rows: list[np.ndarray] = []
@@ -376,13 +392,15 @@ def test_workers_in_threads_share_one_session_and_abort_only_their_own_call(
     thread.start()
     try:
         assert running.wait(60), aborted
-        rows.append(second.embed(pack))  # beside the first engine's calls, on the same session
+        with second._running.enter():  # another call counted: whatever `first` is doing now
+            rows.append(second.embed(pack))  # beside the first engine's calls: one thread
         first.abort()
         thread.join(timeout=10)
         assert not thread.is_alive()
         assert len(aborted) == 1 and isinstance(aborted[0], EngineAborted)
         assert not first.alive and second.alive
-        rows.append(second.embed(pack))  # the abort did not touch the other engine
+        rows.append(second.embed(pack))  # the abort did not touch the other engine; alone
+        assert sessions == [second._session, second._alone]
         rows.append(runtime.new_engine().embed(pack))  # nor the session: a replacement runs
     finally:
         first.close()

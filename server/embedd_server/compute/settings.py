@@ -63,23 +63,19 @@ class EngineSettings:
 
     def workers_for(self, engine: str) -> int:
         """How many workers a model served by ``engine`` gets: the setting, or for auto (0)
-        one for ONNX Runtime in threads (its session runs each pack on every core: one
-        worker taking whole packs measured faster than two sharing the session's threads,
-        docs/design.md "Workers") and :data:`AUTO_WORKERS` otherwise (one per core was
-        fastest for llama.cpp and for ONNX Runtime's processes on 2 cores)."""
-        if self.workers:
-            return self.workers
-        if engine.startswith(_THREADED_ENGINES) and not self.processes_for(engine):
-            return 1
-        return AUTO_WORKERS
+        :data:`AUTO_WORKERS` (one per core was fastest for llama.cpp, for ONNX Runtime's
+        processes, and for ONNX Runtime in threads, whose busy workers run a core each while
+        a call alone takes every core: docs/design.md "Workers")."""
+        return self.workers or AUTO_WORKERS
 
     def onnx_spins(self, engine: str) -> bool:
         """Whether ONNX Runtime's session threads spin while a call runs: the setting, or
-        for auto when one worker alone calls a session of all the cores (the threads then
-        wait for no one else's work; spinning stops when the call returns)."""
+        for auto in threads, where the session of every core serves one call at a time (its
+        threads then wait for no one else's work; spinning stops when the call returns);
+        not for processes, whose sessions share the cores."""
         if self.onnx_spinning is not None:
             return self.onnx_spinning
-        return not self.processes_for(engine) and self.workers_for(engine) == 1
+        return not self.processes_for(engine)
 
 
 @dataclass(frozen=True)

@@ -139,5 +139,6 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
             spinning=settings.onnx_spins(ONNX),
             log_json=settings.log_json,
             pool_from_starts=pools_without_prompt(info, options),
+            workers=settings.workers_for(ONNX),
         )
     return load_llama_runtime(info, settings, options)

@@ -18,6 +18,7 @@ Which engine serves a model is chosen in :mod:`embedd_server.engines.choice`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -154,11 +155,35 @@ class _Layout(NamedTuple):
         return cls(sequences, pack_tokens, places[owner] + positions, positions, owner, rows, width)
 
 
+class RunningCalls:
+    """How many engines of one model are in a call now (shared by the model's engines): an
+    engine whose call starts with no other running takes the session of every core."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[int]:
+        """Counts this call while it runs; yields how many run, this one included."""
+        with self._lock:
+            self._count += 1
+            count = self._count
+        try:
+            yield count
+        finally:
+            with self._lock:
+                self._count -= 1
+
+
 class OnnxEngine:
     """One worker's engine: calls on an ONNX Runtime session that embed packs.
 
     The session is the engine's own (made from a graph) or one shared by every worker of the
-    model (a session passed in: one copy of the weights). Each engine has its own
+    model (a session passed in: one copy of the weights). With ``alone`` (a session on every
+    core, shared too) and ``running`` (the model's :class:`RunningCalls`), a call that starts
+    while no other engine of the model computes runs on ``alone``; calls that overlap run on
+    the single-threaded session, one core each (docs/design.md "Workers"). Each engine has its own
     ``RunOptions``, so :meth:`abort` (from the watchdog's thread: it sets ORT's terminate
     flag, which the running call checks between nodes) stops this engine's call only.
     One thread calls :meth:`embed`.
@@ -173,10 +198,13 @@ class OnnxEngine:
         max_batch_tokens: int = 8192,
         optimization: GraphOptimization = "all",
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        alone: ort.InferenceSession | None = None,
+        running: RunningCalls | None = None,
     ) -> None:
         """``model``: a session to share, or a graph to open one on (with ``threads``,
         ``optimization`` and ``providers``: see :func:`open_session`). A batch holds at
-        most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens."""
+        most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens. ``alone`` and
+        ``running``: see the class."""
         if batch_size < 1 or max_batch_tokens < 1:
             raise ValueError("batch_size and max_batch_tokens must be positive")
         if not isinstance(model, ort.InferenceSession):
@@ -184,6 +212,8 @@ class OnnxEngine:
                 model, threads=threads, optimization=optimization, providers=providers
             )
         self._session: ort.InferenceSession | None = model
+        self._alone = alone
+        self._running = running or RunningCalls()
         self._run_options = ort.RunOptions()
         self._aborted = threading.Event()
         meta = model.get_modelmeta().custom_metadata_map
@@ -223,9 +253,14 @@ class OnnxEngine:
         flat tokens. Pooling starts other than 0 need a packed graph or one built with a
         pooling mask, a second segment a graph with a ``token_type_ids`` input.
         """
-        session = self._session
-        if session is None or self._aborted.is_set():
-            raise EngineAborted("the engine was aborted or closed")
+        with self._running.enter() as running:
+            session = self._alone if running == 1 and self._alone is not None else self._session
+            if session is None or self._aborted.is_set():
+                raise EngineAborted("the engine was aborted or closed")
+            return self._embed_on(session, pack)
+
+    def _embed_on(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
+        """:meth:`embed` on ``session``."""
         if self._packed:
             return self._embed_packed(session, pack)
         if pack.token_states:
@@ -375,6 +410,7 @@ class OnnxEngine:
         """Lets go of the session (a shared one lives on in its runtime); the engine
         computes no more."""
         self._session = None
+        self._alone = None
 
     def _check(self, pack: Pack) -> None:
         """What the pack's validation can't know: this model's positions and vocabulary."""
@@ -456,10 +492,13 @@ def _release_freed_memory() -> None:
 class OnnxRuntime:
     """A BERT GGUF on ONNX Runtime: what the registry gets from loading it.
 
-    The graph is built once here from the GGUF's tensors. In threads (the default) one
-    session is opened on it here, with the weights once, and every worker's engine runs its
-    calls on that session (ORT's ``Run`` is thread-safe and releases the GIL; each engine
-    keeps its own ``RunOptions``, so the watchdog's abort stops only its call). With
+    The graph is built once here from the GGUF's tensors. In threads (the default) the
+    sessions are opened on it here and every worker's engine runs its calls on them (ORT's
+    ``Run`` is thread-safe and releases the GIL; each engine keeps its own ``RunOptions``, so
+    the watchdog's abort stops only its call): with several workers and cores, one session
+    of a single thread that overlapping calls share, one core each, and one of ``threads``
+    for a call that runs alone (a second copy of the weights, ~93 MiB for all-MiniLM); else
+    one session of ``threads``. With
     ``processes`` the graph is written to a file that each worker process opens a session on
     (a crash costs one worker, as with llama.cpp). The vocabulary (for llama.cpp's tokenizer,
     used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp without the
@@ -477,10 +516,13 @@ class OnnxRuntime:
         spinning: bool = False,
         log_json: bool = False,
         pool_from_starts: bool = False,
+        workers: int = 1,
     ) -> None:
-        """``threads``: the session's intra-op threads; ``spinning``: see
-        :func:`open_session`. ``pool_from_starts``: the graph takes a pooling mask, so the
-        mean can leave out a prompt's tokens (a model with ``include_prompt: false``)."""
+        """``threads``: the intra-op threads of a call that runs alone (of every call in
+        ``processes`` or with one worker); ``spinning``: see :func:`open_session`.
+        ``pool_from_starts``: the graph takes a pooling mask, so the mean can leave out a
+        prompt's tokens (a model with ``include_prompt: false``). ``workers``: how many
+        engines will call the sessions at once."""
         try:
             source = load_gguf(path)
             # A cross-encoder with two token types (BERT) scores a pair whose document is
@@ -517,6 +559,8 @@ class OnnxRuntime:
         self.vocab = file_vocabulary(path)
         self._spec: EngineSpec | None = None
         self._session: ort.InferenceSession | None = None
+        self._alone: ort.InferenceSession | None = None
+        self._running = RunningCalls()
         self._graph_fd: int | None = None
         # The graph goes to a file, and sessions open that file: a session opened on bytes
         # keeps them (ORT's Python session holds its model bytes), a second copy of the
@@ -545,7 +589,15 @@ class OnnxRuntime:
             )
         else:
             try:
-                self._session = open_session(graph_file.name, threads=threads, spinning=spinning)
+                if workers > 1 and threads > 1:
+                    # Busy workers one core each: measured faster under load than sharing
+                    # every core's threads (docs/design.md "Workers").
+                    self._session = open_session(graph_file.name, threads=1)
+                    self._alone = open_session(graph_file.name, threads=threads, spinning=spinning)
+                else:
+                    self._session = open_session(
+                        graph_file.name, threads=threads, spinning=spinning
+                    )
             finally:
                 Path(graph_file.name).unlink(missing_ok=True)
         _release_freed_memory()
@@ -560,7 +612,12 @@ class OnnxRuntime:
             return ProcessEngine(self._spec)
         if self._session is None:
             raise ModelLoadError("the model was unloaded")
-        return OnnxEngine(self._session, max_batch_tokens=self._max_batch_tokens)
+        return OnnxEngine(
+            self._session,
+            max_batch_tokens=self._max_batch_tokens,
+            alone=self._alone,
+            running=self._running,
+        )
 
     def tokenize(self, text: bytes) -> list[int]:
         return self.vocab.tokenize(text)
@@ -572,7 +629,7 @@ class OnnxRuntime:
         """Frees the vocabulary and the shared session (once no engine runs on it), or
         closes the descriptor the worker processes open the graph through (which frees it)."""
         self.vocab.close()
-        self._session = None
+        self._session = self._alone = None
         if self._graph_fd is not None:
             os.close(self._graph_fd)
             self._graph_fd = None
