@@ -397,11 +397,12 @@ def test_configurations() -> None:
     assert [config.pack_tokens for config in long] == [0, 0, 0]
     onnx = list(configurations("onnxruntime", long_texts=False))
     assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
-        ("1 session x 2 threads, spinning", 256, False),  # the server's default
-        ("1 session x 2 threads, spinning", 2048, False),
+        ("2 threads x 1-thread session (+2 alone)", 256, False),  # the server's default
+        ("2 threads x 1-thread session (+2 alone)", 2048, False),
+        ("1 session x 2 threads, spinning", 256, False),
         ("2 processes x 2 threads", 256, False),
         ("2 processes x 1 thread", 256, False),
-        ("1 session x 2 threads, spinning", 256, True),
+        ("2 threads x 1-thread session (+2 alone)", 256, True),
     ]
     assert list(configurations("onnxruntime", long_texts=True)) == onnx
     with pytest.raises(ValueError):
@@ -417,10 +418,14 @@ def test_a_configuration_is_the_servers_settings() -> None:
     assert (llama.engine, llama.worker_processes, llama.batch_tokens) == ("llama.cpp", True, 0)
     assert llama.onnx_batch_tokens == EngineSettings().onnx_batch_tokens
     int8 = engine_settings(
-        Configuration("onnxruntime", "1 session x 2 threads, spinning", "", 256, True)
+        Configuration("onnxruntime", "2 threads x 1-thread session (+2 alone)", "", 256, True)
     )
-    assert (int8.workers, int8.threads_per_worker, int8.int8) == (1, 2, True)
-    assert int8.onnx_spins("onnxruntime-int8")
+    assert (int8.workers, int8.onnx_threads, int8.int8) == (2, 2, True)
+    assert int8.onnx_spins("onnxruntime-int8")  # the session a lone call takes
+    alone = engine_settings(
+        Configuration("onnxruntime", "1 session x 2 threads, spinning", "", 256)
+    )
+    assert (alone.workers, alone.onnx_threads) == (1, 2) and alone.onnx_spins("onnxruntime")
 
 
 def test_the_floor_bounds_the_reachable_ratio() -> None:
