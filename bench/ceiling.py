@@ -61,12 +61,12 @@ LAYOUTS = {
     "2 processes x 2 threads": (2, 2, True),
 }
 LLAMA_LAYOUTS = ("2 threads x 1-thread ctx", "2 processes x 1 thread", "1 ctx x 2 threads")
-# The server's default first (two workers in threads, a core each on one shared session; a
-# call that runs alone takes a second session of both cores, which the ceiling's always busy
-# workers seldom do), then one worker on a session of both cores (`--workers 1`).
+# The server's default first (one worker in a thread, its session's threads spinning), then
+# `--workers 2` (two workers a core each on one shared session; a call that runs alone takes a
+# second session of both cores, which the ceiling's always busy workers seldom do).
 ONNX_LAYOUTS = (
-    "2 threads x 1-thread session (+2 alone)",
     "1 session x 2 threads, spinning",
+    "2 threads x 1-thread session (+2 alone)",
     "2 processes x 2 threads",
     "2 processes x 1 thread",
 )

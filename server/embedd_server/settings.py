@@ -122,10 +122,11 @@ class Settings:
     )
     workers: int = _opt(
         "Workers of each loaded model, each taking packs of inputs from the model's queue to "
-        "its engine. 0 (auto): 2, one per core, which was fastest on 2 cores for llama.cpp's "
-        "contexts, ONNX Runtime's processes, and ONNX Runtime in threads (busy workers run "
-        "a core each on one session, a call alone every core on a second: 4 x 32 texts ~20 % "
-        'faster than one worker on every core). Measurements: docs/design.md, "Workers".',
+        "its engine. 0 (auto): one for ONNX Runtime in threads, whose one session runs each "
+        "pack on every core, and 2 for llama.cpp's contexts and ONNX Runtime's processes (one "
+        "per core was fastest on 2 cores). 2 for ONNX Runtime in threads: busy workers run a "
+        "core each on one session, a call alone every core on a second (+105 MiB; 4 x 32 "
+        'texts ~20 % faster). Measurements: docs/design.md, "Workers".',
         0,
     )
     worker_processes: bool | None = _opt(

@@ -397,12 +397,12 @@ def test_configurations() -> None:
     assert [config.pack_tokens for config in long] == [0, 0, 0]
     onnx = list(configurations("onnxruntime", long_texts=False))
     assert [(c.layout, c.pack_tokens, c.int8) for c in onnx] == [
-        ("2 threads x 1-thread session (+2 alone)", 256, False),  # the server's default
-        ("2 threads x 1-thread session (+2 alone)", 2048, False),
-        ("1 session x 2 threads, spinning", 256, False),
+        ("1 session x 2 threads, spinning", 256, False),  # the server's default
+        ("1 session x 2 threads, spinning", 2048, False),
+        ("2 threads x 1-thread session (+2 alone)", 256, False),
         ("2 processes x 2 threads", 256, False),
         ("2 processes x 1 thread", 256, False),
-        ("2 threads x 1-thread session (+2 alone)", 256, True),
+        ("1 session x 2 threads, spinning", 256, True),
     ]
     assert list(configurations("onnxruntime", long_texts=True)) == onnx
     with pytest.raises(ValueError):

@@ -128,18 +128,19 @@ def test_worker_processes_is_auto_by_default_and_picks_per_engine(tmp_path: Path
 
 
 def test_workers_and_spinning_are_auto_by_default_and_pick_per_engine() -> None:
-    """auto: two workers (one per core) for every engine; ONNX Runtime's session of every
-    core (a lone call's, in threads) spins while its call runs, its processes' threads don't;
-    a number or a boolean given is taken as it is."""
+    """auto: one worker spinning on a session of every core for ONNX Runtime in threads;
+    two (one per core) for llama.cpp and ONNX Runtime's processes, whose threads don't spin;
+    two in threads keep the session of every core (spinning) for a call alone; a number or a
+    boolean given is taken as it is."""
     auto = Settings().engine_settings()
     assert (auto.workers, auto.onnx_spinning) == (0, None)
     for engine in ("onnxruntime", "onnxruntime-int8"):
-        assert (auto.workers_for(engine), auto.onnx_spins(engine)) == (2, True)
+        assert (auto.workers_for(engine), auto.onnx_spins(engine)) == (1, True)
     assert auto.workers_for("llama.cpp") == 2
     processes = EngineSettings(worker_processes=True)
     assert (processes.workers_for("onnxruntime"), processes.onnx_spins("onnxruntime")) == (2, False)
-    one = EngineSettings(workers=1)
-    assert (one.workers_for("onnxruntime"), one.onnx_spins("onnxruntime")) == (1, True)
+    two = EngineSettings(workers=2)
+    assert (two.workers_for("onnxruntime"), two.onnx_spins("onnxruntime")) == (2, True)
     assert EngineSettings(workers=3).workers_for("llama.cpp") == 3
     assert EngineSettings(workers=1, onnx_spinning=False).onnx_spins("onnxruntime") is False
     assert settings_from_argv(["--no-onnx-spinning"]).onnx_spinning is False

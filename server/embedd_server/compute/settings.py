@@ -63,10 +63,16 @@ class EngineSettings:
 
     def workers_for(self, engine: str) -> int:
         """How many workers a model served by ``engine`` gets: the setting, or for auto (0)
-        :data:`AUTO_WORKERS` (one per core was fastest for llama.cpp, for ONNX Runtime's
-        processes, and for ONNX Runtime in threads, whose busy workers run a core each while
-        a call alone takes every core: docs/design.md "Workers")."""
-        return self.workers or AUTO_WORKERS
+        one for ONNX Runtime in threads (its one session runs each pack on every core: one
+        copy of the weights), and :data:`AUTO_WORKERS` otherwise (one per core was fastest for
+        llama.cpp and for ONNX Runtime's processes on 2 cores). Two ONNX Runtime workers in
+        threads run a core each, with a second session for a call alone: faster under load,
+        +105 MiB (docs/design.md "Workers")."""
+        if self.workers:
+            return self.workers
+        if engine.startswith(_THREADED_ENGINES) and not self.processes_for(engine):
+            return 1
+        return AUTO_WORKERS
 
     def onnx_spins(self, engine: str) -> bool:
         """Whether ONNX Runtime's session threads spin while a call runs: the setting, or
