@@ -261,6 +261,8 @@ class OnnxEngine:
 
     def _embed_on(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
         """:meth:`embed` on ``session``."""
+        if pack.token_states and not self.gives_token_states:
+            raise ValueError("this graph was built without its last_hidden_state output")
         if self._packed:
             return self._embed_packed(session, pack)
         if pack.token_states:
@@ -291,8 +293,6 @@ class OnnxEngine:
     def _embed_packed(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
         """:meth:`embed` on a packed graph: one call per :meth:`_layouts` entry, whose rows
         each hold several sequences end to end."""
-        if pack.token_states and not self.gives_token_states:
-            raise ValueError("this graph was built without its last_hidden_state output")
         if len(pack) == 0:
             return np.empty((0, 0 if pack.token_states else self._dimensions), np.float32)
         self._check(pack)
@@ -386,8 +386,6 @@ class OnnxEngine:
 
     def _token_states(self, session: ort.InferenceSession, pack: Pack) -> FloatMatrix:
         """Every token's last hidden state, the pack's tokens one row each, in order."""
-        if not self.gives_token_states:
-            raise ValueError("this graph was built without its last_hidden_state output")
         if len(pack) == 0:
             return np.empty((0, 0), dtype=np.float32)
         self._check(pack)
