@@ -274,17 +274,21 @@ def measure_floor(run: BenchRun, text_set: TextSet, profile: Profile) -> None:
         loadgen.run_ghz(GHZ, server.grpc_target, data, 4, profile.warmup_s)
         with procs.CpuMeter(server.child.pid) as meter:
             load = loadgen.run_ghz(GHZ, server.grpc_target, data, 16, profile.leg_s, rps=rate)
+        # A lone caller, unpaced: the latency of an RPC that computes nothing.
+        lone = loadgen.run_ghz(GHZ, server.grpc_target, data, 1, profile.leg_s / 2)
     run.floor = report.Floor(
         cores=run.cores,
         target=FLOOR_TARGET,
         requests_per_s=load.requests / load.seconds if load.seconds else 0.0,
         server_cores=meter.cores(meter.server_cpu),
         generator_cores=meter.cores(meter.children_cpu),
+        lone_p50_ms=lone.p50_s * 1000 if lone.p50_s is not None else None,
     )
     _say(
         f"  floor (do-nothing gRPC server, ghz c=16 at {rate:.0f} req/s): server "
         f"{run.floor.server_cores:.2f} cores, ghz {run.floor.generator_cores:.2f} cores, "
-        f"best reachable ratio {report.fmt_ratio(run.floor.best_ratio)}"
+        f"best reachable ratio {report.fmt_ratio(run.floor.best_ratio)}; one caller: p50 "
+        f"{report.fmt_ms(run.floor.lone_p50_ms)} ms"
     )
 
 

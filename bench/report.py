@@ -97,6 +97,8 @@ class Floor:
     requests_per_s: float
     server_cores: float
     generator_cores: float
+    # ghz's p50 at one caller, unpaced: what a lone caller's RPC costs with nothing to compute
+    lone_p50_ms: float | None = None
 
     @property
     def overhead_cores(self) -> float:
@@ -353,6 +355,60 @@ def evaluate_tei_targets(
     return targets
 
 
+CPU_BOUND_SHARE = 0.9  # a leg whose processes used this share of the cores was bounded by CPU
+
+
+def what_bounds(run: BenchRun, target: TeiTarget, text_set: str = TARGET_SET) -> str:
+    """What bounds embedd on one of issue 22's legs, from this run's measurements: for a lone
+    caller the latency, split into the engine's call (in-process) and the path around it (with
+    the floor's RPC that does nothing); for the loaded legs the cores, split into the server,
+    the load generator and other processes, with the server's CPU per text beside TEI's and
+    the engine's alone. Empty when a leg is missing."""
+    shape = (text_set, target.concurrency, target.texts_per_request)
+    ours, tei = find_leg(run.legs, target.system, *shape), find_leg(run.legs, TEI, *shape)
+    if ours is None or tei is None or not ours.texts or not tei.texts:
+        return ""
+    if target.concurrency == 1:
+        return _latency_bound(run, target, ours, tei, text_set)
+    return _cpu_bound(run, ours, tei, text_set)
+
+
+def _latency_bound(run: BenchRun, target: TeiTarget, ours: Leg, tei: Leg, text_set: str) -> str:
+    if ours.p50_ms is None or tei.p50_ms is None:
+        return ""
+    parts = [f"latency: p50 {fmt_ms(ours.p50_ms)} vs TEI's {fmt_ms(tei.p50_ms)} ms"]
+    grpc = find_leg(run.legs, GRPC, text_set, 1, 1)
+    one_text = run.one_text.get(f"{run.serving_engine}, {text_set}")
+    engine_ms = (grpc.reference if grpc else None) or (one_text.p50_ms if one_text else None)
+    if target.system == GRPC and engine_ms is not None:
+        path = f"the engine's call {fmt_ms(engine_ms)} ms in-process, the path around it "
+        path += f"{fmt_ms(ours.p50_ms - engine_ms)} ms"
+        if run.floor is not None and run.floor.lone_p50_ms is not None:
+            path += f" (an RPC that does nothing: {fmt_ms(run.floor.lone_p50_ms)} ms)"
+        parts.append(path)
+    if target.system == REST and grpc is not None and grpc.p50_ms is not None:
+        parts.append(f"Envoy and JSON {fmt_ms(ours.p50_ms - grpc.p50_ms)} ms over gRPC's p50")
+    return "; ".join(parts)
+
+
+def _cpu_bound(run: BenchRun, ours: Leg, tei: Leg, text_set: str) -> str:
+    used = ours.server_cores + ours.generator_cores + ours.other_cores
+    head = (
+        "CPU" if used >= CPU_BOUND_SHARE * run.cores else f"not CPU ({run.cores - used:.2f} idle)"
+    )
+    parts = [
+        f"{head}: server {ours.server_cores:.2f} + {ours.generator or 'load generator'} "
+        f"{ours.generator_cores:.2f} + others {ours.other_cores:.2f} of {run.cores} cores",
+        f"server CPU {fmt_ms(ours.server_cpu_ms_per_text)} ms/text vs TEI's "
+        f"{fmt_ms(tei.server_cpu_ms_per_text)}",
+    ]
+    best = run.best_ceiling(text_set)
+    if best is not None and best.texts_per_s:
+        engine_ms = run.cores / best.texts_per_s * 1000
+        parts.append(f"the engine alone {fmt_ms(engine_ms)} ms/text at its ceiling")
+    return "; ".join(parts)
+
+
 def _cell(leg: Leg | None, with_p50: bool) -> str:
     if leg is None:
         return "—"
@@ -460,6 +516,11 @@ def render_floor(floor: Floor) -> str:
         "runs. With the engine exactly as fast as in the ceiling and this overhead growing "
         "with the rate, one text per request at 16 callers can reach at most "
         f"**{fmt_ratio(floor.best_ratio)} the ceiling** on this machine."
+        + (
+            ""
+            if floor.lone_p50_ms is None
+            else f" A lone caller's RPC to it takes {fmt_ms(floor.lone_p50_ms)} ms (ghz's p50)."
+        )
     )
 
 
@@ -660,10 +721,21 @@ def render_markdown(run: BenchRun) -> str:
 
 def render_issue22(run: BenchRun) -> str:
     """Issue 22's targets: each leg's ratio to TEI on STS-B sentences, and the memory after
-    the load, with the verdicts."""
-    return f"## Issue 22 targets (against TEI, same run, {TARGET_SET})\n\n" + _targets_table(
-        evaluate_tei_targets(run.legs, TARGET_SET, run.memory_after)
-    )
+    the load, with the verdicts; for each missed leg, what bounds it."""
+    targets = evaluate_tei_targets(run.legs, TARGET_SET, run.memory_after)
+    bounds = {target.name: what_bounds(run, target) for target in TEI_TARGETS}
+    rows = [
+        [
+            t.name,
+            t.goal,
+            t.measured,
+            _verdict(t.met),
+            bounds.get(t.name, "") if t.met is False else "",
+        ]
+        for t in targets
+    ]
+    table = markdown_table(["target", "goal", "measured", "verdict", "what bounds it"], rows)
+    return f"## Issue 22 targets (against TEI, same run, {TARGET_SET})\n\n{table}"
 
 
 def plot(run: BenchRun, path: Path) -> None:

@@ -483,6 +483,53 @@ def test_issue_22_targets_are_ratios_to_tei_on_the_same_leg_and_its_memory() -> 
     assert memory_target.met is False
 
 
+def test_a_missed_leg_says_what_bounds_it_from_the_same_run() -> None:
+    from bench.report import TEI_TARGETS, Floor, render_issue22, what_bounds
+
+    run = BenchRun(cpu_model="c", cores=2, quick=True, date="d", command="c")
+    run.serving_engine = "onnxruntime"
+    run.floor = Floor(
+        cores=2,
+        target=0.85,
+        requests_per_s=800,
+        server_cores=0.5,
+        generator_cores=0.4,
+        lone_p50_ms=1.25,
+    )
+    run.ceiling["sentences"] = [
+        CeilingResult(
+            "packs", "1 session", 256, texts=1000, tokens=11000, seconds=1.0, engine="onnxruntime"
+        )
+    ]
+    run.legs = [
+        _shape(GRPC, 1, 1, 140, p50_ms=7.0, reference=4.0),
+        _shape(REST, 1, 1, 110, p50_ms=9.0),
+        _shape(TEI, 1, 1, 220, p50_ms=4.5),
+        _shape(GRPC, 16, 1, 300, server_cores=1.5, generator_cores=0.4, other_cores=0.05),
+        _shape(TEI, 16, 1, 360, server_cores=1.8, generator_cores=0.2),
+        _shape(GRPC, 4, 32, 400, server_cores=0.9, generator_cores=0.2),
+        _shape(TEI, 4, 32, 450, server_cores=1.9),
+    ]
+    bounds = {target.name: what_bounds(run, target) for target in TEI_TARGETS}
+    assert bounds["1 caller x 1 text, gRPC"] == (
+        "latency: p50 7.00 vs TEI's 4.50 ms; the engine's call 4.00 ms in-process, the path "
+        "around it 3.00 ms (an RPC that does nothing: 1.25 ms)"
+    )
+    assert bounds["1 caller x 1 text, REST"] == (
+        "latency: p50 9.00 vs TEI's 4.50 ms; Envoy and JSON 2.00 ms over gRPC's p50"
+    )
+    # 1.5 + 0.4 + 0.05 of 2 cores: CPU; 1.5 cores / 300 texts/s = 5 ms a text
+    assert bounds["16 callers x 1 text, gRPC"] == (
+        "CPU: server 1.50 + load generator 0.40 + others 0.05 of 2 cores; server CPU 5.00 "
+        "ms/text vs TEI's 5.00; the engine alone 2.00 ms/text at its ceiling"
+    )
+    assert bounds["4 callers x 32 texts, gRPC"].startswith("not CPU (0.90 idle): server 0.90")
+    assert bounds["16 callers x 1 text, REST"] == ""  # no REST leg at 16 callers in this run
+    table = render_issue22(run)
+    assert "| what bounds it |" in table.splitlines()[2]
+    assert "an RPC that does nothing: 1.25 ms" in table
+
+
 def test_no_targets_plot_without_tei(tmp_path: Path) -> None:
     from bench.report import plot_targets
 
