@@ -410,6 +410,40 @@ def test_workers_in_threads_share_sessions_and_abort_only_their_own_call(
         assert _cosines(vectors, reference[:40]).min() >= EXACT
 
 
+def test_sessions_in_threads_map_one_copy_of_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sessions of two workers in threads read their large tensors from one weights
+    file, mapped (one copy in memory, where each session used to hold its own), whose name
+    is gone once they are open; closing the runtime unmaps it."""
+    import gc
+
+    from embedd_server.engines.onnx import OnnxRuntime
+
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(graphs))
+    path = _gguf(_minilm_dir(), tmp_path, "f16")
+
+    def mappings() -> list[list[str]]:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+        return [line.split() for line in lines if str(graphs) in line]
+
+    runtime = OnnxRuntime(path, threads=2, max_batch_tokens=2048, workers=2)
+    try:
+        mapped = mappings()
+        assert not list(graphs.iterdir())  # nothing left in /tmp
+        assert {fields[5].rsplit("/", 1)[1] for fields in mapped} == {"weights.bin"}
+        assert all(fields[6:] == ["(deleted)"] for fields in mapped)
+        assert len({fields[4] for fields in mapped}) == 1  # one file (inode) ...
+        offsets = [fields[2] for fields in mapped]
+        assert len(offsets) > len(set(offsets))  # ... whose tensors both sessions map
+    finally:
+        runtime.close()
+    gc.collect()
+    assert mappings() == []
+
+
 def test_token_states_are_what_mean_pooling_averages_in_threads_and_processes(
     tmp_path: Path, minilm_ids: list[list[int]]
 ) -> None:

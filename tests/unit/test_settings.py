@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -128,14 +129,17 @@ def test_worker_processes_is_auto_by_default_and_picks_per_engine(tmp_path: Path
 
 
 def test_workers_and_spinning_are_auto_by_default_and_pick_per_engine() -> None:
-    """auto: one worker spinning on a session of every core for ONNX Runtime in threads;
-    two (one per core) for llama.cpp and ONNX Runtime's processes, whose threads don't spin;
-    two in threads keep the session of every core (spinning) for a call alone; a number or a
-    boolean given is taken as it is."""
+    """auto: one worker per core for ONNX Runtime in threads (a single-threaded session for
+    busy workers, a spinning one of every core for a call alone), or per ONNX Runtime thread
+    where those are set; two (one per core) for llama.cpp and ONNX Runtime's processes, whose
+    threads don't spin; a number or a boolean given is taken as it is."""
     auto = Settings().engine_settings()
     assert (auto.workers, auto.onnx_spinning) == (0, None)
+    cores = len(os.sched_getaffinity(0))
     for engine in ("onnxruntime", "onnxruntime-int8"):
-        assert (auto.workers_for(engine), auto.onnx_spins(engine)) == (1, True)
+        assert (auto.workers_for(engine), auto.onnx_spins(engine)) == (cores, True)
+    assert EngineSettings(onnx_threads=3).workers_for("onnxruntime") == 3
+    assert EngineSettings(onnx_threads=3).onnx_cores() == 3
     assert auto.workers_for("llama.cpp") == 2
     processes = EngineSettings(worker_processes=True)
     assert (processes.workers_for("onnxruntime"), processes.onnx_spins("onnxruntime")) == (2, False)

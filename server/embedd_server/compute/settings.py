@@ -8,6 +8,7 @@ once, on the :class:`~embedd_server.settings.Settings` field of the same name.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,16 +64,21 @@ class EngineSettings:
 
     def workers_for(self, engine: str) -> int:
         """How many workers a model served by ``engine`` gets: the setting, or for auto (0)
-        one for ONNX Runtime in threads (its one session runs each pack on every core: one
-        copy of the weights), and :data:`AUTO_WORKERS` otherwise (one per core was fastest for
-        llama.cpp and for ONNX Runtime's processes on 2 cores). Two ONNX Runtime workers in
-        threads run a core each, with a second session for a call alone: faster under load,
-        +105 MiB (docs/design.md "Workers")."""
+        one per ONNX Runtime thread (:meth:`onnx_cores`) for ONNX Runtime in threads: busy
+        workers run a core each on a single-threaded session, and a call that runs alone
+        takes a session of every core (both sessions map one copy of the weights;
+        docs/design.md "Workers"); :data:`AUTO_WORKERS` otherwise (one per core was fastest
+        for llama.cpp and for ONNX Runtime's processes on 2 cores)."""
         if self.workers:
             return self.workers
         if engine.startswith(_THREADED_ENGINES) and not self.processes_for(engine):
-            return 1
+            return self.onnx_cores()
         return AUTO_WORKERS
+
+    def onnx_cores(self) -> int:
+        """ONNX Runtime's threads for a call that runs alone: the setting, or the cores
+        this process may use."""
+        return self.onnx_threads or len(os.sched_getaffinity(0))
 
     def onnx_spins(self, engine: str) -> bool:
         """Whether ONNX Runtime's session threads spin while a call runs: the setting, or

@@ -20,7 +20,6 @@ sparse: an MLM head and SPLADE pooling): ONNX Runtime alone does.
 from __future__ import annotations
 
 import logging
-import os
 
 from embedd_server.compute.engine import Runtime
 from embedd_server.compute.settings import ENGINES, EngineSettings, LoadOptions
@@ -132,7 +131,7 @@ def load_runtime(info: ModelInfo, settings: EngineSettings, options: LoadOptions
 
         return OnnxRuntime(
             info.path,
-            threads=settings.onnx_threads or len(os.sched_getaffinity(0)),
+            threads=settings.onnx_cores(),
             max_batch_tokens=settings.onnx_batch_tokens,
             int8=settings.int8,
             processes=settings.processes_for(ONNX),

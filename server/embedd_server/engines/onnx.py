@@ -113,6 +113,45 @@ def open_session(
     )
 
 
+# ONNX Runtime maps a tensor's external data into memory (rather than reading it into a
+# buffer of its own) when its offset is a multiple of the allocation granularity: 64 KiB
+# covers Linux's pages and Windows' granularity.
+MAPPED_ALIGNMENT = 1 << 16
+MAPPED_MIN_BYTES = 1 << 12  # smaller tensors stay in the graph: a mapping per tensor costs a page
+
+
+def write_mapped_graph(model: onnx.ModelProto, directory: Path) -> Path:
+    """Writes ``model`` to ``directory`` as ``graph.onnx`` plus ``weights.bin``, its large
+    tensors' data aligned so that every session opened on it maps them from the file: the
+    sessions share one copy of the weights (the page cache's), where a graph with its
+    weights inside gives each session a copy of its own (all-MiniLM: one session +81 MiB
+    against +137-147, two +147 against +262-274; docs/design.md "Workers"). The tensors of
+    ``model`` are moved out: it is left without their data."""
+    weights_name = "weights.bin"
+    offset = 0
+    with open(directory / weights_name, "wb") as weights:
+        for tensor in model.graph.initializer:
+            if len(tensor.raw_data) < MAPPED_MIN_BYTES:
+                continue
+            padding = -offset % MAPPED_ALIGNMENT
+            weights.write(bytes(padding))
+            offset += padding
+            weights.write(tensor.raw_data)
+            for key, value in (
+                ("location", weights_name),
+                ("offset", str(offset)),
+                ("length", str(len(tensor.raw_data))),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(tensor.raw_data)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+    graph_path = directory / "graph.onnx"
+    graph_path.write_bytes(model.SerializeToString())
+    return graph_path
+
+
 class _Padded(NamedTuple):
     """One padded batch of a pack: which sequences, their ids and attention mask, and where
     each unpadded token sits in the pack (``positions``, the mask's true cells in order)."""
@@ -495,8 +534,9 @@ class OnnxRuntime:
     ``Run`` is thread-safe and releases the GIL; each engine keeps its own ``RunOptions``, so
     the watchdog's abort stops only its call): with several workers and cores, one session
     of a single thread that overlapping calls share, one core each, and one of ``threads``
-    for a call that runs alone (a second copy of the weights, ~93 MiB for all-MiniLM); else
-    one session of ``threads``. With
+    for a call that runs alone; else one session of ``threads``. The sessions map the large
+    tensors from one file (:func:`write_mapped_graph`): one copy of the weights, whatever the
+    sessions (only ORT's repacked MatMul weights are each session's own). With
     ``processes`` the graph is written to a file that each worker process opens a session on
     (a crash costs one worker, as with llama.cpp). The vocabulary (for llama.cpp's tokenizer,
     used only when the GGUF carries no ``tokenizer.json``) is loaded by llama.cpp without the
@@ -545,11 +585,9 @@ class OnnxRuntime:
                 model = quantize_int8(model)
         except (ValueError, KeyError) as exc:
             raise ModelLoadError(f"ONNX Runtime cannot serve {path.name}: {exc}") from None
-        graph = model.SerializeToString()
         # A cross-encoder's rows are its logits, one per label.
         self.dimensions = source.dimensions
-        # The session keeps its own copy of the weights: these would be a second and a third.
-        del model, source
+        del source
         self._max_batch_tokens = max_batch_tokens
         self.int8 = int8
         # int8 vectors differ from the reference: /v1/models says so.
@@ -560,45 +598,60 @@ class OnnxRuntime:
         self._alone: ort.InferenceSession | None = None
         self._running = RunningCalls()
         self._graph_fd: int | None = None
-        # The graph goes to a file, and sessions open that file: a session opened on bytes
-        # keeps them (ORT's Python session holds its model bytes), a second copy of the
-        # weights for the model's lifetime.
-        with tempfile.NamedTemporaryFile(
-            prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
-        ) as graph_file:
-            graph_file.write(graph)
-        del graph
         if processes:
-            # Worker processes (and their replacements) open the graph through this process's
-            # descriptor of it, its name removed at once: the kernel frees the file with the
-            # last descriptor, so a server killed with SIGKILL leaves nothing in /tmp.
-            self._graph_fd = os.open(graph_file.name, os.O_RDONLY)
-            Path(graph_file.name).unlink()
-            self._spec = EngineSpec(
-                path=str(path),
-                max_tokens=max_batch_tokens,
-                max_sequences=0,
-                n_threads=threads,
-                n_gpu_layers=0,
+            self._spec = self._graph_for_processes(
+                model,
+                path,
+                threads=threads,
+                max_batch_tokens=max_batch_tokens,
                 log_json=log_json,
-                engine=self.engine_name,
-                onnx_path=f"/proc/{os.getpid()}/fd/{self._graph_fd}",
                 spinning=spinning,
             )
         else:
-            try:
+            with tempfile.TemporaryDirectory(prefix=f"embedd-{path.stem}-") as directory:
+                graph_path = write_mapped_graph(model, Path(directory))
+                # The sessions read the weights from the file: these would be a second copy.
+                del model
                 if workers > 1 and threads > 1:
                     # Busy workers one core each: measured faster under load than sharing
                     # every core's threads (docs/design.md "Workers").
-                    self._session = open_session(graph_file.name, threads=1)
-                    self._alone = open_session(graph_file.name, threads=threads, spinning=spinning)
+                    self._session = open_session(graph_path, threads=1)
+                    self._alone = open_session(graph_path, threads=threads, spinning=spinning)
                 else:
-                    self._session = open_session(
-                        graph_file.name, threads=threads, spinning=spinning
-                    )
-            finally:
-                Path(graph_file.name).unlink(missing_ok=True)
+                    self._session = open_session(graph_path, threads=threads, spinning=spinning)
+            # The directory is gone; the sessions' mappings of its weights stay until closed.
         _release_freed_memory()
+
+    def _graph_for_processes(
+        self,
+        model: onnx.ModelProto,
+        path: Path,
+        *,
+        threads: int,
+        max_batch_tokens: int,
+        log_json: bool,
+        spinning: bool,
+    ) -> EngineSpec:
+        """The graph in one file that worker processes (and their replacements) open through
+        this process's descriptor of it, its name removed at once: the kernel frees the file
+        with the last descriptor, so a server killed with SIGKILL leaves nothing in /tmp."""
+        with tempfile.NamedTemporaryFile(
+            prefix=f"embedd-{path.stem}-", suffix=".onnx", delete=False
+        ) as graph_file:
+            graph_file.write(model.SerializeToString())
+        self._graph_fd = os.open(graph_file.name, os.O_RDONLY)
+        Path(graph_file.name).unlink()
+        return EngineSpec(
+            path=str(path),
+            max_tokens=max_batch_tokens,
+            max_sequences=0,
+            n_threads=threads,
+            n_gpu_layers=0,
+            log_json=log_json,
+            engine=self.engine_name,
+            onnx_path=f"/proc/{os.getpid()}/fd/{self._graph_fd}",
+            spinning=spinning,
+        )
 
     @property
     def vocab_size(self) -> int:
