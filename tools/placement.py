@@ -36,10 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 # name -> the server's settings (as EMBEDD_* variables) beside the common ones.
 CONFIGURATIONS: dict[str, dict[str, str]] = {
     "processes, 2 threads each (the first default)": {"worker_processes": "true"},
-    "1 worker, one session, 2 spinning threads (the default)": {"worker_processes": "auto"},
-    "2 workers, 1 thread each beside a 2-thread session for a lone call": {
+    "1 worker, one session, 2 spinning threads (the third default)": {
         "worker_processes": "auto",
-        "workers": "2",
+        "workers": "1",
+    },
+    "2 workers, 1 thread each beside a 2-thread session for a lone call (the default)": {
+        "worker_processes": "auto",
     },
     "2 workers, one session, 2 threads (the second default)": {
         "worker_processes": "auto",

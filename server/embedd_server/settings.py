@@ -122,16 +122,17 @@ class Settings:
     )
     workers: int = _opt(
         "Workers of each loaded model, each taking packs of inputs from the model's queue to "
-        "its engine. 0 (auto): one for ONNX Runtime in threads, whose one session runs each "
-        "pack on every core, and 2 for llama.cpp's contexts and ONNX Runtime's processes (one "
-        "per core was fastest on 2 cores). 2 for ONNX Runtime in threads: busy workers run a "
-        "core each on one session, a call alone every core on a second (+105 MiB; 4 x 32 "
-        'texts ~20 % faster). Measurements: docs/design.md, "Workers".',
+        "its engine. 0 (auto): for ONNX Runtime in threads one per onnx_threads (the cores): "
+        "busy workers run a core each on a single-threaded session, a call alone every core "
+        "on a second, both mapping one copy of the weights; 2 for llama.cpp's contexts and "
+        "ONNX Runtime's processes (one per core was fastest on 2 cores). 1 for ONNX Runtime "
+        "in threads: one session of every core (-62 MiB, slower under load). Measurements: "
+        'docs/design.md, "Workers".',
         0,
     )
     worker_processes: bool | None = _opt(
         "Where each worker's engine runs: auto (the default) puts ONNX Runtime's workers in "
-        "threads of the server, all running on one session (one copy of the weights), and "
+        "threads of the server, running on sessions that map one copy of the weights, and "
         "llama.cpp's each in a process of its own; true: a process each for every engine; "
         "false: threads for every engine. Measured on 2 CPU cores (docs/design.md, "
         '"Workers"): ONNX Runtime in threads took half the memory and served single texts as '
