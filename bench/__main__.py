@@ -385,6 +385,7 @@ def _leg_from(
         generator_cores=meter.cores(generator_cpu),
         server_cores=meter.cores(meter.server_cpu),
         loop_cores=meter.cores(meter.main_thread_cpu),
+        helper_cores=meter.cores(meter.helper_cpu),
         other_cores=meter.cores(meter.other_cpu),
         note="; ".join(note for note in notes if note),
         reference=reference,
@@ -506,6 +507,7 @@ def stream_leg(
         generator_cores=meter.cores(meter.own_cpu),
         server_cores=meter.cores(meter.server_cpu),
         loop_cores=meter.cores(meter.main_thread_cpu),
+        helper_cores=meter.cores(meter.helper_cpu),
         other_cores=meter.cores(meter.other_cpu),
         note=(
             f"{count:,} texts, one stream; server memory {rss_before:.0f} MiB before, "

@@ -50,6 +50,7 @@ class Leg:
     generator_cores: float = 0.0
     server_cores: float = 0.0
     loop_cores: float = 0.0  # the server's main thread (event loop), part of server_cores
+    helper_cores: float = 0.0  # embedd's Envoy (REST legs), part of server_cores
     other_cores: float = 0.0  # other processes on the machine during the leg: noise
     note: str = ""
     # Re-measured in-process just before this leg (this machine's speed drifts over minutes):
@@ -396,8 +397,11 @@ def _cpu_bound(run: BenchRun, ours: Leg, tei: Leg, text_set: str) -> str:
     head = (
         "CPU" if used >= CPU_BOUND_SHARE * run.cores else f"not CPU ({run.cores - used:.2f} idle)"
     )
+    inside = [f"event loop {ours.loop_cores:.2f}"] if ours.loop_cores else []
+    inside += [f"Envoy {ours.helper_cores:.2f}"] if ours.helper_cores else []
+    server = f"server {ours.server_cores:.2f}" + (f" ({', '.join(inside)})" if inside else "")
     parts = [
-        f"{head}: server {ours.server_cores:.2f} + {ours.generator or 'load generator'} "
+        f"{head}: {server} + {ours.generator or 'load generator'} "
         f"{ours.generator_cores:.2f} + others {ours.other_cores:.2f} of {run.cores} cores",
         f"server CPU {fmt_ms(ours.server_cpu_ms_per_text)} ms/text vs TEI's "
         f"{fmt_ms(tei.server_cpu_ms_per_text)}",

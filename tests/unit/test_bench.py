@@ -505,7 +505,17 @@ def test_a_missed_leg_says_what_bounds_it_from_the_same_run() -> None:
         _shape(GRPC, 1, 1, 140, p50_ms=7.0, reference=4.0),
         _shape(REST, 1, 1, 110, p50_ms=9.0),
         _shape(TEI, 1, 1, 220, p50_ms=4.5),
-        _shape(GRPC, 16, 1, 300, server_cores=1.5, generator_cores=0.4, other_cores=0.05),
+        _shape(
+            GRPC,
+            16,
+            1,
+            300,
+            server_cores=1.5,
+            loop_cores=0.3,
+            generator_cores=0.4,
+            other_cores=0.05,
+        ),
+        _shape(REST, 16, 1, 200, server_cores=1.8, helper_cores=0.25, generator_cores=0.1),
         _shape(TEI, 16, 1, 360, server_cores=1.8, generator_cores=0.2),
         _shape(GRPC, 4, 32, 400, server_cores=0.9, generator_cores=0.2),
         _shape(TEI, 4, 32, 450, server_cores=1.9),
@@ -520,11 +530,16 @@ def test_a_missed_leg_says_what_bounds_it_from_the_same_run() -> None:
     )
     # 1.5 + 0.4 + 0.05 of 2 cores: CPU; 1.5 cores / 300 texts/s = 5 ms a text
     assert bounds["16 callers x 1 text, gRPC"] == (
-        "CPU: server 1.50 + load generator 0.40 + others 0.05 of 2 cores; server CPU 5.00 "
-        "ms/text vs TEI's 5.00; the engine alone 2.00 ms/text at its ceiling"
+        "CPU: server 1.50 (event loop 0.30) + load generator 0.40 + others 0.05 of 2 cores; "
+        "server CPU 5.00 ms/text vs TEI's 5.00; the engine alone 2.00 ms/text at its ceiling"
+    )
+    assert bounds["16 callers x 1 text, REST"].startswith(
+        "CPU: server 1.80 (Envoy 0.25) + load generator 0.10 + others 0.00 of 2 cores; "
+        "server CPU 9.00 ms/text"
     )
     assert bounds["4 callers x 32 texts, gRPC"].startswith("not CPU (0.90 idle): server 0.90")
-    assert bounds["16 callers x 1 text, REST"] == ""  # no REST leg at 16 callers in this run
+    run.legs = [leg for leg in run.legs if leg.system != REST]
+    assert what_bounds(run, TEI_TARGETS[3]) == ""  # no REST leg at 16 callers
     table = render_issue22(run)
     assert "| what bounds it |" in table.splitlines()[2]
     assert "an RPC that does nothing: 1.25 ms" in table
