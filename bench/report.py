@@ -145,6 +145,10 @@ class BenchRun:
         ]
         return max(results, key=lambda result: result.texts_per_s, default=None)
 
+    def serving_one_text(self, text_set: str) -> SingleTextLatency | None:
+        """One text's in-process latency on the engine embedd serves this model with."""
+        return self.one_text.get(f"{self.serving_engine}, {text_set}")
+
     def engines(self) -> list[str]:
         """The engines measured in-process, in the order measured."""
         return list(
@@ -379,7 +383,7 @@ def _latency_bound(run: BenchRun, target: TeiTarget, ours: Leg, tei: Leg, text_s
         return ""
     parts = [f"latency: p50 {fmt_ms(ours.p50_ms)} vs TEI's {fmt_ms(tei.p50_ms)} ms"]
     grpc = find_leg(run.legs, GRPC, text_set, 1, 1)
-    one_text = run.one_text.get(f"{run.serving_engine}, {text_set}")
+    one_text = run.serving_one_text(text_set)
     engine_ms = (grpc.reference if grpc else None) or (one_text.p50_ms if one_text else None)
     if target.system == GRPC and engine_ms is not None:
         path = f"the engine's call {fmt_ms(engine_ms)} ms in-process, the path around it "
@@ -693,7 +697,7 @@ def render_markdown(run: BenchRun) -> str:
         out.append("")
 
     ceiling = run.best_ceiling(TARGET_SET)
-    one_text = run.one_text.get(f"{run.serving_engine}, {TARGET_SET}")
+    one_text = run.serving_one_text(TARGET_SET)
     out.append(
         f"## Issue 4's targets (STS-B sentences, one text per request, against the "
         f"{run.serving_engine or 'engine'} ceiling)\n"

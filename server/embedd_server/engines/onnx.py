@@ -313,9 +313,7 @@ class OnnxEngine:
         from_starts = pack.pools_from_starts
         if from_starts and not self._pooling_mask:
             raise ValueError("this graph pools every token; it was not built to skip prompts")
-        two_segments = pack.two_segments
-        if two_segments and not self._token_types:
-            raise ValueError("this model has one token type; a second segment needs type 1")
+        two_segments = self._two_segments(pack)
         for batch in self._padded(pack):
             columns = np.arange(batch.ids.shape[1])
             type_ids = None
@@ -335,9 +333,7 @@ class OnnxEngine:
         if len(pack) == 0:
             return np.empty((0, 0 if pack.token_states else self._dimensions), np.float32)
         self._check(pack)
-        two_segments = pack.two_segments
-        if two_segments and not self._token_types:
-            raise ValueError("this model has one token type; a second segment needs type 1")
+        two_segments = self._two_segments(pack)
         out: FloatMatrix | None = None
         for layout in self._layouts(pack):
             rows = self._run_layout(session, pack, layout, two_segments)
@@ -448,6 +444,13 @@ class OnnxEngine:
         computes no more."""
         self._session = None
         self._alone = None
+
+    def _two_segments(self, pack: Pack) -> bool:
+        """Whether the pack's sequences have a second segment (token type 1); ValueError
+        where this model has one token type."""
+        if pack.two_segments and not self._token_types:
+            raise ValueError("this model has one token type; a second segment needs type 1")
+        return pack.two_segments
 
     def _check(self, pack: Pack) -> None:
         """What the pack's validation can't know: this model's positions and vocabulary."""
